@@ -1,0 +1,312 @@
+"""Configuration: one dataclass per component, composed into :class:`AnyModalConfig`.
+
+Every dataclass validates itself in ``__post_init__`` and raises ``ValueError`` naming the
+field. ``AnyModalConfig.from_yaml`` / ``from_dict`` reject unknown fields, so a typo in a
+YAML file is reported instead of silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .modality import MEDIA_MODALITIES, Modality
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+# NExT-GPT's signal-token counts.
+DEFAULT_SIGNAL_TOKENS = {Modality.IMAGE: 4, Modality.AUDIO: 8, Modality.VIDEO: 24}
+
+
+def _check_dtype(name: str, value: str) -> None:
+    if value not in DTYPES:
+        raise ValueError(f"{name} must be one of {', '.join(DTYPES)}, got {value!r}")
+
+
+def _check_positive(name: str, value: int | float) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+
+
+def _media_modality(name: str, value: Modality | str) -> Modality:
+    m = Modality.parse(value)
+    if m not in MEDIA_MODALITIES:
+        raise ValueError(f"{name}: {m.value!r} is not a media modality; expected one of "
+                         f"{', '.join(x.value for x in MEDIA_MODALITIES)}")
+    return m
+
+
+@dataclass
+class EncoderConfig:
+    """A modality encoder serving one or more modalities (ImageBind serves image, audio and video)."""
+
+    type: str = "imagebind"
+    modalities: list[Modality] = field(default_factory=lambda: list(MEDIA_MODALITIES))
+    pretrained: str | None = None  # local checkpoint path (imagebind_huge.pth) or hub id (HF encoders)
+    options: dict[str, Any] = field(default_factory=dict)  # architecture; validated by the encoder class
+    trainable: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.modalities:
+            raise ValueError("encoder.modalities must name at least one modality")
+        self.modalities = [_media_modality("encoder.modalities", m) for m in self.modalities]
+
+
+@dataclass
+class InputProjectorConfig:
+    """Maps encoder features of one modality into the LLM's embedding space."""
+
+    type: str = "linear"  # linear | mlp | qformer
+    num_tokens: int = 1  # LLM positions each medium occupies
+    hidden_dim: int | None = None
+    num_layers: int = 2
+    num_heads: int = 8
+
+    def __post_init__(self) -> None:
+        _check_positive("input_projector.num_tokens", self.num_tokens)
+        _check_positive("input_projector.num_layers", self.num_layers)
+        _check_positive("input_projector.num_heads", self.num_heads)
+        if self.hidden_dim is not None:
+            _check_positive("input_projector.hidden_dim", self.hidden_dim)
+
+
+@dataclass
+class LoraConfig:
+    r: int = 32
+    alpha: int = 32
+    dropout: float = 0.1
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+    def __post_init__(self) -> None:
+        _check_positive("llm.lora.r", self.r)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"llm.lora.dropout must be in [0, 1), got {self.dropout!r}")
+        if not self.target_modules:
+            raise ValueError("llm.lora.target_modules must not be empty")
+
+
+@dataclass
+class LLMConfig:
+    """The causal-LM backbone: any ``AutoModelForCausalLM`` by id/path, or a random init from ``config``."""
+
+    model: str | None = None  # hub id or local directory
+    config: dict[str, Any] | None = None  # HF config dict (with model_type) for a randomly initialised model
+    tokenizer: str | None = None  # defaults to ``model``; "bytes" builds a byte-level tokenizer in memory
+    gguf_file: str | None = None
+    dtype: str = "float32"
+    signal_tokens: dict[Modality, int] = field(default_factory=lambda: dict(DEFAULT_SIGNAL_TOKENS))
+    lora: LoraConfig | None = None
+    max_new_tokens: int = 64
+    max_length: int | None = None  # context limit; defaults to the model's max_position_embeddings
+    system_prompt: str | None = None
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        if (self.model is None) == (self.config is None):
+            raise ValueError("llm: give exactly one of llm.model (hub id or path) or llm.config (random init)")
+        if self.config is not None and "model_type" not in self.config:
+            raise ValueError("llm.config must contain 'model_type' (e.g. 'llama', 'qwen2')")
+        if self.model is None and self.tokenizer is None:
+            raise ValueError("llm.tokenizer is required when llm.config is used (a path, or 'bytes')")
+        _check_dtype("llm.dtype", self.dtype)
+        _check_positive("llm.max_new_tokens", self.max_new_tokens)
+        self.signal_tokens = {_media_modality("llm.signal_tokens", k): v for k, v in self.signal_tokens.items()}
+        for m, n in self.signal_tokens.items():
+            if not isinstance(n, int) or n < 1:
+                raise ValueError(f"llm.signal_tokens[{m.value}] must be a positive integer, got {n!r}")
+
+
+@dataclass
+class OutputProjectorConfig:
+    """Maps the hidden states of a signal-token block to a generator's conditioning.
+
+    ``targets`` names each conditioning tensor the generator takes and its (sequence, dim)
+    shape, e.g. ``{"prompt_embeds": [77, 768]}`` for SD-1.5. It is checked against the
+    generator when the pipeline loads.
+    """
+
+    type: str = "transformer"
+    targets: dict[str, list[int]] = field(default_factory=lambda: {"prompt_embeds": [77, 768]})
+    hidden_dim: int = 512
+    num_layers: int = 2
+    num_heads: int = 8
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.targets:
+            raise ValueError("output_projector.targets must name at least one conditioning tensor")
+        for name, shape in self.targets.items():
+            if not (isinstance(shape, (list, tuple)) and len(shape) == 2 and all(isinstance(s, int) and s > 0 for s in shape)):
+                raise ValueError(f"output_projector.targets[{name}] must be [sequence_length, dim], got {shape!r}")
+        self.targets = {k: [int(s) for s in v] for k, v in self.targets.items()}
+        _check_positive("output_projector.hidden_dim", self.hidden_dim)
+        _check_positive("output_projector.num_layers", self.num_layers)
+        _check_positive("output_projector.num_heads", self.num_heads)
+        if self.hidden_dim % self.num_heads:
+            raise ValueError(f"output_projector.hidden_dim ({self.hidden_dim}) must be divisible by num_heads ({self.num_heads})")
+
+
+@dataclass
+class GeneratorConfig:
+    """A diffusers pipeline adapter: from ``pretrained`` (hub id or local dir) or random init from ``components``."""
+
+    type: str = "stable-diffusion"
+    pretrained: str | None = None
+    components: dict[str, Any] | None = None  # per-component config dicts for a randomly initialised pipeline
+    dtype: str = "float32"
+    lazy: bool = False  # load on first use instead of at pipeline load
+    cpu_offload: bool = False  # diffusers' enable_model_cpu_offload (needs accelerate and a GPU)
+    settings: dict[str, Any] = field(default_factory=dict)  # default generation settings for this modality
+
+    def __post_init__(self) -> None:
+        if (self.pretrained is None) == (self.components is None):
+            raise ValueError("generator: give exactly one of generator.pretrained or generator.components")
+        _check_dtype("generator.dtype", self.dtype)
+
+
+@dataclass
+class AnyModalConfig:
+    """The whole system: encoders, input projectors, LLM, output projectors and generators."""
+
+    llm: LLMConfig
+    name: str = "anymodal"
+    encoders: dict[str, EncoderConfig] = field(default_factory=dict)
+    input_projectors: dict[Modality, InputProjectorConfig] = field(default_factory=dict)
+    output_projectors: dict[Modality, OutputProjectorConfig] = field(default_factory=dict)
+    generators: dict[Modality, GeneratorConfig] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.input_projectors = {_media_modality("input_projectors", k): v for k, v in self.input_projectors.items()}
+        self.output_projectors = {_media_modality("output_projectors", k): v for k, v in self.output_projectors.items()}
+        self.generators = {_media_modality("generators", k): v for k, v in self.generators.items()}
+        served: dict[Modality, str] = {}
+        for name, enc in self.encoders.items():
+            for m in enc.modalities:
+                if m in served:
+                    raise ValueError(f"encoders: modality {m.value!r} is served by both {served[m]!r} and {name!r}")
+                served[m] = name
+        for m in self.input_projectors:
+            if m not in served:
+                raise ValueError(f"input_projectors[{m.value}] has no encoder; add {m.value!r} to an encoder's modalities")
+        for m in self.generators:
+            if m not in self.output_projectors:
+                raise ValueError(f"generators[{m.value}] needs output_projectors[{m.value}]")
+            if m not in self.llm.signal_tokens:
+                raise ValueError(f"generators[{m.value}] needs llm.signal_tokens[{m.value}]")
+        for m in self.output_projectors:
+            if m not in self.generators:
+                raise ValueError(f"output_projectors[{m.value}] has no generators[{m.value}]")
+
+    # ------------------------------------------------------------------ I/O
+    @property
+    def input_modalities(self) -> list[Modality]:
+        return list(self.input_projectors)
+
+    @property
+    def output_modalities(self) -> list[Modality]:
+        return list(self.generators)
+
+    def encoder_for(self, modality: Modality) -> str:
+        for name, enc in self.encoders.items():
+            if modality in enc.modalities:
+                return name
+        raise ValueError(f"no encoder serves {modality.value!r}; configured: {', '.join(self.encoders) or '(none)'}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "AnyModalConfig":
+        return _build(cls, data, "config")
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> "AnyModalConfig":
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"config file not found: {path}") from None
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a config must be a YAML mapping, got {type(data).__name__}")
+        try:
+            return cls.from_dict(data)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(asdict(self))
+
+    def to_yaml(self, path: str | os.PathLike | None = None) -> str:
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        if path is not None:
+            from .utils import atomic_write_text
+
+            atomic_write_text(path, text)
+        return text
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+def _plain(obj: Any) -> Any:
+    """Turn enums/tuples into YAML/JSON-safe values."""
+    if isinstance(obj, dict):
+        return {(k.value if isinstance(k, Modality) else k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, Modality):
+        return obj.value
+    return obj
+
+
+def _build(tp: Any, data: Any, where: str) -> Any:
+    """Build ``tp`` (a dataclass, dict/list of them, or a plain type) from YAML data, strictly."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(data, dict):
+            raise ValueError(f"{where} must be a mapping, got {type(data).__name__}")
+        hints = typing.get_type_hints(tp)
+        names = {f.name for f in dataclasses.fields(tp) if f.init}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown field {unknown[0]!r} in {where}; allowed: {', '.join(sorted(names))}")
+        kwargs = {k: _build(hints[k], v, f"{where}.{k}") for k, v in data.items()}
+        try:
+            return tp(**kwargs)
+        except TypeError as e:  # a required field is missing
+            raise ValueError(f"{where}: {e}") from None
+    if origin is typing.Union or origin is getattr(__import__("types"), "UnionType", None):
+        args = typing.get_args(tp)
+        if data is None:
+            if type(None) in args:
+                return None
+            raise ValueError(f"{where} must not be empty")
+        inner = [a for a in args if a is not type(None)]
+        return _build(inner[0], data, where) if len(inner) == 1 else data
+    if origin is dict:
+        if not isinstance(data, dict):
+            raise ValueError(f"{where} must be a mapping, got {type(data).__name__}")
+        _, vt = typing.get_args(tp)
+        return {k: _build(vt, v, f"{where}[{k}]") for k, v in data.items()}
+    if origin is list:
+        if not isinstance(data, list):
+            raise ValueError(f"{where} must be a list, got {type(data).__name__}")
+        (it,) = typing.get_args(tp)
+        return [_build(it, v, f"{where}[{i}]") for i, v in enumerate(data)]
+    if tp is Any or data is None:
+        return data
+    if tp is float and isinstance(data, int) and not isinstance(data, bool):
+        return float(data)
+    if tp in (int, float, str, bool):
+        if not isinstance(data, tp) or (tp is int and isinstance(data, bool)):
+            raise ValueError(f"{where} must be {tp.__name__}, got {data!r}")
+        return data
+    if tp is Modality:
+        return Modality.parse(data)
+    return data

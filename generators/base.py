@@ -1,0 +1,79 @@
+"""The interface every modality generator implements.
+
+A generator is a thin adapter around one diffusers pipeline, driven by conditioning tensors
+(``prompt_embeds`` and friends) instead of text. It is built once and kept resident.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+
+from anymodal.config import GeneratorConfig
+from anymodal.modality import Modality
+
+
+class ModalityGenerator(ABC):
+    """Base class. Subclasses set ``type_name``, ``modality`` and ``settings_class``.
+
+    ``conditioning_shapes`` names each tensor the wrapped pipeline is driven by and its
+    per-sample shape ``(sequence, dim)``; output projectors are checked against it at load.
+    """
+
+    type_name: ClassVar[str]
+    modality: ClassVar[Modality]
+    settings_class: ClassVar[type]
+
+    def __init__(self, config: GeneratorConfig):
+        self.config = config
+
+    @classmethod
+    @abstractmethod
+    def from_config(cls, config: GeneratorConfig) -> "ModalityGenerator":
+        """Build from ``config.pretrained`` (hub id / local dir) or random init from ``config.components``."""
+
+    @property
+    @abstractmethod
+    def conditioning_shapes(self) -> dict[str, tuple[int, int]]:
+        """Per-sample ``(sequence, dim)`` of each conditioning tensor, e.g. ``{"prompt_embeds": (77, 768)}``."""
+
+    @abstractmethod
+    def encode_text(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """The generator's own text-encoder conditioning for ``texts`` (targets of decoder-side alignment)."""
+
+    @abstractmethod
+    def generate(self, conditioning: dict[str, torch.Tensor], settings: Any = None,
+                 generator: torch.Generator | list[torch.Generator] | None = None,
+                 progress: bool = False) -> list[Any]:
+        """Generate one medium per row of the conditioning tensors, in one batched pipeline call."""
+
+    @abstractmethod
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Save the wrapped pipeline (safetensors) so that ``from_config(pretrained=directory)`` reloads it."""
+
+    @abstractmethod
+    def to(self, device: torch.device | str) -> "ModalityGenerator":
+        ...
+
+    def make_settings(self, settings: Any = None) -> Any:
+        """Merge config defaults with per-call settings (a settings dataclass or a dict)."""
+        base = dict(self.config.settings)
+        if settings is None:
+            pass
+        elif isinstance(settings, self.settings_class):
+            return settings
+        elif isinstance(settings, dict):
+            base.update(settings)
+        else:
+            raise TypeError(f"settings for {self.modality.value} must be {self.settings_class.__name__} or a dict, "
+                            f"got {type(settings).__name__}")
+        try:
+            return self.settings_class(**base)
+        except TypeError as e:
+            from dataclasses import fields
+
+            allowed = ", ".join(f.name for f in fields(self.settings_class))
+            raise ValueError(f"bad {self.modality.value} settings {base!r}: {e}; allowed fields: {allowed}") from None
