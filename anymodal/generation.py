@@ -1,0 +1,122 @@
+"""Text generation with signal-span forcing, and capture of the signal tokens' hidden states."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from .modality import Modality
+
+
+class SignalSpanForcing(LogitsProcessor):
+    """Once a row emits the first token of a signal block, force the rest of the block.
+
+    Later tokens of a block can only appear when forced, and a block is not started when it
+    would not fit in the remaining budget, so a partial block never occurs.
+    """
+
+    def __init__(self, blocks: dict[Modality, list[int]], max_new_tokens: int, prompt_length: int = 0):
+        self.next_of: dict[int, int] = {}
+        self.starts: dict[int, int] = {}  # first id -> block length
+        inner: list[int] = []
+        for ids in blocks.values():
+            self.starts[ids[0]] = len(ids)
+            for a, b in zip(ids, ids[1:]):
+                self.next_of[a] = b
+            inner.extend(ids[1:])
+        self.inner = torch.tensor(inner, dtype=torch.long)
+        self.max_new_tokens = max_new_tokens
+        self.prompt_length = prompt_length  # input_ids include the prompt when it is given as ids
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores = scores.clone()
+        neg = torch.finfo(scores.dtype).min
+        if len(self.inner):
+            scores[:, self.inner.to(scores.device)] = neg
+        remaining = self.max_new_tokens - (input_ids.shape[1] - self.prompt_length)
+        for first, length in self.starts.items():
+            if length > remaining:
+                scores[:, first] = neg
+        if input_ids.shape[1] > self.prompt_length:
+            last = input_ids[:, -1].tolist()
+            for row, tok in enumerate(last):
+                forced = self.next_of.get(tok)
+                if forced is not None:
+                    scores[row] = neg
+                    scores[row, forced] = 0.0
+        return scores
+
+
+@dataclass
+class TextGeneration:
+    """What the LLM step produced for a batch."""
+
+    sequences: list[list[int]]  # generated ids per row, up to and including EOS
+    # per row: list of (modality, start index in sequences[row]) of each complete signal block
+    spans: list[list[tuple[Modality, int]]]
+    # per modality: hidden states (n_blocks, block_len, hidden) in (row, span) reading order
+    signal_hidden: dict[Modality, torch.Tensor]
+
+
+def generate_text(model, processor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  media: dict[Modality, torch.Tensor], max_new_tokens: int, do_sample: bool = False,
+                  temperature: float = 1.0, top_p: float = 1.0) -> TextGeneration:
+    """Generate with a KV cache, then read the hidden state of each signal token.
+
+    ``generate`` returns the state that *produced* each new token, not the state *of* it,
+    so the signal tokens' own states come from one forward pass over prompt + generated tokens.
+    """
+    lm = model.language_model
+    embeds = model.embed(input_ids, media)
+    tok = processor.tokenizer
+    eos = tok.eos_token_id
+    gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=tok.pad_token_id,
+                      eos_token_id=eos, logits_processor=LogitsProcessorList(
+                          [SignalSpanForcing(processor.signal_ids, max_new_tokens)]))
+    if do_sample:
+        gen_kwargs.update(temperature=temperature, top_p=top_p)
+    else:  # silence model-default sampling settings (e.g. a generation_config with temperature)
+        gen_kwargs.update(temperature=None, top_p=None, top_k=None)
+    out = lm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **gen_kwargs)
+
+    sequences: list[list[int]] = []
+    for row in out.tolist():
+        ids = []
+        for t in row:
+            ids.append(t)
+            if t == eos:
+                break
+        sequences.append(ids)
+    spans = [processor.split_output(seq)[1] for seq in sequences]
+    signal_hidden: dict[Modality, torch.Tensor] = {}
+    if any(spans):
+        signal_hidden = _signal_states(model, embeds, attention_mask, sequences, spans, processor)
+    return TextGeneration(sequences, spans, signal_hidden)
+
+
+def _signal_states(model, prompt_embeds: torch.Tensor, prompt_mask: torch.Tensor, sequences: list[list[int]],
+                   spans: list[list[tuple[Modality, int]]], processor) -> dict[Modality, torch.Tensor]:
+    device = prompt_embeds.device
+    width = max(len(s) for s in sequences)
+    pad = processor.tokenizer.pad_token_id
+    gen = torch.full((len(sequences), width), pad, dtype=torch.long, device=device)
+    gen_mask = torch.zeros_like(gen)
+    for i, s in enumerate(sequences):
+        gen[i, :len(s)] = torch.tensor(s, device=device)
+        gen_mask[i, :len(s)] = 1
+    gen_embeds = model.language_model.get_input_embeddings()(gen)
+    embeds = torch.cat([prompt_embeds, gen_embeds.to(prompt_embeds.dtype)], dim=1)
+    mask = torch.cat([prompt_mask, gen_mask], dim=1)
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
+                               output_hidden_states=True, use_cache=False)
+    last = out.hidden_states[-1]
+    offset = prompt_embeds.shape[1]
+    grouped: dict[Modality, list[torch.Tensor]] = {}
+    for row, row_spans in enumerate(spans):
+        for m, start in row_spans:
+            n = processor.signal_tokens[m]
+            grouped.setdefault(m, []).append(last[row, offset + start: offset + start + n])
+    return {m: torch.stack(v) for m, v in grouped.items()}

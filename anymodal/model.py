@@ -1,0 +1,159 @@
+"""AnyModalModel: holds the encoders, projectors and language model, and wires media
+features into the LLM's input embeddings and signal-token states out to conditioning."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import AnyModalConfig, LLMConfig
+from .modality import Modality
+from .processor import AnyModalProcessor
+from .projectors import build_input_projector, build_output_projector
+from .registry import ENCODERS, _load_builtin
+from .utils import torch_dtype
+
+logger = logging.getLogger(__name__)
+
+
+def load_language_model(cfg: LLMConfig, path: str | None = None) -> nn.Module:
+    """Any ``AutoModelForCausalLM``: from a saved directory, ``cfg.model`` (id/path), or random init."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dtype = torch_dtype(cfg.dtype)
+    source = path or cfg.model
+    if source is not None:
+        kwargs: dict[str, Any] = {"dtype": dtype}
+        if cfg.gguf_file and path is None:
+            kwargs["gguf_file"] = cfg.gguf_file
+        return AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    options = dict(cfg.config)
+    hf_config = AutoConfig.for_model(options.pop("model_type"), **options)
+    return AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+
+
+def load_tokenizer(cfg: LLMConfig):
+    from transformers import AutoTokenizer
+
+    from .tokenization import byte_level_tokenizer
+
+    name = cfg.tokenizer or cfg.model
+    if name == "bytes":
+        return byte_level_tokenizer()
+    kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file and cfg.tokenizer is None else {}
+    return AutoTokenizer.from_pretrained(name, **kwargs)
+
+
+class AnyModalModel(nn.Module):
+    """Encoders (``ModuleDict`` by name), input/output projectors (by modality) and an LLM."""
+
+    def __init__(self, config: AnyModalConfig, language_model: nn.Module, encoders: dict[str, nn.Module],
+                 processor: AnyModalProcessor):
+        super().__init__()
+        self.config = config
+        self.language_model = language_model
+        self.encoders = nn.ModuleDict(encoders)
+        self.signal_ids = {m: list(v) for m, v in processor.signal_ids.items()}
+        self.placeholder_ids = dict(processor.placeholder_ids)
+        hidden = self.llm_config.hidden_size
+        self.input_projectors = nn.ModuleDict()
+        for m, pcfg in config.input_projectors.items():
+            tokens, dim = self.encoder_for(m).feature_shape(m)
+            self.input_projectors[m.value] = build_input_projector(pcfg, tokens, dim, hidden)
+        self.output_projectors = nn.ModuleDict({
+            m.value: build_output_projector(pcfg, hidden) for m, pcfg in config.output_projectors.items()})
+
+    # ------------------------------------------------------------ construction
+    @classmethod
+    def build(cls, config: AnyModalConfig, processor: AnyModalProcessor,
+              language_model: nn.Module | None = None, encoders: dict[str, nn.Module] | None = None) -> "AnyModalModel":
+        """Build from config; components passed in (already loaded from a saved directory) are used as is."""
+        _load_builtin()
+        if language_model is None:
+            language_model = load_language_model(config.llm)
+            _add_token_rows(language_model, len(processor.tokenizer))
+        if encoders is None:
+            encoders = {name: ENCODERS.get(e.type).from_config(e.options, e.modalities, e.pretrained)
+                        for name, e in config.encoders.items()}
+        model = cls(config, language_model, encoders, processor)
+        for name, e in config.encoders.items():
+            model.encoders[name].requires_grad_(e.trainable)
+        if config.llm.gradient_checkpointing:
+            language_model.gradient_checkpointing_enable()
+        return model
+
+    @property
+    def llm_config(self):
+        return self.language_model.config.get_text_config()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.language_model.parameters()).device
+
+    def encoder_for(self, modality: Modality) -> nn.Module:
+        return self.encoders[self.config.encoder_for(modality)]
+
+    # ------------------------------------------------------------ inputs
+    def encode_media(self, modality: Modality, inputs: torch.Tensor) -> torch.Tensor:
+        """Preprocessed media -> ``(n, num_tokens, llm_hidden)`` embeddings."""
+        if modality.value not in self.input_projectors:
+            raise ValueError(f"this model takes no {modality.value} input; it takes "
+                             f"{', '.join(self.input_projectors) or 'text only'}")
+        encoder = self.encoder_for(modality)
+        enc_param = next(encoder.parameters(), None)
+        if enc_param is not None:
+            inputs = inputs.to(enc_param.device, enc_param.dtype)
+        features = encoder(modality, inputs)
+        proj = self.input_projectors[modality.value]
+        p = next(proj.parameters())
+        return proj(features.to(p.device, p.dtype))
+
+    def embed(self, input_ids: torch.Tensor, media: dict[Modality, torch.Tensor] | None = None) -> torch.Tensor:
+        """Token embeddings with each placeholder position replaced by its medium's features.
+
+        ``media[m]`` holds the projected features of every medium of modality ``m`` in the
+        batch, in reading order. Raises when positions and features disagree in number.
+        """
+        embeds = self.language_model.get_input_embeddings()(input_ids)
+        media = media or {}
+        for m, pid in self.placeholder_ids.items():
+            mask = input_ids == pid
+            n_pos = int(mask.sum())
+            feats = media.get(m)
+            n_feat = 0 if feats is None else feats.shape[0] * feats.shape[1]
+            if n_pos != n_feat:
+                per = self.config.input_projectors[m].num_tokens if m in self.config.input_projectors else 1
+                raise ValueError(f"{m.value}: the prompt has {n_pos} placeholder positions ({n_pos // max(per, 1)} "
+                                 f"{m.value}(s) x {per}) but {0 if feats is None else feats.shape[0]} {m.value}(s) "
+                                 f"were encoded ({n_feat} positions)")
+            if n_pos:
+                embeds = embeds.masked_scatter(mask.unsqueeze(-1), feats.reshape(-1, feats.shape[-1]).to(embeds.dtype))
+        return embeds
+
+    # ------------------------------------------------------------ outputs
+    def project_signal(self, modality: Modality, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Signal-token hidden states ``(n, signal_tokens, hidden)`` -> generator conditioning."""
+        proj = self.output_projectors[modality.value]
+        p = next(proj.parameters())
+        return proj(hidden.to(p.device, p.dtype))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                media: dict[Modality, torch.Tensor] | None = None, labels: torch.Tensor | None = None,
+                output_hidden_states: bool = False, **kwargs: Any):
+        """One LLM forward pass with media scattered into the sequence (training and capture)."""
+        embeds = self.embed(input_ids, media)
+        position_ids = None
+        if attention_mask is not None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        return self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                                   labels=labels, output_hidden_states=output_hidden_states, **kwargs)
+
+
+def _add_token_rows(language_model: nn.Module, vocab_size: int) -> None:
+    """Grow the embeddings for the added tokens, initialised around the mean of the old rows."""
+    old = language_model.get_input_embeddings().weight.shape[0]
+    if vocab_size > old:
+        language_model.resize_token_embeddings(vocab_size, mean_resizing=True)

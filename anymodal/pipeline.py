@@ -1,0 +1,536 @@
+"""AnyModalPipeline: the public API. Load, call, save.
+
+    pipe = AnyModalPipeline.from_pretrained("configs/tiny.yaml")
+    out = pipe("draw a red circle", seed=0)
+    out.text[0], out.images[0]
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .config import AnyModalConfig
+from .generation import generate_text
+from .media import Audio, MediaError
+from .modality import MEDIA_MODALITIES, Modality
+from .model import AnyModalModel, load_language_model, load_tokenizer
+from .processor import AnyModalProcessor, Message
+from .registry import ENCODERS, GENERATORS, _load_builtin
+from .utils import atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+INDEX_NAME = "anymodal_index.json"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class AnyModalOutput:
+    """One entry per prompt in every field."""
+
+    text: list[str]  # generated text; each generated medium is marked by its placeholder (<image>, ...)
+    images: list[list[Image.Image]] = field(default_factory=list)
+    audios: list[list[Audio]] = field(default_factory=list)
+    videos: list[list[list[Image.Image]]] = field(default_factory=list)
+    token_ids: list[list[int]] = field(default_factory=list)
+
+    def media(self, modality: Modality) -> list[list[Any]]:
+        return {Modality.IMAGE: self.images, Modality.AUDIO: self.audios, Modality.VIDEO: self.videos}[modality]
+
+
+MediaArg = Any  # a medium, a list of media, or (batched) a list with one such entry per prompt
+
+
+class AnyModalPipeline:
+    """Encoders → input projectors → LLM with signal tokens → output projectors → generators."""
+
+    def __init__(self, config: AnyModalConfig, processor: AnyModalProcessor, model: AnyModalModel,
+                 generators: dict[Modality, Any]):
+        self.config = config
+        self.processor = processor
+        self.model = model.eval()
+        self.generators = dict(generators)
+        for m, gen in self.generators.items():
+            if not gen.config.lazy:
+                self.check_generator(m)
+
+    # ================================================================ loading
+    @classmethod
+    def from_config(cls, config: AnyModalConfig | str | os.PathLike, device: str | torch.device | None = None
+                    ) -> "AnyModalPipeline":
+        """Build every component from a config: pretrained ids/paths are loaded, the rest randomly initialised."""
+        if not isinstance(config, AnyModalConfig):
+            config = AnyModalConfig.from_yaml(config)
+        _load_builtin()
+        _check_types(config)
+        processor = _make_processor(config, load_tokenizer(config.llm))
+        model = AnyModalModel.build(config, processor)
+        _apply_lora(model, config, processor)
+        generators = {m: GENERATORS.get(g.type).from_config(g) for m, g in config.generators.items()}
+        pipe = cls(config, processor, model, generators)
+        return pipe.to(device) if device is not None else pipe
+
+    @classmethod
+    def from_pretrained(cls, source: str | os.PathLike | None = None, device: str | torch.device | None = None
+                        ) -> "AnyModalPipeline":
+        """Load a saved pipeline directory, a YAML config file, or a shipped config by name (``"tiny"``).
+
+        With no ``source``, load the default model shipped inside the package.
+        """
+        if source is None:
+            source = default_model_path()
+        path = Path(source)
+        if path.is_dir():
+            if not (path / INDEX_NAME).is_file():
+                raise FileNotFoundError(f"{path} is not a saved anymodal pipeline (no {INDEX_NAME})")
+            return cls._load_saved(path, device)
+        if path.suffix in (".yaml", ".yml"):
+            return cls.from_config(path, device)
+        named = shipped_config(str(source))
+        if named is not None:
+            return cls.from_config(named, device)
+        raise FileNotFoundError(f"{source!r} is neither a saved pipeline directory, a YAML config, nor a shipped "
+                                f"config name ({', '.join(list_configs())})")
+
+    @classmethod
+    def _load_saved(cls, path: Path, device) -> "AnyModalPipeline":
+        _load_builtin()
+        index = json.loads((path / INDEX_NAME).read_text())
+        if index.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{path}: unsupported anymodal format version {index.get('format_version')!r}")
+        config = AnyModalConfig.from_dict(index["config"])
+        saved = index["components"]
+        processor = AnyModalProcessor.from_pretrained(path / "processor")
+        llm_entry = saved["llm"]
+        if llm_entry["kind"] == "full":
+            lm = load_language_model(config.llm, str(path / llm_entry["path"]))
+        else:  # a referenced base model plus the rows of the tokens we added
+            lm = load_language_model(config.llm)
+            lm.resize_token_embeddings(len(processor.tokenizer), mean_resizing=False)
+            _load_token_rows(lm, path / llm_entry["path"])
+        encoders = {}
+        for name, e in config.encoders.items():
+            entry = saved["encoders"][name]
+            cls_ = ENCODERS.get(e.type)
+            encoders[name] = (cls_.from_pretrained(path / entry["path"]) if entry["kind"] == "saved"
+                              else cls_.from_config(e.options, e.modalities, e.pretrained))
+        model = AnyModalModel.build(config, processor, language_model=lm, encoders=encoders)
+        from safetensors.torch import load_model
+
+        for group in ("input_projectors", "output_projectors"):
+            for m, rel in saved[group].items():
+                load_model(getattr(model, group)[m], str(path / rel))
+        if saved.get("adapter"):
+            from peft import PeftModel
+
+            model.language_model = PeftModel.from_pretrained(model.language_model, str(path / saved["adapter"]))
+        generators = {}
+        for m, g in config.generators.items():
+            entry = saved["generators"][m.value]
+            if entry["kind"] == "saved":
+                g = _replace(g, pretrained=str(path / entry["path"]), components=None)
+            generators[m] = GENERATORS.get(g.type).from_config(g)
+        pipe = cls(config, processor, model, generators)
+        return pipe.to(device) if device is not None else pipe
+
+    def check_generator(self, modality: Modality) -> None:
+        """Raise if the output projector's targets do not match what the generator takes."""
+        want = {k: tuple(v) for k, v in self.config.output_projectors[modality].targets.items()}
+        have = {k: tuple(v) for k, v in self.generators[modality].conditioning_shapes.items()}
+        if want != have:
+            raise ValueError(f"output_projectors[{modality.value}].targets {want} do not match what the "
+                             f"{self.config.generators[modality].type} generator takes: {have}")
+
+    # ================================================================ saving
+    def save_pretrained(self, directory: str | os.PathLike, save_frozen: bool = False) -> Path:
+        """Save every component in its own subfolder, plus ``anymodal_index.json`` (safetensors only).
+
+        Frozen components loaded from a hub id or path are referenced, not copied, unless
+        ``save_frozen``. The directory is written beside its destination and moved into place,
+        so an interrupted save never leaves a half-written pipeline over an old one.
+        """
+        from safetensors.torch import save_model
+
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
+        try:
+            components: dict[str, Any] = {"encoders": {}, "input_projectors": {}, "output_projectors": {},
+                                          "generators": {}, "adapter": None}
+            self.processor.save_pretrained(tmp / "processor")
+            lm = self.model.language_model
+            base = lm
+            if _is_peft(lm):
+                lm.save_pretrained(tmp / "llm_adapter", safe_serialization=True)
+                components["adapter"] = "llm_adapter"
+                base = _unwrapped_base(lm)
+            if self.config.llm.model is None or save_frozen:
+                base.save_pretrained(tmp / "llm", safe_serialization=True)
+                components["llm"] = {"kind": "full", "path": "llm"}
+            else:
+                _save_token_rows(base, self.processor.new_token_ids, tmp / "llm")
+                components["llm"] = {"kind": "token_rows", "path": "llm"}
+            for name, e in self.config.encoders.items():
+                if e.pretrained is not None and not e.trainable and not save_frozen:
+                    components["encoders"][name] = {"kind": "reference"}
+                else:
+                    self.model.encoders[name].save_pretrained(tmp / "encoders" / name)
+                    components["encoders"][name] = {"kind": "saved", "path": f"encoders/{name}"}
+            for group in ("input_projectors", "output_projectors"):
+                for m, mod in getattr(self.model, group).items():
+                    (tmp / group).mkdir(exist_ok=True)
+                    save_model(mod, str(tmp / group / f"{m}.safetensors"))
+                    components[group][m] = f"{group}/{m}.safetensors"
+            for m, gen in self.generators.items():
+                g = self.config.generators[m]
+                if g.pretrained is not None and not save_frozen:
+                    components["generators"][m.value] = {"kind": "reference"}
+                else:
+                    gen.save_pretrained(tmp / "generators" / m.value)
+                    components["generators"][m.value] = {"kind": "saved", "path": f"generators/{m.value}"}
+            index = {"format_version": FORMAT_VERSION, "config": self.config.to_dict(), "components": components}
+            atomic_write_text(tmp / INDEX_NAME, json.dumps(index, indent=2))
+            self.config.to_yaml(tmp / "config.yaml")
+            _swap_into_place(tmp, directory)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+        return directory
+
+    def to(self, device: str | torch.device) -> "AnyModalPipeline":
+        self.model.to(device)
+        for gen in self.generators.values():
+            gen.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    # ================================================================ calling
+    @torch.no_grad()
+    def __call__(self, prompt: str | Sequence[str], images: MediaArg = None, audios: MediaArg = None,
+                 videos: MediaArg = None, *, max_new_tokens: int | None = None, do_sample: bool = False,
+                 temperature: float = 1.0, top_p: float = 1.0, settings: Any = None, seed: int | None = None,
+                 generator: torch.Generator | None = None, progress: bool | None = None) -> AnyModalOutput:
+        """Generate text, and any media the model signals, for one prompt or a batch of prompts.
+
+        Args:
+            prompt: a string, or a list of strings (a batch). ``<image>``/``<audio>``/``<video>``
+                in the text mark where each input medium goes; without them media are placed first.
+            images, audios, videos: for one prompt, a medium or a list of media; for a batch, a list
+                with one entry (``None``, a medium or a list of media) per prompt. Images may be file
+                paths, PIL images or arrays; audio file paths, ``Audio`` or ``(array, sample_rate)``;
+                video file paths or lists of frames.
+            settings: per-modality generation settings: ``{"image": ImageSettings(...), "audio": {...}}``
+                or a list of settings dataclasses.
+            seed / generator: make a run repeatable. With ``seed``, media k of each prompt use seed
+                ``seed + k``, so a prompt gives the same output alone or in a batch.
+        """
+        single = isinstance(prompt, str)
+        prompts = [prompt] if single else list(prompt)
+        media = {Modality.IMAGE: images, Modality.AUDIO: audios, Modality.VIDEO: videos}
+        rows = _rows_of_media(prompts, media, single)
+        conversations = []
+        for text, row_media in zip(prompts, rows):
+            if not isinstance(text, str):
+                raise TypeError(f"prompt must be a string or a list of strings, got {type(text).__name__}")
+            if not text.strip() and not any(row_media.values()):
+                raise ValueError("prompt is empty: give some text, or media to respond to")
+            conversations.append([Message("user", text, row_media)])
+        return self.generate(conversations, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                             temperature=temperature, top_p=top_p, settings=settings, seed=seed,
+                             generator=generator, progress=progress)
+
+    @torch.no_grad()
+    def generate(self, conversations: Sequence[Sequence[Message]], *, max_new_tokens: int | None = None,
+                 do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, settings: Any = None,
+                 seed: int | None = None, generator: torch.Generator | None = None,
+                 progress: bool | None = None) -> AnyModalOutput:
+        """The steps behind ``__call__``, over whole conversations (used by dialogue sessions)."""
+        # 1. check inputs
+        if not conversations:
+            raise ValueError("nothing to generate: no prompts were given")
+        max_new_tokens = max_new_tokens or self.config.llm.max_new_tokens
+        gen_settings = self._resolve_settings(settings)
+        progress = sys.stderr.isatty() if progress is None else progress
+
+        # 2. format text and place media
+        texts, ordered = [], {m: [] for m in MEDIA_MODALITIES}
+        for conv in conversations:
+            rendered = []
+            for msg in conv:
+                counts = {m: len(msg.media.get(m, [])) for m in MEDIA_MODALITIES}
+                for m, n in counts.items():
+                    if n and m not in self.config.input_projectors:
+                        raise ValueError(f"this model takes no {m.value} input (it takes "
+                                         f"{', '.join(x.value for x in self.config.input_projectors) or 'text only'})")
+                rendered.append(Message(msg.role, self.processor.place_media(msg.content, counts)))
+                for m in MEDIA_MODALITIES:
+                    ordered[m].extend(msg.media.get(m, []))
+            texts.append(self.processor.format(rendered))
+        batch = self.processor(texts)
+        device = self.device
+        input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+
+        # 3. encode media into LLM embeddings
+        features = {}
+        for m, items in ordered.items():
+            if items:
+                encoder = self.model.encoder_for(m)
+                features[m] = self.model.encode_media(m, encoder.preprocess(m, items).to(device))
+
+        # 4. generate text and signal tokens; read the signal tokens' hidden states
+        with _seeded(seed if seed is not None else (generator.initial_seed() if generator else None), do_sample):
+            result = generate_text(self.model, self.processor, input_ids, attention_mask, features,
+                                   max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p)
+
+        # 5. project signal states and call each generator once for the whole batch
+        n = len(conversations)
+        out = AnyModalOutput(text=[], images=[[] for _ in range(n)], audios=[[] for _ in range(n)],
+                             videos=[[] for _ in range(n)], token_ids=result.sequences)
+        for m, hidden in result.signal_hidden.items():
+            if m not in self.generators:
+                continue
+            owners = [(row, k) for row, spans in enumerate(result.spans) for k, (mm, _) in enumerate(spans) if mm == m]
+            gen = self.generators[m]
+            if gen.config.lazy:
+                self.check_generator(m)
+            conditioning = self.model.project_signal(m, hidden)
+            generators = _generators_for(owners, seed, generator, _generator_device(gen, device))
+            media_out = gen.generate(conditioning, gen_settings.get(m), generator=generators, progress=progress)
+            for (row, _), item in zip(owners, media_out):
+                out.media(m)[row].append(item)
+
+        # 6. decode text, each medium marked by its placeholder
+        out.text = [self.processor.split_output(seq)[0] for seq in result.sequences]
+        return out
+
+    def _resolve_settings(self, settings: Any) -> dict[Modality, Any]:
+        if settings is None:
+            raw: dict = {}
+        elif isinstance(settings, dict):
+            raw = {Modality.parse(k): v for k, v in settings.items()}
+        elif isinstance(settings, (list, tuple)):
+            from anymodal.generators.settings import SETTINGS_CLASSES
+
+            by_class = {v: k for k, v in SETTINGS_CLASSES.items()}
+            raw = {}
+            for s in settings:
+                if type(s) not in by_class:
+                    raise TypeError(f"unknown settings object {type(s).__name__}; use ImageSettings, AudioSettings "
+                                    "or VideoSettings")
+                raw[by_class[type(s)]] = s
+        else:
+            raise TypeError(f"settings must be a dict keyed by modality or a list of settings, "
+                            f"got {type(settings).__name__}")
+        for m in raw:
+            if m not in self.generators:
+                raise ValueError(f"settings given for {m.value}, but this model generates "
+                                 f"{', '.join(x.value for x in self.generators) or 'text only'}")
+        return {m: gen.make_settings(raw.get(m)) for m, gen in self.generators.items()}
+
+
+# ==================================================================== helpers
+def _rows_of_media(prompts: list[str], media: dict[Modality, Any], single: bool) -> list[dict[Modality, list]]:
+    rows: list[dict[Modality, list]] = [{} for _ in prompts]
+    for m, arg in media.items():
+        if arg is None:
+            continue
+        if single:
+            per_row = [arg]
+        else:
+            if not isinstance(arg, (list, tuple)) or len(arg) != len(prompts):
+                raise ValueError(f"with a batch of {len(prompts)} prompts, {m.value}s must be a list with one "
+                                 f"entry (None, a {m.value} or a list of them) per prompt")
+            per_row = list(arg)
+        for row, entry in zip(rows, per_row):
+            if entry is None:
+                continue
+            items = [entry] if _is_medium(m, entry) else list(entry)
+            for it in items:
+                if not _is_medium(m, it):
+                    raise MediaError(f"cannot use {type(it).__name__} as {m.value} input; expected "
+                                     f"{_MEDIUM_KINDS[m]}")
+            if items:
+                row[m] = items
+    return rows
+
+
+_MEDIUM_KINDS = {
+    Modality.IMAGE: "a file path, a PIL image or an HxWxC array",
+    Modality.AUDIO: "a file path, an Audio, an (array, sample_rate) tuple or a 1-D array",
+    Modality.VIDEO: "a file path, a list of frames or a TxHxWxC array",
+}
+
+
+def _is_medium(m: Modality, x: Any) -> bool:
+    if isinstance(x, (str, os.PathLike)):
+        return True
+    if m is Modality.IMAGE:
+        return isinstance(x, (Image.Image, np.ndarray, torch.Tensor))
+    if m is Modality.AUDIO:
+        return (isinstance(x, (Audio, np.ndarray, torch.Tensor))
+                or (isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], (int, np.integer))))
+    if isinstance(x, (np.ndarray, torch.Tensor)):
+        return x.ndim == 4
+    return isinstance(x, list) and len(x) > 0 and all(isinstance(f, (Image.Image, np.ndarray)) for f in x)
+
+
+def _generator_device(gen, default: torch.device) -> torch.device:
+    pipe = getattr(gen, "pipeline", None)
+    dev = getattr(pipe, "device", None) if pipe is not None else None
+    return dev if isinstance(dev, torch.device) else default
+
+
+def _generators_for(owners: list[tuple[int, int]], seed: int | None, generator: torch.Generator | None,
+                    device: torch.device) -> list[torch.Generator] | torch.Generator | None:
+    if generator is not None:
+        return generator
+    if seed is None:
+        return None
+    return [torch.Generator(device=device).manual_seed(seed + k) for _, k in owners]
+
+
+class _seeded:
+    """Seed torch's global RNG for LLM sampling without leaking the change to the caller."""
+
+    def __init__(self, seed: int | None, active: bool):
+        self.seed, self.active = seed, active and seed is not None
+
+    def __enter__(self):
+        if self.active:
+            self._fork = torch.random.fork_rng(devices=[])
+            self._fork.__enter__()
+            torch.manual_seed(self.seed)
+
+    def __exit__(self, *exc):
+        if self.active:
+            self._fork.__exit__(*exc)
+
+
+def _make_processor(config: AnyModalConfig, tokenizer) -> AnyModalProcessor:
+    media_tokens = {m: p.num_tokens for m, p in config.input_projectors.items()}
+    signal = {m: n for m, n in config.llm.signal_tokens.items() if m in config.generators}
+    return AnyModalProcessor(tokenizer, signal, media_tokens, config.llm.system_prompt, config.llm.max_length)
+
+
+def _check_types(config: AnyModalConfig) -> None:
+    """Resolve every component type now, so a typo fails before anything heavy loads."""
+    from .registry import INPUT_PROJECTORS, OUTPUT_PROJECTORS
+
+    for name, e in config.encoders.items():
+        ENCODERS.get(e.type)
+    for p in config.input_projectors.values():
+        INPUT_PROJECTORS.get(p.type)
+    for p in config.output_projectors.values():
+        OUTPUT_PROJECTORS.get(p.type)
+    for m, g in config.generators.items():
+        cls = GENERATORS.get(g.type)
+        if cls.modality is not m:
+            raise ValueError(f"generators[{m.value}]: {g.type!r} generates {cls.modality.value}, not {m.value}")
+
+
+def _apply_lora(model: AnyModalModel, config: AnyModalConfig, processor: AnyModalProcessor) -> None:
+    if config.llm.lora is None:
+        return
+    from peft import LoraConfig, get_peft_model
+
+    lc = config.llm.lora
+    peft_cfg = LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=list(lc.target_modules),
+                          task_type="CAUSAL_LM")
+    model.language_model = get_peft_model(model.language_model, peft_cfg)
+
+
+def _is_peft(lm) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(lm, PeftModel)
+
+
+def _unwrapped_base(peft_model):
+    """A copy of the base model without LoRA layers (the adapter is saved on its own)."""
+    import copy
+
+    clone = copy.deepcopy(peft_model)
+    return clone.unload()
+
+
+def _save_token_rows(lm, token_ids: list[int], directory: Path) -> None:
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    ids = torch.tensor(token_ids, dtype=torch.long)
+    tensors = {"token_ids": ids, "input_rows": lm.get_input_embeddings().weight[ids].detach().cpu().contiguous()}
+    out_emb = lm.get_output_embeddings()
+    if out_emb is not None and out_emb.weight is not lm.get_input_embeddings().weight:
+        tensors["output_rows"] = out_emb.weight[ids].detach().cpu().contiguous()
+    save_file(tensors, str(directory / "token_rows.safetensors"))
+
+
+def _load_token_rows(lm, directory: Path) -> None:
+    from safetensors.torch import load_file
+
+    t = load_file(str(directory / "token_rows.safetensors"))
+    with torch.no_grad():
+        lm.get_input_embeddings().weight[t["token_ids"]] = t["input_rows"].to(lm.get_input_embeddings().weight.dtype)
+        if "output_rows" in t:
+            w = lm.get_output_embeddings().weight
+            w[t["token_ids"]] = t["output_rows"].to(w.dtype)
+
+
+def _swap_into_place(tmp: Path, directory: Path) -> None:
+    """Replace ``directory`` with ``tmp``; the old one is removed only after the new one is in place."""
+    if directory.exists():
+        old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+        os.replace(directory, old)
+        os.replace(tmp, directory)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, directory)
+
+
+def _replace(cfg, **changes):
+    import dataclasses
+
+    return dataclasses.replace(cfg, **changes)
+
+
+def list_configs() -> list[str]:
+    """Names of the configs shipped in ``anymodal.configs``."""
+    from importlib import resources
+
+    return sorted(p.name.rsplit(".", 1)[0] for p in resources.files("anymodal.configs").iterdir()
+                  if p.name.endswith(".yaml") and not p.name.startswith("_"))
+
+
+def shipped_config(name: str) -> Path | None:
+    from importlib import resources
+
+    p = resources.files("anymodal.configs") / f"{name}.yaml"
+    return Path(str(p)) if p.is_file() else None
+
+
+def default_model_path() -> Path:
+    """The model shipped inside the package (the trained toy world), or a clear error if absent."""
+    from importlib import resources
+
+    p = Path(str(resources.files("anymodal") / "assets" / "default"))
+    if (p / INDEX_NAME).is_file():
+        return p
+    raise FileNotFoundError("no default model is shipped in this install; name one: a saved pipeline directory, "
+                            f"a YAML config, or a shipped config ({', '.join(list_configs())})")

@@ -1,0 +1,173 @@
+"""The processor owns the tokenizer, the signal-token and placeholder strings and ids, and
+prompt formatting. It expands each media placeholder into the positions its features fill.
+
+Prompt text marks where a medium goes with its placeholder: ``"What is in <image>?"``.
+The model's output marks where it generated a medium the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .modality import MEDIA_MODALITIES, Modality
+from .utils import atomic_write_text
+
+PLACEHOLDERS = {m: f"<{m.value}>" for m in MEDIA_MODALITIES}
+_SIGNAL_PREFIX = {Modality.IMAGE: "img", Modality.AUDIO: "aud", Modality.VIDEO: "vid"}
+PROCESSOR_CONFIG = "processor_config.json"
+
+# Used when the tokenizer has no chat template (tiny and locally trained tokenizers).
+DEFAULT_TEMPLATE = {"system": "{content}\n", "user": "### Human: {content}\n", "assistant": "### Assistant: {content}\n",
+                    "generation": "### Assistant:"}
+
+
+def signal_token_strings(modality: Modality, count: int) -> list[str]:
+    return [f"<{_SIGNAL_PREFIX[modality]}_{i}>" for i in range(count)]
+
+
+@dataclass
+class Message:
+    """One turn: ``role`` is system, user or assistant; ``content`` may hold placeholders."""
+
+    role: str
+    content: str
+    media: dict[Modality, list[Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.role not in ("system", "user", "assistant"):
+            raise ValueError(f"message role must be 'system', 'user' or 'assistant', got {self.role!r}")
+
+
+class AnyModalProcessor:
+    """Tokenizer plus the strings and ids of placeholders and signal tokens.
+
+    ``media_tokens[m]`` is how many positions one input medium of modality ``m`` fills (its
+    input projector's ``num_tokens``); ``signal_tokens[m]`` is the length of the output block.
+    """
+
+    def __init__(self, tokenizer, signal_tokens: dict[Modality, int], media_tokens: dict[Modality, int],
+                 system_prompt: str | None = None, max_length: int | None = None):
+        self.tokenizer = tokenizer
+        self.signal_tokens = {Modality.parse(k): int(v) for k, v in signal_tokens.items()}
+        self.media_tokens = {Modality.parse(k): int(v) for k, v in media_tokens.items()}
+        self.system_prompt = system_prompt
+        self.max_length = max_length
+        added = [PLACEHOLDERS[m] for m in MEDIA_MODALITIES]
+        for m, n in self.signal_tokens.items():
+            added += signal_token_strings(m, n)
+        new = [t for t in added if t not in tokenizer.get_vocab()]
+        if new:
+            tokenizer.add_special_tokens({"additional_special_tokens": new}, replace_extra_special_tokens=False)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        tokenizer.padding_side = "left"  # decoder-only batched generation
+        self.placeholder_ids = {m: tokenizer.convert_tokens_to_ids(PLACEHOLDERS[m]) for m in MEDIA_MODALITIES}
+        self.signal_ids = {m: tokenizer.convert_tokens_to_ids(signal_token_strings(m, n))
+                           for m, n in self.signal_tokens.items()}
+        self._signal_lookup = {i: (m, k) for m, ids in self.signal_ids.items() for k, i in enumerate(ids)}
+
+    @property
+    def new_token_ids(self) -> list[int]:
+        """Ids of every token the processor added (placeholders and signal tokens)."""
+        return sorted(set(self.placeholder_ids.values()) | set(self._signal_lookup))
+
+    # ------------------------------------------------------------ formatting
+    def format(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+        """Render a conversation to text, with the tokenizer's chat template if it has one."""
+        msgs = list(messages)
+        if self.system_prompt and not (msgs and msgs[0].role == "system"):
+            msgs.insert(0, Message("system", self.system_prompt))
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template([{"role": m.role, "content": m.content} for m in msgs],
+                                                      tokenize=False, add_generation_prompt=add_generation_prompt)
+        text = "".join(DEFAULT_TEMPLATE[m.role].format(content=m.content) for m in msgs)
+        return text + (DEFAULT_TEMPLATE["generation"] if add_generation_prompt else "")
+
+    def count_placeholders(self, text: str) -> dict[Modality, int]:
+        return {m: text.count(PLACEHOLDERS[m]) for m in MEDIA_MODALITIES}
+
+    def expand(self, text: str) -> str:
+        """Repeat each placeholder as many times as its medium has positions."""
+        for m in MEDIA_MODALITIES:
+            n = self.media_tokens.get(m, 1)
+            if n > 1:
+                text = text.replace(PLACEHOLDERS[m], PLACEHOLDERS[m] * n)
+        return text
+
+    def place_media(self, text: str, counts: dict[Modality, int]) -> str:
+        """Check placeholders against the media given; prepend them when the text has none."""
+        found = self.count_placeholders(text)
+        prefix = ""
+        for m in MEDIA_MODALITIES:
+            n = counts.get(m, 0)
+            if found[m] == 0 and n:
+                prefix += PLACEHOLDERS[m] * n
+            elif found[m] != n:
+                raise ValueError(f"the prompt has {found[m]} {PLACEHOLDERS[m]} placeholder(s) but {n} {m.value}(s) "
+                                 f"were given; give one {m.value} per placeholder, or no placeholders at all")
+        return f"{prefix}\n{text}" if prefix else text
+
+    # ------------------------------------------------------------ tokenising
+    def __call__(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Tokenise formatted texts (placeholders already placed) with left padding."""
+        expanded = [self.expand(t) for t in texts]
+        enc = self.tokenizer(expanded, return_tensors="pt", padding=True, add_special_tokens=False)
+        if self.max_length is not None and enc["input_ids"].shape[1] > self.max_length:
+            raise ValueError(f"the prompt is {enc['input_ids'].shape[1]} tokens long (media positions included); "
+                             f"the model's limit is {self.max_length}")
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    # ------------------------------------------------------------ decoding
+    def split_output(self, ids: Sequence[int]) -> tuple[str, list[tuple[Modality, int]]]:
+        """Decode generated ids to text with each signal block replaced by its placeholder.
+
+        Returns the text and, per block, its modality and start index in ``ids``.
+        """
+        pieces: list[str] = []
+        spans: list[tuple[Modality, int]] = []
+        run: list[int] = []
+        ids = list(ids)
+        i = 0
+        while i < len(ids):
+            hit = self._signal_lookup.get(ids[i])
+            if hit is not None and hit[1] == 0:
+                m = hit[0]
+                n = self.signal_tokens[m]
+                if ids[i:i + n] == self.signal_ids[m]:
+                    pieces.append(self.tokenizer.decode(run, skip_special_tokens=True))
+                    run = []
+                    pieces.append(PLACEHOLDERS[m])
+                    spans.append((m, i))
+                    i += n
+                    continue
+            run.append(ids[i])
+            i += 1
+        pieces.append(self.tokenizer.decode(run, skip_special_tokens=True))
+        text = "".join(pieces)
+        return re.sub(r"[ \t]+\n", "\n", text).strip(), spans
+
+    # ------------------------------------------------------------ persistence
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save_pretrained(directory)
+        meta = {"signal_tokens": {m.value: n for m, n in self.signal_tokens.items()},
+                "media_tokens": {m.value: n for m, n in self.media_tokens.items()},
+                "system_prompt": self.system_prompt, "max_length": self.max_length}
+        atomic_write_text(directory / PROCESSOR_CONFIG, json.dumps(meta, indent=2))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> "AnyModalProcessor":
+        from transformers import AutoTokenizer
+
+        directory = Path(directory)
+        meta = json.loads((directory / PROCESSOR_CONFIG).read_text())
+        tok = AutoTokenizer.from_pretrained(directory)
+        return cls(tok, meta["signal_tokens"], meta["media_tokens"], meta.get("system_prompt"), meta.get("max_length"))
