@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny real components, built the way diffusers and transformers test."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+torch.set_num_threads(1)  # the CI machine's 2 cores are shared; more threads make tiny models slower
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+
+
+@pytest.fixture(scope="session")
+def tiny_config_path() -> Path:
+    return CONFIGS / "tiny.yaml"
+
+
+def teach(pipe, examples: list[tuple[str, str]], steps: int = 80, lr: float = 3e-2) -> None:
+    """Overfit the tiny LLM on (prompt, response) pairs so that it emits known text and signal tokens.
+
+    Random weights never emit a signal token; this makes the generation path testable
+    through the model's real forward pass and loss.
+    """
+    from anymodal.processor import Message
+
+    proc, model = pipe.processor, pipe.model
+    tok = proc.tokenizer
+    texts, prompt_lens = [], []
+    for prompt, response in examples:
+        head = proc.format([Message("user", prompt)])
+        texts.append(head + response + tok.eos_token)
+        prompt_lens.append(len(tok(head, add_special_tokens=False)["input_ids"]))
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    labels = enc["input_ids"].clone()
+    for i, n in enumerate(prompt_lens):
+        pad = int((enc["attention_mask"][i] == 0).sum())  # left padding
+        labels[i, : pad + n] = -100
+    lm = model.language_model
+    lm.train()
+    opt = torch.optim.Adam(lm.parameters(), lr=lr)
+    torch.manual_seed(0)
+    with torch.enable_grad():
+        for _ in range(steps):
+            out = model(enc["input_ids"], enc["attention_mask"], labels=labels)
+            opt.zero_grad()
+            out.loss.backward()
+            opt.step()
+    lm.eval()

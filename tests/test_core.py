@@ -1,0 +1,189 @@
+"""The processor, projectors and signal-span forcing, and a text-only pipeline end to end."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from anymodal import config as C
+from anymodal.generation import SignalSpanForcing
+from anymodal.modality import Modality
+from anymodal.processor import AnyModalProcessor, Message
+from anymodal.projectors import build_input_projector, build_output_projector
+from anymodal.registry import INPUT_PROJECTORS, list_input_projectors, list_output_projectors
+from anymodal.tokenization import byte_level_tokenizer
+
+I, A, V = Modality.IMAGE, Modality.AUDIO, Modality.VIDEO
+
+TEXT_ONLY = {"name": "text-only", "llm": {
+    "config": {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+               "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 300,
+               "max_position_embeddings": 256},
+    "tokenizer": "bytes", "max_new_tokens": 8}}
+
+
+@pytest.fixture
+def processor() -> AnyModalProcessor:
+    return AnyModalProcessor(byte_level_tokenizer(), {I: 4, A: 2}, {I: 3, A: 1})
+
+
+# ---------------------------------------------------------------- processor
+def test_processor_adds_distinct_tokens(processor):
+    ids = processor.new_token_ids
+    assert len(ids) == len(set(ids)) == 3 + 4 + 2
+    assert processor.tokenizer.convert_ids_to_tokens(processor.signal_ids[I]) == ["<img_0>", "<img_1>", "<img_2>", "<img_3>"]
+    assert processor.tokenizer.padding_side == "left"
+
+
+def test_placeholders_expand_to_media_positions(processor):
+    text = processor.format([Message("user", processor.place_media("compare <image> and <image>", {I: 2}))])
+    ids = processor([text])["input_ids"][0]
+    assert int((ids == processor.placeholder_ids[I]).sum()) == 2 * 3
+
+
+def test_media_without_placeholders_go_first(processor):
+    assert processor.place_media("what is it?", {I: 1, A: 1}).startswith("<image><audio>\n")
+
+
+def test_placeholder_count_mismatch_raises(processor):
+    with pytest.raises(ValueError, match=r"2 <image> placeholder\(s\) but 1 image\(s\)"):
+        processor.place_media("<image> vs <image>", {I: 1})
+
+
+def test_split_output_marks_media_and_keeps_text(processor):
+    tok = processor.tokenizer
+    ids = tok("look: ")["input_ids"] + processor.signal_ids[I] + tok(" and ")["input_ids"] + processor.signal_ids[A]
+    text, spans = processor.split_output(ids)
+    assert text == "look: <image> and <audio>"
+    assert [m for m, _ in spans] == [I, A]
+    # a partial block is not a medium
+    text, spans = processor.split_output(processor.signal_ids[I][:2])
+    assert spans == [] and "<image>" not in text
+
+
+def test_prompt_over_context_limit_raises():
+    proc = AnyModalProcessor(byte_level_tokenizer(), {}, {}, max_length=10)
+    with pytest.raises(ValueError, match="the model's limit is 10"):
+        proc(["x" * 50])
+
+
+# ---------------------------------------------------------------- projectors
+@pytest.mark.parametrize("kind", ["linear", "mlp", "qformer"])
+@pytest.mark.parametrize("in_tokens", [1, 5])
+def test_every_input_projector_builds_and_maps(kind, in_tokens):
+    cfg = C.InputProjectorConfig(type=kind, num_tokens=in_tokens if kind != "qformer" else 3, hidden_dim=16,
+                                 num_heads=2, num_layers=2)
+    proj = build_input_projector(cfg, in_tokens, 12, 24)
+    out = proj(torch.randn(2, in_tokens, 12))
+    assert out.shape == (2, cfg.num_tokens, 24)
+    with pytest.raises(ValueError, match=r"expects features of shape \(batch, %d, 12\)" % in_tokens):
+        proj(torch.randn(2, in_tokens, 13))
+
+
+def test_pooled_feature_expands_to_several_tokens():
+    proj = build_input_projector(C.InputProjectorConfig(type="linear", num_tokens=4), 1, 12, 24)
+    assert proj(torch.randn(3, 1, 12)).shape == (3, 4, 24)
+    with pytest.raises(ValueError, match="cannot map 5 feature tokens to num_tokens=4"):
+        build_input_projector(C.InputProjectorConfig(type="linear", num_tokens=4), 5, 12, 24)
+
+
+def test_registries_are_complete():
+    assert list_input_projectors() == ["linear", "mlp", "qformer"]
+    assert "transformer" in list_output_projectors()
+
+
+def test_output_projector_shapes_and_errors():
+    cfg = C.OutputProjectorConfig(targets={"prompt_embeds": [7, 12], "extra": [3, 5]}, hidden_dim=16, num_heads=2,
+                                  num_layers=1)
+    proj = build_output_projector(cfg, 24)
+    out = proj(torch.randn(2, 4, 24))
+    assert out["prompt_embeds"].shape == (2, 7, 12) and out["extra"].shape == (2, 3, 5)
+    with pytest.raises(ValueError, match="hidden states"):
+        proj(torch.randn(2, 4, 23))
+
+
+# ---------------------------------------------------------------- forcing
+def test_signal_span_forcing():
+    blocks = {I: [10, 11, 12], A: [20, 21]}
+    f = SignalSpanForcing(blocks, max_new_tokens=6)
+    scores = torch.zeros(2, 30)
+    ids = torch.tensor([[5, 10], [5, 6]])
+    out = f(ids, scores)
+    assert out[0].argmax() == 11 and int((out[0] < -1e30).sum()) == 29
+    # inner tokens are banned unless forced
+    assert (out[1, [11, 12, 21]] < -1e30).all() and out[1, 10] == 0 and out[1, 20] == 0
+    # no block starts when it cannot finish within the budget
+    late = f(torch.tensor([[1, 2, 3, 4, 5]]), torch.zeros(1, 30))
+    assert late[0, 10] < -1e30 and late[0, 20] < -1e30
+
+
+# ---------------------------------------------------------------- text-only pipeline
+@pytest.fixture(scope="module")
+def text_pipe():
+    from anymodal.pipeline import AnyModalPipeline
+
+    torch.manual_seed(0)
+    return AnyModalPipeline.from_config(C.AnyModalConfig.from_dict(TEXT_ONLY))
+
+
+def test_text_to_text_batch_and_single_agree(text_pipe):
+    prompts = ["hello", "a longer prompt for padding", "x"]
+    batch = text_pipe(prompts, seed=0)
+    assert len(batch.text) == 3 and all(isinstance(t, str) for t in batch.text)
+    for i, p in enumerate(prompts):
+        assert text_pipe(p, seed=0).token_ids[0] == batch.token_ids[i]
+
+
+def test_text_pipeline_save_load_round_trip(text_pipe, tmp_path):
+    from anymodal.pipeline import AnyModalPipeline
+
+    before = text_pipe(["hello", "there"], seed=1)
+    text_pipe.save_pretrained(tmp_path / "p")
+    assert not list((tmp_path / "p").rglob("*.bin")) and list((tmp_path / "p").rglob("*.safetensors"))
+    again = AnyModalPipeline.from_pretrained(tmp_path / "p")
+    assert again(["hello", "there"], seed=1).token_ids == before.token_ids
+
+
+def test_sampling_is_repeatable_with_a_seed(text_pipe):
+    a = text_pipe("hi", do_sample=True, temperature=1.5, seed=3)
+    b = text_pipe("hi", do_sample=True, temperature=1.5, seed=3)
+    assert a.token_ids == b.token_ids
+
+
+@pytest.mark.parametrize("prompt, kwargs, error, message", [
+    ("", {}, ValueError, "prompt is empty"),
+    ("   ", {}, ValueError, "prompt is empty"),
+    ([], {}, ValueError, "no prompts"),
+    (["ok", 3], {}, TypeError, "prompt must be a string"),
+    ("hi", {"images": ["x.png"]}, ValueError, "takes no image input"),
+    ("hi", {"settings": {"image": {}}}, ValueError, "this model generates text only"),
+    ("hi", {"settings": {"smell": {}}}, ValueError, "unknown modality 'smell'"),
+])
+def test_bad_calls_raise_specific_errors(text_pipe, prompt, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        text_pipe(prompt, **kwargs)
+
+
+def test_from_pretrained_unknown_source(tmp_path):
+    from anymodal.pipeline import AnyModalPipeline
+
+    with pytest.raises(FileNotFoundError, match="neither a saved pipeline directory"):
+        AnyModalPipeline.from_pretrained("no-such-model")
+    (tmp_path / "d").mkdir()
+    with pytest.raises(FileNotFoundError, match="not a saved anymodal pipeline"):
+        AnyModalPipeline.from_pretrained(tmp_path / "d")
+
+
+def test_save_does_not_destroy_existing_directory_on_failure(text_pipe, tmp_path, monkeypatch):
+    target = tmp_path / "p"
+    text_pipe.save_pretrained(target)
+    before = sorted(p.name for p in target.rglob("*"))
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(text_pipe.processor, "save_pretrained", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        text_pipe.save_pretrained(target)
+    assert sorted(p.name for p in target.rglob("*")) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["p"]  # no temp directories left behind
