@@ -62,7 +62,8 @@ class TextGeneration:
 
 def generate_text(model, processor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                   media: dict[Modality, torch.Tensor], max_new_tokens: int, do_sample: bool = False,
-                  temperature: float = 1.0, top_p: float = 1.0) -> TextGeneration:
+                  temperature: float = 1.0, top_p: float = 1.0,
+                  logits_processor: list[LogitsProcessor] | None = None) -> TextGeneration:
     """Generate with a KV cache, then read the hidden state of each signal token.
 
     ``generate`` returns the state that *produced* each new token, not the state *of* it,
@@ -74,7 +75,7 @@ def generate_text(model, processor, input_ids: torch.Tensor, attention_mask: tor
     eos = tok.eos_token_id
     gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=tok.pad_token_id,
                       eos_token_id=eos, logits_processor=LogitsProcessorList(
-                          [SignalSpanForcing(processor.signal_ids, max_new_tokens)]))
+                          [*(logits_processor or []), SignalSpanForcing(processor.signal_ids, max_new_tokens)]))
     if do_sample:
         gen_kwargs.update(temperature=temperature, top_p=top_p)
     else:  # silence model-default sampling settings (e.g. a generation_config with temperature)

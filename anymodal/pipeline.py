@@ -224,7 +224,8 @@ class AnyModalPipeline:
     def __call__(self, prompt: str | Sequence[str], images: MediaArg = None, audios: MediaArg = None,
                  videos: MediaArg = None, *, max_new_tokens: int | None = None, do_sample: bool = False,
                  temperature: float = 1.0, top_p: float = 1.0, settings: Any = None, seed: int | None = None,
-                 generator: torch.Generator | None = None, progress: bool | None = None) -> AnyModalOutput:
+                 generator: torch.Generator | None = None, progress: bool | None = None,
+                 logits_processor: list | None = None) -> AnyModalOutput:
         """Generate text, and any media the model signals, for one prompt or a batch of prompts.
 
         Args:
@@ -238,6 +239,8 @@ class AnyModalPipeline:
                 or a list of settings dataclasses.
             seed / generator: make a run repeatable. With ``seed``, media k of each prompt use seed
                 ``seed + k``, so a prompt gives the same output alone or in a batch.
+            logits_processor: extra ``transformers`` logits processors for the LLM, applied before
+                signal-span forcing.
         """
         single = isinstance(prompt, str)
         prompts = [prompt] if single else list(prompt)
@@ -252,13 +255,13 @@ class AnyModalPipeline:
             conversations.append([Message("user", text, row_media)])
         return self.generate(conversations, max_new_tokens=max_new_tokens, do_sample=do_sample,
                              temperature=temperature, top_p=top_p, settings=settings, seed=seed,
-                             generator=generator, progress=progress)
+                             generator=generator, progress=progress, logits_processor=logits_processor)
 
     @torch.no_grad()
     def generate(self, conversations: Sequence[Sequence[Message]], *, max_new_tokens: int | None = None,
                  do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, settings: Any = None,
                  seed: int | None = None, generator: torch.Generator | None = None,
-                 progress: bool | None = None) -> AnyModalOutput:
+                 progress: bool | None = None, logits_processor: list | None = None) -> AnyModalOutput:
         """The steps behind ``__call__``, over whole conversations (used by dialogue sessions)."""
         # 1. check inputs
         if not conversations:
@@ -295,7 +298,8 @@ class AnyModalPipeline:
         # 4. generate text and signal tokens; read the signal tokens' hidden states
         with _seeded(seed if seed is not None else (generator.initial_seed() if generator else None), do_sample):
             result = generate_text(self.model, self.processor, input_ids, attention_mask, features,
-                                   max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p)
+                                   max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
+                                   logits_processor=logits_processor)
 
         # 5. project signal states and call each generator once for the whole batch
         n = len(conversations)
