@@ -1,6 +1,25 @@
-"""Modality generators (installed as ``anymodal.generators``)."""
+"""Modality generators (installed as ``anymodal.generators``).
+
+Importing this package registers the built-in generator types: ``stable-diffusion`` (image),
+``audioldm`` and ``audioldm2`` (audio), ``text-to-video`` and ``animatediff`` (video).
+"""
 
 from .base import ModalityGenerator
 from .settings import AudioSettings, ImageSettings, VideoSettings
+from .components import DiffusersGenerator
+from .image import StableDiffusionGenerator
+from .audio import AudioLDM2Generator, AudioLDMGenerator
+from .video import AnimateDiffGenerator, TextToVideoGenerator
 
-__all__ = ["ModalityGenerator", "ImageSettings", "AudioSettings", "VideoSettings"]
+__all__ = [
+    "ModalityGenerator",
+    "ImageSettings",
+    "AudioSettings",
+    "VideoSettings",
+    "DiffusersGenerator",
+    "StableDiffusionGenerator",
+    "AudioLDMGenerator",
+    "AudioLDM2Generator",
+    "TextToVideoGenerator",
+    "AnimateDiffGenerator",
+]

@@ -1,0 +1,320 @@
+"""Audio generators: AudioLDM (v1, what NExT-GPT uses) and AudioLDM 2, driven by embeddings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from anymodal.media import Audio
+from anymodal.modality import Modality
+from anymodal.registry import register_generator
+
+from .components import (
+    DiffusersGenerator,
+    as_mapping,
+    build_scheduler,
+    build_tokenizer,
+    build_transformers_config,
+    build_transformers_model,
+    build_with_kwargs,
+    check_keys,
+    check_same_size,
+    check_vocab,
+    prompt_length,
+    tokenizer_token_ids,
+)
+from .settings import AudioSettings
+
+
+def _roberta_tokenizer(specs: dict[str, Any], text_spec: Any, where: str) -> Any:
+    # CLAP's text tower is a RoBERTa: positions start after the padding index, so a
+    # max_position_embeddings of N leaves N - 2 token positions.
+    positions = as_mapping(f"{where}.text_encoder", text_spec).get("max_position_embeddings", 514)
+    return build_tokenizer(f"{where}.tokenizer", "roberta", specs["tokenizer"], positions - 2)
+
+
+def _check_roberta_positions(where: str, text_config: Any, tokenizer: Any) -> None:
+    check_vocab(where, text_config, tokenizer)
+    if text_config.max_position_embeddings < tokenizer.model_max_length + 2:
+        raise ValueError(f"{where}.max_position_embeddings ({text_config.max_position_embeddings}) must be at least "
+                         f"the tokenizer's model_max_length + 2 ({tokenizer.model_max_length + 2}) for a RoBERTa-style "
+                         "text encoder")
+
+
+def _build_vocoder(spec: Any, where: str) -> Any:
+    from transformers import SpeechT5HifiGan, SpeechT5HifiGanConfig
+
+    return build_transformers_model(where, SpeechT5HifiGan, SpeechT5HifiGanConfig, spec)
+
+
+class _AudioLDMFamily(DiffusersGenerator):
+    """What AudioLDM and AudioLDM 2 share: a mel VAE decoded by a HiFi-GAN vocoder into waveforms."""
+
+    modality = Modality.AUDIO
+    settings_class = AudioSettings
+
+    @property
+    def sample_rate(self) -> int:
+        return int(self.pipeline.vocoder.config.sampling_rate)
+
+    def _audios(self, waveforms: np.ndarray) -> list[Audio]:
+        rate = self.sample_rate
+        return [Audio(array=np.asarray(w, dtype=np.float32), sample_rate=rate) for w in waveforms]
+
+
+@register_generator("audioldm")
+class AudioLDMGenerator(_AudioLDMFamily):
+    """Wraps diffusers' (deprecated, still shipped) ``AudioLDMPipeline``: AudioLDM v1, NExT-GPT's audio decoder.
+
+    AudioLDM is conditioned on one L2-normalised CLAP text embedding (fed to the UNet as a class
+    embedding), so the conditioning is ``{"prompt_embeds": (1, D)}`` with ``D`` the CLAP projection
+    width (512 for ``cvssp/audioldm``); the adapter squeezes ``(B, 1, D)`` to the ``(B, D)`` the
+    pipeline takes.
+
+    ``components`` keys: ``unet`` (``UNet2DConditionModel`` kwargs with a ``simple_projection``
+    class embedding), ``vae``, ``scheduler``, ``text_encoder`` (``ClapTextConfig`` kwargs),
+    ``tokenizer`` (RoBERTa: ``"bytes"``, a mapping or a local directory), ``vocoder``
+    (``SpeechT5HifiGanConfig`` kwargs) and ``seed``.
+    """
+
+    type_name = "audioldm"
+    required_components = ("unet", "vae", "scheduler", "text_encoder", "tokenizer", "vocoder")
+    shape_components = ("text_encoder", "unet")
+
+    @classmethod
+    def pipeline_class(cls) -> type:
+        from diffusers import AudioLDMPipeline
+
+        return AudioLDMPipeline
+
+    @classmethod
+    def build_components(cls, specs: dict[str, Any], where: str) -> dict[str, Any]:
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import ClapTextConfig, ClapTextModelWithProjection
+
+        tokenizer = _roberta_tokenizer(specs, specs["text_encoder"], where)
+        text_encoder = build_transformers_model(f"{where}.text_encoder", ClapTextModelWithProjection, ClapTextConfig,
+                                                specs["text_encoder"], defaults=tokenizer_token_ids(tokenizer))
+        _check_roberta_positions(f"{where}.text_encoder", text_encoder.config, tokenizer)
+        unet = build_with_kwargs(f"{where}.unet", UNet2DConditionModel, specs["unet"])
+        if unet.config.class_embed_type != "simple_projection":
+            raise ValueError(f"{where}.unet.class_embed_type must be 'simple_projection' (AudioLDM feeds the CLAP "
+                             f"embedding as a class embedding), got {unet.config.class_embed_type!r}")
+        check_same_size(where, ("text_encoder.projection_dim", text_encoder.config.projection_dim),
+                        ("unet.projection_class_embeddings_input_dim",
+                         unet.config.projection_class_embeddings_input_dim))
+        return {
+            "tokenizer": tokenizer,
+            "text_encoder": text_encoder,
+            "unet": unet,
+            "vae": build_with_kwargs(f"{where}.vae", AutoencoderKL, specs["vae"]),
+            "scheduler": build_scheduler(f"{where}.scheduler", specs["scheduler"]),
+            "vocoder": _build_vocoder(specs["vocoder"], f"{where}.vocoder"),
+        }
+
+    @classmethod
+    def shapes_from(cls, configs: dict[str, Any]) -> dict[str, tuple[int, int]]:
+        dim = configs["unet"].projection_class_embeddings_input_dim
+        if dim is None and configs.get("text_encoder") is not None:
+            dim = configs["text_encoder"].projection_dim
+        if dim is None:
+            raise ValueError(f"generator {cls.type_name!r}: the UNet has no projection_class_embeddings_input_dim")
+        return {"prompt_embeds": (1, int(dim))}
+
+    def _clap(self, texts: list[str]) -> torch.Tensor:
+        # The pipeline's own encoder: CLAP text_embeds, L2-normalised, shape (B, D).
+        return self.pipeline._encode_prompt(texts, self.execution_device, 1, False)
+
+    def _encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        return {"prompt_embeds": self._clap(texts)[:, None, :]}
+
+    def _negative_once(self) -> dict[str, torch.Tensor]:
+        return {"prompt_embeds": self._clap([""])[:, None, :]}
+
+    def _run(self, cond: dict[str, torch.Tensor], settings: AudioSettings,
+             generator: torch.Generator | list[torch.Generator] | None) -> list[Audio]:
+        embeds = cond["prompt_embeds"]
+        kwargs: dict[str, Any] = {"prompt_embeds": embeds[:, 0, :]}
+        if settings.guidance_scale > 1.0:
+            kwargs["negative_prompt_embeds"] = self.negative_conditioning(embeds.shape[0])["prompt_embeds"][:, 0, :]
+        out = self.pipeline(
+            **kwargs,
+            audio_length_in_s=settings.audio_length_s,
+            num_inference_steps=settings.num_inference_steps,
+            guidance_scale=settings.guidance_scale,
+            generator=generator,
+            output_type="np",
+        )
+        return self._audios(out.audios)
+
+
+def _mask_from_zeros(embeds: torch.Tensor) -> torch.Tensor:
+    """Attention mask for T5 states padded with zero rows (see :class:`AudioLDM2Generator`)."""
+    mask = (embeds != 0).any(dim=-1).long()
+    # A row that is zero everywhere would mask every position and turn attention into NaNs;
+    # attend to all of it instead, which is what passing no mask does.
+    mask[mask.sum(dim=1) == 0] = 1
+    return mask
+
+
+@register_generator("audioldm2")
+class AudioLDM2Generator(_AudioLDMFamily):
+    """Wraps diffusers' ``AudioLDM2Pipeline`` (maintained).
+
+    The UNet attends to two sequences, both exposed as conditioning:
+
+    * ``prompt_embeds``: the T5 encoder's states, ``(tokenizer_2.model_max_length, text_encoder_2.d_model)``;
+    * ``generated_prompt_embeds``: the GPT-2 states, ``(language_model.max_new_tokens, language_model.n_embd)``.
+
+    The pipeline pads T5 states to the longest prompt of a batch and passes a mask; to keep shapes
+    fixed, :meth:`encode_text` zeroes the masked positions and pads with zero rows to the full
+    length, and :meth:`generate` masks out rows that are exactly zero. A projector's output has
+    no exact-zero rows, so it is attended in full.
+
+    ``components`` keys: ``unet`` (``AudioLDM2UNet2DConditionModel`` kwargs), ``vae``,
+    ``scheduler``, ``text_encoder`` (``{"text_config": ClapTextConfig kwargs, "audio_config":
+    ClapAudioConfig kwargs, "projection_dim": D}``), ``tokenizer`` (RoBERTa), ``text_encoder_2``
+    (``T5Config`` kwargs), ``tokenizer_2`` (T5), ``projection_model``
+    (``AudioLDM2ProjectionModel`` kwargs), ``language_model`` (``GPT2Config`` kwargs plus
+    ``max_new_tokens``; built as a ``GPT2LMHeadModel``), ``vocoder``, optional
+    ``feature_extractor`` (``ClapFeatureExtractor`` kwargs; only used to rank several waveforms
+    per prompt, which anymodal does not ask for) and ``seed``.
+    """
+
+    type_name = "audioldm2"
+    required_components = ("unet", "vae", "scheduler", "text_encoder", "tokenizer", "text_encoder_2",
+                           "tokenizer_2", "projection_model", "language_model", "vocoder")
+    optional_components = ("feature_extractor",)
+    shape_components = ("tokenizer_2", "text_encoder_2", "language_model")
+
+    @classmethod
+    def pipeline_class(cls) -> type:
+        from diffusers import AudioLDM2Pipeline
+
+        return AudioLDM2Pipeline
+
+    @classmethod
+    def build_components(cls, specs: dict[str, Any], where: str) -> dict[str, Any]:
+        from diffusers import AudioLDM2ProjectionModel, AudioLDM2UNet2DConditionModel, AutoencoderKL
+        from transformers import (
+            ClapAudioConfig,
+            ClapConfig,
+            ClapFeatureExtractor,
+            ClapModel,
+            ClapTextConfig,
+            GPT2Config,
+            GPT2LMHeadModel,
+            T5Config,
+            T5EncoderModel,
+        )
+
+        # CLAP: text and audio towers (the pipeline calls ClapModel.get_text_features).
+        clap = as_mapping(f"{where}.text_encoder", specs["text_encoder"])
+        check_keys(f"{where}.text_encoder", clap, ["text_config", "audio_config", "projection_dim"])
+        text_spec = as_mapping(f"{where}.text_encoder.text_config", clap.get("text_config"))
+        audio_spec = as_mapping(f"{where}.text_encoder.audio_config", clap.get("audio_config"))
+        tokenizer = _roberta_tokenizer(specs, text_spec, where)
+        text_config = build_transformers_config(f"{where}.text_encoder.text_config", ClapTextConfig, text_spec,
+                                                defaults=tokenizer_token_ids(tokenizer))
+        audio_config = build_transformers_config(f"{where}.text_encoder.audio_config", ClapAudioConfig,
+                                                 audio_spec)
+        _check_roberta_positions(f"{where}.text_encoder.text_config", text_config, tokenizer)
+        extra = {"projection_dim": clap["projection_dim"]} if "projection_dim" in clap else {}
+        text_encoder = ClapModel(ClapConfig(text_config=text_config.to_dict(), audio_config=audio_config.to_dict(),
+                                            **extra))
+
+        t5_spec = as_mapping(f"{where}.text_encoder_2", specs["text_encoder_2"])
+        tokenizer_2 = build_tokenizer(f"{where}.tokenizer_2", "t5", specs["tokenizer_2"], 512)
+        text_encoder_2 = build_transformers_model(f"{where}.text_encoder_2", T5EncoderModel, T5Config, t5_spec,
+                                                  defaults=tokenizer_token_ids(tokenizer_2))
+        check_vocab(f"{where}.text_encoder_2", text_encoder_2.config, tokenizer_2)
+
+        lm_spec = as_mapping(f"{where}.language_model", specs["language_model"])
+        if "max_new_tokens" not in lm_spec:
+            raise ValueError(f"{where}.language_model needs 'max_new_tokens' (the length of generated_prompt_embeds)")
+        # GPT-2 only ever sees inputs_embeds here, so its token ids are irrelevant; pin them inside
+        # the (small) vocabulary so transformers does not warn about ids out of range.
+        # GPT2LMHeadModel, not GPT2Model: the pipeline drives it with GenerationMixin helpers.
+        language_model = build_transformers_model(f"{where}.language_model", GPT2LMHeadModel, GPT2Config, lm_spec,
+                                                  defaults={"bos_token_id": 0, "eos_token_id": 0},
+                                                  extra_keys=["max_new_tokens"])
+
+        parts = {
+            "tokenizer": tokenizer,
+            "text_encoder": text_encoder,
+            "tokenizer_2": tokenizer_2,
+            "text_encoder_2": text_encoder_2,
+            "language_model": language_model,
+            "projection_model": build_with_kwargs(f"{where}.projection_model", AudioLDM2ProjectionModel,
+                                                      specs["projection_model"]),
+            "unet": build_with_kwargs(f"{where}.unet", AudioLDM2UNet2DConditionModel, specs["unet"]),
+            "vae": build_with_kwargs(f"{where}.vae", AutoencoderKL, specs["vae"]),
+            "scheduler": build_scheduler(f"{where}.scheduler", specs["scheduler"]),
+            "vocoder": _build_vocoder(specs["vocoder"], f"{where}.vocoder"),
+            "feature_extractor": None,
+        }
+        if "feature_extractor" in specs:
+            fe_spec = as_mapping(f"{where}.feature_extractor", specs["feature_extractor"])
+            parts["feature_extractor"] = build_with_kwargs(f"{where}.feature_extractor", ClapFeatureExtractor,
+                                                               fe_spec)
+        return parts
+
+    @classmethod
+    def shapes_from(cls, configs: dict[str, Any]) -> dict[str, tuple[int, int]]:
+        where = f"generator {cls.type_name!r}"
+        t5, lm = configs["text_encoder_2"], configs["language_model"]
+        new_tokens = getattr(lm, "max_new_tokens", None)
+        if not isinstance(new_tokens, int) or new_tokens < 1:
+            raise ValueError(f"{where}: language_model config has no max_new_tokens")
+        t5_dim = getattr(t5, "d_model", None) or t5.hidden_size
+        lm_dim = getattr(lm, "n_embd", None) or lm.hidden_size
+        return {
+            "prompt_embeds": (prompt_length(configs.get("tokenizer_2"), None, where), int(t5_dim)),
+            "generated_prompt_embeds": (int(new_tokens), int(lm_dim)),
+        }
+
+    def _embed(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        pipe = self.pipeline
+        if not hasattr(pipe.language_model, "_update_model_kwargs_for_generation"):
+            # diffusers issue #12630: checkpoints that ship a bare GPT2Model cannot run the
+            # pipeline's text path with transformers >= 4.50. Projected conditioning still works.
+            raise ValueError(f"generator {self.type_name!r}: the checkpoint's language_model is a "
+                             f"{type(pipe.language_model).__name__} without generation helpers, so the pipeline "
+                             "cannot encode text (needed by encode_text and by guidance_scale > 1); re-save it with "
+                             "a GPT2LMHeadModel language model")
+        embeds, mask, generated = pipe.encode_prompt(texts, self.execution_device, 1, False)
+        seq, _ = self.conditioning_shapes["prompt_embeds"]
+        embeds = embeds * mask[..., None].to(embeds.dtype)  # masked positions -> zero rows
+        if embeds.shape[1] < seq:
+            embeds = torch.nn.functional.pad(embeds, (0, 0, 0, seq - embeds.shape[1]))
+        return {"prompt_embeds": embeds, "generated_prompt_embeds": generated}
+
+    def _encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        return self._embed(texts)
+
+    def _negative_once(self) -> dict[str, torch.Tensor]:
+        return self._embed([""])
+
+    def _run(self, cond: dict[str, torch.Tensor], settings: AudioSettings,
+             generator: torch.Generator | list[torch.Generator] | None) -> list[Audio]:
+        kwargs: dict[str, Any] = {
+            "prompt_embeds": cond["prompt_embeds"],
+            "attention_mask": _mask_from_zeros(cond["prompt_embeds"]),
+            "generated_prompt_embeds": cond["generated_prompt_embeds"],
+        }
+        if settings.guidance_scale > 1.0:
+            neg = self.negative_conditioning(cond["prompt_embeds"].shape[0])
+            kwargs.update(negative_prompt_embeds=neg["prompt_embeds"],
+                          negative_attention_mask=_mask_from_zeros(neg["prompt_embeds"]),
+                          negative_generated_prompt_embeds=neg["generated_prompt_embeds"])
+        out = self.pipeline(
+            **kwargs,
+            audio_length_in_s=settings.audio_length_s,
+            num_inference_steps=settings.num_inference_steps,
+            guidance_scale=settings.guidance_scale,
+            generator=generator,
+            output_type="np",
+        )
+        return self._audios(out.audios)
