@@ -62,9 +62,8 @@ class AnyModalPipeline:
         self.processor = processor
         self.model = model.eval()
         self.generators = dict(generators)
-        for m, gen in self.generators.items():
-            if not gen.config.lazy:
-                self.check_generator(m)
+        for m in self.generators:  # lazy generators report their shapes from config files, unloaded
+            self.check_generator(m)
 
     # ================================================================ loading
     @classmethod
@@ -310,8 +309,6 @@ class AnyModalPipeline:
                 continue
             owners = [(row, k) for row, spans in enumerate(result.spans) for k, (mm, _) in enumerate(spans) if mm == m]
             gen = self.generators[m]
-            if gen.config.lazy:
-                self.check_generator(m)
             conditioning = self.model.project_signal(m, hidden)
             generators = _generators_for(owners, seed, generator, _generator_device(gen, device))
             media_out = gen.generate(conditioning, gen_settings.get(m), generator=generators, progress=progress)
