@@ -1,0 +1,48 @@
+"""A tiny full pipeline (LLM, ImageBind, image/audio/video generators) taught to emit known replies.
+
+Shared by the batch, session and UI tests. Building it takes a few seconds on one CPU thread.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import yaml
+
+from conftest import CONFIGS, teach
+
+IMG = "".join(f"<img_{i}>" for i in range(4))
+AUD = "".join(f"<aud_{i}>" for i in range(8))
+
+# prompt -> reply; the replies mark generated media with signal tokens
+EXAMPLES = [
+    ("draw a cat", f"a cat {IMG}"),
+    ("play a tone", f"a tone {AUD}"),
+    ("show and play", f"both {IMG} and {AUD}"),
+    ("hello", "hi there"),
+]
+
+
+def tiny_media_config() -> dict:
+    """configs/tiny.yaml, with the tiny generators merged in while they still live in their own file."""
+    data = yaml.safe_load((CONFIGS / "tiny.yaml").read_text())
+    extra = CONFIGS / "tiny_generators.yaml"
+    if "generators" not in data and extra.is_file():
+        data.update(yaml.safe_load(extra.read_text()))
+    return data
+
+
+def taught_pipeline(examples: list[tuple[str, str]] = EXAMPLES):
+    from anymodal import AnyModalConfig, AnyModalPipeline
+
+    torch.manual_seed(0)
+    pipe = AnyModalPipeline.from_config(AnyModalConfig.from_dict(tiny_media_config()))
+    if not {"image", "audio"} <= {m.value for m in pipe.generators}:
+        import pytest
+
+        pytest.skip("configs/tiny.yaml has no image and audio generators yet")
+    teach(pipe, examples, steps=150, lr=1e-2)
+    return pipe
+
+
