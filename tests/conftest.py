@@ -22,7 +22,7 @@ def tiny_config_path() -> Path:
     return CONFIGS / "tiny.yaml"
 
 
-def teach(pipe, examples: list[tuple[str, str]], steps: int = 80, lr: float = 3e-2) -> None:
+def teach(pipe, examples: list[tuple[str, str]], steps: int = 150, lr: float = 1e-2) -> None:
     """Overfit the tiny LLM on (prompt, response) pairs so that it emits known text and signal tokens.
 
     Random weights never emit a signal token; this makes the generation path testable
