@@ -1,0 +1,403 @@
+"""Dialogue sessions: multi-turn conversations with media going both ways.
+
+    session = ChatSession(pipe, seed=0)
+    turn = session.send("draw a cat")           # turn.text == "a cat <image>", turn.images == [<PIL image>]
+    turn = session.send("now this one", images=["dog.png"])
+    session.save("chats/cat")                     # session.json + media files, atomically
+    again = ChatSession.load("chats/cat", pipe)   # continues exactly where it stopped
+
+**Context.** Every earlier turn stays in the prompt with its media. Media the user sent are
+encoded again each turn. Media the model generated are fed back as inputs when the model has an
+encoder for that modality; otherwise their placeholder is dropped from the context text (the
+model cannot see them).
+
+**Context-length policy.** The rendered prompt plus ``max_new_tokens`` must fit the model's
+context (``llm.max_length``, else the LLM's ``max_position_embeddings``). When it does not, the
+oldest exchanges (a user turn and its reply) are left out of the prompt, one at a time, until it
+fits; the system prompt is always kept. The session itself keeps every turn (they are saved and
+shown); only the prompt is shortened. If the new user turn alone does not fit, ``send`` raises
+``ValueError`` and the session is unchanged.
+
+**Seeds.** ``send(seed=...)`` seeds that turn; without one, a session created with ``seed=s``
+uses ``s + n`` for its ``n``-th reply, so a saved and reloaded session gives the same next reply.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image
+
+from .media import Audio, MediaError, save_image
+from .modality import MEDIA_MODALITIES, Modality
+from .processor import PLACEHOLDERS, Message
+
+SESSION_FILE = "session.json"
+FORMAT_VERSION = 1
+_KINDS = {Modality.IMAGE: "images", Modality.AUDIO: "audios", Modality.VIDEO: "videos"}
+
+
+@dataclass
+class Turn:
+    """One message of a session. ``text`` marks each medium with its placeholder (``<image>``...).
+
+    For a user turn ``media`` holds what was sent (paths, PIL images, ``Audio``...); for an
+    assistant turn, what the model generated (PIL images, ``Audio``, lists of frames).
+    """
+
+    role: str  # "user" or "assistant"
+    text: str
+    media: dict[Modality, list[Any]] = field(default_factory=dict)
+    seed: int | None = None  # the seed the reply was generated with (assistant turns)
+    token_ids: list[int] = field(default_factory=list)  # generated ids (assistant turns)
+
+    @property
+    def images(self) -> list[Any]:
+        return self.media.get(Modality.IMAGE, [])
+
+    @property
+    def audios(self) -> list[Any]:
+        return self.media.get(Modality.AUDIO, [])
+
+    @property
+    def videos(self) -> list[Any]:
+        return self.media.get(Modality.VIDEO, [])
+
+
+class ChatSession:
+    """A conversation with an :class:`~anymodal.pipeline.AnyModalPipeline`; see the module docstring."""
+
+    def __init__(self, pipe, *, system_prompt: str | None = None, seed: int | None = 0,
+                 max_new_tokens: int | None = None, settings: dict[str, Any] | None = None):
+        self.pipe = pipe
+        self.system_prompt = system_prompt
+        self.seed = seed
+        self.max_new_tokens = max_new_tokens
+        self.settings = dict(settings or {})  # per-modality generation settings, as plain dicts
+        self.turns: list[Turn] = []
+        self.last_context_start = 0  # index into turns of the first turn the last prompt kept
+
+    # ------------------------------------------------------------ talking
+    def send(self, text: str = "", images: Sequence[Any] | Any = None, audios: Sequence[Any] | Any = None,
+             videos: Sequence[Any] | Any = None, *, seed: int | None = None,
+             max_new_tokens: int | None = None) -> Turn:
+        """Send one user turn (text with optional ``<image>``/``<audio>``/``<video>`` placeholders,
+        and media) and return the model's reply, which is also appended to the session."""
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a string, got {type(text).__name__}")
+        media = {m: _as_list(v) for m, v in ((Modality.IMAGE, images), (Modality.AUDIO, audios),
+                                               (Modality.VIDEO, videos)) if v is not None}
+        media = {m: v for m, v in media.items() if v}
+        if not text.strip() and not media:
+            raise ValueError("nothing to send: give some text or media")
+        for m in media:
+            if m not in self.pipe.config.input_projectors:
+                raise ValueError(f"this model takes no {m.value} input (it takes "
+                                 f"{', '.join(x.value for x in self.pipe.config.input_projectors) or 'text only'})")
+        counts = {m: len(v) for m, v in media.items()}
+        user = Turn("user", self.pipe.processor.place_media(text, counts), media)
+        if seed is None and self.seed is not None:
+            seed = self.seed + sum(1 for t in self.turns if t.role == "assistant")
+        max_new = max_new_tokens or self.max_new_tokens or self.pipe.config.llm.max_new_tokens
+        messages, start = self.context(user, max_new)
+        out = self.pipe.generate([messages], max_new_tokens=max_new, settings=self.settings or None, seed=seed,
+                                 progress=False)
+        reply = Turn("assistant", out.text[0], {m: out.media(m)[0] for m in MEDIA_MODALITIES if out.media(m)[0]},
+                     seed=seed, token_ids=list(out.token_ids[0]))
+        self.turns += [user, reply]
+        self.last_context_start = start
+        return reply
+
+    def context(self, new_turn: Turn | None = None, max_new_tokens: int | None = None) -> tuple[list[Message], int]:
+        """The messages the next prompt is made of, after the context-length policy, and the index of
+        the first kept turn."""
+        turns = self.turns + ([new_turn] if new_turn is not None else [])
+        max_new = max_new_tokens or self.max_new_tokens or self.pipe.config.llm.max_new_tokens
+        limit = _context_limit(self.pipe)
+        system = [Message("system", self.system_prompt)] if self.system_prompt else []
+        # candidate starts: the beginning of each exchange, oldest first
+        starts = [i for i, t in enumerate(turns) if t.role == "user"] or [0]
+        for start in starts:
+            messages = system + [self._message(t) for t in turns[start:]]
+            if limit is None or self._length(messages) + max_new <= limit:
+                return messages, start
+        raise ValueError(f"the message is too long for the model: {self._length(messages)} prompt tokens plus "
+                         f"max_new_tokens={max_new} exceed its context of {limit} tokens, even with every earlier "
+                         "turn left out")
+
+    def _message(self, turn: Turn) -> Message:
+        if turn.role == "user":
+            return Message("user", turn.text, dict(turn.media))
+        text, media = turn.text, {}
+        for m, items in turn.media.items():
+            if m in self.pipe.config.input_projectors:
+                media[m] = list(items)
+            else:  # the model cannot see this medium: drop its placeholder
+                text = text.replace(PLACEHOLDERS[m], "")
+        return Message("assistant", " ".join(text.split()) if text != turn.text else text, media)
+
+    def _length(self, messages: list[Message]) -> int:
+        proc = self.pipe.processor
+        rendered = [Message(m.role, proc.place_media(m.content, {k: len(v) for k, v in m.media.items()}))
+                    for m in messages]
+        return len(proc.tokenizer(proc.expand(proc.format(rendered)), add_special_tokens=False)["input_ids"])
+
+    # ------------------------------------------------------------ persistence
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write ``session.json`` and every medium (lossless: PNG, float WAV, PNG frames; files sent as
+        paths are copied byte for byte). The directory is built beside its destination and swapped in,
+        so an interrupted save leaves the previous one intact."""
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
+        try:
+            (tmp / "media").mkdir()
+            turns = []
+            for n, turn in enumerate(self.turns):
+                files: dict[str, list[str]] = {}
+                for m, items in turn.media.items():
+                    files[m.value] = [_save_medium(m, item, tmp / "media" / f"{n:04d}_{turn.role}_{m.value}_{k}")
+                                      for k, item in enumerate(items)]
+                turns.append({"role": turn.role, "text": turn.text, "media": files, "seed": turn.seed,
+                              "token_ids": turn.token_ids})
+            state = {"format_version": FORMAT_VERSION, "system_prompt": self.system_prompt, "seed": self.seed,
+                     "max_new_tokens": self.max_new_tokens, "settings": self.settings,
+                     "last_context_start": self.last_context_start, "turns": turns}
+            path = tmp / SESSION_FILE
+            with path.open("w") as f:
+                json.dump(state, f, indent=2, ensure_ascii=False)
+                f.flush()
+                os.fsync(f.fileno())
+            _swap_into_place(tmp, directory)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, pipe) -> "ChatSession":
+        """Load a session saved by :meth:`save` to continue it with ``pipe``."""
+        directory = Path(directory)
+        path = directory / SESSION_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{directory} is not a saved chat session (no {SESSION_FILE})")
+        try:
+            state = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON: {e}") from None
+        if state.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{path}: unsupported session format version {state.get('format_version')!r}")
+        session = cls(pipe, system_prompt=state.get("system_prompt"), seed=state.get("seed"),
+                      max_new_tokens=state.get("max_new_tokens"), settings=state.get("settings"))
+        session.last_context_start = state.get("last_context_start", 0)
+        for t in state["turns"]:
+            media = {Modality.parse(m): [_load_medium(Modality.parse(m), e, directory) for e in entries]
+                     for m, entries in t.get("media", {}).items()}
+            session.turns.append(Turn(t["role"], t["text"], media, t.get("seed"), t.get("token_ids", [])))
+        return session
+
+    def __len__(self) -> int:
+        return len(self.turns)
+
+
+# ==================================================================== helpers
+def _as_list(value: Any) -> list[Any]:
+    if isinstance(value, (list, tuple)) and not (isinstance(value, tuple) and len(value) == 2
+                                                 and isinstance(value[1], (int, np.integer))):
+        return list(value)
+    return [value]
+
+
+def _context_limit(pipe) -> int | None:
+    return pipe.processor.max_length or getattr(pipe.model.llm_config, "max_position_embeddings", None)
+
+
+def _save_medium(m: Modality, item: Any, stem: Path) -> dict[str, str]:
+    """Write one medium losslessly under ``stem`` (suffix chosen here).
+
+    Returns ``{"file": path relative to the session, "as": "path" | "data"}``: a medium that was a
+    file path is copied and given back as a path, anything else is given back decoded."""
+    import soundfile as sf
+
+    from .utils import atomic_path
+
+    def rel(p: Path) -> dict[str, str]:
+        return {"file": f"media/{p.name}", "as": "data"}
+
+    if isinstance(item, (str, os.PathLike)):
+        src = Path(item)
+        if not src.is_file():
+            raise MediaError(f"cannot save the session: {m.value} file {src} no longer exists")
+        dst = stem.with_name(stem.name + src.suffix.lower())
+        shutil.copyfile(src, dst)
+        return {"file": f"media/{dst.name}", "as": "path"}
+    if m is Modality.IMAGE:
+        img = item if isinstance(item, Image.Image) else Image.fromarray(np.asarray(item))
+        return rel(save_image(img, stem.with_suffix(".png")))
+    if m is Modality.AUDIO:
+        audio = item if isinstance(item, Audio) else (Audio(np.asarray(item[0], np.float32), int(item[1]))
+                                                      if isinstance(item, tuple) else None)
+        if audio is None:
+            raise MediaError("cannot save a bare audio array without its sample rate; send Audio or (array, rate)")
+        dst = stem.with_suffix(".wav")
+        with atomic_path(dst) as tmp:  # float WAV: the reloaded waveform is bit-identical
+            sf.write(str(tmp), np.asarray(audio.array, np.float32), audio.sample_rate, format="WAV", subtype="FLOAT")
+        return rel(dst)
+    frames = list(item)  # a video: PNG frames in a folder
+    folder = stem.with_suffix("")
+    folder.mkdir()
+    for k, frame in enumerate(frames):
+        img = frame if isinstance(frame, Image.Image) else Image.fromarray(np.asarray(frame))
+        save_image(img, folder / f"frame_{k:04d}.png")
+    return rel(folder)
+
+
+def _load_medium(m: Modality, entry: dict[str, str], directory: Path) -> Any:
+    import soundfile as sf
+
+    path = directory / entry["file"]
+    if ".." in Path(entry["file"]).parts:
+        raise ValueError(f"session medium path {entry['file']!r} leaves the session directory")
+    if not path.exists():
+        raise FileNotFoundError(f"session medium missing: {path}")
+    if entry.get("as") == "path":  # a copied input file: decoded by the encoder exactly as the original was
+        return str(path)
+    if m is Modality.VIDEO and path.is_dir():
+        frames = []
+        for f in sorted(path.glob("frame_*.png")):
+            with Image.open(f) as im:
+                frames.append(im.copy())
+        return frames
+    if m is Modality.IMAGE and path.suffix == ".png":
+        with Image.open(path) as im:
+            return im.copy()
+    if m is Modality.AUDIO and path.suffix == ".wav":
+        info = sf.info(str(path))
+        if info.subtype == "FLOAT":  # written by save(): the exact waveform
+            data, rate = sf.read(str(path), dtype="float32", always_2d=False)
+            return Audio(np.asarray(data, np.float32), int(rate))
+    raise ValueError(f"cannot read session medium {path}: not a file that ChatSession.save writes")
+
+
+def _swap_into_place(tmp: Path, directory: Path) -> None:
+    """Replace ``directory`` with ``tmp``; the old one is removed only after the new one is in place."""
+    if directory.exists():
+        old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+        os.replace(directory, old)
+        os.replace(tmp, directory)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, directory)
+
+
+# ==================================================================== anymodal chat
+CHAT_HELP = """Type a message and press Enter. Commands:
+  /image PATH   attach an image to the next message      /audio PATH   attach an audio file
+  /video PATH   attach a video                           /save DIR     save the session
+  /help         show this help                           /quit         leave (also Ctrl-D)"""
+
+
+def _chat_args(p: argparse.ArgumentParser) -> None:
+    from .cli import _model_args
+
+    _model_args(p)
+    p.add_argument("--out", default=None, help="directory for generated media (default: a new temporary directory)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first reply; reply n uses seed + n (default 0)")
+    p.add_argument("--system", default=None, help="a system prompt")
+    p.add_argument("--load", default=None, metavar="DIR", help="continue a session saved with /save")
+    p.add_argument("--max-new-tokens", type=int, default=None)
+
+
+def _chat(args: argparse.Namespace) -> int:
+    import sys
+
+    from .cli import load_pipeline, write_outputs
+
+    pipe = load_pipeline(args.model, args.config, args.device)
+    if args.load:
+        session = ChatSession.load(args.load, pipe)
+    else:
+        session = ChatSession(pipe, system_prompt=args.system, seed=args.seed, max_new_tokens=args.max_new_tokens)
+    out_dir = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="anymodal-chat-"))
+    print(f"anymodal chat: {len(session.turns) // 2} earlier turn(s); generated media go to {out_dir}; /help for help")
+    attached: dict[Modality, list[str]] = {}
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            print()
+            return 0
+        except KeyboardInterrupt:
+            print()
+            return 0
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            cmd, _, arg = line.partition(" ")
+            arg = arg.strip()
+            kinds = {"/image": Modality.IMAGE, "/audio": Modality.AUDIO, "/video": Modality.VIDEO}
+            if cmd in ("/quit", "/exit"):
+                return 0
+            if cmd == "/help":
+                print(CHAT_HELP)
+            elif cmd in kinds:
+                path = Path(arg).expanduser()
+                if not arg or not path.is_file():
+                    print(f"error: no such file: {arg or '(none given)'}", file=sys.stderr)
+                    continue
+                attached.setdefault(kinds[cmd], []).append(str(path))
+                print(f"attached {kinds[cmd].value}: {path}")
+            elif cmd == "/save":
+                if not arg:
+                    print("error: /save needs a directory", file=sys.stderr)
+                    continue
+                print(f"saved: {session.save(Path(arg).expanduser())}")
+            else:
+                print(f"error: unknown command {cmd}; /help lists them", file=sys.stderr)
+            continue
+        try:
+            reply = session.send(line, images=attached.get(Modality.IMAGE), audios=attached.get(Modality.AUDIO),
+                                 videos=attached.get(Modality.VIDEO))
+        except (ValueError, FileNotFoundError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            continue
+        finally:
+            attached = {}
+        print(f"anymodal> {reply.text}")
+        written = _write_reply(reply, out_dir, len(session.turns) // 2, write_outputs)
+        for kind, paths in written.items():
+            for p in paths:
+                print(f"{kind}: {p}")
+
+
+def _write_reply(reply: Turn, out_dir: Path, number: int, write_outputs) -> dict[str, list[str]]:
+    from .pipeline import AnyModalOutput
+
+    out = AnyModalOutput(text=[reply.text], images=[reply.images], audios=[reply.audios], videos=[reply.videos])
+    written = write_outputs(out, 0, out_dir, stem=f"turn{number:03d}")
+    written.pop("text", None)
+    return written
+
+
+def _register() -> None:
+    from .cli import command
+
+    command("chat", "a multi-turn conversation in the terminal; /image, /audio attach files")(_chat_args)(_chat)
+
+
+_register()
+
+try:  # `anymodal serve` lives with the web UI; its module imports nothing heavy until it runs
+    from .ui import cli as _ui_cli  # noqa: F401
+except ModuleNotFoundError as e:  # pragma: no cover - a trimmed install without the ui package
+    if e.name != "anymodal.ui":
+        raise

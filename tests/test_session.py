@@ -1,0 +1,166 @@
+"""Dialogue sessions: multi-turn context with media both ways, the context-length policy,
+save -> load -> continue exactly, and the `anymodal chat` REPL."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from _taught import taught_pipeline
+from anymodal.media import Audio
+from anymodal.modality import Modality
+from anymodal.session import ChatSession
+
+I, A = Modality.IMAGE, Modality.AUDIO
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return taught_pipeline()
+
+
+@pytest.fixture
+def picture(tmp_path):
+    path = tmp_path / "in.png"
+    Image.fromarray((np.arange(24 * 24 * 3) % 251).astype(np.uint8).reshape(24, 24, 3)).save(path)
+    return path
+
+
+def same_media(a, b) -> bool:
+    def arr(x):
+        if isinstance(x, str):  # a file sent by path: the saved copy must be byte-identical
+            return np.frombuffer(open(x, "rb").read(), np.uint8)
+        return x.array if isinstance(x, Audio) else np.asarray(x)
+
+    return all(len(a.media.get(m, [])) == len(b.media.get(m, [])) and
+               all(np.array_equal(arr(x), arr(y)) for x, y in zip(a.media.get(m, []), b.media.get(m, [])))
+               for m in (I, A))
+
+
+def spy_generate(pipe, monkeypatch) -> list:
+    seen = []
+    real = pipe.generate
+
+    def spy(conversations, **kw):
+        seen.append([(m.role, m.content, {k: len(v) for k, v in m.media.items()}) for m in conversations[0]])
+        return real(conversations, **kw)
+
+    monkeypatch.setattr(pipe, "generate", spy)
+    return seen
+
+
+def test_multi_turn_with_media_in_and_out(pipe, picture, monkeypatch):
+    seen = spy_generate(pipe, monkeypatch)
+    session = ChatSession(pipe, seed=0)
+    first = session.send("draw a cat")
+    assert first.text == "a cat <image>" and len(first.images) == 1 and first.images[0].size == (16, 16)
+    second = session.send("what is this <image>?", images=[picture], audios=[(np.zeros(1600, np.float32), 16000)])
+    assert len(session) == 4 and session.turns[2].text.startswith("<audio>")
+    # the second prompt holds the first exchange, the generated image fed back, and the new media
+    roles = [(role, counts) for role, _, counts in seen[1]]
+    assert roles == [("user", {}), ("assistant", {I: 1}), ("user", {I: 1, A: 1})]
+    assert seen[1][1][1] == "a cat <image>"
+    assert isinstance(second.text, str) and second.role == "assistant"
+    assert first.seed == 0 and second.seed == 1  # reply n uses seed + n
+
+
+def test_generated_media_without_an_encoder_are_dropped_from_context(pipe, monkeypatch):
+    session = ChatSession(pipe, seed=0)
+    session.send("play a tone")
+    assert session.turns[1].text == "a tone <audio>" and len(session.turns[1].audios) == 1
+    monkeypatch.delitem(pipe.config.input_projectors, A)  # as if the model could not hear
+    messages, _ = session.context()
+    assert messages[1].role == "assistant" and messages[1].content == "a tone" and not messages[1].media
+
+
+def test_context_policy_drops_oldest_exchanges_and_keeps_the_system_prompt(pipe, monkeypatch):
+    session = ChatSession(pipe, seed=0, system_prompt="You are terse.", max_new_tokens=8)
+    for _ in range(4):
+        session.send("hello")
+    full = session._length(session.context()[0])
+    monkeypatch.setattr(pipe.processor, "max_length", full - 20)  # no longer fits whole
+    seen = spy_generate(pipe, monkeypatch)
+    session.send("hello")
+    kept = seen[0]
+    assert kept[0] == ("system", "You are terse.", {})
+    assert kept[-1][:2] == ("user", "hello") and len(kept) < 1 + 9
+    assert kept[1][0] == "user"  # exchanges are dropped whole
+    assert session.last_context_start > 0 and len(session) == 10  # the session itself keeps every turn
+    monkeypatch.setattr(pipe.processor, "max_length", 30)
+    with pytest.raises(ValueError, match="too long for the model"):
+        session.send("x" * 40)
+    assert len(session) == 10  # unchanged
+
+
+def test_save_load_continue_gives_the_same_reply(pipe, picture, tmp_path):
+    session = ChatSession(pipe, seed=5)
+    session.send("draw a cat")
+    session.send("show and play <image>", images=[str(picture)])
+    session.send("play a tone")
+    saved = session.save(tmp_path / "chat")
+    state = json.loads((saved / "session.json").read_text())
+    assert [t["role"] for t in state["turns"]] == ["user", "assistant"] * 3
+    for t in state["turns"]:
+        for files in t["media"].values():
+            assert all((saved / f["file"]).exists() for f in files)
+    loaded = ChatSession.load(saved, pipe)
+    assert [t.text for t in loaded.turns] == [t.text for t in session.turns]
+    assert all(same_media(a, b) for a, b in zip(loaded.turns, session.turns))
+    for prompt in ("draw a cat", "show and play"):
+        a, b = session.send(prompt), loaded.send(prompt)
+        assert (a.text, a.token_ids, a.seed) == (b.text, b.token_ids, b.seed)
+        assert same_media(a, b)
+    assert any(t.images or t.audios for t in session.turns[1::2])
+    # an explicit seed gives the same reply too
+    a, b = session.send("draw a cat", seed=42), loaded.send("draw a cat", seed=42)
+    assert a.token_ids == b.token_ids and same_media(a, b)
+
+
+def test_save_replaces_atomically_and_load_errors(pipe, tmp_path, monkeypatch):
+    session = ChatSession(pipe)
+    session.send("hello")
+    target = session.save(tmp_path / "s")
+    before = (target / "session.json").read_text()
+    session.send("hello")
+    import anymodal.session as S
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(S, "_swap_into_place", boom)
+    with pytest.raises(OSError, match="disk full"):
+        session.save(target)
+    assert (target / "session.json").read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]  # no temp directories left behind
+    with pytest.raises(FileNotFoundError, match="not a saved chat session"):
+        ChatSession.load(tmp_path / "nothing", pipe)
+
+
+def test_send_rejects_bad_input(pipe):
+    session = ChatSession(pipe)
+    with pytest.raises(ValueError, match="nothing to send"):
+        session.send("  ")
+    with pytest.raises(ValueError, match=r"1 <image> placeholder\(s\) but 2 image"):
+        session.send("<image>", images=["a.png", "b.png"])
+    assert len(session) == 0
+
+
+def test_chat_repl(pipe, picture, tmp_path, monkeypatch, capsys):
+    import anymodal.cli as cli
+
+    monkeypatch.setattr(cli, "load_pipeline", lambda *a: pipe)
+    lines = iter(["draw a cat", f"/image {picture}", "hello", "/image nope.png", "/bogus",
+                  f"/save {tmp_path / 'saved'}", "/quit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert cli.main(["chat", "--config", "unused", "--out", str(tmp_path / "media")]) == 0
+    out, err = capsys.readouterr()
+    assert "anymodal> a cat <image>" in out
+    image_line = next(line for line in out.splitlines() if line.startswith("image: "))
+    assert Image.open(image_line.split(": ", 1)[1]).size == (16, 16)
+    assert f"attached image: {picture}" in out
+    assert "no such file: nope.png" in err and "unknown command /bogus" in err
+    loaded = ChatSession.load(tmp_path / "saved", pipe)
+    assert len(loaded) == 4 and loaded.turns[2].images  # the attachment went with "hello"
