@@ -1,0 +1,33 @@
+"""``anymodal serve``: registered on import; starlette and uvicorn are imported only when it runs."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..cli import _model_args, command, load_pipeline
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    _model_args(p)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it to the network)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument("--seed", type=int, default=0, help="seed of each session's first reply (default 0)")
+    p.add_argument("--media-dir", default=None,
+                   help="where uploads and generated media are kept (default: a temporary directory)")
+    p.add_argument("--max-new-tokens", type=int, default=None)
+
+
+@command("serve", "a chat web UI for the model (binds to 127.0.0.1 by default)")(_serve_args)
+def serve_command(args: argparse.Namespace) -> int:
+    try:
+        from .server import serve
+    except ImportError as e:
+        print(f"anymodal serve: error: the web UI needs extra packages ({e.name}); "
+              'install them with: pip install "anymodal[ui]"', file=sys.stderr)
+        return 2
+    pipe = load_pipeline(args.model, args.config, args.device)
+    serve(pipe, host=args.host, port=args.port, seed=args.seed, media_dir=args.media_dir,
+          max_new_tokens=args.max_new_tokens)
+    return 0
