@@ -64,10 +64,13 @@ def generate_text(model, processor, input_ids: torch.Tensor, attention_mask: tor
                   media: dict[Modality, torch.Tensor], max_new_tokens: int, do_sample: bool = False,
                   temperature: float = 1.0, top_p: float = 1.0,
                   logits_processor: list[LogitsProcessor] | None = None) -> TextGeneration:
-    """Generate with a KV cache, then read the hidden state of each signal token.
+    """Generate with a KV cache and read the hidden state of each signal token on the way.
 
-    ``generate`` returns the state that *produced* each new token, not the state *of* it,
-    so the signal tokens' own states come from one forward pass over prompt + generated tokens.
+    ``generate`` reports the state that *produced* each new token, not the state *of* it. The
+    state of token ``j`` is computed at step ``j + 1``, when ``j`` is fed back in; a hook on the
+    LM head's input catches it there, so no second pass is needed. Only when a block is the very
+    last thing generated (its last state is never computed) does one forward pass over prompt +
+    generated tokens supply it.
     """
     lm = model.language_model
     embeds = model.embed(input_ids, media)
@@ -80,7 +83,16 @@ def generate_text(model, processor, input_ids: torch.Tensor, attention_mask: tor
         gen_kwargs.update(temperature=temperature, top_p=top_p)
     else:  # silence model-default sampling settings (e.g. a generation_config with temperature)
         gen_kwargs.update(temperature=None, top_p=None, top_k=None)
-    out = lm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **gen_kwargs)
+    steps: list[torch.Tensor] = []
+
+    def capture(_module, args):
+        steps.append(args[0][:, -1])
+
+    handle = lm.get_output_embeddings().register_forward_pre_hook(capture)
+    try:
+        out = lm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **gen_kwargs)
+    finally:
+        handle.remove()
 
     sequences: list[list[int]] = []
     for row in out.tolist():
@@ -93,12 +105,27 @@ def generate_text(model, processor, input_ids: torch.Tensor, attention_mask: tor
     spans = [processor.split_output(seq)[1] for seq in sequences]
     signal_hidden: dict[Modality, torch.Tensor] = {}
     if any(spans):
-        signal_hidden = _signal_states(model, embeds, attention_mask, sequences, spans, processor)
+        n_known = len(steps) - 1  # states of generated tokens 0 .. n_known-1
+        ends = [start + processor.signal_tokens[m] for row in spans for m, start in row]
+        if max(ends) <= n_known:
+            states = torch.stack(steps[1:], dim=1)  # (batch, generated, hidden)
+        else:
+            states = _signal_states(model, embeds, attention_mask, sequences, processor)
+        signal_hidden = _gather(states, spans, processor)
     return TextGeneration(sequences, spans, signal_hidden)
 
 
+def _gather(states: torch.Tensor, spans: list[list[tuple[Modality, int]]], processor) -> dict[Modality, torch.Tensor]:
+    grouped: dict[Modality, list[torch.Tensor]] = {}
+    for row, row_spans in enumerate(spans):
+        for m, start in row_spans:
+            grouped.setdefault(m, []).append(states[row, start: start + processor.signal_tokens[m]])
+    return {m: torch.stack(v) for m, v in grouped.items()}
+
+
 def _signal_states(model, prompt_embeds: torch.Tensor, prompt_mask: torch.Tensor, sequences: list[list[int]],
-                   spans: list[list[tuple[Modality, int]]], processor) -> dict[Modality, torch.Tensor]:
+                   processor) -> torch.Tensor:
+    """Last-layer states ``(batch, generated, hidden)`` of the generated tokens, by one forward pass."""
     device = prompt_embeds.device
     width = max(len(s) for s in sequences)
     pad = processor.tokenizer.pad_token_id
@@ -113,11 +140,4 @@ def _signal_states(model, prompt_embeds: torch.Tensor, prompt_mask: torch.Tensor
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     out = model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
                                output_hidden_states=True, use_cache=False)
-    last = out.hidden_states[-1]
-    offset = prompt_embeds.shape[1]
-    grouped: dict[Modality, list[torch.Tensor]] = {}
-    for row, row_spans in enumerate(spans):
-        for m, start in row_spans:
-            n = processor.signal_tokens[m]
-            grouped.setdefault(m, []).append(last[row, offset + start: offset + start + n])
-    return {m: torch.stack(v) for m, v in grouped.items()}
+    return out.hidden_states[-1][:, prompt_embeds.shape[1]:]

@@ -79,7 +79,7 @@ class AnyModalPipeline:
         _apply_lora(model, config, processor)
         generators = {m: GENERATORS.get(g.type).from_config(g) for m, g in config.generators.items()}
         pipe = cls(config, processor, model, generators)
-        return pipe.to(device) if device is not None else pipe
+        return pipe.to(device if device is not None else "cpu")
 
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike | None = None, device: str | torch.device | None = None
@@ -142,7 +142,7 @@ class AnyModalPipeline:
                 g = _replace(g, pretrained=str(path / entry["path"]), components=None)
             generators[m] = GENERATORS.get(g.type).from_config(g)
         pipe = cls(config, processor, model, generators)
-        return pipe.to(device) if device is not None else pipe
+        return pipe.to(device if device is not None else "cpu")
 
     def check_generator(self, modality: Modality) -> None:
         """Raise if the output projector's targets do not match what the generator takes."""
@@ -310,7 +310,7 @@ class AnyModalPipeline:
             owners = [(row, k) for row, spans in enumerate(result.spans) for k, (mm, _) in enumerate(spans) if mm == m]
             gen = self.generators[m]
             conditioning = self.model.project_signal(m, hidden)
-            generators = _generators_for(owners, seed, generator, _generator_device(gen, device))
+            generators = _generators_for(owners, seed, generator)
             media_out = gen.generate(conditioning, gen_settings.get(m), generator=generators, progress=progress)
             for (row, _), item in zip(owners, media_out):
                 out.media(m)[row].append(item)
@@ -390,19 +390,15 @@ def _is_medium(m: Modality, x: Any) -> bool:
     return isinstance(x, list) and len(x) > 0 and all(isinstance(f, (Image.Image, np.ndarray)) for f in x)
 
 
-def _generator_device(gen, default: torch.device) -> torch.device:
-    pipe = getattr(gen, "pipeline", None)
-    dev = getattr(pipe, "device", None) if pipe is not None else None
-    return dev if isinstance(dev, torch.device) else default
-
-
-def _generators_for(owners: list[tuple[int, int]], seed: int | None, generator: torch.Generator | None,
-                    device: torch.device) -> list[torch.Generator] | torch.Generator | None:
+def _generators_for(owners: list[tuple[int, int]], seed: int | None, generator: torch.Generator | None
+                    ) -> list[torch.Generator] | torch.Generator | None:
     if generator is not None:
         return generator
     if seed is None:
         return None
-    return [torch.Generator(device=device).manual_seed(seed + k) for _, k in owners]
+    # CPU generators: diffusers draws the initial noise on CPU and moves it, so a seed gives the
+    # same starting latents on every device
+    return [torch.Generator().manual_seed(seed + k) for _, k in owners]
 
 
 class _seeded:

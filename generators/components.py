@@ -424,7 +424,11 @@ class DiffusersGenerator(ModalityGenerator):
     # ------------------------------------------------------------------ helpers for subclasses
     @property
     def execution_device(self) -> torch.device:
-        return self.pipeline._execution_device
+        if self.config.cpu_offload or self._device is None:
+            # offload hooks (or wherever the pipeline was built) decide; diffusers walks every
+            # component to find out, which costs milliseconds, so only ask when we must
+            return self.pipeline._execution_device
+        return self._device
 
     @property
     def dtype(self) -> torch.dtype:

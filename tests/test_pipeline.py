@@ -282,3 +282,24 @@ def test_cli_reports_bad_input(tmp_path, capsys):
     assert "prompt is empty" in capsys.readouterr().err
     assert cli_main(["generate", "hi", "--config", "nope", "--out", str(tmp_path)]) == 2
     assert "shipped config name" in capsys.readouterr().err
+
+
+def test_signal_states_caught_during_generation_match_a_full_pass(pipe):
+    """The hook on the LM head's input gives the same states as a separate forward pass."""
+    from anymodal.generation import _gather, _signal_states, generate_text
+    from anymodal.processor import Message
+
+    proc = pipe.processor
+    batch = proc([proc.format([Message("user", p)]) for p in ("both", "draw", "hello")])
+    with torch.no_grad():
+        result = generate_text(pipe.model, proc, batch["input_ids"], batch["attention_mask"], {}, 40)
+        embeds = pipe.model.embed(batch["input_ids"])
+        full = _gather(_signal_states(pipe.model, embeds, batch["attention_mask"], result.sequences, proc),
+                       result.spans, proc)
+    assert set(result.signal_hidden) == {I, A}
+    for m in full:
+        assert torch.allclose(result.signal_hidden[m], full[m], atol=1e-4)
+    # a block that ends exactly at the token budget falls back to the full pass
+    with torch.no_grad():
+        short = generate_text(pipe.model, proc, batch["input_ids"][1:2], batch["attention_mask"][1:2], {}, 7)
+    assert short.sequences[0][-4:] == proc.signal_ids[I] and short.signal_hidden[I].shape[:2] == (1, 4)
