@@ -576,10 +576,15 @@ def _batch(args: argparse.Namespace) -> int:
     out_dir = Path(args.out)
     summary = Summary()
     start = time.perf_counter()
-    for result in run_batch(pipe, read_rows(input_path), out_dir, args.batch_size, seed=args.seed,
-                            base_dir=input_path.parent, process_index=rank, num_processes=world,
-                            video_format=args.video_format, progress=not args.no_progress):
-        summary.add(result)
+    try:
+        for result in run_batch(pipe, read_rows(input_path), out_dir, args.batch_size, seed=args.seed,
+                                base_dir=input_path.parent, process_index=rank, num_processes=world,
+                                video_format=args.video_format, progress=not args.no_progress):
+            summary.add(result)
+    except KeyboardInterrupt:
+        print(f"interrupted after {summary.done} done and {summary.errors} failed rows; every recorded row is "
+              "complete: run the same command again to go on", file=sys.stderr)
+        return 130
     summary.seconds = time.perf_counter() - start
     if world > 1:
         print(f"[process {rank}/{world}] " + summary.format(out_dir / f"results.part{rank}.jsonl").splitlines()[0],
