@@ -148,7 +148,8 @@ def _load_subcommand_modules() -> None:
     """Subcommands defined in other modules register themselves on import."""
     import importlib
 
-    for mod in ("anymodal.training.cli", "anymodal.batch", "anymodal.session", "anymodal.toyworld.cli"):
+    for mod in ("anymodal.training.cli", "anymodal.batch", "anymodal.session", "anymodal.toyworld.cli",
+                "anymodal.toyworld.evaluate"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:

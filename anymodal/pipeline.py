@@ -387,7 +387,9 @@ def _is_medium(m: Modality, x: Any) -> bool:
                 or (isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], (int, np.integer))))
     if isinstance(x, (np.ndarray, torch.Tensor)):
         return x.ndim == 4
-    return isinstance(x, list) and len(x) > 0 and all(isinstance(f, (Image.Image, np.ndarray)) for f in x)
+    # a list of frames (PIL images or HxW[xC] arrays) is one video; a list of 4-D arrays is several
+    return isinstance(x, list) and len(x) > 0 and all(
+        isinstance(f, Image.Image) or (isinstance(f, np.ndarray) and f.ndim in (2, 3)) for f in x)
 
 
 def _generators_for(owners: list[tuple[int, int]], seed: int | None, generator: torch.Generator | None
