@@ -114,6 +114,10 @@ class _Row:
         return json.dumps([self.settings, self.max_new_tokens, self.seed], sort_keys=True)
 
 
+class BatchLockedError(RuntimeError):
+    """Another run is writing the same results file."""
+
+
 class RowError(ValueError):
     """A row cannot be generated; the message is recorded as its error."""
 
@@ -318,8 +322,18 @@ class _ResultsLog:
     def __init__(self, path: Path):
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        _repair_tail(path)
         self._f = path.open("ab")
+        try:
+            import fcntl
+
+            fcntl.flock(self._f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # not POSIX: no guard against two runs sharing one output directory
+            pass
+        except BlockingIOError:
+            self._f.close()
+            raise BatchLockedError(f"{path} is being written by another batch run; wait for it, or use another "
+                               "--out directory") from None
+        _repair_tail(path)
 
     def append(self, result: RowResult) -> None:
         self._f.write(result.to_json().encode("utf-8") + b"\n")
@@ -412,43 +426,44 @@ def run_batch(pipe, rows: Iterable[dict[str, Any] | InvalidLine], out_dir: str |
     out_dir = Path(out_dir)
     base = Path(base_dir) if base_dir is not None else Path.cwd()
     out_dir.mkdir(parents=True, exist_ok=True)
-    done = {k: r for k, r in _latest(out_dir).items() if r["status"] == "done"}
-
-    # Every process names every row, so keys and stems agree across processes and runs.
-    names = _Names()
-    mine: list[tuple[str, str, int, dict[str, Any] | InvalidLine]] = []
-    for index, data in enumerate(rows):
-        if isinstance(data, InvalidLine):
-            key = names.key(f"line:{data.line}")
-        elif "id" not in data:
-            key = names.key(f"row:{index}")
-        else:
-            key = names.key(str(data["id"]))
-        stem = names.stem(key)
-        if index % num_processes == process_index:
-            mine.append((key, stem, index, data))
-    # Stems of rows done earlier, from their files: a changed input must not overwrite them.
-    taken = {f.split("/")[1].lower(): k for k, r in done.items() for fs in r.get("files", {}).values() for f in fs
-             if f.count("/") >= 2}
-
     log_path = out_dir / (RESULTS_NAME if num_processes == 1 else f"results.part{process_index}.jsonl")
-    log = _ResultsLog(log_path)
-    show = sys.stderr.isatty() if progress is None else progress
-    todo = sum(1 for key, *_ in mine if key not in done)
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=todo, unit="row", disable=not show, dynamic_ncols=True,
-               desc="batch" if num_processes == 1 else f"batch [{process_index}/{num_processes}]")
-    counts: Counter = Counter()
-
-    def record(result: RowResult) -> RowResult:
-        log.append(result)
-        counts[result.status] += 1
-        bar.update(1)
-        bar.set_postfix(done=counts["done"], errors=counts["error"], refresh=False)
-        return result
-
+    log = _ResultsLog(log_path)  # locked first: a second run on the same directory stops here
+    bar = None
     try:
+        done = {k: r for k, r in _latest(out_dir).items() if r["status"] == "done"}
+
+        # Every process names every row, so keys and stems agree across processes and runs.
+        names = _Names()
+        mine: list[tuple[str, str, int, dict[str, Any] | InvalidLine]] = []
+        for index, data in enumerate(rows):
+            if isinstance(data, InvalidLine):
+                key = names.key(f"line:{data.line}")
+            elif "id" not in data:
+                key = names.key(f"row:{index}")
+            else:
+                key = names.key(str(data["id"]))
+            stem = names.stem(key)
+            if index % num_processes == process_index:
+                mine.append((key, stem, index, data))
+        # Stems of rows done earlier, from their files: a changed input must not overwrite them.
+        taken = {f.split("/")[1].lower(): k for k, r in done.items() for fs in r.get("files", {}).values()
+                 for f in fs if f.count("/") >= 2}
+
+        show = sys.stderr.isatty() if progress is None else progress
+        todo = sum(1 for key, *_ in mine if key not in done)
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=todo, unit="row", disable=not show, dynamic_ncols=True,
+                   desc="batch" if num_processes == 1 else f"batch [{process_index}/{num_processes}]")
+        counts: Counter = Counter()
+
+        def record(result: RowResult) -> RowResult:
+            log.append(result)
+            counts[result.status] += 1
+            bar.update(1)
+            bar.set_postfix(done=counts["done"], errors=counts["error"], refresh=False)
+            return result
+
         groups: dict[str, list[_Row]] = {}
         for key, stem, index, data in mine:
             if key in done:
@@ -477,7 +492,8 @@ def run_batch(pipe, rows: Iterable[dict[str, Any] | InvalidLine], out_dir: str |
         for group in groups.values():
             yield from (record(r) for r in _generate(pipe, group, out_dir, seed, video_format))
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
         log.close()
     if num_processes == 1:
         merge_results(out_dir)
@@ -581,6 +597,9 @@ def _batch(args: argparse.Namespace) -> int:
                                 base_dir=input_path.parent, process_index=rank, num_processes=world,
                                 video_format=args.video_format, progress=not args.no_progress):
             summary.add(result)
+    except BatchLockedError as e:
+        print(f"anymodal batch: error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"interrupted after {summary.done} done and {summary.errors} failed rows; every recorded row is "
               "complete: run the same command again to go on", file=sys.stderr)

@@ -269,3 +269,15 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_a_second_run_on_the_same_directory_is_refused(pipe, tmp_path):
+    from anymodal.batch import BatchLockedError
+
+    rows = many_rows(3)
+    first = run_batch(pipe, rows, tmp_path / "out", batch_size=1, progress=False)
+    next(first)  # holds the results file
+    with pytest.raises(BatchLockedError, match="being written by another batch run"):
+        next(run_batch(pipe, rows, tmp_path / "out", progress=False))
+    assert len(list(first)) == 2
+    assert len(records(tmp_path / "out")) == 3
