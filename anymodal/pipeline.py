@@ -218,6 +218,11 @@ class AnyModalPipeline:
     def device(self) -> torch.device:
         return self.model.device
 
+    @property
+    def context_length(self) -> int | None:
+        """Tokens the LLM can attend to: ``llm.max_length``, else the model's position limit."""
+        return self.config.llm.max_length or getattr(self.model.llm_config, "max_position_embeddings", None)
+
     # ================================================================ calling
     @torch.no_grad()
     def __call__(self, prompt: str | Sequence[str], images: MediaArg = None, audios: MediaArg = None,
@@ -284,6 +289,11 @@ class AnyModalPipeline:
                     ordered[m].extend(msg.media.get(m, []))
             texts.append(self.processor.format(rendered))
         batch = self.processor(texts)
+        limit = self.context_length
+        longest = int(batch["attention_mask"].sum(-1).max())
+        if limit is not None and longest + max_new_tokens > limit:
+            raise ValueError(f"the prompt is {longest} tokens long (media positions included); with max_new_tokens="
+                             f"{max_new_tokens} that exceeds the model's context of {limit} tokens")
         device = self.device
         input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
 

@@ -158,6 +158,7 @@ def test_sampling_is_repeatable_with_a_seed(text_pipe):
     ("hi", {"images": ["x.png"]}, ValueError, "takes no image input"),
     ("hi", {"settings": {"image": {}}}, ValueError, "this model generates text only"),
     ("hi", {"settings": {"smell": {}}}, ValueError, "unknown modality 'smell'"),
+    ("x" * 300, {}, ValueError, "exceeds the model's context of 256 tokens"),
 ])
 def test_bad_calls_raise_specific_errors(text_pipe, prompt, kwargs, error, message):
     with pytest.raises(error, match=message):
