@@ -45,10 +45,13 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from .modality import MEDIA_MODALITIES, Modality
 from .processor import Message
+
+if TYPE_CHECKING:
+    from .pipeline import AnyModalPipeline
 
 logger = logging.getLogger(__name__)
 
@@ -188,7 +191,8 @@ def read_rows(path: str | os.PathLike) -> Iterator[dict[str, Any] | InvalidLine]
             yield data
 
 
-def _validate(pipe, data: dict[str, Any], key: str, index: int, stem: str, base_dir: Path) -> _Row:
+def _validate(pipe: AnyModalPipeline, data: dict[str, Any], key: str, index: int, stem: str,
+              base_dir: Path) -> _Row:
     """Check everything about a row that can be checked before generating; raise :class:`RowError`."""
     if isinstance(data["id"], bool) or not isinstance(data["id"], (str, int)):
         raise RowError(f"'id' must be a string or an integer, got {data['id']!r}")
@@ -214,7 +218,8 @@ def _validate(pipe, data: dict[str, Any], key: str, index: int, stem: str, base_
         for item in items:
             p = Path(item) if Path(item).is_absolute() else base_dir / item
             if not p.is_file():
-                raise RowError(f"{m.value} file not found: {item}" + (f" (looked in {base_dir})" if p != Path(item) else ""))
+                where = f" (looked in {base_dir})" if p != Path(item) else ""
+                raise RowError(f"{m.value} file not found: {item}{where}")
             paths.append(p)
         if paths:
             media[m] = paths
@@ -237,12 +242,12 @@ def _validate(pipe, data: dict[str, Any], key: str, index: int, stem: str, base_
     return _Row(key, data.get("id"), index, stem, prompt, media, settings, max_new, seed)
 
 
-def context_limit(pipe) -> int | None:
+def context_limit(pipe: AnyModalPipeline) -> int | None:
     """The LLM's context length: ``llm.max_length`` or the model's ``max_position_embeddings``."""
     return pipe.processor.max_length or getattr(pipe.model.llm_config, "max_position_embeddings", None)
 
 
-def _check_length(pipe, prompt: str, counts: dict[Modality, int], max_new_tokens: int) -> None:
+def _check_length(pipe: AnyModalPipeline, prompt: str, counts: dict[Modality, int], max_new_tokens: int) -> None:
     proc = pipe.processor
     try:
         text = proc.format([Message("user", proc.place_media(prompt, counts))])
@@ -395,10 +400,10 @@ def _fsync_file(path: Path) -> None:
 
 
 # ==================================================================== the run
-def run_batch(pipe, rows: Iterable[dict[str, Any] | InvalidLine], out_dir: str | os.PathLike, batch_size: int = 8,
-              *, seed: int | None = 0, base_dir: str | os.PathLike | None = None, process_index: int = 0,
-              num_processes: int = 1, video_format: str = "gif", progress: bool | None = None
-              ) -> Iterator[RowResult]:
+def run_batch(pipe: AnyModalPipeline, rows: Iterable[dict[str, Any] | InvalidLine], out_dir: str | os.PathLike,
+              batch_size: int = 8, *, seed: int | None = 0, base_dir: str | os.PathLike | None = None,
+              process_index: int = 0, num_processes: int = 1, video_format: str = "gif",
+              progress: bool | None = None) -> Iterator[RowResult]:
     """Generate every row not yet done, yielding a :class:`RowResult` per row as it is recorded.
 
     Args:
@@ -499,7 +504,8 @@ def run_batch(pipe, rows: Iterable[dict[str, Any] | InvalidLine], out_dir: str |
         merge_results(out_dir)
 
 
-def _generate(pipe, rows: list[_Row], out_dir: Path, seed: int | None, video_format: str) -> list[RowResult]:
+def _generate(pipe: AnyModalPipeline, rows: list[_Row], out_dir: Path, seed: int | None,
+              video_format: str) -> list[RowResult]:
     """One pipeline call for ``rows`` (equal settings). If it fails, retry row by row so only bad rows fail."""
     row_seed = rows[0].seed if rows[0].seed is not None else seed
     start = time.perf_counter()

@@ -31,7 +31,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 from PIL import Image
@@ -39,6 +39,9 @@ from PIL import Image
 from .media import Audio, MediaError, save_image
 from .modality import MEDIA_MODALITIES, Modality
 from .processor import PLACEHOLDERS, Message
+
+if TYPE_CHECKING:
+    from .pipeline import AnyModalPipeline
 
 SESSION_FILE = "session.json"
 FORMAT_VERSION = 1
@@ -75,7 +78,7 @@ class Turn:
 class ChatSession:
     """A conversation with an :class:`~anymodal.pipeline.AnyModalPipeline`; see the module docstring."""
 
-    def __init__(self, pipe, *, system_prompt: str | None = None, seed: int | None = 0,
+    def __init__(self, pipe: AnyModalPipeline, *, system_prompt: str | None = None, seed: int | None = 0,
                  max_new_tokens: int | None = None, settings: dict[str, Any] | None = None):
         self.pipe = pipe
         self.system_prompt = system_prompt
@@ -183,7 +186,7 @@ class ChatSession:
         return directory
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, pipe) -> "ChatSession":
+    def load(cls, directory: str | os.PathLike, pipe: AnyModalPipeline) -> "ChatSession":
         """Load a session saved by :meth:`save` to continue it with ``pipe``."""
         directory = Path(directory)
         path = directory / SESSION_FILE
@@ -216,7 +219,7 @@ def _as_list(value: Any) -> list[Any]:
     return [value]
 
 
-def _context_limit(pipe) -> int | None:
+def _context_limit(pipe: AnyModalPipeline) -> int | None:
     return pipe.processor.max_length or getattr(pipe.model.llm_config, "max_position_embeddings", None)
 
 

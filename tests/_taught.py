@@ -5,7 +5,6 @@ Shared by the batch, session and UI tests. Building it takes a few seconds on on
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 import yaml

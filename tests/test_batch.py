@@ -216,7 +216,7 @@ def test_killed_process_resumes_without_loss_or_duplicates(saved, tmp_path):
     assert 5 <= done_before < len(rows)
     run = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=180)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert f"skipped (done earlier)" in run.stdout
+    assert "skipped (done earlier)" in run.stdout
     recs = check_complete(out, rows)
     assert Counter(r["key"] for r in recs).most_common(1)[0][1] == 1
 
