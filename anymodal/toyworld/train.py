@@ -1,0 +1,761 @@
+"""``anymodal toyworld train``: train the toy world's components from scratch, phase by phase.
+
+Phases (run in this order; each one resumable)
+    tokenizer        a word-level tokenizer (``tokenizers`` WordLevel + Whitespace, lowercased, with
+                     ``[PAD]``/``[UNK]``/``<s>``/``</s>``) over every caption and dialogue text the
+                     world produces, saved as a transformers ``PreTrainedTokenizerFast`` directory.
+    image-generator  a diffusers ``StableDiffusionPipeline`` at tiny size on the world's 64x64
+                     images (train split only): a tiny ``AutoencoderKL`` trained first for
+                     reconstruction (64x64x3 -> 16x16x4), then a ``UNet2DConditionModel`` and a
+                     tiny ``CLIPTextModel`` trained jointly on the VAE's latents (v-prediction,
+                     ``squaredcos_cap_v2`` DDPM, AdamW with warmup + cosine, EMA, 10% caption
+                     dropout). It is saved with a ``DPMSolverMultistepScheduler`` (sample with 20
+                     steps and guidance 3) and loads with ``StableDiffusionPipeline.from_pretrained``
+                     and through anymodal's ``stable-diffusion`` generator adapter.
+
+Layout of ``--out`` (default ``runs/toyworld``)
+    tokenizer/, image-generator/   the finished, loadable components
+    state/<phase>/                 checkpoints (``*.ckpt``, written to a temporary file and
+                                   ``os.replace``d), cached latents, and ``done.json``
+    logs/<phase>.jsonl             one record per logged step, per checkpoint and per evaluation
+
+Resuming
+    Every random draw of a training loop (batch indices, noise, timesteps, caption dropout, the
+    VAE's posterior sample) comes from one ``torch.Generator`` whose state is checkpointed with
+    the weights, the optimiser and the EMA; the learning rate is a pure function of the step.
+    On CPU with a fixed thread count, stopping at a checkpoint and resuming therefore gives
+    bit-identical weights to an uninterrupted run (``tests/test_toyworld_train.py`` checks it).
+    Evaluation runs under a forked RNG with its own seeds, so it does not disturb training.
+
+Evaluation
+    ``image-generator`` samples prompts from seen (train split) and held-out colour x shape
+    combinations, generates through the ``stable-diffusion`` adapter and scores the images with
+    :func:`anymodal.toyworld.checkers.score_image` (no learned model). Figures go to the phase log
+    and to ``<results>/toyworld-<phase>.json``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..modality import Modality
+from ..utils import atomic_write_text
+from . import checkers, world
+
+PHASES: tuple[str, ...] = ("tokenizer", "image-generator")
+SPECIAL_TOKENS: tuple[str, ...] = ("[PAD]", "[UNK]", "<s>", "</s>")
+
+
+# ============================================================================ configuration
+
+
+@dataclass
+class TokenizerPhase:
+    """How the word-level tokenizer is built. ``dialogues`` sampled dialogues (both splits) add
+    every question, answer and edit instruction to the captions of every spec of the world."""
+
+    dialogues: int = 20000
+    seed: int = 0
+    model_max_length: int = 128  # what the LLM may use; the image text encoder keeps its own, shorter limit
+
+    def __post_init__(self) -> None:
+        _check_positive("tokenizer.dialogues", self.dialogues)
+        _check_positive("tokenizer.model_max_length", self.model_max_length)
+
+
+def _default_vae() -> dict[str, Any]:
+    # Three blocks: 64x64x3 -> 16x16x4 (12x fewer numbers). The world's images are flat colours with
+    # sharp edges, which a narrow VAE reconstructs; no mid-block attention (nothing global to model).
+    return {"in_channels": 3, "out_channels": 3, "latent_channels": 4,
+            "down_block_types": ["DownEncoderBlock2D"] * 3, "up_block_types": ["UpDecoderBlock2D"] * 3,
+            "block_out_channels": [16, 32, 64], "layers_per_block": 1, "norm_num_groups": 8,
+            "sample_size": world.IMAGE_SIZE, "mid_block_add_attention": False}
+
+
+def _default_unet() -> dict[str, Any]:
+    # shared/ENVIRONMENT.md's recipe (channels 32/64/64, one layer per block, two cross-attention
+    # down blocks, cross-attention width 64, 8 norm groups) on the VAE's 16x16x4 latents.
+    return {"sample_size": 16, "in_channels": 4, "out_channels": 4, "layers_per_block": 1,
+            "block_out_channels": [32, 64, 64],
+            "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+            "cross_attention_dim": 64, "attention_head_dim": 4, "norm_num_groups": 8}
+
+
+def _default_text_encoder() -> dict[str, Any]:
+    # CLIPTextConfig; vocab size and special ids come from the tokenizer.
+    return {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_hidden_layers": 2,
+            "max_position_embeddings": 24}
+
+
+@dataclass
+class ImageGeneratorPhase:
+    """The tiny Stable Diffusion: architecture (diffusers / transformers kwargs) and training recipe."""
+
+    seed: int = 0
+    bank_size: int = 8192
+    vae: dict[str, Any] = field(default_factory=_default_vae)
+    unet: dict[str, Any] = field(default_factory=_default_unet)
+    text_encoder: dict[str, Any] = field(default_factory=_default_text_encoder)
+    prompt_length: int = 24  # tokens the pipeline pads prompts to (<= text_encoder.max_position_embeddings)
+    # VAE: reconstruction (L1 + MSE) plus a small KL, as in Stable Diffusion's first stage.
+    vae_steps: int = 800
+    vae_batch_size: int = 32
+    vae_lr: float = 1e-3
+    kl_weight: float = 1e-6
+    # UNet + text encoder
+    steps: int = 4000
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    weight_decay: float = 1e-2
+    ema_decay: float = 0.999
+    caption_dropout: float = 0.1
+    # bookkeeping
+    checkpoint_every: int = 100
+    log_every: int = 10
+    eval_every: int = 500  # 0: evaluate only at the end
+    eval_prompts: int = 16  # per split, at each periodic evaluation
+    final_eval_prompts: int = 40  # per split, at the end
+    sample_steps: int = 20
+    guidance_scale: float = 3.0
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and f.name not in (
+                    "seed", "kl_weight", "weight_decay", "caption_dropout", "eval_every", "warmup_steps"):
+                _check_positive(f"image_generator.{f.name}", value)
+        if not 0.0 <= self.caption_dropout < 1.0:
+            raise ValueError(f"image_generator.caption_dropout must be in [0, 1), got {self.caption_dropout!r}")
+        if not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"image_generator.ema_decay must be in (0, 1), got {self.ema_decay!r}")
+        positions = self.text_encoder.get("max_position_embeddings", 77)
+        if self.prompt_length > positions:
+            raise ValueError(f"image_generator.prompt_length ({self.prompt_length}) exceeds "
+                             f"text_encoder.max_position_embeddings ({positions})")
+        if self.text_encoder.get("hidden_size") != self.unet.get("cross_attention_dim"):
+            raise ValueError("image_generator: text_encoder.hidden_size and unet.cross_attention_dim must agree, got "
+                             f"{self.text_encoder.get('hidden_size')} and {self.unet.get('cross_attention_dim')}")
+
+
+@dataclass
+class ToyworldTrainConfig:
+    """Every phase's settings. ``preset("default")`` is what ``anymodal toyworld train`` runs;
+    ``preset("smoke")`` is a seconds-long version for tests and for checking an installation."""
+
+    tokenizer: TokenizerPhase = field(default_factory=TokenizerPhase)
+    image_generator: ImageGeneratorPhase = field(default_factory=ImageGeneratorPhase)
+
+    @classmethod
+    def preset(cls, name: str) -> "ToyworldTrainConfig":
+        if name == "default":
+            return cls()
+        if name == "smoke":
+            vae = _default_vae() | {"block_out_channels": [8, 8, 8], "norm_num_groups": 4}
+            unet = _default_unet() | {"block_out_channels": [16, 16, 16], "norm_num_groups": 4,
+                                      "cross_attention_dim": 16}
+            text = _default_text_encoder() | {"hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2,
+                                              "num_hidden_layers": 1}
+            return cls(TokenizerPhase(dialogues=500),
+                       ImageGeneratorPhase(bank_size=64, vae=vae, unet=unet, text_encoder=text, vae_steps=4,
+                                           vae_batch_size=4, steps=4, batch_size=4, warmup_steps=1,
+                                           checkpoint_every=2, log_every=1, eval_every=0, eval_prompts=2,
+                                           final_eval_prompts=2, sample_steps=2))
+        raise ValueError(f"unknown preset {name!r}; expected one of: {', '.join(PRESETS)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+PRESETS: tuple[str, ...] = ("default", "smoke")
+
+
+def _check_positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+
+
+# ============================================================================ small machinery
+
+
+class JsonlLog:
+    """An append-only JSONL log of one phase. :meth:`rewind` drops what a resumed run will redo."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, **record: Any) -> None:
+        record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()), **record}
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    def records(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def rewind(self, stage: str, step: int) -> None:
+        """Drop the records of ``stage`` after ``step`` (work lost since the checkpoint being resumed)."""
+        kept = [r for r in self.records() if not (r.get("stage") == stage and r.get("step", 0) > step)]
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then ``os.replace`` it over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_dir(path: Path, write: Callable[[Path], None]) -> Path:
+    """Let ``write`` fill a temporary directory beside ``path``, then swap it in for ``path``.
+
+    A crash leaves either the old directory or the new one, never a half-written mix.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    old = path.parent / f".{path.name}.old"
+    try:
+        write(tmp)
+        if old.exists():
+            shutil.rmtree(old)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old.exists():
+            shutil.rmtree(old)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return path
+
+
+class EMA:
+    """Exponential moving average of parameters, with the usual warm-up of the decay."""
+
+    def __init__(self, modules: Sequence[torch.nn.Module], decay: float):
+        self.decay = decay
+        self.params = [p for m in modules for p in m.parameters() if p.requires_grad]
+        self.shadow = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1.0 - d)
+
+    @torch.no_grad()
+    def copy_to(self, modules: Sequence[torch.nn.Module]) -> None:
+        targets = [p for m in modules for p in m.parameters() if p.requires_grad]
+        if len(targets) != len(self.shadow):
+            raise ValueError(f"EMA holds {len(self.shadow)} tensors, the modules have {len(targets)}")
+        for t, s in zip(targets, self.shadow):
+            t.copy_(s)
+
+    def state_dict(self) -> list[torch.Tensor]:
+        return [s.clone() for s in self.shadow]
+
+    def load_state_dict(self, state: list[torch.Tensor]) -> None:
+        if len(state) != len(self.shadow):
+            raise ValueError(f"EMA checkpoint holds {len(state)} tensors, expected {len(self.shadow)}")
+        for s, v in zip(self.shadow, state):
+            s.copy_(v)
+
+
+def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
+    """Linear warm-up to ``peak`` over ``warmup`` steps, then cosine decay to zero at ``total``."""
+    if warmup > 0 and step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+class Stop(Exception):
+    """Raised inside a loop when ``--max-minutes`` or ``stop_at_step`` is reached (after a checkpoint)."""
+
+
+@dataclass
+class RunControl:
+    """When to stop this invocation: a wall-clock deadline and, for tests, a step to stop at."""
+
+    deadline: float | None = None
+    stop_at_step: int | None = None
+    progress: bool = True
+
+    def should_stop(self, step: int) -> bool:
+        if self.stop_at_step is not None and step >= self.stop_at_step:
+            return True
+        return self.deadline is not None and time.time() >= self.deadline
+
+
+def _progress(total: int, initial: int, desc: str, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", disable=not enabled, dynamic_ncols=True,
+                mininterval=2.0, smoothing=0.1)
+
+
+def train_loop(*, stage: str, total: int, ckpt: Path, modules: dict[str, torch.nn.Module],
+               optimizer: torch.optim.Optimizer, gen: torch.Generator, ema: EMA | None,
+               step_fn: Callable[[int], float], lr_fn: Callable[[int], float], log: JsonlLog,
+               checkpoint_every: int, log_every: int, control: RunControl,
+               on_step: Callable[[int], None] | None = None) -> None:
+    """Run ``step_fn(step)`` (one optimiser step, returns the loss) from the last checkpoint to ``total``.
+
+    Checkpoints hold the modules, optimiser, EMA, RNG state and step, and are written every
+    ``checkpoint_every`` steps, at the end, and before stopping early (raising :class:`Stop`).
+    """
+
+    def save(step: int) -> None:
+        atomic_save({"step": step, "modules": {k: m.state_dict() for k, m in modules.items()},
+                     "optimizer": optimizer.state_dict(), "ema": ema.state_dict() if ema else None,
+                     "rng": gen.get_state()}, ckpt)
+        log.write(stage=stage, step=step, event="checkpoint")
+
+    start = 0
+    if ckpt.exists():
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        for k, m in modules.items():
+            m.load_state_dict(state["modules"][k])
+        optimizer.load_state_dict(state["optimizer"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        gen.set_state(state["rng"])
+        start = int(state["step"])
+        log.rewind(stage, start)
+        if start < total:
+            log.write(stage=stage, step=start, event="resume")
+    if start >= total:
+        return
+    for m in modules.values():
+        m.train()
+    bar = _progress(total, start, stage, control.progress)
+    t0, s0, running = time.time(), start, None
+    try:
+        for step in range(start, total):
+            lr = lr_fn(step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss = step_fn(step)
+            if ema is not None:
+                ema.update(step)
+            done = step + 1
+            running = loss if running is None else 0.95 * running + 0.05 * loss
+            rate = (done - s0) / max(time.time() - t0, 1e-9)
+            bar.update(1)
+            bar.set_postfix(loss=f"{running:.4f}", lr=f"{lr:.2e}", refresh=False)
+            if done % log_every == 0 or done == total:
+                log.write(stage=stage, step=done, loss=loss, loss_avg=running, lr=lr, steps_per_s=rate)
+            if done % checkpoint_every == 0 or done == total:
+                save(done)
+            if on_step is not None:
+                on_step(done)
+            if done < total and control.should_stop(done):
+                if done % checkpoint_every:
+                    save(done)
+                raise Stop(f"{stage}: stopped at step {done}/{total}; rerun with --resume to continue")
+    finally:
+        bar.close()
+    for m in modules.values():
+        m.eval()
+
+
+# ============================================================================ phase: tokenizer
+
+
+def world_texts(n_dialogues: int, seed: int) -> Iterator[str]:
+    """Every caption of every spec (both splits), the audio captions prompts leave partial, and
+    the texts of ``n_dialogues`` sampled dialogues per split (prompts, questions, answers, edits)."""
+    for m in (Modality.IMAGE, Modality.AUDIO, Modality.VIDEO):
+        for spec in world.all_specs(m, "all"):
+            yield spec.caption()
+            if isinstance(spec, world.AudioSpec):
+                yield replace(spec, note=None).caption()
+                yield replace(spec, duration=None).caption()
+    g = np.random.default_rng(seed)
+    for split in world.SPLITS:
+        for _ in range(n_dialogues):
+            for _, text in world.sample_dialogue(g, split, render_media=False).texts():
+                yield text
+
+
+def build_tokenizer(texts: Iterator[str], model_max_length: int) -> Any:
+    """A word-level ``PreTrainedTokenizerFast``: lowercased, split on whitespace and punctuation,
+    ``<s> ... </s>`` around every text, right padding with ``[PAD]``, ``[UNK]`` for unknown words."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=list(SPECIAL_TOKENS), min_frequency=1))
+    bos, eos = tok.token_to_id("<s>"), tok.token_to_id("</s>")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", pair="<s> $A </s> $B </s>",
+                                                       special_tokens=[("<s>", bos), ("</s>", eos)])
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # joins words with spaces, tidies "word ?"
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", bos_token="<s>",
+                                   eos_token="</s>", model_max_length=model_max_length, padding_side="right")
+
+
+def train_tokenizer(out: Path, cfg: TokenizerPhase, log: JsonlLog) -> Path:
+    t0 = time.time()
+    texts = list(world_texts(cfg.dialogues, cfg.seed))
+    tokenizer = build_tokenizer(iter(texts), cfg.model_max_length)
+    unknown = sum(tokenizer.unk_token_id in ids for ids in tokenizer(texts[-2000:])["input_ids"])
+    path = atomic_dir(out / "tokenizer", tokenizer.save_pretrained)
+    longest = max(len(ids) for ids in tokenizer(texts)["input_ids"])
+    log.write(stage="tokenizer", event="done", vocab_size=len(tokenizer), texts=len(texts), longest_tokens=longest,
+              unknown_in_last_2000=unknown, seconds=round(time.time() - t0, 2))
+    return path
+
+
+def load_tokenizer(out: Path) -> Any:
+    from transformers import PreTrainedTokenizerFast
+
+    path = out / "tokenizer"
+    if not (path / "tokenizer.json").exists():
+        raise ValueError(f"no trained tokenizer in {path}; run the 'tokenizer' phase first "
+                         f"(anymodal toyworld train --out {out} --phase tokenizer)")
+    return PreTrainedTokenizerFast.from_pretrained(str(path))
+
+
+# ============================================================================ phase: image generator
+
+
+def _images_to_tensor(data: np.ndarray) -> torch.Tensor:
+    """(N, H, W, 3) uint8 -> (N, 3, H, W) float32 in [-1, 1], what Stable Diffusion's VAE takes."""
+    return torch.from_numpy(data).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def _build_image_models(cfg: ImageGeneratorPhase, tokenizer: Any) -> dict[str, torch.nn.Module]:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        vae = AutoencoderKL(**cfg.vae)
+        unet = UNet2DConditionModel(**cfg.unet)
+        text_config = CLIPTextConfig(**{"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+                                        "eos_token_id": tokenizer.eos_token_id,
+                                        "pad_token_id": tokenizer.pad_token_id, **cfg.text_encoder})
+        text_encoder = CLIPTextModel(text_config)
+    return {"vae": vae, "unet": unet, "text_encoder": text_encoder}
+
+
+def _noise_scheduler() -> Any:
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")
+
+
+def _assemble_pipeline(models: dict[str, torch.nn.Module], tokenizer: Any, cfg: ImageGeneratorPhase) -> Any:
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    tok = copy.deepcopy(tokenizer)
+    tok.model_max_length = cfg.prompt_length
+    # steps_offset only matters for "leading" spacing; 1 is what StableDiffusionPipeline checks for.
+    scheduler = DPMSolverMultistepScheduler.from_config(_noise_scheduler().config, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=models["vae"], text_encoder=models["text_encoder"], tokenizer=tok,
+                                   unet=models["unet"], scheduler=scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def eval_specs(n: int, seed: int) -> dict[str, list[world.ImageSpec]]:
+    """``n`` seen (train split) and ``n`` held-out image specs, fixed by ``seed``."""
+    return {split_name: world.sample_specs(Modality.IMAGE, n, seed + k, split)  # type: ignore[misc]
+            for k, (split_name, split) in enumerate((("seen", "train"), ("heldout", "heldout")))}
+
+
+def score_images(images: Sequence[Any], specs: Sequence[world.ImageSpec]) -> dict[str, float]:
+    """Fraction of images whose checker reading matches each field of the spec, plus ``ok`` (all)."""
+    scores = [checkers.score_image(img, spec) for img, spec in zip(images, specs)]
+    keys = sorted({k for s in scores for k in s})
+    return {k: round(float(np.mean([s.get(k, False) for s in scores])), 4) for k in keys}
+
+
+def evaluate_image_pipeline(pipe: Any, n: int, seed: int, steps: int, guidance: float) -> dict[str, Any]:
+    """Generate ``n`` seen and ``n`` held-out prompts with ``pipe`` and score them analytically."""
+    out: dict[str, Any] = {}
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        for split, specs in eval_specs(n, seed).items():
+            g = torch.Generator().manual_seed(seed)
+            t0 = time.time()
+            images = pipe([s.caption() for s in specs], num_inference_steps=steps, guidance_scale=guidance,
+                          generator=g, output_type="np").images
+            out[split] = score_images(list(images), specs) | {"n": len(specs),
+                                                                 "s_per_image": round((time.time() - t0) / n, 3)}
+    return out
+
+
+def evaluate_image_generator(directory: Path, n: int, seed: int, steps: int, guidance: float) -> dict[str, Any]:
+    """Load a saved pipeline through anymodal's ``stable-diffusion`` adapter and score it.
+
+    The prompts are encoded by the generator's own text encoder (``encode_text``) and generated
+    with ``generate``: exactly the path the anymodal pipeline drives.
+    """
+    import anymodal.generators  # noqa: F401  (registers the adapters)
+    from anymodal.config import GeneratorConfig
+    from anymodal.registry import GENERATORS
+
+    cls = GENERATORS.get("stable-diffusion")
+    gen = cls.from_config(GeneratorConfig(type="stable-diffusion", pretrained=str(directory),
+                                          settings={"num_inference_steps": steps, "guidance_scale": guidance}))
+    out: dict[str, Any] = {}
+    with torch.random.fork_rng(devices=[]):
+        for split, specs in eval_specs(n, seed).items():
+            t0 = time.time()
+            cond = gen.encode_text([s.caption() for s in specs])
+            images = gen.generate(cond, generator=torch.Generator().manual_seed(seed))
+            out[split] = score_images(images, specs) | {"n": len(specs),
+                                                           "s_per_image": round((time.time() - t0) / n, 3)}
+    return out
+
+
+def train_image_generator(out: Path, cfg: ImageGeneratorPhase, log: JsonlLog, control: RunControl) -> Path:
+    state_dir = out / "state" / "image-generator"
+    state_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = load_tokenizer(out)
+    models = _build_image_models(cfg, tokenizer)
+    vae, unet, text_encoder = models["vae"], models["unet"], models["text_encoder"]
+    t_phase = time.time()
+
+    bank = world.make_bank(Modality.IMAGE, cfg.bank_size, "train", seed=cfg.seed)
+    pixels = _images_to_tensor(bank.data)
+    log.write(stage="data", event="bank", n=len(bank), split="train", seed=cfg.seed,
+              params={k: sum(p.numel() for p in m.parameters()) for k, m in models.items()})
+
+    # ---------------------------------------------------------------- 1. the VAE
+    gen = torch.Generator().manual_seed(cfg.seed)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+
+    def vae_step(step: int) -> float:
+        idx = torch.randint(len(pixels), (cfg.vae_batch_size,), generator=gen)
+        x = pixels[idx]
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample(generator=gen)).sample
+        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + cfg.kl_weight * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return float(loss.detach())
+
+    train_loop(stage="vae", total=cfg.vae_steps, ckpt=state_dir / "vae.ckpt", modules={"vae": vae}, optimizer=opt,
+               gen=gen, ema=None, step_fn=vae_step,
+               lr_fn=lambda s: cosine_lr(s, cfg.vae_steps, cfg.vae_lr, min(cfg.warmup_steps, cfg.vae_steps // 10)),
+               log=log, checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every, control=control)
+    vae.eval().requires_grad_(False)
+
+    # ---------------------------------------------------------------- 2. latents, once
+    latents_path = state_dir / "latents.pt"
+    if latents_path.exists():
+        cached = torch.load(latents_path, map_location="cpu", weights_only=True)
+        latents, scaling = cached["latents"], float(cached["scaling_factor"])
+    else:
+        with torch.no_grad():
+            means = torch.cat([vae.encode(pixels[i:i + 256]).latent_dist.mean for i in range(0, len(pixels), 256)])
+        scaling = float(1.0 / means.std())
+        latents = means * scaling
+        recon_check = _vae_reconstruction_scores(vae, bank)
+        log.write(stage="vae", step=cfg.vae_steps, event="latents", scaling_factor=scaling,
+                  latent_mean=float(latents.mean()), reconstruction=recon_check)
+        atomic_save({"latents": latents, "scaling_factor": scaling}, latents_path)
+    vae.register_to_config(scaling_factor=scaling)
+
+    # ---------------------------------------------------------------- 3. UNet + text encoder
+    ids = tokenizer(bank.captions, padding="max_length", max_length=cfg.prompt_length, truncation=True,
+                    return_tensors="pt")["input_ids"]
+    empty = tokenizer([""], padding="max_length", max_length=cfg.prompt_length, return_tensors="pt")["input_ids"]
+    noise_sched = _noise_scheduler()
+    trainable = [unet, text_encoder]
+    params = [p for m in trainable for p in m.parameters()]
+    opt2 = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ema = EMA(trainable, cfg.ema_decay)
+    gen2 = torch.Generator().manual_seed(cfg.seed + 1)
+    n_train = noise_sched.config.num_train_timesteps
+
+    def unet_step(step: int) -> float:
+        idx = torch.randint(len(latents), (cfg.batch_size,), generator=gen2)
+        x0 = latents[idx]
+        tokens = ids[idx].clone()
+        drop = torch.rand(cfg.batch_size, generator=gen2) < cfg.caption_dropout
+        tokens[drop] = empty
+        noise = torch.randn(x0.shape, generator=gen2)
+        t = torch.randint(n_train, (cfg.batch_size,), generator=gen2)
+        noisy = noise_sched.add_noise(x0, noise, t)
+        target = noise_sched.get_velocity(x0, noise, t)
+        cond = text_encoder(tokens)[0]  # what StableDiffusionPipeline.encode_prompt computes
+        pred = unet(noisy, t, encoder_hidden_states=cond).sample
+        loss = F.mse_loss(pred, target)
+        opt2.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt2.step()
+        return float(loss.detach())
+
+    def periodic_eval(step: int) -> None:
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+            figures = _eval_with_ema(models, ema, tokenizer, cfg, cfg.eval_prompts)
+            log.write(stage="unet", step=step, event="eval", prompts_per_split=cfg.eval_prompts, **figures)
+
+    train_loop(stage="unet", total=cfg.steps, ckpt=state_dir / "unet.ckpt",
+               modules={"unet": unet, "text_encoder": text_encoder}, optimizer=opt2, gen=gen2, ema=ema,
+               step_fn=unet_step, lr_fn=lambda s: cosine_lr(s, cfg.steps, cfg.lr, cfg.warmup_steps), log=log,
+               checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every, control=control,
+               on_step=periodic_eval)
+
+    # ---------------------------------------------------------------- 4. save the pipeline (EMA weights)
+    ema.copy_to(trainable)
+    pipe = _assemble_pipeline(models, tokenizer, cfg)
+    final = atomic_dir(out / "image-generator", lambda d: pipe.save_pretrained(str(d), safe_serialization=True))
+    return final
+
+
+def _eval_with_ema(models: dict[str, torch.nn.Module], ema: EMA, tokenizer: Any, cfg: ImageGeneratorPhase,
+                   n: int) -> dict[str, Any]:
+    """Evaluate the EMA weights on copies, leaving the training weights untouched."""
+    copies = {k: copy.deepcopy(m).eval() for k, m in models.items()}
+    ema.copy_to([copies["unet"], copies["text_encoder"]])
+    pipe = _assemble_pipeline(copies, tokenizer, cfg)
+    return evaluate_image_pipeline(pipe, n, cfg.seed + 1000, cfg.sample_steps, cfg.guidance_scale)
+
+
+def _vae_reconstruction_scores(vae: Any, bank: world.Bank, n: int = 200) -> dict[str, float]:
+    """Checker accuracy of VAE reconstructions (of the posterior mean): the ceiling of the diffusion model."""
+    n = min(n, len(bank))
+    with torch.no_grad():
+        x = _images_to_tensor(bank.data[:n])
+        recon = vae.decode(vae.encode(x).latent_dist.mean).sample
+    images = ((recon.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    return score_images(list(images), bank.specs[:n])
+
+
+# ============================================================================ driver
+
+
+@dataclass
+class PhaseResult:
+    phase: str
+    status: str  # "done", "skipped" (already done), "stopped" (deadline; resumable)
+    path: str | None = None
+    figures: dict[str, Any] | None = None
+    message: str = ""
+
+
+def _machine() -> dict[str, Any]:
+    return {"platform": platform.platform(), "processor": platform.machine(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
+def _phase_seconds(log: JsonlLog, stage: str) -> tuple[float, int, float | None]:
+    """(steps/s over the logged records of ``stage``, last step, mean steps/s) for the results file."""
+    rates = [r["steps_per_s"] for r in log.records() if r.get("stage") == stage and "steps_per_s" in r]
+    steps = [r["step"] for r in log.records() if r.get("stage") == stage and "step" in r]
+    mean = float(np.median(rates)) if rates else None
+    return (mean or 0.0, max(steps) if steps else 0, mean)
+
+
+def run_phase(phase: str, out: Path, cfg: ToyworldTrainConfig, control: RunControl, results_dir: Path | None,
+              resume: bool) -> PhaseResult:
+    """Run (or resume) one phase; returns what happened. Raises ``ValueError`` on misuse."""
+    if phase not in PHASES:
+        raise ValueError(f"unknown phase {phase!r}; expected one of: {', '.join(PHASES)}")
+    state_dir = out / "state" / phase
+    done_file = state_dir / "done.json"
+    if done_file.exists():
+        return PhaseResult(phase, "skipped", str(out / phase), json.loads(done_file.read_text()).get("figures"),
+                           f"{phase}: already done (delete {state_dir} to retrain)")
+    if state_dir.exists() and any(state_dir.iterdir()) and not resume:
+        raise ValueError(f"{state_dir} holds an unfinished run; pass --resume to continue it, or choose another --out")
+    state_dir.mkdir(parents=True, exist_ok=True)
+    log = JsonlLog(out / "logs" / f"{phase}.jsonl")
+    t0 = time.time()
+    phase_cfg: Any
+    figures: dict[str, Any] | None = None
+    try:
+        if phase == "tokenizer":
+            phase_cfg = cfg.tokenizer
+            path = train_tokenizer(out, cfg.tokenizer, log)
+        else:
+            phase_cfg = cfg.image_generator
+            path = train_image_generator(out, cfg.image_generator, log, control)
+            c = cfg.image_generator
+            figures = evaluate_image_generator(path, c.final_eval_prompts, c.seed + 2000, c.sample_steps,
+                                               c.guidance_scale)
+            log.write(stage="final", event="eval", prompts_per_split=c.final_eval_prompts, **figures)
+    except Stop as e:
+        return PhaseResult(phase, "stopped", None, None, str(e))
+    summary = {"phase": phase, "path": str(path), "figures": figures, "config": asdict(phase_cfg),
+               "seconds_this_run": round(time.time() - t0, 1), "machine": _machine()}
+    if phase == "image-generator":
+        summary["speed"] = {stage: {"median_steps_per_s": _phase_seconds(log, stage)[2],
+                                    "batch_size": (phase_cfg.vae_batch_size if stage == "vae"
+                                                   else phase_cfg.batch_size)}
+                            for stage in ("vae", "unet")}
+        summary["size_bytes"] = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+        summary["evaluation"] = ("checkers.score_image on prompts = spec.caption() of specs sampled from the train "
+                                 "split (seen) and from held-out colour x shape pairs (heldout); generated through "
+                                 "the stable-diffusion adapter with DPM-Solver++ and classifier-free guidance")
+        vae_records = [r for r in log.records() if r.get("event") == "latents"]
+        if vae_records:
+            summary["vae_reconstruction"] = vae_records[-1].get("reconstruction")
+    atomic_write_text(done_file, json.dumps(summary, indent=2) + "\n")
+    if results_dir is not None and figures is not None:
+        atomic_write_text(results_dir / f"toyworld-{phase}.json", json.dumps(summary, indent=2) + "\n")
+    return PhaseResult(phase, "done", str(path), figures, f"{phase}: done in {time.time() - t0:.0f} s -> {path}")
+
+
+def train(out: str | os.PathLike = "runs/toyworld", phases: Sequence[str] | None = None,
+          config: ToyworldTrainConfig | str = "default", max_minutes: float | None = None, resume: bool = False,
+          results_dir: str | os.PathLike | None = "bench/results", progress: bool = True,
+          stop_at_step: int | None = None) -> list[PhaseResult]:
+    """Train the requested phases (default: all, in order) into ``out``.
+
+    ``max_minutes`` bounds this invocation's wall time: the running phase checkpoints and stops,
+    and a later call with ``resume=True`` carries on. ``stop_at_step`` (for tests) stops every
+    training loop of the current phase once it reaches that step.
+    """
+    cfg = ToyworldTrainConfig.preset(config) if isinstance(config, str) else config
+    order = list(PHASES) if not phases else list(dict.fromkeys(phases))
+    for p in order:
+        if p not in PHASES:
+            raise ValueError(f"unknown phase {p!r}; expected one of: {', '.join(PHASES)}")
+    if max_minutes is not None and max_minutes <= 0:
+        raise ValueError(f"max_minutes must be positive, got {max_minutes!r}")
+    control = RunControl(None if max_minutes is None else time.time() + 60.0 * max_minutes, stop_at_step, progress)
+    out_path = Path(out)
+    results: list[PhaseResult] = []
+    for p in sorted(order, key=PHASES.index):
+        result = run_phase(p, out_path, cfg, control, None if results_dir is None else Path(results_dir), resume)
+        results.append(result)
+        if result.status == "stopped":
+            break
+    return results
+
+
+__all__ = ["EMA", "ImageGeneratorPhase", "JsonlLog", "PHASES", "PRESETS", "PhaseResult", "RunControl",
+           "TokenizerPhase", "ToyworldTrainConfig", "atomic_dir", "atomic_save", "build_tokenizer", "cosine_lr",
+           "evaluate_image_generator", "evaluate_image_pipeline", "load_tokenizer", "run_phase", "score_images",
+           "train", "train_loop", "world_texts"]

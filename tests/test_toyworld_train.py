@@ -1,0 +1,161 @@
+"""``anymodal toyworld train``: every phase runs a few steps of the smoke preset, resumes bit-identically,
+and the image generator it saves loads through diffusers and through anymodal's adapter."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import numpy as np
+import pytest
+import torch
+
+from anymodal.toyworld import train as T
+from anymodal.toyworld import world
+
+torch.set_num_threads(1)
+
+
+def _smoke(**image_overrides) -> T.ToyworldTrainConfig:
+    cfg = T.ToyworldTrainConfig.preset("smoke")
+    return replace(cfg, image_generator=replace(cfg.image_generator, **image_overrides))
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tok")
+    T.train(out, phases=["tokenizer"], config="smoke", results_dir=None, progress=False)
+    return out
+
+
+def _with_tokenizer(tokenizer_dir: Path, out: Path) -> Path:
+    import shutil
+
+    shutil.copytree(tokenizer_dir / "tokenizer", out / "tokenizer")
+    shutil.copytree(tokenizer_dir / "state" / "tokenizer", out / "state" / "tokenizer")
+    return out
+
+
+def _weights(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(directory.rglob("*.safetensors")):
+        for k, v in load_file(f).items():
+            out[f"{f.parent.name}/{k}"] = v
+    return out
+
+
+def test_tokenizer_covers_the_world(tokenizer_dir: Path):
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast.from_pretrained(str(tokenizer_dir / "tokenizer"))
+    assert tok.convert_ids_to_tokens([0, 1, 2, 3]) == ["[PAD]", "[UNK]", "<s>", "</s>"]
+    g = np.random.default_rng(123)  # dialogues the tokenizer never saw
+    texts = [t for _ in range(200) for _, t in world.sample_dialogue(g, "heldout", render_media=False).texts()]
+    ids = tok(texts)["input_ids"]
+    assert all(tok.unk_token_id not in row for row in ids)
+    assert all(row[0] == tok.bos_token_id and row[-1] == tok.eos_token_id for row in ids)
+    assert tok.decode(tok("Draw a RED circle?")["input_ids"], skip_special_tokens=True) == "draw a red circle?"
+    assert tok("a zebra")["input_ids"][2] == tok.unk_token_id
+
+
+def test_image_generator_resumes_bit_identically(tokenizer_dir: Path, tmp_path: Path):
+    cfg = _smoke(vae_steps=2, steps=4, checkpoint_every=2, final_eval_prompts=1)
+    full = _with_tokenizer(tokenizer_dir, tmp_path / "full")
+    [r] = T.train(full, phases=["image-generator"], config=cfg, results_dir=tmp_path / "results", progress=False)
+    assert r.status == "done"
+    reference = _weights(full / "image-generator")
+    for stop in (1, 3):  # inside the VAE loop (off a checkpoint boundary), inside the UNet loop
+        part = _with_tokenizer(tokenizer_dir, tmp_path / f"stop{stop}")
+        [r] = T.train(part, phases=["image-generator"], config=cfg, results_dir=None, progress=False,
+                      stop_at_step=stop)
+        assert r.status == "stopped" and "--resume" in r.message
+        with pytest.raises(ValueError, match="--resume"):
+            T.train(part, phases=["image-generator"], config=cfg, results_dir=None, progress=False)
+        [r] = T.train(part, phases=["image-generator"], config=cfg, results_dir=None, progress=False, resume=True)
+        assert r.status == "done"
+        resumed = _weights(part / "image-generator")
+        assert resumed.keys() == reference.keys()
+        assert all(torch.equal(resumed[k], reference[k]) for k in reference), f"stop at {stop} changed weights"
+        log = T.JsonlLog(part / "logs" / "image-generator.jsonl").records()
+        steps = [(r["stage"], r["step"]) for r in log if "loss" in r]
+        assert len(steps) == len(set(steps)) == cfg.image_generator.vae_steps + cfg.image_generator.steps
+    # finished phases are skipped; nothing temporary is left behind
+    [r] = T.train(full, phases=["image-generator"], config=cfg, results_dir=None, progress=False, resume=True)
+    assert r.status == "skipped"
+    assert not [p for p in full.rglob("*") if ".tmp-" in p.name or p.name.endswith(".old")]
+    summary = json.loads((tmp_path / "results" / "toyworld-image-generator.json").read_text())
+    assert set(summary["figures"]) == {"seen", "heldout"}
+    assert {"colour_ok", "shape_ok", "ok", "n"} <= set(summary["figures"]["heldout"])
+
+
+def test_image_generator_loads_through_diffusers_and_the_adapter(tokenizer_dir: Path, tmp_path: Path):
+    from diffusers import StableDiffusionPipeline
+
+    import anymodal.generators  # noqa: F401
+    from anymodal.config import GeneratorConfig
+    from anymodal.registry import GENERATORS
+
+    out = _with_tokenizer(tokenizer_dir, tmp_path / "run")
+    [r] = T.train(out, phases=["image-generator"], config=_smoke(final_eval_prompts=1), results_dir=None,
+                  progress=False)
+    directory = Path(r.path)
+    pipe = StableDiffusionPipeline.from_pretrained(str(directory), safety_checker=None, feature_extractor=None)
+    assert type(pipe.scheduler).__name__ == "DPMSolverMultistepScheduler"
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    from transformers import PreTrainedTokenizerFast  # transformers 5 saves it as its alias TokenizersBackend
+
+    assert isinstance(pipe.tokenizer, PreTrainedTokenizerFast) and len(pipe.tokenizer) < 200  # word level
+    gen = GENERATORS.get("stable-diffusion").from_config(
+        GeneratorConfig(type="stable-diffusion", pretrained=str(directory)))
+    assert gen.conditioning_shapes == {"prompt_embeds": (24, 16)}
+    cond = gen.encode_text(["a red circle on a blue background"])
+    [image] = gen.generate(cond, settings={"num_inference_steps": 2, "guidance_scale": 3.0},
+                           generator=torch.Generator().manual_seed(0))
+    assert image.size == (64, 64)
+    lazy = GENERATORS.get("stable-diffusion").from_config(
+        GeneratorConfig(type="stable-diffusion", pretrained=str(directory), lazy=True))
+    assert lazy.conditioning_shapes == {"prompt_embeds": (24, 16)} and not lazy.is_loaded
+
+
+def test_cli_and_errors(tmp_path: Path, capsys):
+    from anymodal.cli import main
+
+    out = tmp_path / "cli"
+    assert main(["toyworld", "train", "--out", str(out), "--preset", "smoke", "--phase", "tokenizer",
+                 "--no-progress", "--threads", "1"]) == 0
+    assert "tokenizer: done" in capsys.readouterr().out
+    assert main(["toyworld", "train", "--out", str(out), "--preset", "smoke", "--phase", "tokenizer"]) == 0
+    assert "already done" in capsys.readouterr().out
+    empty = tmp_path / "empty"
+    assert main(["toyworld", "train", "--out", str(empty), "--preset", "smoke", "--phase", "image-generator",
+                 "--no-progress"]) == 2
+    assert "run the 'tokenizer' phase first" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown phase"):
+        T.train(out, phases=["video-generator"], config="smoke")
+    with pytest.raises(ValueError, match="unknown preset"):
+        T.ToyworldTrainConfig.preset("huge")
+    with pytest.raises(ValueError, match="caption_dropout"):
+        T.ImageGeneratorPhase(caption_dropout=1.5)
+
+
+def test_cosine_lr_and_atomic_dir(tmp_path: Path):
+    assert T.cosine_lr(0, 100, 1.0, 10) == pytest.approx(0.1)
+    assert T.cosine_lr(9, 100, 1.0, 10) == pytest.approx(1.0)
+    assert T.cosine_lr(100, 100, 1.0, 10) == pytest.approx(0.0)
+    target = tmp_path / "d"
+    T.atomic_dir(target, lambda d: (d / "a.txt").write_text("1"))
+
+    def fail(d: Path) -> None:
+        (d / "a.txt").write_text("2")
+        raise RuntimeError("crash while writing")
+
+    with pytest.raises(RuntimeError):
+        T.atomic_dir(target, fail)
+    assert (target / "a.txt").read_text() == "1"
+    assert [p.name for p in tmp_path.iterdir()] == ["d"]
