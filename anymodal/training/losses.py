@@ -1,0 +1,113 @@
+"""Losses of the three stages: captioning / instruction cross-entropy, the per-token L2 alignment of
+projected signal tokens with a generator's own text conditioning, and an optional denoising loss
+through a frozen generator."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def l2_alignment(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """NExT-GPT's decoder-side loss: the L2 norm of the difference per token, averaged over tokens.
+
+    ``pred``/``target``: ``(blocks, seq, dim)``; ``mask``: ``(blocks,)``, False rows are left out.
+    """
+    if pred.shape != target.shape:
+        raise ValueError(f"alignment target shape {tuple(target.shape)} differs from the projected "
+                         f"conditioning {tuple(pred.shape)}")
+    dist = torch.linalg.vector_norm(pred.float() - target.float(), dim=-1)  # (blocks, seq)
+    if mask is not None:
+        dist = dist[mask]
+    return dist.mean()
+
+
+def signal_hidden_states(hidden: torch.Tensor, input_ids: torch.Tensor, block_ids: list[int]) -> torch.Tensor:
+    """The hidden state *of* each signal token, ``(blocks, block_len, dim)``, blocks in reading order."""
+    starts = (input_ids == block_ids[0]).nonzero()  # row-major: batch row, then position
+    n = len(block_ids)
+    cols = starts[:, 1:2] + torch.arange(n, device=input_ids.device)
+    if cols.numel() and int(cols.max()) >= input_ids.shape[1]:
+        raise ValueError("a signal block runs past the end of its sequence")
+    return hidden[starts[:, 0:1], cols]
+
+
+class ImageDenoiser(nn.Module):
+    """The noise-prediction loss of a frozen latent-diffusion UNet conditioned on projected signal tokens.
+
+    Only the conditioning carries gradients; the VAE encodes target images without them.
+    """
+
+    def __init__(self, unet: nn.Module, vae: nn.Module, scheduler: Any, key: str = "prompt_embeds"):
+        super().__init__()
+        self.unet, self.vae, self.scheduler, self.key = unet, vae, scheduler, key
+        self.unet.requires_grad_(False).eval()
+        self.vae.requires_grad_(False).eval()
+        kind = scheduler.config.prediction_type
+        if kind not in ("epsilon", "v_prediction"):
+            raise ValueError(f"denoising loss: unsupported scheduler prediction_type {kind!r} "
+                             "(expected epsilon or v_prediction)")
+
+    @property
+    def image_size(self) -> int:
+        scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return int(self.unet.config.sample_size) * scale
+
+    def forward(self, conditioning: dict[str, torch.Tensor], pixels: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            latents = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.sample()
+            latents = latents * self.vae.config.scaling_factor
+        noise = torch.randn_like(latents)
+        steps = self.scheduler.config.num_train_timesteps
+        t = torch.randint(0, steps, (latents.shape[0],), device=latents.device)
+        noisy = self.scheduler.add_noise(latents, noise, t)
+        if self.scheduler.config.prediction_type == "epsilon":
+            target = noise
+        else:
+            target = self.scheduler.get_velocity(latents, noise, t)
+        cond = conditioning[self.key].to(self.unet.dtype)
+        pred = self.unet(noisy, t, encoder_hidden_states=cond).sample
+        return F.mse_loss(pred.float(), target.float())
+
+
+class ImageForVAE:
+    """Load an image file for the VAE: RGB, resized and centre-cropped to ``size``, scaled to [-1, 1].
+
+    A plain picklable callable, so DataLoader workers can run it.
+    """
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, path: Any) -> torch.Tensor:
+        import numpy as np
+        from PIL import Image
+
+        from anymodal.media import MediaError
+
+        try:
+            with Image.open(path) as im:
+                im = im.convert("RGB")
+        except (OSError, ValueError) as e:
+            raise MediaError(f"cannot read image '{path}': {e}") from None
+        w, h = im.size
+        s = self.size / min(w, h)
+        im = im.resize((max(self.size, round(w * s)), max(self.size, round(h * s))), Image.BICUBIC)
+        left, top = (im.width - self.size) // 2, (im.height - self.size) // 2
+        im = im.crop((left, top, left + self.size, top + self.size))
+        arr = torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1.0)
+        return arr.permute(2, 0, 1).contiguous()
+
+
+def modality_losses(cond: dict[str, torch.Tensor], targets: dict[str, torch.Tensor] | None,
+                    mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Sum of the alignment losses over a modality's conditioning tensors (one per generator input)."""
+    if targets is None or mask is None or not bool(mask.any()):
+        return None
+    return sum(l2_alignment(cond[k], targets[k].to(cond[k].device), mask) for k in targets)
+
+
+__all__ = ["l2_alignment", "signal_hidden_states", "ImageDenoiser", "ImageForVAE", "modality_losses"]

@@ -1,0 +1,444 @@
+"""The training loop, under accelerate.
+
+One function, :func:`train`, runs any stage: it loads the pipeline and the manifest, fills the
+alignment-target cache, freezes what the stage does not train, and steps an AdamW optimiser
+with an LR schedule. It checkpoints with ``accelerator.save_state`` (written to a temporary
+directory and renamed into place), resumes from the latest checkpoint, and finally saves the
+pipeline with ``save_pretrained`` (safetensors, plus the LoRA adapter in stage 3).
+
+Determinism: the data order comes from a seedable sampler (seed + epoch), and torch's RNG is
+re-seeded from (seed, micro-batch index, process) before each micro-batch, so a run killed and
+resumed draws exactly the same dropout and noise as one that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from anymodal.config import AnyModalConfig
+from anymodal.modality import Modality
+from anymodal.utils import atomic_write_text
+
+from .config import TrainingConfig
+from .data import (Collator, DialogueRecord, ManifestDataset, MediaRef, SampleBuilder, TargetCache,
+                   generator_identity, load_manifest, requirements)
+from .losses import ImageDenoiser, ImageForVAE
+from .stages import setup_stage
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+STATE_NAME = "trainer_state.json"
+METRICS_NAME = "metrics.jsonl"
+FINAL = "final"
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced."""
+
+    output_dir: Path
+    final_dir: Path | None
+    steps: int
+    samples: int
+    losses: list[float] = field(default_factory=list)  # mean loss of each optimiser step (this session)
+    samples_per_s: float = 0.0  # this session, all processes together
+    bad_rows: int = 0
+    pipeline: Any = None
+
+
+@dataclass
+class _State:
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches of the current epoch already consumed
+    micro: int = 0  # micro-batches consumed in total (seeds the RNG)
+    samples: int = 0
+    bad_lines: list[int] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "micro": self.micro,
+                "samples": self.samples, "bad_lines": sorted(self.bad_lines)}
+
+
+def train(config: str | os.PathLike | AnyModalConfig, data: str | os.PathLike, out: str | os.PathLike,
+          training: TrainingConfig | str | os.PathLike | None = None, *, stage: int | None = None,
+          max_steps: int | None = None, resume: bool = False, device: str | None = None,
+          on_step: Callable[[int, dict[str, float]], None] | None = None, **overrides: Any) -> TrainResult:
+    """Train one stage and save the result under ``out/final``.
+
+    Args:
+        config: the model: a YAML config, a shipped config name, or a saved pipeline directory
+            (for example the ``final`` directory of the previous stage).
+        data: a JSONL manifest (caption pairs for stages 1-2, dialogues for stage 3).
+        out: the run directory: ``checkpoints/``, ``metrics.jsonl``, ``final/``.
+        training: a :class:`TrainingConfig` or a YAML file; ``stage``, ``max_steps`` and
+            ``overrides`` (any TrainingConfig field) replace its values.
+        resume: continue from the latest checkpoint in ``out/checkpoints`` (a fresh start when
+            there is none). Without it, a run directory that already has checkpoints is refused.
+        device: ``"cpu"`` forces CPU; otherwise accelerate chooses (GPU when present).
+        on_step: called after every optimiser step (and checkpoint) with the step and its metrics.
+    """
+    from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
+    from accelerate.utils import set_seed
+
+    tcfg = _training_config(training, stage=stage, max_steps=max_steps, **overrides)
+    out = Path(out)
+    if tcfg.mixed_precision != "no" and (device == "cpu" or not torch.cuda.is_available()
+                                         or os.environ.get("ACCELERATE_USE_CPU")):
+        raise ValueError(f"training.mixed_precision={tcfg.mixed_precision!r} needs a GPU; use 'no' on CPU "
+                         "(bf16 matmuls on CPU are hundreds of times slower than fp32)")
+    log_with = None
+    if tcfg.tensorboard:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise ValueError("training.tensorboard needs the tensorboard package (pip install tensorboard)") from None
+        log_with = "tensorboard"
+    accelerator = Accelerator(
+        gradient_accumulation_steps=tcfg.gradient_accumulation_steps, mixed_precision=tcfg.mixed_precision,
+        cpu=device == "cpu", log_with=log_with, project_dir=str(out),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=tcfg.seed),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    main = accelerator.is_main_process
+
+    # 1. resume bookkeeping
+    ckpt_dir = out / CHECKPOINTS
+    latest = latest_checkpoint(out)
+    if latest is not None and not resume:
+        raise ValueError(f"{out} already holds checkpoints ({latest.name}); pass --resume to continue, "
+                         "or choose a new --out")
+    if resume and latest is None and main:
+        logger.info("no checkpoint in %s; starting from scratch", ckpt_dir)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        _check_same_run(out, tcfg, resume and latest is not None)
+        atomic_write_text(out / "training_config.yaml", tcfg.to_yaml())
+
+    # 2. the pipeline (random inits depend on the seed, so a resumed run rebuilds the same frozen weights)
+    from anymodal.pipeline import AnyModalPipeline
+
+    set_seed(tcfg.seed)
+    pipe = AnyModalPipeline.from_pretrained(config)
+    model = pipe.model
+    inputs = list(model.input_projectors.keys())
+    outputs = list(pipe.generators)
+
+    # 3. data
+    req = requirements(tcfg.stage, [Modality(m) for m in inputs], outputs, denoise=tcfg.denoise_weight > 0)
+    manifest = load_manifest(data, req)
+    manifest.check(tcfg.max_bad_fraction)
+    wanted = _output_captions(manifest.records, captions_are_outputs=tcfg.stage == 2)
+    targets = None
+    if tcfg.align_weight > 0 and wanted:
+        targets = _fill_target_cache(accelerator, pipe, wanted, Path(tcfg.target_cache or out / "target_cache"))
+    denoisers, denoise_fns = _denoisers(pipe, tcfg, set(wanted))
+    preprocess = {m: model.encoder_for(m).preprocess for m in map(Modality, inputs)}
+    builder = SampleBuilder(tcfg.stage, pipe.processor, preprocess, tcfg.caption_prompt, tcfg.generation_prompt,
+                            tcfg.generation_response, targets, denoise_fns,
+                            tcfg.max_length or pipe.config.llm.max_length)
+    dataset = ManifestDataset(manifest.records, builder)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=tcfg.batch_size, shuffle=True, num_workers=tcfg.num_workers,
+        collate_fn=Collator(pipe.processor.tokenizer.pad_token_id, tcfg.padding_side),
+        generator=torch.Generator().manual_seed(tcfg.seed), persistent_workers=False)
+
+    # 4. what trains, the optimiser and the schedule
+    module = setup_stage(pipe, tcfg, denoisers)
+    params = [p for p in module.parameters() if p.requires_grad]
+    n_train = sum(p.numel() for p in params)
+    optimizer = torch.optim.AdamW(params, lr=tcfg.learning_rate, betas=tuple(tcfg.adam_betas),
+                                  weight_decay=tcfg.weight_decay)
+    module, optimizer, loader = accelerator.prepare(module, optimizer, loader)
+    steps_per_epoch = max(1, math.ceil(len(loader) / tcfg.gradient_accumulation_steps))
+    total_steps = tcfg.max_steps or tcfg.num_epochs * steps_per_epoch
+    from transformers import get_scheduler
+
+    # Not passed through prepare(): accelerate would step it once per process per step.
+    scheduler = get_scheduler(tcfg.lr_scheduler, optimizer, num_warmup_steps=tcfg.warmup_steps,
+                              num_training_steps=total_steps)
+    accelerator.register_for_checkpointing(scheduler)
+    accelerator.register_save_state_pre_hook(_only_trainable)
+
+    loss_names = ["loss", "ce"] + [f"{kind}/{m.value}" for kind in ("align", "denoise") for m in outputs]
+    state = _State()
+    if resume and latest is not None:
+        accelerator.load_state(str(latest), strict=False)
+        state = _State(**json.loads((latest / STATE_NAME).read_text()))
+        if main:
+            logger.info("resumed from %s (step %d)", latest, state.step)
+    if main:
+        _trim_metrics(out / METRICS_NAME, state.step)
+        logger.info("stage %d: %d trainable parameters (%s); %d rows (%d bad); %d steps on %d process(es)",
+                    tcfg.stage, n_train, ", ".join(tcfg.trainable or []), manifest.total, len(manifest.bad),
+                    total_steps, accelerator.num_processes)
+    if log_with:
+        accelerator.init_trackers(f"anymodal-stage{tcfg.stage}", config=tcfg.to_dict())
+
+    # 5. the loop
+    progress = _progress(main and tcfg.progress, total_steps, state.step, tcfg.stage)
+    result = TrainResult(out, None, state.step, state.samples)
+    bad_lines = set(state.bad_lines)
+    session_samples, session_start = 0, time.perf_counter()
+    step_losses: list[dict[str, torch.Tensor]] = []
+    step_samples = 0
+    last_time = time.perf_counter()
+    while state.step < total_steps:
+        loader.set_epoch(state.epoch)
+        epoch_loader = loader
+        if state.batch_in_epoch:
+            epoch_loader = accelerator.skip_first_batches(loader, state.batch_in_epoch)
+            epoch_loader.set_epoch(state.epoch)
+        for batch in epoch_loader:
+            state.batch_in_epoch += 1
+            state.micro += 1
+            torch.manual_seed((tcfg.seed * 1_000_003 + state.micro) * 4099 + accelerator.process_index)
+            new_bad = _gather_bad(accelerator, batch.bad)
+            if new_bad:
+                fresh = [b for b in new_bad if b.line not in bad_lines]
+                bad_lines.update(b.line for b in new_bad)
+                if main:
+                    for b in fresh:
+                        logger.warning("%s:%d: %s; row skipped", manifest.path, b.line, b.reason)
+                manifest.check(tcfg.max_bad_fraction, runtime_bad=len(bad_lines))
+            with accelerator.accumulate(module):
+                losses = module(batch)
+                accelerator.backward(losses["loss"])
+                if accelerator.sync_gradients and tcfg.max_grad_norm is not None:
+                    accelerator.clip_grad_norm_(params, tcfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            step_losses.append({k: v.detach() for k, v in losses.items()})
+            step_samples += batch.size
+            if not accelerator.sync_gradients:
+                continue
+            scheduler.step()
+            state.step += 1
+            metrics, n = _reduce(accelerator, step_losses, loss_names, step_samples)
+            now = time.perf_counter()
+            state.samples += n
+            session_samples += n
+            metrics.update(step=state.step, epoch=state.epoch, lr=scheduler.get_last_lr()[0], samples=state.samples,
+                           samples_per_s=n / max(now - last_time, 1e-9), bad_rows=len(manifest.bad) + len(bad_lines))
+            last_time = now
+            step_losses, step_samples = [], 0
+            result.losses.append(metrics["loss"])
+            if main and state.step % tcfg.log_every == 0:
+                _append_metrics(out / METRICS_NAME, metrics)
+            if log_with:
+                accelerator.log({k: v for k, v in metrics.items() if isinstance(v, float)}, step=state.step)
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(loss=f"{metrics['loss']:.4f}", samples_s=f"{metrics['samples_per_s']:.1f}")
+            if tcfg.save_every and state.step % tcfg.save_every == 0 and state.step < total_steps:
+                state.bad_lines = sorted(bad_lines)
+                save_checkpoint(accelerator, out, state, tcfg.keep_checkpoints)
+            if on_step is not None:
+                on_step(state.step, metrics)
+            if state.step >= total_steps:
+                break
+        else:
+            state.epoch += 1
+            state.batch_in_epoch = 0
+    if progress is not None:
+        progress.close()
+
+    # 6. save the trained pipeline
+    accelerator.wait_for_everyone()
+    stage_module = accelerator.unwrap_model(module)
+    if stage_module.signal_delta is not None:
+        stage_module.signal_delta.fold()
+        stage_module.signal_delta = None
+    pipe.model.eval()
+    final = out / FINAL
+    if main:
+        pipe.save_pretrained(final)
+        logger.info("saved the trained pipeline to %s", final)
+    accelerator.wait_for_everyone()
+    if log_with:
+        accelerator.end_training()
+    elapsed = time.perf_counter() - session_start
+    result.final_dir, result.steps, result.samples = final, state.step, state.samples
+    result.samples_per_s = session_samples / elapsed if elapsed > 0 else 0.0
+    result.bad_rows = len(manifest.bad) + len(bad_lines)
+    result.pipeline = pipe
+    return result
+
+
+# ============================================================================ helpers
+def _training_config(training: TrainingConfig | str | os.PathLike | None, stage: int | None,
+                     max_steps: int | None, **overrides: Any) -> TrainingConfig:
+    """The run's settings: ``training`` with ``overrides`` applied (``stage``/``max_steps`` only when given)."""
+    if stage is not None:
+        overrides["stage"] = stage
+    if max_steps is not None:
+        overrides["max_steps"] = max_steps
+    if isinstance(training, TrainingConfig):
+        if "stage" in overrides and overrides["stage"] != training.stage and "trainable" not in overrides:
+            overrides["trainable"] = None  # the new stage's defaults, not the old stage's groups
+        return TrainingConfig.from_dict({**training.to_dict(), **overrides}) if overrides else training
+    if training is None:
+        return TrainingConfig.from_dict(overrides)
+    return TrainingConfig.from_yaml(training, **overrides)
+
+
+def latest_checkpoint(out: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint of a run (incomplete ones are temporary directories, never listed)."""
+    d = Path(out) / CHECKPOINTS
+    if not d.is_dir():
+        return None
+    done = sorted(p for p in d.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / STATE_NAME).is_file())
+    return done[-1] if done else None
+
+
+def save_checkpoint(accelerator: Any, out: Path, state: _State, keep: int) -> Path:
+    """``save_state`` into a temporary directory, then rename it into place (all processes take part)."""
+    d = out / CHECKPOINTS
+    final = d / f"step-{state.step:08d}"
+    tmp = d / f".step-{state.step:08d}.tmp"
+    if accelerator.is_main_process:
+        d.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        atomic_write_text(tmp / STATE_NAME, json.dumps(state.to_json(), indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        old = sorted(p for p in d.iterdir() if p.is_dir() and p.name.startswith("step-"))
+        for p in old[:-keep]:
+            shutil.rmtree(p)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _only_trainable(models: list, weights: list, output_dir: str) -> None:
+    """Checkpoints hold the trained parameters only; frozen ones are rebuilt from the model source."""
+    for i, model in enumerate(models):
+        keep = {n for n, p in model.named_parameters() if p.requires_grad}
+        if i < len(weights):
+            weights[i] = {k: v for k, v in weights[i].items() if k in keep}
+
+
+def _check_same_run(out: Path, tcfg: TrainingConfig, resuming: bool) -> None:
+    if not resuming or not (out / "training_config.yaml").is_file():
+        return
+    old = TrainingConfig.from_yaml(out / "training_config.yaml")
+    for name in ("stage", "trainable", "seed", "batch_size", "gradient_accumulation_steps"):
+        if getattr(old, name) != getattr(tcfg, name):
+            raise ValueError(f"--resume: training.{name} was {getattr(old, name)!r} in {out}, now "
+                             f"{getattr(tcfg, name)!r}; resume with the same settings or choose a new --out")
+
+
+def _output_captions(records: list, captions_are_outputs: bool) -> dict[Modality, list[str]]:
+    """Every caption of a medium to generate, by modality (the alignment targets to compute)."""
+    from .data import CaptionRecord
+
+    out: dict[Modality, list[str]] = {}
+    for r in records:
+        if isinstance(r, CaptionRecord) and captions_are_outputs:
+            out.setdefault(r.modality, []).append(r.caption)
+        elif isinstance(r, DialogueRecord):
+            for t in r.turns:
+                if t.role == "assistant":
+                    for p in t.parts:
+                        if isinstance(p, MediaRef) and p.caption:
+                            out.setdefault(p.modality, []).append(p.caption)
+    return out
+
+
+def _fill_target_cache(accelerator: Any, pipe: Any, captions: dict[Modality, list[str]], directory: Path
+                       ) -> TargetCache:
+    identities = {}
+    for m in captions:
+        gen = pipe.generators[m]
+        gen.to(accelerator.device)
+        identities[m] = generator_identity(m, gen)
+    cache = TargetCache(directory, identities)
+    with accelerator.main_process_first():  # the main process computes; the others then find every entry
+        for m, caps in captions.items():
+            n = cache.fill(m, caps, pipe.generators[m].encode_text)
+            if n and accelerator.is_main_process:
+                logger.info("cached %d %s alignment targets in %s", n, m.value, directory / identities[m])
+    return cache
+
+
+def _denoisers(pipe: Any, tcfg: TrainingConfig, modalities: set[Modality]
+               ) -> tuple[dict[Modality, ImageDenoiser], dict[Modality, Callable]]:
+    if tcfg.denoise_weight <= 0:
+        return {}, {}
+    if not modalities:
+        raise ValueError("training.denoise_weight > 0, but the data has no media to generate")
+    denoisers, fns = {}, {}
+    for m in modalities:
+        gen = pipe.generators[m]
+        dpipe = gen.pipeline
+        if m is not Modality.IMAGE or not all(hasattr(dpipe, a) for a in ("unet", "vae", "scheduler")):
+            raise ValueError(f"training.denoise_weight: the denoising loss supports image generators with a UNet "
+                             f"and a VAE; {m.value} uses {gen.config.type!r} (set denoise_weight to 0)")
+        d = ImageDenoiser(dpipe.unet, dpipe.vae, dpipe.scheduler)
+        denoisers[m], fns[m] = d, ImageForVAE(d.image_size)
+    return denoisers, fns
+
+
+def _gather_bad(accelerator: Any, bad: list) -> list:
+    if accelerator.num_processes == 1:
+        return list(bad)
+    from accelerate.utils import gather_object
+
+    return list(gather_object(list(bad)))
+
+
+def _reduce(accelerator: Any, step_losses: list[dict[str, torch.Tensor]], names: list[str], samples: int
+            ) -> tuple[dict[str, float], int]:
+    """Mean of each loss over the micro-batches of a step and over processes, and the step's samples.
+
+    ``names`` is the same on every process, so the collective has one shape everywhere even when
+    a process's batches lack a modality; a loss no batch produced is left out.
+    """
+    sums = torch.zeros(len(names), dtype=torch.float64)
+    counts = torch.zeros(len(names), dtype=torch.float64)
+    for d in step_losses:
+        for i, k in enumerate(names):
+            if k in d:
+                sums[i] += float(d[k])
+                counts[i] += 1
+    extra = torch.tensor([float(samples)], dtype=torch.float64)
+    both = accelerator.reduce(torch.cat([sums, counts, extra]).to(accelerator.device), "sum").cpu()
+    sums, counts = both[: len(names)], both[len(names): 2 * len(names)]
+    return {k: float(sums[i] / counts[i]) for i, k in enumerate(names) if counts[i] > 0}, int(both[-1])
+
+
+def _append_metrics(path: Path, metrics: dict[str, Any]) -> None:
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(metrics) + "\n")
+        f.flush()
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """After a resume, drop log lines of steps that are about to be redone."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def _progress(enabled: bool, total: int, initial: int, stage: int):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=f"stage {stage}", unit="step", dynamic_ncols=True)

@@ -1,0 +1,413 @@
+"""Training: manifests, the three stages, frozen parameters, resume, merge-lora and 2-process DDP.
+
+Everything runs on the tiny config with a handful of generated PNG and WAV files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from anymodal.modality import Modality
+from anymodal.training import TrainingConfig, latest_checkpoint, train
+from anymodal.training.config import DEFAULT_TRAINABLE
+from anymodal.training.data import load_manifest, render_dialogue, requirements
+
+from conftest import CONFIGS, ROOT
+
+TINY = CONFIGS / "tiny.yaml"
+TRAINING = CONFIGS / "training"
+COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "white": (255, 255, 255)}
+TONES = (220, 440, 880)
+FAST = dict(device="cpu", progress=False, save_every=0)
+
+
+# ============================================================================ data fixtures
+def _write_rows(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    import soundfile as sf
+    from PIL import Image
+
+    d = tmp_path_factory.mktemp("data")
+    (d / "img").mkdir()
+    (d / "aud").mkdir()
+    for name, rgb in COLOURS.items():
+        Image.new("RGB", (32, 32), rgb).save(d / "img" / f"{name}.png")
+    for f in TONES:
+        t = np.arange(16000) / 16000
+        sf.write(d / "aud" / f"{f}.wav", (0.5 * np.sin(2 * np.pi * f * t)).astype(np.float32), 16000)
+    (d / "img" / "corrupt.png").write_bytes(b"this is not a png")
+    captions = [{"modality": "image", "media": f"img/{n}.png", "caption": f"a {n} square"} for n in COLOURS]
+    captions += [{"modality": "audio", "media": f"aud/{f}.wav", "caption": f"a {f} hz tone"} for f in TONES]
+    _write_rows(d / "captions.jsonl", captions)
+    _write_rows(d / "images.jsonl", captions[:4])
+    dialogues = []
+    for n in COLOURS:
+        dialogues.append({"messages": [{"role": "user", "content": ["what is this? ", {"image": f"img/{n}.png"}]},
+                                       {"role": "assistant", "content": f"a {n} square"}]})
+        dialogues.append({"messages": [{"role": "user", "content": f"draw a {n} square"},
+                                       {"role": "assistant", "content": ["here: ", {"image": None,
+                                                                                    "caption": f"a {n} square"}]}]})
+    dialogues.append({"messages": [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": ["hear this ", {"audio": "aud/440.wav"}]},
+        {"role": "assistant", "content": "a tone"},
+        {"role": "user", "content": "make one"},
+        {"role": "assistant", "content": [{"audio": None, "caption": "a 440 hz tone"}]}]})
+    _write_rows(d / "dialogues.jsonl", dialogues)
+    return d
+
+
+@pytest.fixture(scope="module")
+def taught_dir(data_dir, tmp_path_factory) -> Path:
+    """A tiny pipeline whose LLM can caption the test images, with a freshly initialised image projector.
+
+    A random LLM ignores its input, so stage 1 would have nothing to align to. The LLM and the
+    image projector are first trained together (``trainable: [llm, input_projectors.image]``);
+    then the projector is re-initialised, and stage 1 has to find a mapping the LLM can read.
+    """
+    tmp = tmp_path_factory.mktemp("taught")
+    joint = train(TINY, data_dir / "images.jsonl", tmp / "joint", TRAINING / "tiny.yaml", stage=1, max_steps=60,
+                  batch_size=4, trainable=["llm", "input_projectors.image"], **FAST)
+    assert joint.losses[-1] < 0.1 * joint.losses[0], joint.losses
+    pipe = _fresh(joint.final_dir, seed=1)
+    pipe.model.input_projectors["image"].proj.reset_parameters()
+    pipe.save_pretrained(tmp / "pipe")
+    return tmp / "pipe"
+
+
+def _fresh(source: Path | str = TINY, seed: int = 0):
+    from accelerate.utils import set_seed
+
+    from anymodal.pipeline import AnyModalPipeline
+
+    set_seed(seed)
+    return AnyModalPipeline.from_pretrained(source)
+
+
+def _drop(losses: list[float], k: int = 5) -> tuple[float, float]:
+    return float(np.mean(losses[:k])), float(np.mean(losses[-k:]))
+
+
+def _base_name(key: str) -> str | None:
+    """A peft-wrapped parameter's name in the unwrapped model, or None for adapter parameters."""
+    if "lora_" in key or "trainable_tokens_delta" in key:
+        return None
+    return (key.replace("base_model.model.", "").replace(".token_adapter", "").replace(".base_layer", ""))
+
+
+def _assert_frozen_equal(before: dict, after: dict, trained_prefixes: tuple[str, ...],
+                         signal_rows: list[int] | None = None) -> int:
+    """Every parameter outside ``trained_prefixes`` is bit-identical; returns how many were compared."""
+    mapped = {}
+    for k, v in after.items():
+        name = _base_name(k)
+        if name is not None:
+            mapped[name] = v
+    assert set(before) == set(mapped), set(before) ^ set(mapped)
+    compared = 0
+    for k, v in before.items():
+        if k.startswith(trained_prefixes):
+            continue
+        w = mapped[k]
+        if signal_rows and (k.endswith("embed_tokens.weight") or k.endswith("lm_head.weight")):
+            keep = torch.ones(v.shape[0], dtype=torch.bool)
+            keep[signal_rows] = False
+            v, w = v[keep], w[keep]
+        assert torch.equal(v, w), f"frozen parameter {k} changed"
+        compared += 1
+    return compared
+
+
+# ============================================================================ configs
+def test_shipped_training_configs_load():
+    names = sorted(p.name for p in TRAINING.glob("*.yaml") if not p.name.startswith("accelerate_"))
+    assert "tiny.yaml" in names
+    for name in names:
+        cfg = TrainingConfig.from_yaml(TRAINING / name)
+        assert cfg.trainable
+    for name in TRAINING.glob("accelerate_*.yaml"):
+        import yaml
+
+        assert yaml.safe_load(name.read_text())["distributed_type"] in ("FSDP", "DEEPSPEED", "MULTI_GPU")
+
+
+def test_stage_defaults_and_overrides(tmp_path):
+    assert TrainingConfig(stage=2).trainable == DEFAULT_TRAINABLE[2]
+    cfg = TrainingConfig.from_yaml(TRAINING / "tiny.yaml", stage=3, max_steps=7)
+    assert cfg.stage == 3 and cfg.max_steps == 7 and "lora" in cfg.trainable
+    assert TrainingConfig(trainable=["input_projectors.audio"]).trainable == ["input_projectors.audio"]
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"stage": 4}, "training.stage must be one of 1, 2, 3"),
+    ({"trainable": ["decoder"]}, "unknown parameter group 'decoder'"),
+    ({"trainable": ["lora.image"]}, "only the projector groups take a modality"),
+    ({"trainable": ["lora", "llm"]}, "exclude each other"),
+    ({"batch_size": 0}, "training.batch_size must be an integer >= 1"),
+    ({"mixed_precision": "fp8"}, "training.mixed_precision must be one of"),
+    ({"lr_scheduler": "exotic"}, "training.lr_scheduler"),
+    ({"max_bad_fraction": 2}, "training.max_bad_fraction"),
+    ({"generation_response": "{caption}"}, "must contain '{signal}'"),
+    ({"ce_weight": 0, "align_weight": 0}, "nothing would train"),
+    ({"batchsize": 3}, "unknown field 'batchsize'"),
+])
+def test_bad_training_config_raises(fields, message):
+    with pytest.raises(ValueError, match=message):
+        TrainingConfig.from_dict(fields)
+
+
+def test_mixed_precision_needs_a_gpu(data_dir, tmp_path):
+    with pytest.raises(ValueError, match="needs a GPU"):
+        train(TINY, data_dir / "images.jsonl", tmp_path / "run", stage=1, mixed_precision="bf16", **FAST)
+
+
+# ============================================================================ manifests
+def test_bad_rows_are_reported_with_line_numbers_and_skipped(data_dir, tmp_path, caplog):
+    rows = [
+        {"modality": "image", "media": str(data_dir / "img" / "red.png"), "caption": "a red square"},  # 1 ok
+        "{not json",  # 2
+        {"modality": "image", "media": "missing.png", "caption": "x"},  # 3
+        {"modality": "smell", "media": str(data_dir / "img" / "red.png"), "caption": "x"},  # 4
+        {"modality": "image", "media": str(data_dir / "img" / "red.png"), "caption": "  "},  # 5
+        "",  # blank lines are not rows
+        {"media": str(data_dir / "img" / "red.png"), "caption": "x"},  # 7
+        {"messages": [{"role": "user", "content": "hi"}]},  # 8: a dialogue in a caption stage
+        {"modality": "image", "media": str(data_dir / "img" / "blue.png"), "caption": "a blue square"},  # 9 ok
+    ]
+    path = _write_rows(tmp_path / "m.jsonl", rows)
+    req = requirements(1, [Modality.IMAGE, Modality.AUDIO], [Modality.IMAGE])
+    with caplog.at_level(logging.WARNING, logger="anymodal.training.data"):
+        m = load_manifest(path, req)
+    assert m.total == 8 and [r.line for r in m.records] == [1, 9]
+    reasons = {b.line: b.reason for b in m.bad}
+    assert sorted(reasons) == [2, 3, 4, 5, 7, 8]
+    assert "not valid JSON" in reasons[2] and "media file not found: missing.png" in reasons[3]
+    assert "unknown modality 'smell'" in reasons[4] and "caption must be a non-empty string" in reasons[5]
+    assert "missing field 'modality'" in reasons[7] and "trains on caption pairs" in reasons[8]
+    assert f"{path}:3: media file not found" in caplog.text
+    with pytest.raises(ValueError, match=r"6 of 8 rows are bad \(75.0%\).*line 2"):
+        m.check(0.5)
+    m.check(0.8)
+
+
+def test_dialogue_rows_are_checked(data_dir, tmp_path):
+    rows = [
+        {"messages": [{"role": "user", "content": "hi"}]},  # no assistant turn
+        {"messages": [{"role": "user", "content": [{"image": "img/red.png", "audio": "aud/440.wav"}]},
+                      {"role": "assistant", "content": "x"}]},
+        {"messages": [{"role": "user", "content": [{"video": "clip.mp4"}]}, {"role": "assistant", "content": "x"}]},
+        {"messages": [{"role": "robot", "content": "x"}]},
+        {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": [{"image": None}]}]},  # ok
+    ]
+    path = _write_rows(data_dir / "dlg_bad.jsonl", rows)
+    req = requirements(3, [Modality.IMAGE, Modality.AUDIO], [Modality.IMAGE])
+    m = load_manifest(path, req)
+    reasons = {b.line: b.reason for b in m.bad}
+    assert "at least one assistant turn" in reasons[1]
+    assert "exactly one modality key" in reasons[2]
+    assert "cannot read video" in reasons[3]
+    assert "role must be system, user or assistant" in reasons[4]
+    assert [r.line for r in m.records] == [5]
+
+
+def test_too_many_bad_rows_fail_the_run(data_dir, tmp_path):
+    rows = [{"modality": "image", "media": f"img/{n}.png", "caption": f"a {n} square"} for n in COLOURS]
+    rows += [{"modality": "image", "media": "img/nope.png", "caption": "x"}] * 2
+    path = _write_rows(data_dir / "half_bad.jsonl", rows)
+    with pytest.raises(ValueError, match=r"2 of 6 rows are bad .* more than training.max_bad_fraction \(10.0%\)"):
+        train(TINY, path, tmp_path / "run", stage=1, max_bad_fraction=0.1, **FAST)
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def test_undecodable_media_are_skipped_in_workers(data_dir, tmp_path):
+    rows = [{"modality": "image", "media": f"img/{n}.png", "caption": f"a {n} square"} for n in COLOURS]
+    rows.append({"modality": "image", "media": "img/corrupt.png", "caption": "noise"})  # line 5: exists, unreadable
+    path = _write_rows(data_dir / "corrupt.jsonl", rows)
+    result = train(TINY, path, tmp_path / "run", stage=1, max_steps=4, batch_size=5, num_workers=2,
+                   max_bad_fraction=0.3, **FAST)
+    assert result.bad_rows == 1 and result.steps == 4
+    assert result.samples == 4 * 4  # the bad row never reaches the model
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["bad_rows"] == 1
+    with pytest.raises(ValueError, match="1 of 5 rows are bad"):
+        train(TINY, path, tmp_path / "run2", stage=1, max_steps=2, batch_size=5, max_bad_fraction=0.1, **FAST)
+
+
+def test_dialogue_loss_mask_covers_assistant_turns_only():
+    from anymodal.processor import AnyModalProcessor, Message
+    from anymodal.tokenization import byte_level_tokenizer
+
+    proc = AnyModalProcessor(byte_level_tokenizer(), {Modality.IMAGE: 2}, {Modality.IMAGE: 1}, system_prompt="sys")
+    msgs = [Message("user", "hi <image>"), Message("assistant", "yo</s>"), Message("user", "more"),
+            Message("assistant", "<img_0><img_1></s>")]
+    text, spans = render_dialogue(proc, msgs)
+    assert [text[a:b] for a, b in spans] == [" yo</s>", " <img_0><img_1></s>"]
+    assert text.startswith("sys\n### Human: hi <image>\n")
+
+
+# ============================================================================ stages
+def test_stage1_trains_input_projectors_only(taught_dir, data_dir, tmp_path):
+    before = _fresh(taught_dir).model.state_dict()
+    result = train(taught_dir, data_dir / "images.jsonl", tmp_path / "s1", TRAINING / "tiny.yaml", stage=1,
+                   max_steps=40, batch_size=4, learning_rate=3e-2, **FAST)
+    first, last = _drop(result.losses)
+    assert last < 0.6 * first, result.losses  # about 0.16 -> 0.06
+    after = result.pipeline.model.state_dict()
+    n = _assert_frozen_equal(before, after, ("input_projectors.image",))
+    assert n > 100
+    assert not torch.equal(before["input_projectors.image.proj.weight"], after["input_projectors.image.proj.weight"])
+    # the saved result loads and reproduces the trained weights
+    again = _fresh(result.final_dir).model.state_dict()
+    assert all(torch.equal(after[k], again[k]) for k in after)
+
+
+def test_stage2_trains_output_projectors_and_signal_rows(data_dir, tmp_path):
+    before = _fresh().model.state_dict()
+    out = tmp_path / "s2"
+    result = train(TINY, data_dir / "captions.jsonl", out, TRAINING / "tiny.yaml", stage=2, max_steps=30,
+                   batch_size=7, **FAST)
+    first, last = _drop(result.losses)
+    assert last < 0.5 * first, result.losses
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {"ce", "align/image", "align/audio"} <= set(metrics[0])
+    for key in ("ce", "align/image", "align/audio"):
+        assert metrics[-1][key] < metrics[0][key], key
+    pipe = result.pipeline
+    signal = sorted(i for ids in pipe.processor.signal_ids.values() for i in ids)
+    after = pipe.model.state_dict()
+    _assert_frozen_equal(before, after, ("output_projectors.image", "output_projectors.audio"), signal_rows=signal)
+    emb = "language_model.model.embed_tokens.weight"
+    assert not torch.equal(before[emb][signal], after[emb][signal])  # the signal rows did train
+    video = [k for k in before if k.startswith("output_projectors.video")]
+    assert video and all(torch.equal(before[k], after[k]) for k in video)  # no video data: untouched
+    for m in ("image", "audio"):
+        k = f"output_projectors.{m}.out_proj.prompt_embeds.weight"
+        assert not torch.equal(before[k], after[k])
+    # targets are cached per generator and caption, and reused
+    cache = out / "target_cache"
+    dirs = sorted(p.name for p in cache.iterdir())
+    assert [d.split("-")[0] for d in dirs] == ["audio", "image"]
+    assert len(list((cache / dirs[1]).rglob("*.safetensors"))) == 4
+    from anymodal.training.data import TargetCache
+
+    tc = TargetCache(cache, {Modality.IMAGE: dirs[1]})
+    t = tc.load(Modality.IMAGE, "a red square")["prompt_embeds"]
+    ref = pipe.generators[Modality.IMAGE].encode_text(["a red square"])["prompt_embeds"][0]
+    assert torch.allclose(t, ref, atol=1e-6)
+    assert tc.fill(Modality.IMAGE, ["a red square"], lambda c: pytest.fail("recomputed a cached target")) == 0
+
+
+def test_stage2_denoising_loss_through_the_frozen_unet(data_dir, tmp_path):
+    before = _fresh().generators[Modality.IMAGE].pipeline.unet.state_dict()
+    result = train(TINY, data_dir / "images.jsonl", tmp_path / "dn", TRAINING / "tiny.yaml", stage=2, max_steps=3,
+                   batch_size=4, denoise_weight=1.0, **FAST)
+    metrics = [json.loads(line) for line in (tmp_path / "dn" / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(m["denoise/image"]) for m in metrics)
+    after = result.pipeline.generators[Modality.IMAGE].pipeline.unet.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_stage3_lora_trains_and_merge_lora_matches(data_dir, tmp_path):
+    from anymodal.cli import main
+    from anymodal.pipeline import AnyModalPipeline
+
+    before = _fresh().model.state_dict()
+    out = tmp_path / "s3"
+    result = train(TINY, data_dir / "dialogues.jsonl", out, TRAINING / "tiny.yaml", stage=3, max_steps=30,
+                   batch_size=9, **FAST)
+    first, last = _drop(result.losses)
+    assert last < 0.7 * first, result.losses
+    after = result.pipeline.model.state_dict()
+    assert any("lora_A" in k for k in after) and any("trainable_tokens_delta" in k for k in after)
+    _assert_frozen_equal(before, after, ("input_projectors", "output_projectors"))
+    final = result.final_dir
+    assert (final / "llm_adapter" / "adapter_model.safetensors").is_file()
+    assert not list(final.rglob("*.bin")) and not list(final.rglob("*.pt"))
+
+    unmerged = AnyModalPipeline.from_pretrained(final)
+    assert main(["merge-lora", str(final), "--out", str(tmp_path / "merged")]) == 0
+    merged = AnyModalPipeline.from_pretrained(tmp_path / "merged")
+    assert not (tmp_path / "merged" / "llm_adapter").exists()
+    from anymodal.processor import Message
+
+    ids = unmerged.processor([unmerged.processor.format([Message("user", "draw a red square")])])["input_ids"]
+    with torch.no_grad():
+        a = unmerged.model(ids, output_hidden_states=True)
+        b = merged.model(ids, output_hidden_states=True)
+    assert torch.allclose(a.logits, b.logits, atol=1e-4)
+    assert unmerged("draw a red square", seed=0).token_ids == merged("draw a red square", seed=0).token_ids
+
+
+def test_resume_after_interruption_gives_identical_weights(data_dir, tmp_path):
+    kwargs = dict(stage=3, max_steps=9, batch_size=3, gradient_accumulation_steps=2, save_every=4, device="cpu",
+                  progress=False)
+    whole = train(TINY, data_dir / "dialogues.jsonl", tmp_path / "a", TRAINING / "tiny.yaml", **kwargs)
+
+    class Interrupted(Exception):
+        pass
+
+    def stop(step: int, metrics: dict) -> None:
+        if step == 6:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        train(TINY, data_dir / "dialogues.jsonl", tmp_path / "b", TRAINING / "tiny.yaml", on_step=stop, **kwargs)
+    assert latest_checkpoint(tmp_path / "b").name == "step-00000004"
+    assert not list((tmp_path / "b" / "checkpoints").glob(".*"))  # no temporary directory left behind
+    with pytest.raises(ValueError, match="pass --resume"):
+        train(TINY, data_dir / "dialogues.jsonl", tmp_path / "b", TRAINING / "tiny.yaml", **kwargs)
+    resumed = train(TINY, data_dir / "dialogues.jsonl", tmp_path / "b", TRAINING / "tiny.yaml", resume=True, **kwargs)
+    assert resumed.losses == whole.losses[4:]
+    a, b = whole.pipeline.model.state_dict(), resumed.pipeline.model.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 10))
+
+
+def test_cli_train_and_errors(data_dir, tmp_path, capsys):
+    from anymodal.cli import main
+
+    rc = main(["train", "--stage", "1", "--config", str(TINY), "--data", str(data_dir / "captions.jsonl"),
+               "--out", str(tmp_path / "cli"), "--training-config", str(TRAINING / "tiny.yaml"),
+               "--max-steps", "2", "--device", "cpu", "--no-progress"])
+    assert rc == 0
+    assert "stage 1: 2 steps" in capsys.readouterr().out
+    assert (tmp_path / "cli" / "final" / "anymodal_index.json").is_file()
+    rc = main(["merge-lora", str(tmp_path / "cli" / "final"), "--out", str(tmp_path / "m")])
+    assert rc == 2 and "has no LoRA adapter" in capsys.readouterr().err
+
+
+def test_two_process_accelerate_launch(data_dir, tmp_path):
+    """``accelerate launch --multi_gpu --num_processes 2`` with ACCELERATE_USE_CPU=1 runs two gloo ranks."""
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "anymodal", "train",
+           "--stage", "2", "--config", str(TINY), "--data", str(data_dir / "captions.jsonl"), "--out", str(out),
+           "--training-config", str(TRAINING / "tiny.yaml"), "--max-steps", "4", "--batch-size", "2",
+           "--save-every", "2", "--no-progress"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    assert metrics[0]["samples"] == 2 * 2  # two processes, two rows each
+    ckpt = latest_checkpoint(out)
+    assert ckpt is not None and {p.name for p in ckpt.glob("random_states_*.pkl")} == {
+        "random_states_0.pkl", "random_states_1.pkl"}
+    assert (out / "final" / "anymodal_index.json").is_file()
