@@ -94,8 +94,8 @@ def train(config: str | os.PathLike | AnyModalConfig, data: str | os.PathLike, o
 
     tcfg = _training_config(training, stage=stage, max_steps=max_steps, **overrides)
     out = Path(out)
-    if tcfg.mixed_precision != "no" and (device == "cpu" or not torch.cuda.is_available()
-                                         or os.environ.get("ACCELERATE_USE_CPU")):
+    forced_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    if tcfg.mixed_precision != "no" and (device == "cpu" or forced_cpu or not torch.cuda.is_available()):
         raise ValueError(f"training.mixed_precision={tcfg.mixed_precision!r} needs a GPU; use 'no' on CPU "
                          "(bf16 matmuls on CPU are hundreds of times slower than fp32)")
     log_with = None
@@ -144,9 +144,10 @@ def train(config: str | os.PathLike | AnyModalConfig, data: str | os.PathLike, o
         targets = _fill_target_cache(accelerator, pipe, wanted, Path(tcfg.target_cache or out / "target_cache"))
     denoisers, denoise_fns = _denoisers(pipe, tcfg, set(wanted))
     preprocess = {m: model.encoder_for(m).preprocess for m in map(Modality, inputs)}
+    max_length = (tcfg.max_length or pipe.config.llm.max_length
+                  or getattr(model.llm_config, "max_position_embeddings", None))
     builder = SampleBuilder(tcfg.stage, pipe.processor, preprocess, tcfg.caption_prompt, tcfg.generation_prompt,
-                            tcfg.generation_response, targets, denoise_fns,
-                            tcfg.max_length or pipe.config.llm.max_length)
+                            tcfg.generation_response, targets, denoise_fns, max_length)
     dataset = ManifestDataset(manifest.records, builder)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=tcfg.batch_size, shuffle=True, num_workers=tcfg.num_workers,
@@ -365,7 +366,8 @@ def _fill_target_cache(accelerator: Any, pipe: Any, captions: dict[Modality, lis
     identities = {}
     for m in captions:
         gen = pipe.generators[m]
-        gen.to(accelerator.device)
+        if not gen.config.cpu_offload:  # an offloaded pipeline places its models itself
+            gen.to(accelerator.device)
         identities[m] = generator_identity(m, gen)
     cache = TargetCache(directory, identities)
     with accelerator.main_process_first():  # the main process computes; the others then find every entry
