@@ -411,3 +411,61 @@ def test_two_process_accelerate_launch(data_dir, tmp_path):
     assert ckpt is not None and {p.name for p in ckpt.glob("random_states_*.pkl")} == {
         "random_states_0.pkl", "random_states_1.pkl"}
     assert (out / "final" / "anymodal_index.json").is_file()
+
+
+def test_gradient_checkpointing_gives_the_same_losses(data_dir, tmp_path):
+    kwargs = dict(stage=3, max_steps=3, batch_size=4, **FAST)
+    plain = train(TINY, data_dir / "dialogues.jsonl", tmp_path / "a", TRAINING / "tiny.yaml", **kwargs)
+    ckpt = train(TINY, data_dir / "dialogues.jsonl", tmp_path / "b", TRAINING / "tiny.yaml",
+                 gradient_checkpointing=True, **kwargs)
+    assert ckpt.pipeline.model.language_model.is_gradient_checkpointing
+    np.testing.assert_allclose(ckpt.losses, plain.losses, rtol=1e-5)
+
+
+def test_stages_chain_through_saved_directories(data_dir, tmp_path, capsys):
+    from anymodal.cli import main
+    from anymodal.pipeline import AnyModalPipeline
+
+    common = ["--training-config", str(TRAINING / "tiny.yaml"), "--max-steps", "2", "--device", "cpu", "--no-progress"]
+    source = str(TINY)
+    for stage, data in ((1, "captions.jsonl"), (2, "captions.jsonl"), (3, "dialogues.jsonl")):
+        out = tmp_path / f"s{stage}"
+        assert main(["train", "--stage", str(stage), "--config", source, "--data", str(data_dir / data),
+                     "--out", str(out), *common]) == 0
+        source = str(out / "final")
+    pipe = AnyModalPipeline.from_pretrained(source)
+    assert pipe.config.llm.lora is not None
+    out = pipe("draw a red square", max_new_tokens=4, seed=0)
+    assert len(out.text) == 1
+
+
+def test_killed_subprocess_resumes_to_identical_weights(data_dir, tmp_path):
+    """SIGKILL a real training process after its first checkpoint, resume it, compare with a clean run."""
+    import signal
+    import time
+
+    args = ["--stage", "2", "--config", str(TINY), "--data", str(data_dir / "captions.jsonl"),
+            "--training-config", str(TRAINING / "tiny.yaml"), "--max-steps", "60", "--batch-size", "3",
+            "--save-every", "10", "--device", "cpu", "--no-progress"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "anymodal", "train", *args, "--out", str(killed)], env=env,
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while latest_checkpoint(killed) is None and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (killed / "final").exists()
+    from anymodal.cli import main
+
+    assert main(["train", *args, "--out", str(killed), "--resume"]) == 0
+    assert main(["train", *args, "--out", str(tmp_path / "clean")]) == 0
+    from safetensors.torch import load_file
+
+    for rel in ("output_projectors/image.safetensors", "output_projectors/audio.safetensors", "llm/model.safetensors"):
+        a, b = load_file(str(tmp_path / "clean" / "final" / rel)), load_file(str(killed / "final" / rel))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), rel
