@@ -313,6 +313,8 @@ def merge_results(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
     from .utils import atomic_write_text
 
     out_dir = Path(out_dir)
+    for stale in out_dir.glob(f".{RESULTS_NAME}.*.tmp"):  # a merge that was killed half-way
+        stale.unlink()
     records = sorted(_latest(out_dir).values(), key=lambda r: (r.get("index", 1 << 62)))
     atomic_write_text(out_dir / RESULTS_NAME, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     _fsync_dir(out_dir)
@@ -347,6 +349,30 @@ class _ResultsLog:
 
     def close(self) -> None:
         self._f.close()
+
+
+def _part_rank(path: Path) -> int | None:
+    m = re.fullmatch(r"results\.part(\d+)\.jsonl", path.name)
+    return int(m.group(1)) if m else None
+
+
+def _check_not_busy(path: Path) -> None:
+    """Raise :class:`BatchLockedError` if another process holds ``path``'s lock."""
+    try:
+        import fcntl
+    except ImportError:
+        return
+    try:
+        f = path.open("rb")
+    except FileNotFoundError:
+        return
+    with f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BatchLockedError(f"{path} is being written by another batch run (or by a worker that a killed "
+                                   "`accelerate launch` left running); stop it, or use another --out directory") from None
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -394,6 +420,20 @@ def _write_row(out, i: int, out_dir: Path, stem: str, video_format: str) -> dict
     return {kind: [f"{rel}/{n}" for n in ns] for kind, ns in names.items() if ns}
 
 
+def _remove_stale_temps(out_dir: Path, stems: set[str]) -> None:
+    """Remove the temporary directories that a killed run left for these rows (``outputs/.<stem>.*.tmp``).
+
+    Only this process's own rows: other processes may be writing theirs right now.
+    """
+    parent = out_dir / OUTPUTS_DIR
+    if not parent.is_dir():
+        return
+    for entry in parent.iterdir():
+        name = entry.name
+        if name.startswith(".") and name.endswith(".tmp") and name[1:].rsplit(".", 2)[0] in stems:
+            shutil.rmtree(entry, ignore_errors=True)
+
+
 def _fsync_file(path: Path) -> None:
     with path.open("rb") as f:
         os.fsync(f.fileno())
@@ -433,6 +473,17 @@ def run_batch(pipe: AnyModalPipeline, rows: Iterable[dict[str, Any] | InvalidLin
     out_dir.mkdir(parents=True, exist_ok=True)
     log_path = out_dir / (RESULTS_NAME if num_processes == 1 else f"results.part{process_index}.jsonl")
     log = _ResultsLog(log_path)  # locked first: a second run on the same directory stops here
+    # Results files that no process of this run writes must not be in use either (a run with a
+    # different number of processes, or workers a killed launcher left running).
+    others = [out_dir / RESULTS_NAME] if num_processes > 1 else []
+    others += [p for p in out_dir.glob(PART_PATTERN)
+               if num_processes == 1 or _part_rank(p) is None or _part_rank(p) >= num_processes]
+    try:
+        for path in others:
+            _check_not_busy(path)
+    except BaseException:
+        log.close()
+        raise
     bar = None
     try:
         done = {k: r for k, r in _latest(out_dir).items() if r["status"] == "done"}
@@ -450,6 +501,7 @@ def run_batch(pipe: AnyModalPipeline, rows: Iterable[dict[str, Any] | InvalidLin
             stem = names.stem(key)
             if index % num_processes == process_index:
                 mine.append((key, stem, index, data))
+        _remove_stale_temps(out_dir, {stem for _, stem, _, _ in mine})
         # Stems of rows done earlier, from their files: a changed input must not overwrite them.
         taken = {f.split("/")[1].lower(): k for k, r in done.items() for fs in r.get("files", {}).values()
                  for f in fs if f.count("/") >= 2}

@@ -171,12 +171,17 @@ def test_interrupted_run_resumes_without_loss_or_duplicates(pipe, tmp_path, monk
     first = [next(it) for _ in range(4)]  # stop between rows, mid-batch
     it.close()
     assert len(records(out)) == 4
-    # a kill mid-write leaves a torn last line; a crash mid-row leaves an unrecorded output directory
+    # a kill mid-write leaves a torn last line; a kill mid-row leaves a temporary or unrecorded output directory
     with (out / RESULTS_NAME).open("a") as f:
         f.write('{"key": "r009", "status": "do')
+    (out / "outputs" / ".r008.abc123.tmp").mkdir()
+    (out / "outputs" / ".r008.abc123.tmp" / "text.txt").write_text("half")
+    (out / "outputs" / "r009").mkdir(exist_ok=True)
+    (out / "outputs" / "r009" / "image_7.png").write_text("stale")
     resumed = list(run_batch(pipe, rows, out, batch_size=3, progress=False))
     assert [r.key for r in resumed if r.skipped] == [r.key for r in first]
     recs = check_complete(out, rows)
+    assert not (out / "outputs" / "r009" / "image_7.png").exists()
     single = list(run_batch(pipe, rows, tmp_path / "fresh", batch_size=3, progress=False))
     assert [r["text"] for r in recs] == [r.text for r in single]
     # a third run does nothing
@@ -281,3 +286,59 @@ def test_a_second_run_on_the_same_directory_is_refused(pipe, tmp_path):
         next(run_batch(pipe, rows, tmp_path / "out", progress=False))
     assert len(list(first)) == 2
     assert len(records(tmp_path / "out")) == 3
+    # a worker of an earlier multi-process run, still writing its part, also stops a new run
+    import fcntl
+
+    part = (tmp_path / "out" / "results.part1.jsonl").open("ab")
+    fcntl.flock(part.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        with pytest.raises(BatchLockedError, match="killed `accelerate launch`"):
+            next(run_batch(pipe, rows, tmp_path / "out", progress=False))
+    finally:
+        part.close()
+    assert all(r.skipped for r in run_batch(pipe, rows, tmp_path / "out", progress=False))
+
+
+@pytest.mark.slow
+def test_random_kills_of_single_and_two_process_runs(saved, tmp_path):
+    """SIGKILL runs at random moments, alternating one process and two under accelerate launch
+    (workers included, as a machine crash would); then finish. Nothing lost, nothing duplicated."""
+    import random
+
+    accelerate = Path(sys.executable).with_name("accelerate")
+    rng = random.Random(1)
+    rows = many_rows(120)
+    inp = write_rows(tmp_path / "rows.jsonl", rows)
+    out = tmp_path / "out"
+    single = [sys.executable, "-m", "anymodal", "batch", str(inp), "--out", str(out), "--model", str(saved),
+              "--no-progress"]
+    launch = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+              *single[1:]]
+
+    def lines() -> int:
+        return sum(f.read_bytes().count(b"\n") for f in out.glob("results*.jsonl")) if out.exists() else 0
+
+    for attempt in range(6):
+        cmd = (launch if attempt % 2 and accelerate.exists() else single) + ["--batch-size", str(rng.choice([1, 3]))]
+        proc = subprocess.Popen(cmd, cwd=ROOT, env={**ENV, "ACCELERATE_USE_CPU": "1"}, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+        before, deadline = lines(), time.time() + 90
+        while proc.poll() is None and lines() == before and time.time() < deadline:
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0, 0.3))
+        workers = subprocess.run(["pgrep", "-f", "--", f"--out {out}"], capture_output=True, text=True).stdout.split()
+        os.killpg(proc.pid, signal.SIGKILL)
+        for pid in workers:  # torchrun's workers live in their own sessions
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait()
+    assert lines() < len(rows)
+    run = subprocess.run(single + ["--batch-size", "8"], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    check_complete(out, rows)
+    names = {p.name for p in (out / "outputs").iterdir()}
+    assert names == {r["files"]["text"][0].split("/")[1] for r in records(out)}  # no stray directories
