@@ -256,14 +256,21 @@ def train(config: str | os.PathLike | AnyModalConfig, data: str | os.PathLike, o
 
     # 6. save the trained pipeline
     accelerator.wait_for_everyone()
-    stage_module = accelerator.unwrap_model(module)
-    if stage_module.signal_delta is not None:
-        stage_module.signal_delta.fold()
-        stage_module.signal_delta = None
-    pipe.model.eval()
     final = out / FINAL
+    if _sharded(accelerator):
+        # Each process holds a shard: gather a full state dict and save through a rebuilt pipeline.
+        full = accelerator.get_state_dict(module)
+        if main:
+            save_from_state_dict(config, tcfg, full, final)
+    else:
+        stage_module = accelerator.unwrap_model(module)
+        if stage_module.signal_delta is not None:
+            stage_module.signal_delta.fold()
+            stage_module.signal_delta = None
+        pipe.model.eval()
+        if main:
+            pipe.save_pretrained(final)
     if main:
-        pipe.save_pretrained(final)
         logger.info("saved the trained pipeline to %s", final)
     accelerator.wait_for_everyone()
     if log_with:
@@ -277,6 +284,38 @@ def train(config: str | os.PathLike | AnyModalConfig, data: str | os.PathLike, o
 
 
 # ============================================================================ helpers
+def _sharded(accelerator: Any) -> bool:
+    from accelerate import DistributedType
+
+    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+def save_from_state_dict(config: str | os.PathLike | AnyModalConfig, tcfg: TrainingConfig,
+                         state: dict[str, torch.Tensor], final: Path) -> Path:
+    """Rebuild the stage's model from ``config``, load a full training state dict into it, save it.
+
+    This is how a sharded run (FSDP, DeepSpeed ZeRO) saves: no process holds the whole model,
+    so rank 0 gathers the state dict (``accelerator.get_state_dict``) and writes it through a
+    fresh copy of the pipeline set up exactly as the stage set up its own.
+    """
+    from accelerate.utils import set_seed
+
+    from anymodal.pipeline import AnyModalPipeline
+
+    set_seed(tcfg.seed)
+    pipe = AnyModalPipeline.from_pretrained(config)
+    stage = setup_stage(pipe, tcfg)
+    own = stage.state_dict()
+    missing = [n for n, p in stage.named_parameters() if p.requires_grad and n not in state]
+    if missing:
+        raise ValueError(f"the gathered state dict lacks trained parameters, e.g. {missing[0]!r}")
+    stage.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    if stage.signal_delta is not None:
+        stage.signal_delta.fold()
+    pipe.model.eval()
+    return pipe.save_pretrained(final)
+
+
 def _training_config(training: TrainingConfig | str | os.PathLike | None, stage: int | None,
                      max_steps: int | None, **overrides: Any) -> TrainingConfig:
     """The run's settings: ``training`` with ``overrides`` applied (``stage``/``max_steps`` only when given)."""
