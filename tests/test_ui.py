@@ -105,6 +105,10 @@ def test_api_turns_media_and_errors(server):
         assert e.value.code == 404
     status, body = post(f"/api/sessions/{sid}/send", b"", {"Content-Type": f"multipart/form-data; boundary={boundary}"})
     assert status == 400 and "nothing to send" in body["error"]
+    garbage = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"x.png\"\r\n\r\n"
+               f"not a png\r\n--{boundary}--\r\n").encode()
+    status, body = post(f"/api/sessions/{sid}/send", garbage, {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert status == 400 and "cannot read image" in body["error"]
     status, body = post("/api/sessions/nope/send")
     assert status == 404
     with urllib.request.urlopen(f"{server}/api/sessions/{sid}") as r:

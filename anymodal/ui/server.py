@@ -33,7 +33,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from ..media import MediaError, save_image, save_video
+from ..media import save_image, save_video
 from ..modality import Modality
 from ..session import ChatSession, Turn
 from .page import PAGE
@@ -161,7 +161,7 @@ def create_app(pipe, media_dir: str | Path | None = None, seed: int | None = 0,
 
         try:
             return JSONResponse(await run_in_threadpool(generate))
-        except (ValueError, TypeError, MediaError, FileNotFoundError) as e:
+        except (ValueError, TypeError, OSError) as e:  # MediaError is a ValueError
             return JSONResponse({"error": str(e)}, status_code=400)
 
     async def media(request: Request) -> Response:
