@@ -50,10 +50,16 @@ def data_dir(tmp_path_factory) -> Path:
         t = np.arange(16000) / 16000
         sf.write(d / "aud" / f"{f}.wav", (0.5 * np.sin(2 * np.pi * f * t)).astype(np.float32), 16000)
     (d / "img" / "corrupt.png").write_bytes(b"this is not a png")
+    (d / "vid").mkdir()
+    for name, rgb in list(COLOURS.items())[:2]:  # a colour fading in over 6 frames
+        frames = [Image.new("RGB", (32, 32), tuple(int(c * k / 5) for c in rgb)) for k in range(6)]
+        frames[0].save(d / "vid" / f"{name}.gif", save_all=True, append_images=frames[1:], duration=100)
     captions = [{"modality": "image", "media": f"img/{n}.png", "caption": f"a {n} square"} for n in COLOURS]
     captions += [{"modality": "audio", "media": f"aud/{f}.wav", "caption": f"a {f} hz tone"} for f in TONES]
     _write_rows(d / "captions.jsonl", captions)
     _write_rows(d / "images.jsonl", captions[:4])
+    videos = [{"modality": "video", "media": f"vid/{n}.gif", "caption": f"{n} fades in"} for n in list(COLOURS)[:2]]
+    _write_rows(d / "all_inputs.jsonl", captions[:2] + captions[4:6] + videos)
     dialogues = []
     for n in COLOURS:
         dialogues.append({"messages": [{"role": "user", "content": ["what is this? ", {"image": f"img/{n}.png"}]},
@@ -286,6 +292,17 @@ def test_stage1_trains_input_projectors_only(taught_dir, data_dir, tmp_path):
     # the saved result loads and reproduces the trained weights
     again = _fresh(result.final_dir).model.state_dict()
     assert all(torch.equal(after[k], again[k]) for k in after)
+
+
+def test_stage1_trains_every_input_modality_present(data_dir, tmp_path):
+    before = _fresh().model.state_dict()
+    result = train(TINY, data_dir / "all_inputs.jsonl", tmp_path / "all", TRAINING / "tiny.yaml", stage=1,
+                   max_steps=2, batch_size=6, **FAST)
+    after = result.pipeline.model.state_dict()
+    _assert_frozen_equal(before, after, ("input_projectors",))
+    for m in ("image", "audio", "video"):
+        keys = [k for k in before if k.startswith(f"input_projectors.{m}.")]
+        assert any(not torch.equal(before[k], after[k]) for k in keys), m
 
 
 def test_stage2_trains_output_projectors_and_signal_rows(data_dir, tmp_path):
