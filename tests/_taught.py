@@ -5,9 +5,7 @@ Shared by the batch, session and UI tests. Building it takes a few seconds on on
 
 from __future__ import annotations
 
-
 import torch
-import yaml
 
 from conftest import CONFIGS, teach
 
@@ -23,24 +21,13 @@ EXAMPLES = [
 ]
 
 
-def tiny_media_config() -> dict:
-    """configs/tiny.yaml, with the tiny generators merged in while they still live in their own file."""
-    data = yaml.safe_load((CONFIGS / "tiny.yaml").read_text())
-    extra = CONFIGS / "tiny_generators.yaml"
-    if "generators" not in data and extra.is_file():
-        data.update(yaml.safe_load(extra.read_text()))
-    return data
-
-
 def taught_pipeline(examples: list[tuple[str, str]] = EXAMPLES):
     from anymodal import AnyModalConfig, AnyModalPipeline
 
     torch.manual_seed(0)
-    pipe = AnyModalPipeline.from_config(AnyModalConfig.from_dict(tiny_media_config()))
+    pipe = AnyModalPipeline.from_config(AnyModalConfig.from_yaml(CONFIGS / "tiny.yaml"))
     if not {"image", "audio"} <= {m.value for m in pipe.generators}:
-        import pytest
-
-        pytest.skip("configs/tiny.yaml has no image and audio generators yet")
+        raise RuntimeError("configs/tiny.yaml must have image and audio generators for these tests")
     teach(pipe, examples, steps=150, lr=1e-2)
     return pipe
 
