@@ -227,16 +227,17 @@ def test_killed_process_resumes_without_loss_or_duplicates(saved, tmp_path):
 
 
 # ---------------------------------------------------------------- CLI and scale-out
-def test_cli_summary_and_errors(saved, tmp_path):
+def test_cli_summary_and_errors(pipe, tmp_path, monkeypatch, capsys):
+    import anymodal.cli as cli
+
+    monkeypatch.setattr(cli, "load_pipeline", lambda *a: pipe)
     inp = write_rows(tmp_path / "rows.jsonl", [{"id": "a", "prompt": "draw a cat"}, {"id": "b", "prompt": ""}])
-    run = subprocess.run([sys.executable, "-m", "anymodal", "batch", str(inp), "--out", str(tmp_path / "o"),
-                          "--model", str(saved)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "1 done, 1 errors, 0 skipped" in run.stdout and "prompt is empty" in run.stdout
-    missing = subprocess.run([sys.executable, "-m", "anymodal", "batch", str(tmp_path / "nope.jsonl"), "--out",
-                              str(tmp_path / "o"), "--model", str(saved)], cwd=ROOT, env=ENV, capture_output=True,
-                             text=True, timeout=120)
-    assert missing.returncode == 2 and "batch input file not found" in missing.stderr
+    assert cli.main(["batch", str(inp), "--out", str(tmp_path / "o"), "--config", "tiny", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "1 done, 1 errors, 0 skipped" in out and "prompt is empty" in out
+    assert cli.main(["batch", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "o"), "--config", "tiny"]) == 2
+    assert "batch input file not found" in capsys.readouterr().err
+    assert cli.main(["batch", str(inp), "--out", str(tmp_path / "o"), "--config", "tiny", "--batch-size", "0"]) == 2
 
 
 def test_two_processes_under_accelerate_launch(pipe, saved, tmp_path):
