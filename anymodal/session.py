@@ -25,6 +25,7 @@ uses ``s + n`` for its ``n``-th reply, so a saved and reloaded session gives the
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -84,7 +85,10 @@ class ChatSession:
         self.system_prompt = system_prompt
         self.seed = seed
         self.max_new_tokens = max_new_tokens
-        self.settings = dict(settings or {})  # per-modality generation settings, as plain dicts
+        # per-modality generation settings, kept as plain dicts so that they save as JSON
+        self.settings = {str(Modality.parse(m).value): dataclasses.asdict(v) if dataclasses.is_dataclass(v) else dict(v)
+                         for m, v in (settings or {}).items()}
+        pipe._resolve_settings(self.settings)  # an unknown modality or field fails here, not on the first send
         self.turns: list[Turn] = []
         self.last_context_start = 0  # index into turns of the first turn the last prompt kept
 

@@ -164,3 +164,15 @@ def test_chat_repl(pipe, picture, tmp_path, monkeypatch, capsys):
     assert "no such file: nope.png" in err and "unknown command /bogus" in err
     loaded = ChatSession.load(tmp_path / "saved", pipe)
     assert len(loaded) == 4 and loaded.turns[2].images  # the attachment went with "hello"
+
+
+def test_session_settings_are_checked_and_saved(pipe, tmp_path):
+    from anymodal import ImageSettings
+
+    with pytest.raises(ValueError, match="allowed fields"):
+        ChatSession(pipe, settings={"image": {"steps": 3}})
+    session = ChatSession(pipe, settings={"image": ImageSettings(num_inference_steps=1, guidance_scale=1.0)})
+    assert session.send("draw a cat").images
+    loaded = ChatSession.load(session.save(tmp_path / "s"), pipe)
+    assert loaded.settings == {"image": {"num_inference_steps": 1, "guidance_scale": 1.0, "height": None,
+                                         "width": None}}
