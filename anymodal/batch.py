@@ -192,7 +192,7 @@ def read_rows(path: str | os.PathLike) -> Iterator[dict[str, Any] | InvalidLine]
 
 
 def _validate(pipe: AnyModalPipeline, data: dict[str, Any], key: str, index: int, stem: str,
-              base_dir: Path) -> _Row:
+              base_dir: Path, default_max_new_tokens: int | None = None) -> _Row:
     """Check everything about a row that can be checked before generating; raise :class:`RowError`."""
     if isinstance(data["id"], bool) or not isinstance(data["id"], (str, int)):
         raise RowError(f"'id' must be a string or an integer, got {data['id']!r}")
@@ -235,6 +235,7 @@ def _validate(pipe: AnyModalPipeline, data: dict[str, Any], key: str, index: int
     max_new = data.get("max_new_tokens")
     if max_new is not None and (isinstance(max_new, bool) or not isinstance(max_new, int) or max_new < 1):
         raise RowError(f"'max_new_tokens' must be a positive integer, got {max_new!r}")
+    max_new = max_new or default_max_new_tokens
     seed = data.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise RowError(f"'seed' must be an integer, got {seed!r}")
@@ -442,8 +443,8 @@ def _fsync_file(path: Path) -> None:
 # ==================================================================== the run
 def run_batch(pipe: AnyModalPipeline, rows: Iterable[dict[str, Any] | InvalidLine], out_dir: str | os.PathLike,
               batch_size: int = 8, *, seed: int | None = 0, base_dir: str | os.PathLike | None = None,
-              process_index: int = 0, num_processes: int = 1, video_format: str = "gif",
-              progress: bool | None = None) -> Iterator[RowResult]:
+              process_index: int = 0, num_processes: int = 1, max_new_tokens: int | None = None,
+              video_format: str = "gif", progress: bool | None = None) -> Iterator[RowResult]:
     """Generate every row not yet done, yielding a :class:`RowResult` per row as it is recorded.
 
     Args:
@@ -457,6 +458,7 @@ def run_batch(pipe: AnyModalPipeline, rows: Iterable[dict[str, Any] | InvalidLin
             and seed.
         seed: the default seed of rows that give none (media ``k`` of a row use ``seed + k``).
         base_dir: what relative media paths are relative to (default: the current directory).
+        max_new_tokens: for rows that give none (default: the config's ``llm.max_new_tokens``).
         process_index, num_processes: this process's shard; with more than one process, results
             go to ``results.part<process_index>.jsonl`` and :func:`merge_results` joins them.
         progress: show a tqdm bar (default: when stderr is a terminal).
@@ -538,7 +540,7 @@ def run_batch(pipe: AnyModalPipeline, rows: Iterable[dict[str, Any] | InvalidLin
                 if taken.get(stem.lower(), key) != key:
                     raise RowError(f"output name {stem!r} belongs to row {taken[stem.lower()]!r}, done by an earlier "
                                    "run of a different input; use a new --out directory or distinct ids")
-                row = _validate(pipe, data, key, index, stem, base)
+                row = _validate(pipe, data, key, index, stem, base, max_new_tokens)
             except RowError as e:
                 yield record(RowResult(key, row_id, index, "error", error=str(e)))
                 continue
@@ -626,6 +628,8 @@ def _batch_args(p: argparse.ArgumentParser) -> None:
     _model_args(p)
     p.add_argument("--batch-size", type=int, default=8, help="rows per pipeline call (default 8)")
     p.add_argument("--seed", type=int, default=0, help="seed of rows that give none (default 0)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="for rows that give none (default: the config's llm.max_new_tokens)")
     p.add_argument("--video-format", choices=["gif", "mp4"], default="gif")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -640,6 +644,8 @@ def _batch(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"batch input file not found: {input_path}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be a positive integer, got {args.batch_size}")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be a positive integer, got {args.max_new_tokens}")
     state = _distributed_state()
     rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
     device = args.device
@@ -653,7 +659,8 @@ def _batch(args: argparse.Namespace) -> int:
     try:
         for result in run_batch(pipe, read_rows(input_path), out_dir, args.batch_size, seed=args.seed,
                                 base_dir=input_path.parent, process_index=rank, num_processes=world,
-                                video_format=args.video_format, progress=not args.no_progress):
+                                max_new_tokens=args.max_new_tokens, video_format=args.video_format,
+                                progress=not args.no_progress):
             summary.add(result)
     except BatchLockedError as e:
         print(f"anymodal batch: error: {e}", file=sys.stderr)

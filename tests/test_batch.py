@@ -238,6 +238,10 @@ def test_cli_summary_and_errors(pipe, tmp_path, monkeypatch, capsys):
     assert cli.main(["batch", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "o"), "--config", "tiny"]) == 2
     assert "batch input file not found" in capsys.readouterr().err
     assert cli.main(["batch", str(inp), "--out", str(tmp_path / "o"), "--config", "tiny", "--batch-size", "0"]) == 2
+    # --max-new-tokens applies to rows that give none
+    assert cli.main(["batch", str(inp), "--out", str(tmp_path / "short"), "--config", "tiny", "--no-progress",
+                     "--max-new-tokens", "3"]) == 0
+    assert records(tmp_path / "short")[0]["text"] == "a c"
 
 
 def test_two_processes_under_accelerate_launch(pipe, saved, tmp_path):
