@@ -153,7 +153,7 @@ def browser():
 
 
 @pytest.mark.browser
-def test_browser_chat_shows_generated_image_and_playable_audio(server, browser, tmp_path):
+def test_browser_chat_shows_generated_image_and_playable_audio(browser, server, tmp_path):  # browser first: skip early
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as EC
     from selenium.webdriver.support.ui import WebDriverWait
