@@ -77,6 +77,9 @@ def test_image_generator_resumes_bit_identically(tokenizer_dir: Path, tmp_path: 
         assert r.status == "stopped" and "--resume" in r.message
         with pytest.raises(ValueError, match="--resume"):
             T.train(part, phases=["image-generator"], config=cfg, results_dir=None, progress=False)
+        with pytest.raises(ValueError, match="steps differ"):
+            T.train(part, phases=["image-generator"], config=cfg, results_dir=None, progress=False, resume=True,
+                    overrides=["image_generator.steps=6"])
         [r] = T.train(part, phases=["image-generator"], config=cfg, results_dir=None, progress=False, resume=True)
         assert r.status == "done"
         resumed = _weights(part / "image-generator")
@@ -142,6 +145,14 @@ def test_cli_and_errors(tmp_path: Path, capsys):
         T.ToyworldTrainConfig.preset("huge")
     with pytest.raises(ValueError, match="caption_dropout"):
         T.ImageGeneratorPhase(caption_dropout=1.5)
+    smoke = T.ToyworldTrainConfig.preset("smoke")
+    changed = smoke.with_overrides(["image_generator.steps=7", "image_generator.lr=2e-3", "tokenizer.seed=1"])
+    assert (changed.image_generator.steps, changed.image_generator.lr, changed.tokenizer.seed) == (7, 2e-3, 1)
+    for bad, match in [("image_generator.steps", "section.field=value"), ("vae.steps=3", "unknown section"),
+                       ("image_generator.stepz=3", "no field 'stepz'"), ("image_generator.steps=abc", "takes a int"),
+                       ("image_generator.steps=0", "positive")]:
+        with pytest.raises(ValueError, match=match):
+            smoke.with_overrides([bad])
 
 
 def test_cosine_lr_and_atomic_dir(tmp_path: Path):

@@ -23,6 +23,9 @@ def _toyworld_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--resume", action="store_true", help="continue unfinished phases from their last checkpoint")
     t.add_argument("--preset", choices=PRESETS, default="default",
                    help="'default' (the real recipe) or 'smoke' (seconds; checks an installation)")
+    t.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", dest="overrides",
+                   help="override a setting of the preset (repeatable), e.g. image_generator.steps=2000; "
+                        "resume with the same overrides")
     t.add_argument("--results", default="bench/results",
                    help="where toyworld-<phase>.json evaluation summaries go (default: bench/results)")
     t.add_argument("--threads", type=int, default=None,
@@ -44,7 +47,8 @@ def toyworld_command(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     results = train(args.out, phases=args.phase, config=args.preset, max_minutes=args.max_minutes,
-                    resume=args.resume, results_dir=args.results, progress=not args.no_progress)
+                    resume=args.resume, results_dir=args.results, progress=not args.no_progress,
+                    overrides=args.overrides)
     for r in results:
         print(r.message)
         if r.figures:

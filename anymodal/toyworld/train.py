@@ -78,18 +78,19 @@ class TokenizerPhase:
 
 
 def _default_vae() -> dict[str, Any]:
-    # Three blocks: 64x64x3 -> 16x16x4 (12x fewer numbers). The world's images are flat colours with
-    # sharp edges, which a narrow VAE reconstructs; no mid-block attention (nothing global to model).
-    return {"in_channels": 3, "out_channels": 3, "latent_channels": 4,
+    # Three blocks: 64x64x3 -> 16x16x8 (6x fewer numbers; with 4 latent channels a short run kept
+    # neither colours nor corners). The world's images are flat colours with sharp edges, which a
+    # narrow VAE reconstructs; no mid-block attention (nothing global to model).
+    return {"in_channels": 3, "out_channels": 3, "latent_channels": 8,
             "down_block_types": ["DownEncoderBlock2D"] * 3, "up_block_types": ["UpDecoderBlock2D"] * 3,
-            "block_out_channels": [16, 32, 64], "layers_per_block": 1, "norm_num_groups": 8,
+            "block_out_channels": [8, 16, 32], "layers_per_block": 1, "norm_num_groups": 4,
             "sample_size": world.IMAGE_SIZE, "mid_block_add_attention": False}
 
 
 def _default_unet() -> dict[str, Any]:
     # shared/ENVIRONMENT.md's recipe (channels 32/64/64, one layer per block, two cross-attention
-    # down blocks, cross-attention width 64, 8 norm groups) on the VAE's 16x16x4 latents.
-    return {"sample_size": 16, "in_channels": 4, "out_channels": 4, "layers_per_block": 1,
+    # down blocks, cross-attention width 64, 8 norm groups) on the VAE's 16x16x8 latents.
+    return {"sample_size": 16, "in_channels": 8, "out_channels": 8, "layers_per_block": 1,
             "block_out_channels": [32, 64, 64],
             "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
             "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
@@ -113,13 +114,16 @@ class ImageGeneratorPhase:
     text_encoder: dict[str, Any] = field(default_factory=_default_text_encoder)
     prompt_length: int = 24  # tokens the pipeline pads prompts to (<= text_encoder.max_position_embeddings)
     # VAE: reconstruction (L1 + MSE) plus a small KL, as in Stable Diffusion's first stage.
-    vae_steps: int = 800
+    vae_steps: int = 1500
     vae_batch_size: int = 32
+    # The VAE is all convolutions, so it trains on random crops (4x cheaper at 32 of 64 px) and
+    # still encodes whole images; crops start on the latent grid.
+    vae_crop: int = 32
     vae_lr: float = 1e-3
     kl_weight: float = 1e-6
     # UNet + text encoder
-    steps: int = 4000
-    batch_size: int = 64
+    steps: int = 2000
+    batch_size: int = 32
     lr: float = 1e-3
     warmup_steps: int = 100
     weight_decay: float = 1e-2
@@ -166,7 +170,7 @@ class ToyworldTrainConfig:
         if name == "default":
             return cls()
         if name == "smoke":
-            vae = _default_vae() | {"block_out_channels": [8, 8, 8], "norm_num_groups": 4}
+            vae = _default_vae() | {"block_out_channels": [8, 8, 8]}
             unet = _default_unet() | {"block_out_channels": [16, 16, 16], "norm_num_groups": 4,
                                       "cross_attention_dim": 16}
             text = _default_text_encoder() | {"hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2,
@@ -180,6 +184,37 @@ class ToyworldTrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def with_overrides(self, overrides: Sequence[str]) -> "ToyworldTrainConfig":
+        """A copy with ``section.field=value`` overrides applied (values parsed as YAML),
+        e.g. ``image_generator.steps=2000`` or ``image_generator.unet={...}``."""
+        import yaml
+
+        sections = {f.name: getattr(self, f.name) for f in fields(self)}
+        for item in overrides:
+            key, sep, raw = item.partition("=")
+            section, dot, name = key.strip().partition(".")
+            if not sep or not dot:
+                raise ValueError(f"override {item!r} must look like section.field=value, e.g. image_generator.steps=2000")
+            if section not in sections:
+                raise ValueError(f"override {item!r}: unknown section {section!r}; expected one of: "
+                                 f"{', '.join(sections)}")
+            known = {f.name: f for f in fields(sections[section])}
+            if name not in known:
+                raise ValueError(f"override {item!r}: {section} has no field {name!r}; expected one of: "
+                                 f"{', '.join(known)}")
+            value = yaml.safe_load(raw)
+            current = getattr(sections[section], name)
+            if isinstance(current, float) and not isinstance(value, bool):
+                try:  # YAML reads 1e-3 (no dot) as a string
+                    value = float(value)
+                except (TypeError, ValueError):
+                    pass
+            if type(value) is not type(current):
+                raise ValueError(f"override {item!r}: {section}.{name} takes a {type(current).__name__}, "
+                                 f"got {type(value).__name__}")
+            sections[section] = replace(sections[section], **{name: value})  # __post_init__ validates
+        return replace(self, **sections)
 
 
 PRESETS: tuple[str, ...] = ("default", "smoke")
@@ -455,6 +490,14 @@ def _build_image_models(cfg: ImageGeneratorPhase, tokenizer: Any) -> dict[str, t
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         vae = AutoencoderKL(**cfg.vae)
+        if vae.quant_conv is not None:
+            # Start the posterior nearly deterministic (std e^-6): a fresh VAE's std of 1 buries
+            # the means under noise and a short training run then learns only blurry averages.
+            # The KL term may still widen it; the pipeline decodes the latents it is given.
+            c = vae.config.latent_channels
+            with torch.no_grad():
+                vae.quant_conv.weight[c:].zero_()
+                vae.quant_conv.bias[c:].fill_(-12.0)
         unet = UNet2DConditionModel(**cfg.unet)
         text_config = CLIPTextConfig(**{"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
                                         "eos_token_id": tokenizer.eos_token_id,
@@ -550,10 +593,17 @@ def train_image_generator(out: Path, cfg: ImageGeneratorPhase, log: JsonlLog, co
     # ---------------------------------------------------------------- 1. the VAE
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    grid = 2 ** (len(vae.config.block_out_channels) - 1)
+    crop = min(cfg.vae_crop, world.IMAGE_SIZE)
+    if crop % grid:
+        raise ValueError(f"image_generator.vae_crop ({crop}) must be a multiple of the VAE's downsampling ({grid})")
 
     def vae_step(step: int) -> float:
         idx = torch.randint(len(pixels), (cfg.vae_batch_size,), generator=gen)
         x = pixels[idx]
+        if crop < x.shape[-1]:
+            y0, x0 = (torch.randint((x.shape[-1] - crop) // grid + 1, (2,), generator=gen) * grid).tolist()
+            x = x[:, :, y0:y0 + crop, x0:x0 + crop]
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample(generator=gen)).sample
         loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + cfg.kl_weight * posterior.kl().mean()
@@ -677,6 +727,19 @@ def _phase_seconds(log: JsonlLog, stage: str) -> tuple[float, int, float | None]
     return (mean or 0.0, max(steps) if steps else 0, mean)
 
 
+def _check_same_config(path: Path, current: dict[str, Any], phase: str) -> None:
+    """Record a phase's settings at its first start; a resumed run must use the same ones."""
+    current = json.loads(json.dumps(current))  # tuples -> lists, as stored
+    if not path.exists():
+        atomic_write_text(path, json.dumps(current, indent=2) + "\n")
+        return
+    saved = json.loads(path.read_text())
+    changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    if changed:
+        raise ValueError(f"{phase}: the unfinished run in {path.parent} was started with other settings "
+                         f"({', '.join(changed)} differ); resume with the same preset and --set overrides")
+
+
 def run_phase(phase: str, out: Path, cfg: ToyworldTrainConfig, control: RunControl, results_dir: Path | None,
               resume: bool) -> PhaseResult:
     """Run (or resume) one phase; returns what happened. Raises ``ValueError`` on misuse."""
@@ -690,6 +753,8 @@ def run_phase(phase: str, out: Path, cfg: ToyworldTrainConfig, control: RunContr
     if state_dir.exists() and any(state_dir.iterdir()) and not resume:
         raise ValueError(f"{state_dir} holds an unfinished run; pass --resume to continue it, or choose another --out")
     state_dir.mkdir(parents=True, exist_ok=True)
+    _check_same_config(state_dir / "config.json", asdict(cfg.tokenizer if phase == "tokenizer"
+                                                         else cfg.image_generator), phase)
     log = JsonlLog(out / "logs" / f"{phase}.jsonl")
     t0 = time.time()
     phase_cfg: Any
@@ -730,14 +795,17 @@ def run_phase(phase: str, out: Path, cfg: ToyworldTrainConfig, control: RunContr
 def train(out: str | os.PathLike = "runs/toyworld", phases: Sequence[str] | None = None,
           config: ToyworldTrainConfig | str = "default", max_minutes: float | None = None, resume: bool = False,
           results_dir: str | os.PathLike | None = "bench/results", progress: bool = True,
-          stop_at_step: int | None = None) -> list[PhaseResult]:
+          stop_at_step: int | None = None, overrides: Sequence[str] = ()) -> list[PhaseResult]:
     """Train the requested phases (default: all, in order) into ``out``.
 
     ``max_minutes`` bounds this invocation's wall time: the running phase checkpoints and stops,
-    and a later call with ``resume=True`` carries on. ``stop_at_step`` (for tests) stops every
+    and a later call with ``resume=True`` carries on. ``overrides`` are ``section.field=value``
+    strings (see :meth:`ToyworldTrainConfig.with_overrides`); a resumed run must use the same
+    ones. ``stop_at_step`` (for tests) stops every
     training loop of the current phase once it reaches that step.
     """
     cfg = ToyworldTrainConfig.preset(config) if isinstance(config, str) else config
+    cfg = cfg.with_overrides(overrides)
     order = list(PHASES) if not phases else list(dict.fromkeys(phases))
     for p in order:
         if p not in PHASES:
