@@ -63,7 +63,9 @@ def make_data(d: Path, rows: int) -> dict[int, Path]:
 
 
 def run(stage: int, processes: int, data: Path, out: Path, args: argparse.Namespace) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false",
+    threads = str(args.threads)  # BLAS pools too: numpy's feature extraction would oversubscribe the cores
+    env = dict(os.environ, OMP_NUM_THREADS=threads, OPENBLAS_NUM_THREADS=threads, MKL_NUM_THREADS=threads,
+               TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
     train = ["-m", "anymodal", "train", "--stage", str(stage), "--config", str(ROOT / "configs" / "tiny.yaml"),
              "--data", str(data), "--out", str(out), "--training-config",
@@ -117,6 +119,7 @@ def main() -> None:
         p.error("--device cuda: no GPU is visible")
     procs = args.processes or ([1, 2] if args.device == "cpu" or torch.cuda.device_count() >= 2 else [1])
     results = []
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         files = make_data(Path(tmp) / "data", args.rows)
         for stage in args.stages:
@@ -127,6 +130,8 @@ def main() -> None:
     device = torch.cuda.get_device_name(0) if args.device == "cuda" else platform.processor() or platform.machine()
     report = {"benchmark": "training throughput, tiny config", "device": args.device, "device_name": device,
               "cpu_count": os.cpu_count(), "torch": torch.__version__, "threads_per_process": args.threads,
+              # the machine may be shared: other work competes with the processes measured
+              "load_average_1min_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
               "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "results": results}
     existing = json.loads(args.out.read_text()) if args.out.is_file() else {}
     existing = existing if isinstance(existing, dict) and "runs" in existing else {"runs": {}}

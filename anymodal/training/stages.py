@@ -137,9 +137,15 @@ def apply_lora(pipe: Any, training: TrainingConfig, token_ids: list[int]) -> Non
 
     lm = pipe.model.language_model
     if isinstance(lm, PeftModel):
+        has_tokens = False
         for name, p in lm.named_parameters():
             if "lora_" in name or "trainable_tokens_delta" in name:
                 p.requires_grad_(True)
+                has_tokens = has_tokens or "trainable_tokens_delta" in name
+        logger.info("the LLM already carries a LoRA adapter; training it further")
+        if token_ids and not has_tokens:
+            logger.warning("the existing adapter has no trainable token rows, so the signal-token rows stay "
+                           "frozen; give LoRA settings in the training config, not llm.lora, to train them")
         return
     lc = training.lora or pipe.config.llm.lora or LoraConfig()
     kwargs: dict[str, Any] = {}
