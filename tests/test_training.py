@@ -176,6 +176,15 @@ def test_bad_training_config_raises(fields, message):
         TrainingConfig.from_dict(fields)
 
 
+def test_tensorboard_without_the_package_is_a_clear_error(data_dir, tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is not None:
+        pytest.skip("tensorboard is installed")
+    with pytest.raises(ValueError, match="needs the tensorboard package"):
+        train(TINY, data_dir / "images.jsonl", tmp_path / "run", stage=1, tensorboard=True, **FAST)
+
+
 def test_mixed_precision_needs_a_gpu(data_dir, tmp_path):
     with pytest.raises(ValueError, match="needs a GPU"):
         train(TINY, data_dir / "images.jsonl", tmp_path / "run", stage=1, mixed_precision="bf16", **FAST)
@@ -249,6 +258,9 @@ def test_undecodable_media_are_skipped_in_workers(data_dir, tmp_path):
     assert result.samples == 4 * 4  # the bad row never reaches the model
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["bad_rows"] == 1
+    # a batch whose only row is bad still steps (every process must), but logs no loss
+    alone = train(TINY, path, tmp_path / "alone", stage=1, max_steps=5, batch_size=1, max_bad_fraction=0.3, **FAST)
+    assert alone.bad_rows == 1 and sum(np.isnan(alone.losses)) == 1 and alone.samples == 4
     with pytest.raises(ValueError, match="1 of 5 rows are bad"):
         train(TINY, path, tmp_path / "run2", stage=1, max_steps=2, batch_size=5, max_bad_fraction=0.1, **FAST)
 

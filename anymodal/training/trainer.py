@@ -219,7 +219,8 @@ def train(config: str | os.PathLike | AnyModalConfig, data: str | os.PathLike, o
                     accelerator.clip_grad_norm_(params, tcfg.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            step_losses.append({k: v.detach() for k, v in losses.items()})
+            if batch.size:  # an all-bad batch steps with a zero loss (processes stay in step) but is not logged
+                step_losses.append({k: v.detach() for k, v in losses.items()})
             step_samples += batch.size
             if not accelerator.sync_gradients:
                 continue
@@ -233,14 +234,15 @@ def train(config: str | os.PathLike | AnyModalConfig, data: str | os.PathLike, o
                            samples_per_s=n / max(now - last_time, 1e-9), bad_rows=len(manifest.bad) + len(bad_lines))
             last_time = now
             step_losses, step_samples = [], 0
-            result.losses.append(metrics["loss"])
+            result.losses.append(metrics.get("loss", float("nan")))
             if main and state.step % tcfg.log_every == 0:
                 _append_metrics(out / METRICS_NAME, metrics)
             if log_with:
                 accelerator.log({k: v for k, v in metrics.items() if isinstance(v, float)}, step=state.step)
             if progress is not None:
                 progress.update(1)
-                progress.set_postfix(loss=f"{metrics['loss']:.4f}", samples_s=f"{metrics['samples_per_s']:.1f}")
+                progress.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}",
+                                     samples_s=f"{metrics['samples_per_s']:.1f}")
             if tcfg.save_every and state.step % tcfg.save_every == 0 and state.step < total_steps:
                 state.bad_lines = sorted(bad_lines)
                 save_checkpoint(accelerator, out, state, tcfg.keep_checkpoints)
