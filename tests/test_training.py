@@ -201,7 +201,7 @@ def test_bad_rows_are_reported_with_line_numbers_and_skipped(data_dir, tmp_path,
         "",  # blank lines are not rows
         {"media": str(data_dir / "img" / "red.png"), "caption": "x"},  # 7
         {"messages": [{"role": "user", "content": "hi"}]},  # 8: a dialogue in a caption stage
-        {"modality": "image", "media": str(data_dir / "img" / "blue.png"), "caption": "a blue square"},  # 9 ok
+        {"id": 9, "modality": "image", "media": str(data_dir / "img" / "blue.png"), "caption": "a blue square"},  # ok
     ]
     path = _write_rows(tmp_path / "m.jsonl", rows)
     req = requirements(1, [Modality.IMAGE, Modality.AUDIO], [Modality.IMAGE])

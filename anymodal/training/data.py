@@ -188,9 +188,7 @@ def _caption(value: Any) -> str:
 
 
 def _parse_caption(row: dict, line_no: int, root: Path, req: ManifestRequirements) -> CaptionRecord:
-    unknown = sorted(set(row) - {"modality", "media", "caption"})
-    if unknown:
-        raise _Bad(f"unknown field {unknown[0]!r} (a caption pair has modality, media, caption)")
+    # Other fields (an id, a duration, a licence) are the dataset's own and are ignored.
     if "modality" not in row:
         raise _Bad("missing field 'modality'")
     allowed = req.input_modalities if req.caption_role == "input" else req.output_modalities
