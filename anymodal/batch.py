@@ -229,7 +229,7 @@ def _validate(pipe: AnyModalPipeline, data: dict[str, Any], key: str, index: int
     if not isinstance(settings, dict):
         raise RowError(f"'settings' must be an object keyed by modality, got {type(settings).__name__}")
     try:
-        pipe._resolve_settings(settings)  # raises on an unknown modality or field, or a bad value
+        pipe.resolve_settings(settings)  # raises on an unknown modality or field, or a bad value
     except (ValueError, TypeError) as e:
         raise RowError(f"bad settings: {e}") from None
     max_new = data.get("max_new_tokens")

@@ -271,7 +271,7 @@ class AnyModalPipeline:
         if not conversations:
             raise ValueError("nothing to generate: no prompts were given")
         max_new_tokens = max_new_tokens or self.config.llm.max_new_tokens
-        gen_settings = self._resolve_settings(settings)
+        gen_settings = self.resolve_settings(settings)
         progress = sys.stderr.isatty() if progress is None else progress
 
         # 2. format text and place media
@@ -329,7 +329,9 @@ class AnyModalPipeline:
         out.text = [self.processor.split_output(seq)[0] for seq in result.sequences]
         return out
 
-    def _resolve_settings(self, settings: Any) -> dict[Modality, Any]:
+    def resolve_settings(self, settings: Any) -> dict[Modality, Any]:
+        """Per-modality settings (dict by modality, or a list of settings dataclasses) merged with the
+        generators' defaults; raises on an unknown modality, field or value."""
         if settings is None:
             raw: dict = {}
         elif isinstance(settings, dict):

@@ -88,7 +88,7 @@ class ChatSession:
         # per-modality generation settings, kept as plain dicts so that they save as JSON
         self.settings = {str(Modality.parse(m).value): dataclasses.asdict(v) if dataclasses.is_dataclass(v) else dict(v)
                          for m, v in (settings or {}).items()}
-        pipe._resolve_settings(self.settings)  # an unknown modality or field fails here, not on the first send
+        pipe.resolve_settings(self.settings)  # an unknown modality or field fails here, not on the first send
         self.turns: list[Turn] = []
         self.last_context_start = 0  # index into turns of the first turn the last prompt kept
 
