@@ -290,6 +290,37 @@ def test_dialogue_loss_mask_with_a_chat_template():
     assert [text[a:b] for a, b in spans] == ["yo<|im_end|>", "<img_0><|im_end|>"]
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_signal_token_delta_trains_only_its_rows_and_folds_exactly(tied):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from anymodal.training.stages import SignalTokenDelta
+
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, vocab_size=40,
+                                      tie_word_embeddings=tied)).eval()
+    lm.requires_grad_(False)
+    before = {k: v.clone() for k, v in lm.state_dict().items()}
+    delta = SignalTokenDelta(lm, [37, 38])
+    assert (delta.delta_out is None) == tied
+    ids = torch.tensor([[1, 5, 37, 38, 2]])
+    opt = torch.optim.AdamW(delta.parameters(), lr=0.1, weight_decay=0.1)
+    for _ in range(3):
+        loss = lm(ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert all(torch.equal(before[k], v) for k, v in lm.state_dict().items())  # nothing moved under the hooks
+    with torch.no_grad():
+        hooked = lm(ids).logits
+        delta.fold()
+        folded = lm(ids).logits
+    assert torch.allclose(hooked, folded, atol=1e-5)
+    changed = (lm.model.embed_tokens.weight != before["model.embed_tokens.weight"]).any(dim=1).nonzero().flatten()
+    assert changed.tolist() == [37, 38]
+
+
 # ============================================================================ stages
 def test_stage1_trains_input_projectors_only(taught_dir, data_dir, tmp_path):
     before = _fresh(taught_dir).model.state_dict()
