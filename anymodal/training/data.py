@@ -114,8 +114,8 @@ class Manifest:
                              f"than training.max_bad_fraction ({max_bad_fraction:.1%})" + (f"; first: {first}" if first else ""))
 
 
-def load_manifest(path: str | os.PathLike, req: ManifestRequirements) -> Manifest:
-    """Read a JSONL manifest; bad rows are logged with their line number and collected, not raised."""
+def load_manifest(path: str | os.PathLike, req: ManifestRequirements, log: bool = True) -> Manifest:
+    """Read a JSONL manifest; bad rows are logged (``log``) with their line number and collected, not raised."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"manifest not found: {path}")
@@ -132,7 +132,8 @@ def load_manifest(path: str | os.PathLike, req: ManifestRequirements) -> Manifes
                 records.append(_parse_row(line, line_no, root, req))
             except _Bad as e:
                 bad.append(BadRow(line_no, str(e)))
-                logger.warning("%s:%d: %s; row skipped", path, line_no, e)
+                if log:
+                    logger.warning("%s:%d: %s; row skipped", path, line_no, e)
     return Manifest(path, records, bad, total)
 
 

@@ -136,7 +136,7 @@ def train(config: str | os.PathLike | AnyModalConfig, data: str | os.PathLike, o
 
     # 3. data
     req = requirements(tcfg.stage, [Modality(m) for m in inputs], outputs, denoise=tcfg.denoise_weight > 0)
-    manifest = load_manifest(data, req)
+    manifest = load_manifest(data, req, log=main)  # every process reads it; one reports it
     manifest.check(tcfg.max_bad_fraction)
     wanted = _output_captions(manifest.records, captions_are_outputs=tcfg.stage == 2)
     targets = None
