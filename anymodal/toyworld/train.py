@@ -56,7 +56,14 @@ from ..modality import Modality
 from ..utils import atomic_write_text
 from . import checkers, world
 
-PHASES: tuple[str, ...] = ("tokenizer", "image-generator")
+PHASES: tuple[str, ...] = ("tokenizer", "image-generator", "audio-generator")
+
+# The audio front end: a log-mel spectrogram of magnitudes (HTK mel bands without normalisation,
+# the checkers' filterbank), n_fft 1024 and hop 256 at 16 kHz: 64 frames x 64 bands per clip.
+# Features are (log(max(mel, 1e-5)) + MEL_SHIFT) / MEL_SCALE, about -1.4 (silence) to 1.4.
+MEL_NFFT, MEL_HOP, MEL_BANDS = 1024, 256, 64
+MEL_FRAMES = world.CLIP_SAMPLES // MEL_HOP
+MEL_FLOOR, MEL_SHIFT, MEL_SCALE = 1e-5, 3.0, 6.0
 SPECIAL_TOKENS: tuple[str, ...] = ("[PAD]", "[UNK]", "<s>", "</s>")
 
 
@@ -139,15 +146,7 @@ class ImageGeneratorPhase:
     guidance_scale: float = 3.0
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and f.name not in (
-                    "seed", "kl_weight", "weight_decay", "caption_dropout", "eval_every", "warmup_steps"):
-                _check_positive(f"image_generator.{f.name}", value)
-        if not 0.0 <= self.caption_dropout < 1.0:
-            raise ValueError(f"image_generator.caption_dropout must be in [0, 1), got {self.caption_dropout!r}")
-        if not 0.0 < self.ema_decay < 1.0:
-            raise ValueError(f"image_generator.ema_decay must be in (0, 1), got {self.ema_decay!r}")
+        _check_recipe("image_generator", self)
         positions = self.text_encoder.get("max_position_embeddings", 77)
         if self.prompt_length > positions:
             raise ValueError(f"image_generator.prompt_length ({self.prompt_length}) exceeds "
@@ -157,6 +156,95 @@ class ImageGeneratorPhase:
                              f"{self.text_encoder.get('hidden_size')} and {self.unet.get('cross_attention_dim')}")
 
 
+def _default_audio_vae() -> dict[str, Any]:
+    # The image VAE on one channel: a (64 frames x 64 mel bands) log-mel "image" -> 16x16x8.
+    return _default_vae() | {"in_channels": 1, "out_channels": 1, "sample_size": MEL_FRAMES}
+
+
+def _default_audio_unet() -> dict[str, Any]:
+    # AudioLDM's layout: the CLAP text embedding enters as a class embedding (concatenated with the
+    # time embedding); attention blocks attend to the latents themselves (AudioLDM passes no
+    # encoder states), so each block's cross_attention_dim is its own width.
+    return {"sample_size": 16, "in_channels": 8, "out_channels": 8, "layers_per_block": 1,
+            "block_out_channels": [32, 64, 64],
+            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+            "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+            "cross_attention_dim": [32, 64, 64], "attention_head_dim": 4, "norm_num_groups": 8,
+            "class_embed_type": "simple_projection", "projection_class_embeddings_input_dim": 64,
+            "class_embeddings_concat": True}
+
+
+def _default_clap_text() -> dict[str, Any]:
+    # ClapTextConfig (a RoBERTa: positions start after the padding id, so 24 tokens need 26).
+    return {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_hidden_layers": 2,
+            "max_position_embeddings": 26, "projection_dim": 64, "type_vocab_size": 1}
+
+
+def _default_vocoder() -> dict[str, Any]:
+    # GriffinLimVocoder kwargs (no weights): the front end's constants, 32 Griffin-Lim iterations.
+    return {"model_in_dim": MEL_BANDS, "sampling_rate": world.SAMPLE_RATE, "n_fft": MEL_NFFT,
+            "upsample_rates": [MEL_HOP], "mel_shift": MEL_SHIFT, "mel_scale": MEL_SCALE, "mel_floor": MEL_FLOOR,
+            "n_iter": 32}
+
+
+@dataclass
+class AudioGeneratorPhase:
+    """The tiny AudioLDM: a mel VAE, a UNet and a CLAP text encoder, with a Griffin-Lim vocoder.
+
+    Training order: the VAE on log-mels, then UNet + text encoder on the VAE latents, with the
+    image recipe. The vocoder (:class:`~anymodal.toyworld.vocoder.GriffinLimVocoder`) has no
+    weights; it is scored on real mels first, which bounds the pipeline's pitch accuracy.
+    """
+
+    seed: int = 0
+    bank_size: int = 4096
+    vocoder: dict[str, Any] = field(default_factory=_default_vocoder)
+    vae: dict[str, Any] = field(default_factory=_default_audio_vae)
+    unet: dict[str, Any] = field(default_factory=_default_audio_unet)
+    text_encoder: dict[str, Any] = field(default_factory=_default_clap_text)
+    prompt_length: int = 24
+    vae_steps: int = 1000
+    vae_batch_size: int = 32
+    vae_crop: int = 32
+    vae_lr: float = 1e-3
+    kl_weight: float = 1e-6
+    steps: int = 1600
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    weight_decay: float = 1e-2
+    ema_decay: float = 0.999
+    caption_dropout: float = 0.1
+    checkpoint_every: int = 100
+    log_every: int = 10
+    eval_every: int = 500
+    eval_prompts: int = 16
+    final_eval_prompts: int = 40
+    sample_steps: int = 20
+    guidance_scale: float = 3.0
+
+    def __post_init__(self) -> None:
+        _check_recipe("audio_generator", self)
+        if self.text_encoder.get("max_position_embeddings", 514) < self.prompt_length + 2:
+            raise ValueError(f"audio_generator.text_encoder.max_position_embeddings must be at least prompt_length + 2 "
+                             f"({self.prompt_length + 2}) for a RoBERTa-style text encoder")
+        if self.text_encoder.get("projection_dim") != self.unet.get("projection_class_embeddings_input_dim"):
+            raise ValueError("audio_generator: text_encoder.projection_dim and "
+                             "unet.projection_class_embeddings_input_dim must agree")
+
+
+def _check_recipe(where: str, cfg: Any) -> None:
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and f.name not in (
+                "seed", "kl_weight", "weight_decay", "caption_dropout", "eval_every", "warmup_steps"):
+            _check_positive(f"{where}.{f.name}", value)
+    if not 0.0 <= cfg.caption_dropout < 1.0:
+        raise ValueError(f"{where}.caption_dropout must be in [0, 1), got {cfg.caption_dropout!r}")
+    if not 0.0 < cfg.ema_decay < 1.0:
+        raise ValueError(f"{where}.ema_decay must be in (0, 1), got {cfg.ema_decay!r}")
+
+
 @dataclass
 class ToyworldTrainConfig:
     """Every phase's settings. ``preset("default")`` is what ``anymodal toyworld train`` runs;
@@ -164,6 +252,7 @@ class ToyworldTrainConfig:
 
     tokenizer: TokenizerPhase = field(default_factory=TokenizerPhase)
     image_generator: ImageGeneratorPhase = field(default_factory=ImageGeneratorPhase)
+    audio_generator: AudioGeneratorPhase = field(default_factory=AudioGeneratorPhase)
 
     @classmethod
     def preset(cls, name: str) -> "ToyworldTrainConfig":
@@ -175,11 +264,18 @@ class ToyworldTrainConfig:
                                       "cross_attention_dim": 16}
             text = _default_text_encoder() | {"hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2,
                                               "num_hidden_layers": 1}
+            small = dict(vae_steps=4, vae_batch_size=4, steps=4, batch_size=4, warmup_steps=1, checkpoint_every=2,
+                         log_every=1, eval_every=0, eval_prompts=2, final_eval_prompts=2, sample_steps=2)
+            audio_unet = _default_audio_unet() | {"block_out_channels": [16, 16, 16], "norm_num_groups": 4,
+                                                  "cross_attention_dim": [16, 16, 16],
+                                                  "projection_class_embeddings_input_dim": 16}
+            clap = _default_clap_text() | {"hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2,
+                                           "num_hidden_layers": 1, "projection_dim": 16}
+            vocoder = _default_vocoder() | {"n_iter": 2}
             return cls(TokenizerPhase(dialogues=500),
-                       ImageGeneratorPhase(bank_size=64, vae=vae, unet=unet, text_encoder=text, vae_steps=4,
-                                           vae_batch_size=4, steps=4, batch_size=4, warmup_steps=1,
-                                           checkpoint_every=2, log_every=1, eval_every=0, eval_prompts=2,
-                                           final_eval_prompts=2, sample_steps=2))
+                       ImageGeneratorPhase(bank_size=64, vae=vae, unet=unet, text_encoder=text, **small),
+                       AudioGeneratorPhase(bank_size=32, vae=_default_audio_vae() | {"block_out_channels": [8, 8, 8]},
+                                           unet=audio_unet, text_encoder=clap, vocoder=vocoder, **small))
         raise ValueError(f"unknown preset {name!r}; expected one of: {', '.join(PRESETS)}")
 
     def to_dict(self) -> dict[str, Any]:
@@ -490,20 +586,24 @@ def _build_image_models(cfg: ImageGeneratorPhase, tokenizer: Any) -> dict[str, t
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         vae = AutoencoderKL(**cfg.vae)
-        if vae.quant_conv is not None:
-            # Start the posterior nearly deterministic (std e^-6): a fresh VAE's std of 1 buries
-            # the means under noise and a short training run then learns only blurry averages.
-            # The KL term may still widen it; the pipeline decodes the latents it is given.
-            c = vae.config.latent_channels
-            with torch.no_grad():
-                vae.quant_conv.weight[c:].zero_()
-                vae.quant_conv.bias[c:].fill_(-12.0)
+        _near_deterministic_posterior(vae)
         unet = UNet2DConditionModel(**cfg.unet)
         text_config = CLIPTextConfig(**{"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
                                         "eos_token_id": tokenizer.eos_token_id,
                                         "pad_token_id": tokenizer.pad_token_id, **cfg.text_encoder})
         text_encoder = CLIPTextModel(text_config)
     return {"vae": vae, "unet": unet, "text_encoder": text_encoder}
+
+
+def _near_deterministic_posterior(vae: Any) -> None:
+    """Start the VAE's posterior nearly deterministic (std e^-6): a fresh VAE's std of 1 buries the
+    means under noise, and a short training run then learns only blurry averages. The KL term may
+    still widen it; the pipelines decode the latents they are given."""
+    if vae.quant_conv is not None:
+        c = vae.config.latent_channels
+        with torch.no_grad():
+            vae.quant_conv.weight[c:].zero_()
+            vae.quant_conv.bias[c:].fill_(-12.0)
 
 
 def _noise_scheduler() -> Any:
@@ -577,31 +677,20 @@ def evaluate_image_generator(directory: Path, n: int, seed: int, steps: int, gui
     return out
 
 
-def train_image_generator(out: Path, cfg: ImageGeneratorPhase, log: JsonlLog, control: RunControl) -> Path:
-    state_dir = out / "state" / "image-generator"
-    state_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = load_tokenizer(out)
-    models = _build_image_models(cfg, tokenizer)
-    vae, unet, text_encoder = models["vae"], models["unet"], models["text_encoder"]
-    t_phase = time.time()
-
-    bank = world.make_bank(Modality.IMAGE, cfg.bank_size, "train", seed=cfg.seed)
-    pixels = _images_to_tensor(bank.data)
-    log.write(stage="data", event="bank", n=len(bank), split="train", seed=cfg.seed,
-              params={k: sum(p.numel() for p in m.parameters()) for k, m in models.items()})
-
-    # ---------------------------------------------------------------- 1. the VAE
+def _train_vae(vae: Any, data: torch.Tensor, cfg: Any, ckpt: Path, log: JsonlLog, control: RunControl,
+               where: str) -> None:
+    """Train ``vae`` to reconstruct ``data`` (N, C, H, W) on random crops: L1 + MSE + a small KL."""
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     grid = 2 ** (len(vae.config.block_out_channels) - 1)
-    crop = min(cfg.vae_crop, world.IMAGE_SIZE)
+    crop = min(cfg.vae_crop, data.shape[-1], data.shape[-2])
     if crop % grid:
-        raise ValueError(f"image_generator.vae_crop ({crop}) must be a multiple of the VAE's downsampling ({grid})")
+        raise ValueError(f"{where}.vae_crop ({crop}) must be a multiple of the VAE's downsampling ({grid})")
 
     def vae_step(step: int) -> float:
-        idx = torch.randint(len(pixels), (cfg.vae_batch_size,), generator=gen)
-        x = pixels[idx]
-        if crop < x.shape[-1]:
+        idx = torch.randint(len(data), (cfg.vae_batch_size,), generator=gen)
+        x = data[idx]
+        if crop < x.shape[-1] or crop < x.shape[-2]:
             y0, x0 = (torch.randint((x.shape[-1] - crop) // grid + 1, (2,), generator=gen) * grid).tolist()
             x = x[:, :, y0:y0 + crop, x0:x0 + crop]
         posterior = vae.encode(x).latent_dist
@@ -612,75 +701,114 @@ def train_image_generator(out: Path, cfg: ImageGeneratorPhase, log: JsonlLog, co
         opt.step()
         return float(loss.detach())
 
-    train_loop(stage="vae", total=cfg.vae_steps, ckpt=state_dir / "vae.ckpt", modules={"vae": vae}, optimizer=opt,
+    train_loop(stage="vae", total=cfg.vae_steps, ckpt=ckpt, modules={"vae": vae}, optimizer=opt,
                gen=gen, ema=None, step_fn=vae_step,
                lr_fn=lambda s: cosine_lr(s, cfg.vae_steps, cfg.vae_lr, min(cfg.warmup_steps, cfg.vae_steps // 10)),
                log=log, checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every, control=control)
     vae.eval().requires_grad_(False)
 
-    # ---------------------------------------------------------------- 2. latents, once
-    latents_path = state_dir / "latents.pt"
-    if latents_path.exists():
-        cached = torch.load(latents_path, map_location="cpu", weights_only=True)
+
+def _latents(vae: Any, data: torch.Tensor, path: Path, log: JsonlLog, step: int,
+             reconstruction: Callable[[], dict[str, Any]]) -> torch.Tensor:
+    """Encode ``data`` once (posterior means, scaled to unit variance; cached in ``path``) and set
+    the VAE's ``scaling_factor``. ``reconstruction()`` scores the VAE when the cache is first made."""
+    if path.exists():
+        cached = torch.load(path, map_location="cpu", weights_only=True)
         latents, scaling = cached["latents"], float(cached["scaling_factor"])
     else:
         with torch.no_grad():
-            means = torch.cat([vae.encode(pixels[i:i + 256]).latent_dist.mean for i in range(0, len(pixels), 256)])
+            means = torch.cat([vae.encode(data[i:i + 256]).latent_dist.mean for i in range(0, len(data), 256)])
         scaling = float(1.0 / means.std())
         latents = means * scaling
-        recon_check = _vae_reconstruction_scores(vae, bank)
-        log.write(stage="vae", step=cfg.vae_steps, event="latents", scaling_factor=scaling,
-                  latent_mean=float(latents.mean()), reconstruction=recon_check)
-        atomic_save({"latents": latents, "scaling_factor": scaling}, latents_path)
+        log.write(stage="vae", step=step, event="latents", scaling_factor=scaling,
+                  latent_mean=float(latents.mean()), reconstruction=reconstruction())
+        atomic_save({"latents": latents, "scaling_factor": scaling}, path)
     vae.register_to_config(scaling_factor=scaling)
+    return latents
 
-    # ---------------------------------------------------------------- 3. UNet + text encoder
-    ids = tokenizer(bank.captions, padding="max_length", max_length=cfg.prompt_length, truncation=True,
-                    return_tensors="pt")["input_ids"]
-    empty = tokenizer([""], padding="max_length", max_length=cfg.prompt_length, return_tensors="pt")["input_ids"]
+
+def _train_denoiser(unet: Any, text_encoder: Any, condition: Callable[[torch.Tensor], dict[str, Any]],
+                    latents: torch.Tensor, ids: torch.Tensor, empty: torch.Tensor, cfg: Any, ckpt: Path,
+                    log: JsonlLog, control: RunControl,
+                    evaluate: Callable[[EMA, int], dict[str, Any]] | None) -> EMA:
+    """Train the UNet and the text encoder jointly (v-prediction DDPM), returning the EMA.
+
+    ``condition(tokens)`` returns the UNet's conditioning keyword arguments exactly as the
+    pipeline computes them from the tokenizer's ids; captions are replaced by the empty prompt
+    (the pipeline's negative prompt) with probability ``caption_dropout``.
+    """
     noise_sched = _noise_scheduler()
     trainable = [unet, text_encoder]
     params = [p for m in trainable for p in m.parameters()]
-    opt2 = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     ema = EMA(trainable, cfg.ema_decay)
-    gen2 = torch.Generator().manual_seed(cfg.seed + 1)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
     n_train = noise_sched.config.num_train_timesteps
 
     def unet_step(step: int) -> float:
-        idx = torch.randint(len(latents), (cfg.batch_size,), generator=gen2)
+        idx = torch.randint(len(latents), (cfg.batch_size,), generator=gen)
         x0 = latents[idx]
         tokens = ids[idx].clone()
-        drop = torch.rand(cfg.batch_size, generator=gen2) < cfg.caption_dropout
+        drop = torch.rand(cfg.batch_size, generator=gen) < cfg.caption_dropout
         tokens[drop] = empty
-        noise = torch.randn(x0.shape, generator=gen2)
-        t = torch.randint(n_train, (cfg.batch_size,), generator=gen2)
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(n_train, (cfg.batch_size,), generator=gen)
         noisy = noise_sched.add_noise(x0, noise, t)
         target = noise_sched.get_velocity(x0, noise, t)
-        cond = text_encoder(tokens)[0]  # what StableDiffusionPipeline.encode_prompt computes
-        pred = unet(noisy, t, encoder_hidden_states=cond).sample
+        pred = unet(noisy, t, **condition(tokens)).sample
         loss = F.mse_loss(pred, target)
-        opt2.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt2.step()
+        opt.step()
         return float(loss.detach())
 
     def periodic_eval(step: int) -> None:
-        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-            figures = _eval_with_ema(models, ema, tokenizer, cfg, cfg.eval_prompts)
-            log.write(stage="unet", step=step, event="eval", prompts_per_split=cfg.eval_prompts, **figures)
+        if evaluate is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+            log.write(stage="unet", step=step, event="eval", prompts_per_split=cfg.eval_prompts,
+                      **evaluate(ema, cfg.eval_prompts))
 
-    train_loop(stage="unet", total=cfg.steps, ckpt=state_dir / "unet.ckpt",
-               modules={"unet": unet, "text_encoder": text_encoder}, optimizer=opt2, gen=gen2, ema=ema,
-               step_fn=unet_step, lr_fn=lambda s: cosine_lr(s, cfg.steps, cfg.lr, cfg.warmup_steps), log=log,
+    train_loop(stage="unet", total=cfg.steps, ckpt=ckpt, modules={"unet": unet, "text_encoder": text_encoder},
+               optimizer=opt, gen=gen, ema=ema, step_fn=unet_step,
+               lr_fn=lambda s: cosine_lr(s, cfg.steps, cfg.lr, cfg.warmup_steps), log=log,
                checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every, control=control,
                on_step=periodic_eval)
+    return ema
 
-    # ---------------------------------------------------------------- 4. save the pipeline (EMA weights)
-    ema.copy_to(trainable)
+
+def _tokens(tokenizer: Any, texts: list[str], length: int) -> torch.Tensor:
+    return tokenizer(texts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")["input_ids"]
+
+
+def train_image_generator(out: Path, cfg: ImageGeneratorPhase, log: JsonlLog, control: RunControl) -> Path:
+    state_dir = out / "state" / "image-generator"
+    state_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = load_tokenizer(out)
+    models = _build_image_models(cfg, tokenizer)
+    vae, unet, text_encoder = models["vae"], models["unet"], models["text_encoder"]
+
+    bank = world.make_bank(Modality.IMAGE, cfg.bank_size, "train", seed=cfg.seed)
+    pixels = _images_to_tensor(bank.data)
+    log.write(stage="data", event="bank", n=len(bank), split="train", seed=cfg.seed,
+              params={k: sum(p.numel() for p in m.parameters()) for k, m in models.items()})
+
+    _train_vae(vae, pixels, cfg, state_dir / "vae.ckpt", log, control, "image_generator")
+    latents = _latents(vae, pixels, state_dir / "latents.pt", log, cfg.vae_steps,
+                       lambda: _vae_reconstruction_scores(vae, bank))
+    ids = _tokens(tokenizer, bank.captions, cfg.prompt_length)
+    empty = _tokens(tokenizer, [""], cfg.prompt_length)
+
+    def condition(tokens: torch.Tensor) -> dict[str, Any]:
+        return {"encoder_hidden_states": text_encoder(tokens)[0]}  # what StableDiffusionPipeline.encode_prompt does
+
+    def evaluate(ema: EMA, n: int) -> dict[str, Any]:
+        return _eval_with_ema(models, ema, tokenizer, cfg, n)
+
+    ema = _train_denoiser(unet, text_encoder, condition, latents, ids, empty, cfg, state_dir / "unet.ckpt", log,
+                          control, evaluate)
+    ema.copy_to([unet, text_encoder])  # save the EMA weights
     pipe = _assemble_pipeline(models, tokenizer, cfg)
-    final = atomic_dir(out / "image-generator", lambda d: pipe.save_pretrained(str(d), safe_serialization=True))
-    return final
+    return atomic_dir(out / "image-generator", lambda d: pipe.save_pretrained(str(d), safe_serialization=True))
 
 
 def _eval_with_ema(models: dict[str, torch.nn.Module], ema: EMA, tokenizer: Any, cfg: ImageGeneratorPhase,
@@ -700,6 +828,165 @@ def _vae_reconstruction_scores(vae: Any, bank: world.Bank, n: int = 200) -> dict
         recon = vae.decode(vae.encode(x).latent_dist.mean).sample
     images = ((recon.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
     return score_images(list(images), bank.specs[:n])
+
+
+# ============================================================================ phase: audio generator
+
+
+def log_mel_features(waves: torch.Tensor) -> torch.Tensor:
+    """(B, CLIP_SAMPLES) waveforms -> (B, MEL_FRAMES, MEL_BANDS) normalised log-mel features:
+    what the vocoder takes and what the mel VAE encodes (as a one-channel image)."""
+    window = torch.hann_window(MEL_NFFT)
+    spec = torch.stft(waves, MEL_NFFT, MEL_HOP, window=window, center=True, return_complex=True).abs()
+    spec = spec[..., : waves.shape[-1] // MEL_HOP]
+    fb = torch.as_tensor(checkers._mel_filterbank(MEL_BANDS, MEL_NFFT, world.SAMPLE_RATE), dtype=spec.dtype)
+    mel = torch.log(torch.clamp(fb @ spec, min=MEL_FLOOR))
+    return ((mel + MEL_SHIFT) / MEL_SCALE).transpose(1, 2)
+
+
+def _build_audio_models(cfg: AudioGeneratorPhase, tokenizer: Any) -> dict[str, torch.nn.Module]:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import ClapTextConfig, ClapTextModelWithProjection
+
+    from .vocoder import GriffinLimVocoder
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        vae = AutoencoderKL(**cfg.vae)
+        _near_deterministic_posterior(vae)
+        unet = UNet2DConditionModel(**cfg.unet)
+        text_config = ClapTextConfig(**{"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+                                        "eos_token_id": tokenizer.eos_token_id,
+                                        "pad_token_id": tokenizer.pad_token_id, **cfg.text_encoder})
+        text_encoder = ClapTextModelWithProjection(text_config)
+        vocoder = GriffinLimVocoder(**cfg.vocoder)
+    return {"vae": vae, "unet": unet, "text_encoder": text_encoder, "vocoder": vocoder}
+
+
+def _assemble_audio_pipeline(models: dict[str, torch.nn.Module], tokenizer: Any, cfg: AudioGeneratorPhase) -> Any:
+    from diffusers import AudioLDMPipeline, DPMSolverMultistepScheduler
+
+    tok = copy.deepcopy(tokenizer)
+    tok.model_max_length = cfg.prompt_length
+    scheduler = DPMSolverMultistepScheduler.from_config(_noise_scheduler().config, steps_offset=1)
+    pipe = AudioLDMPipeline(vae=models["vae"], text_encoder=models["text_encoder"], tokenizer=tok,
+                            unet=models["unet"], scheduler=scheduler, vocoder=models["vocoder"])
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def audio_eval_specs(n: int, seed: int) -> dict[str, list[world.AudioSpec]]:
+    """``n`` seen (train split) and ``n`` held-out (note x waveform pairs) audio specs."""
+    return {name: world.sample_specs(Modality.AUDIO, n, seed + k, split)  # type: ignore[misc]
+            for k, (name, split) in enumerate((("seen", "train"), ("heldout", "heldout")))}
+
+
+def score_audios(waves: Sequence[np.ndarray], specs: Sequence[world.AudioSpec]) -> dict[str, float]:
+    """Fraction of clips whose checker reading matches each field (note, waveform, duration, register)."""
+    scores = [checkers.score_audio(np.asarray(w, dtype=np.float32).reshape(-1), world.SAMPLE_RATE, spec)
+              for w, spec in zip(waves, specs)]
+    keys = sorted({k for sc in scores for k in sc})
+    return {k: round(float(np.mean([sc.get(k, False) for sc in scores])), 4) for k in keys}
+
+
+def evaluate_audio_pipeline(pipe: Any, n: int, seed: int, steps: int, guidance: float) -> dict[str, Any]:
+    """Generate ``n`` seen and ``n`` held-out prompts with ``pipe`` and score the waveforms analytically."""
+    out: dict[str, Any] = {}
+    seconds = world.CLIP_SAMPLES / world.SAMPLE_RATE
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        for split, specs in audio_eval_specs(n, seed).items():
+            t0 = time.time()
+            waves = pipe([s.caption() for s in specs], audio_length_in_s=seconds, num_inference_steps=steps,
+                         guidance_scale=guidance, generator=torch.Generator().manual_seed(seed),
+                         output_type="np").audios
+            out[split] = score_audios(list(waves), specs) | {"n": len(specs),
+                                                              "s_per_clip": round((time.time() - t0) / n, 3)}
+    return out
+
+
+def evaluate_audio_generator(directory: Path, n: int, seed: int, steps: int, guidance: float) -> dict[str, Any]:
+    """Load a saved pipeline through anymodal's ``audioldm`` adapter and score its waveforms."""
+    import anymodal.generators  # noqa: F401  (registers the adapters)
+    from anymodal.config import GeneratorConfig
+    from anymodal.registry import GENERATORS
+
+    seconds = world.CLIP_SAMPLES / world.SAMPLE_RATE
+    gen = GENERATORS.get("audioldm").from_config(GeneratorConfig(
+        type="audioldm", pretrained=str(directory),
+        settings={"num_inference_steps": steps, "guidance_scale": guidance, "audio_length_s": seconds}))
+    out: dict[str, Any] = {}
+    with torch.random.fork_rng(devices=[]):
+        for split, specs in audio_eval_specs(n, seed).items():
+            t0 = time.time()
+            cond = gen.encode_text([s.caption() for s in specs])
+            audios = gen.generate(cond, generator=torch.Generator().manual_seed(seed))
+            if audios and audios[0].sample_rate != world.SAMPLE_RATE:
+                raise ValueError(f"{directory}: the vocoder runs at {audios[0].sample_rate} Hz, "
+                                 f"expected {world.SAMPLE_RATE}")
+            out[split] = score_audios([a.array for a in audios], specs) | {
+                "n": len(specs), "s_per_clip": round((time.time() - t0) / n, 3)}
+    return out
+
+
+def train_audio_generator(out: Path, cfg: AudioGeneratorPhase, log: JsonlLog, control: RunControl) -> Path:
+    state_dir = out / "state" / "audio-generator"
+    state_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = load_tokenizer(out)
+    models = _build_audio_models(cfg, tokenizer)
+    vae, unet, text_encoder, vocoder = (models[k] for k in ("vae", "unet", "text_encoder", "vocoder"))
+
+    bank = world.make_bank(Modality.AUDIO, cfg.bank_size, "train", seed=cfg.seed)
+    waves = torch.from_numpy(bank.data)
+    features = log_mel_features(waves)  # (N, frames, bands)
+    log.write(stage="data", event="bank", n=len(bank), split="train", seed=cfg.seed,
+              params={k: sum(p.numel() for p in m.parameters()) for k, m in models.items()})
+
+    # ---------------------------------------------------------------- 1. the vocoder, on real log-mels
+    scored = state_dir / "vocoder-scores.json"
+    if not scored.exists():  # the vocoder alone on real mels: the ceiling of the pipeline's pitch
+        specs = audio_eval_specs(cfg.final_eval_prompts, cfg.seed + 3000)
+        figures = {}
+        with torch.no_grad():
+            for split, ss in specs.items():
+                real = torch.from_numpy(np.stack([world.render(sp, np.random.default_rng(i))
+                                                  for i, sp in enumerate(ss)]))
+                figures[split] = score_audios(list(vocoder(log_mel_features(real)).numpy()), ss)
+        log.write(stage="vocoder", step=0, event="eval", on="real log-mels", **figures)
+        atomic_write_text(scored, json.dumps(figures) + "\n")
+
+    # ---------------------------------------------------------------- 2. the mel VAE
+    mels = features[:, None]  # (N, 1, frames, bands)
+
+    def reconstruction() -> dict[str, Any]:
+        n = min(100, len(bank))
+        with torch.no_grad():
+            recon = vae.decode(vae.encode(mels[:n]).latent_dist.mean).sample[:, 0]
+        return score_audios(list(vocoder(recon).numpy()), bank.specs[:n])
+
+    _train_vae(vae, mels, cfg, state_dir / "vae.ckpt", log, control, "audio_generator")
+    latents = _latents(vae, mels, state_dir / "latents.pt", log, cfg.vae_steps, reconstruction)
+
+    # ---------------------------------------------------------------- 3. UNet + CLAP text encoder
+    ids = _tokens(tokenizer, bank.captions, cfg.prompt_length)
+    empty = _tokens(tokenizer, [""], cfg.prompt_length)
+    pad = tokenizer.pad_token_id
+
+    def condition(tokens: torch.Tensor) -> dict[str, Any]:
+        # what AudioLDMPipeline._encode_prompt does: CLAP text_embeds, L2-normalised, as class labels
+        embeds = text_encoder(tokens, attention_mask=(tokens != pad).long()).text_embeds
+        return {"encoder_hidden_states": None, "class_labels": F.normalize(embeds, dim=-1)}
+
+    def evaluate(ema: EMA, n: int) -> dict[str, Any]:
+        copies = {k: copy.deepcopy(m).eval() for k, m in models.items()}
+        ema.copy_to([copies["unet"], copies["text_encoder"]])
+        pipe = _assemble_audio_pipeline(copies, tokenizer, cfg)
+        return evaluate_audio_pipeline(pipe, n, cfg.seed + 1000, cfg.sample_steps, cfg.guidance_scale)
+
+    ema = _train_denoiser(unet, text_encoder, condition, latents, ids, empty, cfg, state_dir / "unet.ckpt", log,
+                          control, evaluate)
+    ema.copy_to([unet, text_encoder])
+    pipe = _assemble_audio_pipeline(models, tokenizer, cfg)
+    return atomic_dir(out / "audio-generator", lambda d: pipe.save_pretrained(str(d), safe_serialization=True))
 
 
 # ============================================================================ driver
@@ -725,6 +1012,24 @@ def _phase_seconds(log: JsonlLog, stage: str) -> tuple[float, int, float | None]
     steps = [r["step"] for r in log.records() if r.get("stage") == stage and "step" in r]
     mean = float(np.median(rates)) if rates else None
     return (mean or 0.0, max(steps) if steps else 0, mean)
+
+
+_GENERATOR_PHASES: dict[str, tuple[Callable[..., Path], Callable[..., dict[str, Any]]]] = {
+    "image-generator": (train_image_generator, evaluate_image_generator),
+    "audio-generator": (train_audio_generator, evaluate_audio_generator),
+}
+_EVALUATION_NOTES = {
+    "image-generator": "checkers.score_image on prompts = spec.caption() of specs sampled from the train split "
+                       "(seen) and from held-out colour x shape pairs (heldout); generated through the "
+                       "stable-diffusion adapter with DPM-Solver++ and classifier-free guidance",
+    "audio-generator": "checkers.score_audio on prompts = spec.caption() of specs sampled from the train split "
+                       "(seen) and from held-out note x waveform pairs (heldout); generated through the audioldm "
+                       "adapter (its Griffin-Lim vocoder) with DPM-Solver++ and classifier-free guidance",
+}
+
+
+def _phase_config(cfg: ToyworldTrainConfig, phase: str) -> Any:
+    return getattr(cfg, phase.replace("-", "_"))
 
 
 def _check_same_config(path: Path, current: dict[str, Any], phase: str) -> None:
@@ -753,8 +1058,7 @@ def run_phase(phase: str, out: Path, cfg: ToyworldTrainConfig, control: RunContr
     if state_dir.exists() and any(state_dir.iterdir()) and not resume:
         raise ValueError(f"{state_dir} holds an unfinished run; pass --resume to continue it, or choose another --out")
     state_dir.mkdir(parents=True, exist_ok=True)
-    _check_same_config(state_dir / "config.json", asdict(cfg.tokenizer if phase == "tokenizer"
-                                                         else cfg.image_generator), phase)
+    _check_same_config(state_dir / "config.json", asdict(_phase_config(cfg, phase)), phase)
     log = JsonlLog(out / "logs" / f"{phase}.jsonl")
     t0 = time.time()
     phase_cfg: Any
@@ -764,28 +1068,27 @@ def run_phase(phase: str, out: Path, cfg: ToyworldTrainConfig, control: RunContr
             phase_cfg = cfg.tokenizer
             path = train_tokenizer(out, cfg.tokenizer, log)
         else:
-            phase_cfg = cfg.image_generator
-            path = train_image_generator(out, cfg.image_generator, log, control)
-            c = cfg.image_generator
-            figures = evaluate_image_generator(path, c.final_eval_prompts, c.seed + 2000, c.sample_steps,
-                                               c.guidance_scale)
+            phase_cfg = _phase_config(cfg, phase)
+            trainer, evaluator = _GENERATOR_PHASES[phase]
+            path = trainer(out, phase_cfg, log, control)
+            c = phase_cfg
+            figures = evaluator(path, c.final_eval_prompts, c.seed + 2000, c.sample_steps, c.guidance_scale)
             log.write(stage="final", event="eval", prompts_per_split=c.final_eval_prompts, **figures)
     except Stop as e:
         return PhaseResult(phase, "stopped", None, None, str(e))
     summary = {"phase": phase, "path": str(path), "figures": figures, "config": asdict(phase_cfg),
                "seconds_this_run": round(time.time() - t0, 1), "machine": _machine()}
-    if phase == "image-generator":
-        summary["speed"] = {stage: {"median_steps_per_s": _phase_seconds(log, stage)[2],
-                                    "batch_size": (phase_cfg.vae_batch_size if stage == "vae"
-                                                   else phase_cfg.batch_size)}
-                            for stage in ("vae", "unet")}
+    if phase in _GENERATOR_PHASES:
+        batch = {"vae": phase_cfg.vae_batch_size, "unet": phase_cfg.batch_size}
+        summary["speed"] = {stage: {"median_steps_per_s": _phase_seconds(log, stage)[2], "batch_size": size}
+                            for stage, size in batch.items()}
         summary["size_bytes"] = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
-        summary["evaluation"] = ("checkers.score_image on prompts = spec.caption() of specs sampled from the train "
-                                 "split (seen) and from held-out colour x shape pairs (heldout); generated through "
-                                 "the stable-diffusion adapter with DPM-Solver++ and classifier-free guidance")
+        summary["evaluation"] = _EVALUATION_NOTES[phase]
         vae_records = [r for r in log.records() if r.get("event") == "latents"]
         if vae_records:
             summary["vae_reconstruction"] = vae_records[-1].get("reconstruction")
+        evals = [r for r in log.records() if r.get("event") == "eval" and r.get("stage") in ("unet", "vocoder")]
+        summary["during_training"] = [{k: v for k, v in r.items() if k not in ("time", "event")} for r in evals]
     atomic_write_text(done_file, json.dumps(summary, indent=2) + "\n")
     if results_dir is not None and figures is not None:
         atomic_write_text(results_dir / f"toyworld-{phase}.json", json.dumps(summary, indent=2) + "\n")
