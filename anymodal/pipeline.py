@@ -117,7 +117,8 @@ class AnyModalPipeline:
             lm = load_language_model(config.llm, str(path / llm_entry["path"]))
         else:  # a referenced base model plus the rows of the tokens we added
             lm = load_language_model(config.llm)
-            lm.resize_token_embeddings(len(processor.tokenizer), mean_resizing=False)
+            if len(processor.tokenizer) > lm.get_input_embeddings().weight.shape[0]:
+                lm.resize_token_embeddings(len(processor.tokenizer), mean_resizing=False)  # rows loaded next
             _load_token_rows(lm, path / llm_entry["path"])
         encoders = {}
         for name, e in config.encoders.items():
@@ -170,16 +171,16 @@ class AnyModalPipeline:
                                           "generators": {}, "adapter": None}
             self.processor.save_pretrained(tmp / "processor")
             lm = self.model.language_model
-            base = lm
+            base, state = lm, None
             if _is_peft(lm):
                 lm.save_pretrained(tmp / "llm_adapter", safe_serialization=True)
                 components["adapter"] = "llm_adapter"
-                base = _unwrapped_base(lm)
+                base, state = lm.get_base_model(), _base_state_dict(lm)
             if self.config.llm.model is None or save_frozen:
-                base.save_pretrained(tmp / "llm", safe_serialization=True)
+                base.save_pretrained(tmp / "llm", safe_serialization=True, state_dict=state)
                 components["llm"] = {"kind": "full", "path": "llm"}
             else:
-                _save_token_rows(base, self.processor.new_token_ids, tmp / "llm")
+                _save_token_rows(base, state, self.processor.new_token_ids, tmp / "llm")
                 components["llm"] = {"kind": "token_rows", "path": "llm"}
             for name, e in self.config.encoders.items():
                 if e.pretrained is not None and not e.trainable and not save_frozen:
@@ -473,23 +474,41 @@ def _is_peft(lm) -> bool:
     return isinstance(lm, PeftModel)
 
 
-def _unwrapped_base(peft_model):
-    """A copy of the base model without LoRA layers (the adapter is saved on its own)."""
-    import copy
-
-    clone = copy.deepcopy(peft_model)
-    return clone.unload()
+def _strip_peft_key(key: str) -> str:
+    return key.replace(".token_adapter.base_layer.", ".").replace(".base_layer.", ".")
 
 
-def _save_token_rows(lm, token_ids: list[int], directory: Path) -> None:
+def _base_state_dict(peft_model) -> dict[str, torch.Tensor]:
+    """The base model's own weights inside a peft model, under the base model's key names.
+
+    LoRA and trainable-token layers wrap the original modules (``q_proj.base_layer.weight``);
+    their own tensors are saved with the adapter. Reading the wrapped tensors in place avoids a
+    full copy of the model, which for a 7B backbone would double the memory a save needs.
+    """
+    return {_strip_peft_key(k): v for k, v in peft_model.get_base_model().state_dict().items()
+            if ".lora_" not in k and "trainable_tokens_delta" not in k}
+
+
+def _param_key(model, param: torch.Tensor) -> str:
+    for k, v in model.state_dict(keep_vars=True).items():
+        if v is param:
+            return _strip_peft_key(k)
+    raise ValueError("parameter not found in the model's state dict")
+
+
+def _save_token_rows(lm, state: dict[str, torch.Tensor] | None, token_ids: list[int], directory: Path) -> None:
+    """Save only the embedding rows of the tokens anymodal added (the base model is referenced)."""
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
+    state = state if state is not None else lm.state_dict()
     ids = torch.tensor(token_ids, dtype=torch.long)
-    tensors = {"token_ids": ids, "input_rows": lm.get_input_embeddings().weight[ids].detach().cpu().contiguous()}
+    in_w = lm.get_input_embeddings().weight
+    in_key = _param_key(lm, in_w)
+    tensors = {"token_ids": ids, "input_rows": state[in_key][ids].detach().cpu().contiguous()}
     out_emb = lm.get_output_embeddings()
-    if out_emb is not None and out_emb.weight is not lm.get_input_embeddings().weight:
-        tensors["output_rows"] = out_emb.weight[ids].detach().cpu().contiguous()
+    if out_emb is not None and out_emb.weight is not in_w:
+        tensors["output_rows"] = state[_param_key(lm, out_emb.weight)][ids].detach().cpu().contiguous()
     save_file(tensors, str(directory / "token_rows.safetensors"))
 
 

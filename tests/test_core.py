@@ -188,3 +188,47 @@ def test_save_does_not_destroy_existing_directory_on_failure(text_pipe, tmp_path
         text_pipe.save_pretrained(target)
     assert sorted(p.name for p in target.rglob("*")) == before
     assert [p.name for p in tmp_path.iterdir()] == ["p"]  # no temp directories left behind
+
+
+@pytest.fixture(scope="module")
+def pretrained_llm_dir(tmp_path_factory):
+    """A tiny LLM saved the way a downloaded checkpoint sits on disk."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    d = tmp_path_factory.mktemp("llm")
+    options = dict(TEXT_ONLY["llm"]["config"])
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(options.pop("model_type"), **options))
+    model.save_pretrained(d)
+    byte_level_tokenizer().save_pretrained(d)
+    return d
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_referenced_llm_saves_only_what_changed(pretrained_llm_dir, tmp_path, lora):
+    from anymodal.pipeline import AnyModalPipeline
+
+    llm = {"model": str(pretrained_llm_dir), "max_new_tokens": 8}
+    if lora:
+        llm["lora"] = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+    pipe = AnyModalPipeline.from_config(C.AnyModalConfig.from_dict({"name": "ref", "llm": llm}))
+    with torch.no_grad():  # make the adapter and the added rows matter
+        g = torch.Generator().manual_seed(0)
+        for name, p in pipe.model.language_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        emb = pipe.model.language_model.get_input_embeddings().weight
+        ids = pipe.processor.new_token_ids
+        emb[ids] = torch.randn(len(ids), emb.shape[1], generator=g)
+    prompts = ["hello", "tell me more"]
+    before = pipe(prompts, seed=0)
+    pipe.save_pretrained(tmp_path / "p")
+    saved = tmp_path / "p"
+    assert sorted(p.name for p in (saved / "llm").iterdir()) == ["token_rows.safetensors"]
+    assert (saved / "llm_adapter").is_dir() == lora
+    again = AnyModalPipeline.from_pretrained(saved)
+    assert again(prompts, seed=0).token_ids == before.token_ids
+    full = tmp_path / "full"
+    pipe.save_pretrained(full, save_frozen=True)
+    assert (full / "llm" / "model.safetensors").is_file()
+    assert AnyModalPipeline.from_pretrained(full)(prompts, seed=0).token_ids == before.token_ids
