@@ -12,11 +12,19 @@ Phases (run in this order; each one resumable)
                      dropout). It is saved with a ``DPMSolverMultistepScheduler`` (sample with 20
                      steps and guidance 3) and loads with ``StableDiffusionPipeline.from_pretrained``
                      and through anymodal's ``stable-diffusion`` generator adapter.
+    audio-generator  a diffusers ``AudioLDMPipeline`` at tiny size on the world's tones (train split
+                     only): 64x64 log-mel spectrograms (64 frames x 64 HTK bands, n_fft 1024, hop
+                     256), a one-channel ``AutoencoderKL`` (-> 16x16x8), a ``UNet2DConditionModel``
+                     conditioned through a class embedding on a tiny ``ClapTextModelWithProjection``
+                     (AudioLDM's layout), and a weightless Griffin-Lim vocoder
+                     (:class:`~anymodal.toyworld.vocoder.GriffinLimVocoder`, NNLS mel inversion) in
+                     the vocoder's place. Loads through anymodal's ``audioldm`` adapter.
 
 Layout of ``--out`` (default ``runs/toyworld``)
-    tokenizer/, image-generator/   the finished, loadable components
+    tokenizer/, image-generator/, audio-generator/   the finished, loadable components
     state/<phase>/                 checkpoints (``*.ckpt``, written to a temporary file and
-                                   ``os.replace``d), cached latents, and ``done.json``
+                                   ``os.replace``d), cached latents, the phase's settings
+                                   (``config.json``) and, once finished, ``done.json``
     logs/<phase>.jsonl             one record per logged step, per checkpoint and per evaluation
 
 Resuming
@@ -28,10 +36,10 @@ Resuming
     Evaluation runs under a forked RNG with its own seeds, so it does not disturb training.
 
 Evaluation
-    ``image-generator`` samples prompts from seen (train split) and held-out colour x shape
-    combinations, generates through the ``stable-diffusion`` adapter and scores the images with
-    :func:`anymodal.toyworld.checkers.score_image` (no learned model). Figures go to the phase log
-    and to ``<results>/toyworld-<phase>.json``.
+    Each generator phase samples prompts from seen (train split) and held-out combinations
+    (colour x shape for images, note x waveform for audio), generates through its anymodal
+    adapter and scores the outputs with :mod:`anymodal.toyworld.checkers` (no learned model).
+    Figures go to the phase log and to ``<results>/toyworld-<phase>.json``.
 """
 
 from __future__ import annotations
@@ -1006,12 +1014,10 @@ def _machine() -> dict[str, Any]:
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
 
 
-def _phase_seconds(log: JsonlLog, stage: str) -> tuple[float, int, float | None]:
-    """(steps/s over the logged records of ``stage``, last step, mean steps/s) for the results file."""
+def _median_rate(log: JsonlLog, stage: str) -> float | None:
+    """Median steps/s of ``stage`` over the logged records (all runs of the phase), for the results file."""
     rates = [r["steps_per_s"] for r in log.records() if r.get("stage") == stage and "steps_per_s" in r]
-    steps = [r["step"] for r in log.records() if r.get("stage") == stage and "step" in r]
-    mean = float(np.median(rates)) if rates else None
-    return (mean or 0.0, max(steps) if steps else 0, mean)
+    return round(float(np.median(rates)), 3) if rates else None
 
 
 _GENERATOR_PHASES: dict[str, tuple[Callable[..., Path], Callable[..., dict[str, Any]]]] = {
@@ -1080,7 +1086,7 @@ def run_phase(phase: str, out: Path, cfg: ToyworldTrainConfig, control: RunContr
                "seconds_this_run": round(time.time() - t0, 1), "machine": _machine()}
     if phase in _GENERATOR_PHASES:
         batch = {"vae": phase_cfg.vae_batch_size, "unet": phase_cfg.batch_size}
-        summary["speed"] = {stage: {"median_steps_per_s": _phase_seconds(log, stage)[2], "batch_size": size}
+        summary["speed"] = {stage: {"median_steps_per_s": _median_rate(log, stage), "batch_size": size}
                             for stage, size in batch.items()}
         summary["size_bytes"] = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
         summary["evaluation"] = _EVALUATION_NOTES[phase]
@@ -1104,8 +1110,8 @@ def train(out: str | os.PathLike = "runs/toyworld", phases: Sequence[str] | None
     ``max_minutes`` bounds this invocation's wall time: the running phase checkpoints and stops,
     and a later call with ``resume=True`` carries on. ``overrides`` are ``section.field=value``
     strings (see :meth:`ToyworldTrainConfig.with_overrides`); a resumed run must use the same
-    ones. ``stop_at_step`` (for tests) stops every
-    training loop of the current phase once it reaches that step.
+    ones. ``stop_at_step`` (for tests) stops every training loop of the current phase once it
+    reaches that step.
     """
     cfg = ToyworldTrainConfig.preset(config) if isinstance(config, str) else config
     cfg = cfg.with_overrides(overrides)
