@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .modality import Modality
 
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]] = {}
 

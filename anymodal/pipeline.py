@@ -15,7 +15,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ from .modality import MEDIA_MODALITIES, Modality
 from .model import AnyModalModel, load_language_model, load_tokenizer
 from .processor import AnyModalProcessor, Message
 from .registry import ENCODERS, GENERATORS, _load_builtin
-from .utils import atomic_write_text
+from .utils import atomic_write_text, swap_dir_into_place
 
 logger = logging.getLogger(__name__)
 
@@ -203,7 +203,7 @@ class AnyModalPipeline:
             index = {"format_version": FORMAT_VERSION, "config": self.config.to_dict(), "components": components}
             atomic_write_text(tmp / INDEX_NAME, json.dumps(index, indent=2))
             self.config.to_yaml(tmp / "config.yaml")
-            _swap_into_place(tmp, directory)
+            swap_dir_into_place(tmp, directory)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp)
@@ -521,17 +521,6 @@ def _load_token_rows(lm, directory: Path) -> None:
         if "output_rows" in t:
             w = lm.get_output_embeddings().weight
             w[t["token_ids"]] = t["output_rows"].to(w.dtype)
-
-
-def _swap_into_place(tmp: Path, directory: Path) -> None:
-    """Replace ``directory`` with ``tmp``; the old one is removed only after the new one is in place."""
-    if directory.exists():
-        old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-        os.replace(directory, old)
-        os.replace(tmp, directory)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, directory)
 
 
 def _replace(cfg, **changes):

@@ -40,6 +40,7 @@ from PIL import Image
 from .media import Audio, MediaError, save_image
 from .modality import MEDIA_MODALITIES, Modality
 from .processor import PLACEHOLDERS, Message
+from .utils import swap_dir_into_place
 
 if TYPE_CHECKING:
     from .pipeline import AnyModalPipeline
@@ -183,7 +184,7 @@ class ChatSession:
                 json.dump(state, f, indent=2, ensure_ascii=False)
                 f.flush()
                 os.fsync(f.fileno())
-            _swap_into_place(tmp, directory)
+            swap_dir_into_place(tmp, directory)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -292,17 +293,6 @@ def _load_medium(m: Modality, entry: dict[str, str], directory: Path) -> Any:
             data, rate = sf.read(str(path), dtype="float32", always_2d=False)
             return Audio(np.asarray(data, np.float32), int(rate))
     raise ValueError(f"cannot read session medium {path}: not a file that ChatSession.save writes")
-
-
-def _swap_into_place(tmp: Path, directory: Path) -> None:
-    """Replace ``directory`` with ``tmp``; the old one is removed only after the new one is in place."""
-    if directory.exists():
-        old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-        os.replace(directory, old)
-        os.replace(tmp, directory)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, directory)
 
 
 # ==================================================================== anymodal chat

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -52,3 +53,19 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
+
+
+def swap_dir_into_place(tmp: str | os.PathLike, directory: str | os.PathLike) -> None:
+    """Replace ``directory`` with the finished directory ``tmp`` (a sibling of it).
+
+    The old directory is moved aside and removed only after the new one is in place, so a
+    crash never leaves the destination half-written.
+    """
+    tmp, directory = Path(tmp), Path(directory)
+    if directory.exists():
+        old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+        os.replace(directory, old)
+        os.replace(tmp, directory)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, directory)

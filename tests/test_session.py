@@ -130,7 +130,7 @@ def test_save_replaces_atomically_and_load_errors(pipe, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(S, "_swap_into_place", boom)
+    monkeypatch.setattr(S, "swap_dir_into_place", boom)
     with pytest.raises(OSError, match="disk full"):
         session.save(target)
     assert (target / "session.json").read_text() == before
