@@ -225,19 +225,7 @@ class AnyModalConfig:
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> "AnyModalConfig":
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"config file not found: {path}") from None
-        except yaml.YAMLError as e:
-            raise ValueError(f"{path}: not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: a config must be a YAML mapping, got {type(data).__name__}")
-        try:
-            return cls.from_dict(data)
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
+        return load_yaml_dataclass(cls, path, "config")
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(asdict(self))
@@ -252,6 +240,25 @@ class AnyModalConfig:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
+
+
+def load_yaml_dataclass(cls: Any, path: str | os.PathLike, kind: str, **overrides: Any) -> Any:
+    """``cls.from_dict`` of a YAML file, with errors that name the file (and the field)."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{kind} file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML: {e}") from None
+    data = {} if data is None else data  # an empty file means "all defaults"
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a {kind} must be a YAML mapping, got {type(data).__name__}")
+    data.update(overrides)
+    try:
+        return cls.from_dict(data)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 def _plain(obj: Any) -> Any:

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import yaml
 
-from anymodal.config import LoraConfig, _build, _plain
+from anymodal.config import LoraConfig, _build, _plain, load_yaml_dataclass
 
 STAGES = (1, 2, 3)
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -161,20 +160,7 @@ class TrainingConfig:
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, **overrides: Any) -> "TrainingConfig":
         """Load ``path``; ``overrides`` (e.g. ``stage=2``, ``max_steps=10``) replace its values."""
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except FileNotFoundError:
-            raise FileNotFoundError(f"training config not found: {path}") from None
-        except yaml.YAMLError as e:
-            raise ValueError(f"{path}: not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: a training config must be a YAML mapping, got {type(data).__name__}")
-        data.update(overrides)
-        try:
-            return cls.from_dict(data)
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
+        return load_yaml_dataclass(cls, path, "training config", **overrides)
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(asdict(self))
