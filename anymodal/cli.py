@@ -156,8 +156,20 @@ def _load_subcommand_modules() -> None:
                 raise
 
 
+def _quiet_loading() -> None:
+    """Per-file loading bars and diffusers' notes on deprecated pipeline classes (AudioLDM and
+    text-to-video, which real NExT-GPT checkpoints need) would bury the command's own output."""
+    import diffusers
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _quiet_loading()
     args = build_parser().parse_args(argv)
     try:
         return int(args._fn(args) or 0)
