@@ -173,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args._fn(args) or 0)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # bad input, or weights that cannot be found or loaded
         print(f"anymodal {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -74,10 +74,15 @@ class AnyModalPipeline:
             config = AnyModalConfig.from_yaml(config)
         _load_builtin()
         _check_types(config)
-        processor = _make_processor(config, load_tokenizer(config.llm))
-        model = AnyModalModel.build(config, processor)
+        with _naming("llm.tokenizer", config.llm.tokenizer or config.llm.model):
+            processor = _make_processor(config, load_tokenizer(config.llm))
+        with _naming("llm.model or encoders", config.llm.model):
+            model = AnyModalModel.build(config, processor)
         _apply_lora(model, config, processor)
-        generators = {m: GENERATORS.get(g.type).from_config(g) for m, g in config.generators.items()}
+        generators = {}
+        for m, g in config.generators.items():
+            with _naming(f"generators.{m.value}.pretrained", g.pretrained):
+                generators[m] = GENERATORS.get(g.type).from_config(g)
         pipe = cls(config, processor, model, generators)
         return pipe.to(device if device is not None else "cpu")
 
@@ -437,6 +442,23 @@ def _make_processor(config: AnyModalConfig, tokenizer) -> AnyModalProcessor:
     media_tokens = {m: p.num_tokens for m, p in config.input_projectors.items()}
     signal = {m: n for m, n in config.llm.signal_tokens.items() if m in config.generators}
     return AnyModalProcessor(tokenizer, signal, media_tokens, config.llm.system_prompt, config.llm.max_length)
+
+
+class _naming:
+    """Re-raise a loading ``OSError`` (offline, missing directory) naming the config field and source."""
+
+    def __init__(self, field_name: str, source: str | None):
+        self.field_name, self.source = field_name, source
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb):
+        if kind is not None and issubclass(kind, OSError) and not isinstance(error, FileNotFoundError):
+            hint = (" Without network access, set it to a local directory holding the weights."
+                    if os.environ.get("HF_HUB_OFFLINE") else "")
+            raise OSError(f"cannot load {self.field_name} {self.source!r}: {error}{hint}") from error
+        return False
 
 
 def _check_types(config: AnyModalConfig) -> None:

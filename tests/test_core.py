@@ -232,3 +232,12 @@ def test_referenced_llm_saves_only_what_changed(pretrained_llm_dir, tmp_path, lo
     pipe.save_pretrained(full, save_frozen=True)
     assert (full / "llm" / "model.safetensors").is_file()
     assert AnyModalPipeline.from_pretrained(full)(prompts, seed=0).token_ids == before.token_ids
+
+
+def test_unreachable_weights_name_the_field(monkeypatch):
+    from anymodal.pipeline import AnyModalPipeline
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = C.AnyModalConfig.from_dict({"llm": {"model": "nobody/no-such-model"}})
+    with pytest.raises(OSError, match=r"cannot load llm.tokenizer 'nobody/no-such-model': .*local directory"):
+        AnyModalPipeline.from_config(cfg)
