@@ -197,7 +197,8 @@ def test_audio_generator_resumes_and_loads_through_the_adapter(tokenizer_dir: Pa
     from anymodal.registry import GENERATORS
 
     cfg = T.ToyworldTrainConfig.preset("smoke")
-    cfg = replace(cfg, audio_generator=replace(cfg.audio_generator, vae_steps=2, final_eval_prompts=1))
+    cfg = replace(cfg, audio_generator=replace(cfg.audio_generator, vae_steps=2, final_eval_prompts=1,
+                                               text_aux_weight=0.1))  # the auxiliary head is checkpointed too
     out = _with_tokenizer(tokenizer_dir, tmp_path / "audio")
     [r] = T.train(out, phases=["audio-generator"], config=cfg, results_dir=None, progress=False, stop_at_step=3)
     assert r.status == "stopped"

@@ -207,6 +207,11 @@ class AudioGeneratorPhase:
     seed: int = 0
     bank_size: int = 4096
     vocoder: dict[str, Any] = field(default_factory=_default_vocoder)
+    # Weight of an auxiliary loss: a linear head on the pooled CLAP embedding predicts the
+    # caption's note, waveform and duration. Without it the from-scratch text tower gave nearly
+    # one embedding for every note (cosine 0.9997), so the UNet could not hear the pitch. It
+    # stands in for real CLAP's contrastive text-audio pre-training; 0 turns it off.
+    text_aux_weight: float = 0.0
     vae: dict[str, Any] = field(default_factory=_default_audio_vae)
     unet: dict[str, Any] = field(default_factory=_default_audio_unet)
     text_encoder: dict[str, Any] = field(default_factory=_default_clap_text)
@@ -245,7 +250,8 @@ def _check_recipe(where: str, cfg: Any) -> None:
     for f in fields(cfg):
         value = getattr(cfg, f.name)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and f.name not in (
-                "seed", "kl_weight", "weight_decay", "caption_dropout", "eval_every", "warmup_steps"):
+                "seed", "kl_weight", "weight_decay", "caption_dropout", "eval_every", "warmup_steps",
+                "text_aux_weight"):
             _check_positive(f"{where}.{f.name}", value)
     if not 0.0 <= cfg.caption_dropout < 1.0:
         raise ValueError(f"{where}.caption_dropout must be in [0, 1), got {cfg.caption_dropout!r}")
@@ -738,16 +744,21 @@ def _latents(vae: Any, data: torch.Tensor, path: Path, log: JsonlLog, step: int,
 def _train_denoiser(unet: Any, text_encoder: Any, condition: Callable[[torch.Tensor], dict[str, Any]],
                     latents: torch.Tensor, ids: torch.Tensor, empty: torch.Tensor, cfg: Any, ckpt: Path,
                     log: JsonlLog, control: RunControl,
-                    evaluate: Callable[[EMA, int], dict[str, Any]] | None) -> EMA:
+                    evaluate: Callable[[EMA, int], dict[str, Any]] | None,
+                    aux_head: torch.nn.Module | None = None,
+                    aux_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> EMA:
     """Train the UNet and the text encoder jointly (v-prediction DDPM), returning the EMA.
 
     ``condition(tokens)`` returns the UNet's conditioning keyword arguments exactly as the
     pipeline computes them from the tokenizer's ids; captions are replaced by the empty prompt
-    (the pipeline's negative prompt) with probability ``caption_dropout``.
+    (the pipeline's negative prompt) with probability ``caption_dropout``. ``aux_loss(tokens,
+    idx)`` (with its training-only ``aux_head``, checkpointed but not saved in the pipeline) is
+    added to the loss for the rows whose caption was kept.
     """
     noise_sched = _noise_scheduler()
     trainable = [unet, text_encoder]
     params = [p for m in trainable for p in m.parameters()]
+    params += list(aux_head.parameters()) if aux_head is not None else []
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     ema = EMA(trainable, cfg.ema_decay)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
@@ -765,6 +776,8 @@ def _train_denoiser(unet: Any, text_encoder: Any, condition: Callable[[torch.Ten
         target = noise_sched.get_velocity(x0, noise, t)
         pred = unet(noisy, t, **condition(tokens)).sample
         loss = F.mse_loss(pred, target)
+        if aux_loss is not None and bool((~drop).any()):
+            loss = loss + aux_loss(tokens[~drop], idx[~drop])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -776,8 +789,8 @@ def _train_denoiser(unet: Any, text_encoder: Any, condition: Callable[[torch.Ten
             log.write(stage="unet", step=step, event="eval", prompts_per_split=cfg.eval_prompts,
                       **evaluate(ema, cfg.eval_prompts))
 
-    train_loop(stage="unet", total=cfg.steps, ckpt=ckpt, modules={"unet": unet, "text_encoder": text_encoder},
-               optimizer=opt, gen=gen, ema=ema, step_fn=unet_step,
+    modules = {"unet": unet, "text_encoder": text_encoder} | ({"aux_head": aux_head} if aux_head is not None else {})
+    train_loop(stage="unet", total=cfg.steps, ckpt=ckpt, modules=modules, optimizer=opt, gen=gen, ema=ema, step_fn=unet_step,
                lr_fn=lambda s: cosine_lr(s, cfg.steps, cfg.lr, cfg.warmup_steps), log=log,
                checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every, control=control,
                on_step=periodic_eval)
@@ -990,8 +1003,22 @@ def train_audio_generator(out: Path, cfg: AudioGeneratorPhase, log: JsonlLog, co
         pipe = _assemble_audio_pipeline(copies, tokenizer, cfg)
         return evaluate_audio_pipeline(pipe, n, cfg.seed + 1000, cfg.sample_steps, cfg.guidance_scale)
 
+    aux_head, aux_loss = None, None
+    if cfg.text_aux_weight > 0:
+        fields_ = (("note", tuple(world.NOTES)), ("waveform", world.WAVEFORMS), ("duration", tuple(world.DURATIONS)))
+        labels = torch.tensor([[values.index(getattr(sp, name)) for name, values in fields_] for sp in bank.specs])
+        sizes = [len(values) for _, values in fields_]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed + 4)
+            aux_head = torch.nn.Linear(text_encoder.config.projection_dim, sum(sizes))
+
+        def aux_loss(tokens: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+            embeds = condition(tokens)["class_labels"]
+            logits = torch.split(aux_head(embeds * embeds.shape[-1] ** 0.5), sizes, dim=-1)
+            return cfg.text_aux_weight * sum(F.cross_entropy(z, labels[idx, k]) for k, z in enumerate(logits))
+
     ema = _train_denoiser(unet, text_encoder, condition, latents, ids, empty, cfg, state_dir / "unet.ckpt", log,
-                          control, evaluate)
+                          control, evaluate, aux_head, aux_loss)
     ema.copy_to([unet, text_encoder])
     pipe = _assemble_audio_pipeline(models, tokenizer, cfg)
     return atomic_dir(out / "audio-generator", lambda d: pipe.save_pretrained(str(d), safe_serialization=True))
