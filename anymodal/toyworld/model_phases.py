@@ -1,0 +1,819 @@
+"""The model side of the toy-world default: data manifests, a tiny ImageBind, a tiny Llama, the three
+anymodal stages on top, and shipping the result.
+
+Plain functions in the style of :mod:`anymodal.toyworld.train`'s phases (``fn(out, cfg, log, control)
+-> Path``; resumable from their last checkpoint; tqdm progress; atomic writes). They reuse that
+module's machinery (:class:`~anymodal.toyworld.train.JsonlLog`, :class:`~anymodal.toyworld.train.RunControl`,
+:func:`~anymodal.toyworld.train.train_loop`, :func:`~anymodal.toyworld.train.atomic_dir`,
+:func:`~anymodal.toyworld.train.load_tokenizer`) and are not yet wired into ``anymodal toyworld train``.
+
+    write_manifests(out, n_captions, n_dialogues, seed)   out/data/: PNG, WAV and GIF files plus the
+                                                           caption-pair and dialogue JSONL manifests that
+                                                           anymodal.training reads (train split), and
+                                                           held-out ones (heldout-*.jsonl)
+    train_encoder(out, cfg.encoder, log, control)          out/encoder/: a tiny ImageBind (our
+                                                           encoders/imagebind.py) trained with one linear
+                                                           classifier per world field on its pooled
+                                                           embedding; linear probes on held-out pairs
+    train_llm(out, cfg.llm, log, control)                  out/llm/: a tiny LlamaForCausalLM and its
+                                                           tokenizer (the word-level one of the
+                                                           ``tokenizer`` phase plus anymodal's tokens)
+    build_toy_config(out, cfg)                             the AnyModalConfig over those components and
+                                                           the generators of out/image-generator and
+                                                           out/audio-generator (a missing one is skipped)
+    run_stages(out, cfg.stages, log, control)              anymodal stages 1, 2, 3 (out/stages/stage<N>),
+                                                           LoRA merged, saved to out/final
+    ship(out, dest)                                        out/final with every component copied
+                                                           (save_frozen=True) into ``dest``, <= 25 MB
+
+Layout of ``out`` (next to the ``tokenizer``/``image-generator``/``audio-generator`` of train.py)
+    data/            media/{image,audio,video}/*, captions.jsonl, dialogues.jsonl, heldout-captions.jsonl,
+                     heldout-dialogues.jsonl, and per-stage filtered copies (stage2-captions.jsonl,
+                     stage3-dialogues.jsonl) written by run_stages; manifest.json records the settings
+    encoder/         ``ImageBindEncoder.save_pretrained`` (config.json + model.safetensors); the
+                     safetensors file loads through ``EncoderConfig(pretrained=.../model.safetensors)``
+    llm/             ``LlamaForCausalLM.save_pretrained`` + its tokenizer
+    stages/stage<N>/ anymodal.training runs (checkpoints/, metrics.jsonl, final/); stage3/merged/
+    final/           the assembled pipeline (``AnyModalPipeline.from_pretrained(out / "final")``)
+    state/<phase>/   checkpoints, cached data and ``figures.json``
+    logs/<phase>.jsonl
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..config import (AnyModalConfig, EncoderConfig, GeneratorConfig, InputProjectorConfig, LLMConfig,
+                      OutputProjectorConfig)
+from ..modality import MEDIA_MODALITIES, Modality
+from ..utils import atomic_write_text
+from . import world
+from .train import JsonlLog, RunControl, Stop, atomic_dir, atomic_save, cosine_lr, load_tokenizer, train_loop
+
+MODEL_PHASES: tuple[str, ...] = ("manifests", "encoder", "llm", "stages")
+SHIP_LIMIT_BYTES = 25 * 1024 * 1024
+
+# The prompts of stages 1 and 2, in the world's own words (the word-level tokenizer knows them; "audio"
+# is not a world word and reads as [UNK], consistently in pretraining and in stage 1).
+CAPTION_PROMPT = "describe this {modality}"
+GENERATION_PROMPT = "{caption}"
+GENERATION_RESPONSE = "{caption} {signal}"  # as in the world's dialogues: the caption, then the medium
+# anymodal's default chat template (no tokenizer chat template) marks turns with these; they become
+# single special tokens of the LLM's tokenizer, so they never read as [UNK]s.
+TURN_MARKERS: tuple[str, ...] = ("### Human:", "### Assistant:")
+MEDIA_TOKENS = 4  # LLM positions of one input medium (input projectors' num_tokens)
+
+_IMAGE_FIELDS = {"colour": tuple(world.COLOURS), "shape": world.SHAPES, "size": tuple(world.SIZES),
+                 "position": tuple(world.POSITIONS), "background": tuple(world.BACKGROUNDS)}
+_AUDIO_FIELDS = {"note": tuple(world.NOTES), "waveform": world.WAVEFORMS, "duration": tuple(world.DURATIONS)}
+_VIDEO_FIELDS = {"colour": tuple(world.COLOURS), "shape": world.SHAPES, "direction": tuple(world.DIRECTIONS)}
+FIELDS: dict[Modality, dict[str, tuple[str, ...]]] = {Modality.IMAGE: _IMAGE_FIELDS, Modality.AUDIO: _AUDIO_FIELDS,
+                                                      Modality.VIDEO: _VIDEO_FIELDS}
+
+
+# ============================================================================ settings
+
+
+def _default_encoder_options() -> dict[str, Any]:
+    """A tiny ImageBind for the world: 32 px vision (images and the 32 px videos, patch 4: 64 tubes of
+    2 frames), a 128-band fbank of one 1.024 s clip (patch 16, stride 10: 12 x 9 patches), two blocks
+    of width 64 per branch, a 64-d joint space. ``text`` is never built (no text modality)."""
+    return {"out_embed_dim": 64,
+            "vision": {"embed_dim": 64, "depth": 2, "num_heads": 4, "drop_path": 0.0},
+            "audio": {"embed_dim": 64, "depth": 2, "num_heads": 4, "drop_path": 0.0},
+            "text": {"embed_dim": 32, "depth": 1, "num_heads": 2, "drop_path": 0.0},
+            "mlp_ratio": 2, "image_size": 32, "patch_size": 4, "video_frames": 2, "video_clips": 2,
+            "num_mel_bins": 128, "audio_target_len": 100, "audio_patch_size": 16, "audio_patch_stride": 10,
+            "audio_sample_rate": world.SAMPLE_RATE, "audio_clip_duration": world.CLIP_SAMPLES / world.SAMPLE_RATE,
+            "audio_clips": 1, "text_context_length": 16, "text_vocab_size": 128}
+
+
+@dataclass
+class EncoderPhase:
+    """The tiny ImageBind and its training: one linear classifier per world field on the pooled
+    embedding (cross-entropy, summed over fields and modalities), AdamW with warm-up + cosine."""
+
+    seed: int = 0
+    options: dict[str, Any] = field(default_factory=_default_encoder_options)
+    bank_size: int = 2048  # renders per modality (train split, jittered), preprocessed once
+    steps: int = 1500
+    batch_size: int = 32  # per modality and step
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    checkpoint_every: int = 100
+    log_every: int = 10
+    probe_samples: int = 512  # per modality and split for the final linear probes
+    probe_steps: int = 300
+
+
+def _default_llm() -> dict[str, Any]:
+    # LlamaConfig kwargs; vocabulary size and special ids come from the tokenizer.
+    return {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "max_position_embeddings": 256, "tie_word_embeddings": True,
+            "rms_norm_eps": 1e-5}
+
+
+@dataclass
+class LLMPhase:
+    """The tiny Llama: pretrained as a causal LM on world dialogues rendered exactly as the stages
+    render them (placeholders for input media, signal tokens for generated media), plus stage-1
+    (medium -> caption) and stage-2 (caption -> caption + signal) turns. Loss on assistant turns."""
+
+    seed: int = 0
+    model: dict[str, Any] = field(default_factory=_default_llm)
+    dialogues: int = 12000  # train-split dialogues
+    caption_turns: int = 3000  # stage-1 and stage-2 style turns each
+    max_length: int = 96
+    steps: int = 1500  # about 13 minutes on one shared core (loss 0.18 by step 400)
+    batch_size: int = 32
+    lr: float = 2e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    checkpoint_every: int = 200
+    log_every: int = 10
+    eval_dialogues: int = 40  # held-out dialogues per text-determined task at the end
+
+
+@dataclass
+class StagesPhase:
+    """The three anymodal stages on the trained components (anymodal.training.train settings)."""
+
+    n_captions: int = 1500  # per modality, for write_manifests
+    n_dialogues: int = 3000
+    seed: int = 0
+    stage1_steps: int = 400
+    stage2_steps: int = 400
+    stage3_steps: int = 600
+    batch_size: int = 16
+    lr: tuple[float, float, float] = (1e-3, 1e-3, 5e-4)
+    warmup_steps: int = 20
+    lora_r: int = 8
+    lora_alpha: int = 16
+    save_every: int = 50
+    projector_hidden: int = 128
+    output_layers: int = 2
+    max_new_tokens: int = 40
+    image_settings: dict[str, Any] = field(default_factory=lambda: {"num_inference_steps": 20, "guidance_scale": 3.0})
+    audio_settings: dict[str, Any] = field(default_factory=lambda: {
+        "num_inference_steps": 20, "guidance_scale": 3.0,
+        "audio_length_s": world.CLIP_SAMPLES / world.SAMPLE_RATE})
+
+
+@dataclass
+class ModelPhasesConfig:
+    encoder: EncoderPhase = field(default_factory=EncoderPhase)
+    llm: LLMPhase = field(default_factory=LLMPhase)
+    stages: StagesPhase = field(default_factory=StagesPhase)
+
+    @classmethod
+    def preset(cls, name: str) -> "ModelPhasesConfig":
+        if name == "default":
+            return cls()
+        if name == "smoke":
+            opts = _default_encoder_options()
+            for b in ("vision", "audio"):
+                opts[b] = {"embed_dim": 16, "depth": 1, "num_heads": 2, "drop_path": 0.0}
+            opts["out_embed_dim"] = 16
+            llm = _default_llm() | {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                    "num_attention_heads": 2, "num_key_value_heads": 1}
+            return cls(EncoderPhase(options=opts, bank_size=24, steps=4, batch_size=4, warmup_steps=1,
+                                    checkpoint_every=2, log_every=1, probe_samples=16, probe_steps=5),
+                       LLMPhase(model=llm, dialogues=60, caption_turns=20, steps=4, batch_size=4, warmup_steps=1,
+                                checkpoint_every=2, log_every=1, eval_dialogues=2),
+                       StagesPhase(n_captions=8, n_dialogues=16, stage1_steps=2, stage2_steps=2, stage3_steps=2,
+                                   batch_size=4, warmup_steps=0, save_every=1, projector_hidden=16, output_layers=1,
+                                   max_new_tokens=24,
+                                   image_settings={"num_inference_steps": 2, "guidance_scale": 3.0},
+                                   audio_settings={"num_inference_steps": 2, "guidance_scale": 3.0,
+                                                   "audio_length_s": world.CLIP_SAMPLES / world.SAMPLE_RATE}))
+        raise ValueError(f"unknown preset {name!r}; expected default or smoke")
+
+
+def _params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _check_settings(path: Path, settings: dict[str, Any], what: str) -> None:
+    """Record a phase's settings at its first start; resuming with other settings is refused."""
+    settings = json.loads(json.dumps(settings))
+    if not path.exists():
+        atomic_write_text(path, json.dumps(settings, indent=2) + "\n")
+        return
+    saved = json.loads(path.read_text())
+    changed = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+    if changed:
+        raise ValueError(f"{what}: the unfinished run in {path.parent} was started with other settings "
+                         f"({', '.join(changed)} differ); resume with the same settings or delete {path.parent}")
+
+
+# ============================================================================ 1. manifests
+
+
+def _media_writer(root: Path):
+    """A function ``(modality, array) -> relative path`` writing PNG / WAV / GIF files under ``root/media``."""
+    import imageio.v3 as iio
+    import soundfile as sf
+    from PIL import Image
+
+    counters = {m: 0 for m in MEDIA_MODALITIES}
+    for m in MEDIA_MODALITIES:
+        (root / "media" / m.value).mkdir(parents=True, exist_ok=True)
+
+    def write(modality: Modality, data: np.ndarray) -> str:
+        k = counters[modality]
+        counters[modality] += 1
+        ext = {Modality.IMAGE: "png", Modality.AUDIO: "wav", Modality.VIDEO: "gif"}[modality]
+        rel = f"media/{modality.value}/{k:06d}.{ext}"
+        if modality is Modality.IMAGE:
+            Image.fromarray(data).save(root / rel)
+        elif modality is Modality.AUDIO:
+            sf.write(str(root / rel), data, world.SAMPLE_RATE, subtype="PCM_16")
+        else:
+            iio.imwrite(root / rel, data, extension=".gif", duration=125, loop=0)
+        return rel
+
+    return write
+
+
+def dialogue_row(dialogue: world.Dialogue, g: np.random.Generator, write) -> dict[str, Any]:
+    """A world dialogue as an anymodal.training dialogue row: user media become files, assistant media
+    ``{"<modality>": null, "caption": spec.caption()}`` (what the output projector aligns with)."""
+    messages = []
+    for turn in dialogue.turns:
+        content: list[Any] = []
+        for part in turn["content"]:
+            if part["type"] == "text":
+                content.append(part["text"] + (" " if turn["role"] == "assistant" else ""))
+                continue
+            m = Modality.parse(part["type"])
+            if turn["role"] == "user":
+                content.append({m.value: write(m, world.render(part["spec"], g))})
+            else:
+                content.append({m.value: None, "caption": part["spec"].caption()})
+        messages.append({"role": turn["role"], "content": content})
+    return {"messages": messages, "task": dialogue.task}
+
+
+def write_manifests(out: str | os.PathLike, n_captions: int, n_dialogues: int, seed: int = 0) -> Path:
+    """Render world samples to ``out/data`` and write the manifests anymodal.training reads.
+
+    ``captions.jsonl``: ``n_captions`` caption pairs per modality (image PNG, audio 16-bit WAV, video
+    GIF), train split; ``dialogues.jsonl``: ``n_dialogues`` dialogues of every task, train split;
+    ``heldout-captions.jsonl`` / ``heldout-dialogues.jsonl``: a tenth as many (at least 2) from the
+    held-out combinations. Deterministic in ``seed``; written beside ``out/data`` and swapped in, and
+    skipped when ``out/data`` already holds manifests made with the same settings.
+    """
+    out = Path(out)
+    settings = {"n_captions": int(n_captions), "n_dialogues": int(n_dialogues), "seed": int(seed), "version": 1}
+    done = out / "data" / "manifest.json"
+    if done.exists() and json.loads(done.read_text()).get("settings") == settings:
+        return out / "data"
+    if n_captions < 1 or n_dialogues < 1:
+        raise ValueError(f"n_captions and n_dialogues must be positive, got {n_captions}, {n_dialogues}")
+    from tqdm.auto import tqdm
+
+    def build(root: Path) -> None:
+        write = _media_writer(root)
+        g = np.random.default_rng(seed)
+        counts: dict[str, int] = {}
+        n_held_c, n_held_d = max(2, n_captions // 10), max(2, n_dialogues // 10)
+        jobs = [("captions.jsonl", "train", n_captions, 0), ("dialogues.jsonl", "train", 0, n_dialogues),
+                ("heldout-captions.jsonl", "heldout", n_held_c, 0), ("heldout-dialogues.jsonl", "heldout", 0, n_held_d)]
+        total = sum(3 * c + d for _, _, c, d in jobs)
+        with tqdm(total=total, desc="manifests", unit="row", dynamic_ncols=True, mininterval=2.0) as bar:
+            for name, split, n_cap, n_dia in jobs:
+                rows = []
+                for m in (Modality.IMAGE, Modality.AUDIO, Modality.VIDEO):
+                    for _ in range(n_cap):
+                        s = world.sample(m, g, split)
+                        rows.append({"modality": m.value, "media": write(m, s.data), "caption": s.caption,
+                                     "spec": s.spec.to_dict()})
+                        bar.update(1)
+                for _ in range(n_dia):
+                    d = world.sample_dialogue(g, split, render_media=False)
+                    rows.append(dialogue_row(d, g, write))
+                    bar.update(1)
+                atomic_write_text(root / name, "".join(json.dumps(r) + "\n" for r in rows))
+                counts[name] = len(rows)
+        atomic_write_text(root / "manifest.json", json.dumps({"settings": settings, "rows": counts}, indent=2) + "\n")
+
+    return atomic_dir(out / "data", build)
+
+
+def filter_manifest(src: Path, dst: Path, inputs: Sequence[Modality], outputs: Sequence[Modality],
+                    captions: str = "input") -> Path:
+    """Copy the rows of ``src`` that a model reading ``inputs`` and generating ``outputs`` can train on:
+    caption pairs of a modality in ``inputs`` (``captions="input"``, stage 1) or in ``outputs``
+    (``"output"``, stage 2); dialogues whose user media are all readable and whose assistant media are
+    all generable. Rows left out are not bad rows, just not this model's. Written atomically (put
+    ``dst`` beside ``src`` so that relative media paths still hold)."""
+    if captions not in ("input", "output"):
+        raise ValueError(f"captions must be 'input' or 'output', got {captions!r}")
+    ins, outs = {Modality.parse(m).value for m in inputs}, {Modality.parse(m).value for m in outputs}
+    kept = []
+    for line in src.read_text().splitlines():
+        row = json.loads(line)
+        if "messages" in row:
+            ok = True
+            for msg in row["messages"]:
+                items = msg["content"] if isinstance(msg["content"], list) else [msg["content"]]
+                for item in items:
+                    if isinstance(item, dict):
+                        key = next(k for k in item if k != "caption")
+                        ok = ok and key in (ins if msg["role"] == "user" else outs)
+        else:
+            ok = row["modality"] in (ins if captions == "input" else outs)
+        if ok:
+            kept.append(line)
+    if not kept:
+        raise ValueError(f"{src}: no row fits a model reading {sorted(ins)} and generating {sorted(outs)}")
+    atomic_write_text(dst, "".join(line + "\n" for line in kept))
+    return dst
+
+
+# ============================================================================ 2. encoder
+
+
+def _encoder_bank(enc: Any, cfg: EncoderPhase, n: int, split: str, seed: int, path: Path | None
+                  ) -> dict[Modality, tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    """Render ``n`` samples per modality, preprocess them with the encoder's own ``preprocess`` (the
+    pipeline's path) and label each world field; cached in ``path`` when given."""
+    if path is not None and path.exists():
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+        return {Modality.parse(k): (v["x"], v["y"]) for k, v in raw.items()}
+    out = {}
+    for k, m in enumerate((Modality.IMAGE, Modality.AUDIO, Modality.VIDEO)):
+        bank = world.make_bank(m, n, split, seed=seed + 10 * k)
+        items: list[Any] = ([(w, world.SAMPLE_RATE) for w in bank.data] if m is Modality.AUDIO else list(bank.data))
+        x = torch.cat([enc.preprocess(m, items[i:i + 256]) for i in range(0, len(items), 256)])
+        y = {f: torch.tensor([values.index(getattr(s, f)) for s in bank.specs]) for f, values in FIELDS[m].items()}
+        out[m] = (x, y)
+    if path is not None:
+        atomic_save({m.value: {"x": x, "y": y} for m, (x, y) in out.items()}, path)
+    return out
+
+
+def _heads(dim: int) -> torch.nn.ModuleDict:
+    return torch.nn.ModuleDict({f"{m.value}_{f}": torch.nn.Linear(dim, len(values))
+                                for m, fs in FIELDS.items() for f, values in fs.items()})
+
+
+def _embed(enc: Any, m: Modality, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([enc(m, x[i:i + batch])[:, 0] for i in range(0, len(x), batch)])
+
+
+def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+                 classes: int, steps: int, seed: int = 0) -> float:
+    """Accuracy on ``test`` of a logistic regression fitted on ``train`` (standardised features, Adam)."""
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    a, b = (train_x - mean) / std, (test_x - mean) / std
+    with torch.random.fork_rng(devices=[]), torch.enable_grad():
+        torch.manual_seed(seed)
+        probe = torch.nn.Linear(a.shape[1], classes)
+        opt = torch.optim.Adam(probe.parameters(), lr=0.05, weight_decay=1e-4)
+        for _ in range(steps):
+            loss = F.cross_entropy(probe(a), train_y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        return float((probe(b).argmax(-1) == test_y).float().mean())
+
+
+def evaluate_encoder(enc: Any, heads: torch.nn.ModuleDict | None, cfg: EncoderPhase) -> dict[str, Any]:
+    """Per-field accuracy on held-out combinations: of linear probes fitted on fresh train-split
+    embeddings (``probe``), and of the training classifiers (``head``)."""
+    n = cfg.probe_samples
+    train = _encoder_bank(enc, cfg, n, "train", cfg.seed + 5000, None)
+    held = _encoder_bank(enc, cfg, n, "heldout", cfg.seed + 6000, None)
+    figures: dict[str, Any] = {}
+    enc.eval()
+    for m in FIELDS:
+        ea, eb = _embed(enc, m, train[m][0]), _embed(enc, m, held[m][0])
+        row: dict[str, Any] = {}
+        for f, values in FIELDS[m].items():
+            ya, yb = train[m][1][f], held[m][1][f]
+            row[f] = {"probe": round(linear_probe(ea, ya, eb, yb, len(values), cfg.probe_steps, cfg.seed), 4)}
+            if heads is not None:
+                with torch.no_grad():
+                    row[f]["head"] = round(float((heads[f"{m.value}_{f}"](eb).argmax(-1) == yb).float().mean()), 4)
+        figures[m.value] = row
+    return {"heldout": figures, "n_per_split": n,
+            "note": "train-split embeddings fit the probes; scored on held-out combinations"}
+
+
+def train_encoder(out: Path, cfg: EncoderPhase, log: JsonlLog, control: RunControl) -> Path:
+    """Train a tiny ImageBind on the world (train split) and save it to ``out/encoder``."""
+    from anymodal.encoders import ImageBindEncoder, ImageBindOptions
+
+    out = Path(out)
+    state_dir = out / "state" / "encoder"
+    state_dir.mkdir(parents=True, exist_ok=True)
+    _check_settings(state_dir / "config.json", asdict(cfg), "encoder")
+    opts = ImageBindOptions.from_dict(cfg.options)
+    modalities = [Modality.IMAGE, Modality.AUDIO, Modality.VIDEO]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        enc = ImageBindEncoder(opts, modalities)
+        heads = _heads(opts.out_embed_dim)
+    t0 = time.time()
+    bank = _encoder_bank(enc, cfg, cfg.bank_size, "train", cfg.seed, state_dir / "bank.pt")
+    log.write(stage="data", event="bank", n_per_modality=cfg.bank_size, split="train",
+              seconds=round(time.time() - t0, 1), params={"encoder": _params(enc), "heads": _params(heads)})
+
+    params = list(enc.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.seed)
+
+    def step(_: int) -> float:
+        loss = torch.zeros(())
+        for m, (x, y) in bank.items():
+            idx = torch.randint(len(x), (cfg.batch_size,), generator=gen)
+            emb = enc(m, x[idx])[:, 0]
+            for f in FIELDS[m]:
+                loss = loss + F.cross_entropy(heads[f"{m.value}_{f}"](emb), y[f][idx]) / len(FIELDS[m])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        return float(loss.detach())
+
+    train_loop(stage="encoder", total=cfg.steps, ckpt=state_dir / "encoder.ckpt", modules={"encoder": enc, "heads": heads},
+               optimizer=opt, gen=gen, ema=None, step_fn=step,
+               lr_fn=lambda s: cosine_lr(s, cfg.steps, cfg.lr, cfg.warmup_steps), log=log,
+               checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every, control=control)
+    enc.eval()
+    figures = evaluate_encoder(enc, heads, cfg)
+    log.write(stage="encoder", step=cfg.steps, event="eval", **figures)
+    atomic_write_text(state_dir / "figures.json", json.dumps(figures, indent=2) + "\n")
+    return atomic_dir(out / "encoder", enc.save_pretrained)
+
+
+# ============================================================================ 3. LLM
+
+
+def llm_tokenizer(out: Path, media_tokens: int = MEDIA_TOKENS) -> tuple[Any, Any]:
+    """The ``tokenizer`` phase's word-level tokenizer plus anymodal's tokens (turn markers,
+    placeholders, every modality's signal tokens), and an :class:`AnyModalProcessor` over it
+    configured like the toy pipeline's. Returns ``(tokenizer, processor)``."""
+    from ..config import DEFAULT_SIGNAL_TOKENS
+    from ..processor import AnyModalProcessor
+
+    tok = load_tokenizer(Path(out))
+    new = [t for t in TURN_MARKERS if t not in tok.get_vocab()]
+    if new:
+        tok.add_special_tokens({"additional_special_tokens": new}, replace_extra_special_tokens=False)
+    proc = AnyModalProcessor(tok, dict(DEFAULT_SIGNAL_TOKENS), {m: media_tokens for m in MEDIA_MODALITIES})
+    return tok, proc
+
+
+def _world_messages(dialogue: world.Dialogue, proc: Any) -> list[Any]:
+    """A world dialogue as the stages render it (SampleBuilder): user media -> placeholders, generated
+    media -> the modality's signal tokens, EOS closing every assistant turn."""
+    from ..processor import PLACEHOLDERS, Message, signal_token_strings
+
+    eos = proc.tokenizer.eos_token
+    msgs = []
+    for turn in dialogue.turns:
+        pieces = []
+        for part in turn["content"]:
+            if part["type"] == "text":
+                pieces.append(part["text"] + (" " if turn["role"] == "assistant" else ""))
+                continue
+            m = Modality.parse(part["type"])
+            if turn["role"] == "user":
+                pieces.append(PLACEHOLDERS[m] * proc.media_tokens.get(m, 1))
+            else:
+                pieces.append("".join(signal_token_strings(m, proc.signal_tokens[m])))
+        text = "".join(pieces)
+        msgs.append(Message(turn["role"], text + (eos if turn["role"] == "assistant" else "")))
+    return msgs
+
+
+def _caption_messages(spec: world.Spec, stage: int, proc: Any) -> list[Any]:
+    """A stage-1 (medium -> caption) or stage-2 (caption -> caption + signal) pair, as the stages render it."""
+    from ..processor import PLACEHOLDERS, Message, signal_token_strings
+
+    m, caption, eos = spec.modality, spec.caption(), proc.tokenizer.eos_token
+    if stage == 1:
+        user = PLACEHOLDERS[m] * proc.media_tokens.get(m, 1) + "\n" + CAPTION_PROMPT.format(modality=m.value)
+        return [Message("user", user), Message("assistant", caption + eos)]
+    signal = "".join(signal_token_strings(m, proc.signal_tokens[m]))
+    return [Message("user", GENERATION_PROMPT.format(caption=caption, modality=m.value)),
+            Message("assistant", GENERATION_RESPONSE.format(caption=caption, modality=m.value, signal=signal) + eos)]
+
+
+def _encode_conversations(convs: Sequence[list[Any]], proc: Any, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and labels (-100 outside assistant turns, as anymodal.training), right-padded."""
+    from ..training.data import IGNORE_INDEX, render_dialogue
+
+    tok = proc.tokenizer
+    ids = torch.full((len(convs), max_length), tok.pad_token_id, dtype=torch.long)
+    labels = torch.full((len(convs), max_length), IGNORE_INDEX, dtype=torch.long)
+    for i, msgs in enumerate(convs):
+        text, spans = render_dialogue(proc, msgs)
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        row = list(enc["input_ids"])[:max_length]
+        ids[i, :len(row)] = torch.tensor(row)
+        for j, (start, _) in enumerate(enc["offset_mapping"][:max_length]):
+            if any(a <= start < b for a, b in spans):
+                labels[i, j] = row[j]
+    return ids, labels
+
+
+def _llm_data(cfg: LLMPhase, proc: Any, path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    if path.exists():
+        d = torch.load(path, map_location="cpu", weights_only=True)
+        return d["ids"], d["labels"]
+    g = np.random.default_rng(cfg.seed)
+    convs = [_world_messages(world.sample_dialogue(g, "train", render_media=False), proc) for _ in range(cfg.dialogues)]
+    for stage in (1, 2):
+        for k in range(cfg.caption_turns):
+            m = (Modality.IMAGE, Modality.AUDIO, Modality.VIDEO)[k % 3]
+            convs.append(_caption_messages(world.sample_specs(m, 1, g, "train")[0], stage, proc))
+    ids, labels = _encode_conversations(convs, proc, cfg.max_length)
+    atomic_save({"ids": ids, "labels": labels}, path)
+    return ids, labels
+
+
+def _build_llm(cfg: LLMPhase, tok: Any) -> Any:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        config = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                             pad_token_id=tok.pad_token_id, **cfg.model)
+        return LlamaForCausalLM(config)
+
+
+# Tasks whose last assistant turn the text alone determines (media given as input are unseen by a
+# text-only LM): the reply must be the caption the prompt or the edit asks for, then the signal block.
+TEXT_TASKS = ("t2i", "t2a", "t2v", "edit_image", "edit_audio", "edit_video")
+
+
+def evaluate_llm(lm: Any, proc: Any, n: int, seed: int, split: str = "heldout") -> dict[str, Any]:
+    """Greedy replies to the last user turn of ``n`` dialogues per text-determined task (earlier
+    assistant turns given). ``ok``: the reply reads back (``world.parse_caption``) as the target for
+    every field the request names, and holds the right signal block; ``exact``: the caption is the
+    canonical ``target.caption()``."""
+    g = np.random.default_rng(seed)
+    tok = proc.tokenizer
+    out: dict[str, Any] = {}
+    lm.eval()
+    for task in TEXT_TASKS:
+        ok = exact = 0
+        examples = []
+        dialogues = [world.sample_dialogue(g, split, tasks=[task], render_media=False) for _ in range(n)]
+        prompts = []
+        for d in dialogues:
+            msgs = _world_messages(d, proc)[:-1]
+            prompts.append(proc.format(msgs, add_generation_prompt=True))
+        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.no_grad():
+            gen = lm.generate(**enc, max_new_tokens=48, do_sample=False, pad_token_id=tok.pad_token_id,
+                              eos_token_id=tok.eos_token_id)[:, enc["input_ids"].shape[1]:]
+        for d, row in zip(dialogues, gen.tolist()):
+            m = d.target.modality
+            signal = proc.signal_ids[m]
+            text = tok.decode(row, skip_special_tokens=True).strip()
+            has_signal = any(row[i:i + len(signal)] == signal for i in range(len(row)))
+            request = " ".join(p["text"] for p in d.turns[-2]["content"] if p["type"] == "text")
+            asked = world.parse_caption(request) if task.startswith("t2") else d.target
+            got = world.parse_caption(text)
+            ok += bool(has_signal and _agrees(asked, got))
+            exact += bool(text == d.target.caption() and has_signal)
+            if len(examples) < 3:
+                examples.append({"request": request, "reply": text, "target": d.target.caption(), "signal": has_signal})
+        out[task] = {"ok": round(ok / n, 4), "exact": round(exact / n, 4), "n": n, "examples": examples}
+    return out
+
+
+def _agrees(asked: world.Spec | None, got: world.Spec | None) -> bool:
+    """``got`` names the same value as ``asked`` for every field ``asked`` names (image defaults filled)."""
+    if asked is None or got is None or type(asked) is not type(got):
+        return False
+    if isinstance(asked, world.ImageSpec):
+        asked, got = asked.with_defaults(), got.with_defaults()
+    return all(getattr(asked, f) is None or getattr(asked, f) == getattr(got, f) for f in asked.field_names())
+
+
+def train_llm(out: Path, cfg: LLMPhase, log: JsonlLog, control: RunControl) -> Path:
+    """Pretrain a tiny Llama on the world's dialogues and save it (with its tokenizer) to ``out/llm``."""
+    out = Path(out)
+    state_dir = out / "state" / "llm"
+    state_dir.mkdir(parents=True, exist_ok=True)
+    _check_settings(state_dir / "config.json", asdict(cfg), "llm")
+    tok, proc = llm_tokenizer(out)
+    lm = _build_llm(cfg, tok)
+    t0 = time.time()
+    ids, labels = _llm_data(cfg, proc, state_dir / "data.pt")
+    log.write(stage="data", event="texts", n=len(ids), vocab=len(tok), params=_params(lm),
+              longest=int((ids != tok.pad_token_id).sum(1).max()), seconds=round(time.time() - t0, 1))
+    opt = torch.optim.AdamW(lm.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    pad = tok.pad_token_id
+
+    def step(_: int) -> float:
+        idx = torch.randint(len(ids), (cfg.batch_size,), generator=gen)
+        x, y = ids[idx], labels[idx]
+        width = int((x != pad).sum(1).max())
+        x, y = x[:, :width], y[:, :width]
+        loss = lm(input_ids=x, attention_mask=(x != pad).long(), labels=y).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
+        opt.step()
+        return float(loss.detach())
+
+    train_loop(stage="llm", total=cfg.steps, ckpt=state_dir / "llm.ckpt", modules={"llm": lm}, optimizer=opt,
+               gen=gen, ema=None, step_fn=step, lr_fn=lambda s: cosine_lr(s, cfg.steps, cfg.lr, cfg.warmup_steps),
+               log=log, checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every, control=control)
+    lm.eval()
+    figures = {split: evaluate_llm(lm, proc, cfg.eval_dialogues, cfg.seed + 7000 + k, split)
+               for k, split in enumerate(("train", "heldout"))}
+    log.write(stage="llm", step=cfg.steps, event="eval", **figures)
+    atomic_write_text(state_dir / "figures.json", json.dumps(figures, indent=2) + "\n")
+    lm.generation_config.pad_token_id = pad
+
+    def save(d: Path) -> None:
+        lm.save_pretrained(str(d), safe_serialization=True)
+        tok.save_pretrained(str(d))
+
+    return atomic_dir(out / "llm", save)
+
+
+# ============================================================================ 4. the config
+
+
+def _generator_config(modality: Modality, directory: Path, settings: dict[str, Any]) -> GeneratorConfig:
+    kind = {Modality.IMAGE: "stable-diffusion", Modality.AUDIO: "audioldm"}[modality]
+    return GeneratorConfig(type=kind, pretrained=str(directory), settings=dict(settings))
+
+
+def build_toy_config(out: str | os.PathLike, cfg: ModelPhasesConfig | None = None) -> AnyModalConfig:
+    """The anymodal config of the toy model: the trained LLM (``out/llm``, with its tokenizer), the
+    trained ImageBind (``out/encoder/model.safetensors`` with its options; image, audio, video), an
+    input projector per modality, and the generators of ``out/image-generator`` and
+    ``out/audio-generator`` where those phases have run (output projector targets read from each
+    generator's ``conditioning_shapes``). Paths are absolute."""
+    import anymodal.generators  # noqa: F401  (registers the adapters)
+
+    from ..registry import GENERATORS
+
+    out = Path(out).resolve()
+    cfg = cfg or ModelPhasesConfig()
+    st = cfg.stages
+    for need in ("llm", "encoder"):
+        if not (out / need).is_dir():
+            raise ValueError(f"no {need} in {out}; run train_{need} first")
+    meta = json.loads((out / "encoder" / "config.json").read_text())
+    encoder = EncoderConfig(type="imagebind", modalities=[Modality.parse(m) for m in meta["modalities"]],
+                            pretrained=str(out / "encoder" / "model.safetensors"), options=meta["options"])
+    inputs = {m: InputProjectorConfig(type="mlp", num_tokens=MEDIA_TOKENS, hidden_dim=st.projector_hidden)
+              for m in encoder.modalities}
+    generators: dict[Modality, GeneratorConfig] = {}
+    outputs: dict[Modality, OutputProjectorConfig] = {}
+    settings = {Modality.IMAGE: st.image_settings, Modality.AUDIO: st.audio_settings}
+    for m, name in ((Modality.IMAGE, "image-generator"), (Modality.AUDIO, "audio-generator")):
+        directory = out / name
+        if not (directory / "model_index.json").is_file():
+            continue
+        g = _generator_config(m, directory, settings[m])
+        shapes = GENERATORS.get(g.type).from_config(replace(g, lazy=True)).conditioning_shapes
+        generators[m] = g
+        outputs[m] = OutputProjectorConfig(type="transformer", targets={k: list(v) for k, v in shapes.items()},
+                                           hidden_dim=st.projector_hidden, num_layers=st.output_layers,
+                                           num_heads=4 if st.projector_hidden % 4 == 0 else 1)
+    llm = LLMConfig(model=str(out / "llm"), tokenizer=str(out / "llm"), max_new_tokens=st.max_new_tokens)
+    return AnyModalConfig(llm=llm, name="toyworld", encoders={"imagebind": encoder}, input_projectors=inputs,
+                          output_projectors=outputs, generators=generators)
+
+
+# ============================================================================ 5. the stages
+
+
+def stage_training_config(stage: int, cfg: StagesPhase, progress: bool = True) -> Any:
+    from ..config import LoraConfig
+    from ..training import TrainingConfig
+
+    steps = (cfg.stage1_steps, cfg.stage2_steps, cfg.stage3_steps)[stage - 1]
+    # Stage 3 leaves the signal-token rows as stages 1-2 and pretraining made them: with peft's
+    # trainable_token_indices on a referenced base LLM, AnyModalPipeline.save_pretrained cannot find the
+    # embedding in the state dict (the wrapper's .weight is a merged copy), so stage 3 could not save.
+    trainable = ["lora", "input_projectors", "output_projectors"] if stage == 3 else None
+    return TrainingConfig(stage=stage, trainable=trainable, seed=cfg.seed, batch_size=cfg.batch_size, learning_rate=cfg.lr[stage - 1],
+                          lr_scheduler="cosine", warmup_steps=min(cfg.warmup_steps, steps // 5), max_steps=steps,
+                          max_bad_fraction=0.01, caption_prompt=CAPTION_PROMPT, generation_prompt=GENERATION_PROMPT,
+                          generation_response=GENERATION_RESPONSE, save_every=cfg.save_every, keep_checkpoints=1,
+                          log_every=1, progress=progress,
+                          lora=LoraConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=0.0))
+
+
+def run_stages(out: Path, cfg: ModelPhasesConfig, log: JsonlLog, control: RunControl) -> Path:
+    """Run anymodal stages 1, 2 and 3 on the toy components and save ``out/final``.
+
+    The manifests come from :func:`write_manifests` (``cfg.stages`` sizes), filtered to what the
+    model reads and generates. Each stage runs in ``out/stages/stage<N>`` and resumes from its last
+    checkpoint; a finished stage (its ``final/`` exists) is skipped. ``control``'s deadline stops a
+    stage at its next checkpoint (raising :class:`~anymodal.toyworld.train.Stop`). Stage 3's LoRA is
+    merged into the LLM, and the merged pipeline is saved to ``out/final``.
+    """
+    from ..training import merge_lora
+    from ..training import train as train_stage
+
+    out = Path(out)
+    st = cfg.stages
+    config = build_toy_config(out, cfg)
+    data = write_manifests(out, st.n_captions, st.n_dialogues, st.seed)
+    inputs, outputs = list(config.input_projectors), list(config.generators)
+    if not outputs:
+        raise ValueError(f"no generator in {out} (image-generator, audio-generator): run a generator phase first")
+    manifests = {1: filter_manifest(data / "captions.jsonl", data / "stage1-captions.jsonl", inputs, [], "input"),
+                 2: filter_manifest(data / "captions.jsonl", data / "stage2-captions.jsonl", [], outputs, "output"),
+                 3: filter_manifest(data / "dialogues.jsonl", data / "stage3-dialogues.jsonl", inputs, outputs)}
+    (out / "stages").mkdir(parents=True, exist_ok=True)
+    source = str(out / "stages" / "toy-config.yaml")  # anymodal.training reads a model from a file or directory
+    config.to_yaml(source)
+    for stage in (1, 2, 3):
+        run_dir = out / "stages" / f"stage{stage}"
+        final = run_dir / "final"
+        if not (final / "anymodal_index.json").is_file():
+            tcfg = stage_training_config(stage, st, control.progress)
+
+            def on_step(step: int, metrics: dict[str, float], every: int = st.save_every, total: int = tcfg.max_steps
+                        ) -> None:
+                if step % every == 0 and step < total and control.should_stop(step):
+                    raise Stop(f"stage {stage}: stopped at step {step}/{total} (checkpointed); rerun to resume")
+
+            t0 = time.time()
+            result = train_stage(source, manifests[stage], run_dir, tcfg, resume=True, device="cpu", on_step=on_step)
+            log.write(stage=f"stage{stage}", event="done", steps=result.steps, samples=result.samples,
+                      last_loss=result.losses[-1] if result.losses else None, bad_rows=result.bad_rows,
+                      samples_per_s=round(result.samples_per_s, 2), seconds=round(time.time() - t0, 1))
+        source = str(final)
+    merged = out / "stages" / "stage3" / "merged"
+    if not (merged / "anymodal_index.json").is_file():
+        atomic_dir(merged, lambda d: (shutil.rmtree(d), merge_lora(out / "stages" / "stage3" / "final", d)))
+    from ..pipeline import AnyModalPipeline
+
+    pipe = AnyModalPipeline.from_pretrained(merged)
+    return pipe.save_pretrained(out / "final")
+
+
+# ============================================================================ 6. ship
+
+
+def _size(directory: Path) -> int:
+    return sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
+
+
+def ship(out: str | os.PathLike, dest: str | os.PathLike | None = None, limit_bytes: int = SHIP_LIMIT_BYTES) -> Path:
+    """Save ``out/final`` with every component copied (``save_frozen=True``) into ``dest`` (default
+    ``anymodal/assets/default``, what ``AnyModalPipeline.from_pretrained()`` loads with no name).
+
+    The copy is made beside ``dest`` and swapped in only when its total size is within
+    ``limit_bytes`` (25 MB); otherwise ``ValueError`` names the size and ``dest`` is untouched.
+    Paths of the run directory are not recorded: the index's config names the components' places
+    inside ``dest``.
+    """
+    from ..pipeline import INDEX_NAME, AnyModalPipeline
+
+    final = Path(out) / "final"
+    if not (final / INDEX_NAME).is_file():
+        raise FileNotFoundError(f"{final} is not a saved pipeline; run run_stages first")
+    dest = Path(dest) if dest is not None else Path(__file__).resolve().parents[1] / "assets" / "default"
+    pipe = AnyModalPipeline.from_pretrained(final)
+    c = pipe.config
+    c.llm.model, c.llm.tokenizer = "llm", "processor"
+    for name, e in c.encoders.items():
+        e.pretrained = f"encoders/{name}/model.safetensors"
+    for m, g in c.generators.items():
+        g.pretrained = f"generators/{m.value}"
+
+    def write(tmp: Path) -> None:
+        shutil.rmtree(tmp)
+        pipe.save_pretrained(tmp, save_frozen=True)
+        size = _size(tmp)
+        if size > limit_bytes:
+            raise ValueError(f"the shipped model would be {size / 1e6:.2f} MB ({size} bytes), over the limit of "
+                             f"{limit_bytes / 1e6:.2f} MB; nothing was written to {dest}")
+
+    return atomic_dir(dest, write)
+
+
+__all__ = ["CAPTION_PROMPT", "EncoderPhase", "FIELDS", "GENERATION_PROMPT", "GENERATION_RESPONSE", "LLMPhase",
+           "MODEL_PHASES", "ModelPhasesConfig", "StagesPhase", "build_toy_config", "dialogue_row", "evaluate_encoder",
+           "evaluate_llm", "filter_manifest", "linear_probe", "llm_tokenizer", "run_stages", "ship",
+           "stage_training_config", "train_encoder", "train_llm", "write_manifests"]

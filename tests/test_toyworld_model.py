@@ -1,0 +1,216 @@
+"""The model-side toy-world phases (anymodal/toyworld/model_phases.py) at smoke size: manifests the
+training code reads, a tiny ImageBind and a tiny Llama that resume bit-identically, the three
+anymodal stages on top, a pipeline that loads and answers, ``anymodal eval`` on it, and shipping."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import pytest
+import torch
+
+from anymodal.modality import Modality
+from anymodal.toyworld import model_phases as MP
+from anymodal.toyworld import train as T
+from anymodal.toyworld import world
+
+torch.set_num_threads(1)
+
+SMOKE = MP.ModelPhasesConfig.preset("smoke")
+
+
+def _control(**kw) -> T.RunControl:
+    return T.RunControl(progress=False, **kw)
+
+
+def _log(out: Path, name: str) -> T.JsonlLog:
+    return T.JsonlLog(out / "logs" / f"{name}.jsonl")
+
+
+def _weights(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {f"{f.name}/{k}": v for f in sorted(directory.rglob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def _copy_base(base: Path, out: Path, *names: str) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        shutil.copytree(base / name, out / name)
+    return out
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    """The train.py phases the model side builds on (tokenizer, both generators), at smoke size."""
+    from dataclasses import replace
+
+    out = tmp_path_factory.mktemp("toy")
+    cfg = T.ToyworldTrainConfig.preset("smoke")
+    fast = dict(vae_steps=1, steps=1, checkpoint_every=1, final_eval_prompts=1)  # loadable, not trained
+    cfg = replace(cfg, image_generator=replace(cfg.image_generator, **fast),
+                  audio_generator=replace(cfg.audio_generator, **fast))
+    results = T.train(out, phases=["tokenizer", "image-generator", "audio-generator"], config=cfg,
+                      results_dir=None, progress=False)
+    assert [r.status for r in results] == ["done"] * 3
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(base: Path, tmp_path_factory) -> Path:
+    """Manifests, encoder and LLM on top of ``base``."""
+    out = _copy_base(base, tmp_path_factory.mktemp("trained"), "tokenizer", "image-generator", "audio-generator")
+    MP.write_manifests(out, SMOKE.stages.n_captions, SMOKE.stages.n_dialogues, SMOKE.stages.seed)
+    MP.train_encoder(out, SMOKE.encoder, _log(out, "encoder"), _control())
+    MP.train_llm(out, SMOKE.llm, _log(out, "llm"), _control())
+    return out
+
+
+def test_manifests_are_what_training_reads(tmp_path: Path):
+    from anymodal.encoders import ImageBindEncoder
+    from anymodal.training.data import load_manifest, requirements
+
+    data = MP.write_manifests(tmp_path, 3, 12, seed=1)
+    all_m = list(Modality.parse(m) for m in ("image", "audio", "video"))
+    for name, stage in (("captions.jsonl", 1), ("captions.jsonl", 2), ("dialogues.jsonl", 3),
+                        ("heldout-captions.jsonl", 1), ("heldout-dialogues.jsonl", 3)):
+        man = load_manifest(data / name, requirements(stage, all_m, all_m, denoise=stage == 2))
+        assert not man.bad and man.total == len(man.records) > 0, (name, man.bad[:2])
+    rows = [json.loads(x) for x in (data / "captions.jsonl").read_text().splitlines()]
+    assert sorted({r["modality"] for r in rows}) == ["audio", "image", "video"] and len(rows) == 9
+    assert all(not world.is_held_out(world.spec_from_dict(r["spec"])) for r in rows)
+    held = [json.loads(x) for x in (data / "heldout-captions.jsonl").read_text().splitlines()]
+    assert all(world.is_held_out(world.spec_from_dict(r["spec"])) for r in held)
+    # the files decode through the encoder's own preprocess
+    enc = ImageBindEncoder.from_config(SMOKE.encoder.options, all_m)
+    for r in rows[::3]:
+        m = Modality.parse(r["modality"])
+        x = enc.preprocess(m, [str(data / r["media"])])
+        assert enc(m, x).shape == (1, 1, 16)
+    # a second call with the same settings keeps the files; other settings rebuild
+    stamp = (data / "captions.jsonl").stat().st_mtime_ns
+    MP.write_manifests(tmp_path, 3, 12, seed=1)
+    assert (data / "captions.jsonl").stat().st_mtime_ns == stamp
+    MP.write_manifests(tmp_path, 2, 12, seed=1)
+    assert len((data / "captions.jsonl").read_text().splitlines()) == 6
+    # filtering for a model that reads images only and generates audio only
+    only = MP.filter_manifest(data / "dialogues.jsonl", data / "f.jsonl", [Modality.IMAGE], [Modality.AUDIO])
+    for row in map(json.loads, only.read_text().splitlines()):
+        for msg in row["messages"]:
+            keys = {k for item in msg["content"] if isinstance(item, dict) for k in item if k != "caption"}
+            assert keys <= ({"image"} if msg["role"] == "user" else {"audio"})
+
+
+def test_encoder_resumes_bit_identically_and_loads_from_its_safetensors(base: Path, tmp_path: Path):
+    from anymodal.encoders import ImageBindEncoder
+
+    full = _copy_base(base, tmp_path / "full", "tokenizer")
+    path = MP.train_encoder(full, SMOKE.encoder, _log(full, "encoder"), _control())
+    part = _copy_base(base, tmp_path / "part", "tokenizer")
+    with pytest.raises(T.Stop):
+        MP.train_encoder(part, SMOKE.encoder, _log(part, "encoder"), _control(stop_at_step=1))
+    with pytest.raises(ValueError, match="steps differ"):
+        MP.train_encoder(part, MP.EncoderPhase(**{**SMOKE.encoder.__dict__, "steps": 9}), _log(part, "encoder"),
+                         _control())
+    MP.train_encoder(part, SMOKE.encoder, _log(part, "encoder"), _control())
+    a, b = _weights(path), _weights(part / "encoder")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    figures = json.loads((full / "state" / "encoder" / "figures.json").read_text())["heldout"]
+    assert set(figures) == {"image", "audio", "video"}
+    assert set(figures["audio"]) == {"note", "waveform", "duration"}
+    assert all(0.0 <= v["probe"] <= 1.0 for fields in figures.values() for v in fields.values())
+    # the EncoderConfig route the toy config uses: options + the safetensors file, strictly
+    meta = json.loads((path / "config.json").read_text())
+    enc = ImageBindEncoder.from_config(meta["options"], meta["modalities"], str(path / "model.safetensors"))
+    ref = ImageBindEncoder.from_pretrained(path)
+    x = ref.preprocess(Modality.IMAGE, [world.render(world.sample_specs("image", 1, 0)[0])])
+    assert torch.equal(enc(Modality.IMAGE, x), ref(Modality.IMAGE, x))
+
+
+def test_llm_resumes_bit_identically_and_saves_with_its_tokenizer(base: Path, tmp_path: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from anymodal.processor import AnyModalProcessor
+
+    full = _copy_base(base, tmp_path / "full", "tokenizer")
+    path = MP.train_llm(full, SMOKE.llm, _log(full, "llm"), _control())
+    part = _copy_base(base, tmp_path / "part", "tokenizer")
+    with pytest.raises(T.Stop):
+        MP.train_llm(part, SMOKE.llm, _log(part, "llm"), _control(stop_at_step=1))
+    MP.train_llm(part, SMOKE.llm, _log(part, "llm"), _control())
+    a, b = _weights(path), _weights(part / "llm")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    lm = AutoModelForCausalLM.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path)
+    assert lm.config.model_type == "llama" and lm.get_input_embeddings().weight.shape[0] == len(tok)
+    before = len(tok)
+    AnyModalProcessor(tok, {Modality.IMAGE: 4, Modality.AUDIO: 8, Modality.VIDEO: 24},
+                      {m: MP.MEDIA_TOKENS for m in (Modality.IMAGE, Modality.AUDIO, Modality.VIDEO)})
+    assert len(tok) == before  # every anymodal token is already in the LLM's vocabulary
+    ids = tok("### Human: <image><image>\ndescribe this image\n### Assistant: a red circle</s>",
+              add_special_tokens=False)["input_ids"]
+    assert tok.unk_token_id not in ids and len(ids) == 11
+    figures = json.loads((full / "state" / "llm" / "figures.json").read_text())
+    assert set(figures["heldout"]) == set(MP.TEXT_TASKS)
+
+
+def test_build_toy_config_reads_the_generators_and_skips_a_missing_one(trained: Path, tmp_path: Path):
+    from anymodal.pipeline import AnyModalPipeline
+
+    cfg = MP.build_toy_config(trained, SMOKE)
+    assert set(cfg.generators) == {Modality.IMAGE, Modality.AUDIO}
+    assert cfg.output_projectors[Modality.IMAGE].targets == {"prompt_embeds": [24, 16]}  # smoke CLIP width
+    assert cfg.output_projectors[Modality.AUDIO].targets == {"prompt_embeds": [1, 16]}  # smoke CLAP projection
+    assert cfg.encoders["imagebind"].pretrained.endswith("encoder/model.safetensors")
+    AnyModalPipeline.from_config(cfg)  # generator shapes are checked against the projectors at load
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    for name in ("llm", "encoder", "image-generator"):
+        (partial / name).symlink_to(trained / name)
+    only = MP.build_toy_config(partial, SMOKE)
+    assert set(only.generators) == {Modality.IMAGE} and set(only.output_projectors) == {Modality.IMAGE}
+
+
+def test_stages_resume_load_answer_evaluate_and_ship(trained: Path, tmp_path: Path):
+    from anymodal.pipeline import AnyModalPipeline
+    from anymodal.toyworld.evaluate import evaluate
+
+    out = _copy_base(trained, tmp_path / "run", "tokenizer", "image-generator", "audio-generator", "encoder", "llm",
+                     "data")
+    with pytest.raises(T.Stop, match="stage 1"):
+        MP.run_stages(out, SMOKE, _log(out, "stages"), _control(stop_at_step=1))
+    assert (out / "stages" / "stage1" / "checkpoints").is_dir() and not (out / "final").exists()
+    final = MP.run_stages(out, SMOKE, _log(out, "stages"), _control())
+    assert final == out / "final"
+    metrics = [json.loads(x) for x in (out / "stages" / "stage1" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2]  # resumed at step 1, not restarted
+
+    pipe = AnyModalPipeline.from_pretrained(final)
+    assert set(pipe.generators) == {Modality.IMAGE, Modality.AUDIO}
+    res = pipe("draw a red circle", seed=0, progress=False)
+    assert isinstance(res.text[0], str)
+    image = world.render(world.sample_specs("image", 1, 3)[0])
+    res = pipe("what colour is the shape?", images=image, seed=0, progress=False)
+    assert isinstance(res.text[0], str)
+    results = evaluate(pipe, n=2, progress=False)
+    assert set(results) == {"t2i", "t2a", "t2v", "i2t", "a2t", "v2t"} and all(r.n == 2 for r in results.values())
+
+    # shipping copies every component; a model over the limit is refused and nothing is written
+    with pytest.raises(ValueError, match=r"MB \(\d+ bytes\), over the limit"):
+        MP.ship(out, tmp_path / "ship", limit_bytes=1000)
+    assert not (tmp_path / "ship").exists()
+    shipped = MP.ship(out, tmp_path / "ship")
+    index = json.loads((shipped / "anymodal_index.json").read_text())
+    assert all(e["kind"] == "saved" for e in index["components"]["generators"].values())
+    assert index["components"]["llm"]["kind"] == "full" and index["components"]["encoders"]["imagebind"]["kind"] == "saved"
+    assert str(trained) not in (shipped / "anymodal_index.json").read_text()  # no run paths recorded
+    again = AnyModalPipeline.from_pretrained(shipped)
+    a, b = again("draw a red circle", seed=0, progress=False), pipe("draw a red circle", seed=0, progress=False)
+    assert a.token_ids == b.token_ids
