@@ -79,10 +79,11 @@ def main(argv=None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--steps", type=int, default=10, help="diffusion steps")
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: up to 2)")
     ap.add_argument("--out", default=None, help="JSON results file (default bench/results/pipeline-<device>.json)")
     args = ap.parse_args(argv)
     if args.device == "cpu":
-        torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+        torch.set_num_threads(args.threads or max(1, min(2, os.cpu_count() or 1)))
     device = torch.device(args.device)
 
     torch.manual_seed(0)
