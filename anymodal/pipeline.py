@@ -511,11 +511,13 @@ def _base_state_dict(peft_model) -> dict[str, torch.Tensor]:
             if ".lora_" not in k and "trainable_tokens_delta" not in k}
 
 
-def _param_key(model, param: torch.Tensor) -> str:
-    for k, v in model.state_dict(keep_vars=True).items():
-        if v is param:
-            return _strip_peft_key(k)
-    raise ValueError("parameter not found in the model's state dict")
+def _weight_key(model, module) -> str:
+    """The state-dict key of ``module.weight`` in the plain model. Found through the module, not
+    the tensor: peft's trainable-token wrapper returns a merged copy as its ``weight``."""
+    for name, m in model.named_modules():
+        if m is module:
+            return _strip_peft_key(f"{name}.weight")
+    raise ValueError("embedding module not found in the model")
 
 
 def _save_token_rows(lm, state: dict[str, torch.Tensor] | None, token_ids: list[int], directory: Path) -> None:
@@ -525,12 +527,12 @@ def _save_token_rows(lm, state: dict[str, torch.Tensor] | None, token_ids: list[
     directory.mkdir(parents=True, exist_ok=True)
     state = state if state is not None else lm.state_dict()
     ids = torch.tensor(token_ids, dtype=torch.long)
-    in_w = lm.get_input_embeddings().weight
-    in_key = _param_key(lm, in_w)
+    in_key = _weight_key(lm, lm.get_input_embeddings())
     tensors = {"token_ids": ids, "input_rows": state[in_key][ids].detach().cpu().contiguous()}
     out_emb = lm.get_output_embeddings()
-    if out_emb is not None and out_emb.weight is not in_w:
-        tensors["output_rows"] = state[_param_key(lm, out_emb.weight)][ids].detach().cpu().contiguous()
+    tied = getattr(lm.config.get_text_config(), "tie_word_embeddings", False)
+    if out_emb is not None and not tied:
+        tensors["output_rows"] = state[_weight_key(lm, out_emb)][ids].detach().cpu().contiguous()
     save_file(tensors, str(directory / "token_rows.safetensors"))
 
 

@@ -204,14 +204,20 @@ def pretrained_llm_dir(tmp_path_factory):
     return d
 
 
-@pytest.mark.parametrize("lora", [False, True])
+@pytest.mark.parametrize("lora", [None, "lora", "lora+tokens"])
 def test_referenced_llm_saves_only_what_changed(pretrained_llm_dir, tmp_path, lora):
     from anymodal.pipeline import AnyModalPipeline
 
     llm = {"model": str(pretrained_llm_dir), "max_new_tokens": 8}
-    if lora:
+    if lora == "lora":
         llm["lora"] = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
     pipe = AnyModalPipeline.from_config(C.AnyModalConfig.from_dict({"name": "ref", "llm": llm}))
+    if lora == "lora+tokens":  # stage 3 also trains the added rows through peft's trainable tokens
+        from peft import LoraConfig, get_peft_model
+
+        pipe.model.language_model = get_peft_model(pipe.model.language_model, LoraConfig(
+            r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM",
+            trainable_token_indices={"embed_tokens": pipe.processor.new_token_ids}))
     with torch.no_grad():  # make the adapter and the added rows matter
         g = torch.Generator().manual_seed(0)
         for name, p in pipe.model.language_model.named_parameters():
@@ -225,7 +231,7 @@ def test_referenced_llm_saves_only_what_changed(pretrained_llm_dir, tmp_path, lo
     pipe.save_pretrained(tmp_path / "p")
     saved = tmp_path / "p"
     assert sorted(p.name for p in (saved / "llm").iterdir()) == ["token_rows.safetensors"]
-    assert (saved / "llm_adapter").is_dir() == lora
+    assert (saved / "llm_adapter").is_dir() == bool(lora)
     again = AnyModalPipeline.from_pretrained(saved)
     assert again(prompts, seed=0).token_ids == before.token_ids
     full = tmp_path / "full"
