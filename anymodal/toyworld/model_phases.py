@@ -162,6 +162,7 @@ class StagesPhase:
     warmup_steps: int = 20
     lora_r: int = 8
     lora_alpha: int = 16
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     save_every: int = 50
     projector_hidden: int = 128
     output_layers: int = 1  # two layers of width 128 cost 2.2 MB per projector (the ship limit is tight)
@@ -724,7 +725,8 @@ def stage_training_config(stage: int, cfg: StagesPhase, progress: bool = True) -
                           max_bad_fraction=0.01, caption_prompt=CAPTION_PROMPT, generation_prompt=GENERATION_PROMPT,
                           generation_response=GENERATION_RESPONSE, save_every=cfg.save_every, keep_checkpoints=1,
                           log_every=1, progress=progress,
-                          lora=LoraConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=0.0))
+                          lora=LoraConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=0.0,
+                                          target_modules=list(cfg.lora_targets)))
 
 
 def run_stages(out: Path, cfg: ModelPhasesConfig, log: JsonlLog, control: RunControl) -> Path:
