@@ -716,11 +716,7 @@ def stage_training_config(stage: int, cfg: StagesPhase, progress: bool = True) -
     from ..training import TrainingConfig
 
     steps = (cfg.stage1_steps, cfg.stage2_steps, cfg.stage3_steps)[stage - 1]
-    # Stage 3 leaves the signal-token rows as stages 1-2 and pretraining made them: with peft's
-    # trainable_token_indices on a referenced base LLM, AnyModalPipeline.save_pretrained cannot find the
-    # embedding in the state dict (the wrapper's .weight is a merged copy), so stage 3 could not save.
-    trainable = ["lora", "input_projectors", "output_projectors"] if stage == 3 else None
-    return TrainingConfig(stage=stage, trainable=trainable, seed=cfg.seed, batch_size=cfg.batch_size, learning_rate=cfg.lr[stage - 1],
+    return TrainingConfig(stage=stage, seed=cfg.seed, batch_size=cfg.batch_size, learning_rate=cfg.lr[stage - 1],
                           lr_scheduler="cosine", warmup_steps=min(cfg.warmup_steps, steps // 5), max_steps=steps,
                           max_bad_fraction=0.01, caption_prompt=CAPTION_PROMPT, generation_prompt=GENERATION_PROMPT,
                           generation_response=GENERATION_RESPONSE, save_every=cfg.save_every, keep_checkpoints=1,
