@@ -209,7 +209,8 @@ def test_stages_resume_load_answer_evaluate_and_ship(trained: Path, tmp_path: Pa
     shipped = MP.ship(out, tmp_path / "ship")
     index = json.loads((shipped / "anymodal_index.json").read_text())
     assert all(e["kind"] == "saved" for e in index["components"]["generators"].values())
-    assert index["components"]["llm"]["kind"] == "full" and index["components"]["encoders"]["imagebind"]["kind"] == "saved"
+    assert index["components"]["llm"]["kind"] == "full"
+    assert index["components"]["encoders"]["imagebind"]["kind"] == "saved"
     assert str(trained) not in (shipped / "anymodal_index.json").read_text()  # no run paths recorded
     again = AnyModalPipeline.from_pretrained(shipped)
     a, b = again("draw a red circle", seed=0, progress=False), pipe("draw a red circle", seed=0, progress=False)

@@ -457,8 +457,8 @@ def train_encoder(out: Path, cfg: EncoderPhase, log: JsonlLog, control: RunContr
         opt.step()
         return float(loss.detach())
 
-    train_loop(stage="encoder", total=cfg.steps, ckpt=state_dir / "encoder.ckpt", modules={"encoder": enc, "heads": heads},
-               optimizer=opt, gen=gen, ema=None, step_fn=step,
+    train_loop(stage="encoder", total=cfg.steps, ckpt=state_dir / "encoder.ckpt",
+               modules={"encoder": enc, "heads": heads}, optimizer=opt, gen=gen, ema=None, step_fn=step,
                lr_fn=lambda s: cosine_lr(s, cfg.steps, cfg.lr, cfg.warmup_steps), log=log,
                checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every, control=control)
     enc.eval()
