@@ -211,7 +211,7 @@ class AudioGeneratorPhase:
     # caption's note, waveform and duration. Without it the from-scratch text tower gave nearly
     # one embedding for every note (cosine 0.9997), so the UNet could not hear the pitch. It
     # stands in for real CLAP's contrastive text-audio pre-training; 0 turns it off.
-    text_aux_weight: float = 0.0
+    text_aux_weight: float = 0.1
     vae: dict[str, Any] = field(default_factory=_default_audio_vae)
     unet: dict[str, Any] = field(default_factory=_default_audio_unet)
     text_encoder: dict[str, Any] = field(default_factory=_default_clap_text)
