@@ -154,15 +154,17 @@ class StagesPhase:
     n_captions: int = 1500  # per modality, for write_manifests
     n_dialogues: int = 3000
     seed: int = 0
-    stage1_steps: int = 800  # ~15 steps/s on one core: the stages take about 6 minutes in all
+    stage1_steps: int = 800  # ~15 steps/s on one core (stage 3 ~7): about 8 minutes in all
     stage2_steps: int = 800
-    stage3_steps: int = 1500
+    stage3_steps: int = 2500
     batch_size: int = 16
-    lr: tuple[float, float, float] = (1e-3, 1e-3, 5e-4)
+    lr: tuple[float, float, float] = (1e-3, 1e-3, 1e-3)
     warmup_steps: int = 20
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    # r 16 on every linear layer (stage-3 loss 0.50 vs 1.00 with r 8 on attention, 1,500 steps at 5e-4;
+    # held-out i2t 22% vs 14%, a2t 22% vs 12%, v2t 30% vs 40%, n=100 each)
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     save_every: int = 50
     projector_hidden: int = 128
     output_layers: int = 1  # two layers of width 128 cost 2.2 MB per projector (the ship limit is tight)
