@@ -88,7 +88,7 @@ def _default_encoder_options() -> dict[str, Any]:
     """A tiny ImageBind for the world: 64 px vision (the 32 px videos are upscaled; patch 8: 64 tubes
     of 2 frames; three blocks), a 128-band fbank of one 1.024 s clip (patch 16, stride 10: 12 x 9
     patches; two blocks), width 64, a 64-d joint space. ``text`` is never built (no text modality).
-    Against 32 px with patch 4 and two vision blocks (same steps), 64 px lifted seen-split shape
+    Against 32 px with patch 4 and two vision blocks (1,500 steps at 1e-3), this lifted seen-split shape
     accuracy from 51% to 84% and held-out direction from 93% to 99%."""
     return {"out_embed_dim": 64,
             "vision": {"embed_dim": 64, "depth": 3, "num_heads": 4, "drop_path": 0.0},
