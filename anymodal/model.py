@@ -74,7 +74,7 @@ class AnyModalModel(nn.Module):
         _load_builtin()
         if language_model is None:
             language_model = load_language_model(config.llm)
-            _add_token_rows(language_model, len(processor.tokenizer))
+            add_token_rows(language_model, len(processor.tokenizer))
         if encoders is None:
             encoders = {name: ENCODERS.get(e.type).from_config(e.options, e.modalities, e.pretrained)
                         for name, e in config.encoders.items()}
@@ -152,8 +152,13 @@ class AnyModalModel(nn.Module):
                                    labels=labels, output_hidden_states=output_hidden_states, **kwargs)
 
 
-def _add_token_rows(language_model: nn.Module, vocab_size: int) -> None:
-    """Grow the embeddings for the added tokens, initialised around the mean of the old rows."""
+def add_token_rows(language_model: nn.Module, vocab_size: int, mean_resizing: bool = True) -> None:
+    """Grow (never shrink) the embeddings to ``vocab_size`` rows for the added tokens.
+
+    New rows start around the mean of the old ones; pass ``mean_resizing=False`` when saved
+    rows are loaded over them anyway. A tokenizer shorter than the embedding (common: vocabularies
+    are padded) keeps every row.
+    """
     old = language_model.get_input_embeddings().weight.shape[0]
     if vocab_size > old:
-        language_model.resize_token_embeddings(vocab_size, mean_resizing=True)
+        language_model.resize_token_embeddings(vocab_size, mean_resizing=mean_resizing)

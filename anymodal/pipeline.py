@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ from .config import AnyModalConfig
 from .generation import generate_text
 from .media import Audio, MediaError
 from .modality import MEDIA_MODALITIES, Modality
-from .model import AnyModalModel, load_language_model, load_tokenizer
+from .model import AnyModalModel, add_token_rows, load_language_model, load_tokenizer
 from .processor import AnyModalProcessor, Message
 from .registry import ENCODERS, GENERATORS, _load_builtin
 from .utils import atomic_write_text, swap_dir_into_place
@@ -122,8 +123,7 @@ class AnyModalPipeline:
             lm = load_language_model(config.llm, str(path / llm_entry["path"]))
         else:  # a referenced base model plus the rows of the tokens we added
             lm = load_language_model(config.llm)
-            if len(processor.tokenizer) > lm.get_input_embeddings().weight.shape[0]:
-                lm.resize_token_embeddings(len(processor.tokenizer), mean_resizing=False)  # rows loaded next
+            add_token_rows(lm, len(processor.tokenizer), mean_resizing=False)  # the saved rows are loaded next
             _load_token_rows(lm, path / llm_entry["path"])
         encoders = {}
         for name, e in config.encoders.items():
@@ -145,7 +145,7 @@ class AnyModalPipeline:
         for m, g in config.generators.items():
             entry = saved["generators"][m.value]
             if entry["kind"] == "saved":
-                g = _replace(g, pretrained=str(path / entry["path"]), components=None)
+                g = dataclasses.replace(g, pretrained=str(path / entry["path"]), components=None)
             generators[m] = GENERATORS.get(g.type).from_config(g)
         pipe = cls(config, processor, model, generators)
         return pipe.to(device if device is not None else "cpu")
@@ -545,12 +545,6 @@ def _load_token_rows(lm, directory: Path) -> None:
         if "output_rows" in t:
             w = lm.get_output_embeddings().weight
             w[t["token_ids"]] = t["output_rows"].to(w.dtype)
-
-
-def _replace(cfg, **changes):
-    import dataclasses
-
-    return dataclasses.replace(cfg, **changes)
 
 
 def list_configs() -> list[str]:
