@@ -243,19 +243,14 @@ def _validate(pipe: AnyModalPipeline, data: dict[str, Any], key: str, index: int
     return _Row(key, data.get("id"), index, stem, prompt, media, settings, max_new, seed)
 
 
-def context_limit(pipe: AnyModalPipeline) -> int | None:
-    """The LLM's context length: ``llm.max_length`` or the model's ``max_position_embeddings``."""
-    return pipe.processor.max_length or getattr(pipe.model.llm_config, "max_position_embeddings", None)
-
-
 def _check_length(pipe: AnyModalPipeline, prompt: str, counts: dict[Modality, int], max_new_tokens: int) -> None:
     proc = pipe.processor
     try:
         text = proc.format([Message("user", proc.place_media(prompt, counts))])
     except ValueError as e:
         raise RowError(str(e)) from None
-    n = len(proc.tokenizer(proc.expand(text), add_special_tokens=False)["input_ids"])
-    limit = context_limit(pipe)
+    n = proc.num_tokens(text)
+    limit = pipe.context_length
     if limit is not None and n + max_new_tokens > limit:
         raise RowError(f"prompt too long: {n} tokens (media positions included) plus max_new_tokens="
                        f"{max_new_tokens} exceeds the model's context of {limit} tokens")

@@ -226,8 +226,9 @@ class AnyModalPipeline:
 
     @property
     def context_length(self) -> int | None:
-        """Tokens the LLM can attend to: ``llm.max_length``, else the model's position limit."""
-        return self.config.llm.max_length or getattr(self.model.llm_config, "max_position_embeddings", None)
+        """Tokens the LLM can attend to: ``llm.max_length`` (held by the processor, which enforces it),
+        else the model's position limit."""
+        return self.processor.max_length or getattr(self.model.llm_config, "max_position_embeddings", None)
 
     # ================================================================ calling
     @torch.no_grad()

@@ -115,6 +115,10 @@ class AnyModalProcessor:
         return f"{prefix}\n{text}" if prefix else text
 
     # ------------------------------------------------------------ tokenising
+    def num_tokens(self, text: str) -> int:
+        """Length of a formatted text in tokens, each placeholder counted as its medium's positions."""
+        return len(self.tokenizer(self.expand(text), add_special_tokens=False)["input_ids"])
+
     def __call__(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Tokenise formatted texts (placeholders already placed) with left padding."""
         expanded = [self.expand(t) for t in texts]

@@ -129,7 +129,7 @@ class ChatSession:
         the first kept turn."""
         turns = self.turns + ([new_turn] if new_turn is not None else [])
         max_new = max_new_tokens or self.max_new_tokens or self.pipe.config.llm.max_new_tokens
-        limit = _context_limit(self.pipe)
+        limit = self.pipe.context_length
         system = [Message("system", self.system_prompt)] if self.system_prompt else []
         # candidate starts: the beginning of each exchange, oldest first
         starts = [i for i, t in enumerate(turns) if t.role == "user"] or [0]
@@ -156,7 +156,7 @@ class ChatSession:
         proc = self.pipe.processor
         rendered = [Message(m.role, proc.place_media(m.content, {k: len(v) for k, v in m.media.items()}))
                     for m in messages]
-        return len(proc.tokenizer(proc.expand(proc.format(rendered)), add_special_tokens=False)["input_ids"])
+        return proc.num_tokens(proc.format(rendered))
 
     # ------------------------------------------------------------ persistence
     def save(self, directory: str | os.PathLike) -> Path:
@@ -222,10 +222,6 @@ def _as_list(value: Any) -> list[Any]:
                                                  and isinstance(value[1], (int, np.integer))):
         return list(value)
     return [value]
-
-
-def _context_limit(pipe: AnyModalPipeline) -> int | None:
-    return pipe.processor.max_length or getattr(pipe.model.llm_config, "max_position_embeddings", None)
 
 
 def _save_medium(m: Modality, item: Any, stem: Path) -> dict[str, str]:
