@@ -563,11 +563,16 @@ def shipped_config(name: str) -> Path | None:
     return Path(str(p)) if p.is_file() else None
 
 
-def default_model_path() -> Path:
-    """The model shipped inside the package (the trained toy world), or a clear error if absent."""
+def default_model_dir() -> Path:
+    """Where the package's default model lives (``anymodal/assets/default``), whether or not one is shipped."""
     from importlib import resources
 
-    p = Path(str(resources.files("anymodal") / "assets" / "default"))
+    return Path(str(resources.files("anymodal") / "assets" / "default"))
+
+
+def default_model_path() -> Path:
+    """The model shipped inside the package (the trained toy world), or a clear error if absent."""
+    p = default_model_dir()
     if (p / INDEX_NAME).is_file():
         return p
     raise FileNotFoundError("no default model is shipped in this install; name one: a saved pipeline directory, "

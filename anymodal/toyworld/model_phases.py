@@ -785,21 +785,29 @@ def _size(directory: Path) -> int:
     return sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
 
 
-def ship(out: str | os.PathLike, dest: str | os.PathLike | None = None, limit_bytes: int = SHIP_LIMIT_BYTES) -> Path:
+def ship(out: str | os.PathLike, dest: str | os.PathLike | None = None, limit_bytes: int = SHIP_LIMIT_BYTES,
+         dtype: torch.dtype = torch.float16) -> Path:
     """Save ``out/final`` with every component copied (``save_frozen=True``) into ``dest`` (default
-    ``anymodal/assets/default``, what ``AnyModalPipeline.from_pretrained()`` loads with no name).
+    :func:`anymodal.pipeline.default_model_dir`, what ``AnyModalPipeline.from_pretrained()`` loads
+    with no name).
 
+    ``dtype`` is the storage type of the floating-point weights (``torch.float16`` halves the size;
+    ``torch.float32`` keeps them as trained). Loading is unchanged: every loader casts to the
+    component's configured dtype (float32 by default), so the pipeline runs in float32 either way.
     The copy is made beside ``dest`` and swapped in only when its total size is within
     ``limit_bytes`` (25 MB); otherwise ``ValueError`` names the size and ``dest`` is untouched.
     Paths of the run directory are not recorded: the index's config names the components' places
     inside ``dest``.
     """
-    from ..pipeline import INDEX_NAME, AnyModalPipeline
+    from ..pipeline import INDEX_NAME, AnyModalPipeline, default_model_dir
 
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"dtype must be torch.float16, torch.bfloat16 or torch.float32, got {dtype!r}")
     final = Path(out) / "final"
     if not (final / INDEX_NAME).is_file():
-        raise FileNotFoundError(f"{final} is not a saved pipeline; run run_stages first")
-    dest = Path(dest) if dest is not None else Path(__file__).resolve().parents[1] / "assets" / "default"
+        raise FileNotFoundError(f"{final} is not a saved pipeline; run the 'stages' phase first "
+                                f"(anymodal toyworld train --out {out} --phase stages)")
+    dest = Path(dest) if dest is not None else default_model_dir()
     pipe = AnyModalPipeline.from_pretrained(final)
     c = pipe.config
     c.llm.model, c.llm.tokenizer = "llm", "processor"
@@ -811,6 +819,8 @@ def ship(out: str | os.PathLike, dest: str | os.PathLike | None = None, limit_by
     def write(tmp: Path) -> None:
         shutil.rmtree(tmp)
         pipe.save_pretrained(tmp, save_frozen=True)
+        if dtype != torch.float32:
+            cast_weights(tmp, dtype)
         size = _size(tmp)
         if size > limit_bytes:
             raise ValueError(f"the shipped model would be {size / 1e6:.2f} MB ({size} bytes), over the limit of "
@@ -819,7 +829,26 @@ def ship(out: str | os.PathLike, dest: str | os.PathLike | None = None, limit_by
     return atomic_dir(dest, write)
 
 
+def cast_weights(directory: Path, dtype: torch.dtype) -> None:
+    """Rewrite every ``*.safetensors`` file under ``directory`` with its floating-point tensors stored
+    as ``dtype`` (metadata kept). The Griffin-Lim vocoder's mel filterbank, a fixed analysis matrix
+    rather than learned weights (131 kB), stays as it is."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    for f in sorted(Path(directory).rglob("*.safetensors")):
+        if f.parent.name == "vocoder":
+            continue
+        with safe_open(str(f), framework="pt", device="cpu") as fh:
+            metadata = fh.metadata()
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+        tmp = f.with_name(f".{f.name}.tmp")
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, f)
+
+
 __all__ = ["CAPTION_PROMPT", "EncoderPhase", "FIELDS", "GENERATION_PROMPT", "GENERATION_RESPONSE", "LLMPhase",
            "MODEL_PHASES", "ModelPhasesConfig", "StagesPhase", "build_toy_config", "dialogue_row", "evaluate_encoder",
-           "evaluate_llm", "filter_manifest", "linear_probe", "llm_tokenizer", "run_stages", "ship",
+           "evaluate_llm", "cast_weights", "filter_manifest", "linear_probe", "llm_tokenizer", "run_stages", "ship",
            "stage_training_config", "train_encoder", "train_llm", "write_manifests"]
