@@ -1,9 +1,10 @@
-"""``anymodal toyworld train`` (registered on import by ``anymodal.cli``)."""
+"""``anymodal toyworld train`` and ``anymodal toyworld ship`` (registered on import by ``anymodal.cli``)."""
 
 from __future__ import annotations
 
 import argparse
 import os
+from typing import Any, Iterator
 
 from anymodal.cli import command
 
@@ -13,8 +14,9 @@ def _toyworld_args(p: argparse.ArgumentParser) -> None:
 
     sub = p.add_subparsers(dest="toyworld_command", required=True)
     t = sub.add_parser("train", help="train the toy world's components from scratch, phase by phase (resumable)",
-                       description="Train the toy world's tokenizer and generators. Every phase checkpoints "
-                                   "atomically and resumes bit-identically with --resume.")
+                       description="Train the toy world's tokenizer, generators, encoder and LLM, then the "
+                                   "three anymodal stages. Every phase checkpoints atomically and resumes with "
+                                   "--resume; a phase whose inputs are missing names the phase to run first.")
     t.add_argument("--out", default="runs/toyworld", help="run directory (default: runs/toyworld)")
     t.add_argument("--phase", action="append", choices=PHASES, default=None, metavar="NAME",
                    help=f"a phase to run (repeatable; default: all, in order): {', '.join(PHASES)}")
@@ -31,6 +33,16 @@ def _toyworld_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice; 1 is kinder on a shared machine)")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
+    s = sub.add_parser("ship", help="copy a finished run's pipeline (out/final) into the package's default model",
+                       description="Save RUN_DIR/final with every component copied into DEST (default: the "
+                                   "package's default model, what AnyModalPipeline.from_pretrained() loads), "
+                                   "refusing a copy over 25 MB.")
+    s.add_argument("--from", dest="run_dir", required=True, metavar="RUN_DIR",
+                   help="a run directory of `anymodal toyworld train` whose 'stages' phase has finished")
+    s.add_argument("--to", dest="dest", default=None, metavar="DEST",
+                   help="destination directory (default: anymodal/assets/default inside the package)")
+    s.add_argument("--dtype", choices=["float16", "float32"], default="float16",
+                   help="storage type of the weights (default float16: half the size; loading gives float32)")
 
 
 @command("toyworld", "the synthetic toy world: train its components (`anymodal toyworld train --help`)")(_toyworld_args)
@@ -39,6 +51,8 @@ def toyworld_command(args: argparse.Namespace) -> int:
 
     from .train import train
 
+    if args.toyworld_command == "ship":
+        return _ship(args)
     if args.toyworld_command != "train":  # argparse only lets known subcommands through
         raise ValueError(f"unknown toyworld command {args.toyworld_command!r}")
     if args.threads is not None:
@@ -53,6 +67,32 @@ def toyworld_command(args: argparse.Namespace) -> int:
         print(r.message)
         if r.figures:
             for split, figs in r.figures.items():
-                shown = ", ".join(f"{k} {v:.0%}" for k, v in figs.items() if k.endswith("_ok") or k == "ok")
-                print(f"  {split}: {shown}")
+                if isinstance(figs, dict):
+                    print(f"  {split}: " + ", ".join(f"{k} {v:.0%}" for k, v in _headline(figs)))
     return 3 if results and results[-1].status == "stopped" else 0
+
+
+def _headline(figures: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, float]]:
+    """The accuracies of a phase's figures: generators' ``*_ok``, the LLM's and the stages' per-task
+    ``ok``/``accuracy``, the encoder's per-field ``probe``."""
+    for k, v in figures.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, dict):
+            score = next((v[s] for s in ("ok", "accuracy", "probe") if isinstance(v.get(s), (int, float))), None)
+            if score is not None:
+                yield name, float(score)
+            else:
+                yield from _headline(v, f"{name} ")
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and (k.endswith("_ok") or k == "ok"):
+            yield name, float(v)
+
+
+def _ship(args: argparse.Namespace) -> int:
+    import torch
+
+    from anymodal.toyworld.model_phases import _size, ship
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    dest = ship(args.run_dir, args.dest, dtype=getattr(torch, args.dtype))
+    print(f"shipped {_size(dest) / 1e6:.2f} MB ({_size(dest)} bytes, weights in {args.dtype}) to {dest}")
+    return 0

@@ -5,7 +5,8 @@ Plain functions in the style of :mod:`anymodal.toyworld.train`'s phases (``fn(ou
 -> Path``; resumable from their last checkpoint; tqdm progress; atomic writes). They reuse that
 module's machinery (:class:`~anymodal.toyworld.train.JsonlLog`, :class:`~anymodal.toyworld.train.RunControl`,
 :func:`~anymodal.toyworld.train.train_loop`, :func:`~anymodal.toyworld.train.atomic_dir`,
-:func:`~anymodal.toyworld.train.load_tokenizer`) and are not yet wired into ``anymodal toyworld train``.
+:func:`~anymodal.toyworld.train.load_tokenizer`). ``anymodal toyworld train`` runs them as the phases
+``manifests``, ``encoder``, ``llm`` and ``stages``; ``anymodal toyworld ship`` runs :func:`ship`.
 
     write_manifests(out, n_captions, n_dialogues, seed)   out/data/: PNG, WAV and GIF files plus the
                                                            caption-pair and dialogue JSONL manifests that
@@ -24,7 +25,8 @@ module's machinery (:class:`~anymodal.toyworld.train.JsonlLog`, :class:`~anymoda
     run_stages(out, cfg.stages, log, control)              anymodal stages 1, 2, 3 (out/stages/stage<N>),
                                                            LoRA merged, saved to out/final
     ship(out, dest)                                        out/final with every component copied
-                                                           (save_frozen=True) into ``dest``, <= 25 MB
+                                                           (save_frozen=True) into ``dest``, weights
+                                                           stored as float16, <= 25 MB
 
 Layout of ``out`` (next to the ``tokenizer``/``image-generator``/``audio-generator`` of train.py)
     data/            media/{image,audio,video}/*, captions.jsonl, dialogues.jsonl, heldout-captions.jsonl,
@@ -169,6 +171,7 @@ class StagesPhase:
     projector_hidden: int = 128
     output_layers: int = 1  # two layers of width 128 cost 2.2 MB per projector (the ship limit is tight)
     max_new_tokens: int = 40
+    eval_prompts: int = 20  # per direction, for anymodal eval on out/final once the stages are done
     image_settings: dict[str, Any] = field(default_factory=lambda: {"num_inference_steps": 20, "guidance_scale": 3.0})
     audio_settings: dict[str, Any] = field(default_factory=lambda: {
         "num_inference_steps": 20, "guidance_scale": 3.0,
@@ -198,7 +201,7 @@ class ModelPhasesConfig:
                                 checkpoint_every=2, log_every=1, eval_dialogues=2),
                        StagesPhase(n_captions=8, n_dialogues=16, stage1_steps=2, stage2_steps=2, stage3_steps=2,
                                    batch_size=4, warmup_steps=0, save_every=1, projector_hidden=16, output_layers=1,
-                                   max_new_tokens=24,
+                                   max_new_tokens=24, eval_prompts=1,
                                    image_settings={"num_inference_steps": 2, "guidance_scale": 3.0},
                                    audio_settings={"num_inference_steps": 2, "guidance_scale": 3.0,
                                                    "audio_length_s": world.CLIP_SAMPLES / world.SAMPLE_RATE}))

@@ -19,9 +19,20 @@ Phases (run in this order; each one resumable)
                      (AudioLDM's layout), and a weightless Griffin-Lim vocoder
                      (:class:`~anymodal.toyworld.vocoder.GriffinLimVocoder`, NNLS mel inversion) in
                      the vocoder's place. Loads through anymodal's ``audioldm`` adapter.
+    manifests        the training data as files (PNG, WAV, GIF) and anymodal.training manifests
+                     (``data/``), sized by the ``stages`` settings.
+    encoder          a tiny ImageBind (image, audio, video), trained with one linear classifier per
+                     world field on its pooled embedding.
+    llm              a tiny Llama pretrained on world dialogues, with the tokenizer plus anymodal's tokens.
+    stages           anymodal stages 1, 2, 3 on the components above and the generators; LoRA merged,
+                     saved to ``final/`` and scored with ``anymodal eval``'s checkers.
+    (The last four are :mod:`anymodal.toyworld.model_phases`; a phase refuses to start, naming the
+    command to run, when a phase it reads from has not finished; see ``REQUIRES``.)
 
 Layout of ``--out`` (default ``runs/toyworld``)
-    tokenizer/, image-generator/, audio-generator/   the finished, loadable components
+    tokenizer/, image-generator/, audio-generator/, data/, encoder/, llm/, final/
+                                   the finished, loadable components (final/: the whole pipeline)
+    stages/stage<N>/               the anymodal.training runs of the stages phase
     state/<phase>/                 checkpoints (``*.ckpt``, written to a temporary file and
                                    ``os.replace``d), cached latents, the phase's settings
                                    (``config.json``) and, once finished, ``done.json``
@@ -54,7 +65,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -64,7 +75,31 @@ from ..modality import Modality
 from ..utils import atomic_write_text
 from . import checkers, world
 
-PHASES: tuple[str, ...] = ("tokenizer", "image-generator", "audio-generator")
+if TYPE_CHECKING:
+    from .model_phases import EncoderPhase, LLMPhase, StagesPhase
+
+PHASES: tuple[str, ...] = ("tokenizer", "image-generator", "audio-generator", "manifests", "encoder", "llm",
+                           "stages")
+# The phases each phase reads from; run_phase refuses to start until they have finished.
+REQUIRES: dict[str, tuple[str, ...]] = {
+    "tokenizer": (),
+    "image-generator": ("tokenizer",),
+    "audio-generator": ("tokenizer",),
+    "manifests": (),
+    "encoder": (),
+    "llm": ("tokenizer", "encoder"),  # the LLM is pretrained reading the encoder's features
+    "stages": ("tokenizer", "image-generator", "audio-generator", "manifests", "encoder", "llm"),
+}
+# Where each phase's result lives in --out, and the file whose presence means it finished.
+OUTPUTS: dict[str, tuple[str, str]] = {
+    "tokenizer": ("tokenizer", "tokenizer.json"),
+    "image-generator": ("image-generator", "model_index.json"),
+    "audio-generator": ("audio-generator", "model_index.json"),
+    "manifests": ("data", "manifest.json"),
+    "encoder": ("encoder", "model.safetensors"),
+    "llm": ("llm", "config.json"),
+    "stages": ("final", "anymodal_index.json"),
+}
 
 # The audio front end: a log-mel spectrogram of magnitudes (HTK mel bands without normalisation,
 # the checkers' filterbank), n_fft 1024 and hop 256 at 16 kHz: 64 frames x 64 bands per clip.
@@ -267,6 +302,10 @@ class ToyworldTrainConfig:
     tokenizer: TokenizerPhase = field(default_factory=TokenizerPhase)
     image_generator: ImageGeneratorPhase = field(default_factory=ImageGeneratorPhase)
     audio_generator: AudioGeneratorPhase = field(default_factory=AudioGeneratorPhase)
+    # model_phases imports this module, so its settings classes are looked up when first needed
+    encoder: EncoderPhase = field(default_factory=lambda: _model_phases().EncoderPhase())
+    llm: LLMPhase = field(default_factory=lambda: _model_phases().LLMPhase())
+    stages: StagesPhase = field(default_factory=lambda: _model_phases().StagesPhase())
 
     @classmethod
     def preset(cls, name: str) -> "ToyworldTrainConfig":
@@ -286,10 +325,12 @@ class ToyworldTrainConfig:
             clap = _default_clap_text() | {"hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2,
                                            "num_hidden_layers": 1, "projection_dim": 16}
             vocoder = _default_vocoder() | {"n_iter": 2}
+            model = _model_phases().ModelPhasesConfig.preset("smoke")
             return cls(TokenizerPhase(dialogues=500),
                        ImageGeneratorPhase(bank_size=64, vae=vae, unet=unet, text_encoder=text, **small),
                        AudioGeneratorPhase(bank_size=32, vae=_default_audio_vae() | {"block_out_channels": [8, 8, 8]},
-                                           unet=audio_unet, text_encoder=clap, vocoder=vocoder, **small))
+                                           unet=audio_unet, text_encoder=clap, vocoder=vocoder, **small),
+                       model.encoder, model.llm, model.stages)
         raise ValueError(f"unknown preset {name!r}; expected one of: {', '.join(PRESETS)}")
 
     def to_dict(self) -> dict[str, Any]:
@@ -315,11 +356,10 @@ class ToyworldTrainConfig:
                                  f"{', '.join(known)}")
             value = yaml.safe_load(raw)
             current = getattr(sections[section], name)
-            if isinstance(current, float) and not isinstance(value, bool):
-                try:  # YAML reads 1e-3 (no dot) as a string
-                    value = float(value)
-                except (TypeError, ValueError):
-                    pass
+            if isinstance(current, tuple) and isinstance(value, list):  # stages.lr=[1e-3,1e-3,5e-4]
+                value = tuple(_as_float(v) if current and isinstance(current[0], float) else v for v in value)
+            if isinstance(current, float):
+                value = _as_float(value)
             if type(value) is not type(current):
                 raise ValueError(f"override {item!r}: {section}.{name} takes a {type(current).__name__}, "
                                  f"got {type(value).__name__}")
@@ -328,6 +368,22 @@ class ToyworldTrainConfig:
 
 
 PRESETS: tuple[str, ...] = ("default", "smoke")
+
+
+def _as_float(value: Any) -> Any:
+    """``value`` as a float where it reads as one (YAML reads 1e-3, without a dot, as a string)."""
+    if isinstance(value, bool):
+        return value
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return value
+
+
+def _model_phases() -> Any:
+    from . import model_phases  # imports this module: not at the top
+
+    return model_phases
 
 
 def _check_positive(name: str, value: Any) -> None:
@@ -1065,6 +1121,48 @@ def _phase_config(cfg: ToyworldTrainConfig, phase: str) -> Any:
     return getattr(cfg, phase.replace("-", "_"))
 
 
+def _phase_settings(cfg: ToyworldTrainConfig, phase: str) -> dict[str, Any]:
+    """The settings a phase's run is bound to (checked on resume)."""
+    if phase == "manifests":  # sized by the stages section
+        return {k: getattr(cfg.stages, k) for k in ("n_captions", "n_dialogues", "seed")}
+    return asdict(_phase_config(cfg, phase))
+
+
+def check_requirements(phase: str, out: Path) -> None:
+    """Raise ``ValueError`` naming the first phase ``phase`` reads from that has not finished in ``out``."""
+    for need in REQUIRES[phase]:
+        directory, marker = OUTPUTS[need]
+        if not (out / directory / marker).is_file():
+            raise ValueError(f"{phase} needs the {need!r} phase, which has not finished in {out} "
+                             f"(no {out / directory / marker}); run the {need!r} phase first "
+                             f"(anymodal toyworld train --out {out} --phase {need})")
+
+
+def _run_model_phase(phase: str, out: Path, cfg: ToyworldTrainConfig, log: JsonlLog, control: RunControl
+                     ) -> tuple[Path, dict[str, Any] | None]:
+    """One of model_phases' phases; returns its result's path and its figures."""
+    mp = _model_phases()
+    st = cfg.stages
+    if phase == "manifests":
+        return mp.write_manifests(out, st.n_captions, st.n_dialogues, st.seed), None
+    if phase == "encoder":
+        path = mp.train_encoder(out, cfg.encoder, log, control)
+    elif phase == "llm":
+        path = mp.train_llm(out, cfg.llm, log, control)
+    else:
+        from ..pipeline import AnyModalPipeline
+        from .evaluate import evaluate
+
+        path = mp.run_stages(out, mp.ModelPhasesConfig(cfg.encoder, cfg.llm, cfg.stages), log, control)
+        results = evaluate(AnyModalPipeline.from_pretrained(path), n=st.eval_prompts, split="heldout", seed=st.seed,
+                           progress=control.progress)
+        figures = {"heldout": {d: r.to_dict() for d, r in results.items()}}
+        log.write(stage="final", event="eval", prompts_per_direction=st.eval_prompts, **figures)
+        return path, figures
+    written = out / "state" / phase / "figures.json"
+    return path, (json.loads(written.read_text()) if written.exists() else None)
+
+
 def _check_same_config(path: Path, current: dict[str, Any], phase: str) -> None:
     """Record a phase's settings at its first start; a resumed run must use the same ones."""
     current = json.loads(json.dumps(current))  # tuples -> lists, as stored
@@ -1086,12 +1184,14 @@ def run_phase(phase: str, out: Path, cfg: ToyworldTrainConfig, control: RunContr
     state_dir = out / "state" / phase
     done_file = state_dir / "done.json"
     if done_file.exists():
-        return PhaseResult(phase, "skipped", str(out / phase), json.loads(done_file.read_text()).get("figures"),
+        return PhaseResult(phase, "skipped", str(out / OUTPUTS[phase][0]),
+                           json.loads(done_file.read_text()).get("figures"),
                            f"{phase}: already done (delete {state_dir} to retrain)")
+    check_requirements(phase, out)
     if state_dir.exists() and any(state_dir.iterdir()) and not resume:
         raise ValueError(f"{state_dir} holds an unfinished run; pass --resume to continue it, or choose another --out")
     state_dir.mkdir(parents=True, exist_ok=True)
-    _check_same_config(state_dir / "config.json", asdict(_phase_config(cfg, phase)), phase)
+    _check_same_config(state_dir / "config.json", _phase_settings(cfg, phase), phase)
     log = JsonlLog(out / "logs" / f"{phase}.jsonl")
     t0 = time.time()
     phase_cfg: Any
@@ -1100,6 +1200,9 @@ def run_phase(phase: str, out: Path, cfg: ToyworldTrainConfig, control: RunContr
         if phase == "tokenizer":
             phase_cfg = cfg.tokenizer
             path = train_tokenizer(out, cfg.tokenizer, log)
+        elif phase not in _GENERATOR_PHASES:
+            phase_cfg = _phase_settings(cfg, phase) if phase == "manifests" else _phase_config(cfg, phase)
+            path, figures = _run_model_phase(phase, out, cfg, log, control)
         else:
             phase_cfg = _phase_config(cfg, phase)
             trainer, evaluator = _GENERATOR_PHASES[phase]
@@ -1109,7 +1212,7 @@ def run_phase(phase: str, out: Path, cfg: ToyworldTrainConfig, control: RunContr
             log.write(stage="final", event="eval", prompts_per_split=c.final_eval_prompts, **figures)
     except Stop as e:
         return PhaseResult(phase, "stopped", None, None, str(e))
-    summary = {"phase": phase, "path": str(path), "figures": figures, "config": asdict(phase_cfg),
+    summary = {"phase": phase, "path": str(path), "figures": figures, "config": _phase_settings(cfg, phase),
                "seconds_this_run": round(time.time() - t0, 1), "machine": _machine()}
     if phase in _GENERATOR_PHASES:
         batch = {"vae": phase_cfg.vae_batch_size, "unet": phase_cfg.batch_size}
@@ -1122,6 +1225,15 @@ def run_phase(phase: str, out: Path, cfg: ToyworldTrainConfig, control: RunContr
             summary["vae_reconstruction"] = vae_records[-1].get("reconstruction")
         evals = [r for r in log.records() if r.get("event") == "eval" and r.get("stage") in ("unet", "vocoder")]
         summary["during_training"] = [{k: v for k, v in r.items() if k not in ("time", "event")} for r in evals]
+    elif phase in ("encoder", "llm"):
+        summary["speed"] = {phase: {"median_steps_per_s": _median_rate(log, phase), "batch_size": phase_cfg.batch_size}}
+    if phase in ("encoder", "llm", "stages"):
+        summary["size_bytes"] = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+    if phase == "stages":
+        summary["stages"] = [{k: v for k, v in r.items() if k != "time"} for r in log.records()
+                             if r.get("event") == "done"]
+        summary["evaluation"] = ("anymodal eval (anymodal.toyworld.evaluate) on out/final: held-out toy-world "
+                                 "prompts per direction, scored by the analytic checkers")
     atomic_write_text(done_file, json.dumps(summary, indent=2) + "\n")
     if results_dir is not None and figures is not None:
         atomic_write_text(results_dir / f"toyworld-{phase}.json", json.dumps(summary, indent=2) + "\n")
@@ -1159,7 +1271,7 @@ def train(out: str | os.PathLike = "runs/toyworld", phases: Sequence[str] | None
     return results
 
 
-__all__ = ["EMA", "ImageGeneratorPhase", "JsonlLog", "PHASES", "PRESETS", "PhaseResult", "RunControl",
-           "TokenizerPhase", "ToyworldTrainConfig", "atomic_dir", "atomic_save", "build_tokenizer", "cosine_lr",
+__all__ = ["EMA", "ImageGeneratorPhase", "JsonlLog", "OUTPUTS", "PHASES", "PRESETS", "PhaseResult", "REQUIRES",
+           "RunControl", "TokenizerPhase", "ToyworldTrainConfig", "atomic_dir", "atomic_save", "build_tokenizer", "check_requirements", "cosine_lr",
            "evaluate_image_generator", "evaluate_image_pipeline", "load_tokenizer", "run_phase", "score_images",
            "train", "train_loop", "world_texts"]

@@ -1,0 +1,161 @@
+"""``anymodal toyworld train`` through every phase (the model side included) at smoke size, stopping
+and resuming a model phase, refusing a phase whose inputs are missing, and ``anymodal toyworld ship``
+(weights stored in float16, loaded as float32)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import pytest
+import torch
+
+from anymodal.modality import Modality
+from anymodal.toyworld import model_phases as MP
+from anymodal.toyworld import train as T
+
+torch.set_num_threads(1)
+
+
+def _fast() -> T.ToyworldTrainConfig:
+    cfg = T.ToyworldTrainConfig.preset("smoke")
+    fast = dict(vae_steps=1, steps=1, checkpoint_every=1, final_eval_prompts=1)  # loadable, not trained
+    return replace(cfg, image_generator=replace(cfg.image_generator, **fast),
+                   audio_generator=replace(cfg.audio_generator, **fast))
+
+
+def _train(out: Path, phases=None, **kw) -> list[T.PhaseResult]:
+    return T.train(out, phases=phases, config=_fast(), results_dir=out / "results", progress=False, **kw)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    """Every phase of a smoke run, with the LLM stopped at a step and the stages at --max-minutes on the way."""
+    out = tmp_path_factory.mktemp("wired")
+    first = ["tokenizer", "image-generator", "audio-generator", "manifests", "encoder"]
+    assert [r.status for r in _train(out, first)] == ["done"] * 5
+    with pytest.raises(ValueError, match=r"stages needs the 'llm' phase.*--phase llm\)"):
+        _train(out, ["stages"])
+    [r] = _train(out, ["llm"], stop_at_step=1)
+    assert r.status == "stopped" and "--resume" in r.message
+    with pytest.raises(ValueError, match="--resume"):
+        _train(out, ["llm"])
+    [r] = _train(out, ["llm"], resume=True)
+    assert r.status == "done"
+    [r] = _train(out, ["stages"], max_minutes=1e-6)  # the deadline has passed at the first checkpoint
+    assert r.status == "stopped" and r.message.startswith("stage 1: stopped at step 1")
+    results = _train(out, resume=True)
+    assert [r.phase for r in results] == list(T.PHASES)
+    assert [r.status for r in results] == ["skipped"] * 6 + ["done"]
+    return out
+
+
+def test_every_phase_runs_and_records_its_figures(run: Path):
+    llm_steps = [r["step"] for r in T.JsonlLog(run / "logs" / "llm.jsonl").records() if "loss" in r]
+    assert llm_steps == list(range(1, T.ToyworldTrainConfig.preset("smoke").llm.steps + 1))  # resumed, not redone
+    metrics = [json.loads(x) for x in (run / "stages" / "stage1" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2]
+    for phase in ("encoder", "llm"):
+        done = json.loads((run / "state" / phase / "done.json").read_text())
+        assert done["figures"] == json.loads((run / "state" / phase / "figures.json").read_text())
+        assert done["size_bytes"] > 0 and (run / "results" / f"toyworld-{phase}.json").is_file()
+    assert (run / "data" / "manifest.json").is_file() and (run / "state" / "manifests" / "done.json").is_file()
+    done = json.loads((run / "state" / "stages" / "done.json").read_text())
+    table = done["figures"]["heldout"]
+    assert set(table) == {"t2i", "t2a", "t2v", "i2t", "a2t", "v2t"} and all(r["n"] == 1 for r in table.values())
+    assert done["path"] == str(run / "final") and [s["stage"] for s in done["stages"]][-1] == "stage3"
+
+
+def test_model_phase_settings_are_set_able_and_bound_to_the_run(tmp_path: Path):
+    [r] = T.train(tmp_path, phases=["encoder"], config="smoke", results_dir=None, progress=False, stop_at_step=1,
+                  overrides=["encoder.steps=3"])
+    assert r.status == "stopped"
+    assert json.loads((tmp_path / "state" / "encoder" / "config.json").read_text())["steps"] == 3
+    with pytest.raises(ValueError, match="steps differ"):
+        T.train(tmp_path, phases=["encoder"], config="smoke", results_dir=None, progress=False, resume=True)
+
+
+def test_a_phase_without_its_inputs_names_the_phase_to_run(tmp_path: Path, capsys):
+    from anymodal.cli import main
+
+    with pytest.raises(ValueError, match=r"llm needs the 'tokenizer' phase.*--phase tokenizer\)"):
+        T.train(tmp_path, phases=["llm"], config="smoke", results_dir=None, progress=False)
+    assert main(["toyworld", "train", "--out", str(tmp_path), "--preset", "smoke", "--phase", "stages",
+                 "--no-progress"]) == 2
+    assert "run the 'tokenizer' phase first" in capsys.readouterr().err
+    assert not (tmp_path / "state").exists()  # nothing started
+
+
+def test_cli_prints_the_model_phases_figures(run: Path, capsys):
+    from anymodal.cli import main
+
+    assert main(["toyworld", "train", "--out", str(run), "--preset", "smoke", "--phase", "encoder", "--phase",
+                 "stages"]) == 0
+    out = capsys.readouterr().out
+    assert "encoder: already done" in out and "heldout: image colour" in out and "heldout: t2i " in out
+
+
+def _floating_tensors(pipe) -> list[tuple[str, torch.Tensor]]:
+    tensors = [(f"model.{k}", v) for k, v in pipe.model.state_dict().items()]
+    for m, gen in pipe.generators.items():
+        for name, part in gen.pipeline.components.items():
+            if isinstance(part, torch.nn.Module):
+                tensors += [(f"{m.value}.{name}.{k}", v) for k, v in part.state_dict().items()]
+    return [(k, v) for k, v in tensors if v.is_floating_point()]
+
+
+def _weight_bytes(directory: Path) -> int:
+    return sum(f.stat().st_size for f in directory.rglob("*.safetensors") if f.parent.name != "vocoder")
+
+
+def test_ship_stores_float16_and_loads_float32(run: Path, tmp_path: Path):
+    from safetensors import safe_open
+
+    from anymodal.pipeline import AnyModalPipeline
+
+    half = MP.ship(run, tmp_path / "half")
+    full = MP.ship(run, tmp_path / "full", dtype=torch.float32)
+    for f in half.rglob("*.safetensors"):
+        with safe_open(str(f), framework="pt") as fh:
+            dtypes = {fh.get_slice(k).get_dtype() for k in fh.keys()} - {"I64"}
+        assert dtypes == ({"F32"} if f.parent.name == "vocoder" else {"F16"}), f
+    assert _weight_bytes(half) < 0.55 * _weight_bytes(full)  # the files' JSON headers do not shrink
+    assert MP._size(half) < MP._size(full)
+
+    ref = AnyModalPipeline.from_pretrained(run / "final")
+    pipe = AnyModalPipeline.from_pretrained(half)
+    tensors = _floating_tensors(pipe)
+    assert tensors and all(v.dtype == torch.float32 for _, v in tensors), \
+        [k for k, v in tensors if v.dtype != torch.float32][:3]
+    want = dict(_floating_tensors(ref))
+    assert want.keys() == dict(tensors).keys()
+    for k, v in tensors:  # float16 rounding, nothing more
+        assert torch.allclose(v, want[k], rtol=1e-3, atol=1e-4), k
+    for prompt in ("draw a red circle", "play a low sine tone of C4"):
+        a, b = pipe(prompt, seed=0, progress=False), ref(prompt, seed=0, progress=False)
+        assert a.token_ids == b.token_ids
+        ids = ref.processor.tokenizer(prompt, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            la, lb = pipe.model.language_model(input_ids=ids).logits, ref.model.language_model(input_ids=ids).logits
+        assert (la - lb).abs().max() < 1e-2 * lb.abs().max()
+
+
+def test_ship_cli(run: Path, tmp_path: Path, capsys, monkeypatch):
+    import anymodal.pipeline
+    from anymodal.cli import main
+
+    assert main(["toyworld", "ship", "--from", str(run), "--to", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    assert "MB" in out and "float16" in out and str(tmp_path / "a") in out
+    assert (tmp_path / "a" / "anymodal_index.json").is_file()
+    monkeypatch.setattr(anymodal.pipeline, "default_model_dir", lambda: tmp_path / "default")
+    assert main(["toyworld", "ship", "--from", str(run), "--dtype", "float32"]) == 0
+    assert str(tmp_path / "default") in capsys.readouterr().out
+    pipe = anymodal.pipeline.AnyModalPipeline.from_pretrained(tmp_path / "default")
+    assert set(pipe.generators) == {Modality.IMAGE, Modality.AUDIO}
+    assert main(["toyworld", "ship", "--from", str(tmp_path / "nothing"), "--to", str(tmp_path / "b")]) == 2
+    assert "run the 'stages' phase first" in capsys.readouterr().err
