@@ -79,6 +79,13 @@ def test_model_phase_settings_are_set_able_and_bound_to_the_run(tmp_path: Path):
         T.train(tmp_path, phases=["encoder"], config="smoke", results_dir=None, progress=False, resume=True)
 
 
+def test_every_phase_has_its_inputs_and_output_declared():
+    assert set(T.REQUIRES) == set(T.OUTPUTS) == set(T.PHASES)
+    for phase, needs in T.REQUIRES.items():  # a phase runs after what it reads
+        assert all(T.PHASES.index(n) < T.PHASES.index(phase) for n in needs), phase
+    assert set(T.REQUIRES["stages"]) == set(T.PHASES) - {"stages"}
+
+
 def test_a_phase_without_its_inputs_names_the_phase_to_run(tmp_path: Path, capsys):
     from anymodal.cli import main
 

@@ -45,7 +45,8 @@ def _toyworld_args(p: argparse.ArgumentParser) -> None:
                    help="storage type of the weights (default float16: half the size; loading gives float32)")
 
 
-@command("toyworld", "the synthetic toy world: train its components (`anymodal toyworld train --help`)")(_toyworld_args)
+@command("toyworld", "the synthetic toy world: train its components and ship the result "
+                     "(`anymodal toyworld train --help`, `anymodal toyworld ship --help`)")(_toyworld_args)
 def toyworld_command(args: argparse.Namespace) -> int:
     import torch
 
