@@ -1201,7 +1201,7 @@ def run_phase(phase: str, out: Path, cfg: ToyworldTrainConfig, control: RunContr
             phase_cfg = cfg.tokenizer
             path = train_tokenizer(out, cfg.tokenizer, log)
         elif phase not in _GENERATOR_PHASES:
-            phase_cfg = _phase_settings(cfg, phase) if phase == "manifests" else _phase_config(cfg, phase)
+            phase_cfg = None if phase == "manifests" else _phase_config(cfg, phase)
             path, figures = _run_model_phase(phase, out, cfg, log, control)
         else:
             phase_cfg = _phase_config(cfg, phase)
@@ -1272,6 +1272,6 @@ def train(out: str | os.PathLike = "runs/toyworld", phases: Sequence[str] | None
 
 
 __all__ = ["EMA", "ImageGeneratorPhase", "JsonlLog", "OUTPUTS", "PHASES", "PRESETS", "PhaseResult", "REQUIRES",
-           "RunControl", "TokenizerPhase", "ToyworldTrainConfig", "atomic_dir", "atomic_save", "build_tokenizer", "check_requirements", "cosine_lr",
-           "evaluate_image_generator", "evaluate_image_pipeline", "load_tokenizer", "run_phase", "score_images",
-           "train", "train_loop", "world_texts"]
+           "RunControl", "TokenizerPhase", "ToyworldTrainConfig", "atomic_dir", "atomic_save", "build_tokenizer",
+           "check_requirements", "cosine_lr", "evaluate_image_generator", "evaluate_image_pipeline", "load_tokenizer",
+           "run_phase", "score_images", "train", "train_loop", "world_texts"]
