@@ -166,3 +166,14 @@ def test_ship_cli(run: Path, tmp_path: Path, capsys, monkeypatch):
     assert set(pipe.generators) == {Modality.IMAGE, Modality.AUDIO}
     assert main(["toyworld", "ship", "--from", str(tmp_path / "nothing"), "--to", str(tmp_path / "b")]) == 2
     assert "run the 'stages' phase first" in capsys.readouterr().err
+
+
+def test_parallel_jobs_match_a_sequential_run(run: Path, tmp_path: Path):
+    """--jobs 2: phases run in two processes as their inputs allow, with the same weights as one by one."""
+    phases = ["tokenizer", "image-generator", "encoder"]  # encoder needs nothing: it starts beside the tokenizer
+    results = _train(tmp_path, phases, jobs=2, threads=1)
+    assert [(r.phase, r.status) for r in results] == [(p, "done") for p in phases]
+    for rel in ("encoder/model.safetensors", "image-generator/unet/diffusion_pytorch_model.safetensors"):
+        assert (tmp_path / rel).read_bytes() == (run / rel).read_bytes(), rel
+    with pytest.raises(ValueError, match="jobs must be an int >= 1"):
+        _train(tmp_path, phases, jobs=0)

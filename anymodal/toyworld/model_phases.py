@@ -43,6 +43,7 @@ Layout of ``out`` (next to the ``tokenizer``/``image-generator``/``audio-generat
 
 from __future__ import annotations
 
+import colorsys
 import json
 import os
 import shutil
@@ -119,6 +120,15 @@ class EncoderPhase:
     log_every: int = 10
     probe_samples: int = 512  # per modality and split for the final linear probes
     probe_steps: int = 300
+    # Extra renders per modality, as a fraction of bank_size, changed off the world in colour and/or
+    # shape (images, videos) or pitch and/or timbre (audio), with those fields' losses masked (see
+    # _augmented_bank): held-out combinations (a blue triangle, an E4 sawtooth) need colour read apart
+    # from shape and pitch apart from timbre. 0 turns it off.
+    augment_fraction: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.augment_fraction <= 4.0:
+            raise ValueError(f"encoder.augment_fraction must be in [0, 4], got {self.augment_fraction!r}")
 
 
 def _default_llm() -> dict[str, Any]:
@@ -372,6 +382,79 @@ def _encoder_bank(enc: Any, cfg: EncoderPhase, n: int, split: str, seed: int, pa
     return out
 
 
+# Hue bands (degrees) at least 15 degrees from every palette colour's hue (red 0, orange 31,
+# yellow 56, green 128, blue 228, purple 287; white has no hue).
+_OFF_PALETTE_HUES = ((71.0, 113.0), (143.0, 213.0), (243.0, 272.0), (302.0, 345.0))
+_OFF_GRID_SEMITONES = 0.75  # the least distance of an augmented pitch from every world note
+
+
+def off_palette_rgb(g: np.random.Generator) -> tuple[float, float, float]:
+    """A saturated colour whose hue lies in none of the palette's colours' neighbourhoods."""
+    widths = np.array([b - a for a, b in _OFF_PALETTE_HUES])
+    band = _OFF_PALETTE_HUES[int(g.choice(len(widths), p=widths / widths.sum()))]
+    hue = g.uniform(*band) / 360.0
+    r, gr, b = colorsys.hsv_to_rgb(hue, g.uniform(0.6, 1.0), g.uniform(0.7, 1.0))
+    return (255.0 * r, 255.0 * gr, 255.0 * b)
+
+
+def off_grid_frequency(g: np.random.Generator) -> float:
+    """A pitch within the notes' range, at least ``_OFF_GRID_SEMITONES`` from every world note
+    (on an eighth-semitone grid, which keeps the renderer's wavetable cache small)."""
+    notes = 12.0 * np.log2(np.array(list(world.NOTES.values())) / 440.0)
+    grid = np.arange(notes.min(), notes.max() + 1e-9, 0.125)
+    ok = grid[np.abs(grid[:, None] - notes[None, :]).min(1) >= _OFF_GRID_SEMITONES - 1e-9]
+    return float(440.0 * 2.0 ** (g.choice(ok) / 12.0))
+
+
+def off_world_harmonics(g: np.random.Generator) -> tuple[float, ...]:
+    """A timbre that is none of the world's waveforms: random harmonic amplitudes, 1/k^p decay with
+    p in [0.5, 3], odd and even harmonics weighted apart (a sine, a square and a sawtooth have
+    none, only odd and all harmonics at 1/k)."""
+    k = np.arange(1, 25)
+    amp = k ** -g.uniform(0.5, 3.0) * np.where(k % 2 == 0, g.uniform(0.15, 0.7), 1.0)
+    amp[1:] *= g.uniform(0.6, 1.4, size=len(amp) - 1)
+    return tuple(float(a) for a in np.round(amp, 2))  # rounded: a small wavetable cache
+
+
+def _augmented_bank(enc: Any, n: int, seed: int, path: Path | None
+                    ) -> dict[Modality, tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    """Like :func:`_encoder_bank` (train split), but each render is changed off the world in one or
+    both of two fields, whose labels become ``-100`` (ignored by the loss): images and videos are
+    painted off the palette and/or drawn as an off-world shape (:data:`world.AUGMENT_SHAPES`); tones
+    are played off the note grid and/or with an off-world timbre. So colour is read apart from
+    shape and pitch apart from timbre, which held-out combinations need."""
+    if path is not None and path.exists():
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+        return {Modality.parse(k): (v["x"], v["y"]) for k, v in raw.items()}
+    out = {}
+    for k, m in enumerate((Modality.IMAGE, Modality.AUDIO, Modality.VIDEO)):
+        g = np.random.default_rng(seed + 10 * k)
+        specs = world.sample_specs(m, n, g, "train")
+        # per sample: change the first field (colour / note), the second (shape / waveform) or both
+        which = g.integers(0, 3, size=n)
+        first = {Modality.IMAGE: "colour", Modality.AUDIO: "note", Modality.VIDEO: "colour"}[m]
+        second = {Modality.IMAGE: "shape", Modality.AUDIO: "waveform", Modality.VIDEO: "shape"}[m]
+        items: list[Any] = []
+        for s, w in zip(specs, which):
+            a, b = w != 1, w != 0  # 0: first only, 1: second only, 2: both
+            if m is Modality.AUDIO:
+                wave = world.render_audio(s, g, frequency=off_grid_frequency(g) if a else None,
+                                          harmonics=off_world_harmonics(g) if b else None)
+                items.append((wave, world.SAMPLE_RATE))
+            else:
+                render = world.render_image if m is Modality.IMAGE else world.render_video
+                items.append(render(s, g, rgb=off_palette_rgb(g) if a else None,
+                                    shape=str(g.choice(world.AUGMENT_SHAPES)) if b else None))
+        x = torch.cat([enc.preprocess(m, items[i:i + 256]) for i in range(0, len(items), 256)])
+        y = {f: torch.tensor([values.index(getattr(s, f)) for s in specs]) for f, values in FIELDS[m].items()}
+        y[first][torch.from_numpy(which != 1)] = -100
+        y[second][torch.from_numpy(which != 0)] = -100
+        out[m] = (x, y)
+    if path is not None:
+        atomic_save({m.value: {"x": x, "y": y} for m, (x, y) in out.items()}, path)
+    return out
+
+
 def _heads(dim: int) -> torch.nn.ModuleDict:
     return torch.nn.ModuleDict({f"{m.value}_{f}": torch.nn.Linear(dim, len(values))
                                 for m, fs in FIELDS.items() for f, values in fs.items()})
@@ -442,8 +525,15 @@ def train_encoder(out: Path, cfg: EncoderPhase, log: JsonlLog, control: RunContr
         heads = _heads(opts.out_embed_dim)
     t0 = time.time()
     bank = _encoder_bank(enc, cfg, cfg.bank_size, "train", cfg.seed, state_dir / "bank.pt")
-    log.write(stage="data", event="bank", n_per_modality=cfg.bank_size, split="train",
-              seconds=round(time.time() - t0, 1), params={"encoder": _params(enc), "heads": _params(heads)})
+    n_aug = int(round(cfg.augment_fraction * cfg.bank_size))
+    if n_aug:
+        aug = _augmented_bank(enc, n_aug, cfg.seed + 7000, state_dir / "bank-augmented.pt")
+        bank = {m: (torch.cat([x, aug[m][0]]), {f: torch.cat([y[f], aug[m][1][f]]) for f in y})
+                for m, (x, y) in bank.items()}
+    log.write(stage="data", event="bank", n_per_modality=cfg.bank_size, augmented_per_modality=n_aug,
+              split="train", seconds=round(time.time() - t0, 1),
+              params={"encoder": _params(enc), "heads": _params(heads)})
+
 
     params = list(enc.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -455,7 +545,9 @@ def train_encoder(out: Path, cfg: EncoderPhase, log: JsonlLog, control: RunContr
             idx = torch.randint(len(x), (cfg.batch_size,), generator=gen)
             emb = enc(m, x[idx])[:, 0]
             for f in FIELDS[m]:
-                loss = loss + F.cross_entropy(heads[f"{m.value}_{f}"](emb), y[f][idx]) / len(FIELDS[m])
+                target = y[f][idx]
+                if bool((target != -100).any()):  # a batch of augmented renders only has no colour/note labels
+                    loss = loss + F.cross_entropy(heads[f"{m.value}_{f}"](emb), target) / len(FIELDS[m])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

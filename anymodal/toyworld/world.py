@@ -445,6 +445,9 @@ def _background(name: str, height: int, width: int) -> np.ndarray:
 
 
 _SUPERSAMPLE = 4  # anti-aliased edges: coverage of 4x4 sub-pixels
+# Shapes and timbres outside the world: renderers draw them only when asked to (an encoder's
+# augmentation, so that colour and pitch are read apart from shape and timbre); no spec names them.
+AUGMENT_SHAPES: tuple[str, ...] = ("diamond", "ring", "bar")
 
 
 def _coverage(shape: str, cx: float, cy: float, side: float, res: int) -> np.ndarray:
@@ -463,13 +466,21 @@ def _coverage(shape: str, cx: float, cy: float, side: float, res: int) -> np.nda
     elif shape == "cross":  # a plus sign with arms a third of the side wide
         arm = side / 6.0
         inside = ((np.abs(dx) <= arm) & (np.abs(dy) <= h)) | ((np.abs(dy) <= arm) & (np.abs(dx) <= h))
+    elif shape == "diamond":  # off-world shapes, for augmentation (never in captions)
+        inside = np.abs(dx) + np.abs(dy) <= h
+    elif shape == "ring":
+        r2 = dx * dx + dy * dy
+        inside = (r2 <= h * h) & (r2 >= (0.55 * h) ** 2)
+    elif shape == "bar":
+        inside = (np.abs(dx) <= h) & (np.abs(dy) <= 0.45 * h)
     else:
-        raise ValueError(f"unknown shape {shape!r}; expected one of: {', '.join(SHAPES)}")
+        raise ValueError(f"unknown shape {shape!r}; expected one of: {', '.join(SHAPES + AUGMENT_SHAPES)}")
     return inside.reshape(res, k, res, k).mean(axis=(1, 3))
 
 
-def _composite(background: np.ndarray, colour: str, alpha: np.ndarray) -> np.ndarray:
-    fg = np.asarray(COLOURS[colour], dtype=np.float64)
+def _composite(background: np.ndarray, colour: str, alpha: np.ndarray,
+               rgb: tuple[float, float, float] | None = None) -> np.ndarray:
+    fg = np.asarray(COLOURS[colour] if rgb is None else rgb, dtype=np.float64)
     out = background * (1.0 - alpha[..., None]) + fg * alpha[..., None]
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
@@ -481,11 +492,14 @@ def _check_resolution(name: str, value: int, minimum: int) -> int:
 
 
 def render_image(spec: ImageSpec, rng: int | np.random.Generator | None = None,
-                 resolution: int = IMAGE_SIZE) -> np.ndarray:
+                 resolution: int = IMAGE_SIZE, rgb: tuple[float, float, float] | None = None,
+                 shape: str | None = None) -> np.ndarray:
     """Draw a complete :class:`ImageSpec` as a (resolution, resolution, 3) uint8 array.
 
     Without ``rng`` the shape sits exactly at its nominal place and size; with one it is
     shifted by up to 2 px (at 64 px) and scaled by up to 5%, so a model cannot memorise pixels.
+    ``rgb`` paints the shape in that colour instead of ``spec.colour``, and ``shape`` draws that
+    shape (e.g. one of :data:`AUGMENT_SHAPES`) instead of ``spec.shape`` (augmentation).
     """
     spec._require_complete()
     res = _check_resolution("resolution", resolution, 16)
@@ -498,17 +512,24 @@ def render_image(spec: ImageSpec, rng: int | np.random.Generator | None = None,
         jx, jy = g.uniform(-_POSITION_JITTER, _POSITION_JITTER, size=2) * res
         cx, cy = cx + jx, cy + jy
         side *= 1.0 + g.uniform(-_SIZE_JITTER, _SIZE_JITTER)
-    alpha = _coverage(spec.shape, cx, cy, side, res)
-    return _composite(_background(spec.background, res, res), spec.colour, alpha)
+    alpha = _coverage(shape or spec.shape, cx, cy, side, res)
+    return _composite(_background(spec.background, res, res), spec.colour, alpha, rgb)
 
 
 @lru_cache(maxsize=None)
-def _wavetable(waveform: str, frequency: float, size: int = 4096) -> np.ndarray:
-    """One period of a band-limited waveform (additive synthesis), peak-normalised to 1."""
+def _wavetable(waveform: str, frequency: float, size: int = 4096,
+               harmonics: tuple[float, ...] | None = None) -> np.ndarray:
+    """One period of a band-limited waveform (additive synthesis), peak-normalised to 1.
+    ``harmonics`` (amplitudes of harmonics 1, 2, ...) replaces the named waveform's."""
     phase = np.arange(size) / size * 2.0 * np.pi
     n_harm = max(1, int(_HARMONIC_LIMIT_HZ // frequency))
     wave = np.zeros(size)
     for k in range(1, n_harm + 1):
+        if harmonics is not None:
+            if k > len(harmonics):
+                break
+            wave += harmonics[k - 1] * np.sin(k * phase)
+            continue
         if waveform == "sine" and k > 1:
             break
         if waveform == "square" and k % 2 == 0:
@@ -517,21 +538,26 @@ def _wavetable(waveform: str, frequency: float, size: int = 4096) -> np.ndarray:
     return wave / np.abs(wave).max()
 
 
-def render_audio(spec: AudioSpec, rng: int | np.random.Generator | None = None) -> np.ndarray:
+def render_audio(spec: AudioSpec, rng: int | np.random.Generator | None = None,
+                 frequency: float | None = None, harmonics: tuple[float, ...] | None = None) -> np.ndarray:
     """Synthesise a complete :class:`AudioSpec` as ``CLIP_SAMPLES`` float32 samples at 16 kHz.
 
     The tone starts at 0 with a 10 ms attack and ends with a 30 ms release; the rest of the
     clip is silence. Peak amplitude is 0.5; with ``rng`` the start phase is random and the
-    amplitude varies in [0.4, 0.6].
+    amplitude varies in [0.4, 0.6]. ``frequency`` (Hz) plays that pitch instead of ``spec.note``,
+    and ``harmonics`` (amplitudes of harmonics 1, 2, ...) that timbre instead of ``spec.waveform``
+    (augmentation).
     """
     spec._require_complete()
-    f0 = NOTES[spec.note]
+    f0 = NOTES[spec.note] if frequency is None else float(frequency)
+    if not 20.0 <= f0 <= SAMPLE_RATE / 2:
+        raise ValueError(f"frequency must be in [20, {SAMPLE_RATE // 2}] Hz, got {frequency!r}")
     amp, phase0 = 0.5, 0.0
     if rng is not None:
         g = as_generator(rng)
         amp, phase0 = g.uniform(0.4, 0.6), g.uniform(0.0, 1.0)
     n_tone = min(CLIP_SAMPLES, int(round(DURATIONS[spec.duration] * SAMPLE_RATE)))
-    table = _wavetable(spec.waveform, f0)
+    table = _wavetable(spec.waveform, f0, harmonics=None if harmonics is None else tuple(map(float, harmonics)))
     cycles = (phase0 + f0 * np.arange(n_tone) / SAMPLE_RATE) % 1.0
     pos = cycles * len(table)
     tone = np.interp(pos, np.arange(len(table) + 1), np.append(table, table[0]))
@@ -546,7 +572,8 @@ def render_audio(spec: AudioSpec, rng: int | np.random.Generator | None = None) 
 
 
 def render_video(spec: VideoSpec, rng: int | np.random.Generator | None = None,
-                 resolution: int = VIDEO_SIZE, frames: int = VIDEO_FRAMES) -> np.ndarray:
+                 resolution: int = VIDEO_SIZE, frames: int = VIDEO_FRAMES,
+                 rgb: tuple[float, float, float] | None = None, shape: str | None = None) -> np.ndarray:
     """Render a complete :class:`VideoSpec` as (frames, resolution, resolution, 3) uint8.
 
     The shape's centre travels in a straight line from -0.2 to +0.2 of the frame side along
@@ -566,7 +593,8 @@ def render_video(spec: VideoSpec, rng: int | np.random.Generator | None = None,
         # along the motion: ti; across it: side_shift (the perpendicular axis is (-uy, ux))
         cx = res / 2 + (ux * ti - uy * side_shift) * res
         cy = res / 2 + (uy * ti + ux * side_shift) * res
-        out[i] = _composite(bg, spec.colour, _coverage(spec.shape, cx, cy, VIDEO_OBJECT_SIZE * res, res))
+        alpha = _coverage(shape or spec.shape, cx, cy, VIDEO_OBJECT_SIZE * res, res)
+        out[i] = _composite(bg, spec.colour, alpha, rgb)
     return out
 
 
@@ -1044,7 +1072,7 @@ def sample_dialogue(rng: int | np.random.Generator, split: str = "train", tasks:
 
 
 __all__ = [
-    "AudioSpec", "BACKGROUNDS", "Bank", "CLIP_SAMPLES", "COLOURS", "DIRECTIONS", "DURATIONS", "DURATION_PHRASES",
+    "AUGMENT_SHAPES", "AudioSpec", "BACKGROUNDS", "Bank", "CLIP_SAMPLES", "COLOURS", "DIRECTIONS", "DURATIONS", "DURATION_PHRASES",
     "Dialogue", "HELD_OUT", "HeldOut", "IMAGE_DEFAULTS", "IMAGE_SIZE", "ImageSpec", "NOTES", "POSITIONS",
     "POSITION_OFFSET", "Part", "REGISTERS", "SAMPLE_RATE", "SHAPES", "SIZES", "SPLITS", "Sample", "Spec", "TASKS",
     "Turn", "VIDEO_FRAMES", "VIDEO_OBJECT_SIZE", "VIDEO_SIZE", "VIDEO_TRAVEL", "VideoSpec", "WAVEFORMS",
