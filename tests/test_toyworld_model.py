@@ -133,19 +133,25 @@ def test_encoder_resumes_bit_identically_and_loads_from_its_safetensors(base: Pa
     assert torch.equal(enc(Modality.IMAGE, x), ref(Modality.IMAGE, x))
 
 
-def test_llm_resumes_bit_identically_and_saves_with_its_tokenizer(base: Path, tmp_path: Path):
+def test_llm_resumes_bit_identically_and_saves_with_its_tokenizer(base: Path, trained: Path, tmp_path: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from anymodal.processor import AnyModalProcessor
 
+    alone = _copy_base(base, tmp_path / "alone", "tokenizer")
+    with pytest.raises(ValueError, match="run the encoder phase"):  # media are in the loop: the encoder comes first
+        MP.train_llm(alone, SMOKE.llm, _log(alone, "llm"), _control())
     full = _copy_base(base, tmp_path / "full", "tokenizer")
+    shutil.copytree(trained / "encoder", full / "encoder")
     path = MP.train_llm(full, SMOKE.llm, _log(full, "llm"), _control())
     part = _copy_base(base, tmp_path / "part", "tokenizer")
+    shutil.copytree(trained / "encoder", part / "encoder")
     with pytest.raises(T.Stop):
         MP.train_llm(part, SMOKE.llm, _log(part, "llm"), _control(stop_at_step=1))
     MP.train_llm(part, SMOKE.llm, _log(part, "llm"), _control())
     a, b = _weights(path), _weights(part / "llm")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert {f"{m}.safetensors" for m in ("image", "audio", "video")} <= {k.split("/")[0] for k in a}
 
     lm = AutoModelForCausalLM.from_pretrained(path)
     tok = AutoTokenizer.from_pretrained(path)
@@ -158,7 +164,13 @@ def test_llm_resumes_bit_identically_and_saves_with_its_tokenizer(base: Path, tm
               add_special_tokens=False)["input_ids"]
     assert tok.unk_token_id not in ids and len(ids) == 11
     figures = json.loads((full / "state" / "llm" / "figures.json").read_text())
-    assert set(figures["heldout"]) == set(MP.TEXT_TASKS)
+    assert set(figures["heldout"]) == set(MP.TEXT_TASKS) | set(MP.MEDIA_DIRECTIONS)
+    data = torch.load(full / "state" / "llm" / "data.pt", weights_only=True)
+    assert data["dropped"] == 0 and set(data["feats"]) == {"image", "audio", "video"}
+    for m, rows in data["rows"].items():  # every medium's positions are in its row: embed() checks the count
+        pid = MP.llm_tokenizer(full)[1].placeholder_ids[Modality.parse(m)]
+        counts = (data["ids"] == pid).sum(1)
+        assert torch.equal(counts, torch.bincount(rows, minlength=len(counts)) * MP.MEDIA_TOKENS)
 
 
 def test_build_toy_config_reads_the_generators_and_skips_a_missing_one(trained: Path, tmp_path: Path):
@@ -191,6 +203,9 @@ def test_stages_resume_load_answer_evaluate_and_ship(trained: Path, tmp_path: Pa
     assert final == out / "final"
     metrics = [json.loads(x) for x in (out / "stages" / "stage1" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2]  # resumed at step 1, not restarted
+    # stage 1 started from the input projectors the llm phase trained together with the LLM
+    start = _weights(out / "stages" / "stage0" / "input_projectors")
+    assert start and all(torch.equal(v, _weights(out / "llm" / "input_projectors")[k]) for k, v in start.items())
 
     pipe = AnyModalPipeline.from_pretrained(final)
     assert set(pipe.generators) == {Modality.IMAGE, Modality.AUDIO}

@@ -140,23 +140,27 @@ def _default_llm() -> dict[str, Any]:
 
 @dataclass
 class LLMPhase:
-    """The tiny Llama: pretrained as a causal LM on world dialogues rendered exactly as the stages
-    render them (placeholders for input media, signal tokens for generated media), plus stage-1
-    (medium -> caption) and stage-2 (caption -> caption + signal) turns. Loss on assistant turns."""
+    """The tiny Llama: pretrained in full as a causal LM on world dialogues rendered exactly as the
+    stages render them (signal tokens for generated media), plus stage-1 (medium -> caption) and
+    stage-2 (caption -> caption + signal) turns, loss on assistant turns. Media in the loop: the
+    frozen ``encoder`` phase's ImageBind and an input projector (trained with the LLM, kept for
+    stage 1) fill the placeholder positions through :class:`~anymodal.model.AnyModalModel`."""
 
     seed: int = 0
     model: dict[str, Any] = field(default_factory=_default_llm)
-    dialogues: int = 12000  # train-split dialogues
+    dialogues: int = 12000  # train-split dialogues of every task
+    media_dialogues: int = 6000  # more of the tasks that read a medium (i2t, a2t, v2t, i2i)
     caption_turns: int = 3000  # stage-1 and stage-2 style turns each
+    projector_hidden: int = 128  # the MLP input projectors' width (MEDIA_TOKENS positions per medium)
     max_length: int = 96
-    steps: int = 2500  # about 13 minutes on one core
+    steps: int = 3000
     batch_size: int = 32
     lr: float = 2e-3
     warmup_steps: int = 100
     weight_decay: float = 0.01
     checkpoint_every: int = 200
     log_every: int = 10
-    eval_dialogues: int = 40  # held-out dialogues per text-determined task at the end
+    eval_dialogues: int = 40  # dialogues per text-determined task and per understanding direction at the end
 
 
 @dataclass
@@ -178,7 +182,9 @@ class StagesPhase:
     lora_alpha: int = 32
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     save_every: int = 50
-    projector_hidden: int = 128
+    projector_hidden: int = 128  # output projectors; input projectors too unless the llm phase's are carried
+    # start stage 1 from the input projectors the llm phase trained with the LLM (out/llm/input_projectors)
+    carry_input_projectors: bool = True
     output_layers: int = 1  # two layers of width 128 cost 2.2 MB per projector (the ship limit is tight)
     max_new_tokens: int = 40
     eval_prompts: int = 20  # per direction, for anymodal eval on out/final once the stages are done
@@ -207,8 +213,9 @@ class ModelPhasesConfig:
                                     "num_attention_heads": 2, "num_key_value_heads": 1}
             return cls(EncoderPhase(options=opts, bank_size=24, steps=4, batch_size=4, warmup_steps=1,
                                     checkpoint_every=2, log_every=1, probe_samples=16, probe_steps=5),
-                       LLMPhase(model=llm, dialogues=60, caption_turns=20, steps=4, batch_size=4, warmup_steps=1,
-                                checkpoint_every=2, log_every=1, eval_dialogues=2),
+                       LLMPhase(model=llm, dialogues=60, media_dialogues=12, caption_turns=20, projector_hidden=16,
+                                steps=4, batch_size=4, warmup_steps=1, checkpoint_every=2, log_every=1,
+                                eval_dialogues=2),
                        StagesPhase(n_captions=8, n_dialogues=16, stage1_steps=2, stage2_steps=2, stage3_steps=2,
                                    batch_size=4, warmup_steps=0, save_every=1, projector_hidden=16, output_layers=1,
                                    max_new_tokens=24, eval_prompts=1,
@@ -534,7 +541,6 @@ def train_encoder(out: Path, cfg: EncoderPhase, log: JsonlLog, control: RunContr
               split="train", seconds=round(time.time() - t0, 1),
               params={"encoder": _params(enc), "heads": _params(heads)})
 
-
     params = list(enc.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -619,37 +625,100 @@ def _caption_messages(spec: world.Spec, stage: int, proc: Any) -> list[Any]:
             Message("assistant", GENERATION_RESPONSE.format(caption=caption, modality=m.value, signal=signal) + eos)]
 
 
-def _encode_conversations(convs: Sequence[list[Any]], proc: Any, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids and labels (-100 outside assistant turns, as anymodal.training), right-padded."""
+def _encode_conversations(convs: Sequence[list[Any]], proc: Any, max_length: int
+                          ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Token ids and labels (-100 outside assistant turns, as anymodal.training), right-padded and cut
+    at ``max_length``, and each conversation's full length in tokens."""
     from ..training.data import IGNORE_INDEX, render_dialogue
 
     tok = proc.tokenizer
     ids = torch.full((len(convs), max_length), tok.pad_token_id, dtype=torch.long)
     labels = torch.full((len(convs), max_length), IGNORE_INDEX, dtype=torch.long)
+    lengths: list[int] = []
     for i, msgs in enumerate(convs):
         text, spans = render_dialogue(proc, msgs)
         enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        lengths.append(len(enc["input_ids"]))
         row = list(enc["input_ids"])[:max_length]
         ids[i, :len(row)] = torch.tensor(row)
         for j, (start, _) in enumerate(enc["offset_mapping"][:max_length]):
             if any(a <= start < b for a, b in spans):
                 labels[i, j] = row[j]
-    return ids, labels
+    return ids, labels, lengths
 
 
-def _llm_data(cfg: LLMPhase, proc: Any, path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+# Tasks whose user turn holds a medium; ``LLMPhase.media_dialogues`` adds more of them.
+MEDIA_TASKS = ("i2t", "a2t", "v2t", "i2i")
+
+
+def _user_media(dialogue: world.Dialogue) -> list[world.Spec]:
+    """The specs of the media the user gives, in reading order (the order of the placeholders)."""
+    return [part["spec"] for turn in dialogue.turns if turn["role"] == "user"
+            for part in turn["content"] if part["type"] != "text"]
+
+
+def _media_item(spec: world.Spec, g: np.random.Generator) -> Any:
+    """A rendered medium in the form the pipeline passes to ``encoder.preprocess``."""
+    data = world.render(spec, g)
+    return (data, world.SAMPLE_RATE) if spec.modality is Modality.AUDIO else data
+
+
+def _encode_specs(enc: Any, specs: Sequence[world.Spec], g: np.random.Generator, chunk: int = 256
+                  ) -> dict[Modality, torch.Tensor]:
+    """Render and encode ``specs`` with the frozen encoder (its own ``preprocess``, the pipeline's path):
+    features ``(n_m, tokens, dim)`` per modality, in the order of ``specs``."""
+    from tqdm.auto import tqdm
+
+    out: dict[Modality, list[torch.Tensor]] = {}
+    by_modality: dict[Modality, list[world.Spec]] = {}
+    for spec in specs:
+        by_modality.setdefault(spec.modality, []).append(spec)
+    enc.eval()
+    with tqdm(total=len(specs), desc="llm media", unit="item", dynamic_ncols=True, mininterval=2.0) as bar:
+        for m, group in by_modality.items():
+            for i in range(0, len(group), chunk):
+                items = [_media_item(spec, g) for spec in group[i:i + chunk]]
+                with torch.no_grad():
+                    out.setdefault(m, []).append(enc(m, enc.preprocess(m, items)))
+                bar.update(len(items))
+    return {m: torch.cat(v) for m, v in out.items()}
+
+
+def _llm_data(cfg: LLMPhase, proc: Any, path: Path, enc: Any) -> dict[str, Any]:
+    """The pretraining rows: token ids and labels ``(n, max_length)`` (rows that do not fit are left
+    out), and per modality the encoder features of every user medium (``feats``) with the row each
+    belongs to (``rows``, ascending; within a row in reading order). Cached in ``path``, with the
+    hash of the encoder's weights the features came from."""
+    import hashlib
+
+    digest = hashlib.sha256(b"".join(v.numpy().tobytes() for v in enc.state_dict().values())).hexdigest()
     if path.exists():
         d = torch.load(path, map_location="cpu", weights_only=True)
-        return d["ids"], d["labels"]
+        if d.get("encoder") == digest:
+            return d
     g = np.random.default_rng(cfg.seed)
-    convs = [_world_messages(world.sample_dialogue(g, "train", render_media=False), proc) for _ in range(cfg.dialogues)]
+    dialogues = [world.sample_dialogue(g, "train", render_media=False) for _ in range(cfg.dialogues)]
+    dialogues += [world.sample_dialogue(g, "train", tasks=MEDIA_TASKS, render_media=False)
+                  for _ in range(cfg.media_dialogues)]
+    convs = [_world_messages(d, proc) for d in dialogues]
+    media = [_user_media(d) for d in dialogues]
     for stage in (1, 2):
         for k in range(cfg.caption_turns):
             m = (Modality.IMAGE, Modality.AUDIO, Modality.VIDEO)[k % 3]
-            convs.append(_caption_messages(world.sample_specs(m, 1, g, "train")[0], stage, proc))
-    ids, labels = _encode_conversations(convs, proc, cfg.max_length)
-    atomic_save({"ids": ids, "labels": labels}, path)
-    return ids, labels
+            spec = world.sample_specs(m, 1, g, "train")[0]
+            convs.append(_caption_messages(spec, stage, proc))
+            media.append([spec] if stage == 1 else [])
+    ids, labels, lengths = _encode_conversations(convs, proc, cfg.max_length)
+    keep = [i for i, n in enumerate(lengths) if n <= cfg.max_length]  # a cut row could split a medium's positions
+    specs = [spec for i in keep for spec in media[i]]
+    owners = [k for k, i in enumerate(keep) for _ in media[i]]
+    feats = _encode_specs(enc, specs, np.random.default_rng(cfg.seed + 1))
+    rows = {m: torch.tensor([o for o, spec in zip(owners, specs) if spec.modality is m], dtype=torch.long)
+            for m in feats}
+    d = {"ids": ids[keep], "labels": labels[keep], "feats": {m.value: f for m, f in feats.items()},
+         "rows": {m.value: r for m, r in rows.items()}, "dropped": len(convs) - len(keep), "encoder": digest}
+    atomic_save(d, path)
+    return d
 
 
 def _build_llm(cfg: LLMPhase, tok: Any) -> Any:
@@ -713,19 +782,119 @@ def _agrees(asked: world.Spec | None, got: world.Spec | None) -> bool:
     return all(getattr(asked, f) is None or getattr(asked, f) == getattr(got, f) for f in asked.field_names())
 
 
+# Questions about a given medium: answered from the input projector's positions alone.
+MEDIA_DIRECTIONS = ("i2t", "a2t", "v2t")
+INPUT_PROJECTORS = "input_projectors"  # out/llm/input_projectors/: <modality>.safetensors + config.json
+
+
+def _encoder_config(out: Path) -> EncoderConfig:
+    """The trained ImageBind of ``out/encoder`` as the pipeline configures it (its safetensors + options)."""
+    out = Path(out).resolve()
+    if not (out / "encoder" / "model.safetensors").is_file():
+        raise ValueError(f"no encoder in {out}; run the encoder phase (train_encoder) first")
+    meta = json.loads((out / "encoder" / "config.json").read_text())
+    return EncoderConfig(type="imagebind", modalities=[Modality.parse(m) for m in meta["modalities"]],
+                         pretrained=str(out / "encoder" / "model.safetensors"), options=meta["options"])
+
+
+def input_projector_config(hidden: int) -> InputProjectorConfig:
+    """The toy pipeline's input projector: an MLP onto ``MEDIA_TOKENS`` positions per medium."""
+    return InputProjectorConfig(type="mlp", num_tokens=MEDIA_TOKENS, hidden_dim=hidden)
+
+
+def _media_model(out: Path, cfg: LLMPhase, lm: Any, proc: Any) -> Any:
+    """An :class:`AnyModalModel` over ``lm``, the frozen trained encoder and fresh input projectors
+    (no generators): the pipeline's own encode/project/splice path for pretraining."""
+    from ..model import AnyModalModel
+    from ..registry import ENCODERS, _load_builtin
+
+    _load_builtin()
+    e = _encoder_config(out)
+    config = AnyModalConfig(llm=LLMConfig(model=str(Path(out).resolve() / "llm")), name="toyworld-llm",
+                            encoders={"imagebind": e},
+                            input_projectors={m: input_projector_config(cfg.projector_hidden) for m in e.modalities})
+    encoder = ENCODERS.get(e.type).from_config(e.options, e.modalities, e.pretrained)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed + 2)
+        model = AnyModalModel(config, lm, {"imagebind": encoder}, proc)
+    model.encoders.requires_grad_(False)
+    model.encoders.eval()
+    return model
+
+
+def _batch_media(model: Any, data: dict[str, Any], starts: dict[str, torch.Tensor], idx: torch.Tensor
+                 ) -> dict[Modality, torch.Tensor]:
+    """Projected features of the media of rows ``idx``, in the order ``model.embed`` scatters them
+    (row by row, reading order within a row)."""
+    media = {}
+    for m, feats in data["feats"].items():
+        sel = [torch.arange(int(starts[m][r]), int(starts[m][r + 1])) for r in idx.tolist()]
+        sel_t = torch.cat(sel)
+        if len(sel_t):
+            media[Modality.parse(m)] = model.input_projectors[m](feats[sel_t])
+    return media
+
+
+def evaluate_media(model: Any, proc: Any, n: int, seed: int, split: str = "heldout", batch: int = 20
+                   ) -> dict[str, Any]:
+    """Greedy answers to ``n`` questions per understanding direction (i2t, a2t, v2t) about a rendered
+    medium, through the pipeline's path (encoder ``preprocess``, encoder, input projector,
+    :func:`~anymodal.generation.generate_text`), scored by ``checkers.check_answer``."""
+    from ..generation import generate_text
+    from . import checkers
+
+    g = np.random.default_rng(seed)
+    tok = proc.tokenizer
+    out: dict[str, Any] = {}
+    model.eval()
+    for direction in MEDIA_DIRECTIONS:
+        ok, examples = 0, []
+        dialogues = [world.sample_dialogue(g, split, tasks=[direction], render_media=False) for _ in range(n)]
+        for i in range(0, n, batch):
+            chunk = dialogues[i:i + batch]
+            prompts = [proc.format(_world_messages(d, proc)[:-1], add_generation_prompt=True) for d in chunk]
+            enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+            m = chunk[0].target.modality
+            with torch.no_grad():
+                x = model.encoder_for(m).preprocess(m, [_media_item(s, g) for d in chunk for s in _user_media(d)])
+                feats = {m: model.encode_media(m, x)}
+                res = generate_text(model, proc, enc["input_ids"], enc["attention_mask"], feats, 24)
+            for d, row in zip(chunk, res.sequences):
+                text = tok.decode(row, skip_special_tokens=True).strip()
+                hit = checkers.check_answer(d.question, text, d.target)
+                ok += hit
+                if len(examples) < 3:
+                    examples.append({"question": d.question, "reply": text, "target": d.target.caption(), "ok": hit})
+        out[direction] = {"ok": round(ok / n, 4), "n": n, "examples": examples}
+    return out
+
+
 def train_llm(out: Path, cfg: LLMPhase, log: JsonlLog, control: RunControl) -> Path:
-    """Pretrain a tiny Llama on the world's dialogues and save it (with its tokenizer) to ``out/llm``."""
+    """Pretrain a tiny Llama (in full) with an input projector per modality over the frozen encoder of
+    ``out/encoder`` on the world's dialogues, and save it with its tokenizer to ``out/llm`` (the
+    projectors in ``out/llm/input_projectors``, where :func:`run_stages` starts stage 1 from them)."""
+    from safetensors.torch import save_model
+
     out = Path(out)
     state_dir = out / "state" / "llm"
+    if not (out / "encoder" / "model.safetensors").is_file():
+        raise ValueError(f"llm: no trained encoder in {out / 'encoder'}; the LLM is pretrained reading its "
+                         "features, so run the encoder phase (train_encoder) first")
     state_dir.mkdir(parents=True, exist_ok=True)
     _check_settings(state_dir / "config.json", asdict(cfg), "llm")
     tok, proc = llm_tokenizer(out)
     lm = _build_llm(cfg, tok)
+    model = _media_model(out, cfg, lm, proc)
     t0 = time.time()
-    ids, labels = _llm_data(cfg, proc, state_dir / "data.pt")
-    log.write(stage="data", event="texts", n=len(ids), vocab=len(tok), params=_params(lm),
+    data = _llm_data(cfg, proc, state_dir / "data.pt", model.encoders["imagebind"])
+    ids, labels = data["ids"], data["labels"]
+    starts = {m: torch.searchsorted(r, torch.arange(len(ids) + 1)) for m, r in data["rows"].items()}
+    projectors = model.input_projectors
+    log.write(stage="data", event="texts", n=len(ids), dropped=data["dropped"], vocab=len(tok), params=_params(lm),
+              projector_params=_params(projectors), media={m: len(r) for m, r in data["rows"].items()},
               longest=int((ids != tok.pad_token_id).sum(1).max()), seconds=round(time.time() - t0, 1))
-    opt = torch.optim.AdamW(lm.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+    params = list(lm.parameters()) + list(projectors.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     pad = tok.pad_token_id
 
@@ -734,18 +903,21 @@ def train_llm(out: Path, cfg: LLMPhase, log: JsonlLog, control: RunControl) -> P
         x, y = ids[idx], labels[idx]
         width = int((x != pad).sum(1).max())
         x, y = x[:, :width], y[:, :width]
-        loss = lm(input_ids=x, attention_mask=(x != pad).long(), labels=y).loss
+        # AnyModalModel.forward: the placeholders' embeddings replaced by the projected features, as in the stages
+        loss = model(x, (x != pad).long(), media=_batch_media(model, data, starts, idx), labels=y, use_cache=False).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         return float(loss.detach())
 
-    train_loop(stage="llm", total=cfg.steps, ckpt=state_dir / "llm.ckpt", modules={"llm": lm}, optimizer=opt,
-               gen=gen, ema=None, step_fn=step, lr_fn=lambda s: cosine_lr(s, cfg.steps, cfg.lr, cfg.warmup_steps),
-               log=log, checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every, control=control)
-    lm.eval()
+    train_loop(stage="llm", total=cfg.steps, ckpt=state_dir / "llm.ckpt",
+               modules={"llm": lm, "input_projectors": projectors}, optimizer=opt, gen=gen, ema=None, step_fn=step,
+               lr_fn=lambda s: cosine_lr(s, cfg.steps, cfg.lr, cfg.warmup_steps), log=log,
+               checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every, control=control)
+    model.eval()
     figures = {split: evaluate_llm(lm, proc, cfg.eval_dialogues, cfg.seed + 7000 + k, split)
+               | evaluate_media(model, proc, cfg.eval_dialogues, cfg.seed + 8000 + k, split)
                for k, split in enumerate(("train", "heldout"))}
     log.write(stage="llm", step=cfg.steps, event="eval", **figures)
     atomic_write_text(state_dir / "figures.json", json.dumps(figures, indent=2) + "\n")
@@ -754,6 +926,11 @@ def train_llm(out: Path, cfg: LLMPhase, log: JsonlLog, control: RunControl) -> P
     def save(d: Path) -> None:
         lm.save_pretrained(str(d), safe_serialization=True)
         tok.save_pretrained(str(d))
+        (d / INPUT_PROJECTORS).mkdir()
+        for m, proj in projectors.items():
+            save_model(proj, str(d / INPUT_PROJECTORS / f"{m}.safetensors"))
+        atomic_write_text(d / INPUT_PROJECTORS / "config.json", json.dumps(
+            {m.value: asdict(p) for m, p in model.config.input_projectors.items()}, indent=2) + "\n")
 
     return atomic_dir(out / "llm", save)
 
@@ -782,11 +959,11 @@ def build_toy_config(out: str | os.PathLike, cfg: ModelPhasesConfig | None = Non
     for need in ("llm", "encoder"):
         if not (out / need).is_dir():
             raise ValueError(f"no {need} in {out}; run train_{need} first")
-    meta = json.loads((out / "encoder" / "config.json").read_text())
-    encoder = EncoderConfig(type="imagebind", modalities=[Modality.parse(m) for m in meta["modalities"]],
-                            pretrained=str(out / "encoder" / "model.safetensors"), options=meta["options"])
-    inputs = {m: InputProjectorConfig(type="mlp", num_tokens=MEDIA_TOKENS, hidden_dim=st.projector_hidden)
-              for m in encoder.modalities}
+    encoder = _encoder_config(out)
+    inputs = {m: input_projector_config(st.projector_hidden) for m in encoder.modalities}
+    pretrained = out / "llm" / INPUT_PROJECTORS / "config.json"
+    if st.carry_input_projectors and pretrained.is_file():  # the shapes the llm phase trained them at
+        inputs = {Modality.parse(m): InputProjectorConfig(**c) for m, c in json.loads(pretrained.read_text()).items()}
     generators: dict[Modality, GeneratorConfig] = {}
     outputs: dict[Modality, OutputProjectorConfig] = {}
     settings = {Modality.IMAGE: st.image_settings, Modality.AUDIO: st.audio_settings}
@@ -822,6 +999,24 @@ def stage_training_config(stage: int, cfg: StagesPhase, progress: bool = True) -
                                           target_modules=list(cfg.lora_targets)))
 
 
+def _pretrained_start(out: Path, config: AnyModalConfig, seed: int) -> Path:
+    """``out/stages/stage0``: the toy pipeline with the llm phase's input projectors loaded (what
+    stage 1 starts from; the LLM and encoder are referenced, the output projectors fresh)."""
+    from safetensors.torch import load_model
+
+    from ..pipeline import INDEX_NAME, AnyModalPipeline
+
+    start = out / "stages" / "stage0"
+    if not (start / INDEX_NAME).is_file():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            pipe = AnyModalPipeline.from_config(config)
+        for m, proj in pipe.model.input_projectors.items():
+            load_model(proj, str(out / "llm" / INPUT_PROJECTORS / f"{m}.safetensors"))
+        pipe.save_pretrained(start)
+    return start
+
+
 def run_stages(out: Path, cfg: ModelPhasesConfig, log: JsonlLog, control: RunControl) -> Path:
     """Run anymodal stages 1, 2 and 3 on the toy components and save ``out/final``.
 
@@ -847,6 +1042,8 @@ def run_stages(out: Path, cfg: ModelPhasesConfig, log: JsonlLog, control: RunCon
     (out / "stages").mkdir(parents=True, exist_ok=True)
     source = str(out / "stages" / "toy-config.yaml")  # anymodal.training reads a model from a file or directory
     config.to_yaml(source)
+    if st.carry_input_projectors and (out / "llm" / INPUT_PROJECTORS / "config.json").is_file():
+        source = str(_pretrained_start(out, config, st.seed))
     for stage in (1, 2, 3):
         run_dir = out / "stages" / f"stage{stage}"
         final = run_dir / "final"
