@@ -1,0 +1,346 @@
+"""The toy world's ``video-generator`` phase: a tiny ModelScope text-to-video (Zeroscope's layout).
+
+A real diffusers ``TextToVideoSDPipeline`` (what NExT-GPT's Zeroscope is; anymodal's
+``text-to-video`` adapter loads it) trained from scratch on the world's videos, train split only
+(held-out colour x direction and colour x shape pairs are never seen):
+
+1. **VAE**: by default the image phase's ``AutoencoderKL`` (``<out>/image-generator/vae``; all
+   convolutions, trained on 32x32 crops, so it encodes each 32x32 frame to 8x8x8), copied into
+   ``state/video-generator/vae`` at the first start so that a later image run cannot change it
+   under a resumed video run. ``vae_from="train"`` trains ``vae`` on the frames instead.
+   ``TextToVideoSDPipeline`` decodes frame by frame, exactly as the VAE was trained.
+2. **UNet + text encoder**: a ``UNet3DConditionModel`` (spatial resnets with temporal convs,
+   spatial cross-attention to the text and temporal self-attention) and a tiny ``CLIPTextModel``
+   over the word-level tokenizer, trained jointly with the image recipe (v-prediction, cosine
+   DDPM, AdamW with warm-up + cosine, EMA, caption dropout) through the shared ``train_loop``,
+   so stopping and resuming is bit-identical. A training-only linear head on the text encoder's
+   pooled states predicts colour, shape and direction (``text_aux_weight``): without it the
+   from-scratch text tower gave the four directions one embedding.
+3. Saved with a ``DPMSolverMultistepScheduler``; sample with 20 steps and guidance 3, 8 frames of
+   32x32 (``GeneratorConfig(type="text-to-video", pretrained=..., settings={"num_frames": 8,
+   "height": 32, "width": 32, ...})``, see :func:`generator_config`).
+
+Evaluation generates ``spec.caption()`` prompts of seen and held-out specs through the adapter
+(``encode_text``, then ``generate``) and scores them with :func:`checkers.score_video`
+(``found``, ``colour_ok``, ``shape_ok``, ``direction_ok``, ``ok``).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..modality import Modality
+from . import checkers, world
+from .train import (EMA, JsonlLog, RunControl, _check_recipe, _default_vae, _images_to_tensor, _latents,
+                    _near_deterministic_posterior, _noise_scheduler, _tokens, _train_denoiser, _train_vae, atomic_dir,
+                    load_tokenizer)
+
+PHASE = "video-generator"
+VAE_SOURCES: tuple[str, ...] = ("image-generator", "train")
+EVALUATION_NOTE = ("checkers.score_video on prompts = spec.caption() of specs sampled from the train split (seen) "
+                   "and from held-out colour x direction and colour x shape pairs (heldout); generated through the "
+                   "text-to-video adapter (TextToVideoSDPipeline, 8 frames of 32x32) with DPM-Solver++ and "
+                   "classifier-free guidance")
+
+
+def _default_video_vae() -> dict[str, Any]:
+    # Only used with vae_from="train": the image VAE's architecture on 32x32 frames (-> 8x8x8).
+    return _default_vae() | {"sample_size": world.VIDEO_SIZE}
+
+
+def _default_video_unet() -> dict[str, Any]:
+    # 8x8x8 latents x 8 frames. Two levels (8x8, 4x4) plus UNet3D's mid block at 4x4; the
+    # cross-attention (with temporal attention) only at 4x4 and in the mid block: at 8x8 it cost
+    # twice as much per step. Channels 16/32 keep the UNet at 0.44 M parameters (1.8 MB), so the
+    # whole pipeline stays near 2.5 MB. attention_head_dim is UNet3D's (mis-named) head count.
+    return {"sample_size": world.VIDEO_SIZE // 4, "in_channels": 8, "out_channels": 8, "layers_per_block": 1,
+            "block_out_channels": [16, 32], "down_block_types": ["DownBlock3D", "CrossAttnDownBlock3D"],
+            "up_block_types": ["CrossAttnUpBlock3D", "UpBlock3D"], "cross_attention_dim": 32,
+            "attention_head_dim": 4, "norm_num_groups": 8}
+
+
+def _default_video_text_encoder() -> dict[str, Any]:
+    # CLIPTextConfig; a video caption is at most 8 tokens with <s> and </s>.
+    return {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
+            "max_position_embeddings": 16}
+
+
+@dataclass
+class VideoGeneratorPhase:
+    """The tiny text-to-video model (Zeroscope's layout): architecture and training recipe."""
+
+    seed: int = 0
+    bank_size: int = 2048  # videos rendered once (8 frames each)
+    vae_from: str = "image-generator"  # "image-generator": reuse <out>/image-generator/vae; "train": train `vae`
+    vae: dict[str, Any] = field(default_factory=_default_video_vae)
+    unet: dict[str, Any] = field(default_factory=_default_video_unet)
+    text_encoder: dict[str, Any] = field(default_factory=_default_video_text_encoder)
+    prompt_length: int = 16  # tokens the pipeline pads prompts to (<= text_encoder.max_position_embeddings)
+    # Weight of an auxiliary loss: a linear head on the text encoder's mean-pooled hidden states
+    # (what the UNet attends to) predicts the caption's colour, shape and direction. Without it
+    # the from-scratch text tower gave one embedding for all four directions (cosine 0.999 after
+    # 1,200 steps) and the videos moved in random directions; the audio phase met the same
+    # collapse. A stand-in for a pre-trained text encoder; 0 turns it off.
+    text_aux_weight: float = 0.1
+    # VAE (only with vae_from="train"): the image recipe on frames
+    vae_steps: int = 1000
+    vae_batch_size: int = 32
+    vae_crop: int = 32
+    vae_lr: float = 1e-3
+    kl_weight: float = 1e-6
+    # UNet + text encoder
+    steps: int = 2000
+    batch_size: int = 16
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    weight_decay: float = 1e-2
+    ema_decay: float = 0.999
+    caption_dropout: float = 0.1
+    # bookkeeping
+    checkpoint_every: int = 100
+    log_every: int = 10
+    eval_every: int = 500  # 0: evaluate only at the end
+    eval_prompts: int = 16
+    final_eval_prompts: int = 40
+    sample_steps: int = 20
+    guidance_scale: float = 3.0
+
+    def __post_init__(self) -> None:
+        _check_recipe("video_generator", self)
+        if self.text_aux_weight < 0:
+            raise ValueError(f"video_generator.text_aux_weight must be >= 0, got {self.text_aux_weight!r}")
+        if self.vae_from not in VAE_SOURCES:
+            raise ValueError(f"video_generator.vae_from must be one of: {', '.join(VAE_SOURCES)}; "
+                             f"got {self.vae_from!r}")
+        positions = self.text_encoder.get("max_position_embeddings", 77)
+        if self.prompt_length > positions:
+            raise ValueError(f"video_generator.prompt_length ({self.prompt_length}) exceeds "
+                             f"text_encoder.max_position_embeddings ({positions})")
+        if self.text_encoder.get("hidden_size") != self.unet.get("cross_attention_dim"):
+            raise ValueError("video_generator: text_encoder.hidden_size and unet.cross_attention_dim must agree, got "
+                             f"{self.text_encoder.get('hidden_size')} and {self.unet.get('cross_attention_dim')}")
+        if self.vae_from == "train" and self.unet.get("in_channels") != self.vae.get("latent_channels"):
+            raise ValueError("video_generator: unet.in_channels and vae.latent_channels must agree, got "
+                             f"{self.unet.get('in_channels')} and {self.vae.get('latent_channels')}")
+
+    @classmethod
+    def smoke(cls) -> "VideoGeneratorPhase":
+        """A seconds-long version (own tiny VAE, so it needs no image phase): checks the machinery only."""
+        return cls(bank_size=16, vae_from="train", vae=_default_video_vae() | {"block_out_channels": [8, 8, 8]},
+                   unet=_default_video_unet() | {"block_out_channels": [8, 16], "norm_num_groups": 4,
+                                                  "cross_attention_dim": 16, "attention_head_dim": 2},
+                   text_encoder=_default_video_text_encoder() | {"hidden_size": 16, "intermediate_size": 32,
+                                                                  "num_attention_heads": 2, "num_hidden_layers": 1},
+                   vae_steps=4, vae_batch_size=4, steps=4, batch_size=2, warmup_steps=1, checkpoint_every=2,
+                   log_every=1, eval_every=0, eval_prompts=2, final_eval_prompts=2, sample_steps=2)
+
+
+# ============================================================================ models and pipeline
+
+
+def _build_video_models(cfg: VideoGeneratorPhase, tokenizer: Any, vae_dir: Path | None) -> dict[str, torch.nn.Module]:
+    from diffusers import AutoencoderKL, UNet3DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        if vae_dir is None:
+            vae = AutoencoderKL(**cfg.vae)
+            _near_deterministic_posterior(vae)
+        else:
+            vae = AutoencoderKL.from_pretrained(str(vae_dir))
+            if vae.config.latent_channels != cfg.unet.get("in_channels"):
+                raise ValueError(f"video_generator: the VAE in {vae_dir} has {vae.config.latent_channels} latent "
+                                 f"channels, unet.in_channels is {cfg.unet.get('in_channels')}")
+        unet = UNet3DConditionModel(**cfg.unet)
+        # UNet3D's temporal convs hard-code dropout 0.1, which draws from the global RNG (not the
+        # loop's checkpointed generator) and would break bit-identical resume; a short run
+        # under-fits anyway. Eval mode ignores dropout, so the saved pipeline is unaffected.
+        for m in unet.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+        text_config = CLIPTextConfig(**{"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+                                        "eos_token_id": tokenizer.eos_token_id,
+                                        "pad_token_id": tokenizer.pad_token_id, **cfg.text_encoder})
+        text_encoder = CLIPTextModel(text_config)
+    return {"vae": vae, "unet": unet, "text_encoder": text_encoder}
+
+
+def _assemble_video_pipeline(models: dict[str, torch.nn.Module], tokenizer: Any, cfg: VideoGeneratorPhase) -> Any:
+    from diffusers import DPMSolverMultistepScheduler, TextToVideoSDPipeline
+
+    tok = copy.deepcopy(tokenizer)
+    tok.model_max_length = cfg.prompt_length
+    scheduler = DPMSolverMultistepScheduler.from_config(_noise_scheduler().config, steps_offset=1)
+    pipe = TextToVideoSDPipeline(vae=models["vae"], text_encoder=models["text_encoder"], tokenizer=tok,
+                                 unet=models["unet"], scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generator_config(directory: str | Path, steps: int = 20, guidance: float = 3.0) -> Any:
+    """The anymodal ``GeneratorConfig`` of a saved video generator (8 frames of 32x32)."""
+    from anymodal.config import GeneratorConfig
+
+    return GeneratorConfig(type="text-to-video", pretrained=str(directory),
+                           settings={"num_inference_steps": steps, "guidance_scale": guidance,
+                                     "num_frames": world.VIDEO_FRAMES, "height": world.VIDEO_SIZE,
+                                     "width": world.VIDEO_SIZE})
+
+
+# ============================================================================ evaluation
+
+
+def video_eval_specs(n: int, seed: int) -> dict[str, list[world.VideoSpec]]:
+    """``n`` seen (train split) and ``n`` held-out video specs, fixed by ``seed``."""
+    return {name: world.sample_specs(Modality.VIDEO, n, seed + k, split)  # type: ignore[misc]
+            for k, (name, split) in enumerate((("seen", "train"), ("heldout", "heldout")))}
+
+
+def score_videos(videos: Sequence[Any], specs: Sequence[world.VideoSpec]) -> dict[str, float]:
+    """Fraction of videos whose checker reading matches each field (colour, shape, direction), plus ``ok``."""
+    scores = [checkers.score_video(v, spec) for v, spec in zip(videos, specs)]
+    keys = sorted({k for s in scores for k in s})
+    return {k: round(float(np.mean([s.get(k, False) for s in scores])), 4) for k in keys}
+
+
+def evaluate_video_pipeline(pipe: Any, n: int, seed: int, steps: int, guidance: float) -> dict[str, Any]:
+    """Generate ``n`` seen and ``n`` held-out prompts with ``pipe`` and score the videos analytically."""
+    out: dict[str, Any] = {}
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        for split, specs in video_eval_specs(n, seed).items():
+            t0 = time.time()
+            frames = pipe([s.caption() for s in specs], num_frames=world.VIDEO_FRAMES, height=world.VIDEO_SIZE,
+                          width=world.VIDEO_SIZE, num_inference_steps=steps, guidance_scale=guidance,
+                          generator=torch.Generator().manual_seed(seed), output_type="np").frames
+            out[split] = score_videos(list(frames), specs) | {"n": len(specs),
+                                                               "s_per_video": round((time.time() - t0) / n, 3)}
+    return out
+
+
+def evaluate_video_generator(directory: Path, n: int, seed: int, steps: int, guidance: float) -> dict[str, Any]:
+    """Load a saved pipeline through anymodal's ``text-to-video`` adapter and score its videos.
+
+    The prompts are encoded by the generator's own text encoder (``encode_text``) and generated
+    with ``generate``: exactly the path the anymodal pipeline drives.
+    """
+    import anymodal.generators  # noqa: F401  (registers the adapters)
+    from anymodal.registry import GENERATORS
+
+    gen = GENERATORS.get("text-to-video").from_config(generator_config(directory, steps, guidance))
+    out: dict[str, Any] = {}
+    with torch.random.fork_rng(devices=[]):
+        for split, specs in video_eval_specs(n, seed).items():
+            t0 = time.time()
+            cond = gen.encode_text([s.caption() for s in specs])
+            videos = gen.generate(cond, generator=torch.Generator().manual_seed(seed))
+            out[split] = score_videos(videos, specs) | {"n": len(specs),
+                                                         "s_per_video": round((time.time() - t0) / n, 3)}
+    return out
+
+
+# ============================================================================ training
+
+
+def _frames(data: np.ndarray) -> torch.Tensor:
+    """(N, T, H, W, 3) uint8 -> (N * T, 3, H, W) in [-1, 1]: frames, what the VAE encodes."""
+    n, t = data.shape[:2]
+    return _images_to_tensor(data.reshape(n * t, *data.shape[2:]))
+
+
+def _vae_reconstruction_scores(vae: Any, bank: world.Bank, n: int = 100) -> dict[str, float]:
+    """Checker accuracy of the VAE's reconstructions of real videos: the ceiling of the diffusion model."""
+    n = min(n, len(bank))
+    with torch.no_grad():
+        recon = vae.decode(vae.encode(_frames(bank.data[:n])).latent_dist.mean).sample
+    frames = ((recon.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    return score_videos(list(frames.reshape(n, -1, *frames.shape[1:])), bank.specs[:n])
+
+
+def _vae_source(out: Path, state_dir: Path, cfg: VideoGeneratorPhase) -> Path | None:
+    """Where the VAE comes from: a copy of the image phase's VAE kept in the state (None: train one)."""
+    if cfg.vae_from == "train":
+        return None
+    kept = state_dir / "vae"
+    if not (kept / "config.json").exists():
+        source = out / "image-generator" / "vae"
+        if not (source / "config.json").exists():
+            raise ValueError(f"video_generator.vae_from='image-generator' needs a finished image generator in "
+                             f"{out / 'image-generator'}; run the 'image-generator' phase first, or set "
+                             "video_generator.vae_from=train")
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(str(source))
+        atomic_dir(kept, lambda d: vae.save_pretrained(str(d), safe_serialization=True))
+    return kept
+
+
+def train_video_generator(out: Path, cfg: VideoGeneratorPhase, log: JsonlLog, control: RunControl) -> Path:
+    """Train the ``video-generator`` phase into ``out / "video-generator"`` (resumable; see the module doc)."""
+    state_dir = out / "state" / PHASE
+    state_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = load_tokenizer(out)
+    models = _build_video_models(cfg, tokenizer, _vae_source(out, state_dir, cfg))
+    vae, unet, text_encoder = models["vae"], models["unet"], models["text_encoder"]
+
+    bank = world.make_bank(Modality.VIDEO, cfg.bank_size, "train", seed=cfg.seed)
+    frames = _frames(bank.data)  # (N * T, 3, H, W)
+    log.write(stage="data", event="bank", n=len(bank), split="train", seed=cfg.seed, vae_from=cfg.vae_from,
+              params={k: sum(p.numel() for p in m.parameters()) for k, m in models.items()})
+
+    # ---------------------------------------------------------------- 1. the VAE (per frame)
+    if cfg.vae_from == "train":
+        _train_vae(vae, frames, cfg, state_dir / "vae.ckpt", log, control, "video_generator")
+    vae.eval().requires_grad_(False)
+    latents = _latents(vae, frames, state_dir / "latents.pt", log, cfg.vae_steps if cfg.vae_from == "train" else 0,
+                       lambda: _vae_reconstruction_scores(vae, bank))
+    n, t = bank.data.shape[:2]
+    latents = latents.reshape(n, t, *latents.shape[1:]).permute(0, 2, 1, 3, 4).contiguous()  # (N, C, T, h, w)
+
+    # ---------------------------------------------------------------- 2. UNet3D + text encoder
+    ids = _tokens(tokenizer, bank.captions, cfg.prompt_length)
+    empty = _tokens(tokenizer, [""], cfg.prompt_length)
+
+    def condition(tokens: torch.Tensor) -> dict[str, Any]:
+        return {"encoder_hidden_states": text_encoder(tokens)[0]}  # what TextToVideoSDPipeline.encode_prompt does
+
+    def evaluate(ema: EMA, n_prompts: int) -> dict[str, Any]:
+        copies = {k: copy.deepcopy(m).eval() for k, m in models.items()}
+        ema.copy_to([copies["unet"], copies["text_encoder"]])
+        pipe = _assemble_video_pipeline(copies, tokenizer, cfg)
+        return evaluate_video_pipeline(pipe, n_prompts, cfg.seed + 1000, cfg.sample_steps, cfg.guidance_scale)
+
+    aux_head, aux_loss = None, None
+    if cfg.text_aux_weight > 0:
+        names = (("colour", tuple(world.COLOURS)), ("shape", world.SHAPES), ("direction", tuple(world.DIRECTIONS)))
+        labels = torch.tensor([[values.index(getattr(sp, name)) for name, values in names] for sp in bank.specs])
+        sizes = [len(values) for _, values in names]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed + 4)
+            aux_head = torch.nn.Linear(text_encoder.config.hidden_size, sum(sizes))
+        pad = tokenizer.pad_token_id
+
+        def aux_loss(tokens: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+            hidden = condition(tokens)["encoder_hidden_states"]
+            mask = (tokens != pad).unsqueeze(-1).to(hidden.dtype)
+            logits = torch.split(aux_head((hidden * mask).sum(1) / mask.sum(1)), sizes, dim=-1)
+            return cfg.text_aux_weight * sum(F.cross_entropy(z, labels[idx, k]) for k, z in enumerate(logits))
+
+    ema = _train_denoiser(unet, text_encoder, condition, latents, ids, empty, cfg, state_dir / "unet.ckpt", log,
+                          control, evaluate, aux_head, aux_loss)
+    ema.copy_to([unet, text_encoder])  # save the EMA weights
+    pipe = _assemble_video_pipeline(models, tokenizer, cfg)
+    return atomic_dir(out / PHASE, lambda d: pipe.save_pretrained(str(d), safe_serialization=True))
+
+
+__all__ = ["EVALUATION_NOTE", "PHASE", "VAE_SOURCES", "VideoGeneratorPhase", "evaluate_video_generator",
+           "evaluate_video_pipeline", "generator_config", "score_videos", "train_video_generator",
+           "video_eval_specs"]
