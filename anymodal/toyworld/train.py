@@ -172,7 +172,7 @@ class ImageGeneratorPhase:
     vae_lr: float = 1e-3
     kl_weight: float = 1e-6
     # UNet + text encoder
-    steps: int = 2000
+    steps: int = 6000  # shape and position need far more steps than colour (2,000: shape at chance)
     batch_size: int = 32
     lr: float = 1e-3
     warmup_steps: int = 100
