@@ -140,7 +140,7 @@ def test_cli_and_errors(tmp_path: Path, capsys):
                  "--no-progress"]) == 2
     assert "run the 'tokenizer' phase first" in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown phase"):
-        T.train(out, phases=["video-generator"], config="smoke")
+        T.train(out, phases=["hologram-generator"], config="smoke")
     with pytest.raises(ValueError, match="unknown preset"):
         T.ToyworldTrainConfig.preset("huge")
     with pytest.raises(ValueError, match="caption_dropout"):

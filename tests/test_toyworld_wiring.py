@@ -25,7 +25,8 @@ def _fast() -> T.ToyworldTrainConfig:
     cfg = T.ToyworldTrainConfig.preset("smoke")
     fast = dict(vae_steps=1, steps=1, checkpoint_every=1, final_eval_prompts=1)  # loadable, not trained
     return replace(cfg, image_generator=replace(cfg.image_generator, **fast),
-                   audio_generator=replace(cfg.audio_generator, **fast))
+                   audio_generator=replace(cfg.audio_generator, **fast),
+                   video_generator=replace(cfg.video_generator, **fast))
 
 
 def _train(out: Path, phases=None, **kw) -> list[T.PhaseResult]:
@@ -36,8 +37,8 @@ def _train(out: Path, phases=None, **kw) -> list[T.PhaseResult]:
 def run(tmp_path_factory) -> Path:
     """Every phase of a smoke run, with the LLM stopped at a step and the stages at --max-minutes on the way."""
     out = tmp_path_factory.mktemp("wired")
-    first = ["tokenizer", "image-generator", "audio-generator", "manifests", "encoder"]
-    assert [r.status for r in _train(out, first)] == ["done"] * 5
+    first = ["tokenizer", "image-generator", "audio-generator", "video-generator", "manifests", "encoder"]
+    assert [r.status for r in _train(out, first)] == ["done"] * 6
     with pytest.raises(ValueError, match=r"stages needs the 'llm' phase.*--phase llm\)"):
         _train(out, ["stages"])
     [r] = _train(out, ["llm"], stop_at_step=1)
@@ -50,7 +51,7 @@ def run(tmp_path_factory) -> Path:
     assert r.status == "stopped" and r.message.startswith("stage 1: stopped at step 1")
     results = _train(out, resume=True)
     assert [r.phase for r in results] == list(T.PHASES)
-    assert [r.status for r in results] == ["skipped"] * 6 + ["done"]
+    assert [r.status for r in results] == ["skipped"] * 7 + ["done"]
     return out
 
 
@@ -163,7 +164,7 @@ def test_ship_cli(run: Path, tmp_path: Path, capsys, monkeypatch):
     assert main(["toyworld", "ship", "--from", str(run), "--dtype", "float32"]) == 0
     assert str(tmp_path / "default") in capsys.readouterr().out
     pipe = anymodal.pipeline.AnyModalPipeline.from_pretrained(tmp_path / "default")
-    assert set(pipe.generators) == {Modality.IMAGE, Modality.AUDIO}
+    assert set(pipe.generators) == {Modality.IMAGE, Modality.AUDIO, Modality.VIDEO}
     assert main(["toyworld", "ship", "--from", str(tmp_path / "nothing"), "--to", str(tmp_path / "b")]) == 2
     assert "run the 'stages' phase first" in capsys.readouterr().err
 

@@ -192,6 +192,9 @@ class StagesPhase:
     audio_settings: dict[str, Any] = field(default_factory=lambda: {
         "num_inference_steps": 20, "guidance_scale": 3.0,
         "audio_length_s": world.CLIP_SAMPLES / world.SAMPLE_RATE})
+    video_settings: dict[str, Any] = field(default_factory=lambda: {
+        "num_inference_steps": 20, "guidance_scale": 3.0, "num_frames": world.VIDEO_FRAMES,
+        "height": world.VIDEO_SIZE, "width": world.VIDEO_SIZE})
 
 
 @dataclass
@@ -221,7 +224,10 @@ class ModelPhasesConfig:
                                    max_new_tokens=24, eval_prompts=1,
                                    image_settings={"num_inference_steps": 2, "guidance_scale": 3.0},
                                    audio_settings={"num_inference_steps": 2, "guidance_scale": 3.0,
-                                                   "audio_length_s": world.CLIP_SAMPLES / world.SAMPLE_RATE}))
+                                                   "audio_length_s": world.CLIP_SAMPLES / world.SAMPLE_RATE},
+                                   video_settings={"num_inference_steps": 2, "guidance_scale": 3.0,
+                                                   "num_frames": world.VIDEO_FRAMES, "height": world.VIDEO_SIZE,
+                                                   "width": world.VIDEO_SIZE}))
         raise ValueError(f"unknown preset {name!r}; expected default or smoke")
 
 
@@ -939,7 +945,7 @@ def train_llm(out: Path, cfg: LLMPhase, log: JsonlLog, control: RunControl) -> P
 
 
 def _generator_config(modality: Modality, directory: Path, settings: dict[str, Any]) -> GeneratorConfig:
-    kind = {Modality.IMAGE: "stable-diffusion", Modality.AUDIO: "audioldm"}[modality]
+    kind = {Modality.IMAGE: "stable-diffusion", Modality.AUDIO: "audioldm", Modality.VIDEO: "text-to-video"}[modality]
     return GeneratorConfig(type=kind, pretrained=str(directory), settings=dict(settings))
 
 
@@ -966,8 +972,10 @@ def build_toy_config(out: str | os.PathLike, cfg: ModelPhasesConfig | None = Non
         inputs = {Modality.parse(m): InputProjectorConfig(**c) for m, c in json.loads(pretrained.read_text()).items()}
     generators: dict[Modality, GeneratorConfig] = {}
     outputs: dict[Modality, OutputProjectorConfig] = {}
-    settings = {Modality.IMAGE: st.image_settings, Modality.AUDIO: st.audio_settings}
-    for m, name in ((Modality.IMAGE, "image-generator"), (Modality.AUDIO, "audio-generator")):
+    settings = {Modality.IMAGE: st.image_settings, Modality.AUDIO: st.audio_settings,
+                Modality.VIDEO: st.video_settings}
+    for m, name in ((Modality.IMAGE, "image-generator"), (Modality.AUDIO, "audio-generator"),
+                    (Modality.VIDEO, "video-generator")):
         directory = out / name
         if not (directory / "model_index.json").is_file():
             continue

@@ -77,24 +77,27 @@ from . import checkers, world
 
 if TYPE_CHECKING:
     from .model_phases import EncoderPhase, LLMPhase, StagesPhase
+    from .video_generator import VideoGeneratorPhase
 
-PHASES: tuple[str, ...] = ("tokenizer", "image-generator", "audio-generator", "manifests", "encoder", "llm",
-                           "stages")
+PHASES: tuple[str, ...] = ("tokenizer", "image-generator", "audio-generator", "video-generator", "manifests",
+                           "encoder", "llm", "stages")
 # The phases each phase reads from; run_phase refuses to start until they have finished.
 REQUIRES: dict[str, tuple[str, ...]] = {
     "tokenizer": (),
     "image-generator": ("tokenizer",),
     "audio-generator": ("tokenizer",),
+    "video-generator": ("tokenizer", "image-generator"),  # the image generator's VAE encodes the frames
     "manifests": (),
     "encoder": (),
     "llm": ("tokenizer", "encoder"),  # the LLM is pretrained reading the encoder's features
-    "stages": ("tokenizer", "image-generator", "audio-generator", "manifests", "encoder", "llm"),
+    "stages": ("tokenizer", "image-generator", "audio-generator", "video-generator", "manifests", "encoder", "llm"),
 }
 # Where each phase's result lives in --out, and the file whose presence means it finished.
 OUTPUTS: dict[str, tuple[str, str]] = {
     "tokenizer": ("tokenizer", "tokenizer.json"),
     "image-generator": ("image-generator", "model_index.json"),
     "audio-generator": ("audio-generator", "model_index.json"),
+    "video-generator": ("video-generator", "model_index.json"),
     "manifests": ("data", "manifest.json"),
     "encoder": ("encoder", "model.safetensors"),
     "llm": ("llm", "config.json"),
@@ -302,6 +305,8 @@ class ToyworldTrainConfig:
     tokenizer: TokenizerPhase = field(default_factory=TokenizerPhase)
     image_generator: ImageGeneratorPhase = field(default_factory=ImageGeneratorPhase)
     audio_generator: AudioGeneratorPhase = field(default_factory=AudioGeneratorPhase)
+    # video_generator imports this module too: the same late lookup
+    video_generator: VideoGeneratorPhase = field(default_factory=lambda: _video_generator().VideoGeneratorPhase())
     # model_phases imports this module, so its settings classes are looked up when first needed
     encoder: EncoderPhase = field(default_factory=lambda: _model_phases().EncoderPhase())
     llm: LLMPhase = field(default_factory=lambda: _model_phases().LLMPhase())
@@ -330,7 +335,7 @@ class ToyworldTrainConfig:
                        ImageGeneratorPhase(bank_size=64, vae=vae, unet=unet, text_encoder=text, **small),
                        AudioGeneratorPhase(bank_size=32, vae=_default_audio_vae() | {"block_out_channels": [8, 8, 8]},
                                            unet=audio_unet, text_encoder=clap, vocoder=vocoder, **small),
-                       model.encoder, model.llm, model.stages)
+                       _video_generator().VideoGeneratorPhase.smoke(), model.encoder, model.llm, model.stages)
         raise ValueError(f"unknown preset {name!r}; expected one of: {', '.join(PRESETS)}")
 
     def to_dict(self) -> dict[str, Any]:
@@ -384,6 +389,12 @@ def _model_phases() -> Any:
     from . import model_phases  # imports this module: not at the top
 
     return model_phases
+
+
+def _video_generator() -> Any:
+    from . import video_generator  # imports this module: not at the top
+
+    return video_generator
 
 
 def _check_positive(name: str, value: Any) -> None:
@@ -1106,6 +1117,8 @@ def _median_rate(log: JsonlLog, stage: str) -> float | None:
 _GENERATOR_PHASES: dict[str, tuple[Callable[..., Path], Callable[..., dict[str, Any]]]] = {
     "image-generator": (train_image_generator, evaluate_image_generator),
     "audio-generator": (train_audio_generator, evaluate_audio_generator),
+    "video-generator": (lambda *a: _video_generator().train_video_generator(*a),
+                        lambda *a: _video_generator().evaluate_video_generator(*a)),
 }
 _EVALUATION_NOTES = {
     "image-generator": "checkers.score_image on prompts = spec.caption() of specs sampled from the train split "
@@ -1219,7 +1232,7 @@ def run_phase(phase: str, out: Path, cfg: ToyworldTrainConfig, control: RunContr
         summary["speed"] = {stage: {"median_steps_per_s": _median_rate(log, stage), "batch_size": size}
                             for stage, size in batch.items()}
         summary["size_bytes"] = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
-        summary["evaluation"] = _EVALUATION_NOTES[phase]
+        summary["evaluation"] = _EVALUATION_NOTES.get(phase) or _video_generator().EVALUATION_NOTE
         vae_records = [r for r in log.records() if r.get("event") == "latents"]
         if vae_records:
             summary["vae_reconstruction"] = vae_records[-1].get("reconstruction")
