@@ -153,7 +153,7 @@ class LLMPhase:
     caption_turns: int = 3000  # stage-1 and stage-2 style turns each
     projector_hidden: int = 128  # the MLP input projectors' width (MEDIA_TOKENS positions per medium)
     max_length: int = 96
-    steps: int = 3000
+    steps: int = 3000  # 18 minutes at 2.6 steps/s on the loaded 2-core machine (see docs/toyworld.md)
     batch_size: int = 32
     lr: float = 2e-3
     warmup_steps: int = 100
@@ -1031,8 +1031,10 @@ def run_stages(out: Path, cfg: ModelPhasesConfig, log: JsonlLog, control: RunCon
     The manifests come from :func:`write_manifests` (``cfg.stages`` sizes), filtered to what the
     model reads and generates. Each stage runs in ``out/stages/stage<N>`` and resumes from its last
     checkpoint; a finished stage (its ``final/`` exists) is skipped. ``control``'s deadline stops a
-    stage at its next checkpoint (raising :class:`~anymodal.toyworld.train.Stop`). Stage 3's LoRA is
-    merged into the LLM, and the merged pipeline is saved to ``out/final``.
+    stage at its next checkpoint (raising :class:`~anymodal.toyworld.train.Stop`). Stage 1 starts from
+    ``out/stages/stage0``, the pipeline with the llm phase's input projectors (unless
+    ``carry_input_projectors`` is off or the llm phase saved none). Stage 3's LoRA is merged into the
+    LLM, and the merged pipeline is saved to ``out/final``.
     """
     from ..training import merge_lora
     from ..training import train as train_stage
