@@ -160,6 +160,8 @@ def test_ship_cli(run: Path, tmp_path: Path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "MB" in out and "float16" in out and str(tmp_path / "a") in out
     assert (tmp_path / "a" / "anymodal_index.json").is_file()
+    for f in (tmp_path / "a").rglob("*.json"):  # no trace of the run's directory
+        assert str(run) not in f.read_text() and "_name_or_path" not in f.read_text(), f
     monkeypatch.setattr(anymodal.pipeline, "default_model_dir", lambda: tmp_path / "default")
     assert main(["toyworld", "ship", "--from", str(run), "--dtype", "float32"]) == 0
     assert str(tmp_path / "default") in capsys.readouterr().out

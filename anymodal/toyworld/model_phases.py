@@ -1123,12 +1123,23 @@ def ship(out: str | os.PathLike, dest: str | os.PathLike | None = None, limit_by
         pipe.save_pretrained(tmp, save_frozen=True)
         if dtype != torch.float32:
             cast_weights(tmp, dtype)
+        _forget_source_paths(tmp)
         size = _size(tmp)
         if size > limit_bytes:
             raise ValueError(f"the shipped model would be {size / 1e6:.2f} MB ({size} bytes), over the limit of "
                              f"{limit_bytes / 1e6:.2f} MB; nothing was written to {dest}")
 
     return atomic_dir(dest, write)
+
+
+def _forget_source_paths(directory: Path) -> None:
+    """Drop the ``_name_or_path`` that diffusers and transformers write into saved configs: in a
+    shipped copy it would only record where the run lived on the machine that built it."""
+    for path in directory.rglob("*.json"):
+        data = json.loads(path.read_text())
+        if isinstance(data, dict) and "_name_or_path" in data:
+            del data["_name_or_path"]
+            atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def cast_weights(directory: Path, dtype: torch.dtype) -> None:
