@@ -157,25 +157,23 @@ def _default_text_encoder() -> dict[str, Any]:
 
 
 @dataclass
-class ImageGeneratorPhase:
-    """The tiny Stable Diffusion: architecture (diffusers / transformers kwargs) and training recipe."""
+class DiffusionRecipe:
+    """What the generator phases share: a VAE first (reconstruction, L1 + MSE plus a small KL, as in
+    Stable Diffusion's first stage; all convolutions, so it trains on random crops, 4x cheaper at
+    32 of 64 px, starting on the latent grid), then the UNet and its text encoder jointly
+    (v-prediction cosine DDPM, AdamW with warm-up then cosine, EMA, caption dropout), with
+    periodic evaluation through the anymodal adapter. Each phase sets its own sizes and defaults."""
 
     seed: int = 0
-    bank_size: int = 8192
-    vae: dict[str, Any] = field(default_factory=_default_vae)
-    unet: dict[str, Any] = field(default_factory=_default_unet)
-    text_encoder: dict[str, Any] = field(default_factory=_default_text_encoder)
-    prompt_length: int = 24  # tokens the pipeline pads prompts to (<= text_encoder.max_position_embeddings)
-    # VAE: reconstruction (L1 + MSE) plus a small KL, as in Stable Diffusion's first stage.
-    vae_steps: int = 1500
+    bank_size: int = 4096  # renders of the train split, made once
+    prompt_length: int = 24  # tokens the pipeline pads prompts to (<= the text encoder's positions)
+    vae_steps: int = 1000
     vae_batch_size: int = 32
-    # The VAE is all convolutions, so it trains on random crops (4x cheaper at 32 of 64 px) and
-    # still encodes whole images; crops start on the latent grid.
     vae_crop: int = 32
     vae_lr: float = 1e-3
     kl_weight: float = 1e-6
     # UNet + text encoder
-    steps: int = 6000  # shape and position need far more steps than colour (2,000: shape at chance)
+    steps: int = 2000
     batch_size: int = 32
     lr: float = 1e-3
     warmup_steps: int = 100
@@ -190,6 +188,18 @@ class ImageGeneratorPhase:
     final_eval_prompts: int = 40  # per split, at the end
     sample_steps: int = 20
     guidance_scale: float = 3.0
+
+
+@dataclass
+class ImageGeneratorPhase(DiffusionRecipe):
+    """The tiny Stable Diffusion: architecture (diffusers / transformers kwargs) and training recipe."""
+
+    bank_size: int = 8192
+    vae_steps: int = 1500
+    steps: int = 6000  # shape and position need far more steps than colour (2,000: shape at chance)
+    vae: dict[str, Any] = field(default_factory=_default_vae)
+    unet: dict[str, Any] = field(default_factory=_default_unet)
+    text_encoder: dict[str, Any] = field(default_factory=_default_text_encoder)
 
     def __post_init__(self) -> None:
         _check_recipe("image_generator", self)
@@ -234,7 +244,7 @@ def _default_vocoder() -> dict[str, Any]:
 
 
 @dataclass
-class AudioGeneratorPhase:
+class AudioGeneratorPhase(DiffusionRecipe):
     """The tiny AudioLDM: a mel VAE, a UNet and a CLAP text encoder, with a Griffin-Lim vocoder.
 
     Training order: the VAE on log-mels, then UNet + text encoder on the VAE latents, with the
@@ -242,8 +252,7 @@ class AudioGeneratorPhase:
     weights; it is scored on real mels first, which bounds the pipeline's pitch accuracy.
     """
 
-    seed: int = 0
-    bank_size: int = 4096
+    steps: int = 1600
     vocoder: dict[str, Any] = field(default_factory=_default_vocoder)
     # Weight of an auxiliary loss: a linear head on the pooled CLAP embedding predicts the
     # caption's note, waveform and duration. Without it the from-scratch text tower gave nearly
@@ -253,26 +262,6 @@ class AudioGeneratorPhase:
     vae: dict[str, Any] = field(default_factory=_default_audio_vae)
     unet: dict[str, Any] = field(default_factory=_default_audio_unet)
     text_encoder: dict[str, Any] = field(default_factory=_default_clap_text)
-    prompt_length: int = 24
-    vae_steps: int = 1000
-    vae_batch_size: int = 32
-    vae_crop: int = 32
-    vae_lr: float = 1e-3
-    kl_weight: float = 1e-6
-    steps: int = 1600
-    batch_size: int = 32
-    lr: float = 1e-3
-    warmup_steps: int = 100
-    weight_decay: float = 1e-2
-    ema_decay: float = 0.999
-    caption_dropout: float = 0.1
-    checkpoint_every: int = 100
-    log_every: int = 10
-    eval_every: int = 500
-    eval_prompts: int = 16
-    final_eval_prompts: int = 40
-    sample_steps: int = 20
-    guidance_scale: float = 3.0
 
     def __post_init__(self) -> None:
         _check_recipe("audio_generator", self)
@@ -1349,7 +1338,7 @@ def _train_parallel(order: list[str], out: Path, cfg: ToyworldTrainConfig, contr
     return [results[p] for p in order if p in results]
 
 
-__all__ = ["EMA", "ImageGeneratorPhase", "JsonlLog", "OUTPUTS", "PHASES", "PRESETS", "PhaseResult", "REQUIRES",
+__all__ = ["AudioGeneratorPhase", "DiffusionRecipe", "EMA", "ImageGeneratorPhase", "JsonlLog", "OUTPUTS", "PHASES", "PRESETS", "PhaseResult", "REQUIRES",
            "RunControl", "TokenizerPhase", "ToyworldTrainConfig", "atomic_dir", "atomic_save", "build_tokenizer",
            "check_requirements", "cosine_lr", "evaluate_image_generator", "evaluate_image_pipeline", "load_tokenizer",
            "run_phase", "score_images", "train", "train_loop", "world_texts"]

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from ..modality import Modality
 from . import checkers, world
-from .train import (EMA, JsonlLog, RunControl, _check_recipe, _default_vae, _images_to_tensor, _latents,
+from .train import (EMA, DiffusionRecipe, JsonlLog, RunControl, _check_recipe, _default_vae, _images_to_tensor, _latents,
                     _near_deterministic_posterior, _noise_scheduler, _tokens, _train_denoiser, _train_vae, atomic_dir,
                     load_tokenizer)
 
@@ -74,44 +74,22 @@ def _default_video_text_encoder() -> dict[str, Any]:
 
 
 @dataclass
-class VideoGeneratorPhase:
+class VideoGeneratorPhase(DiffusionRecipe):
     """The tiny text-to-video model (Zeroscope's layout): architecture and training recipe."""
 
-    seed: int = 0
     bank_size: int = 2048  # videos rendered once (8 frames each)
+    prompt_length: int = 16
+    batch_size: int = 16
     vae_from: str = "image-generator"  # "image-generator": reuse <out>/image-generator/vae; "train": train `vae`
-    vae: dict[str, Any] = field(default_factory=_default_video_vae)
+    vae: dict[str, Any] = field(default_factory=_default_video_vae)  # only with vae_from="train"
     unet: dict[str, Any] = field(default_factory=_default_video_unet)
     text_encoder: dict[str, Any] = field(default_factory=_default_video_text_encoder)
-    prompt_length: int = 16  # tokens the pipeline pads prompts to (<= text_encoder.max_position_embeddings)
     # Weight of an auxiliary loss: a linear head on the text encoder's mean-pooled hidden states
     # (what the UNet attends to) predicts the caption's colour, shape and direction. Without it
     # the from-scratch text tower gave one embedding for all four directions (cosine 0.999 after
     # 1,200 steps) and the videos moved in random directions; the audio phase met the same
     # collapse. A stand-in for a pre-trained text encoder; 0 turns it off.
     text_aux_weight: float = 0.1
-    # VAE (only with vae_from="train"): the image recipe on frames
-    vae_steps: int = 1000
-    vae_batch_size: int = 32
-    vae_crop: int = 32
-    vae_lr: float = 1e-3
-    kl_weight: float = 1e-6
-    # UNet + text encoder
-    steps: int = 2000
-    batch_size: int = 16
-    lr: float = 1e-3
-    warmup_steps: int = 100
-    weight_decay: float = 1e-2
-    ema_decay: float = 0.999
-    caption_dropout: float = 0.1
-    # bookkeeping
-    checkpoint_every: int = 100
-    log_every: int = 10
-    eval_every: int = 500  # 0: evaluate only at the end
-    eval_prompts: int = 16
-    final_eval_prompts: int = 40
-    sample_steps: int = 20
-    guidance_scale: float = 3.0
 
     def __post_init__(self) -> None:
         _check_recipe("video_generator", self)
