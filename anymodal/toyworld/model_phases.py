@@ -61,7 +61,8 @@ from ..config import (AnyModalConfig, EncoderConfig, GeneratorConfig, InputProje
 from ..modality import MEDIA_MODALITIES, Modality
 from ..utils import atomic_write_text
 from . import world
-from .train import JsonlLog, RunControl, Stop, atomic_dir, atomic_save, cosine_lr, load_tokenizer, train_loop
+from .train import (JsonlLog, RunControl, Stop, atomic_dir, atomic_save, check_same_config, cosine_lr, load_tokenizer,
+                    train_loop)
 
 MODEL_PHASES: tuple[str, ...] = ("manifests", "encoder", "llm", "stages")
 SHIP_LIMIT_BYTES = 25_000_000  # the issue's 25 MB, decimal
@@ -233,19 +234,6 @@ class ModelPhasesConfig:
 
 def _params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
-
-
-def _check_settings(path: Path, settings: dict[str, Any], what: str) -> None:
-    """Record a phase's settings at its first start; resuming with other settings is refused."""
-    settings = json.loads(json.dumps(settings))
-    if not path.exists():
-        atomic_write_text(path, json.dumps(settings, indent=2) + "\n")
-        return
-    saved = json.loads(path.read_text())
-    changed = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
-    if changed:
-        raise ValueError(f"{what}: the unfinished run in {path.parent} was started with other settings "
-                         f"({', '.join(changed)} differ); resume with the same settings or delete {path.parent}")
 
 
 # ============================================================================ 1. manifests
@@ -529,7 +517,7 @@ def train_encoder(out: Path, cfg: EncoderPhase, log: JsonlLog, control: RunContr
     out = Path(out)
     state_dir = out / "state" / "encoder"
     state_dir.mkdir(parents=True, exist_ok=True)
-    _check_settings(state_dir / "config.json", asdict(cfg), "encoder")
+    check_same_config(state_dir / "config.json", asdict(cfg), "encoder")
     opts = ImageBindOptions.from_dict(cfg.options)
     modalities = [Modality.IMAGE, Modality.AUDIO, Modality.VIDEO]
     with torch.random.fork_rng(devices=[]):
@@ -887,7 +875,7 @@ def train_llm(out: Path, cfg: LLMPhase, log: JsonlLog, control: RunControl) -> P
         raise ValueError(f"llm: no trained encoder in {out / 'encoder'}; the LLM is pretrained reading its "
                          "features, so run the encoder phase (train_encoder) first")
     state_dir.mkdir(parents=True, exist_ok=True)
-    _check_settings(state_dir / "config.json", asdict(cfg), "llm")
+    check_same_config(state_dir / "config.json", asdict(cfg), "llm")
     tok, proc = llm_tokenizer(out)
     lm = _build_llm(cfg, tok)
     model = _media_model(out, cfg, lm, proc)

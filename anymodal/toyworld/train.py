@@ -649,6 +649,43 @@ def _images_to_tensor(data: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(data).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
+def text_config_kwargs(tokenizer: Any, overrides: dict[str, Any]) -> dict[str, Any]:
+    """A text encoder config's kwargs: vocabulary size and special ids from the word-level tokenizer,
+    then the phase's ``overrides`` (sizes)."""
+    return {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id, **overrides}
+
+
+def eval_with_ema(models: dict[str, torch.nn.Module], ema: EMA, assemble: Callable[[dict[str, torch.nn.Module]], Any],
+                  evaluate_pipeline: Callable[..., dict[str, Any]], cfg: Any, n: int) -> dict[str, Any]:
+    """Evaluate the EMA weights of ``unet`` and ``text_encoder`` on copies (the training weights stay
+    untouched): ``evaluate_pipeline(assemble(copies), n, seed, steps, guidance)``."""
+    copies = {k: copy.deepcopy(m).eval() for k, m in models.items()}
+    ema.copy_to([copies["unet"], copies["text_encoder"]])
+    return evaluate_pipeline(assemble(copies), n, cfg.seed + 1000, cfg.sample_steps, cfg.guidance_scale)
+
+
+def caption_aux_loss(specs: Sequence[world.Spec], fields_: Sequence[tuple[str, Sequence[str]]], dim: int, cfg: Any,
+                     features: Callable[[torch.Tensor], torch.Tensor]
+                     ) -> tuple[torch.nn.Module | None, Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None]:
+    """The auxiliary text loss of the generator phases (``cfg.text_aux_weight``; ``(None, None)`` at 0):
+    a training-only linear head on ``features(tokens)`` (``dim`` wide) predicts each caption's
+    ``fields_`` (name, values), so that a from-scratch text encoder keeps them apart."""
+    if cfg.text_aux_weight <= 0:
+        return None, None
+    labels = torch.tensor([[values.index(getattr(sp, name)) for name, values in fields_] for sp in specs])
+    sizes = [len(values) for _, values in fields_]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed + 4)
+        head = torch.nn.Linear(dim, sum(sizes))
+
+    def loss(tokens: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        logits = torch.split(head(features(tokens)), sizes, dim=-1)
+        return cfg.text_aux_weight * sum(F.cross_entropy(z, labels[idx, k]) for k, z in enumerate(logits))
+
+    return head, loss
+
+
 def _build_image_models(cfg: ImageGeneratorPhase, tokenizer: Any) -> dict[str, torch.nn.Module]:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -658,10 +695,7 @@ def _build_image_models(cfg: ImageGeneratorPhase, tokenizer: Any) -> dict[str, t
         vae = AutoencoderKL(**cfg.vae)
         _near_deterministic_posterior(vae)
         unet = UNet2DConditionModel(**cfg.unet)
-        text_config = CLIPTextConfig(**{"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
-                                        "eos_token_id": tokenizer.eos_token_id,
-                                        "pad_token_id": tokenizer.pad_token_id, **cfg.text_encoder})
-        text_encoder = CLIPTextModel(text_config)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**text_config_kwargs(tokenizer, cfg.text_encoder)))
     return {"vae": vae, "unet": unet, "text_encoder": text_encoder}
 
 
@@ -879,22 +913,14 @@ def train_image_generator(out: Path, cfg: ImageGeneratorPhase, log: JsonlLog, co
         return {"encoder_hidden_states": text_encoder(tokens)[0]}  # what StableDiffusionPipeline.encode_prompt does
 
     def evaluate(ema: EMA, n: int) -> dict[str, Any]:
-        return _eval_with_ema(models, ema, tokenizer, cfg, n)
+        return eval_with_ema(models, ema, lambda m: _assemble_pipeline(m, tokenizer, cfg), evaluate_image_pipeline,
+                             cfg, n)
 
     ema = _train_denoiser(unet, text_encoder, condition, latents, ids, empty, cfg, state_dir / "unet.ckpt", log,
                           control, evaluate)
     ema.copy_to([unet, text_encoder])  # save the EMA weights
     pipe = _assemble_pipeline(models, tokenizer, cfg)
     return atomic_dir(out / "image-generator", lambda d: pipe.save_pretrained(str(d), safe_serialization=True))
-
-
-def _eval_with_ema(models: dict[str, torch.nn.Module], ema: EMA, tokenizer: Any, cfg: ImageGeneratorPhase,
-                   n: int) -> dict[str, Any]:
-    """Evaluate the EMA weights on copies, leaving the training weights untouched."""
-    copies = {k: copy.deepcopy(m).eval() for k, m in models.items()}
-    ema.copy_to([copies["unet"], copies["text_encoder"]])
-    pipe = _assemble_pipeline(copies, tokenizer, cfg)
-    return evaluate_image_pipeline(pipe, n, cfg.seed + 1000, cfg.sample_steps, cfg.guidance_scale)
 
 
 def _vae_reconstruction_scores(vae: Any, bank: world.Bank, n: int = 200) -> dict[str, float]:
@@ -932,10 +958,7 @@ def _build_audio_models(cfg: AudioGeneratorPhase, tokenizer: Any) -> dict[str, t
         vae = AutoencoderKL(**cfg.vae)
         _near_deterministic_posterior(vae)
         unet = UNet2DConditionModel(**cfg.unet)
-        text_config = ClapTextConfig(**{"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
-                                        "eos_token_id": tokenizer.eos_token_id,
-                                        "pad_token_id": tokenizer.pad_token_id, **cfg.text_encoder})
-        text_encoder = ClapTextModelWithProjection(text_config)
+        text_encoder = ClapTextModelWithProjection(ClapTextConfig(**text_config_kwargs(tokenizer, cfg.text_encoder)))
         vocoder = GriffinLimVocoder(**cfg.vocoder)
     return {"vae": vae, "unet": unet, "text_encoder": text_encoder, "vocoder": vocoder}
 
@@ -1054,24 +1077,15 @@ def train_audio_generator(out: Path, cfg: AudioGeneratorPhase, log: JsonlLog, co
         return {"encoder_hidden_states": None, "class_labels": F.normalize(embeds, dim=-1)}
 
     def evaluate(ema: EMA, n: int) -> dict[str, Any]:
-        copies = {k: copy.deepcopy(m).eval() for k, m in models.items()}
-        ema.copy_to([copies["unet"], copies["text_encoder"]])
-        pipe = _assemble_audio_pipeline(copies, tokenizer, cfg)
-        return evaluate_audio_pipeline(pipe, n, cfg.seed + 1000, cfg.sample_steps, cfg.guidance_scale)
+        return eval_with_ema(models, ema, lambda m: _assemble_audio_pipeline(m, tokenizer, cfg),
+                             evaluate_audio_pipeline, cfg, n)
 
-    aux_head, aux_loss = None, None
-    if cfg.text_aux_weight > 0:
-        fields_ = (("note", tuple(world.NOTES)), ("waveform", world.WAVEFORMS), ("duration", tuple(world.DURATIONS)))
-        labels = torch.tensor([[values.index(getattr(sp, name)) for name, values in fields_] for sp in bank.specs])
-        sizes = [len(values) for _, values in fields_]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed + 4)
-            aux_head = torch.nn.Linear(text_encoder.config.projection_dim, sum(sizes))
+    def pooled(tokens: torch.Tensor) -> torch.Tensor:  # the unit class embedding, rescaled to unit variance
+        embeds = condition(tokens)["class_labels"]
+        return embeds * embeds.shape[-1] ** 0.5
 
-        def aux_loss(tokens: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-            embeds = condition(tokens)["class_labels"]
-            logits = torch.split(aux_head(embeds * embeds.shape[-1] ** 0.5), sizes, dim=-1)
-            return cfg.text_aux_weight * sum(F.cross_entropy(z, labels[idx, k]) for k, z in enumerate(logits))
+    fields_ = (("note", tuple(world.NOTES)), ("waveform", world.WAVEFORMS), ("duration", tuple(world.DURATIONS)))
+    aux_head, aux_loss = caption_aux_loss(bank.specs, fields_, text_encoder.config.projection_dim, cfg, pooled)
 
     ema = _train_denoiser(unet, text_encoder, condition, latents, ids, empty, cfg, state_dir / "unet.ckpt", log,
                           control, evaluate, aux_head, aux_loss)
@@ -1165,7 +1179,7 @@ def _run_model_phase(phase: str, out: Path, cfg: ToyworldTrainConfig, log: Jsonl
     return path, (json.loads(written.read_text()) if written.exists() else None)
 
 
-def _check_same_config(path: Path, current: dict[str, Any], phase: str) -> None:
+def check_same_config(path: Path, current: dict[str, Any], phase: str) -> None:
     """Record a phase's settings at its first start; a resumed run must use the same ones."""
     current = json.loads(json.dumps(current))  # tuples -> lists, as stored
     if not path.exists():
@@ -1175,7 +1189,8 @@ def _check_same_config(path: Path, current: dict[str, Any], phase: str) -> None:
     changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
     if changed:
         raise ValueError(f"{phase}: the unfinished run in {path.parent} was started with other settings "
-                         f"({', '.join(changed)} differ); resume with the same preset and --set overrides")
+                         f"({', '.join(changed)} differ); resume with the same preset and --set overrides, "
+                         f"or delete {path.parent}")
 
 
 def run_phase(phase: str, out: Path, cfg: ToyworldTrainConfig, control: RunControl, results_dir: Path | None,
@@ -1193,7 +1208,7 @@ def run_phase(phase: str, out: Path, cfg: ToyworldTrainConfig, control: RunContr
     if state_dir.exists() and any(state_dir.iterdir()) and not resume:
         raise ValueError(f"{state_dir} holds an unfinished run; pass --resume to continue it, or choose another --out")
     state_dir.mkdir(parents=True, exist_ok=True)
-    _check_same_config(state_dir / "config.json", _phase_settings(cfg, phase), phase)
+    check_same_config(state_dir / "config.json", _phase_settings(cfg, phase), phase)
     log = JsonlLog(out / "logs" / f"{phase}.jsonl")
     t0 = time.time()
     phase_cfg: Any
@@ -1338,7 +1353,8 @@ def _train_parallel(order: list[str], out: Path, cfg: ToyworldTrainConfig, contr
     return [results[p] for p in order if p in results]
 
 
-__all__ = ["AudioGeneratorPhase", "DiffusionRecipe", "EMA", "ImageGeneratorPhase", "JsonlLog", "OUTPUTS", "PHASES", "PRESETS", "PhaseResult", "REQUIRES",
+__all__ = ["AudioGeneratorPhase", "DiffusionRecipe", "EMA", "caption_aux_loss", "check_same_config",
+           "eval_with_ema", "text_config_kwargs", "ImageGeneratorPhase", "JsonlLog", "OUTPUTS", "PHASES", "PRESETS", "PhaseResult", "REQUIRES",
            "RunControl", "TokenizerPhase", "ToyworldTrainConfig", "atomic_dir", "atomic_save", "build_tokenizer",
            "check_requirements", "cosine_lr", "evaluate_image_generator", "evaluate_image_pipeline", "load_tokenizer",
            "run_phase", "score_images", "train", "train_loop", "world_texts"]

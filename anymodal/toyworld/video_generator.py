@@ -35,13 +35,12 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..modality import Modality
 from . import checkers, world
 from .train import (EMA, DiffusionRecipe, JsonlLog, RunControl, _check_recipe, _default_vae, _images_to_tensor, _latents,
                     _near_deterministic_posterior, _noise_scheduler, _tokens, _train_denoiser, _train_vae, atomic_dir,
-                    load_tokenizer)
+                    caption_aux_loss, eval_with_ema, load_tokenizer, text_config_kwargs)
 
 PHASE = "video-generator"
 VAE_SOURCES: tuple[str, ...] = ("image-generator", "train")
@@ -145,10 +144,7 @@ def _build_video_models(cfg: VideoGeneratorPhase, tokenizer: Any, vae_dir: Path 
         for m in unet.modules():
             if isinstance(m, torch.nn.Dropout):
                 m.p = 0.0
-        text_config = CLIPTextConfig(**{"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
-                                        "eos_token_id": tokenizer.eos_token_id,
-                                        "pad_token_id": tokenizer.pad_token_id, **cfg.text_encoder})
-        text_encoder = CLIPTextModel(text_config)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**text_config_kwargs(tokenizer, cfg.text_encoder)))
     return {"vae": vae, "unet": unet, "text_encoder": text_encoder}
 
 
@@ -291,26 +287,18 @@ def train_video_generator(out: Path, cfg: VideoGeneratorPhase, log: JsonlLog, co
         return {"encoder_hidden_states": text_encoder(tokens)[0]}  # what TextToVideoSDPipeline.encode_prompt does
 
     def evaluate(ema: EMA, n_prompts: int) -> dict[str, Any]:
-        copies = {k: copy.deepcopy(m).eval() for k, m in models.items()}
-        ema.copy_to([copies["unet"], copies["text_encoder"]])
-        pipe = _assemble_video_pipeline(copies, tokenizer, cfg)
-        return evaluate_video_pipeline(pipe, n_prompts, cfg.seed + 1000, cfg.sample_steps, cfg.guidance_scale)
+        return eval_with_ema(models, ema, lambda m: _assemble_video_pipeline(m, tokenizer, cfg),
+                             evaluate_video_pipeline, cfg, n_prompts)
 
-    aux_head, aux_loss = None, None
-    if cfg.text_aux_weight > 0:
-        names = (("colour", tuple(world.COLOURS)), ("shape", world.SHAPES), ("direction", tuple(world.DIRECTIONS)))
-        labels = torch.tensor([[values.index(getattr(sp, name)) for name, values in names] for sp in bank.specs])
-        sizes = [len(values) for _, values in names]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed + 4)
-            aux_head = torch.nn.Linear(text_encoder.config.hidden_size, sum(sizes))
-        pad = tokenizer.pad_token_id
+    pad = tokenizer.pad_token_id
 
-        def aux_loss(tokens: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-            hidden = condition(tokens)["encoder_hidden_states"]
-            mask = (tokens != pad).unsqueeze(-1).to(hidden.dtype)
-            logits = torch.split(aux_head((hidden * mask).sum(1) / mask.sum(1)), sizes, dim=-1)
-            return cfg.text_aux_weight * sum(F.cross_entropy(z, labels[idx, k]) for k, z in enumerate(logits))
+    def pooled(tokens: torch.Tensor) -> torch.Tensor:  # mean of the states the UNet attends to, padding left out
+        hidden = condition(tokens)["encoder_hidden_states"]
+        mask = (tokens != pad).unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1)
+
+    names = (("colour", tuple(world.COLOURS)), ("shape", world.SHAPES), ("direction", tuple(world.DIRECTIONS)))
+    aux_head, aux_loss = caption_aux_loss(bank.specs, names, text_encoder.config.hidden_size, cfg, pooled)
 
     ema = _train_denoiser(unet, text_encoder, condition, latents, ids, empty, cfg, state_dir / "unet.ckpt", log,
                           control, evaluate, aux_head, aux_loss)
