@@ -526,7 +526,11 @@ def train_loop(*, stage: str, total: int, ckpt: Path, modules: dict[str, torch.n
 
     Checkpoints hold the modules, optimiser, EMA, RNG state and step, and are written every
     ``checkpoint_every`` steps, at the end, and before stopping early (raising :class:`Stop`).
+    Each step runs with torch's global generator seeded from ``gen``'s seed and the step (and
+    restored afterwards), so modules that draw from it (dropout in a text encoder) are reproducible
+    and resume bit for bit too.
     """
+    base_seed = gen.initial_seed()  # the caller's seed, read before a checkpoint's state replaces it
 
     def save(step: int) -> None:
         atomic_save({"step": step, "modules": {k: m.state_dict() for k, m in modules.items()},
@@ -558,7 +562,9 @@ def train_loop(*, stage: str, total: int, ckpt: Path, modules: dict[str, torch.n
             lr = lr_fn(step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss = step_fn(step)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed((base_seed * 1_000_003 + step) % 2**63)
+                loss = step_fn(step)
             if ema is not None:
                 ema.update(step)
             done = step + 1
