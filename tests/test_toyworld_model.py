@@ -230,3 +230,11 @@ def test_stages_resume_load_answer_evaluate_and_ship(trained: Path, tmp_path: Pa
     again = AnyModalPipeline.from_pretrained(shipped)
     a, b = again("draw a red circle", seed=0, progress=False), pipe("draw a red circle", seed=0, progress=False)
     assert a.token_ids == b.token_ids
+
+
+def test_stage2_denoising_weight_reaches_stage2_only():
+    st = MP.StagesPhase(stage2_denoise_weight=0.5)
+    two = MP.stage_training_config(2, st, progress=False)
+    assert (two.denoise_weight, two.denoise_modalities) == (0.5, ["image", "video"])
+    assert all(MP.stage_training_config(s, st, progress=False).denoise_weight == 0 for s in (1, 3))
+    assert MP.stage_training_config(2, MP.StagesPhase(), progress=False).denoise_modalities is None

@@ -394,6 +394,53 @@ def test_stage2_denoising_loss_through_the_frozen_unet(data_dir, tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_stage2_denoising_loss_through_the_frozen_video_unet(data_dir, tmp_path):
+    """Video clips are encoded frame by frame into (B, C, F, h, w) latents for the UNet3D; only the
+    output projector trains, and its gradient comes through the frozen UNet."""
+    _write_rows(tmp_path / "videos.jsonl", [json.loads(line) for line in
+                                            (data_dir / "all_inputs.jsonl").read_text().splitlines()][-2:])
+    (tmp_path / "vid").symlink_to(data_dir / "vid")
+    before = _fresh().generators[Modality.VIDEO].pipeline.unet.state_dict()
+    result = train(TINY, tmp_path / "videos.jsonl", tmp_path / "dn", TRAINING / "tiny.yaml", stage=2, max_steps=2,
+                   batch_size=2, align_weight=0.0, denoise_weight=1.0, trainable=["output_projectors.video"], **FAST)
+    metrics = [json.loads(line) for line in (tmp_path / "dn" / "metrics.jsonl").read_text().splitlines()]
+    assert [sorted(k for k in m if "/" in k and np.isfinite(m[k])) for m in metrics] == [["denoise/video"]] * 2
+    assert metrics[0]["loss"] == pytest.approx(metrics[0]["ce"] + metrics[0]["denoise/video"], rel=1e-5)
+    after = result.pipeline.generators[Modality.VIDEO].pipeline.unet.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    fresh = _fresh().model.output_projectors["video"].state_dict()
+    trained = result.pipeline.model.output_projectors["video"].state_dict()
+    assert any(not torch.equal(fresh[k], trained[k]) for k in fresh)
+
+
+def test_video_for_vae_samples_frames_in_unit_range(data_dir):
+    from anymodal.training.losses import VideoForVAE
+
+    clip = VideoForVAE(num_frames=4, height=16, width=24)(data_dir / "vid" / "red.gif")
+    assert clip.shape == (3, 4, 16, 24)
+    assert float(clip.min()) >= -1.0 and float(clip.max()) <= 1.0
+    red = clip[0].mean(dim=(1, 2))
+    assert bool((red[1:] > red[:-1]).all())  # the fade-in, in order
+
+
+def test_denoise_modalities_pick_outputs_and_name_what_is_wrong(data_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"denoise_modalities: \['audio'\] not supported"):
+        TrainingConfig(stage=2, denoise_weight=1.0, denoise_modalities=["audio"])
+    with pytest.raises(ValueError, match="at least one modality"):
+        TrainingConfig(stage=2, denoise_weight=1.0, denoise_modalities=[])
+    with pytest.raises(ValueError, match="uses 'audioldm'.*denoise_modalities"):
+        train(TINY, data_dir / "captions.jsonl", tmp_path / "all", TRAINING / "tiny.yaml", stage=2, max_steps=1,
+              batch_size=4, denoise_weight=1.0, **FAST)
+    with pytest.raises(ValueError, match="names video, but the data generates only audio, image"):
+        train(TINY, data_dir / "captions.jsonl", tmp_path / "v", TRAINING / "tiny.yaml", stage=2, max_steps=1,
+              batch_size=4, denoise_weight=1.0, denoise_modalities=["video"], **FAST)
+    train(TINY, data_dir / "captions.jsonl", tmp_path / "img", TRAINING / "tiny.yaml", stage=2, max_steps=2,
+          batch_size=4, denoise_weight=1.0, denoise_modalities=["image"], **FAST)
+    metrics = [json.loads(line) for line in (tmp_path / "img" / "metrics.jsonl").read_text().splitlines()]
+    assert any(np.isfinite(m.get("denoise/image", float("nan"))) for m in metrics)
+    assert not any(np.isfinite(m.get("denoise/audio", float("nan"))) for m in metrics)
+
+
 def test_stage3_lora_trains_and_merge_lora_matches(data_dir, tmp_path):
     from anymodal.cli import main
     from anymodal.pipeline import AnyModalPipeline

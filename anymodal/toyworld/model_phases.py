@@ -187,6 +187,9 @@ class StagesPhase:
     # start stage 1 from the input projectors the llm phase trained with the LLM (out/llm/input_projectors)
     carry_input_projectors: bool = True
     output_layers: int = 1  # two layers of width 128 cost 2.2 MB per projector (the ship limit is tight)
+    # > 0: stage 2 adds the frozen generators' denoising loss for these outputs (training.denoise_*)
+    stage2_denoise_weight: float = 0.0
+    denoise_modalities: tuple[str, ...] = ("image", "video")
     max_new_tokens: int = 40
     eval_prompts: int = 20  # per direction, for anymodal eval on out/final once the stages are done
     image_settings: dict[str, Any] = field(default_factory=lambda: {"num_inference_steps": 20, "guidance_scale": 3.0})
@@ -986,7 +989,10 @@ def stage_training_config(stage: int, cfg: StagesPhase, progress: bool = True) -
     from ..training import TrainingConfig
 
     steps = (cfg.stage1_steps, cfg.stage2_steps, cfg.stage3_steps)[stage - 1]
+    denoise = cfg.stage2_denoise_weight if stage == 2 else 0.0
     return TrainingConfig(stage=stage, seed=cfg.seed, batch_size=cfg.batch_size, learning_rate=cfg.lr[stage - 1],
+                          denoise_weight=denoise,
+                          denoise_modalities=list(cfg.denoise_modalities) if denoise > 0 else None,
                           lr_scheduler="cosine", warmup_steps=min(cfg.warmup_steps, steps // 5), max_steps=steps,
                           max_bad_fraction=0.01, caption_prompt=CAPTION_PROMPT, generation_prompt=GENERATION_PROMPT,
                           generation_response=GENERATION_RESPONSE, save_every=cfg.save_every, keep_checkpoints=1,

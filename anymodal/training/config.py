@@ -93,7 +93,8 @@ class TrainingConfig:
     # losses
     ce_weight: float = 1.0
     align_weight: float = 1.0  # per-token L2 distance to the generator's own text conditioning
-    denoise_weight: float = 0.0  # > 0: add the frozen generator's denoising loss (image generators)
+    denoise_weight: float = 0.0  # > 0: add the frozen generators' denoising loss (image and video generators)
+    denoise_modalities: list[str] | None = None  # which outputs get it; None: every output modality in the data
     target_cache: str | None = None  # directory for cached alignment targets; None: <out>/target_cache
     # bookkeeping
     save_every: int = 500  # steps between checkpoints (0: only at the end)
@@ -142,6 +143,14 @@ class TrainingConfig:
             raise ValueError(f"training.max_bad_fraction must be in [0, 1], got {self.max_bad_fraction!r}")
         for name in ("ce_weight", "align_weight", "denoise_weight"):
             _non_negative(name, getattr(self, name))
+        if self.denoise_modalities is not None:
+            if not self.denoise_modalities:
+                raise ValueError("training.denoise_modalities must name at least one modality, or be null (all)")
+            allowed = ("image", "video")
+            bad = [m for m in self.denoise_modalities if m not in allowed]
+            if bad:
+                raise ValueError(f"training.denoise_modalities: {bad} not supported; the denoising loss "
+                                 f"runs through {' and '.join(allowed)} generators")
         if self.ce_weight == self.align_weight == self.denoise_weight == 0:
             raise ValueError("training: ce_weight, align_weight and denoise_weight are all 0; nothing would train")
         if "{signal}" not in self.generation_response:

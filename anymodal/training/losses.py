@@ -1,6 +1,6 @@
 """Losses of the three stages: captioning / instruction cross-entropy, the per-token L2 alignment of
 projected signal tokens with a generator's own text conditioning, and an optional denoising loss
-through a frozen generator."""
+through a frozen image or video generator."""
 
 from __future__ import annotations
 
@@ -38,7 +38,8 @@ def signal_hidden_states(hidden: torch.Tensor, input_ids: torch.Tensor, block_id
 class ImageDenoiser(nn.Module):
     """The noise-prediction loss of a frozen latent-diffusion UNet conditioned on projected signal tokens.
 
-    Only the conditioning carries gradients; the VAE encodes target images without them.
+    Only the conditioning carries gradients; the VAE encodes target images ``(B, 3, H, W)`` in
+    [-1, 1] without them.
     """
 
     def __init__(self, unet: nn.Module, vae: nn.Module, scheduler: Any, key: str = "prompt_embeds"):
@@ -56,10 +57,14 @@ class ImageDenoiser(nn.Module):
         scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
         return int(self.unet.config.sample_size) * scale
 
-    def forward(self, conditioning: dict[str, torch.Tensor], pixels: torch.Tensor) -> torch.Tensor:
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Target media -> scaled VAE latents (no gradients)."""
         with torch.no_grad():
             latents = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.sample()
-            latents = latents * self.vae.config.scaling_factor
+        return latents * self.vae.config.scaling_factor
+
+    def forward(self, conditioning: dict[str, torch.Tensor], pixels: torch.Tensor) -> torch.Tensor:
+        latents = self.encode(pixels)
         noise = torch.randn_like(latents)
         steps = self.scheduler.config.num_train_timesteps
         t = torch.randint(0, steps, (latents.shape[0],), device=latents.device)
@@ -73,6 +78,36 @@ class ImageDenoiser(nn.Module):
         return F.mse_loss(pred.float(), target.float())
 
 
+class VideoDenoiser(ImageDenoiser):
+    """:class:`ImageDenoiser` for video UNets (``UNet3DConditionModel``, AnimateDiff's motion UNet):
+    target clips ``(B, 3, F, H, W)`` in [-1, 1] are encoded frame by frame, as the text-to-video
+    pipelines decode them, into latents ``(B, C, F, h, w)``."""
+
+    def encode(self, clips: torch.Tensor) -> torch.Tensor:
+        b, c, f, h, w = clips.shape
+        frames = clips.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
+        latents = super().encode(frames)
+        return latents.reshape(b, f, *latents.shape[1:]).permute(0, 2, 1, 3, 4)
+
+
+def _fit(im: Any, height: int, width: int) -> Any:
+    """Scale the shortest side to cover ``height x width`` (bicubic), then centre-crop."""
+    from PIL import Image
+
+    w, h = im.size
+    s = max(width / w, height / h)
+    im = im.resize((max(width, round(w * s)), max(height, round(h * s))), Image.BICUBIC)
+    left, top = (im.width - width) // 2, (im.height - height) // 2
+    return im.crop((left, top, left + width, top + height))
+
+
+def _to_unit_range(im: Any) -> torch.Tensor:
+    import numpy as np
+
+    arr = torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 127.5 - 1.0)
+    return arr.permute(2, 0, 1).contiguous()
+
+
 class ImageForVAE:
     """Load an image file for the VAE: RGB, resized and centre-cropped to ``size``, scaled to [-1, 1].
 
@@ -83,7 +118,6 @@ class ImageForVAE:
         self.size = size
 
     def __call__(self, path: Any) -> torch.Tensor:
-        import numpy as np
         from PIL import Image
 
         from anymodal.media import MediaError
@@ -93,13 +127,22 @@ class ImageForVAE:
                 im = im.convert("RGB")
         except (OSError, ValueError) as e:
             raise MediaError(f"cannot read image '{path}': {e}") from None
-        w, h = im.size
-        s = self.size / min(w, h)
-        im = im.resize((max(self.size, round(w * s)), max(self.size, round(h * s))), Image.BICUBIC)
-        left, top = (im.width - self.size) // 2, (im.height - self.size) // 2
-        im = im.crop((left, top, left + self.size, top + self.size))
-        arr = torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1.0)
-        return arr.permute(2, 0, 1).contiguous()
+        return _to_unit_range(_fit(im, self.size, self.size))
+
+
+class VideoForVAE:
+    """Load a video file for a per-frame VAE: ``num_frames`` frames sampled evenly (as the encoders
+    sample them), each resized and centre-cropped to ``height x width``, as ``(3, F, H, W)`` in [-1, 1].
+    Picklable, like :class:`ImageForVAE`."""
+
+    def __init__(self, num_frames: int, height: int, width: int):
+        self.num_frames, self.height, self.width = num_frames, height, width
+
+    def __call__(self, path: Any) -> torch.Tensor:
+        from anymodal.encoders.preprocess import load_video_frames
+
+        frames = load_video_frames(path, self.num_frames)
+        return torch.stack([_to_unit_range(_fit(f, self.height, self.width)) for f in frames], dim=1)
 
 
 def modality_losses(cond: dict[str, torch.Tensor], targets: dict[str, torch.Tensor] | None,
@@ -110,4 +153,5 @@ def modality_losses(cond: dict[str, torch.Tensor], targets: dict[str, torch.Tens
     return sum(l2_alignment(cond[k], targets[k].to(cond[k].device), mask) for k in targets)
 
 
-__all__ = ["l2_alignment", "signal_hidden_states", "ImageDenoiser", "ImageForVAE", "modality_losses"]
+__all__ = ["l2_alignment", "signal_hidden_states", "ImageDenoiser", "VideoDenoiser", "ImageForVAE", "VideoForVAE",
+           "modality_losses"]

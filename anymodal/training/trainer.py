@@ -32,7 +32,7 @@ from anymodal.utils import atomic_write_text
 from .config import TrainingConfig
 from .data import (Collator, DialogueRecord, ManifestDataset, MediaRef, SampleBuilder, TargetCache,
                    generator_identity, load_manifest, requirements)
-from .losses import ImageDenoiser, ImageForVAE
+from .losses import ImageDenoiser, ImageForVAE, VideoDenoiser, VideoForVAE
 from .stages import setup_stage
 
 logger = logging.getLogger(__name__)
@@ -421,19 +421,34 @@ def _fill_target_cache(accelerator: Any, pipe: Any, captions: dict[Modality, lis
 
 def _denoisers(pipe: Any, tcfg: TrainingConfig, modalities: set[Modality]
                ) -> tuple[dict[Modality, ImageDenoiser], dict[Modality, Callable]]:
+    """The frozen generators' denoising losses, and the loaders of their target media, for the output
+    modalities in the data (or those ``denoise_modalities`` names)."""
     if tcfg.denoise_weight <= 0:
         return {}, {}
     if not modalities:
         raise ValueError("training.denoise_weight > 0, but the data has no media to generate")
+    chosen = modalities if tcfg.denoise_modalities is None else {Modality(m) for m in tcfg.denoise_modalities}
+    missing = chosen - modalities
+    if missing:
+        raise ValueError(f"training.denoise_modalities names {', '.join(sorted(m.value for m in missing))}, "
+                         f"but the data generates only {', '.join(sorted(m.value for m in modalities))}")
     denoisers, fns = {}, {}
-    for m in modalities:
+    for m in sorted(chosen, key=lambda x: x.value):
         gen = pipe.generators[m]
         dpipe = gen.pipeline
-        if m is not Modality.IMAGE or not all(hasattr(dpipe, a) for a in ("unet", "vae", "scheduler")):
-            raise ValueError(f"training.denoise_weight: the denoising loss supports image generators with a UNet "
-                             f"and a VAE; {m.value} uses {gen.config.type!r} (set denoise_weight to 0)")
-        d = ImageDenoiser(dpipe.unet, dpipe.vae, dpipe.scheduler)
-        denoisers[m], fns[m] = d, ImageForVAE(d.image_size)
+        latent = all(hasattr(dpipe, a) for a in ("unet", "vae", "scheduler"))
+        if m is Modality.IMAGE and latent:
+            d = ImageDenoiser(dpipe.unet, dpipe.vae, dpipe.scheduler)
+            denoisers[m], fns[m] = d, ImageForVAE(d.image_size)
+        elif m is Modality.VIDEO and latent:
+            settings = gen.make_settings()  # what it generates; no size set: the pipeline's default
+            d = VideoDenoiser(dpipe.unet, dpipe.vae, dpipe.scheduler)
+            denoisers[m], fns[m] = d, VideoForVAE(settings.num_frames, settings.height or d.image_size,
+                                                  settings.width or d.image_size)
+        else:
+            raise ValueError(f"training.denoise_weight: the denoising loss supports image and video generators "
+                             f"with a UNet and a VAE; {m.value} uses {gen.config.type!r} (list the modalities "
+                             f"to denoise in training.denoise_modalities, or set denoise_weight to 0)")
     return denoisers, fns
 
 
