@@ -14,7 +14,7 @@ from .modality import Modality
 from .processor import AnyModalProcessor
 from .projectors import build_input_projector, build_output_projector
 from .registry import ENCODERS, _load_builtin
-from .utils import torch_dtype
+from .utils import quiet_loading, small_local_dir, torch_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +29,8 @@ def load_language_model(cfg: LLMConfig, path: str | None = None) -> nn.Module:
         kwargs: dict[str, Any] = {"dtype": dtype}
         if cfg.gguf_file and path is None:
             kwargs["gguf_file"] = cfg.gguf_file
-        return AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        with quiet_loading(show_bars=not small_local_dir(source)):
+            return AutoModelForCausalLM.from_pretrained(source, **kwargs)
     options = dict(cfg.config)
     hf_config = AutoConfig.for_model(options.pop("model_type"), **options)
     return AutoModelForCausalLM.from_config(hf_config, dtype=dtype)

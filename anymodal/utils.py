@@ -1,4 +1,4 @@
-"""Small shared helpers: atomic writes and dtype names."""
+"""Small shared helpers: atomic writes, dtype names and quiet loading of small local models."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 
@@ -69,3 +69,54 @@ def swap_dir_into_place(tmp: str | os.PathLike, directory: str | os.PathLike) ->
         shutil.rmtree(old)
     else:
         os.replace(tmp, directory)
+
+
+# Messages diffusers logs while anymodal builds a generator pipeline that say nothing to its user: the
+# deprecation notice of the pipelines anymodal wraps on purpose (AudioLDM, TextToVideoSD: NExT-GPT's
+# decoders, still shipped by diffusers), and the component type check when a component is one
+# anymodal provides (the toy world's Griffin-Lim vocoder in place of a HiFi-GAN).
+_HARMLESS = ("will not receive bug fixes or feature updates",)
+_SMALL_BYTES = 1 << 30  # loading bars only for models that take a while to load
+
+
+class _DropHarmless:
+    def filter(self, record: Any) -> bool:
+        msg = record.getMessage()
+        if any(h in msg for h in _HARMLESS):
+            return False
+        return not (msg.startswith("Expected types for") and "anymodal." in msg)
+
+
+def small_local_dir(path: str | os.PathLike | None) -> bool:
+    """A local directory under 1 GiB, which loads in moments (a hub id may mean a download: not small)."""
+    if path is None or not os.path.isdir(path):
+        return False
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) < _SMALL_BYTES
+
+
+@contextlib.contextmanager
+def quiet_loading(show_bars: bool = True) -> Iterator[None]:
+    """Build or load a model without diffusers' harmless notices (see ``_HARMLESS``) and,
+    with ``show_bars=False``, without diffusers' and transformers' loading bars. Everything is
+    restored afterwards, so a caller's own logging and progress-bar settings are left as they were."""
+    import logging
+
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    drop = _DropHarmless()
+    loggers = [logging.getLogger(n) for n in ("diffusers.pipelines.pipeline_utils",
+                                              "diffusers.pipelines.deprecated", "diffusers")]
+    for lg in loggers:
+        lg.addFilter(drop)
+    bars = (dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled())
+    if not show_bars:
+        dlog.disable_progress_bar()
+        tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lg in loggers:
+            lg.removeFilter(drop)
+        (dlog.enable_progress_bar if bars[0] else dlog.disable_progress_bar)()
+        (tlog.enable_progress_bar if bars[1] else tlog.disable_progress_bar)()

@@ -26,7 +26,7 @@ from typing import Any, ClassVar, Iterable, Iterator, Mapping
 import torch
 
 from anymodal.config import GeneratorConfig
-from anymodal.utils import torch_dtype
+from anymodal.utils import quiet_loading, small_local_dir, torch_dtype
 
 from .base import ModalityGenerator
 
@@ -305,7 +305,7 @@ class DiffusersGenerator(ModalityGenerator):
             raise ValueError(f"{where}: missing required key {missing[0]!r}; required: "
                              f"{', '.join(cls.required_components)}; optional: "
                              f"{', '.join([*cls.optional_components, 'seed'])}")
-        with seeded(seed):  # the pipeline too: AnimateDiff builds its motion UNet in __init__
+        with seeded(seed), quiet_loading():  # the pipeline too: AnimateDiff builds its motion UNet in __init__
             pipeline = cls.pipeline_class()(**cls.build_components(specs, where))
         for part in pipeline.components.values():
             # Freshly constructed modules are in training mode (dropout on); from_pretrained
@@ -340,7 +340,8 @@ class DiffusersGenerator(ModalityGenerator):
             if isinstance(value, (list, tuple)) and value and isinstance(value[0], str) \
                     and value[0].startswith("anymodal."):
                 importlib.import_module(value[0])
-        return cls.from_pretrained(self.config.pretrained, dtype=torch_dtype(self.config.dtype), **absent)
+        with quiet_loading(show_bars=not small_local_dir(self.config.pretrained)):
+            return cls.from_pretrained(self.config.pretrained, dtype=torch_dtype(self.config.dtype), **absent)
 
     def _setup(self, pipe: Any) -> None:
         if self.config.cpu_offload:

@@ -226,6 +226,26 @@ def test_save_load_round_trip_gives_identical_outputs(pipe, tmp_path, monkeypatc
                     assert np.array_equal(_arr(a), _arr(b))
 
 
+def test_loading_a_small_saved_model_is_quiet_and_restores_settings(pipe, tmp_path, monkeypatch, capfd):
+    """No loading bars for a small local model, no notices about the deprecated diffusers pipelines
+    anymodal wraps on purpose; the caller's progress-bar settings are as they were."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pipe.save_pretrained(tmp_path / "saved")
+    capfd.readouterr()
+    again = AnyModalPipeline.from_pretrained(tmp_path / "saved")
+    for m in (I, A, V):
+        assert again.generators[m].pipeline is not None  # generators load lazily: force it
+    err = capfd.readouterr().err
+    assert "Loading" not in err and "deprecated" not in err, err
+    assert dlog.is_progress_bar_enabled() and tlog.is_progress_bar_enabled()
+    import logging
+
+    assert not any(type(f).__name__ == "_DropHarmless" for f in logging.getLogger("diffusers").filters)
+
+
 def test_output_projector_shape_mismatch_raises_at_load():
     cfg = AnyModalConfig.from_yaml(CONFIGS / "tiny.yaml").to_dict()
     cfg["output_projectors"]["image"]["targets"] = {"prompt_embeds": [77, 768]}
