@@ -413,6 +413,26 @@ def test_stage2_denoising_loss_through_the_frozen_video_unet(data_dir, tmp_path)
     assert any(not torch.equal(fresh[k], trained[k]) for k in fresh)
 
 
+def test_denoiser_noises_as_in_training_whatever_the_sampler():
+    """A pipeline shipped with a sampler (DPM-Solver has no add_noise/get_velocity) still gets a
+    denoising loss: noise comes from a DDPM scheduler with the same betas and prediction type."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    from anymodal.training.losses import ImageDenoiser
+
+    wrapper = _fresh().generators[Modality.IMAGE]
+    gen = wrapper.pipeline
+    sampler = DPMSolverMultistepScheduler.from_config(gen.scheduler.config, prediction_type="v_prediction")
+    d = ImageDenoiser(gen.unet, gen.vae, sampler)
+    assert type(d.scheduler).__name__ == "DDPMScheduler"
+    assert d.scheduler.config.prediction_type == "v_prediction"
+    assert torch.equal(d.scheduler.betas, sampler.betas)
+    cond = {"prompt_embeds": torch.randn(2, *wrapper.conditioning_shapes["prompt_embeds"], requires_grad=True)}
+    loss = d(cond, torch.rand(2, 3, d.image_size, d.image_size) * 2 - 1)
+    loss.backward()
+    assert torch.isfinite(loss) and cond["prompt_embeds"].grad.abs().sum() > 0
+
+
 def test_video_for_vae_samples_frames_in_unit_range(data_dir):
     from anymodal.training.losses import VideoForVAE
 

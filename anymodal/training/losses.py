@@ -43,8 +43,13 @@ class ImageDenoiser(nn.Module):
     """
 
     def __init__(self, unet: nn.Module, vae: nn.Module, scheduler: Any, key: str = "prompt_embeds"):
+        from diffusers import DDPMScheduler
+
         super().__init__()
-        self.unet, self.vae, self.scheduler, self.key = unet, vae, scheduler, key
+        # Noise is added as in training: a DDPM scheduler with the pipeline scheduler's betas and
+        # prediction type (samplers such as DPM-Solver have no add_noise/get_velocity of their own).
+        self.unet, self.vae, self.key = unet, vae, key
+        self.scheduler = DDPMScheduler.from_config(scheduler.config)
         self.unet.requires_grad_(False).eval()
         self.vae.requires_grad_(False).eval()
         kind = scheduler.config.prediction_type
