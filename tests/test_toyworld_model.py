@@ -238,3 +238,5 @@ def test_stage2_denoising_weight_reaches_stage2_only():
     assert (two.denoise_weight, two.denoise_modalities) == (0.5, ["image", "video"])
     assert all(MP.stage_training_config(s, st, progress=False).denoise_weight == 0 for s in (1, 3))
     assert MP.stage_training_config(2, MP.StagesPhase(), progress=False).denoise_modalities is None
+    with pytest.raises(ValueError, match="image and/or video"):
+        MP.StagesPhase(denoise_modalities=("audio",))

@@ -200,6 +200,14 @@ class StagesPhase:
         "num_inference_steps": 20, "guidance_scale": 3.0, "num_frames": world.VIDEO_FRAMES,
         "height": world.VIDEO_SIZE, "width": world.VIDEO_SIZE})
 
+    def __post_init__(self) -> None:
+        if self.stage2_denoise_weight < 0:
+            raise ValueError(f"stages.stage2_denoise_weight must be >= 0, got {self.stage2_denoise_weight}")
+        bad = [m for m in self.denoise_modalities if m not in ("image", "video")]
+        if bad or not self.denoise_modalities:
+            raise ValueError(f"stages.denoise_modalities must name image and/or video (the generators with a "
+                             f"denoising loss), got {list(self.denoise_modalities)}")
+
 
 @dataclass
 class ModelPhasesConfig:
