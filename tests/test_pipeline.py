@@ -234,13 +234,20 @@ def test_loading_a_small_saved_model_is_quiet_and_restores_settings(pipe, tmp_pa
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     pipe.save_pretrained(tmp_path / "saved")
-    capfd.readouterr()
-    again = AnyModalPipeline.from_pretrained(tmp_path / "saved")
-    for m in (I, A, V):
-        assert again.generators[m].pipeline is not None  # generators load lazily: force it
-    err = capfd.readouterr().err
-    assert "Loading" not in err and "deprecated" not in err, err
-    assert dlog.is_progress_bar_enabled() and tlog.is_progress_bar_enabled()
+    before = dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled()
+    dlog.enable_progress_bar()  # the caller's setting: bars on
+    tlog.enable_progress_bar()
+    try:
+        capfd.readouterr()
+        again = AnyModalPipeline.from_pretrained(tmp_path / "saved")
+        for m in (I, A, V):
+            assert again.generators[m].pipeline is not None  # generators load lazily: force it
+        err = capfd.readouterr().err
+        assert "Loading" not in err and "deprecated" not in err, err
+        assert dlog.is_progress_bar_enabled() and tlog.is_progress_bar_enabled()
+    finally:
+        (dlog.enable_progress_bar if before[0] else dlog.disable_progress_bar)()
+        (tlog.enable_progress_bar if before[1] else tlog.disable_progress_bar)()
     import logging
 
     assert not any(type(f).__name__ == "_DropHarmless" for f in logging.getLogger("diffusers").filters)

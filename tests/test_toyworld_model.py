@@ -233,10 +233,18 @@ def test_stages_resume_load_answer_evaluate_and_ship(trained: Path, tmp_path: Pa
 
 
 def test_stage2_denoising_weight_reaches_stage2_only():
-    st = MP.StagesPhase(stage2_denoise_weight=0.5)
+    st = MP.StagesPhase(stage2_denoise_weight=0.5, denoise_modalities=("image", "video"))
     two = MP.stage_training_config(2, st, progress=False)
     assert (two.denoise_weight, two.denoise_modalities) == (0.5, ["image", "video"])
     assert all(MP.stage_training_config(s, st, progress=False).denoise_weight == 0 for s in (1, 3))
-    assert MP.stage_training_config(2, MP.StagesPhase(), progress=False).denoise_modalities is None
+    default = MP.stage_training_config(2, MP.StagesPhase(), progress=False)
+    assert (default.denoise_weight, default.denoise_modalities) == (4.0, ["video"])
+    off = MP.stage_training_config(2, MP.StagesPhase(stage2_denoise_weight=0.0), progress=False)
+    assert (off.denoise_weight, off.denoise_modalities) == (0.0, None)
+    # a toy model without a video generator (the smoke tests' image + audio) trains stage 2 without it
+    no_video = MP.stage_training_config(2, MP.StagesPhase(), progress=False, outputs=[Modality.IMAGE, Modality.AUDIO])
+    assert (no_video.denoise_weight, no_video.denoise_modalities) == (0.0, None)
+    both = MP.stage_training_config(2, st, progress=False, outputs=[Modality.IMAGE, Modality.AUDIO])
+    assert (both.denoise_weight, both.denoise_modalities) == (0.5, ["image"])
     with pytest.raises(ValueError, match="image and/or video"):
         MP.StagesPhase(denoise_modalities=("audio",))
