@@ -55,9 +55,9 @@ def base(tmp_path_factory) -> Path:
     fast = dict(vae_steps=1, steps=1, checkpoint_every=1, final_eval_prompts=1)  # loadable, not trained
     cfg = replace(cfg, image_generator=replace(cfg.image_generator, **fast),
                   audio_generator=replace(cfg.audio_generator, **fast))
-    results = T.train(out, phases=["tokenizer", "image-generator", "audio-generator"], config=cfg,
+    results = T.train(out, phases=["tokenizer", "image-vae", "image-generator", "audio-generator"], config=cfg,
                       results_dir=None, progress=False)
-    assert [r.status for r in results] == ["done"] * 3
+    assert [r.status for r in results] == ["done"] * 4
     return out
 
 

@@ -64,37 +64,66 @@ def test_tokenizer_covers_the_world(tokenizer_dir: Path):
     assert tok("a zebra")["input_ids"][2] == tok.unk_token_id
 
 
+IMAGE = ["image-vae", "image-generator"]
+
+
 def test_image_generator_resumes_bit_identically(tokenizer_dir: Path, tmp_path: Path):
     cfg = _smoke(vae_steps=2, steps=4, checkpoint_every=2, final_eval_prompts=1)
     full = _with_tokenizer(tokenizer_dir, tmp_path / "full")
-    [r] = T.train(full, phases=["image-generator"], config=cfg, results_dir=tmp_path / "results", progress=False)
-    assert r.status == "done"
+    results = T.train(full, phases=IMAGE, config=cfg, results_dir=tmp_path / "results", progress=False)
+    assert [r.status for r in results] == ["done", "done"]
     reference = _weights(full / "image-generator")
-    for stop in (1, 3):  # inside the VAE loop (off a checkpoint boundary), inside the UNet loop
+    # the image generator is assembled with the image-vae phase's VAE, byte for byte
+    assert (full / "image-vae" / "diffusion_pytorch_model.safetensors").read_bytes() == \
+        (full / "image-generator" / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()
+    for stop, stopped in ((1, "image-vae"), (3, "image-generator")):  # off a checkpoint boundary; the UNet loop
         part = _with_tokenizer(tokenizer_dir, tmp_path / f"stop{stop}")
-        [r] = T.train(part, phases=["image-generator"], config=cfg, results_dir=None, progress=False,
-                      stop_at_step=stop)
-        assert r.status == "stopped" and "--resume" in r.message
+        results = T.train(part, phases=IMAGE, config=cfg, results_dir=None, progress=False, stop_at_step=stop)
+        assert results[-1].phase == stopped and results[-1].status == "stopped" and "--resume" in results[-1].message
         with pytest.raises(ValueError, match="--resume"):
-            T.train(part, phases=["image-generator"], config=cfg, results_dir=None, progress=False)
+            T.train(part, phases=[stopped], config=cfg, results_dir=None, progress=False)
         with pytest.raises(ValueError, match="steps differ"):
-            T.train(part, phases=["image-generator"], config=cfg, results_dir=None, progress=False, resume=True,
+            T.train(part, phases=[stopped], config=cfg, results_dir=None, progress=False, resume=True,
                     overrides=["image_generator.steps=6"])
-        [r] = T.train(part, phases=["image-generator"], config=cfg, results_dir=None, progress=False, resume=True)
-        assert r.status == "done"
+        results = T.train(part, phases=IMAGE, config=cfg, results_dir=None, progress=False, resume=True)
+        assert results[-1].status == "done"
         resumed = _weights(part / "image-generator")
         assert resumed.keys() == reference.keys()
         assert all(torch.equal(resumed[k], reference[k]) for k in reference), f"stop at {stop} changed weights"
-        log = T.JsonlLog(part / "logs" / "image-generator.jsonl").records()
-        steps = [(r["stage"], r["step"]) for r in log if "loss" in r]
-        assert len(steps) == len(set(steps)) == cfg.image_generator.vae_steps + cfg.image_generator.steps
+        for phase, n in (("image-vae", cfg.image_generator.vae_steps), ("image-generator", cfg.image_generator.steps)):
+            log = T.JsonlLog(part / "logs" / f"{phase}.jsonl").records()
+            steps = [(r["stage"], r["step"]) for r in log if "loss" in r]
+            assert len(steps) == len(set(steps)) == n, phase
     # finished phases are skipped; nothing temporary is left behind
-    [r] = T.train(full, phases=["image-generator"], config=cfg, results_dir=None, progress=False, resume=True)
-    assert r.status == "skipped"
+    results = T.train(full, phases=IMAGE, config=cfg, results_dir=None, progress=False, resume=True)
+    assert [r.status for r in results] == ["skipped", "skipped"]
     assert not [p for p in full.rglob("*") if ".tmp-" in p.name or p.name.endswith(".old")]
     summary = json.loads((tmp_path / "results" / "toyworld-image-generator.json").read_text())
     assert set(summary["figures"]) == {"seen", "heldout"}
     assert {"colour_ok", "shape_ok", "ok", "n"} <= set(summary["figures"]["heldout"])
+
+
+def test_image_vae_phase_needs_nothing_and_exports_an_older_runs_vae(tokenizer_dir: Path, tmp_path: Path):
+    """A run made before the image-vae phase existed has its VAE inside image-generator/: the phase
+    exports that one instead of training another, so the run's video phase can resume."""
+    cfg = _smoke(vae_steps=2, steps=2, checkpoint_every=2, final_eval_prompts=1)
+    with pytest.raises(ValueError, match=r"image-generator needs the 'image-vae' phase.*--phase image-vae\)"):
+        T.train(_with_tokenizer(tokenizer_dir, tmp_path / "none"), phases=["image-generator"], config=cfg,
+                results_dir=None, progress=False)
+    out = tmp_path / "older"
+    out.mkdir()
+    [r] = T.train(out, phases=["image-vae"], config=cfg, results_dir=None, progress=False)  # no tokenizer needed
+    assert r.status == "done"
+    vae = out / "image-vae" / "diffusion_pytorch_model.safetensors"
+    older = tmp_path / "older2"
+    (older / "image-generator").mkdir(parents=True)
+    import shutil
+
+    shutil.copytree(out / "image-vae", older / "image-generator" / "vae")
+    [r] = T.train(older, phases=["image-vae"], config=cfg, results_dir=None, progress=False)
+    assert r.status == "done" and (older / "image-vae" / vae.name).read_bytes() == vae.read_bytes()
+    assert not (older / "state" / "image-vae" / "vae.ckpt").exists()  # exported, not trained
+    assert any(rec.get("event") == "exported" for rec in T.JsonlLog(older / "logs" / "image-vae.jsonl").records())
 
 
 def test_image_generator_loads_through_diffusers_and_the_adapter(tokenizer_dir: Path, tmp_path: Path):
@@ -105,8 +134,7 @@ def test_image_generator_loads_through_diffusers_and_the_adapter(tokenizer_dir: 
     from anymodal.registry import GENERATORS
 
     out = _with_tokenizer(tokenizer_dir, tmp_path / "run")
-    [r] = T.train(out, phases=["image-generator"], config=_smoke(final_eval_prompts=1), results_dir=None,
-                  progress=False)
+    r = T.train(out, phases=IMAGE, config=_smoke(final_eval_prompts=1), results_dir=None, progress=False)[-1]
     directory = Path(r.path)
     pipe = StableDiffusionPipeline.from_pretrained(str(directory), safety_checker=None, feature_extractor=None)
     assert type(pipe.scheduler).__name__ == "DPMSolverMultistepScheduler"

@@ -81,11 +81,11 @@ def test_reuses_the_image_generators_vae(tokenizer_dir: Path, tmp_path: Path):
 
     cfg = replace(VideoGeneratorPhase.smoke(), vae_from="image-generator")
     out = _out(tokenizer_dir, tmp_path / "reuse")
-    with pytest.raises(ValueError, match="run the 'image-generator' phase first"):
+    with pytest.raises(ValueError, match="run the 'image-vae' phase first"):
         _run(out, cfg)
     torch.manual_seed(0)
     image_vae = AutoencoderKL(**(cfg.vae | {"sample_size": world.IMAGE_SIZE}))
-    image_vae.save_pretrained(str(out / "image-generator" / "vae"))
+    image_vae.save_pretrained(str(out / "image-vae"))
     path = _run(out, cfg)
     saved = AutoencoderKL.from_pretrained(str(path / "vae"))
     for k, v in image_vae.state_dict().items():

@@ -37,8 +37,8 @@ def _train(out: Path, phases=None, **kw) -> list[T.PhaseResult]:
 def run(tmp_path_factory) -> Path:
     """Every phase of a smoke run, with the LLM stopped at a step and the stages at --max-minutes on the way."""
     out = tmp_path_factory.mktemp("wired")
-    first = ["tokenizer", "image-generator", "audio-generator", "video-generator", "manifests", "encoder"]
-    assert [r.status for r in _train(out, first)] == ["done"] * 6
+    first = ["tokenizer", "image-vae", "image-generator", "audio-generator", "video-generator", "manifests", "encoder"]
+    assert [r.status for r in _train(out, first)] == ["done"] * 7
     with pytest.raises(ValueError, match=r"stages needs the 'llm' phase.*--phase llm\)"):
         _train(out, ["stages"])
     [r] = _train(out, ["llm"], stop_at_step=1)
@@ -51,7 +51,7 @@ def run(tmp_path_factory) -> Path:
     assert r.status == "stopped" and r.message.startswith("stage 1: stopped at step 1")
     results = _train(out, resume=True)
     assert [r.phase for r in results] == list(T.PHASES)
-    assert [r.status for r in results] == ["skipped"] * 7 + ["done"]
+    assert [r.status for r in results] == ["skipped"] * 8 + ["done"]
     return out
 
 
@@ -173,7 +173,7 @@ def test_ship_cli(run: Path, tmp_path: Path, capsys, monkeypatch):
 
 def test_parallel_jobs_match_a_sequential_run(run: Path, tmp_path: Path):
     """--jobs 2: phases run in two processes as their inputs allow, with the same weights as one by one."""
-    phases = ["tokenizer", "image-generator", "encoder"]  # encoder needs nothing: it starts beside the tokenizer
+    phases = ["tokenizer", "image-vae", "image-generator", "encoder"]  # image-vae and encoder need nothing
     results = _train(tmp_path, phases, jobs=2, threads=1)
     assert [(r.phase, r.status) for r in results] == [(p, "done") for p in phases]
     for rel in ("encoder/model.safetensors", "image-generator/unet/diffusion_pytorch_model.safetensors"):

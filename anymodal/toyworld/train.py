@@ -79,22 +79,27 @@ if TYPE_CHECKING:
     from .model_phases import EncoderPhase, LLMPhase, StagesPhase
     from .video_generator import VideoGeneratorPhase
 
-PHASES: tuple[str, ...] = ("tokenizer", "image-generator", "audio-generator", "video-generator", "manifests",
-                           "encoder", "llm", "stages")
+PHASES: tuple[str, ...] = ("tokenizer", "image-vae", "image-generator", "audio-generator", "video-generator",
+                           "manifests", "encoder", "llm", "stages")
 # The phases each phase reads from; run_phase refuses to start until they have finished.
 REQUIRES: dict[str, tuple[str, ...]] = {
     "tokenizer": (),
-    "image-generator": ("tokenizer",),
+    # The image VAE is a phase of its own so that the video generator, which encodes its frames with
+    # it, trains beside the image UNet instead of after it (13 minutes off the critical path here).
+    "image-vae": (),
+    "image-generator": ("tokenizer", "image-vae"),
     "audio-generator": ("tokenizer",),
-    "video-generator": ("tokenizer", "image-generator"),  # the image generator's VAE encodes the frames
+    "video-generator": ("tokenizer", "image-vae"),
     "manifests": (),
     "encoder": (),
     "llm": ("tokenizer", "encoder"),  # the LLM is pretrained reading the encoder's features
-    "stages": ("tokenizer", "image-generator", "audio-generator", "video-generator", "manifests", "encoder", "llm"),
+    "stages": ("tokenizer", "image-vae", "image-generator", "audio-generator", "video-generator", "manifests",
+               "encoder", "llm"),
 }
 # Where each phase's result lives in --out, and the file whose presence means it finished.
 OUTPUTS: dict[str, tuple[str, str]] = {
     "tokenizer": ("tokenizer", "tokenizer.json"),
+    "image-vae": ("image-vae", "diffusion_pytorch_model.safetensors"),
     "image-generator": ("image-generator", "model_index.json"),
     "audio-generator": ("audio-generator", "model_index.json"),
     "video-generator": ("video-generator", "model_index.json"),
@@ -897,19 +902,53 @@ def _tokens(tokenizer: Any, texts: list[str], length: int) -> torch.Tensor:
     return tokenizer(texts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")["input_ids"]
 
 
+def _image_bank(cfg: ImageGeneratorPhase) -> tuple[world.Bank, torch.Tensor]:
+    bank = world.make_bank(Modality.IMAGE, cfg.bank_size, "train", seed=cfg.seed)
+    return bank, _images_to_tensor(bank.data)
+
+
+def train_image_vae(out: Path, cfg: ImageGeneratorPhase, log: JsonlLog, control: RunControl) -> Path:
+    """The ``image-vae`` phase: the image generator's ``AutoencoderKL`` (``image_generator.vae*``
+    settings), saved to ``out / "image-vae"``. The image and video generators both encode with it.
+
+    A run directory whose ``image-generator`` finished before this phase existed already holds the
+    trained VAE (``image-generator/vae``): it is exported as it is, without training.
+    """
+    from diffusers import AutoencoderKL
+
+    older = out / "image-generator" / "vae"
+    if (older / "config.json").is_file():
+        vae = AutoencoderKL.from_pretrained(str(older))
+        log.write(stage="vae", event="exported", source=str(older))
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            vae = AutoencoderKL(**cfg.vae)  # as _build_image_models draws it
+            _near_deterministic_posterior(vae)
+        bank, pixels = _image_bank(cfg)
+        log.write(stage="data", event="bank", n=len(bank), split="train", seed=cfg.seed,
+                  params={"vae": sum(p.numel() for p in vae.parameters())})
+        _train_vae(vae, pixels, cfg, out / "state" / "image-vae" / "vae.ckpt", log, control, "image_generator")
+    return atomic_dir(out / "image-vae", lambda d: vae.save_pretrained(str(d), safe_serialization=True))
+
+
 def train_image_generator(out: Path, cfg: ImageGeneratorPhase, log: JsonlLog, control: RunControl) -> Path:
+    """The ``image-generator`` phase: the UNet and CLIP text encoder on the ``image-vae`` phase's
+    latents, assembled with that VAE into a ``StableDiffusionPipeline`` in ``out / "image-generator"``."""
+    from diffusers import AutoencoderKL
+
     state_dir = out / "state" / "image-generator"
     state_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(out)
     models = _build_image_models(cfg, tokenizer)
     vae, unet, text_encoder = models["vae"], models["unet"], models["text_encoder"]
+    vae.load_state_dict(AutoencoderKL.from_pretrained(str(out / "image-vae")).state_dict())
+    vae.eval().requires_grad_(False)
 
-    bank = world.make_bank(Modality.IMAGE, cfg.bank_size, "train", seed=cfg.seed)
-    pixels = _images_to_tensor(bank.data)
+    bank, pixels = _image_bank(cfg)
     log.write(stage="data", event="bank", n=len(bank), split="train", seed=cfg.seed,
               params={k: sum(p.numel() for p in m.parameters()) for k, m in models.items()})
 
-    _train_vae(vae, pixels, cfg, state_dir / "vae.ckpt", log, control, "image_generator")
     latents = _latents(vae, pixels, state_dir / "latents.pt", log, cfg.vae_steps,
                        lambda: _vae_reconstruction_scores(vae, bank))
     ids = _tokens(tokenizer, bank.captions, cfg.prompt_length)
@@ -1140,6 +1179,8 @@ _EVALUATION_NOTES = {
 
 
 def _phase_config(cfg: ToyworldTrainConfig, phase: str) -> Any:
+    if phase == "image-vae":  # the image generator's section holds its VAE's settings
+        return cfg.image_generator
     return getattr(cfg, phase.replace("-", "_"))
 
 
@@ -1223,6 +1264,9 @@ def run_phase(phase: str, out: Path, cfg: ToyworldTrainConfig, control: RunContr
         if phase == "tokenizer":
             phase_cfg = cfg.tokenizer
             path = train_tokenizer(out, cfg.tokenizer, log)
+        elif phase == "image-vae":
+            phase_cfg = cfg.image_generator
+            path = train_image_vae(out, cfg.image_generator, log, control)
         elif phase not in _GENERATOR_PHASES:
             phase_cfg = None if phase == "manifests" else _phase_config(cfg, phase)
             path, figures = _run_model_phase(phase, out, cfg, log, control)
@@ -1363,4 +1407,5 @@ __all__ = ["AudioGeneratorPhase", "DiffusionRecipe", "EMA", "caption_aux_loss", 
            "eval_with_ema", "text_config_kwargs", "ImageGeneratorPhase", "JsonlLog", "OUTPUTS", "PHASES", "PRESETS", "PhaseResult", "REQUIRES",
            "RunControl", "TokenizerPhase", "ToyworldTrainConfig", "atomic_dir", "atomic_save", "build_tokenizer",
            "check_requirements", "cosine_lr", "evaluate_image_generator", "evaluate_image_pipeline", "load_tokenizer",
-           "run_phase", "score_images", "train", "train_loop", "world_texts"]
+           "run_phase", "score_images", "train", "train_image_generator", "train_image_vae", "train_loop",
+           "world_texts"]

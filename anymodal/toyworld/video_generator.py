@@ -245,11 +245,10 @@ def _vae_source(out: Path, state_dir: Path, cfg: VideoGeneratorPhase) -> Path | 
         return None
     kept = state_dir / "vae"
     if not (kept / "config.json").exists():
-        source = out / "image-generator" / "vae"
+        source = out / "image-vae"
         if not (source / "config.json").exists():
-            raise ValueError(f"video_generator.vae_from='image-generator' needs a finished image generator in "
-                             f"{out / 'image-generator'}; run the 'image-generator' phase first, or set "
-                             "video_generator.vae_from=train")
+            raise ValueError(f"video_generator.vae_from='image-generator' needs the image generator's VAE in "
+                             f"{source}; run the 'image-vae' phase first, or set video_generator.vae_from=train")
         from diffusers import AutoencoderKL
 
         vae = AutoencoderKL.from_pretrained(str(source))
