@@ -105,10 +105,8 @@ def quiet_loading(show_bars: bool = True) -> Iterator[None]:
     from transformers.utils import logging as tlog
 
     drop = _DropHarmless()
-    loggers = [logging.getLogger(n) for n in ("diffusers.pipelines.pipeline_utils",
-                                              "diffusers.pipelines.deprecated", "diffusers")]
-    for lg in loggers:
-        lg.addFilter(drop)
+    source = logging.getLogger("diffusers.pipelines.pipeline_utils")  # where both notices are logged
+    source.addFilter(drop)
     bars = (dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled())
     if not show_bars:
         dlog.disable_progress_bar()
@@ -116,7 +114,6 @@ def quiet_loading(show_bars: bool = True) -> Iterator[None]:
     try:
         yield
     finally:
-        for lg in loggers:
-            lg.removeFilter(drop)
+        source.removeFilter(drop)
         (dlog.enable_progress_bar if bars[0] else dlog.disable_progress_bar)()
         (tlog.enable_progress_bar if bars[1] else tlog.disable_progress_bar)()

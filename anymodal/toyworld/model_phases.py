@@ -205,7 +205,9 @@ class StagesPhase:
     def __post_init__(self) -> None:
         if self.stage2_denoise_weight < 0:
             raise ValueError(f"stages.stage2_denoise_weight must be >= 0, got {self.stage2_denoise_weight}")
-        bad = [m for m in self.denoise_modalities if m not in ("image", "video")]
+        from ..training.config import DENOISE_MODALITIES
+
+        bad = [m for m in self.denoise_modalities if m not in DENOISE_MODALITIES]
         if bad or not self.denoise_modalities:
             raise ValueError(f"stages.denoise_modalities must name image and/or video (the generators with a "
                              f"denoising loss), got {list(self.denoise_modalities)}")

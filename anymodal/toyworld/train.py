@@ -698,27 +698,31 @@ def caption_aux_loss(specs: Sequence[world.Spec], fields_: Sequence[tuple[str, S
 
 
 def _build_image_models(cfg: ImageGeneratorPhase, tokenizer: Any) -> dict[str, torch.nn.Module]:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        vae = AutoencoderKL(**cfg.vae)
-        _near_deterministic_posterior(vae)
+        vae = _new_vae(cfg.vae)
         unet = UNet2DConditionModel(**cfg.unet)
         text_encoder = CLIPTextModel(CLIPTextConfig(**text_config_kwargs(tokenizer, cfg.text_encoder)))
     return {"vae": vae, "unet": unet, "text_encoder": text_encoder}
 
 
-def _near_deterministic_posterior(vae: Any) -> None:
-    """Start the VAE's posterior nearly deterministic (std e^-6): a fresh VAE's std of 1 buries the
-    means under noise, and a short training run then learns only blurry averages. The KL term may
-    still widen it; the pipelines decode the latents they are given."""
+def _new_vae(spec: dict[str, Any]) -> Any:
+    """A fresh ``AutoencoderKL(**spec)`` (drawing from torch's global generator) whose posterior starts
+    nearly deterministic (std e^-6): a fresh VAE's std of 1 buries the means under noise, and a short
+    training run then learns only blurry averages. The KL term may still widen it; the pipelines
+    decode the latents they are given."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(**spec)
     if vae.quant_conv is not None:
         c = vae.config.latent_channels
         with torch.no_grad():
             vae.quant_conv.weight[c:].zero_()
             vae.quant_conv.bias[c:].fill_(-12.0)
+    return vae
 
 
 def _noise_scheduler() -> Any:
@@ -923,8 +927,7 @@ def train_image_vae(out: Path, cfg: ImageGeneratorPhase, log: JsonlLog, control:
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
-            vae = AutoencoderKL(**cfg.vae)  # as _build_image_models draws it
-            _near_deterministic_posterior(vae)
+            vae = _new_vae(cfg.vae)  # as _build_image_models draws it, first
         bank, pixels = _image_bank(cfg)
         log.write(stage="data", event="bank", n=len(bank), split="train", seed=cfg.seed,
                   params={"vae": sum(p.numel() for p in vae.parameters())})
@@ -993,15 +996,14 @@ def log_mel_features(waves: torch.Tensor) -> torch.Tensor:
 
 
 def _build_audio_models(cfg: AudioGeneratorPhase, tokenizer: Any) -> dict[str, torch.nn.Module]:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import ClapTextConfig, ClapTextModelWithProjection
 
     from .vocoder import GriffinLimVocoder
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        vae = AutoencoderKL(**cfg.vae)
-        _near_deterministic_posterior(vae)
+        vae = _new_vae(cfg.vae)
         unet = UNet2DConditionModel(**cfg.unet)
         text_encoder = ClapTextModelWithProjection(ClapTextConfig(**text_config_kwargs(tokenizer, cfg.text_encoder)))
         vocoder = GriffinLimVocoder(**cfg.vocoder)
@@ -1265,8 +1267,8 @@ def run_phase(phase: str, out: Path, cfg: ToyworldTrainConfig, control: RunContr
             phase_cfg = cfg.tokenizer
             path = train_tokenizer(out, cfg.tokenizer, log)
         elif phase == "image-vae":
-            phase_cfg = cfg.image_generator
-            path = train_image_vae(out, cfg.image_generator, log, control)
+            phase_cfg = _phase_config(cfg, phase)
+            path = train_image_vae(out, phase_cfg, log, control)
         elif phase not in _GENERATOR_PHASES:
             phase_cfg = None if phase == "manifests" else _phase_config(cfg, phase)
             path, figures = _run_model_phase(phase, out, cfg, log, control)

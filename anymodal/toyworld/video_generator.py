@@ -4,7 +4,7 @@ A real diffusers ``TextToVideoSDPipeline`` (what NExT-GPT's Zeroscope is; anymod
 ``text-to-video`` adapter loads it) trained from scratch on the world's videos, train split only
 (held-out colour x direction and colour x shape pairs are never seen):
 
-1. **VAE**: by default the image phase's ``AutoencoderKL`` (``<out>/image-generator/vae``; all
+1. **VAE**: by default the image generator's ``AutoencoderKL`` (``<out>/image-vae``; all
    convolutions, trained on 32x32 crops, so it encodes each 32x32 frame to 8x8x8), copied into
    ``state/video-generator/vae`` at the first start so that a later image run cannot change it
    under a resumed video run. ``vae_from="train"`` trains ``vae`` on the frames instead.
@@ -39,7 +39,7 @@ import torch
 from ..modality import Modality
 from . import checkers, world
 from .train import (EMA, DiffusionRecipe, JsonlLog, RunControl, _check_recipe, _default_vae, _images_to_tensor, _latents,
-                    _near_deterministic_posterior, _noise_scheduler, _tokens, _train_denoiser, _train_vae, atomic_dir,
+                    _new_vae, _noise_scheduler, _tokens, _train_denoiser, _train_vae, atomic_dir,
                     caption_aux_loss, eval_with_ema, load_tokenizer, text_config_kwargs)
 
 PHASE = "video-generator"
@@ -130,8 +130,7 @@ def _build_video_models(cfg: VideoGeneratorPhase, tokenizer: Any, vae_dir: Path 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         if vae_dir is None:
-            vae = AutoencoderKL(**cfg.vae)
-            _near_deterministic_posterior(vae)
+            vae = _new_vae(cfg.vae)
         else:
             vae = AutoencoderKL.from_pretrained(str(vae_dir))
             if vae.config.latent_channels != cfg.unet.get("in_channels"):

@@ -18,6 +18,7 @@ STAGES = (1, 2, 3)
 MIXED_PRECISION = ("no", "fp16", "bf16")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 PADDING_SIDES = ("right", "left")
+DENOISE_MODALITIES = ("image", "video")  # the generators the denoising loss runs through
 
 # Parameter groups ``trainable`` may name. "input_projectors.image" narrows a group to one modality.
 GROUPS = ("input_projectors", "output_projectors", "signal_tokens", "lora", "llm", "encoders")
@@ -146,11 +147,10 @@ class TrainingConfig:
         if self.denoise_modalities is not None:
             if not self.denoise_modalities:
                 raise ValueError("training.denoise_modalities must name at least one modality, or be null (all)")
-            allowed = ("image", "video")
-            bad = [m for m in self.denoise_modalities if m not in allowed]
+            bad = [m for m in self.denoise_modalities if m not in DENOISE_MODALITIES]
             if bad:
                 raise ValueError(f"training.denoise_modalities: {bad} not supported; the denoising loss "
-                                 f"runs through {' and '.join(allowed)} generators")
+                                 f"runs through {' and '.join(DENOISE_MODALITIES)} generators")
         if self.ce_weight == self.align_weight == self.denoise_weight == 0:
             raise ValueError("training: ce_weight, align_weight and denoise_weight are all 0; nothing would train")
         if "{signal}" not in self.generation_response:
