@@ -183,6 +183,28 @@ def test_cli_and_errors(tmp_path: Path, capsys):
             smoke.with_overrides([bad])
 
 
+def test_device_is_checked_before_anything_runs(tmp_path: Path, capsys):
+    from anymodal.cli import main
+
+    assert T.resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert T.resolve_device(None) == T.resolve_device("auto") and T.resolve_device("cpu") == "cpu"
+    for bad, match in [("gpu", "unknown device 'gpu'; expected cpu, cuda, cuda:N, mps or auto"),
+                       ("meta", "device 'meta' is not supported here; expected cpu, cuda")]:
+        with pytest.raises(ValueError, match=match):
+            T.resolve_device(bad)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="torch sees no CUDA GPU on this machine"):
+            T.resolve_device("cuda:0")
+    else:
+        with pytest.raises(ValueError, match="numbered from 0"):
+            T.resolve_device(f"cuda:{torch.cuda.device_count()}")
+    out = tmp_path / "dev"
+    assert main(["toyworld", "train", "--out", str(out), "--preset", "smoke", "--phase", "tokenizer",
+                 "--no-progress", "--device", "gpu"]) == 2
+    assert "unknown device 'gpu'" in capsys.readouterr().err
+    assert not out.exists()  # refused before any phase started
+
+
 def test_cosine_lr_and_atomic_dir(tmp_path: Path):
     assert T.cosine_lr(0, 100, 1.0, 10) == pytest.approx(0.1)
     assert T.cosine_lr(9, 100, 1.0, 10) == pytest.approx(1.0)

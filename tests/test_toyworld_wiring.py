@@ -62,6 +62,7 @@ def test_every_phase_runs_and_records_its_figures(run: Path):
     assert [m["step"] for m in metrics] == [1, 2]
     for phase in ("encoder", "llm"):
         done = json.loads((run / "state" / phase / "done.json").read_text())
+        assert done["machine"]["device"] == "cpu"
         assert done["figures"] == json.loads((run / "state" / phase / "figures.json").read_text())
         assert done["size_bytes"] > 0 and (run / "results" / f"toyworld-{phase}.json").is_file()
     assert (run / "data" / "manifest.json").is_file() and (run / "state" / "manifests" / "done.json").is_file()
@@ -69,6 +70,23 @@ def test_every_phase_runs_and_records_its_figures(run: Path):
     table = done["figures"]["heldout"]
     assert set(table) == {"t2i", "t2a", "t2v", "i2t", "a2t", "v2t"} and all(r["n"] == 1 for r in table.values())
     assert done["path"] == str(run / "final") and [s["stage"] for s in done["stages"]][-1] == "stage3"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_every_phase_trains_on_a_gpu_and_a_cpu_run_resumes_there(tmp_path: Path):
+    from anymodal.pipeline import AnyModalPipeline
+
+    gpu = tmp_path / "gpu"
+    assert [r.status for r in _train(gpu, device="cuda")] == ["done"] * len(T.PHASES)
+    for phase in T.PHASES:
+        assert json.loads((gpu / "state" / phase / "done.json").read_text())["machine"]["device"] == "cuda"
+    pipe = AnyModalPipeline.from_pretrained(gpu / "final", device="cuda")
+    assert pipe.device.type == "cuda" and pipe("draw a red circle on a blue background", seed=0, max_new_tokens=8)
+    mixed = tmp_path / "mixed"  # checkpoints written on the CPU load onto the GPU
+    [r] = _train(mixed, ["tokenizer", "image-vae"], stop_at_step=1)[-1:]
+    assert r.status == "stopped"
+    assert _train(mixed, ["image-vae"], resume=True, device="cuda")[0].status == "done"
 
 
 def test_model_phase_settings_are_set_able_and_bound_to_the_run(tmp_path: Path):

@@ -35,6 +35,9 @@ def _toyworld_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--jobs", type=int, default=1,
                    help="phases to run at once, each in its own process, once the phases they read from are "
                         "done (default 1; on 2 cores use --jobs 2 --threads 1)")
+    t.add_argument("--device", default="cpu",
+                   help="where the phases train: cpu (default; the timed recipe), cuda, cuda:N, mps, or auto "
+                        "(a GPU when torch sees one)")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
     s = sub.add_parser("ship", help="copy a finished run's pipeline (out/final) into the package's default model",
                        description="Save RUN_DIR/final with every component copied into DEST (default: the "
@@ -66,7 +69,7 @@ def toyworld_command(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     results = train(args.out, phases=args.phase, config=args.preset, max_minutes=args.max_minutes,
                     resume=args.resume, results_dir=args.results, progress=not args.no_progress,
-                    overrides=args.overrides, jobs=args.jobs, threads=args.threads)
+                    overrides=args.overrides, jobs=args.jobs, threads=args.threads, device=args.device)
     for r in results:
         print(r.message)
         if r.figures:

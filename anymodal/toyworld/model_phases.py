@@ -61,8 +61,8 @@ from ..config import (AnyModalConfig, EncoderConfig, GeneratorConfig, InputProje
 from ..modality import MEDIA_MODALITIES, Modality
 from ..utils import atomic_write_text
 from . import world
-from .train import (JsonlLog, RunControl, Stop, atomic_dir, atomic_save, check_same_config, cosine_lr, load_tokenizer,
-                    train_loop)
+from .train import (JsonlLog, RunControl, Stop, atomic_dir, atomic_save, check_same_config, cosine_lr, device_of,
+                    load_tokenizer, train_loop)
 
 MODEL_PHASES: tuple[str, ...] = ("manifests", "encoder", "llm", "stages")
 SHIP_LIMIT_BYTES = 25_000_000  # the issue's 25 MB, decimal
@@ -477,8 +477,10 @@ def _heads(dim: int) -> torch.nn.ModuleDict:
 
 
 def _embed(enc: Any, m: Modality, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """The pooled embeddings of ``x`` (on the encoder's device), returned on the CPU."""
+    device = device_of(enc)
     with torch.no_grad():
-        return torch.cat([enc(m, x[i:i + batch])[:, 0] for i in range(0, len(x), batch)])
+        return torch.cat([enc(m, x[i:i + batch].to(device))[:, 0].cpu() for i in range(0, len(x), batch)])
 
 
 def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
@@ -519,7 +521,7 @@ def evaluate_encoder(enc: Any, heads: torch.nn.ModuleDict | None, cfg: EncoderPh
                 row[f] = {"probe": round(linear_probe(ea, ya, eb, yb, len(values), cfg.probe_steps, cfg.seed), 4)}
                 if heads is not None:
                     with torch.no_grad():
-                        hit = heads[f"{m.value}_{f}"](eb).argmax(-1) == yb
+                        hit = heads[f"{m.value}_{f}"](eb.to(device_of(heads))).argmax(-1).cpu() == yb
                     row[f]["head"] = round(float(hit.float().mean()), 4)
             figures[split][m.value] = row
     return figures | {"n_per_split": n, "note": "probes fit on train-split embeddings"}
@@ -539,6 +541,9 @@ def train_encoder(out: Path, cfg: EncoderPhase, log: JsonlLog, control: RunContr
         torch.manual_seed(cfg.seed)
         enc = ImageBindEncoder(opts, modalities)
         heads = _heads(opts.out_embed_dim)
+    device = torch.device(control.device)
+    enc.to(device)
+    heads.to(device)
     t0 = time.time()
     bank = _encoder_bank(enc, cfg, cfg.bank_size, "train", cfg.seed, state_dir / "bank.pt")
     n_aug = int(round(cfg.augment_fraction * cfg.bank_size))
@@ -552,15 +557,15 @@ def train_encoder(out: Path, cfg: EncoderPhase, log: JsonlLog, control: RunContr
 
     params = list(enc.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)  # on the CPU: the same draws on every device
 
     def step(_: int) -> float:
-        loss = torch.zeros(())
+        loss = torch.zeros((), device=device)
         for m, (x, y) in bank.items():
             idx = torch.randint(len(x), (cfg.batch_size,), generator=gen)
-            emb = enc(m, x[idx])[:, 0]
+            emb = enc(m, x[idx].to(device))[:, 0]
             for f in FIELDS[m]:
-                target = y[f][idx]
+                target = y[f][idx].to(device)
                 if bool((target != -100).any()):  # a batch of augmented renders only has no colour/note labels
                     loss = loss + F.cross_entropy(heads[f"{m.value}_{f}"](emb), target) / len(FIELDS[m])
         opt.zero_grad(set_to_none=True)
@@ -675,7 +680,7 @@ def _media_item(spec: world.Spec, g: np.random.Generator) -> Any:
 def _encode_specs(enc: Any, specs: Sequence[world.Spec], g: np.random.Generator, chunk: int = 256
                   ) -> dict[Modality, torch.Tensor]:
     """Render and encode ``specs`` with the frozen encoder (its own ``preprocess``, the pipeline's path):
-    features ``(n_m, tokens, dim)`` per modality, in the order of ``specs``."""
+    features ``(n_m, tokens, dim)`` per modality, in the order of ``specs``, on the CPU."""
     from tqdm.auto import tqdm
 
     out: dict[Modality, list[torch.Tensor]] = {}
@@ -688,7 +693,7 @@ def _encode_specs(enc: Any, specs: Sequence[world.Spec], g: np.random.Generator,
             for i in range(0, len(group), chunk):
                 items = [_media_item(spec, g) for spec in group[i:i + chunk]]
                 with torch.no_grad():
-                    out.setdefault(m, []).append(enc(m, enc.preprocess(m, items)))
+                    out.setdefault(m, []).append(enc(m, enc.preprocess(m, items).to(device_of(enc))).cpu())
                 bar.update(len(items))
     return {m: torch.cat(v) for m, v in out.items()}
 
@@ -700,7 +705,7 @@ def _llm_data(cfg: LLMPhase, proc: Any, path: Path, enc: Any) -> dict[str, Any]:
     hash of the encoder's weights the features came from."""
     import hashlib
 
-    digest = hashlib.sha256(b"".join(v.numpy().tobytes() for v in enc.state_dict().values())).hexdigest()
+    digest = hashlib.sha256(b"".join(v.cpu().numpy().tobytes() for v in enc.state_dict().values())).hexdigest()
     if path.exists():
         d = torch.load(path, map_location="cpu", weights_only=True)
         if d.get("encoder") == digest:
@@ -762,7 +767,7 @@ def evaluate_llm(lm: Any, proc: Any, n: int, seed: int, split: str = "heldout") 
         for d in dialogues:
             msgs = _world_messages(d, proc)[:-1]
             prompts.append(proc.format(msgs, add_generation_prompt=True))
-        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(lm.device)
         with torch.no_grad():
             gen = lm.generate(**enc, max_new_tokens=48, do_sample=False, pad_token_id=tok.pad_token_id,
                               eos_token_id=tok.eos_token_id)[:, enc["input_ids"].shape[1]:]
@@ -840,7 +845,7 @@ def _batch_media(model: Any, data: dict[str, Any], starts: dict[str, torch.Tenso
         sel = [torch.arange(int(starts[m][r]), int(starts[m][r + 1])) for r in idx.tolist()]
         sel_t = torch.cat(sel)
         if len(sel_t):
-            media[Modality.parse(m)] = model.input_projectors[m](feats[sel_t])
+            media[Modality.parse(m)] = model.input_projectors[m](feats[sel_t].to(model.device))
     return media
 
 
@@ -862,7 +867,7 @@ def evaluate_media(model: Any, proc: Any, n: int, seed: int, split: str = "heldo
         for i in range(0, n, batch):
             chunk = dialogues[i:i + batch]
             prompts = [proc.format(_world_messages(d, proc)[:-1], add_generation_prompt=True) for d in chunk]
-            enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
             m = chunk[0].target.modality
             with torch.no_grad():
                 x = model.encoder_for(m).preprocess(m, [_media_item(s, g) for d in chunk for s in _user_media(d)])
@@ -893,7 +898,7 @@ def train_llm(out: Path, cfg: LLMPhase, log: JsonlLog, control: RunControl) -> P
     check_same_config(state_dir / "config.json", asdict(cfg), "llm")
     tok, proc = llm_tokenizer(out)
     lm = _build_llm(cfg, tok)
-    model = _media_model(out, cfg, lm, proc)
+    model = _media_model(out, cfg, lm, proc).to(control.device)
     t0 = time.time()
     data = _llm_data(cfg, proc, state_dir / "data.pt", model.encoders["imagebind"])
     ids, labels = data["ids"], data["labels"]
@@ -909,7 +914,7 @@ def train_llm(out: Path, cfg: LLMPhase, log: JsonlLog, control: RunControl) -> P
 
     def step(_: int) -> float:
         idx = torch.randint(len(ids), (cfg.batch_size,), generator=gen)
-        x, y = ids[idx], labels[idx]
+        x, y = ids[idx].to(model.device), labels[idx].to(model.device)
         width = int((x != pad).sum(1).max())
         x, y = x[:, :width], y[:, :width]
         # AnyModalModel.forward: the placeholders' embeddings replaced by the projected features, as in the stages
@@ -1076,7 +1081,9 @@ def run_stages(out: Path, cfg: ModelPhasesConfig, log: JsonlLog, control: RunCon
                     raise Stop(f"stage {stage}: stopped at step {step}/{total} (checkpointed); rerun to resume")
 
             t0 = time.time()
-            result = train_stage(source, manifests[stage], run_dir, tcfg, resume=True, device="cpu", on_step=on_step)
+            # accelerate places the stage: on the CPU when asked, else on the current GPU (train() set it)
+            result = train_stage(source, manifests[stage], run_dir, tcfg, resume=True, on_step=on_step,
+                                 device="cpu" if torch.device(control.device).type == "cpu" else None)
             log.write(stage=f"stage{stage}", event="done", steps=result.steps, samples=result.samples,
                       last_loss=result.losses[-1] if result.losses else None, bad_rows=result.bad_rows,
                       samples_per_s=round(result.samples_per_s, 2), seconds=round(time.time() - t0, 1))

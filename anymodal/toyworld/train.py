@@ -508,11 +508,45 @@ class RunControl:
     deadline: float | None = None
     stop_at_step: int | None = None
     progress: bool = True
+    device: str = "cpu"  # where the phases train and evaluate (resolve_device's answer)
 
     def should_stop(self, step: int) -> bool:
         if self.stop_at_step is not None and step >= self.stop_at_step:
             return True
         return self.deadline is not None and time.time() >= self.deadline
+
+
+DEVICES = "cpu, cuda, cuda:N, mps or auto"
+
+
+def resolve_device(device: str | torch.device | None) -> str:
+    """The device the phases run on: ``"auto"`` (or ``None``) is ``"cuda"`` when torch sees a GPU and
+    ``"cpu"`` otherwise; a named device must exist on this machine (``ValueError`` naming it if not)."""
+    if device is None or str(device) == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"unknown device {device!r}; expected {DEVICES}") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: torch sees no CUDA GPU on this machine "
+                             "(torch.cuda.is_available() is False); use cpu or auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                             f"numbered from 0")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"device {device!r}: torch sees no Apple GPU (torch.backends.mps.is_available() "
+                             "is False); use cpu or auto")
+    elif dev.type != "cpu":
+        raise ValueError(f"device {device!r} is not supported here; expected {DEVICES}")
+    return str(dev)
+
+
+def device_of(module: torch.nn.Module) -> torch.device:
+    """Where ``module``'s first parameter lives (the phases move whole models, so all of it)."""
+    return next(module.parameters()).device
 
 
 def _progress(total: int, initial: int, desc: str, enabled: bool) -> Any:
@@ -692,7 +726,7 @@ def caption_aux_loss(specs: Sequence[world.Spec], fields_: Sequence[tuple[str, S
 
     def loss(tokens: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         logits = torch.split(head(features(tokens)), sizes, dim=-1)
-        return cfg.text_aux_weight * sum(F.cross_entropy(z, labels[idx, k]) for k, z in enumerate(logits))
+        return cfg.text_aux_weight * sum(F.cross_entropy(z, labels[idx, k].to(z.device)) for k, z in enumerate(logits))
 
     return head, loss
 
@@ -707,6 +741,13 @@ def _build_image_models(cfg: ImageGeneratorPhase, tokenizer: Any) -> dict[str, t
         unet = UNet2DConditionModel(**cfg.unet)
         text_encoder = CLIPTextModel(CLIPTextConfig(**text_config_kwargs(tokenizer, cfg.text_encoder)))
     return {"vae": vae, "unet": unet, "text_encoder": text_encoder}
+
+
+def _to_device(models: dict[str, torch.nn.Module], device: str) -> dict[str, torch.nn.Module]:
+    """Move every model of a phase to ``device`` (built on the CPU, so the same initial weights everywhere)."""
+    for m in models.values():
+        m.to(device)
+    return models
 
 
 def _new_vae(spec: dict[str, Any]) -> Any:
@@ -772,7 +813,8 @@ def evaluate_image_pipeline(pipe: Any, n: int, seed: int, steps: int, guidance: 
     return out
 
 
-def evaluate_image_generator(directory: Path, n: int, seed: int, steps: int, guidance: float) -> dict[str, Any]:
+def evaluate_image_generator(directory: Path, n: int, seed: int, steps: int, guidance: float,
+                             device: str = "cpu") -> dict[str, Any]:
     """Load a saved pipeline through anymodal's ``stable-diffusion`` adapter and score it.
 
     The prompts are encoded by the generator's own text encoder (``encode_text``) and generated
@@ -785,6 +827,7 @@ def evaluate_image_generator(directory: Path, n: int, seed: int, steps: int, gui
     cls = GENERATORS.get("stable-diffusion")
     gen = cls.from_config(GeneratorConfig(type="stable-diffusion", pretrained=str(directory),
                                           settings={"num_inference_steps": steps, "guidance_scale": guidance}))
+    gen.to(device)
     out: dict[str, Any] = {}
     with torch.random.fork_rng(devices=[]):
         for split, specs in eval_specs(n, seed).items():
@@ -799,7 +842,8 @@ def evaluate_image_generator(directory: Path, n: int, seed: int, steps: int, gui
 def _train_vae(vae: Any, data: torch.Tensor, cfg: Any, ckpt: Path, log: JsonlLog, control: RunControl,
                where: str) -> None:
     """Train ``vae`` to reconstruct ``data`` (N, C, H, W) on random crops: L1 + MSE + a small KL."""
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)  # on the CPU: the same draws on every device
+    device = device_of(vae)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     grid = 2 ** (len(vae.config.block_out_channels) - 1)
     crop = min(cfg.vae_crop, data.shape[-1], data.shape[-2])
@@ -808,7 +852,7 @@ def _train_vae(vae: Any, data: torch.Tensor, cfg: Any, ckpt: Path, log: JsonlLog
 
     def vae_step(step: int) -> float:
         idx = torch.randint(len(data), (cfg.vae_batch_size,), generator=gen)
-        x = data[idx]
+        x = data[idx].to(device)
         if crop < x.shape[-1] or crop < x.shape[-2]:
             y0, x0 = (torch.randint((x.shape[-1] - crop) // grid + 1, (2,), generator=gen) * grid).tolist()
             x = x[:, :, y0:y0 + crop, x0:x0 + crop]
@@ -829,14 +873,16 @@ def _train_vae(vae: Any, data: torch.Tensor, cfg: Any, ckpt: Path, log: JsonlLog
 
 def _latents(vae: Any, data: torch.Tensor, path: Path, log: JsonlLog, step: int,
              reconstruction: Callable[[], dict[str, Any]]) -> torch.Tensor:
-    """Encode ``data`` once (posterior means, scaled to unit variance; cached in ``path``) and set
-    the VAE's ``scaling_factor``. ``reconstruction()`` scores the VAE when the cache is first made."""
+    """Encode ``data`` once (posterior means, scaled to unit variance, on the CPU; cached in ``path``) and
+    set the VAE's ``scaling_factor``. ``reconstruction()`` scores the VAE when the cache is first made."""
     if path.exists():
         cached = torch.load(path, map_location="cpu", weights_only=True)
         latents, scaling = cached["latents"], float(cached["scaling_factor"])
     else:
         with torch.no_grad():
-            means = torch.cat([vae.encode(data[i:i + 256]).latent_dist.mean for i in range(0, len(data), 256)])
+            device = device_of(vae)
+            means = torch.cat([vae.encode(data[i:i + 256].to(device)).latent_dist.mean.cpu()
+                               for i in range(0, len(data), 256)])
         scaling = float(1.0 / means.std())
         latents = means * scaling
         log.write(stage="vae", step=step, event="latents", scaling_factor=scaling,
@@ -861,12 +907,15 @@ def _train_denoiser(unet: Any, text_encoder: Any, condition: Callable[[torch.Ten
     added to the loss for the rows whose caption was kept.
     """
     noise_sched = _noise_scheduler()
+    device = device_of(unet)
+    if aux_head is not None:
+        aux_head.to(device)
     trainable = [unet, text_encoder]
     params = [p for m in trainable for p in m.parameters()]
     params += list(aux_head.parameters()) if aux_head is not None else []
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     ema = EMA(trainable, cfg.ema_decay)
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)  # on the CPU: the same draws on every device
     n_train = noise_sched.config.num_train_timesteps
 
     def unet_step(step: int) -> float:
@@ -877,12 +926,14 @@ def _train_denoiser(unet: Any, text_encoder: Any, condition: Callable[[torch.Ten
         tokens[drop] = empty
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(n_train, (cfg.batch_size,), generator=gen)
+        x0, noise, t, tokens = x0.to(device), noise.to(device), t.to(device), tokens.to(device)
         noisy = noise_sched.add_noise(x0, noise, t)
         target = noise_sched.get_velocity(x0, noise, t)
         pred = unet(noisy, t, **condition(tokens)).sample
         loss = F.mse_loss(pred, target)
         if aux_loss is not None and bool((~drop).any()):
-            loss = loss + aux_loss(tokens[~drop], idx[~drop])
+            keep = ~drop
+            loss = loss + aux_loss(tokens[keep.to(device)], idx[keep])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -928,6 +979,7 @@ def train_image_vae(out: Path, cfg: ImageGeneratorPhase, log: JsonlLog, control:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             vae = _new_vae(cfg.vae)  # as _build_image_models draws it, first
+        vae.to(control.device)
         bank, pixels = _image_bank(cfg)
         log.write(stage="data", event="bank", n=len(bank), split="train", seed=cfg.seed,
                   params={"vae": sum(p.numel() for p in vae.parameters())})
@@ -943,7 +995,7 @@ def train_image_generator(out: Path, cfg: ImageGeneratorPhase, log: JsonlLog, co
     state_dir = out / "state" / "image-generator"
     state_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(out)
-    models = _build_image_models(cfg, tokenizer)
+    models = _to_device(_build_image_models(cfg, tokenizer), control.device)
     vae, unet, text_encoder = models["vae"], models["unet"], models["text_encoder"]
     vae.load_state_dict(AutoencoderKL.from_pretrained(str(out / "image-vae")).state_dict())
     vae.eval().requires_grad_(False)
@@ -975,9 +1027,9 @@ def _vae_reconstruction_scores(vae: Any, bank: world.Bank, n: int = 200) -> dict
     """Checker accuracy of VAE reconstructions (of the posterior mean): the ceiling of the diffusion model."""
     n = min(n, len(bank))
     with torch.no_grad():
-        x = _images_to_tensor(bank.data[:n])
+        x = _images_to_tensor(bank.data[:n]).to(device_of(vae))
         recon = vae.decode(vae.encode(x).latent_dist.mean).sample
-    images = ((recon.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    images = ((recon.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
     return score_images(list(images), bank.specs[:n])
 
 
@@ -1051,7 +1103,8 @@ def evaluate_audio_pipeline(pipe: Any, n: int, seed: int, steps: int, guidance: 
     return out
 
 
-def evaluate_audio_generator(directory: Path, n: int, seed: int, steps: int, guidance: float) -> dict[str, Any]:
+def evaluate_audio_generator(directory: Path, n: int, seed: int, steps: int, guidance: float,
+                             device: str = "cpu") -> dict[str, Any]:
     """Load a saved pipeline through anymodal's ``audioldm`` adapter and score its waveforms."""
     import anymodal.generators  # noqa: F401  (registers the adapters)
     from anymodal.config import GeneratorConfig
@@ -1061,6 +1114,7 @@ def evaluate_audio_generator(directory: Path, n: int, seed: int, steps: int, gui
     gen = GENERATORS.get("audioldm").from_config(GeneratorConfig(
         type="audioldm", pretrained=str(directory),
         settings={"num_inference_steps": steps, "guidance_scale": guidance, "audio_length_s": seconds}))
+    gen.to(device)
     out: dict[str, Any] = {}
     with torch.random.fork_rng(devices=[]):
         for split, specs in audio_eval_specs(n, seed).items():
@@ -1079,7 +1133,7 @@ def train_audio_generator(out: Path, cfg: AudioGeneratorPhase, log: JsonlLog, co
     state_dir = out / "state" / "audio-generator"
     state_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(out)
-    models = _build_audio_models(cfg, tokenizer)
+    models = _to_device(_build_audio_models(cfg, tokenizer), control.device)
     vae, unet, text_encoder, vocoder = (models[k] for k in ("vae", "unet", "text_encoder", "vocoder"))
 
     bank = world.make_bank(Modality.AUDIO, cfg.bank_size, "train", seed=cfg.seed)
@@ -1097,7 +1151,7 @@ def train_audio_generator(out: Path, cfg: AudioGeneratorPhase, log: JsonlLog, co
             for split, ss in specs.items():
                 real = torch.from_numpy(np.stack([world.render(sp, np.random.default_rng(i))
                                                   for i, sp in enumerate(ss)]))
-                figures[split] = score_audios(list(vocoder(log_mel_features(real)).numpy()), ss)
+                figures[split] = score_audios(list(vocoder(log_mel_features(real).to(control.device)).cpu().numpy()), ss)
         log.write(stage="vocoder", step=0, event="eval", on="real log-mels", **figures)
         atomic_write_text(scored, json.dumps(figures) + "\n")
 
@@ -1107,8 +1161,8 @@ def train_audio_generator(out: Path, cfg: AudioGeneratorPhase, log: JsonlLog, co
     def reconstruction() -> dict[str, Any]:
         n = min(100, len(bank))
         with torch.no_grad():
-            recon = vae.decode(vae.encode(mels[:n]).latent_dist.mean).sample[:, 0]
-        return score_audios(list(vocoder(recon).numpy()), bank.specs[:n])
+            recon = vae.decode(vae.encode(mels[:n].to(control.device)).latent_dist.mean).sample[:, 0]
+        return score_audios(list(vocoder(recon).cpu().numpy()), bank.specs[:n])
 
     _train_vae(vae, mels, cfg, state_dir / "vae.ckpt", log, control, "audio_generator")
     latents = _latents(vae, mels, state_dir / "latents.pt", log, cfg.vae_steps, reconstruction)
@@ -1153,9 +1207,12 @@ class PhaseResult:
     message: str = ""
 
 
-def _machine() -> dict[str, Any]:
-    return {"platform": platform.platform(), "processor": platform.machine(), "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
+def _machine(device: str = "cpu") -> dict[str, Any]:
+    info = {"platform": platform.platform(), "processor": platform.machine(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "device": device}
+    if torch.device(device).type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return info
 
 
 def _median_rate(log: JsonlLog, stage: str) -> float | None:
@@ -1168,7 +1225,7 @@ _GENERATOR_PHASES: dict[str, tuple[Callable[..., Path], Callable[..., dict[str, 
     "image-generator": (train_image_generator, evaluate_image_generator),
     "audio-generator": (train_audio_generator, evaluate_audio_generator),
     "video-generator": (lambda *a: _video_generator().train_video_generator(*a),
-                        lambda *a: _video_generator().evaluate_video_generator(*a)),
+                        lambda *a, **k: _video_generator().evaluate_video_generator(*a, **k)),
 }
 _EVALUATION_NOTES = {
     "image-generator": "checkers.score_image on prompts = spec.caption() of specs sampled from the train split "
@@ -1219,8 +1276,8 @@ def _run_model_phase(phase: str, out: Path, cfg: ToyworldTrainConfig, log: Jsonl
         from .evaluate import evaluate
 
         path = mp.run_stages(out, mp.ModelPhasesConfig(cfg.encoder, cfg.llm, cfg.stages), log, control)
-        results = evaluate(AnyModalPipeline.from_pretrained(path), n=st.eval_prompts, split="heldout", seed=st.seed,
-                           progress=control.progress)
+        results = evaluate(AnyModalPipeline.from_pretrained(path, device=control.device), n=st.eval_prompts,
+                           split="heldout", seed=st.seed, progress=control.progress)
         figures = {"heldout": {d: r.to_dict() for d, r in results.items()}}
         log.write(stage="final", event="eval", prompts_per_direction=st.eval_prompts, **figures)
         return path, figures
@@ -1242,6 +1299,18 @@ def check_same_config(path: Path, current: dict[str, Any], phase: str) -> None:
                          f"or delete {path.parent}")
 
 
+def _use_device(device: str) -> None:
+    """On a GPU: make it torch's current CUDA device (what ``"cuda"`` means to accelerate in the stages
+    and to diffusers) and allow TF32 matmuls and convolutions (the usual speed of fp32 training)."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return
+    if dev.index is not None:
+        torch.cuda.set_device(dev)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+
 def run_phase(phase: str, out: Path, cfg: ToyworldTrainConfig, control: RunControl, results_dir: Path | None,
               resume: bool) -> PhaseResult:
     """Run (or resume) one phase; returns what happened. Raises ``ValueError`` on misuse."""
@@ -1258,6 +1327,7 @@ def run_phase(phase: str, out: Path, cfg: ToyworldTrainConfig, control: RunContr
         raise ValueError(f"{state_dir} holds an unfinished run; pass --resume to continue it, or choose another --out")
     state_dir.mkdir(parents=True, exist_ok=True)
     check_same_config(state_dir / "config.json", _phase_settings(cfg, phase), phase)
+    _use_device(control.device)
     log = JsonlLog(out / "logs" / f"{phase}.jsonl")
     t0 = time.time()
     phase_cfg: Any
@@ -1277,12 +1347,13 @@ def run_phase(phase: str, out: Path, cfg: ToyworldTrainConfig, control: RunContr
             trainer, evaluator = _GENERATOR_PHASES[phase]
             path = trainer(out, phase_cfg, log, control)
             c = phase_cfg
-            figures = evaluator(path, c.final_eval_prompts, c.seed + 2000, c.sample_steps, c.guidance_scale)
+            figures = evaluator(path, c.final_eval_prompts, c.seed + 2000, c.sample_steps, c.guidance_scale,
+                                device=control.device)
             log.write(stage="final", event="eval", prompts_per_split=c.final_eval_prompts, **figures)
     except Stop as e:
         return PhaseResult(phase, "stopped", None, None, str(e))
     summary = {"phase": phase, "path": str(path), "figures": figures, "config": _phase_settings(cfg, phase),
-               "seconds_this_run": round(time.time() - t0, 1), "machine": _machine()}
+               "seconds_this_run": round(time.time() - t0, 1), "machine": _machine(control.device)}
     if phase in _GENERATOR_PHASES:
         batch = {"vae": phase_cfg.vae_batch_size, "unet": phase_cfg.batch_size}
         summary["speed"] = {stage: {"median_steps_per_s": _median_rate(log, stage), "batch_size": size}
@@ -1313,13 +1384,19 @@ def train(out: str | os.PathLike = "runs/toyworld", phases: Sequence[str] | None
           config: ToyworldTrainConfig | str = "default", max_minutes: float | None = None, resume: bool = False,
           results_dir: str | os.PathLike | None = "bench/results", progress: bool = True,
           stop_at_step: int | None = None, overrides: Sequence[str] = (), jobs: int = 1,
-          threads: int | None = None) -> list[PhaseResult]:
+          threads: int | None = None, device: str | None = "cpu") -> list[PhaseResult]:
     """Train the requested phases (default: all, in order) into ``out``.
 
     ``jobs`` > 1 runs up to that many phases at once, each in its own process, as soon as the
     phases it reads from (``REQUIRES``) have finished: on two cores, ``jobs=2`` trains the image
     generator beside the audio generator, the encoder and the LLM. ``threads`` sets each
     process's torch threads.
+
+    ``device`` is where every phase trains and evaluates: ``"cpu"`` (the default, and the timed
+    recipe), ``"cuda"``/``"cuda:N"``, ``"mps"``, or ``"auto"`` (a GPU when torch sees one). Models
+    are built and random draws are made on the CPU, so a run starts from the same weights and
+    batches on every device; results differ between devices only by floating-point rounding. A
+    run may be resumed on another device (checkpoints load onto whichever device resumes them).
 
     ``max_minutes`` bounds this invocation's wall time: the running phase checkpoints and stops,
     and a later call with ``resume=True`` carries on. ``overrides`` are ``section.field=value``
@@ -1339,7 +1416,8 @@ def train(out: str | os.PathLike = "runs/toyworld", phases: Sequence[str] | None
         raise ValueError(f"jobs must be an int >= 1, got {jobs!r}")
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads must be an int >= 1, got {threads!r}")
-    control = RunControl(None if max_minutes is None else time.time() + 60.0 * max_minutes, stop_at_step, progress)
+    control = RunControl(None if max_minutes is None else time.time() + 60.0 * max_minutes, stop_at_step, progress,
+                         resolve_device(device))
     out_path = Path(out)
     results_path = None if results_dir is None else Path(results_dir)
     if jobs > 1 and len(order) > 1:
@@ -1408,6 +1486,6 @@ def _train_parallel(order: list[str], out: Path, cfg: ToyworldTrainConfig, contr
 __all__ = ["AudioGeneratorPhase", "DiffusionRecipe", "EMA", "caption_aux_loss", "check_same_config",
            "eval_with_ema", "text_config_kwargs", "ImageGeneratorPhase", "JsonlLog", "OUTPUTS", "PHASES", "PRESETS", "PhaseResult", "REQUIRES",
            "RunControl", "TokenizerPhase", "ToyworldTrainConfig", "atomic_dir", "atomic_save", "build_tokenizer",
-           "check_requirements", "cosine_lr", "evaluate_image_generator", "evaluate_image_pipeline", "load_tokenizer",
-           "run_phase", "score_images", "train", "train_image_generator", "train_image_vae", "train_loop",
+           "check_requirements", "cosine_lr", "device_of", "evaluate_image_generator", "evaluate_image_pipeline",
+           "load_tokenizer", "resolve_device", "run_phase", "score_images", "train", "train_image_generator", "train_image_vae", "train_loop",
            "world_texts"]

@@ -39,8 +39,8 @@ import torch
 from ..modality import Modality
 from . import checkers, world
 from .train import (EMA, DiffusionRecipe, JsonlLog, RunControl, _check_recipe, _default_vae, _images_to_tensor, _latents,
-                    _new_vae, _noise_scheduler, _tokens, _train_denoiser, _train_vae, atomic_dir,
-                    caption_aux_loss, eval_with_ema, load_tokenizer, text_config_kwargs)
+                    _new_vae, _noise_scheduler, _to_device, _tokens, _train_denoiser, _train_vae, atomic_dir,
+                    caption_aux_loss, device_of, eval_with_ema, load_tokenizer, text_config_kwargs)
 
 PHASE = "video-generator"
 VAE_SOURCES: tuple[str, ...] = ("image-generator", "train")
@@ -199,7 +199,8 @@ def evaluate_video_pipeline(pipe: Any, n: int, seed: int, steps: int, guidance: 
     return out
 
 
-def evaluate_video_generator(directory: Path, n: int, seed: int, steps: int, guidance: float) -> dict[str, Any]:
+def evaluate_video_generator(directory: Path, n: int, seed: int, steps: int, guidance: float,
+                             device: str = "cpu") -> dict[str, Any]:
     """Load a saved pipeline through anymodal's ``text-to-video`` adapter and score its videos.
 
     The prompts are encoded by the generator's own text encoder (``encode_text``) and generated
@@ -209,6 +210,7 @@ def evaluate_video_generator(directory: Path, n: int, seed: int, steps: int, gui
     from anymodal.registry import GENERATORS
 
     gen = GENERATORS.get("text-to-video").from_config(generator_config(directory, steps, guidance))
+    gen.to(device)
     out: dict[str, Any] = {}
     with torch.random.fork_rng(devices=[]):
         for split, specs in video_eval_specs(n, seed).items():
@@ -233,8 +235,8 @@ def _vae_reconstruction_scores(vae: Any, bank: world.Bank, n: int = 100) -> dict
     """Checker accuracy of the VAE's reconstructions of real videos: the ceiling of the diffusion model."""
     n = min(n, len(bank))
     with torch.no_grad():
-        recon = vae.decode(vae.encode(_frames(bank.data[:n])).latent_dist.mean).sample
-    frames = ((recon.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+        recon = vae.decode(vae.encode(_frames(bank.data[:n]).to(device_of(vae))).latent_dist.mean).sample
+    frames = ((recon.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
     return score_videos(list(frames.reshape(n, -1, *frames.shape[1:])), bank.specs[:n])
 
 
@@ -260,7 +262,7 @@ def train_video_generator(out: Path, cfg: VideoGeneratorPhase, log: JsonlLog, co
     state_dir = out / "state" / PHASE
     state_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(out)
-    models = _build_video_models(cfg, tokenizer, _vae_source(out, state_dir, cfg))
+    models = _to_device(_build_video_models(cfg, tokenizer, _vae_source(out, state_dir, cfg)), control.device)
     vae, unet, text_encoder = models["vae"], models["unet"], models["text_encoder"]
 
     bank = world.make_bank(Modality.VIDEO, cfg.bank_size, "train", seed=cfg.seed)
