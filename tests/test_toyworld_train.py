@@ -188,8 +188,9 @@ def test_device_is_checked_before_anything_runs(tmp_path: Path, capsys):
 
     assert T.resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
     assert T.resolve_device(None) == T.resolve_device("auto") and T.resolve_device("cpu") == "cpu"
-    for bad, match in [("gpu", "unknown device 'gpu'; expected cpu, cuda, cuda:N, mps or auto"),
-                       ("meta", "device 'meta' is not supported here; expected cpu, cuda")]:
+    for bad, match in [("gpu", "unknown device 'gpu'; expected cpu, cuda, cuda:N or auto"),
+                       ("meta", "device 'meta' is not supported here; expected cpu, cuda"),
+                       ("mps", "device 'mps' is not supported here")]:
         with pytest.raises(ValueError, match=match):
             T.resolve_device(bad)
     if not torch.cuda.is_available():

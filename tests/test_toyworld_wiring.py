@@ -81,12 +81,15 @@ def test_every_phase_trains_on_a_gpu_and_a_cpu_run_resumes_there(tmp_path: Path)
     assert [r.status for r in _train(gpu, device="cuda")] == ["done"] * len(T.PHASES)
     for phase in T.PHASES:
         assert json.loads((gpu / "state" / phase / "done.json").read_text())["machine"]["device"] == "cuda"
+    stages = [r for r in T.JsonlLog(gpu / "logs" / "stages.jsonl").records() if r.get("event") == "done"]
+    assert [r["device"].split(":")[0] for r in stages] == ["cuda"] * 3  # accelerate's own placement
     pipe = AnyModalPipeline.from_pretrained(gpu / "final", device="cuda")
     assert pipe.device.type == "cuda" and pipe("draw a red circle on a blue background", seed=0, max_new_tokens=8)
     mixed = tmp_path / "mixed"  # checkpoints written on the CPU load onto the GPU
-    [r] = _train(mixed, ["tokenizer", "image-vae"], stop_at_step=1)[-1:]
+    longer = ["image_generator.vae_steps=2"]  # a loop of one step cannot stop half-way
+    [r] = _train(mixed, ["tokenizer", "image-vae"], stop_at_step=1, overrides=longer)[-1:]
     assert r.status == "stopped"
-    assert _train(mixed, ["image-vae"], resume=True, device="cuda")[0].status == "done"
+    assert _train(mixed, ["image-vae"], resume=True, device="cuda", overrides=longer)[0].status == "done"
 
 
 def test_model_phase_settings_are_set_able_and_bound_to_the_run(tmp_path: Path):

@@ -660,3 +660,18 @@ def test_saving_from_a_gathered_state_dict_matches(data_dir, tmp_path):
         assert torch.allclose(a[k], b[k], atol=1e-6), k
     with pytest.raises(ValueError, match="lacks trained parameters"):
         save_from_state_dict(TINY, tcfg, {}, tmp_path / "nothing")
+
+
+def test_a_run_on_another_device_gets_a_fresh_accelerate_state(monkeypatch):
+    """accelerate fixes one device per process at the first Accelerator; a later single-process run
+    asking for the other device must not silently keep it."""
+    from accelerate.state import PartialState
+
+    from anymodal.training.trainer import _release_other_device_state
+
+    PartialState(cpu=True)
+    _release_other_device_state(cpu=True)  # same device: the state stays
+    assert PartialState._shared_state and PartialState().device.type == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine
+    _release_other_device_state(cpu=False)
+    assert not PartialState._shared_state  # the next Accelerator chooses afresh

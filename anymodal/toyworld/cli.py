@@ -36,8 +36,8 @@ def _toyworld_args(p: argparse.ArgumentParser) -> None:
                    help="phases to run at once, each in its own process, once the phases they read from are "
                         "done (default 1; on 2 cores use --jobs 2 --threads 1)")
     t.add_argument("--device", default="cpu",
-                   help="where the phases train: cpu (default; the timed recipe), cuda, cuda:N, mps, or auto "
-                        "(a GPU when torch sees one)")
+                   help="where the phases train: cpu (default; the timed recipe), cuda, cuda:N, or auto "
+                        "(a CUDA GPU when torch sees one)")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
     s = sub.add_parser("ship", help="copy a finished run's pipeline (out/final) into the package's default model",
                        description="Save RUN_DIR/final with every component copied into DEST (default: the "

@@ -1084,7 +1084,7 @@ def run_stages(out: Path, cfg: ModelPhasesConfig, log: JsonlLog, control: RunCon
             # accelerate places the stage: on the CPU when asked, else on the current GPU (train() set it)
             result = train_stage(source, manifests[stage], run_dir, tcfg, resume=True, on_step=on_step,
                                  device="cpu" if torch.device(control.device).type == "cpu" else None)
-            log.write(stage=f"stage{stage}", event="done", steps=result.steps, samples=result.samples,
+            log.write(stage=f"stage{stage}", event="done", device=result.device, steps=result.steps, samples=result.samples,
                       last_loss=result.losses[-1] if result.losses else None, bad_rows=result.bad_rows,
                       samples_per_s=round(result.samples_per_s, 2), seconds=round(time.time() - t0, 1))
         source = str(final)

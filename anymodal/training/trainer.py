@@ -55,6 +55,7 @@ class TrainResult:
     samples_per_s: float = 0.0  # this session, all processes together
     bad_rows: int = 0
     pipeline: Any = None
+    device: str = "cpu"  # where accelerate placed this run (this process's device)
 
 
 @dataclass
@@ -105,6 +106,7 @@ def train(config: str | os.PathLike | AnyModalConfig, data: str | os.PathLike, o
         except ImportError:
             raise ValueError("training.tensorboard needs the tensorboard package (pip install tensorboard)") from None
         log_with = "tensorboard"
+    _release_other_device_state(cpu=device == "cpu" or forced_cpu)
     accelerator = Accelerator(
         gradient_accumulation_steps=tcfg.gradient_accumulation_steps, mixed_precision=tcfg.mixed_precision,
         cpu=device == "cpu", log_with=log_with, project_dir=str(out),
@@ -188,7 +190,7 @@ def train(config: str | os.PathLike | AnyModalConfig, data: str | os.PathLike, o
 
     # 5. the loop
     progress = _progress(main and tcfg.progress, total_steps, state.step, tcfg.stage)
-    result = TrainResult(out, None, state.step, state.samples)
+    result = TrainResult(out, None, state.step, state.samples, device=str(accelerator.device))
     bad_lines = set(state.bad_lines)
     session_samples, session_start = 0, time.perf_counter()
     step_losses: list[dict[str, torch.Tensor]] = []
@@ -400,6 +402,29 @@ def _output_captions(records: list, captions_are_outputs: bool) -> dict[Modality
                         if isinstance(p, MediaRef) and p.caption:
                             out.setdefault(p.modality, []).append(p.caption)
     return out
+
+
+def _release_other_device_state(cpu: bool) -> None:
+    """accelerate keeps one process-wide state, fixed by the first ``Accelerator``: a later run in the
+    same process that wants the other device would silently keep the first one (a GPU asked for, the
+    CPU kept) or fail (the CPU asked for after a GPU run). In a single, unlaunched process such a
+    run gets a fresh state; a launched multi-process run keeps the launcher's."""
+    from accelerate.state import AcceleratorState, DistributedType, PartialState
+
+    if not PartialState._shared_state:
+        return
+    state = PartialState()
+    if state.distributed_type != DistributedType.NO or state.num_processes > 1:
+        return
+    if cpu:
+        want = "cpu"
+    elif torch.cuda.is_available():
+        want = "cuda"
+    else:
+        want = "mps" if torch.backends.mps.is_available() else "cpu"
+    if state.device.type != want:
+        logger.info("accelerate ran on %s earlier in this process; starting a fresh state on %s", state.device, want)
+        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def _fill_target_cache(accelerator: Any, pipe: Any, captions: dict[Modality, list[str]], directory: Path
