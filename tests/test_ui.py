@@ -177,17 +177,27 @@ def test_browser_chat_shows_generated_image_and_playable_audio(browser, server, 
     wait.until(lambda d: d.execute_script("return arguments[0].currentTime", audio) > 0 or
                d.execute_script("return arguments[0].ended", audio))
 
-    # turn 2: upload an image and an audio file with the message; both turns stay visible
+    # turn 2: upload an image, an audio file and a video with the message; both turns stay visible
+    import imageio.v3 as iio
+
     (tmp_path / "up.png").write_bytes(png_bytes())
     (tmp_path / "up.wav").write_bytes(wav_bytes())
+    frames = np.zeros((8, 32, 32, 3), np.uint8)
+    for t in range(8):
+        frames[t, 12:20, 2 + 3 * t: 10 + 3 * t] = (255, 0, 0)  # a red square moving right
+    iio.imwrite(tmp_path / "up.webm", frames, extension=".webm", codec="libvpx", fps=4, macro_block_size=1)
     browser.find_element(By.ID, "image").send_keys(str(tmp_path / "up.png"))
     browser.find_element(By.ID, "audio").send_keys(str(tmp_path / "up.wav"))
+    browser.find_element(By.ID, "video").send_keys(str(tmp_path / "up.webm"))
     browser.find_element(By.ID, "text").send_keys("hello")
     browser.find_element(By.ID, "send").click()
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".turn")) == 4)
     user2 = browser.find_elements(By.CSS_SELECTOR, ".turn.user")[1]
     assert "hello" in user2.text
     assert user2.find_element(By.TAG_NAME, "img") and user2.find_element(By.TAG_NAME, "audio")
+    video = user2.find_element(By.TAG_NAME, "video")  # the browser decoded the uploaded WebM
+    wait.until(lambda d: d.execute_script("return arguments[0].readyState", video) >= 1)
+    assert browser.execute_script("return arguments[0].videoWidth", video) == 32
     assert browser.find_element(By.ID, "status").text == ""
 
     # a reload shows the same conversation

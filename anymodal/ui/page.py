@@ -16,7 +16,8 @@ PAGE = r"""<!doctype html>
   .turn .who { font-size: 0.75rem; color: #666; display: block; margin-bottom: 0.3rem; }
   .turn img { display: block; max-width: 16rem; min-width: 8rem; image-rendering: pixelated; margin: 0.4rem 0;
               border-radius: 0.3rem; }
-  .turn audio { display: block; margin: 0.4rem 0; }
+  .turn audio, .turn video { display: block; margin: 0.4rem 0; }
+  .turn video { max-width: 16rem; }
   #composer { position: fixed; bottom: 0; left: 0; right: 0; background: #fff; border-top: 1px solid #ccc;
               padding: 0.7rem; }
   #composer .row { max-width: 52rem; margin: 0 auto; display: flex; gap: 0.5rem; align-items: flex-end; flex-wrap: wrap; }
@@ -35,6 +36,7 @@ PAGE = r"""<!doctype html>
     <textarea id="text" name="text" placeholder="Message (Enter to send, Shift+Enter for a new line)"></textarea>
     <label class="file" data-kind="image">image <input id="image" name="image" type="file" accept="image/*" multiple></label>
     <label class="file" data-kind="audio">audio <input id="audio" name="audio" type="file" accept="audio/*" multiple></label>
+    <label class="file" data-kind="video">video <input id="video" name="video" type="file" accept="video/*,image/gif" multiple></label>
     <button id="send" type="submit">Send</button>
   </div>
   <div id="status"></div>
@@ -64,7 +66,15 @@ function mediaElement(item) {
     el.src = item.url;
     return el;
   }
-  const el = document.createElement("img");  // images, and videos (animated GIFs)
+  if (item.kind === "video" && !/\.gif$/i.test(item.url)) {  // an uploaded MP4 or WebM
+    const el = document.createElement("video");
+    el.controls = true;
+    el.muted = true;
+    el.preload = "metadata";
+    el.src = item.url;
+    return el;
+  }
+  const el = document.createElement("img");  // images, and videos as animated GIFs
   el.src = item.url;
   el.alt = "generated " + item.kind;
   return el;
