@@ -33,6 +33,10 @@ def pipe():
 @pytest.fixture(scope="module")
 def server(pipe, tmp_path_factory):
     """The app served by uvicorn on 127.0.0.1 in a thread; yields its base URL."""
+    yield from _serving(pipe, tmp_path_factory.mktemp("ui-media"))
+
+
+def _serving(pipe, media_dir: Path):
     import uvicorn
 
     from anymodal.ui import create_app
@@ -40,7 +44,7 @@ def server(pipe, tmp_path_factory):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    app = create_app(pipe, media_dir=tmp_path_factory.mktemp("ui-media"), seed=0)
+    app = create_app(pipe, media_dir=media_dir, seed=0)
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
@@ -113,6 +117,62 @@ def test_api_turns_media_and_errors(server):
     assert status == 404
     with urllib.request.urlopen(f"{server}/api/sessions/{sid}") as r:
         assert len(json.loads(r.read())["turns"]) == 2
+
+
+def _post(url, data=b"", headers=None):
+    import json
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, data=data, headers=headers or {}, method="POST")
+    try:
+        with urllib.request.urlopen(req) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def _get(url):
+    import json
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url) as r:
+            body = r.read()
+            return r.status, json.loads(body) if r.headers.get_content_type() == "application/json" else body
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_a_restarted_server_carries_on_its_sessions(pipe, tmp_path):
+    media_dir = tmp_path / "media"
+    boundary = "XyZ"
+    form = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"text\"\r\n\r\nshow and play\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"up.png\"\r\n\r\n"
+            ).encode() + png_bytes() + f"\r\n--{boundary}--\r\n".encode()
+    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    first = _serving(pipe, media_dir)
+    url = next(first)
+    status, body = _post(url + "/api/sessions")
+    sid = body["id"]
+    assert _post(f"{url}/api/sessions/{sid}/send", form, headers)[0] == 200
+    status, before = _get(f"{url}/api/sessions/{sid}")
+    assert status == 200 and len(before["turns"]) == 2
+    next(first, None)  # stop the server: the sessions in its memory are gone
+
+    second = _serving(pipe, media_dir)
+    url = next(second)
+    status, after = _get(f"{url}/api/sessions/{sid}")
+    assert status == 200 and after == before  # the same turns, the same media URLs
+    for item in after["turns"][0]["media"] + after["turns"][1]["media"]:
+        assert _get(url + item["url"])[0] == 200
+    status, body = _post(f"{url}/api/sessions/{sid}/send", form, headers)  # and the conversation goes on
+    assert status == 200 and len(_get(f"{url}/api/sessions/{sid}")[1]["turns"]) == 4
+    for bad in ("0" * 32, "..", "session"):
+        assert _get(f"{url}/api/sessions/{bad}")[0] == 404
+    assert _get(f"{url}/media/{sid}/{'web.json'}")[0] == 404  # only the session's media are served
+    next(second, None)
 
 
 def test_serve_binds_to_loopback_by_default():

@@ -15,7 +15,8 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     p.add_argument("--seed", type=int, default=0, help="seed of each session's first reply (default 0)")
     p.add_argument("--media-dir", default=None,
-                   help="where uploads and generated media are kept (default: a temporary directory)")
+                   help="where uploads, generated media and saved sessions are kept; a server restarted on the "
+                        "same directory carries on its sessions (default: a new temporary directory)")
     p.add_argument("--max-new-tokens", type=int, default=None)
 
 

@@ -4,18 +4,22 @@ Routes:
     GET  /                          the page
     POST /api/sessions              start a session -> {"id": ...}
     GET  /api/sessions/{id}         its turns
-    POST /api/sessions/{id}/send    multipart form: ``text``, ``image`` and ``audio`` files (repeatable)
+    POST /api/sessions/{id}/send    multipart form: ``text``, ``image``, ``audio`` and ``video`` files (repeatable)
                                     -> {"user": turn, "reply": turn}
     GET  /media/{id}/{name}         an uploaded or generated file of that session
 
 A turn is ``{"role", "text", "media": [{"kind": "image"|"audio"|"video", "url"}]}``; ``text`` marks
-each medium with its placeholder. Sessions live in memory (the oldest are dropped past
-``max_sessions``); their files live under ``media_dir``. One reply is generated at a time, because
-a pipeline is not safe to call from several threads at once.
+each medium with its placeholder. Each session lives in ``media_dir/<id>/``: its uploads and
+generated files, and after every turn the saved :class:`ChatSession` (``session/``, swapped in
+whole) and what the page shows (``web.json``). Up to ``max_sessions`` are kept in memory; any other
+is loaded from its directory when asked for, so a server restarted on the same ``media_dir``
+carries on its conversations. One reply is generated at a time, because a pipeline is not safe to
+call from several threads at once.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import tempfile
@@ -36,6 +40,7 @@ from starlette.routing import Route
 from ..media import save_image, save_video
 from ..modality import Modality
 from ..session import ChatSession, Turn
+from ..utils import atomic_write_text
 from .page import PAGE
 
 logger = logging.getLogger(__name__)
@@ -43,6 +48,9 @@ logger = logging.getLogger(__name__)
 MAX_UPLOAD_BYTES = 50 * 1024 * 1024
 _UPLOAD_KINDS = {"image": Modality.IMAGE, "audio": Modality.AUDIO, "video": Modality.VIDEO}
 _SUFFIX = re.compile(r"^\.[A-Za-z0-9]{1,8}$")
+_SESSION_ID = re.compile(r"^[0-9a-f]{32}$")  # uuid4().hex: nothing else names a session directory
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9]{1,8})?$")  # the names the server gives files
+WEB_FILE = "web.json"
 
 
 @dataclass
@@ -75,17 +83,50 @@ class SessionStore:
         sid = uuid.uuid4().hex
         directory = self.media_dir / sid
         directory.mkdir(parents=True)
-        with self._lock:
-            self.sessions[sid] = _WebSession(ChatSession(self.pipe, seed=self.seed, max_new_tokens=self.max_new_tokens),
-                                             directory)
-            while len(self.sessions) > self.max_sessions:
-                old_id, old = self.sessions.popitem(last=False)
-                logger.info("dropping the oldest session %s", old_id)
+        self._keep(sid, _WebSession(ChatSession(self.pipe, seed=self.seed, max_new_tokens=self.max_new_tokens),
+                                    directory))
         return sid
 
-    def get(self, sid: str) -> _WebSession | None:
+    def _keep(self, sid: str, web: _WebSession) -> _WebSession:
         with self._lock:
-            return self.sessions.get(sid)
+            web = self.sessions.setdefault(sid, web)  # two requests loading one session keep one copy
+            self.sessions.move_to_end(sid)
+            while len(self.sessions) > self.max_sessions:
+                old_id, _ = self.sessions.popitem(last=False)
+                logger.info("unloading the least recently used session %s (it stays on disk)", old_id)
+        return web
+
+    def get(self, sid: str) -> _WebSession | None:
+        """The session ``sid``: from memory, else from its directory (``None`` if it has none)."""
+        with self._lock:
+            web = self.sessions.get(sid)
+            if web is not None:
+                self.sessions.move_to_end(sid)
+                return web
+        if not _SESSION_ID.match(sid) or not (self.media_dir / sid / WEB_FILE).is_file():
+            return None
+        try:
+            web = self._load(sid)
+        except (OSError, ValueError, KeyError) as e:
+            logger.warning("cannot load session %s from %s: %s", sid, self.media_dir / sid, e)
+            return None
+        return self._keep(sid, web)
+
+    def save(self, sid: str, web: _WebSession) -> None:
+        """Write the session (after a turn): the chat first, then what the page shows."""
+        web.chat.save(web.directory / "session")
+        atomic_write_text(web.directory / WEB_FILE, json.dumps(
+            {"turn_media": web.turn_media, "files": sorted(web.files)}, indent=1) + "\n")
+
+    def _load(self, sid: str) -> _WebSession:
+        directory = self.media_dir / sid
+        state = json.loads((directory / WEB_FILE).read_text())
+        chat = ChatSession.load(directory / "session", self.pipe)
+        turn_media = [list(m) for m in state["turn_media"]][: len(chat.turns)]
+        turn_media += [[] for _ in range(len(chat.turns) - len(turn_media))]  # a save cut between the two files
+        files = {name: directory / name for name in state["files"]
+                 if _SAFE_NAME.match(name) and (directory / name).is_file()}
+        return _WebSession(chat, directory, files, turn_media)
 
 
 def _turn_json(turn: Turn, media: list[dict[str, str]]) -> dict[str, Any]:
@@ -157,6 +198,10 @@ def create_app(pipe, media_dir: str | Path | None = None, seed: int | None = 0,
                                       videos=uploads.get(Modality.VIDEO))
                 reply_media = _write_generated(web, sid, len(web.chat.turns), reply)
                 web.turn_media += [user_media, reply_media]
+                try:
+                    store.save(sid, web)
+                except OSError as e:  # the previous save stays whole; the conversation goes on in memory
+                    logger.warning("cannot save session %s: %s", sid, e)
                 return {"user": _turn_json(web.chat.turns[-2], user_media), "reply": _turn_json(reply, reply_media)}
 
         try:
