@@ -29,7 +29,7 @@ from .modality import MEDIA_MODALITIES, Modality
 from .model import AnyModalModel, add_token_rows, load_language_model, load_tokenizer
 from .processor import AnyModalProcessor, Message
 from .registry import ENCODERS, GENERATORS, _load_builtin
-from .utils import atomic_write_text, swap_dir_into_place
+from .utils import atomic_write_text, peft_quietly, swap_dir_into_place
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +140,8 @@ class AnyModalPipeline:
         if saved.get("adapter"):
             from peft import PeftModel
 
-            model.language_model = PeftModel.from_pretrained(model.language_model, str(path / saved["adapter"]))
+            with peft_quietly():
+                model.language_model = PeftModel.from_pretrained(model.language_model, str(path / saved["adapter"]))
         generators = {}
         for m, g in config.generators.items():
             entry = saved["generators"][m.value]
@@ -486,7 +487,8 @@ def _apply_lora(model: AnyModalModel, config: AnyModalConfig, processor: AnyModa
     lc = config.llm.lora
     peft_cfg = LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=list(lc.target_modules),
                           task_type="CAUSAL_LM")
-    model.language_model = get_peft_model(model.language_model, peft_cfg)
+    with peft_quietly():
+        model.language_model = get_peft_model(model.language_model, peft_cfg)
 
 
 def _is_peft(lm) -> bool:

@@ -117,3 +117,14 @@ def quiet_loading(show_bars: bool = True) -> Iterator[None]:
         source.removeFilter(drop)
         (dlog.enable_progress_bar if bars[0] else dlog.disable_progress_bar)()
         (tlog.enable_progress_bar if bars[1] else tlog.disable_progress_bar)()
+
+
+@contextlib.contextmanager
+def peft_quietly() -> Iterator[None]:
+    """Wrap a model with peft without transformers' FutureWarning that peft's own
+    ``is_gradient_checkpointing`` lookup triggers (peft's to fix; nothing a user can act on)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield

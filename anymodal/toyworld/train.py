@@ -72,7 +72,7 @@ import torch
 import torch.nn.functional as F
 
 from ..modality import Modality
-from ..utils import atomic_write_text
+from ..utils import atomic_write_text, quiet_loading
 from . import checkers, world
 
 if TYPE_CHECKING:
@@ -775,9 +775,10 @@ def _assemble_pipeline(models: dict[str, torch.nn.Module], tokenizer: Any, cfg: 
     tok.model_max_length = cfg.prompt_length
     # steps_offset only matters for "leading" spacing; 1 is what StableDiffusionPipeline checks for.
     scheduler = DPMSolverMultistepScheduler.from_config(_noise_scheduler().config, steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=models["vae"], text_encoder=models["text_encoder"], tokenizer=tok,
-                                   unet=models["unet"], scheduler=scheduler, safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    with quiet_loading():  # no notice that the wrapped pipeline class is deprecated
+        pipe = StableDiffusionPipeline(vae=models["vae"], text_encoder=models["text_encoder"], tokenizer=tok,
+                                       unet=models["unet"], scheduler=scheduler, safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -1064,8 +1065,9 @@ def _assemble_audio_pipeline(models: dict[str, torch.nn.Module], tokenizer: Any,
     tok = copy.deepcopy(tokenizer)
     tok.model_max_length = cfg.prompt_length
     scheduler = DPMSolverMultistepScheduler.from_config(_noise_scheduler().config, steps_offset=1)
-    pipe = AudioLDMPipeline(vae=models["vae"], text_encoder=models["text_encoder"], tokenizer=tok,
-                            unet=models["unet"], scheduler=scheduler, vocoder=models["vocoder"])
+    with quiet_loading():
+        pipe = AudioLDMPipeline(vae=models["vae"], text_encoder=models["text_encoder"], tokenizer=tok,
+                                unet=models["unet"], scheduler=scheduler, vocoder=models["vocoder"])
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from ..modality import Modality
+from ..utils import quiet_loading
 from . import checkers, world
 from .train import (EMA, DiffusionRecipe, JsonlLog, RunControl, _check_recipe, _default_vae, _images_to_tensor, _latents,
                     _new_vae, _noise_scheduler, _to_device, _tokens, _train_denoiser, _train_vae, atomic_dir,
@@ -153,8 +154,9 @@ def _assemble_video_pipeline(models: dict[str, torch.nn.Module], tokenizer: Any,
     tok = copy.deepcopy(tokenizer)
     tok.model_max_length = cfg.prompt_length
     scheduler = DPMSolverMultistepScheduler.from_config(_noise_scheduler().config, steps_offset=1)
-    pipe = TextToVideoSDPipeline(vae=models["vae"], text_encoder=models["text_encoder"], tokenizer=tok,
-                                 unet=models["unet"], scheduler=scheduler)
+    with quiet_loading():  # no notice that the wrapped pipeline class is deprecated
+        pipe = TextToVideoSDPipeline(vae=models["vae"], text_encoder=models["text_encoder"], tokenizer=tok,
+                                     unet=models["unet"], scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -18,6 +18,7 @@ from torch import nn
 from anymodal.config import LoraConfig
 from anymodal.modality import Modality
 from anymodal.model import AnyModalModel
+from anymodal.utils import peft_quietly
 
 from .config import TrainingConfig
 from .data import Batch
@@ -157,7 +158,8 @@ def apply_lora(pipe: Any, training: TrainingConfig, token_ids: list[int]) -> Non
         kwargs["trainable_token_indices"] = indices
     peft_cfg = PeftLoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
                               target_modules=list(lc.target_modules), task_type="CAUSAL_LM", **kwargs)
-    pipe.model.language_model = get_peft_model(lm, peft_cfg)
+    with peft_quietly():
+        pipe.model.language_model = get_peft_model(lm, peft_cfg)
     pipe.config.llm.lora = lc  # the saved index records the adapter's shape
 
 
