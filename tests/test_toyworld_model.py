@@ -133,6 +133,21 @@ def test_encoder_resumes_bit_identically_and_loads_from_its_safetensors(base: Pa
     assert torch.equal(enc(Modality.IMAGE, x), ref(Modality.IMAGE, x))
 
 
+def test_encoder_can_learn_shape_off_the_palette_only(base: Path, tmp_path: Path):
+    from dataclasses import replace
+
+    with pytest.raises(ValueError, match="shape_off_palette_only needs augmented renders"):
+        MP.EncoderPhase(shape_off_palette_only=True, augment_fraction=0.0)
+    cfg = replace(SMOKE.encoder, shape_off_palette_only=True)
+    assert cfg.augment_fraction > 0
+    plain = _copy_base(base, tmp_path / "plain", "tokenizer")
+    masked = _copy_base(base, tmp_path / "masked", "tokenizer")
+    a = _weights(MP.train_encoder(plain, SMOKE.encoder, _log(plain, "encoder"), _control()))
+    b = _weights(MP.train_encoder(masked, cfg, _log(masked, "encoder"), _control()))
+    assert a.keys() == b.keys() and not all(torch.equal(a[k], b[k]) for k in a)  # the shape losses differ
+    assert json.loads((masked / "state" / "encoder" / "config.json").read_text())["shape_off_palette_only"] is True
+
+
 def test_llm_resumes_bit_identically_and_saves_with_its_tokenizer(base: Path, trained: Path, tmp_path: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

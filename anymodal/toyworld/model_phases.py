@@ -126,10 +126,17 @@ class EncoderPhase:
     # _augmented_bank): held-out combinations (a blue triangle, an E4 sawtooth) need colour read apart
     # from shape and pitch apart from timbre. 0 turns it off.
     augment_fraction: float = 1.0
+    # Learn shape (images, videos) only from the augmented renders painted off the palette: the world
+    # renders keep their other labels but not their shape's, so the shape classifier never sees a
+    # palette colour and cannot learn that one colour is never a given shape (the held-out pairs).
+    shape_off_palette_only: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.augment_fraction <= 4.0:
             raise ValueError(f"encoder.augment_fraction must be in [0, 4], got {self.augment_fraction!r}")
+        if self.shape_off_palette_only and self.augment_fraction <= 0:
+            raise ValueError("encoder.shape_off_palette_only needs augmented renders (encoder.augment_fraction > 0): "
+                             "they are then the only renders that teach shape")
 
 
 def _default_llm() -> dict[str, Any]:
@@ -547,6 +554,9 @@ def train_encoder(out: Path, cfg: EncoderPhase, log: JsonlLog, control: RunContr
     t0 = time.time()
     bank = _encoder_bank(enc, cfg, cfg.bank_size, "train", cfg.seed, state_dir / "bank.pt")
     n_aug = int(round(cfg.augment_fraction * cfg.bank_size))
+    if cfg.shape_off_palette_only:  # keep the world renders' other labels; shape comes from the augmented ones
+        bank = {m: (x, {f: torch.full_like(t, -100) if f == "shape" else t for f, t in y.items()})
+                for m, (x, y) in bank.items()}
     if n_aug:
         aug = _augmented_bank(enc, n_aug, cfg.seed + 7000, state_dir / "bank-augmented.pt")
         bank = {m: (torch.cat([x, aug[m][0]]), {f: torch.cat([y[f], aug[m][1][f]]) for f in y})
