@@ -192,12 +192,58 @@ def test_ship_cli(run: Path, tmp_path: Path, capsys, monkeypatch):
     assert "run the 'stages' phase first" in capsys.readouterr().err
 
 
+def test_a_phase_follows_the_thread_share_between_steps(tmp_path: Path):
+    """ThreadShare: the scheduler's file is read between steps; a new share is applied and logged."""
+    assert T.ThreadShare.split(2, ["a", "b"]) == {"a": 1, "b": 1}
+    assert T.ThreadShare.split(2, ["a"]) == {"a": 2}
+    assert T.ThreadShare.split(5, ["a", "b"]) == {"a": 3, "b": 2}
+    assert T.ThreadShare.split(1, ["a", "b"]) == {"a": 1, "b": 1}  # never 0
+    share = tmp_path / "threads.json"
+    share.write_text(json.dumps({"unet": 1, "other": 1}))
+    control = T.RunControl(progress=False, threads=T.ThreadShare(share, "unet"))
+    control.threads.current = 1
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    seen: list[int] = []
+
+    def step(step: int) -> float:
+        seen.append(torch.get_num_threads())
+        if step == 2:  # the scheduler: "other" ended and nothing starts in its place
+            tmp = tmp_path / "tmp.json"
+            tmp.write_text(json.dumps({"unet": 2}))
+            os.replace(tmp, share)
+        return float(model(torch.ones(1, 2)).sum())
+
+    log = T.JsonlLog(tmp_path / "log.jsonl")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        T.train_loop(stage="unet", total=5, ckpt=tmp_path / "c.ckpt", modules={"m": model}, optimizer=opt,
+                     gen=torch.Generator().manual_seed(0), ema=None, step_fn=step, lr_fn=lambda s: 0.1, log=log,
+                     checkpoint_every=10, log_every=10, control=control)
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [1, 1, 1, 2, 2]
+    assert [(r["stage"], r["step"], r["threads"]) for r in log.records() if r.get("event") == "threads"] == [
+        ("unet", 3, 2)]
+
+
 def test_parallel_jobs_match_a_sequential_run(run: Path, tmp_path: Path):
-    """--jobs 2: phases run in two processes as their inputs allow, with the same weights as one by one."""
+    """--jobs 2 --fixed-threads: phases run in two processes as their inputs allow, with the same
+    weights as one by one; without --fixed-threads a phase that starts alone gets every thread."""
     phases = ["tokenizer", "image-vae", "image-generator", "encoder"]  # image-vae and encoder need nothing
-    results = _train(tmp_path, phases, jobs=2, threads=1)
+    results = _train(tmp_path, phases, jobs=2, threads=1, share_idle_cores=False)
     assert [(r.phase, r.status) for r in results] == [(p, "done") for p in phases]
     for rel in ("encoder/model.safetensors", "image-generator/unet/diffusion_pytorch_model.safetensors"):
         assert (tmp_path / rel).read_bytes() == (run / rel).read_bytes(), rel
+    assert not (tmp_path / "state" / "threads.json").exists()
+
+    def threads_of(out: Path, phase: str) -> int:
+        return json.loads((out / "state" / phase / "done.json").read_text())["machine"]["torch_threads"]
+
+    assert {threads_of(tmp_path, p) for p in phases} == {1}
+    shared = tmp_path / "shared"  # the audio generator needs the tokenizer: each runs alone, with both threads
+    assert [r.status for r in _train(shared, ["tokenizer", "audio-generator"], jobs=2, threads=1)] == ["done"] * 2
+    assert threads_of(shared, "tokenizer") == threads_of(shared, "audio-generator") == 2
     with pytest.raises(ValueError, match="jobs must be an int >= 1"):
         _train(tmp_path, phases, jobs=0)

@@ -35,6 +35,10 @@ def _toyworld_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--jobs", type=int, default=1,
                    help="phases to run at once, each in its own process, once the phases they read from are "
                         "done (default 1; on 2 cores use --jobs 2 --threads 1)")
+    t.add_argument("--fixed-threads", action="store_true",
+                   help="with --jobs and --threads: keep every phase at --threads. By default a phase takes "
+                        "the threads of one that ended when nothing can start in its place (faster; the "
+                        "weights then depend on when that happened, so they repeat only to rounding)")
     t.add_argument("--device", default="cpu",
                    help="where the phases train: cpu (default; the timed recipe), cuda, cuda:N, or auto "
                         "(a CUDA GPU when torch sees one)")
@@ -69,7 +73,8 @@ def toyworld_command(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     results = train(args.out, phases=args.phase, config=args.preset, max_minutes=args.max_minutes,
                     resume=args.resume, results_dir=args.results, progress=not args.no_progress,
-                    overrides=args.overrides, jobs=args.jobs, threads=args.threads, device=args.device)
+                    overrides=args.overrides, jobs=args.jobs, threads=args.threads, device=args.device,
+                    share_idle_cores=not args.fixed_threads)
     for r in results:
         print(r.message)
         if r.figures:

@@ -509,11 +509,51 @@ class RunControl:
     stop_at_step: int | None = None
     progress: bool = True
     device: str = "cpu"  # where the phases train and evaluate (resolve_device's answer)
+    threads: "ThreadShare | None" = None  # set in a worker of a parallel run that shares idle cores
 
     def should_stop(self, step: int) -> bool:
         if self.stop_at_step is not None and step >= self.stop_at_step:
             return True
         return self.deadline is not None and time.time() >= self.deadline
+
+
+class ThreadShare:
+    """How many torch threads one phase of a parallel run may use, as the scheduler last said.
+
+    The scheduler (:func:`_train_parallel`) rewrites a small JSON file, ``{phase: threads}``,
+    whenever phases start or end; :func:`train_loop` calls :meth:`follow` between steps, which
+    re-reads it only when it changed and applies this phase's share with ``torch.set_num_threads``.
+    """
+
+    def __init__(self, path: Path, phase: str):
+        self.path, self.phase = Path(path), phase
+        self._seen: tuple[int, int, int] | None = None
+        self.current: int | None = None
+
+    @staticmethod
+    def split(budget: int, phases: Sequence[str]) -> dict[str, int]:
+        """``budget`` threads over ``phases`` (in start order): equal shares, the first ones get the rest."""
+        each, extra = divmod(budget, max(len(phases), 1))
+        return {p: max(1, each + (i < extra)) for i, p in enumerate(phases)}
+
+    def follow(self) -> int | None:
+        """Apply this phase's share if the file changed since the last call; the new count, or None."""
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return None
+        if (st.st_ino, st.st_mtime_ns, st.st_size) == self._seen:  # rewritten by rename: a new inode
+            return None
+        self._seen = (st.st_ino, st.st_mtime_ns, st.st_size)
+        try:
+            n = json.loads(self.path.read_text()).get(self.phase)
+        except (OSError, ValueError):  # written atomically, so only a foreign edit gets here
+            return None
+        if not isinstance(n, int) or n < 1 or n == self.current:
+            return None
+        self.current = n
+        torch.set_num_threads(n)
+        return n
 
 
 DEVICES = "cpu, cuda, cuda:N or auto"
@@ -603,6 +643,8 @@ def train_loop(*, stage: str, total: int, ckpt: Path, modules: dict[str, torch.n
             if ema is not None:
                 ema.update(step)
             done = step + 1
+            if control.threads is not None and (n := control.threads.follow()) is not None:
+                log.write(stage=stage, step=done, event="threads", threads=n)
             running = loss if running is None else 0.95 * running + 0.05 * loss
             rate = (done - s0) / max(time.time() - t0, 1e-9)
             bar.update(1)
@@ -1382,13 +1424,20 @@ def train(out: str | os.PathLike = "runs/toyworld", phases: Sequence[str] | None
           config: ToyworldTrainConfig | str = "default", max_minutes: float | None = None, resume: bool = False,
           results_dir: str | os.PathLike | None = "bench/results", progress: bool = True,
           stop_at_step: int | None = None, overrides: Sequence[str] = (), jobs: int = 1,
-          threads: int | None = None, device: str | None = "cpu") -> list[PhaseResult]:
+          threads: int | None = None, device: str | None = "cpu",
+          share_idle_cores: bool = True) -> list[PhaseResult]:
     """Train the requested phases (default: all, in order) into ``out``.
 
     ``jobs`` > 1 runs up to that many phases at once, each in its own process, as soon as the
     phases it reads from (``REQUIRES``) have finished: on two cores, ``jobs=2`` trains the image
     generator beside the audio generator, the encoder and the LLM. ``threads`` sets each
-    process's torch threads.
+    process's torch threads. With ``share_idle_cores`` (the default) and ``threads`` given, the
+    ``jobs * threads`` threads are shared among the phases running at the moment: when a phase ends
+    and nothing can start in its place, the others take its threads (between two steps; a phase
+    that starts later takes them back), and the stages, which always run alone, start with all of
+    them. Thread counts change floating-point rounding, so such a run's weights depend on when
+    phases ended; ``share_idle_cores=False`` keeps every phase at ``threads`` for weights that
+    repeat bit for bit from run to run.
 
     ``device`` is where every phase trains and evaluates: ``"cpu"`` (the default, and the timed
     recipe), ``"cuda"``/``"cuda:N"``, or ``"auto"`` (a CUDA GPU when torch sees one). Models are
@@ -1421,7 +1470,7 @@ def train(out: str | os.PathLike = "runs/toyworld", phases: Sequence[str] | None
     results_path = None if results_dir is None else Path(results_dir)
     if jobs > 1 and len(order) > 1:
         return _train_parallel(sorted(order, key=PHASES.index), out_path, cfg, control, results_path, resume, jobs,
-                               threads)
+                               threads, share_idle_cores)
     if threads is not None:
         torch.set_num_threads(threads)
     results: list[PhaseResult] = []
@@ -1433,19 +1482,27 @@ def train(out: str | os.PathLike = "runs/toyworld", phases: Sequence[str] | None
     return results
 
 
-def _phase_worker(threads: int | None, *args: Any) -> PhaseResult:
-    """One phase in a worker process (spawned: a fresh interpreter, its own torch threads)."""
+def _phase_worker(threads: int | None, share: Path | None, phase: str, out: Path, cfg: ToyworldTrainConfig,
+                  control: RunControl, *args: Any) -> PhaseResult:
+    """One phase in a worker process (spawned: a fresh interpreter, its own torch threads), following
+    the scheduler's thread shares when ``share`` names its file."""
     if threads is not None:
         torch.set_num_threads(threads)
+    if share is not None:
+        control = replace(control, threads=ThreadShare(share, phase))
+        control.threads.current = threads
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    return run_phase(*args)
+    return run_phase(phase, out, cfg, control, *args)
 
 
 def _train_parallel(order: list[str], out: Path, cfg: ToyworldTrainConfig, control: RunControl,
-                    results_dir: Path | None, resume: bool, jobs: int, threads: int | None) -> list[PhaseResult]:
+                    results_dir: Path | None, resume: bool, jobs: int, threads: int | None,
+                    share_idle_cores: bool = True) -> list[PhaseResult]:
     """Run ``order`` with up to ``jobs`` phases at once, each starting once the phases of ``order``
     it requires have finished. A stopped phase (``max_minutes``) starts nothing new; a failed one
-    cancels what has not started and re-raises once the running phases have ended."""
+    cancels what has not started and re-raises once the running phases have ended. With
+    ``share_idle_cores`` and ``threads``, ``jobs * threads`` threads are split among the running
+    phases (:class:`ThreadShare`) each time the set of running phases changes."""
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 
@@ -1455,14 +1512,26 @@ def _train_parallel(order: list[str], out: Path, cfg: ToyworldTrainConfig, contr
     running: dict[Future, str] = {}
     error: BaseException | None = None
     stopped = False
+    share = out / "state" / "threads.json" if share_idle_cores and threads is not None else None
+    written: dict[str, int] | None = None
     with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         while True:
+            starting: list[str] = []
             if error is None and not stopped:
                 for p in [p for p in pending if all(r in finished or r not in order for r in REQUIRES[p])]:
-                    if len(running) >= jobs:
+                    if len(running) + len(starting) >= jobs:
                         break
                     pending.remove(p)
-                    running[pool.submit(_phase_worker, threads, p, out, cfg, control, results_dir, resume)] = p
+                    starting.append(p)
+            shares = {p: threads for p in starting}
+            if share is not None and (running or starting):
+                shares = ThreadShare.split(jobs * threads, [*running.values(), *starting])
+                if shares != written:  # a phase ended with nothing to start in its place, or one starts
+                    share.parent.mkdir(parents=True, exist_ok=True)
+                    atomic_write_text(share, json.dumps(shares) + "\n")
+                    written = shares
+            for p in starting:
+                running[pool.submit(_phase_worker, shares[p], share, p, out, cfg, control, results_dir, resume)] = p
             if not running:
                 break
             done, _ = wait(running, return_when=FIRST_COMPLETED)
