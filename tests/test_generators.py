@@ -137,6 +137,23 @@ def same(a: list, b: list) -> bool:
     return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(arrays(a), arrays(b)))
 
 
+def close(a: list, b: list, rel: float = 1e-4) -> bool:
+    """Equal to within ``rel`` of each array's largest magnitude: float rounding, as when reloaded
+    weights (bit-identical) sit at other addresses and an AVX2 kernel sums in another order."""
+    return len(a) == len(b) and all(
+        x.shape == y.shape and float(np.abs(x - y).max()) <= rel * max(float(np.abs(x).max()), 1e-30)
+        for x, y in zip(arrays(a), arrays(b)))
+
+
+def assert_same_weights(a, b) -> None:
+    """Every torch module of two wrapped diffusers pipelines holds bit-identical tensors."""
+    for name, module in a.pipeline.components.items():
+        if isinstance(module, torch.nn.Module):
+            sa, sb = module.state_dict(), b.pipeline.components[name].state_dict()
+            assert sa.keys() == sb.keys(), name
+            assert all(torch.equal(sa[k], sb[k]) for k in sa), name
+
+
 # --------------------------------------------------------------------------- configs and registry
 def test_yaml_is_generator_and_projector_configs():
     assert {"generators", "output_projectors"} <= set(RAW)
@@ -344,7 +361,8 @@ def test_save_and_reload_round_trip(gens, name, tmp_path, monkeypatch):
     assert lazy.conditioning_shapes == gen.conditioning_shapes and not lazy.is_loaded
     again = GENERATORS.get(cfg.type).from_config(cfg)
     assert again.is_loaded and again.conditioning_shapes == gen.conditioning_shapes
-    assert same(before, again.generate(cond, generator=seeded(3)))
+    assert_same_weights(gen, again)
+    assert close(before, again.generate(cond, generator=seeded(3)))  # exact on some CPUs, not on every one
     for key, value in again.encode_text(TEXTS[:2]).items():
         torch.testing.assert_close(value, cond[key], rtol=0, atol=0)
 

@@ -222,6 +222,9 @@ def test_save_load_round_trip_gives_identical_outputs(pipe, tmp_path, monkeypatc
             for a, b in zip(x, y):
                 if m is V:
                     assert all(np.array_equal(np.asarray(f), np.asarray(g)) for f, g in zip(a, b))
+                elif m is A:  # float samples: equal up to rounding (exact on some CPUs, not on every one)
+                    x, y = _arr(a), _arr(b)
+                    assert x.shape == y.shape and np.abs(x - y).max() <= 1e-4 * np.abs(x).max()
                 else:
                     assert np.array_equal(_arr(a), _arr(b))
 

@@ -86,7 +86,9 @@ def taught_dir(data_dir, tmp_path_factory) -> Path:
     then the projector is re-initialised, and stage 1 has to find a mapping the LLM can read.
     """
     tmp = tmp_path_factory.mktemp("taught")
-    joint = train(TINY, data_dir / "images.jsonl", tmp / "joint", TRAINING / "tiny.yaml", stage=1, max_steps=60,
+    # 150 steps: at 60 the loss could stall at about 0.09, the plateau of an LLM that guesses the colour
+    # without reading the image (seen on an AVX2-only CPU), and stage 1 then has nothing to align to.
+    joint = train(TINY, data_dir / "images.jsonl", tmp / "joint", TRAINING / "tiny.yaml", stage=1, max_steps=150,
                   batch_size=4, trainable=["llm", "input_projectors.image"], **FAST)
     assert joint.losses[-1] < 0.1 * joint.losses[0], joint.losses
     pipe = _fresh(joint.final_dir, seed=1)
@@ -325,9 +327,9 @@ def test_signal_token_delta_trains_only_its_rows_and_folds_exactly(tied):
 def test_stage1_trains_input_projectors_only(taught_dir, data_dir, tmp_path):
     before = _fresh(taught_dir).model.state_dict()
     result = train(taught_dir, data_dir / "images.jsonl", tmp_path / "s1", TRAINING / "tiny.yaml", stage=1,
-                   max_steps=40, batch_size=4, learning_rate=3e-2, **FAST)
+                   max_steps=60, batch_size=4, learning_rate=3e-2, **FAST)
     first, last = _drop(result.losses)
-    assert last < 0.6 * first, result.losses  # about 0.16 -> 0.06
+    assert last < 0.8 * first, result.losses  # about 0.32 -> 0.21 (a fresh projector stays at 0.32)
     after = result.pipeline.model.state_dict()
     n = _assert_frozen_equal(before, after, ("input_projectors.image",))
     assert n > 100
