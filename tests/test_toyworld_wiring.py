@@ -200,8 +200,7 @@ def test_a_phase_follows_the_thread_share_between_steps(tmp_path: Path):
     assert T.ThreadShare.split(1, ["a", "b"]) == {"a": 1, "b": 1}  # never 0
     share = tmp_path / "threads.json"
     share.write_text(json.dumps({"unet": 1, "other": 1}))
-    control = T.RunControl(progress=False, threads=T.ThreadShare(share, "unet"))
-    control.threads.current = 1
+    control = T.RunControl(progress=False, threads=T.ThreadShare(share, "unet", current=1))
     model = torch.nn.Linear(2, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     seen: list[int] = []
@@ -212,7 +211,7 @@ def test_a_phase_follows_the_thread_share_between_steps(tmp_path: Path):
             tmp = tmp_path / "tmp.json"
             tmp.write_text(json.dumps({"unet": 2}))
             os.replace(tmp, share)
-        return float(model(torch.ones(1, 2)).sum())
+        return float(model(torch.ones(1, 2)).sum().detach())
 
     log = T.JsonlLog(tmp_path / "log.jsonl")
     before = torch.get_num_threads()

@@ -525,10 +525,9 @@ class ThreadShare:
     re-reads it only when it changed and applies this phase's share with ``torch.set_num_threads``.
     """
 
-    def __init__(self, path: Path, phase: str):
-        self.path, self.phase = Path(path), phase
+    def __init__(self, path: Path, phase: str, current: int | None = None):
+        self.path, self.phase, self.current = Path(path), phase, current  # current: the count set at start
         self._seen: tuple[int, int, int] | None = None
-        self.current: int | None = None
 
     @staticmethod
     def split(budget: int, phases: Sequence[str]) -> dict[str, int]:
@@ -1489,8 +1488,7 @@ def _phase_worker(threads: int | None, share: Path | None, phase: str, out: Path
     if threads is not None:
         torch.set_num_threads(threads)
     if share is not None:
-        control = replace(control, threads=ThreadShare(share, phase))
-        control.threads.current = threads
+        control = replace(control, threads=ThreadShare(share, phase, current=threads))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     return run_phase(phase, out, cfg, control, *args)
 
