@@ -86,11 +86,14 @@ def taught_dir(data_dir, tmp_path_factory) -> Path:
     then the projector is re-initialised, and stage 1 has to find a mapping the LLM can read.
     """
     tmp = tmp_path_factory.mktemp("taught")
-    # 150 steps: at 60 the loss could stall at about 0.09, the plateau of an LLM that guesses the colour
-    # without reading the image (seen on an AVX2-only CPU), and stage 1 then has nothing to align to.
+    # An LLM that guesses the colour without reading the image sits at a loss of about 0.09; stage 1 then
+    # has nothing to align to. At tiny.yaml's constant 1e-2 the run can fall back onto that plateau after
+    # reaching it (which happens depends on the CPU's rounding); a decaying 5e-3 settles near 0.004 on
+    # AVX2 and AVX-512 kernels alike.
     joint = train(TINY, data_dir / "images.jsonl", tmp / "joint", TRAINING / "tiny.yaml", stage=1, max_steps=150,
-                  batch_size=4, trainable=["llm", "input_projectors.image"], **FAST)
-    assert joint.losses[-1] < 0.1 * joint.losses[0], joint.losses
+                  batch_size=4, trainable=["llm", "input_projectors.image"], learning_rate=5e-3,
+                  lr_scheduler="cosine", **FAST)
+    assert np.mean(joint.losses[-5:]) < 0.03, f"the taught LLM does not read the image: {joint.losses}"
     pipe = _fresh(joint.final_dir, seed=1)
     pipe.model.input_projectors["image"].proj.reset_parameters()
     pipe.save_pretrained(tmp / "pipe")
@@ -329,7 +332,7 @@ def test_stage1_trains_input_projectors_only(taught_dir, data_dir, tmp_path):
     result = train(taught_dir, data_dir / "images.jsonl", tmp_path / "s1", TRAINING / "tiny.yaml", stage=1,
                    max_steps=60, batch_size=4, learning_rate=3e-2, **FAST)
     first, last = _drop(result.losses)
-    assert last < 0.8 * first, result.losses  # about 0.32 -> 0.21 (a fresh projector stays at 0.32)
+    assert last < 0.3 * first, result.losses  # about 0.30 -> 0.004 on either CPU path
     after = result.pipeline.model.state_dict()
     n = _assert_frozen_equal(before, after, ("input_projectors.image",))
     assert n > 100
