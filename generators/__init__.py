@@ -1,7 +1,8 @@
 """Modality generators (installed as ``anymodal.generators``).
 
 Importing this package registers the built-in generator types: ``stable-diffusion`` (image),
-``audioldm`` and ``audioldm2`` (audio), ``text-to-video`` and ``animatediff`` (video).
+``audioldm`` and ``audioldm2`` (audio), ``text-to-video`` and ``animatediff`` (video), ``stable-unclip`` (image, from
+image embeddings).
 """
 
 from .base import ModalityGenerator
@@ -10,6 +11,7 @@ from .components import DiffusersGenerator
 from .image import StableDiffusionGenerator
 from .audio import AudioLDM2Generator, AudioLDMGenerator
 from .video import AnimateDiffGenerator, TextToVideoGenerator
+from .unclip import StableUnCLIPGenerator, UnCLIPImageSettings
 
 __all__ = [
     "ModalityGenerator",
@@ -22,4 +24,6 @@ __all__ = [
     "AudioLDM2Generator",
     "TextToVideoGenerator",
     "AnimateDiffGenerator",
+    "StableUnCLIPGenerator",
+    "UnCLIPImageSettings",
 ]

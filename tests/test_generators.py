@@ -88,6 +88,23 @@ EXTRA = {
         },
         "settings": {"num_inference_steps": 2, "num_frames": 3},
     },
+    "unclip": {
+        "type": "stable-unclip",
+        "components": {
+            # the SD UNet of tiny.yaml, plus unCLIP's class embedding: [image embedding (16), noise level (16)]
+            "unet": {**RAW["generators"]["image"]["components"]["unet"], "class_embed_type": "projection",
+                     "projection_class_embeddings_input_dim": 32},
+            "vae": RAW["generators"]["image"]["components"]["vae"],
+            "text_encoder": RAW["generators"]["image"]["components"]["text_encoder"],
+            "tokenizer": "bytes",
+            "image_encoder": {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4,
+                              "num_hidden_layers": 2, "image_size": 16, "patch_size": 8, "projection_dim": 16},
+            "image_noising_scheduler": {"class": "DDPMScheduler", "num_train_timesteps": 1000,
+                                        "beta_schedule": "squaredcos_cap_v2"},
+            "scheduler": _SCHEDULER,
+        },
+        "settings": {"num_inference_steps": 2, "guidance_scale": 7.5},
+    },
 }
 
 # Every tiny generator by name: the three of the YAML (keyed by modality) and the extras.
@@ -100,7 +117,11 @@ EXPECTED_SHAPES = {
     "video": {"prompt_embeds": (16, 32)},
     "audioldm2": {"prompt_embeds": (16, 32), "generated_prompt_embeds": (4, 16)},
     "animatediff": {"prompt_embeds": (16, 32)},
+    "unclip": {"image_embeds": (1, 16)},
 }
+# Generators conditioned on something text cannot give (unCLIP's image embedding) take their
+# conditioning from images: encode_images, the alignment target.
+FROM_IMAGES = {"unclip"}
 TEXTS = ["a red circle", "blue", "a green square!"]
 
 
@@ -115,6 +136,19 @@ def gens() -> dict[str, ModalityGenerator]:
         cfg = tiny_config(name)
         built[name] = GENERATORS.get(cfg.type).from_config(cfg)
     return built
+
+
+def images_for(texts: list[str]) -> list[Image.Image]:
+    """One deterministic picture per text (its own colour), for the image-conditioned generators."""
+    return [Image.new("RGB", (20, 20), tuple((7 * len(t) + 40 * k) % 256 for k in range(3))) for t in texts]
+
+
+def conditioning(gen: ModalityGenerator, texts: list[str]) -> dict[str, torch.Tensor]:
+    """What the generator is driven by for these texts: its text encoding, or for unCLIP the image
+    embedding of a picture standing for each text."""
+    if gen.type_name == "stable-unclip":
+        return gen.encode_images(images_for(texts))
+    return gen.encode_text(texts)
 
 
 def seeded(seed: int = 0) -> torch.Generator:
@@ -193,7 +227,10 @@ def test_conditioning_shapes(gens, name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_encode_text_shapes(gens, name):
-    cond = gens[name].encode_text(TEXTS[:2])
+    if name in FROM_IMAGES:
+        with pytest.raises(ValueError, match="use encode_images"):
+            gens[name].encode_text(TEXTS[:2])
+    cond = conditioning(gens[name], TEXTS[:2])
     assert set(cond) == set(EXPECTED_SHAPES[name])
     for key, (seq, dim) in EXPECTED_SHAPES[name].items():
         assert tuple(cond[key].shape) == (2, seq, dim)
@@ -219,6 +256,8 @@ def _prompt_call(gen: DiffusersGenerator, texts: list[str], settings) -> list:
     """The wrapped pipeline run on text, with the same settings, as a reference."""
     kwargs = {"num_inference_steps": settings.num_inference_steps, "guidance_scale": settings.guidance_scale,
               "generator": seeded(0)}
+    if gen.type_name == "stable-unclip":  # the pipeline encodes the images itself, with prompt ""
+        return gen.pipeline(image=images_for(texts), output_type="pil", **kwargs).images
     if isinstance(settings, AudioSettings):
         out = gen.pipeline(texts, audio_length_in_s=settings.audio_length_s, output_type="np", **kwargs)
         return [Audio(a, gen.sample_rate) for a in out.audios]
@@ -232,7 +271,7 @@ def test_generate_matches_the_pipelines_own_text_path(gens, name):
     # encode_text -> generate must equal the pipeline's prompt path: same embeddings, same
     # unconditional embedding for guidance, same squeeze/padding conventions.
     gen = gens[name]
-    ours = gen.generate(gen.encode_text(TEXTS[:2]), generator=seeded(0))
+    ours = gen.generate(conditioning(gen, TEXTS[:2]), generator=seeded(0))
     ref = _prompt_call(gen, TEXTS[:2], gen.make_settings())
     for x, y in zip(arrays(ours), arrays(ref)):
         assert np.abs(x.astype(np.float32) - y.astype(np.float32)).max() <= (1e-4 if x.dtype == np.float32 else 1)
@@ -277,7 +316,7 @@ def test_video_outputs(gens, name):
 @pytest.mark.parametrize("name", NAMES)
 def test_batch_is_one_pipeline_call(gens, name, monkeypatch):
     gen = gens[name]
-    cond = gen.encode_text(TEXTS)
+    cond = conditioning(gen, TEXTS)
     pipe_cls = type(gen.pipeline)
     original = pipe_cls.__call__
     calls = []
@@ -294,12 +333,16 @@ def test_batch_is_one_pipeline_call(gens, name, monkeypatch):
 @pytest.mark.parametrize("name", NAMES)
 def test_same_seed_same_output(gens, name):
     gen = gens[name]
-    cond = gen.encode_text(TEXTS[:2])
+    cond = conditioning(gen, TEXTS[:2])
     first = gen.generate(cond, generator=seeded(7))
     assert same(first, gen.generate(cond, generator=seeded(7)))
     assert not same(first, gen.generate(cond, generator=seeded(8)))
     # one generator per row is passed through to the pipeline (a batch of one differs from a row
     # of a batch of two only by float rounding)
+    if name in FROM_IMAGES:
+        # unCLIP draws the embedding noise before the latents, from the same generator, so only
+        # one generator per row (what AnyModalPipeline passes) makes a row independent of its batch
+        first = gen.generate(cond, generator=[seeded(7), seeded(9)])
     alone = gen.generate({k: v[:1] for k, v in cond.items()}, generator=[seeded(7)])
     np.testing.assert_allclose(arrays(alone)[0].astype(np.float32), arrays(first)[0].astype(np.float32),
                                rtol=1e-4, atol=1e-5 if isinstance(alone[0], Audio) else 1)
@@ -347,7 +390,7 @@ def test_save_and_reload_round_trip(gens, name, tmp_path, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     gen = gens[name]
-    cond = gen.encode_text(TEXTS[:2])
+    cond = conditioning(gen, TEXTS[:2])
     before = gen.generate(cond, generator=seeded(3))
     gen.save_pretrained(tmp_path / "saved")
     weights = _weight_files(tmp_path / "saved")
@@ -361,7 +404,7 @@ def test_save_and_reload_round_trip(gens, name, tmp_path, monkeypatch):
     assert again.is_loaded and again.conditioning_shapes == gen.conditioning_shapes
     assert_same_weights(gen, again)
     assert close(before, again.generate(cond, generator=seeded(3)))  # exact on some CPUs, not on every one
-    for key, value in again.encode_text(TEXTS[:2]).items():
+    for key, value in conditioning(again, TEXTS[:2]).items():
         torch.testing.assert_close(value, cond[key], rtol=0, atol=0)
 
 
@@ -480,3 +523,50 @@ def test_config_type_must_match_class():
         GENERATORS.get("audioldm").from_config(tiny_config("image"))
     with pytest.raises(ValueError, match="exactly one of"):
         GeneratorConfig(type="stable-diffusion", pretrained="x", components={})
+
+
+# --------------------------------------------------------------------------- unCLIP (image embeddings in)
+def test_unclip_image_outputs_and_settings(gens):
+    from anymodal.generators import UnCLIPImageSettings
+
+    gen = gens["unclip"]
+    cond = gen.encode_images(images_for(TEXTS))
+    images = gen.generate(cond, generator=seeded(0))
+    assert len(images) == 3 and all(isinstance(im, Image.Image) and im.size == (16, 16) for im in images)
+    # a plain ImageSettings is accepted and keeps the configured noise level
+    s = gen.make_settings(ImageSettings(num_inference_steps=1, guidance_scale=1.0))
+    assert isinstance(s, UnCLIPImageSettings) and s.noise_level == 0 and s.num_inference_steps == 1
+    # noise on the embedding changes the output; the same seed still reproduces it
+    noisy = gen.generate(cond, settings={"noise_level": 500}, generator=seeded(0))
+    assert not same(images, noisy)
+    assert same(noisy, gen.generate(cond, settings={"noise_level": 500}, generator=seeded(0)))
+    with pytest.raises(ValueError, match="noise_level must be below the image noising scheduler's 1000 steps"):
+        gen.generate(cond, settings={"noise_level": 1000})
+    with pytest.raises(ValueError, match="noise_level must be an integer >= 0"):
+        gen.generate(cond, settings={"noise_level": -1})
+
+
+def test_unclip_projected_embeddings_and_errors(gens):
+    gen = gens["unclip"]
+    # what an output projector produces: any float tensor of shape (batch, 1, D)
+    assert len(gen.generate({"image_embeds": torch.randn(2, 1, 16, requires_grad=True)}, generator=seeded(0))) == 2
+    with pytest.raises(ValueError, match=r"missing 'image_embeds'"):
+        gen.generate({"prompt_embeds": torch.randn(1, 16, 32)})
+    with pytest.raises(ValueError, match=r"\(batch, 1, 16\), got \(2, 16\)"):
+        gen.generate({"image_embeds": torch.randn(2, 16)})
+    with pytest.raises(ValueError, match="non-empty list of PIL images"):
+        gen.encode_images(images_for(["x"])[0])
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c["unet"].update(class_embed_type=None), r"class_embed_type must be 'projection'"),
+    (lambda c: c["unet"].update(projection_class_embeddings_input_dim=24),
+     r"unet.projection_class_embeddings_input_dim=24, 2 x image_encoder.projection_dim=32"),
+    (lambda c: c.pop("image_encoder"), r"missing required key 'image_encoder'"),
+    (lambda c: c["image_encoder"].update(projection_dims=8), r"image_encoder: unknown key 'projection_dims'"),
+    (lambda c: c["image_noising_scheduler"].update({"class": "Nope"}), r"image_noising_scheduler.class: unknown"),
+])
+def test_unclip_bad_components(edit, message):
+    cfg = _broken("unclip", edit)
+    with pytest.raises(ValueError, match=message):
+        GENERATORS.get("stable-unclip").from_config(cfg)
