@@ -119,16 +119,23 @@ def _info_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="a YAML config file or a shipped config name")
 
 
-@command("info", "validate a config and print its components (no weights are loaded)")(_info_args)
+@command("info", "validate a config (schema and component types) and print it; no weights are loaded")(_info_args)
 def info(args: argparse.Namespace) -> int:
     from .config import AnyModalConfig
     from .pipeline import shipped_config
+    from .registry import check_component_types, load_plugins
 
     path = Path(args.config) if Path(args.config).is_file() else shipped_config(args.config)
     if path is None:
         raise FileNotFoundError(f"no config file or shipped config named {args.config!r}")
     cfg = AnyModalConfig.from_yaml(path)
+    problems = check_component_types(cfg)
+    if problems:
+        raise ValueError(f"{path}: " + "\n  ".join(["unknown component types:", *problems]))
     print(json.dumps(cfg.to_dict(), indent=2))
+    plugins = load_plugins()
+    if plugins:  # stderr, so that stdout stays the config as JSON
+        print(f"plugins loaded: {', '.join(plugins)}", file=sys.stderr)
     return 0
 
 

@@ -1,10 +1,21 @@
-"""Plain dict registries: component types are strings in config, resolved here."""
+"""Plain dict registries: component types are strings in config, resolved here.
+
+Third-party packages add component types through the entry-point group ``anymodal.components``
+(see :func:`load_plugins`): they are imported the first time a lookup misses, so a plugin's types
+work in the CLI and when a saved pipeline is reloaded, with no import in the user's code.
+"""
 
 from __future__ import annotations
 
-from typing import Callable, Generic, TypeVar
+import logging
+import types
+import warnings
+from typing import Any, Callable, Generic, TypeVar
 
 T = TypeVar("T")
+
+ENTRY_POINT_GROUP = "anymodal.components"
+logger = logging.getLogger(__name__)
 
 
 class Registry(Generic[T]):
@@ -28,12 +39,22 @@ class Registry(Generic[T]):
         return add(obj) if obj is not None else add
 
     def get(self, name: str) -> T:
+        if name not in self._entries:
+            # A miss may be a type that a built-in module or a plugin registers on import.
+            _load_builtin()
+            load_plugins()
         try:
             return self._entries[name]
         except KeyError:
-            raise ValueError(
-                f"unknown {self.kind} {name!r}; registered: {', '.join(sorted(self._entries)) or '(none)'}"
-            ) from None
+            raise ValueError(self.unknown_message(name)) from None
+
+    def unknown_message(self, name: str) -> str:
+        msg = f"unknown {self.kind} {name!r}; registered: {', '.join(sorted(self._entries)) or '(none)'}"
+        if _PLUGIN_ERRORS:
+            msg += "; plugins that failed to load: " + "; ".join(f"{k}: {v}" for k, v in _PLUGIN_ERRORS.items())
+        else:
+            msg += f" (third-party types register through the {ENTRY_POINT_GROUP!r} entry-point group)"
+        return msg
 
     def names(self) -> list[str]:
         return sorted(self._entries)
@@ -65,23 +86,28 @@ def register_generator(name: str):
 
 
 def list_encoders() -> list[str]:
-    _load_builtin()
+    _load_all()
     return ENCODERS.names()
 
 
 def list_input_projectors() -> list[str]:
-    _load_builtin()
+    _load_all()
     return INPUT_PROJECTORS.names()
 
 
 def list_output_projectors() -> list[str]:
-    _load_builtin()
+    _load_all()
     return OUTPUT_PROJECTORS.names()
 
 
 def list_generators() -> list[str]:
-    _load_builtin()
+    _load_all()
     return GENERATORS.names()
+
+
+def _load_all() -> None:
+    _load_builtin()
+    load_plugins()
 
 
 def _load_builtin() -> None:
@@ -89,3 +115,71 @@ def _load_builtin() -> None:
     import anymodal.encoders  # noqa: F401
     import anymodal.generators  # noqa: F401
     import anymodal.projectors  # noqa: F401
+
+
+# entry-point name -> why it failed to load; kept so that an unknown-type error can say why
+_PLUGIN_ERRORS: dict[str, str] = {}
+_PLUGINS_LOADED: list[str] = []
+_plugins_done = False
+
+
+def load_plugins(force: bool = False) -> list[str]:
+    """Load every entry point of the ``anymodal.components`` group, once per process.
+
+    An entry point's value is either a module (``mypkg.components``), whose import registers its
+    types with the ``register_*`` decorators, or a callable (``mypkg.components:register``), which
+    is called with no arguments and registers them. A plugin that fails to load is reported with
+    a warning and named in later unknown-type errors; the others still load. Returns the names of
+    the entry points loaded.
+
+    A distribution declares one in ``pyproject.toml``::
+
+        [project.entry-points."anymodal.components"]
+        mygen = "mypkg.generators"            # a module: importing it registers
+        myproj = "mypkg.projectors:register"  # a callable: calling it registers
+    """
+    global _plugins_done
+    if _plugins_done and not force:
+        return list(_PLUGINS_LOADED)
+    _plugins_done = True
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name in _PLUGINS_LOADED:
+            continue
+        try:
+            obj = ep.load()
+            if not isinstance(obj, types.ModuleType):
+                if not callable(obj):
+                    raise TypeError(f"{ep.value!r} is neither a module nor a callable")
+                obj()
+        except Exception as e:  # a broken plugin must not take the built-in types down with it
+            _PLUGIN_ERRORS[ep.name] = f"{ep.value!r} raised {type(e).__name__}: {e}"
+            warnings.warn(f"anymodal plugin {ep.name!r} ({ep.value}) failed to load: {type(e).__name__}: {e}",
+                          stacklevel=2)
+            continue
+        _PLUGIN_ERRORS.pop(ep.name, None)
+        _PLUGINS_LOADED.append(ep.name)
+        logger.debug("loaded anymodal plugin %s (%s)", ep.name, ep.value)
+    return list(_PLUGINS_LOADED)
+
+
+def check_component_types(config: Any) -> list[str]:
+    """Every component type of an ``AnyModalConfig`` that no registry knows, each as an error line
+    listing the registered types (built-in and plugins); empty when all resolve."""
+    _load_all()
+    problems = []
+    checks = [(f"encoders.{name}.type", ENCODERS, e.type) for name, e in config.encoders.items()]
+    checks += [(f"input_projectors.{m.value}.type", INPUT_PROJECTORS, p.type)
+               for m, p in config.input_projectors.items()]
+    checks += [(f"output_projectors.{m.value}.type", OUTPUT_PROJECTORS, p.type)
+               for m, p in config.output_projectors.items()]
+    checks += [(f"generators.{m.value}.type", GENERATORS, g.type) for m, g in config.generators.items()]
+    for where, registry, name in checks:
+        if name not in registry:
+            problems.append(f"{where}: {registry.unknown_message(name)}")
+    for m, g in config.generators.items():
+        if g.type in GENERATORS and GENERATORS.get(g.type).modality is not m:
+            problems.append(f"generators.{m.value}.type: {g.type!r} generates "
+                            f"{GENERATORS.get(g.type).modality.value}, not {m.value}")
+    return problems
