@@ -350,10 +350,12 @@ class AnyModalPipeline:
             by_class = {v: k for k, v in SETTINGS_CLASSES.items()}
             raw = {}
             for s in settings:
-                if type(s) not in by_class:
+                # a generator's own subclass (unCLIP's UnCLIPImageSettings) counts as its modality's settings
+                base = next((c for c in type(s).__mro__ if c in by_class), None)
+                if base is None:
                     raise TypeError(f"unknown settings object {type(s).__name__}; use ImageSettings, AudioSettings "
                                     "or VideoSettings")
-                raw[by_class[type(s)]] = s
+                raw[by_class[base]] = s
         else:
             raise TypeError(f"settings must be a dict keyed by modality or a list of settings, "
                             f"got {type(settings).__name__}")

@@ -172,3 +172,15 @@ def test_tiny_codi2_reads_image_and_audio(pipes):
     wave = (np.sin(np.linspace(0, 440 * 2 * np.pi, 16000)) * 0.5).astype(np.float32)
     out = _generate(pipe, IMAGE, images=[Image.new("RGB", (20, 20), (10, 200, 30))], audios=[(wave, 16000)])
     assert len(out.images[0]) == 1 and out.images[0][0].size == (16, 16)
+
+
+def test_tiny_codi2_takes_unclip_settings(pipes):
+    from anymodal.generators import AudioSettings, UnCLIPImageSettings
+
+    pipe = _pipe(pipes, "codi2")
+    plain = _generate(pipe, IMAGE).images[0][0]
+    noisy = pipe("make one", seed=0, max_new_tokens=12, logits_processor=[ForceFirst(_signal_id(pipe, IMAGE))],
+                 settings=[UnCLIPImageSettings(num_inference_steps=2, guidance_scale=10.0, noise_level=900),
+                           AudioSettings(num_inference_steps=2, audio_length_s=0.064)]).images[0][0]
+    assert np.abs(np.asarray(plain, dtype=np.float32) - np.asarray(noisy, dtype=np.float32)).max() > 1
+    assert pipe.resolve_settings({"image": {"noise_level": 5}})[IMAGE].noise_level == 5
