@@ -34,7 +34,8 @@ from anymodal.modality import Modality
 from anymodal.registry import register_encoder
 
 from .base import ModalityEncoder
-from .preprocess import preprocess_audio, preprocess_images, preprocess_videos
+from .preprocess import (AUDIO_CHANNELS, AUDIO_DEMEAN, VIDEO_CROPS, VIDEO_SAMPLING, preprocess_audio,
+                         preprocess_images, preprocess_videos)
 
 OUTPUTS = ("embedding", "tokens")
 STAGES = ("modality_preprocessors", "modality_trunks", "modality_heads", "modality_postprocessors")
@@ -78,7 +79,7 @@ class ImageBindOptions:
     official model's output (the pooled, L2-normalised and, for audio and text, logit-scaled
     embedding; one token of ``out_embed_dim``), which is what NExT-GPT projects; ``"tokens"``
     is the final-LayerNorm'd trunk sequence (CLS + patches) of width ``<branch>.embed_dim``,
-    concatenated over clips for audio and video.
+    concatenated over clips for audio and over clips and crops (views) for video.
     """
 
     output: str = "embedding"
@@ -91,7 +92,13 @@ class ImageBindOptions:
     image_size: int = 224
     patch_size: int = 14
     video_frames: int = 2  # frames per clip; also the temporal size of the stem's 3D patches
-    video_clips: int = 5  # clips sampled per video; their embeddings are averaged
+    video_clips: int = 5  # clips sampled per video; the embeddings of all clips and crops are averaged
+    video_crops: int = 3  # spatial crops per clip: 3 (official: left, centre, right) or 1 (centre)
+    # "windows" (official): clips of video_clip_duration seconds spread over the video by its frame
+    # rate; "segments": video_clips equal segments of the frames, ignoring time (the toy world's choice).
+    video_sampling: str = "windows"
+    video_clip_duration: float = 2.0
+    video_assumed_fps: float = 8.0  # rate of a video that carries none (bare frames); anymodal writes 8 fps
     # audio
     num_mel_bins: int = 128
     audio_target_len: int = 204  # fbank frames per clip (10 ms hop: about 2 s)
@@ -100,6 +107,10 @@ class ImageBindOptions:
     audio_sample_rate: int = 16000
     audio_clip_duration: float = 2.0
     audio_clips: int = 3
+    audio_channel: str = "first"  # of a multi-channel input: "first" (official) or "mean"
+    # "in_place" (official): each clip's mean is subtracted from the shared waveform, which overlapping
+    # clips (inputs under audio_clips x audio_clip_duration) then see; "per_clip": from a copy of each clip.
+    audio_demean: str = "in_place"
     # text (token ids from CLIP's BPE tokenizer)
     text_context_length: int = 77
     text_vocab_size: int = 49408
@@ -124,16 +135,26 @@ class ImageBindOptions:
         if self.audio_patch_size > min(self.num_mel_bins, self.audio_target_len):
             raise ValueError(f"audio_patch_size ({self.audio_patch_size}) must not exceed num_mel_bins "
                              f"({self.num_mel_bins}) or audio_target_len ({self.audio_target_len})")
-        if (isinstance(self.audio_clip_duration, bool) or not isinstance(self.audio_clip_duration, (int, float))
-                or self.audio_clip_duration <= 0):
-            raise ValueError(f"audio_clip_duration must be a positive number of seconds, got {self.audio_clip_duration!r}")
-        self.audio_clip_duration = float(self.audio_clip_duration)
+        for name in ("audio_clip_duration", "video_clip_duration", "video_assumed_fps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+            setattr(self, name, float(value))
+        for name, allowed in (("video_crops", VIDEO_CROPS), ("video_sampling", VIDEO_SAMPLING),
+                              ("audio_channel", AUDIO_CHANNELS), ("audio_demean", AUDIO_DEMEAN)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {getattr(self, name)!r}")
 
     # -- derived sizes
     @property
     def vision_tokens(self) -> int:
         """Tokens per image or video clip: CLS + one per (video_frames x patch x patch) tube."""
         return 1 + (self.image_size // self.patch_size) ** 2
+
+    @property
+    def video_views(self) -> int:
+        """Views per video, each embedded on its own and averaged: clips x spatial crops."""
+        return self.video_clips * self.video_crops
 
     @property
     def audio_grid(self) -> tuple[int, int]:
@@ -418,7 +439,8 @@ class ImageBindEncoder(ModalityEncoder):
     a local ``imagebind_huge.pth`` or ``.safetensors``) or :meth:`from_pretrained`.
 
     Inputs to :meth:`forward`, as :meth:`preprocess` makes them: image ``(B, 3, S, S)``;
-    video ``(B, 3, video_clips * video_frames, S, S)``; audio ``(B, audio_clips, 1, num_mel_bins,
+    video ``(B, video_clips * video_crops, 3, video_frames, S, S)`` (clip by clip, crops inside
+    each; ``(B, 3, clips * video_frames, S, S)``, one view per clip, is accepted too); audio ``(B, audio_clips, 1, num_mel_bins,
     audio_target_len)``; text ``(B, text_context_length)`` int64 ids.
     """
 
@@ -465,7 +487,7 @@ class ImageBindEncoder(ModalityEncoder):
         if m is Modality.IMAGE:
             return (o.vision_tokens, o.vision.embed_dim)
         if m is Modality.VIDEO:
-            return (o.video_clips * o.vision_tokens, o.vision.embed_dim)
+            return (o.video_views * o.vision_tokens, o.vision.embed_dim)
         if m is Modality.AUDIO:
             return (o.audio_clips * o.audio_tokens, o.audio.embed_dim)
         return (o.text_context_length, o.text.embed_dim)
@@ -476,12 +498,13 @@ class ImageBindEncoder(ModalityEncoder):
         if m is Modality.IMAGE:
             return preprocess_images(items, size=o.image_size)
         if m is Modality.VIDEO:
-            return preprocess_videos(items, num_frames=o.video_clips * o.video_frames, size=o.image_size,
-                                     num_clips=o.video_clips)
+            return preprocess_videos(items, frames_per_clip=o.video_frames, num_clips=o.video_clips,
+                                     size=o.image_size, crops=o.video_crops, sampling=o.video_sampling,
+                                     clip_duration=o.video_clip_duration, assumed_fps=o.video_assumed_fps)
         if m is Modality.AUDIO:
             return preprocess_audio(items, sample_rate=o.audio_sample_rate, num_mel_bins=o.num_mel_bins,
                                     target_length=o.audio_target_len, clip_duration=o.audio_clip_duration,
-                                    num_clips=o.audio_clips)
+                                    num_clips=o.audio_clips, channel=o.audio_channel, demean=o.audio_demean)
         return self._token_ids(items)
 
     def forward(self, modality: Modality | str, inputs: torch.Tensor) -> torch.Tensor:
@@ -507,7 +530,8 @@ class ImageBindEncoder(ModalityEncoder):
             return tokens.reshape(batch, clips * tokens.shape[1], tokens.shape[2])
         emb = head(tokens, x) if branch == "text" else head(tokens)
         emb = self.modality_postprocessors[branch](emb)
-        # Audio and video: the official model averages the (normalised, scaled) clip embeddings.
+        # Audio and video: the official model averages the (normalised, scaled) embeddings of all
+        # clips (and, for video, spatial crops).
         return emb.reshape(batch, clips, -1).mean(dim=1, keepdim=True)
 
     def options(self) -> dict[str, Any]:
@@ -584,9 +608,13 @@ class ImageBindEncoder(ModalityEncoder):
             return x, x.shape[0], 1
         if m is Modality.VIDEO:
             f = o.video_frames
+            if x.ndim == 6 and tuple(x.shape[2:]) == (3, f, s, s):  # (batch, views, 3, frames, S, S): as preprocess
+                b, views = x.shape[:2]
+                return x.reshape(b * views, 3, f, s, s), b, views
             if x.ndim != 5 or x.shape[1] != 3 or tuple(x.shape[3:]) != (s, s) or x.shape[2] % f:
-                raise ValueError(f"imagebind video input must be (batch, 3, frames, {s}, {s}) with frames a multiple "
-                                 f"of video_frames={f}, got {tuple(x.shape)}")
+                raise ValueError(f"imagebind video input must be (batch, views, 3, {f}, {s}, {s}) as preprocess makes "
+                                 f"it, or (batch, 3, frames, {s}, {s}) with frames a multiple of video_frames={f} "
+                                 f"(one view per clip), got {tuple(x.shape)}")
             b, c, t = x.shape[:3]
             clips = t // f
             x = x.reshape(b, c, clips, f, s, s).transpose(1, 2).reshape(b * clips, c, f, s, s)
