@@ -241,8 +241,9 @@ def clip_spans(duration: float, clip_duration: float, num_clips: int) -> list[tu
 
 def clip_sample_bounds(num_samples: int, sample_rate: int, clip_duration: float,
                        num_clips: int) -> list[tuple[int, int]]:
-    """Sample ``[start, end)`` of each audio clip: :func:`clip_spans` times the rate, truncated (as ImageBind)."""
-    return [(int(start * sample_rate), int(end * sample_rate))
+    """Sample ``[start, end)`` of each audio clip: :func:`clip_spans` times the rate, truncated (as ImageBind),
+    the end cut at the input's length."""
+    return [(int(start * sample_rate), min(int(end * sample_rate), num_samples))
             for start, end in clip_spans(num_samples / sample_rate, clip_duration, num_clips)]
 
 
