@@ -119,13 +119,13 @@ def test_embedding_shapes_and_normalisation(enc, inputs, m):
 
 def test_preprocessed_shapes(enc, inputs):
     assert inputs[IMAGE].shape == (2, 3, 32, 32)
-    assert inputs[VIDEO].shape == (2, 3, 4, 32, 32)  # video_clips (2) x video_frames (2)
+    assert inputs[VIDEO].shape == (2, 6, 3, 2, 32, 32)  # video_clips (2) x video_crops (3) views of video_frames (2)
     assert inputs[AUDIO].shape == (2, 2, 1, 128, 204)  # audio_clips (2) x official fbank
 
 
 def test_token_output_shapes():
     enc = tiny_imagebind((IMAGE, AUDIO, VIDEO, TEXT), output="tokens")
-    expected = {IMAGE: (17, 32), VIDEO: (2 * 17, 32), AUDIO: (2 * 229, 32), TEXT: (77, 32)}
+    expected = {IMAGE: (17, 32), VIDEO: (2 * 3 * 17, 32), AUDIO: (2 * 229, 32), TEXT: (77, 32)}
     with torch.no_grad():
         for m, shape in expected.items():
             assert enc.feature_shape(m) == shape
@@ -231,14 +231,14 @@ def test_video_from_frames_array_and_file(tmp_path, enc):
     from_list = enc.preprocess(VIDEO, [frames])
     from_pil = enc.preprocess(VIDEO, [[Image.fromarray(f) for f in frames]])
     from_array = enc.preprocess(VIDEO, [np.stack(frames)])
-    assert from_list.shape == (1, 3, 4, 32, 32)
+    assert from_list.shape == (1, 6, 3, 2, 32, 32)
     assert torch.equal(from_list, from_pil) and torch.equal(from_list, from_array)
     assert P.sample_frame_indices(8, 4, num_clips=2) == [0, 4, 4, 7]
     assert P.sample_frame_indices(1, 4, num_clips=2) == [0, 0, 0, 0]
     path = tmp_path / "clip.gif"
     Image.fromarray(frames[0]).save(path, save_all=True, append_images=[Image.fromarray(f) for f in frames[1:]])
     from_file = enc.preprocess(VIDEO, [path])
-    assert from_file.shape == (1, 3, 4, 32, 32)
+    assert from_file.shape == (1, 6, 3, 2, 32, 32)
     with torch.no_grad():
         assert enc(VIDEO, torch.cat([from_list, from_file])).shape == (2, 1, 32)
 
@@ -253,7 +253,7 @@ def test_video_from_mp4(tmp_path, enc):
     path = tmp_path / "clip.mp4"
     iio.imwrite(path, frames, extension=".mp4", fps=8, codec="libx264", macro_block_size=1)
     from_file = enc.preprocess(VIDEO, [path])  # mp4 does not report its frame count: counted in a first pass
-    assert from_file.shape == (1, 3, 4, 32, 32)
+    assert from_file.shape == (1, 6, 3, 2, 32, 32)
     torch.testing.assert_close(from_file, enc.preprocess(VIDEO, [frames]), atol=0.15, rtol=0)
 
 

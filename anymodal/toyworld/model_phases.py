@@ -99,9 +99,13 @@ def _default_encoder_options() -> dict[str, Any]:
             "audio": {"embed_dim": 64, "depth": 2, "num_heads": 4, "drop_path": 0.0},
             "text": {"embed_dim": 32, "depth": 1, "num_heads": 2, "drop_path": 0.0},
             "mlp_ratio": 2, "image_size": 64, "patch_size": 8, "video_frames": 2, "video_clips": 2,
+            # The world's videos are 8 bare frames: two equal segments, one centre crop (ImageBind's
+            # 2 s windows and three crops are for real videos with a frame rate); see docs/imagebind.md.
+            "video_crops": 1, "video_sampling": "segments",
             "num_mel_bins": 128, "audio_target_len": 100, "audio_patch_size": 16, "audio_patch_stride": 10,
             "audio_sample_rate": world.SAMPLE_RATE, "audio_clip_duration": world.CLIP_SAMPLES / world.SAMPLE_RATE,
-            "audio_clips": 1, "text_context_length": 16, "text_vocab_size": 128}
+            "audio_clips": 1, "audio_channel": "mean", "audio_demean": "per_clip",
+            "text_context_length": 16, "text_vocab_size": 128}
 
 
 @dataclass
