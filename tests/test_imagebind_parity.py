@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from anymodal.encoders import ImageBindEncoder
 from anymodal.encoders import preprocess as P
@@ -116,3 +117,65 @@ def test_image_matches(ref, name):
     assert ours.shape == (3, 224, 224)
     _close(ours[..., inputs.IMAGE_GRID[0], inputs.IMAGE_GRID[1]], ref[f"image/{name}/grid"], f"image {name} (grid)")
     _close(ours.mean(axis=(-2, -1)), ref[f"image/{name}/mean"], f"image {name} (means)")
+
+
+# ----------------------------------------------------------------------------- options and input forms
+@pytest.mark.parametrize("field, value", [("video_crops", 2), ("video_sampling", "uniform"),
+                                          ("audio_channel", "left"), ("audio_demean", "none"),
+                                          ("video_assumed_fps", 0), ("video_clip_duration", float("nan"))])
+def test_bad_preprocessing_options_name_the_field(field, value):
+    from anymodal.encoders import ImageBindOptions
+
+    with pytest.raises(ValueError, match=field):
+        ImageBindOptions.from_dict({"preset": "tiny", field: value})
+
+
+def test_video_rate_comes_from_the_input_or_the_assumed_fps(tmp_path):
+    frames = inputs.video_frames("4s_24fps")[:40]
+    small = dict(size=32, num_clips=2)
+    bare = P.preprocess_videos([frames], **small)
+    assert torch.equal(bare, P.preprocess_videos([(frames, 8.0)], **small))  # bare frames: 8 fps
+    assert not torch.equal(bare, P.preprocess_videos([(frames, 24.0)], **small))
+    assert torch.equal(P.preprocess_videos([(frames, 24.0)], **small),
+                       P.preprocess_videos([frames], assumed_fps=24.0, **small))
+    from anymodal.media import MediaError
+
+    with pytest.raises(MediaError, match="frame rate must be a positive number"):
+        P.preprocess_videos([(frames, -1.0)], **small)
+    with pytest.raises(MediaError, match="carries its own frame rate"):
+        P.preprocess_videos([(str(tmp_path / "x.mp4"), 24.0)], **small)
+
+
+def test_video_file_frame_rates(tmp_path):
+    import imageio.v3 as iio
+
+    frames = [Image.fromarray(f) for f in inputs.video_frames("4s_24fps")[:6]]
+    gif = tmp_path / "v.gif"
+    frames[0].save(gif, save_all=True, append_images=frames[1:], duration=40, loop=0)
+    assert P._file_fps(iio.immeta(gif)) == pytest.approx(25.0)
+    pytest.importorskip("imageio_ffmpeg")
+    mp4 = tmp_path / "v.mp4"
+    iio.imwrite(mp4, np.stack(inputs.video_frames("4s_24fps")[:30]), extension=".mp4", fps=24, codec="libx264",
+                macro_block_size=1)
+    assert P._file_fps(iio.immeta(mp4)) == pytest.approx(24.0)
+
+
+def test_segments_and_one_crop_reproduce_the_single_view_layout():
+    """video_sampling="segments", video_crops=1: equal segments, centre crops; forward also takes the
+    older (batch, 3, clips * frames, S, S) layout and gives the same embedding."""
+    enc = ImageBindEncoder.from_config({"preset": "tiny", "video_sampling": "segments", "video_crops": 1},
+                                       [Modality.VIDEO])
+    frames = inputs.video_frames("4s_24fps")[:8]
+    x = enc.preprocess(Modality.VIDEO, [frames])
+    assert x.shape == (1, 2, 3, 2, 32, 32)
+    ours = P.video_views([Image.fromarray(frames[i]) for i in (0, 4, 4, 7)], 2, size=32, crops=1)
+    torch.testing.assert_close(x[0], ours, rtol=0, atol=0)
+    flat = x[0].transpose(0, 1).reshape(1, 3, 4, 32, 32)  # (3, clips * frames, S, S)
+    with torch.no_grad():
+        torch.testing.assert_close(enc(Modality.VIDEO, flat), enc(Modality.VIDEO, x), rtol=0, atol=1e-6)
+
+
+def test_three_crops_follow_the_longer_side():
+    assert P._crop_offsets(224, 297, 224, 3) == [(0, 0), (0, 37), (0, 73)]  # centre rounded up: 36.5 -> 37
+    assert P._crop_offsets(297, 224, 224, 3) == [(0, 0), (37, 0), (73, 0)]
+    assert P._crop_offsets(224, 297, 224, 1) == [(0, 37)]
