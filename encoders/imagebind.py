@@ -440,8 +440,9 @@ class ImageBindEncoder(ModalityEncoder):
 
     Inputs to :meth:`forward`, as :meth:`preprocess` makes them: image ``(B, 3, S, S)``;
     video ``(B, video_clips * video_crops, 3, video_frames, S, S)`` (clip by clip, crops inside
-    each; ``(B, 3, clips * video_frames, S, S)``, one view per clip, is accepted too); audio ``(B, audio_clips, 1, num_mel_bins,
-    audio_target_len)``; text ``(B, text_context_length)`` int64 ids.
+    each; ``(B, 3, clips * video_frames, S, S)``, one view per clip, is accepted too); audio
+    ``(B, audio_clips, 1, num_mel_bins, audio_target_len)``; text ``(B, text_context_length)``
+    int64 ids.
     """
 
     type_name = "imagebind"
