@@ -117,7 +117,10 @@ def _signal_id(pipe: AnyModalPipeline, modality: Modality) -> int:
 
 
 def _generate(pipe: AnyModalPipeline, modality: Modality, **media):
-    return pipe("make one", seed=0, max_new_tokens=12, logits_processor=[ForceFirst(_signal_id(pipe, modality))],
+    # exactly one signal block: the forced first token, then the span the pipeline completes (a random LLM
+    # given more tokens may start a second block)
+    n = len(pipe.processor.signal_ids[modality])
+    return pipe("make one", seed=0, max_new_tokens=n, logits_processor=[ForceFirst(_signal_id(pipe, modality))],
                 **media)
 
 
@@ -132,6 +135,7 @@ def pipes() -> dict[str, AnyModalPipeline]:
 
 def _pipe(pipes: dict, name: str) -> AnyModalPipeline:
     if name not in pipes:
+        torch.manual_seed(0)  # random init: the same weights whatever ran before
         pipes[name] = AnyModalPipeline.from_pretrained(CONFIGS / f"tiny-{name}.yaml")
     return pipes[name]
 
