@@ -68,6 +68,10 @@ class InputProjectorConfig:
     hidden_dim: int | None = None
     num_layers: int = 2
     num_heads: int = 8
+    # weights to start from: an anymodal projector .safetensors file, or a Hugging Face composite checkpoint
+    # (LLaVA's multi_modal_projector; BLIP-2's/InstructBLIP's query tokens, Q-Former and language_projection)
+    pretrained: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)  # type-specific; validated by the projector class
 
     def __post_init__(self) -> None:
         _check_positive("input_projector.num_tokens", self.num_tokens)
@@ -107,6 +111,9 @@ class LLMConfig:
     max_length: int | None = None  # context limit; defaults to the model's max_position_embeddings
     system_prompt: str | None = None
     gradient_checkpointing: bool = False
+    # a released system's prompt layout (anymodal.hf_systems.PROMPT_FORMATS: llava-1.5, blip-2, instructblip);
+    # None: the tokenizer's chat template, else anymodal's default
+    prompt_format: str | None = None
 
     def __post_init__(self) -> None:
         if (self.model is None) == (self.config is None):

@@ -4,6 +4,7 @@ features into the LLM's input embeddings and signal-token states out to conditio
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import torch
@@ -25,6 +26,11 @@ def load_language_model(cfg: LLMConfig, path: str | None = None) -> nn.Module:
 
     dtype = torch_dtype(cfg.dtype)
     source = path or cfg.model
+    if source is not None and path is None and cfg.gguf_file is None:
+        from .hf_systems import HF_SYSTEMS, load_composite_language_model, model_type_of
+
+        if model_type_of(source) in HF_SYSTEMS:  # LLaVA / BLIP-2 / InstructBLIP: the LM inside
+            return load_composite_language_model(source, dtype)
     if source is not None:
         kwargs: dict[str, Any] = {"dtype": dtype}
         if cfg.gguf_file and path is None:
@@ -70,8 +76,12 @@ class AnyModalModel(nn.Module):
     # ------------------------------------------------------------ construction
     @classmethod
     def build(cls, config: AnyModalConfig, processor: AnyModalProcessor,
-              language_model: nn.Module | None = None, encoders: dict[str, nn.Module] | None = None) -> "AnyModalModel":
-        """Build from config; components passed in (already loaded from a saved directory) are used as is."""
+              language_model: nn.Module | None = None, encoders: dict[str, nn.Module] | None = None,
+              load_projector_weights: bool = True) -> "AnyModalModel":
+        """Build from config; components passed in (already loaded from a saved directory) are used as is.
+
+        Input projectors with ``pretrained`` load those weights unless ``load_projector_weights`` is
+        false (a saved pipeline loads its own next)."""
         _load_builtin()
         if language_model is None:
             language_model = load_language_model(config.llm)
@@ -80,6 +90,13 @@ class AnyModalModel(nn.Module):
             encoders = {name: ENCODERS.get(e.type).from_config(e.options, e.modalities, e.pretrained)
                         for name, e in config.encoders.items()}
         model = cls(config, language_model, encoders, processor)
+        if load_projector_weights:
+            from .hf_systems import load_projector_weights as load_weights
+
+            for m, pcfg in config.input_projectors.items():
+                if pcfg.pretrained is not None:
+                    load_weights(model.input_projectors[m.value], pcfg.type, pcfg.pretrained,
+                                 f"input_projectors.{m.value}")
         for name, e in config.encoders.items():
             model.encoders[name].requires_grad_(e.trainable)
         if config.llm.gradient_checkpointing:
@@ -98,8 +115,12 @@ class AnyModalModel(nn.Module):
         return self.encoders[self.config.encoder_for(modality)]
 
     # ------------------------------------------------------------ inputs
-    def encode_media(self, modality: Modality, inputs: torch.Tensor) -> torch.Tensor:
-        """Preprocessed media -> ``(n, num_tokens, llm_hidden)`` embeddings."""
+    def encode_media(self, modality: Modality, inputs: torch.Tensor,
+                     instruction: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Preprocessed media -> ``(n, num_tokens, llm_hidden)`` embeddings.
+
+        ``instruction`` (token ids and mask, one row per medium) reaches projectors that read the
+        prompt (InstructBLIP's Q-Former: ``takes_instruction``)."""
         if modality.value not in self.input_projectors:
             raise ValueError(f"this model takes no {modality.value} input; it takes "
                              f"{', '.join(self.input_projectors) or 'text only'}")
@@ -110,6 +131,8 @@ class AnyModalModel(nn.Module):
         features = encoder(modality, inputs)
         proj = self.input_projectors[modality.value]
         p = next(proj.parameters())
+        if getattr(proj, "takes_instruction", False):
+            return proj(features.to(p.device, p.dtype), instruction=instruction)
         return proj(features.to(p.device, p.dtype))
 
     def embed(self, input_ids: torch.Tensor, media: dict[Modality, torch.Tensor] | None = None) -> torch.Tensor:

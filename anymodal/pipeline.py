@@ -99,7 +99,13 @@ class AnyModalPipeline:
         path = Path(source)
         if path.is_dir():
             if not (path / INDEX_NAME).is_file():
-                raise FileNotFoundError(f"{path} is not a saved anymodal pipeline (no {INDEX_NAME})")
+                from .hf_systems import HF_SYSTEMS, config_from_hf, hf_system_type
+
+                if hf_system_type(path) is not None:  # a released LLaVA / BLIP-2 / InstructBLIP folder, as it is
+                    return cls.from_config(config_from_hf(path), device)
+                raise FileNotFoundError(f"{path} is not a saved anymodal pipeline (no {INDEX_NAME}) nor a Hugging "
+                                        f"Face checkpoint anymodal runs unchanged (config.json model_type "
+                                        f"{', '.join(HF_SYSTEMS)})")
             return cls._load_saved(path, device)
         if path.suffix in (".yaml", ".yml"):
             return cls.from_config(path, device)
@@ -131,7 +137,8 @@ class AnyModalPipeline:
             cls_ = ENCODERS.get(e.type)
             encoders[name] = (cls_.from_pretrained(path / entry["path"]) if entry["kind"] == "saved"
                               else cls_.from_config(e.options, e.modalities, e.pretrained))
-        model = AnyModalModel.build(config, processor, language_model=lm, encoders=encoders)
+        model = AnyModalModel.build(config, processor, language_model=lm, encoders=encoders,
+                                    load_projector_weights=False)
         from safetensors.torch import load_model
 
         for group in ("input_projectors", "output_projectors"):
@@ -284,6 +291,7 @@ class AnyModalPipeline:
 
         # 2. format text and place media
         texts, ordered = [], {m: [] for m in MEDIA_MODALITIES}
+        instructions: dict[Modality, list[str]] = {m: [] for m in MEDIA_MODALITIES}  # the text each medium came with
         for conv in conversations:
             rendered = []
             for msg in conv:
@@ -295,6 +303,7 @@ class AnyModalPipeline:
                 rendered.append(Message(msg.role, self.processor.place_media(msg.content, counts)))
                 for m in MEDIA_MODALITIES:
                     ordered[m].extend(msg.media.get(m, []))
+                    instructions[m].extend([msg.content] * len(msg.media.get(m, [])))
             texts.append(self.processor.format(rendered))
         batch = self.processor(texts)
         limit = self.context_length
@@ -310,7 +319,10 @@ class AnyModalPipeline:
         for m, items in ordered.items():
             if items:
                 encoder = self.model.encoder_for(m)
-                features[m] = self.model.encode_media(m, encoder.preprocess(m, items).to(device))
+                instruction = None
+                if getattr(self.model.input_projectors[m.value], "takes_instruction", False):
+                    instruction = self.processor.instruction_inputs(instructions[m])
+                features[m] = self.model.encode_media(m, encoder.preprocess(m, items).to(device), instruction)
 
         # 4. generate text and signal tokens; read the signal tokens' hidden states
         with _seeded(seed if seed is not None else (generator.initial_seed() if generator else None), do_sample):
@@ -445,7 +457,19 @@ class _seeded:
 def _make_processor(config: AnyModalConfig, tokenizer) -> AnyModalProcessor:
     media_tokens = {m: p.num_tokens for m, p in config.input_projectors.items()}
     signal = {m: n for m, n in config.llm.signal_tokens.items() if m in config.generators}
-    return AnyModalProcessor(tokenizer, signal, media_tokens, config.llm.system_prompt, config.llm.max_length)
+    layout = {}
+    if config.llm.prompt_format is not None:  # a released system's prompt, token for token
+        from .hf_systems import prompt_format
+
+        fmt = prompt_format(config.llm.prompt_format)
+        tokenizer.chat_template = fmt.template
+        layout = {"add_special_tokens": fmt.add_special_tokens, "media_before_bos": fmt.media_before_bos}
+    if any(p.type == "qformer" and p.options.get("instruction") for p in config.input_projectors.values()):
+        from .hf_systems import load_instruction_tokenizer
+
+        layout["instruction_tokenizer"] = load_instruction_tokenizer(config)
+    return AnyModalProcessor(tokenizer, signal, media_tokens, config.llm.system_prompt, config.llm.max_length,
+                             **layout)
 
 
 class _naming:

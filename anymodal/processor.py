@@ -22,6 +22,7 @@ from .utils import atomic_write_text
 PLACEHOLDERS = {m: f"<{m.value}>" for m in MEDIA_MODALITIES}
 _SIGNAL_PREFIX = {Modality.IMAGE: "img", Modality.AUDIO: "aud", Modality.VIDEO: "vid"}
 PROCESSOR_CONFIG = "processor_config.json"
+INSTRUCTION_TOKENIZER = "instruction_tokenizer"
 
 # Used when the tokenizer has no chat template (tiny and locally trained tokenizers).
 DEFAULT_TEMPLATE = {"system": "{content}\n", "user": "### Human: {content}\n", "assistant": "### Assistant: {content}\n",
@@ -53,8 +54,14 @@ class AnyModalProcessor:
     """
 
     def __init__(self, tokenizer, signal_tokens: dict[Modality, int], media_tokens: dict[Modality, int],
-                 system_prompt: str | None = None, max_length: int | None = None):
+                 system_prompt: str | None = None, max_length: int | None = None, add_special_tokens: bool = False,
+                 media_before_bos: bool = False, instruction_tokenizer=None):
         self.tokenizer = tokenizer
+        # Released systems (anymodal.hf_systems.PromptFormat): the tokenizer adds its own BOS, and
+        # BLIP-2-style prompts put the leading media positions before it.
+        self.add_special_tokens = add_special_tokens
+        self.media_before_bos = media_before_bos
+        self.instruction_tokenizer = instruction_tokenizer  # InstructBLIP's Q-Former reads the prompt too
         self.signal_tokens = {Modality.parse(k): int(v) for k, v in signal_tokens.items()}
         self.media_tokens = {Modality.parse(k): int(v) for k, v in media_tokens.items()}
         self.system_prompt = system_prompt
@@ -117,16 +124,51 @@ class AnyModalProcessor:
     # ------------------------------------------------------------ tokenising
     def num_tokens(self, text: str) -> int:
         """Length of a formatted text in tokens, each placeholder counted as its medium's positions."""
+        if self.add_special_tokens or self.media_before_bos:
+            return len(self._encode(text))
         return len(self.tokenizer(self.expand(text), add_special_tokens=False)["input_ids"])
+
+    def _encode(self, text: str) -> list[int]:
+        """Token ids of one formatted text, laid out as the released system's own processor does."""
+        lead: list[int] = []
+        if self.media_before_bos:
+            found = re.match("(?:" + "|".join(re.escape(PLACEHOLDERS[m]) for m in MEDIA_MODALITIES) + r")+\s*", text)
+            if found:
+                head, text = found.group(0).strip(), text[found.end():]
+                lead = self.tokenizer(self.expand(head), add_special_tokens=False)["input_ids"]
+        return lead + self.tokenizer(self.expand(text), add_special_tokens=self.add_special_tokens)["input_ids"]
 
     def __call__(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Tokenise formatted texts (placeholders already placed) with left padding."""
-        expanded = [self.expand(t) for t in texts]
-        enc = self.tokenizer(expanded, return_tensors="pt", padding=True, add_special_tokens=False)
+        if self.add_special_tokens or self.media_before_bos:
+            rows = [self._encode(t) for t in texts]
+            width = max(len(r) for r in rows)
+            pad = self.tokenizer.pad_token_id
+            enc = {"input_ids": torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long),
+                   "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows],
+                                                  dtype=torch.long)}
+        else:
+            expanded = [self.expand(t) for t in texts]
+            enc = self.tokenizer(expanded, return_tensors="pt", padding=True, add_special_tokens=False)
         if self.max_length is not None and enc["input_ids"].shape[1] > self.max_length:
             raise ValueError(f"the prompt is {enc['input_ids'].shape[1]} tokens long (media positions included); "
                              f"the model's limit is {self.max_length}")
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    def instruction_inputs(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """The instruction-reading projector's input: each text (placeholders removed) through its own tokenizer."""
+        if self.instruction_tokenizer is None:
+            raise ValueError("this processor has no instruction tokenizer (only instruction-aware projectors use one)")
+        clean = [self.strip_placeholders(t) for t in texts]
+        tok = self.instruction_tokenizer
+        limit = min(getattr(tok, "model_max_length", 512) or 512, 512)
+        enc = tok(clean, return_tensors="pt", padding=True, truncation=True, max_length=limit)
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    def strip_placeholders(self, text: str) -> str:
+        for m in MEDIA_MODALITIES:
+            text = text.replace(PLACEHOLDERS[m], "")
+        return text.strip()
 
     # ------------------------------------------------------------ decoding
     def split_output(self, ids: Sequence[int]) -> tuple[str, list[tuple[Modality, int]]]:
@@ -164,7 +206,10 @@ class AnyModalProcessor:
         self.tokenizer.save_pretrained(directory)
         meta = {"signal_tokens": {m.value: n for m, n in self.signal_tokens.items()},
                 "media_tokens": {m.value: n for m, n in self.media_tokens.items()},
-                "system_prompt": self.system_prompt, "max_length": self.max_length}
+                "system_prompt": self.system_prompt, "max_length": self.max_length,
+                "add_special_tokens": self.add_special_tokens, "media_before_bos": self.media_before_bos}
+        if self.instruction_tokenizer is not None:
+            self.instruction_tokenizer.save_pretrained(directory / INSTRUCTION_TOKENIZER)
         atomic_write_text(directory / PROCESSOR_CONFIG, json.dumps(meta, indent=2))
 
     @classmethod
@@ -174,4 +219,8 @@ class AnyModalProcessor:
         directory = Path(directory)
         meta = json.loads((directory / PROCESSOR_CONFIG).read_text())
         tok = AutoTokenizer.from_pretrained(directory)
-        return cls(tok, meta["signal_tokens"], meta["media_tokens"], meta.get("system_prompt"), meta.get("max_length"))
+        inst = directory / INSTRUCTION_TOKENIZER
+        return cls(tok, meta["signal_tokens"], meta["media_tokens"], meta.get("system_prompt"), meta.get("max_length"),
+                   add_special_tokens=meta.get("add_special_tokens", False),
+                   media_before_bos=meta.get("media_before_bos", False),
+                   instruction_tokenizer=AutoTokenizer.from_pretrained(inst) if inst.is_dir() else None)

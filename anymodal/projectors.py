@@ -3,6 +3,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -62,30 +66,110 @@ class MLPProjector(_TokenMapper):
         return self._finish(self.net(features))
 
 
+@dataclass
+class QFormerOptions:
+    """``options`` of the ``qformer`` input projector.
+
+    ``config``: Q-Former config kwargs (``Blip2QFormerConfig`` / ``InstructBlipQFormerConfig``);
+    when given they set the geometry, else ``hidden_dim``/``num_layers``/``num_heads`` do, or, with a
+    BLIP-2 / InstructBLIP ``pretrained``, the checkpoint does. ``cross_attention_frequency``: a
+    cross-attention block every n layers (BLIP-2 uses 2). ``instruction``: InstructBLIP's
+    instruction-aware Q-Former, which also reads the prompt through ``tokenizer`` (its own
+    tokenizer: a directory or ``bytes``; default: the checkpoint's ``qformer_tokenizer``).
+    """
+
+    config: dict[str, Any] | None = None
+    cross_attention_frequency: int = 1
+    instruction: bool = False
+    tokenizer: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_positive_int("input_projector.options.cross_attention_frequency", self.cross_attention_frequency)
+        if not isinstance(self.instruction, bool):
+            raise ValueError(f"input_projector.options.instruction must be true or false, got {self.instruction!r}")
+        if self.config is not None and not isinstance(self.config, dict):
+            raise ValueError("input_projector.options.config must be a mapping of Q-Former config fields")
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
 @register_input_projector("qformer")
 class QFormerProjector(nn.Module):
-    """BLIP-2's Q-Former (transformers' ``Blip2QFormerModel``): learned queries cross-attend to the features."""
+    """BLIP-2's Q-Former: learned queries cross-attend to the features, then a linear map to the LLM.
+
+    The modules are transformers' own (``Blip2QFormerModel``, or ``InstructBlipQFormerModel`` when
+    ``options.instruction``), under the names BLIP-2 checkpoints use, so released weights load as they are.
+    The instruction-aware variant concatenates the instruction's tokens after the queries, as
+    InstructBLIP does, and keeps the query positions of the output.
+    """
 
     def __init__(self, in_tokens: int, in_dim: int, out_dim: int, config: InputProjectorConfig):
         super().__init__()
-        from transformers import Blip2QFormerConfig, Blip2QFormerModel
+        import transformers
 
-        hidden = config.hidden_dim or 768
-        if hidden % config.num_heads:
-            raise ValueError(f"input_projector.hidden_dim ({hidden}) must be divisible by num_heads ({config.num_heads})")
+        opts = QFormerOptions(**_known_options(config.options, QFormerOptions, "qformer"))
         self.in_tokens, self.in_dim = in_tokens, in_dim
-        qcfg = Blip2QFormerConfig(hidden_size=hidden, num_hidden_layers=config.num_layers,
-                                  num_attention_heads=config.num_heads, intermediate_size=4 * hidden,
-                                  encoder_hidden_size=in_dim, cross_attention_frequency=1)
+        self.takes_instruction = opts.instruction
+        if opts.config is not None:
+            fields = dict(opts.config)
+        elif config.pretrained is not None and not str(config.pretrained).endswith(".safetensors"):
+            from .hf_systems import qformer_geometry
+
+            fields, queries, kind = qformer_geometry(config.pretrained)
+            if queries != config.num_tokens:
+                raise ValueError(f"input_projector: {config.pretrained} has {queries} query tokens, but num_tokens is "
+                                 f"{config.num_tokens}; set num_tokens: {queries}")
+            if (kind == "instructblip") != opts.instruction:
+                raise ValueError(f"input_projector: a {kind} Q-Former needs options.instruction: "
+                                 f"{str(kind == 'instructblip').lower()}")
+            # recorded, so that a saved pipeline rebuilds this geometry without the checkpoint
+            config.options = {**config.options, "config": fields}
+        else:
+            hidden = config.hidden_dim or 768
+            if hidden % config.num_heads:
+                raise ValueError(f"input_projector.hidden_dim ({hidden}) must be divisible by num_heads "
+                                 f"({config.num_heads})")
+            fields = dict(hidden_size=hidden, num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
+                          intermediate_size=4 * hidden, cross_attention_frequency=opts.cross_attention_frequency)
+        fields.setdefault("encoder_hidden_size", in_dim)
+        if fields["encoder_hidden_size"] != in_dim:
+            raise ValueError(f"input_projector: the Q-Former attends to features of width {fields['encoder_hidden_size']},"
+                             f" but the encoder gives {in_dim}")
+        prefix = "InstructBlip" if opts.instruction else "Blip2"
+        qcfg = getattr(transformers, f"{prefix}QFormerConfig")(**fields)
+        hidden = qcfg.hidden_size
         self.query_tokens = nn.Parameter(torch.randn(1, config.num_tokens, hidden) * 0.02)
-        self.qformer = Blip2QFormerModel(qcfg)
+        self.qformer = getattr(transformers, f"{prefix}QFormerModel")(qcfg)
         self.proj = nn.Linear(hidden, out_dim)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, instruction: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         _check_features(features, self.in_tokens, self.in_dim, "qformer projector")
         queries = self.query_tokens.expand(features.shape[0], -1, -1)
-        out = self.qformer(query_embeds=queries, encoder_hidden_states=features).last_hidden_state
-        return self.proj(out)
+        if not self.takes_instruction:
+            out = self.qformer(query_embeds=queries, encoder_hidden_states=features).last_hidden_state
+            return self.proj(out)
+        if instruction is None:
+            raise ValueError("this Q-Former reads the instruction (InstructBLIP): pass instruction="
+                             "{'input_ids', 'attention_mask'} from its tokenizer, one row per medium")
+        ids, mask = instruction["input_ids"].to(features.device), instruction["attention_mask"].to(features.device)
+        if ids.shape[0] != features.shape[0]:
+            raise ValueError(f"qformer projector: {ids.shape[0]} instructions for {features.shape[0]} media")
+        mask = torch.cat([torch.ones(queries.shape[:2], dtype=mask.dtype, device=mask.device), mask], dim=1)
+        out = self.qformer(input_ids=ids, attention_mask=mask, query_embeds=queries,
+                           encoder_hidden_states=features).last_hidden_state
+        return self.proj(out[:, : queries.shape[1]])
+
+
+def _known_options(options: dict[str, Any], cls: type, where: str) -> dict[str, Any]:
+    allowed = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(options or {}) - allowed)
+    if unknown:
+        raise ValueError(f"input_projector ({where}) options: unknown field {unknown[0]!r}; allowed: "
+                         f"{', '.join(sorted(allowed))}")
+    return dict(options or {})
 
 
 @register_output_projector("transformer")

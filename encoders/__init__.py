@@ -6,7 +6,7 @@ implementation, image/video/audio/text) and the Hugging Face ``clip`` (image) an
 """
 
 from .base import ModalityEncoder
-from .hf import ClapEncoder, ClipEncoder
+from .hf import ClapEncoder, ClipEncoder, HFVisionEncoder
 from .imagebind import ImageBindEncoder, ImageBindOptions, TrunkOptions
 
-__all__ = ["ModalityEncoder", "ImageBindEncoder", "ImageBindOptions", "TrunkOptions", "ClipEncoder", "ClapEncoder"]
+__all__ = ["ModalityEncoder", "ImageBindEncoder", "ImageBindOptions", "TrunkOptions", "ClipEncoder", "ClapEncoder", "HFVisionEncoder"]

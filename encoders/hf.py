@@ -1,4 +1,6 @@
-"""Hugging Face encoders registered next to ImageBind: ``clip`` (image) and ``clap`` (audio).
+"""Hugging Face encoders registered next to ImageBind: ``clip`` (image), ``clap`` (audio) and
+``hf-vision`` (any CLIP, SigLIP or BLIP-2/InstructBLIP vision tower, read out of its own or a
+composite checkpoint, with a choice of layer, CLS and pooled/projected output).
 
 Each wraps a ``transformers`` model with a projection head and serves one modality:
 
@@ -137,7 +139,15 @@ class ClipEncoder(ModalityEncoder):
         _single_modality("clip", modalities, Modality.IMAGE)
         _check_source("clip", opts.config, pretrained)
         if pretrained is not None:
-            model = CLIPVisionModelWithProjection.from_pretrained(str(pretrained))
+            # Read through the strict loader: pointed at a checkpoint without these weights (a LLaVA
+            # folder has no visual_projection), from_pretrained would leave them silently random.
+            vc, prefixes = _vision_source(pretrained)
+            if vc.get("model_type") != "clip_vision_model":
+                raise ValueError(f"clip: {pretrained} holds a {vc.get('model_type')!r} vision tower, not CLIP's; "
+                                 "use the 'hf-vision' encoder for it")
+            vc = {k: v for k, v in vc.items() if k not in ("model_type", "transformers_version")}
+            model = CLIPVisionModelWithProjection(CLIPVisionConfig(**vc))
+            load_vision_tower(model, pretrained, prefixes, "clip encoder")
         else:
             model = CLIPVisionModelWithProjection(CLIPVisionConfig.from_dict(opts.config))
         return cls(model, opts, modalities).eval()
@@ -235,7 +245,11 @@ class ClapEncoder(ModalityEncoder):
         _single_modality("clap", modalities, Modality.AUDIO)
         _check_source("clap", opts.config, pretrained)
         if pretrained is not None:
-            model = ClapAudioModelWithProjection.from_pretrained(str(pretrained))
+            model, info = ClapAudioModelWithProjection.from_pretrained(str(pretrained), output_loading_info=True)
+            if info["missing_keys"] or info["mismatched_keys"]:
+                bad = sorted(info["missing_keys"]) + [str(k) for k in info["mismatched_keys"]]
+                raise ValueError(f"clap encoder: {pretrained} lacks {len(bad)} weight(s) it needs (or has them in "
+                                 f"another shape): {', '.join(bad[:8])}")
             try:
                 fe = ClapFeatureExtractor.from_pretrained(str(pretrained), **opts.feature_extractor)
             except OSError:  # a checkpoint without preprocessor_config.json
@@ -244,3 +258,203 @@ class ClapEncoder(ModalityEncoder):
             model = ClapAudioModelWithProjection(ClapAudioConfig.from_dict(opts.config))
             fe = ClapFeatureExtractor(**opts.feature_extractor)
         return cls(model, fe, opts, modalities).eval()
+
+
+# ============================================================================ HF vision towers
+# config model_type -> (transformers class, has a CLS token)
+VISION_TOWERS = {
+    "clip_vision_model": ("CLIPVisionModel", True),
+    "siglip_vision_model": ("SiglipVisionModel", False),
+    "blip_2_vision_model": ("Blip2VisionModel", True),
+    "instructblip_vision_model": ("InstructBlipVisionModel", True),
+}
+VISION_OUTPUTS = ("tokens", "pooled", "projected")
+# checkpoints whose vision tower sits inside a bigger model: model_type -> (where the tower's config is,
+# key prefixes of its weights)
+_VISION_SOURCES = {
+    "llava": ("vision_config", ["vision_tower.", "model.vision_tower."]),
+    "blip-2": ("vision_config", ["vision_model."]),
+    "instructblip": ("vision_config", ["vision_model."]),
+    "clip": ("vision_config", [""]),
+    "siglip": ("vision_config", [""]),
+}
+
+
+@dataclass
+class HFVisionOptions:
+    """Options of the ``hf-vision`` encoder.
+
+    ``config``: vision config kwargs with ``model_type`` (one of :data:`VISION_TOWERS`) for a random
+    init; omit with ``pretrained``. ``feature_layer``: ``None`` reads the tower's
+    ``last_hidden_state`` (after any final norm: BLIP-2's ``post_layernorm``); an index reads
+    ``hidden_states[i]`` (LLaVA: -2); a list concatenates several layers. ``keep_cls``: keep the
+    CLS token (LLaVA's "default" strategy drops it). ``output``: ``tokens`` (features per token),
+    ``pooled`` (the tower's ``pooler_output``: GILL's choice) or ``projected`` (CLIP's
+    ``image_embeds``). ``image_processor``: a transformers image processor's ``to_dict()``;
+    default: the checkpoint's own, else CLIP-style resize and crop to the tower's image size.
+    """
+
+    config: dict[str, Any] | None = None
+    feature_layer: int | list[int] | None = None
+    keep_cls: bool = True
+    output: str = "tokens"
+    image_processor: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.output not in VISION_OUTPUTS:
+            raise ValueError(f"hf-vision options.output must be one of {', '.join(VISION_OUTPUTS)}, got {self.output!r}")
+        fl = self.feature_layer
+        layers = fl if isinstance(fl, list) else [fl]
+        if fl is not None and not (layers and all(isinstance(x, int) and not isinstance(x, bool) for x in layers)):
+            raise ValueError(f"hf-vision options.feature_layer must be null, an integer or a list of integers, got {fl!r}")
+        if not isinstance(self.keep_cls, bool):
+            raise ValueError(f"hf-vision options.keep_cls must be true or false, got {self.keep_cls!r}")
+        if self.config is not None and self.config.get("model_type") not in VISION_TOWERS:
+            raise ValueError(f"hf-vision options.config.model_type must be one of {', '.join(VISION_TOWERS)}, "
+                             f"got {self.config.get('model_type')!r}")
+
+
+def _vision_source(pretrained: str | os.PathLike) -> tuple[dict[str, Any], list[str]]:
+    """The vision config (a dict with model_type) and weight prefixes of a checkpoint directory or hub id."""
+    from anymodal.hf_systems import read_config
+
+    cfg = read_config(pretrained)
+    kind = cfg.get("model_type")
+    if kind in VISION_TOWERS:
+        return cfg, [""]
+    if kind in _VISION_SOURCES:
+        from transformers import AutoConfig
+
+        key, prefixes = _VISION_SOURCES[kind]
+        vc = getattr(AutoConfig.from_pretrained(str(pretrained)), key).to_dict()
+        return vc, prefixes
+    raise ValueError(f"hf-vision: {pretrained} is a {kind!r} checkpoint with no vision tower anymodal knows; "
+                     f"expected a vision model ({', '.join(VISION_TOWERS)}) or a composite "
+                     f"({', '.join(_VISION_SOURCES)})")
+
+
+def _tower_key_spellings(key: str) -> list[str]:
+    # Checkpoints written before transformers 5 nest CLIP/SigLIP towers one level deeper ("vision_model.").
+    return [key, f"vision_model.{key}"] if not key.startswith("vision_model.") else [key, key[len("vision_model."):]]
+
+
+def load_vision_tower(model: Any, pretrained: str | os.PathLike, prefixes: list[str], what: str) -> None:
+    """Load a vision tower strictly (missing weights raise, unused ones are reported)."""
+    from anymodal.hf_systems import load_strict
+
+    load_strict(model, pretrained, prefixes, what, rename=_tower_key_spellings)
+
+
+@register_encoder("hf-vision")
+class HFVisionEncoder(ModalityEncoder):
+    """A Hugging Face vision tower (CLIP, SigLIP, BLIP-2 / InstructBLIP's EVA ViT) serving images.
+
+    ``pretrained`` may be the tower's own checkpoint, a CLIP/SigLIP model, or a LLaVA / BLIP-2 /
+    InstructBLIP checkpoint: the tower's weights are found inside it, and a missing one is an error.
+    """
+
+    type_name = "hf-vision"
+
+    def __init__(self, model: Any, image_processor: Any, options: HFVisionOptions,
+                 modalities: Sequence[Modality | str] = (Modality.IMAGE,)):
+        super().__init__(_single_modality("hf-vision", modalities, Modality.IMAGE))
+        kind = model.config.model_type
+        self.has_cls = VISION_TOWERS[kind][1]
+        if not options.keep_cls and not self.has_cls:
+            raise ValueError(f"hf-vision options.keep_cls is false, but a {kind} tower has no CLS token")
+        if options.output == "projected" and kind != "clip_vision_model":
+            raise ValueError(f"hf-vision options.output 'projected' needs a CLIP tower (visual_projection); "
+                             f"{kind} has none: use 'pooled' or 'tokens'")
+        n_layers = model.config.num_hidden_layers
+        fl = options.feature_layer
+        for i in (fl if isinstance(fl, list) else [] if fl is None else [fl]):
+            if not -(n_layers + 1) <= i <= n_layers:
+                raise ValueError(f"hf-vision options.feature_layer {i} is out of range: the tower has {n_layers} "
+                                 f"layers, so hidden_states has {n_layers + 1} entries")
+        self.model = model
+        self.image_processor = image_processor
+        self.opts = options
+
+    @property
+    def _layers(self) -> list[int] | None:
+        fl = self.opts.feature_layer
+        return None if fl is None else (fl if isinstance(fl, list) else [fl])
+
+    def feature_shape(self, modality: Modality | str) -> tuple[int, int]:
+        self.check_modality(modality)
+        cfg = self.model.config
+        if self.opts.output == "projected":
+            return (1, cfg.projection_dim)
+        if self.opts.output == "pooled":
+            return (1, cfg.hidden_size)
+        n = (cfg.image_size // cfg.patch_size) ** 2 + (1 if self.has_cls and self.opts.keep_cls else 0)
+        return (n, cfg.hidden_size * len(self._layers or [None]))
+
+    def preprocess(self, modality: Modality | str, items: Sequence[Any]) -> torch.Tensor:
+        self.check_modality(modality)
+        if self.image_processor is None:
+            return preprocess_images(items, size=self.model.config.image_size)
+        from .preprocess import _check_items, load_image
+
+        _check_items(items, "image")
+        return self.image_processor([load_image(x) for x in items], return_tensors="pt")["pixel_values"].float()
+
+    def forward(self, modality: Modality | str, inputs: torch.Tensor) -> torch.Tensor:
+        self.check_modality(modality)
+        s = self.model.config.image_size
+        if inputs.ndim != 4 or tuple(inputs.shape[1:]) != (3, s, s):
+            raise ValueError(f"hf-vision image input must be (batch, 3, {s}, {s}), got {tuple(inputs.shape)}")
+        ref = next(self.model.parameters())
+        layers = self._layers
+        out = self.model(pixel_values=inputs.to(device=ref.device, dtype=ref.dtype),
+                         output_hidden_states=layers is not None and self.opts.output == "tokens")
+        if self.opts.output == "projected":
+            return out.image_embeds.unsqueeze(1)
+        if self.opts.output == "pooled":
+            return out.pooler_output.unsqueeze(1)
+        states = [out.last_hidden_state] if layers is None else [out.hidden_states[i] for i in layers]
+        if not self.opts.keep_cls:
+            states = [h[:, 1:] for h in states]
+        return torch.cat(states, dim=-1)
+
+    def options(self) -> dict[str, Any]:
+        proc = None if self.image_processor is None else self.image_processor.to_dict()
+        return {**dataclasses.asdict(self.opts), "config": _jsonable_config(self.model.config), "image_processor": proc}
+
+    @classmethod
+    def from_config(cls, options: dict[str, Any] | None, modalities: Sequence[Modality | str],
+                    pretrained: str | os.PathLike | None = None) -> "HFVisionEncoder":
+        """Build the tower from ``options["config"]``, or load it (strictly) from ``pretrained``."""
+        import transformers
+
+        opts = _options_from_dict(HFVisionOptions, options, "hf-vision")
+        _single_modality("hf-vision", modalities, Modality.IMAGE)
+        _check_source("hf-vision", opts.config, pretrained)
+        vc, prefixes = (dict(opts.config), [""]) if pretrained is None else _vision_source(pretrained)
+        kind = vc.pop("model_type")
+        if kind not in VISION_TOWERS:
+            raise ValueError(f"hf-vision: {kind!r} towers are not supported; supported: {', '.join(VISION_TOWERS)}")
+        class_name = "CLIPVisionModelWithProjection" if opts.output == "projected" else VISION_TOWERS[kind][0]
+        config = transformers.AutoConfig.for_model(kind, **{k: v for k, v in vc.items() if k != "transformers_version"})
+        model = getattr(transformers, class_name)(config)
+        if pretrained is not None:
+            load_vision_tower(model, pretrained, prefixes, f"hf-vision encoder ({class_name})")
+        return cls(model, _image_processor(opts.image_processor, pretrained), opts, modalities).eval()
+
+
+def _image_processor(settings: dict[str, Any] | None, pretrained: str | os.PathLike | None) -> Any:
+    import transformers
+
+    if settings is not None:
+        kind = settings.get("image_processor_type")
+        if not kind or not hasattr(transformers, kind):
+            raise ValueError(f"hf-vision options.image_processor needs a known image_processor_type, got {kind!r}")
+        return getattr(transformers, kind).from_dict({k: v for k, v in settings.items() if k != "image_processor_type"})
+    if pretrained is not None:
+        from anymodal.hf_systems import local_dir
+
+        d = local_dir(pretrained)
+        # released folders keep it in preprocessor_config.json; transformers 5 nests it in processor_config.json
+        if (d / "preprocessor_config.json").is_file() or (d / "processor_config.json").is_file():
+            return transformers.AutoImageProcessor.from_pretrained(str(d))
+    return None
