@@ -175,7 +175,7 @@ def load_strict(module: nn.Module, source: str | os.PathLike, prefixes: Iterable
         if best is None or len(found) > len(best[1]):
             best = (prefix, found)
     prefix, found = best if best is not None else ("", {})
-    missing = [k for k in expected if k not in found]
+    missing = [prefix + next(iter(rename(k))) for k in expected if k not in found]  # as the checkpoint names them
     if missing:
         shown = ", ".join(missing[:8]) + (f", ... ({len(missing) - 8} more)" if len(missing) > 8 else "")
         raise ValueError(f"{what}: {source} lacks {len(missing)} of the {len(expected)} weights it needs "
@@ -226,10 +226,13 @@ def load_composite_language_model(source: str | os.PathLike, dtype: torch.dtype)
                                                             output_loading_info=True)
     finally:
         tlog.set_verbosity(verbosity)
+    # transformers records key_mapping and would rename the keys back on save_pretrained; the extracted
+    # model is a plain causal LM and saves as one (as if built from scratch)
+    lm._weight_conversions = None
     if info["missing_keys"] or info["mismatched_keys"]:
         bad = sorted(info["missing_keys"]) + [str(k) for k in info["mismatched_keys"]]
-        raise ValueError(f"language model in {source}: {len(bad)} weight(s) missing or of the wrong shape: "
-                         f"{', '.join(bad[:8])}")
+        raise ValueError(f"language model in {source} lacks {len(bad)} weight(s) it needs, or has them in another "
+                         f"shape (named as in the language model, without the checkpoint's prefix): {', '.join(bad[:8])}")
     unused = sorted(k for k in info["unexpected_keys"] if not k.startswith(_NOT_LM))
     if unused:
         logger.warning("language model in %s: %d weight(s) not used: %s", source, len(unused), ", ".join(unused[:8]))

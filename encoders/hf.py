@@ -434,6 +434,9 @@ class HFVisionEncoder(ModalityEncoder):
         kind = vc.pop("model_type")
         if kind not in VISION_TOWERS:
             raise ValueError(f"hf-vision: {kind!r} towers are not supported; supported: {', '.join(VISION_TOWERS)}")
+        if opts.output == "projected" and kind != "clip_vision_model":
+            raise ValueError(f"hf-vision options.output 'projected' needs a CLIP tower (visual_projection); "
+                             f"{kind} has none: use 'pooled' or 'tokens'")
         class_name = "CLIPVisionModelWithProjection" if opts.output == "projected" else VISION_TOWERS[kind][0]
         config = transformers.AutoConfig.for_model(kind, **{k: v for k, v in vc.items() if k != "transformers_version"})
         model = getattr(transformers, class_name)(config)
