@@ -323,7 +323,7 @@ def config_from_hf(path: str | os.PathLike):
     else:
         encoder = {"type": "hf-vision", "modalities": ["image"], "pretrained": path, "options": {}}
         projector = {"type": "qformer", "num_tokens": hf.num_query_tokens, "pretrained": path,
-                     "options": {"instruction": kind == "instructblip"}}
+                     "options": {"instruction": True} if kind == "instructblip" else {}}
     name = Path(path).name or kind
     return AnyModalConfig.from_dict({"name": name, "llm": llm, "encoders": {"vision": encoder},
                                      "input_projectors": {"image": projector}})
