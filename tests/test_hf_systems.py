@@ -405,3 +405,19 @@ def test_tiny_twin_builds_runs_saves_and_reloads(twin, image, tmp_path):
     pipe.save_pretrained(tmp_path / "saved")
     again = AnyModalPipeline.from_pretrained(tmp_path / "saved")
     assert again(PROMPT, images=image, max_new_tokens=5, seed=0).token_ids == out.token_ids
+
+
+def test_tower_loads_from_either_key_layout(llava_dir, tmp_path):
+    """Released folders nest the CLIP tower under vision_model; transformers 5 saves it without."""
+    from safetensors.torch import load_file, save_file
+
+    from anymodal.encoders import HFVisionEncoder
+
+    flat = tmp_path / "flat"
+    shutil.copytree(llava_dir, flat)
+    sd = load_file(flat / "model.safetensors")
+    save_file({k.replace("vision_tower.vision_model.", "vision_tower."): v for k, v in sd.items()},
+              flat / "model.safetensors", metadata={"format": "pt"})
+    a = HFVisionEncoder.from_config({}, [IMAGE], pretrained=str(llava_dir)).state_dict()
+    b = HFVisionEncoder.from_config({}, [IMAGE], pretrained=str(flat)).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
