@@ -152,18 +152,18 @@ class CheckpointReader:
 
 
 def load_strict(module: nn.Module, source: str | os.PathLike, prefixes: Iterable[str], what: str,
-                rename: Callable[[str], Iterable[str]] | None = None,
-                reader: CheckpointReader | None = None) -> None:
+                rename: Callable[[str], Iterable[str]] | None = None, skip: tuple[str, ...] = ()) -> None:
     """Load every weight ``module`` has from ``source``, found under one of ``prefixes``.
 
     ``rename(key)`` gives the spellings a module key may have in the checkpoint (default: the
-    key itself). Raises ``ValueError`` naming the weights the checkpoint lacks (a component is
-    never left partly random) or whose shape differs; logs a warning naming weights under the
-    component's prefix that the module does not use.
+    key itself); module keys starting with one of ``skip`` are left as they are, by request.
+    Raises ``ValueError`` naming the weights the checkpoint lacks (a component is never left
+    partly random) or whose shape differs; logs a warning naming weights under the component's
+    prefix that the module does not use.
     """
-    reader = reader or CheckpointReader(source)
+    reader = CheckpointReader(source)
     rename = rename or (lambda k: [k])
-    expected = list(module.state_dict())
+    expected = [k for k in module.state_dict() if not k.startswith(skip)]
     best: tuple[str, dict[str, str]] | None = None
     for prefix in prefixes:
         found = {}
@@ -188,9 +188,9 @@ def load_strict(module: nn.Module, source: str | os.PathLike, prefixes: Iterable
             raise ValueError(f"{what}: weight {ck!r} in {source} has shape {tuple(t.shape)}, the component needs "
                              f"{tuple(own[k].shape)} for {k!r}; the config does not describe this checkpoint")
         state[k] = t
-    module.load_state_dict(state, strict=True)
+    module.load_state_dict(state, strict=not skip)
     scope = {prefix + c.split(".")[0] for k in expected for c in rename(k)}
-    used = set(found.values())
+    used = set(found.values()) | {prefix + c for k in module.state_dict() if k.startswith(skip) for c in rename(k)}
     unused = sorted(k for k in reader.keys() if k not in used and any(k == s or k.startswith(s + ".") for s in scope))
     if unused:
         logger.warning("%s: %d weight(s) in %s are not used: %s", what, len(unused), source,
@@ -364,7 +364,7 @@ def load_projector_weights(module: nn.Module, projector_type: str, pretrained: s
     if str(pretrained).endswith(".safetensors"):
         if not os.path.isfile(pretrained):
             raise FileNotFoundError(f"{where}.pretrained: no such file {pretrained!r}")
-        load_strict(module, pretrained, [""], where)
+        load_strict(module, pretrained, [""], where, skip=getattr(module, "fresh_keys", ()))
         return
     kind = read_config(pretrained).get("model_type")
     rename = _PROJECTOR_KEYS.get((projector_type, kind))
@@ -373,7 +373,7 @@ def load_projector_weights(module: nn.Module, projector_type: str, pretrained: s
         raise ValueError(f"{where}.pretrained: a {projector_type!r} projector cannot be taken from a {kind!r} "
                          f"checkpoint ({pretrained}); known: {known}, or an anymodal .safetensors file")
     prefixes = ["", "model."] if kind == "llava" else [""]
-    load_strict(module, pretrained, prefixes, where, rename=rename)
+    load_strict(module, pretrained, prefixes, where, rename=rename, skip=getattr(module, "fresh_keys", ()))
 
 
 def load_instruction_tokenizer(config) -> Any | None:

@@ -70,18 +70,21 @@ class MLPProjector(_TokenMapper):
 class QFormerOptions:
     """``options`` of the ``qformer`` input projector.
 
-    ``config``: Q-Former config kwargs (``Blip2QFormerConfig`` / ``InstructBlipQFormerConfig``);
-    when given they set the geometry, else ``hidden_dim``/``num_layers``/``num_heads`` do, or, with a
-    BLIP-2 / InstructBLIP ``pretrained``, the checkpoint does. ``cross_attention_frequency``: a
-    cross-attention block every n layers (BLIP-2 uses 2). ``instruction``: InstructBLIP's
+    ``config``: Q-Former config kwargs (``Blip2QFormerConfig`` / ``InstructBlipQFormerConfig``). The
+    geometry comes from ``config`` when given, else from a BLIP-2 / InstructBLIP ``pretrained``
+    checkpoint, else from ``hidden_dim``/``num_layers``/``num_heads`` and ``cross_attention_frequency``
+    (a cross-attention block every n layers; BLIP-2 uses 2). ``instruction``: InstructBLIP's
     instruction-aware Q-Former, which also reads the prompt through ``tokenizer`` (its own
     tokenizer: a directory or ``bytes``; default: the checkpoint's ``qformer_tokenizer``).
+    ``pretrained_projection``: false loads only the queries and the Q-Former from ``pretrained`` and
+    starts the projection to the LLM fresh (MiniGPT-4/5 put a new linear layer on BLIP-2's Q-Former).
     """
 
     config: dict[str, Any] | None = None
     cross_attention_frequency: int = 1
     instruction: bool = False
     tokenizer: str | None = None
+    pretrained_projection: bool = True
 
     def __post_init__(self) -> None:
         _check_positive_int("input_projector.options.cross_attention_frequency", self.cross_attention_frequency)
@@ -113,6 +116,7 @@ class QFormerProjector(nn.Module):
         opts = QFormerOptions(**_known_options(config.options, QFormerOptions, "qformer"))
         self.in_tokens, self.in_dim = in_tokens, in_dim
         self.takes_instruction = opts.instruction
+        self.fresh_keys = () if opts.pretrained_projection else ("proj.",)  # not read from `pretrained`
         if opts.config is not None:
             fields = dict(opts.config)
         elif config.pretrained is not None and not str(config.pretrained).endswith(".safetensors"):

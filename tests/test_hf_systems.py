@@ -421,3 +421,24 @@ def test_tower_loads_from_either_key_layout(llava_dir, tmp_path):
     a = HFVisionEncoder.from_config({}, [IMAGE], pretrained=str(llava_dir)).state_dict()
     b = HFVisionEncoder.from_config({}, [IMAGE], pretrained=str(flat)).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_qformer_from_blip2_with_a_fresh_projection(blip2_dir):
+    """MiniGPT-4/5 style: BLIP-2's queries and Q-Former, a new projection to another LLM's width."""
+    from safetensors import safe_open
+
+    from anymodal.config import InputProjectorConfig
+    from anymodal.hf_systems import load_projector_weights
+    from anymodal.projectors import build_input_projector
+
+    cfg = InputProjectorConfig(type="qformer", num_tokens=4, pretrained=str(blip2_dir))
+    with pytest.raises(ValueError, match=r"language_projection\.weight.* shape \(16, 16\).*\(64, 16\)"):
+        load_projector_weights(build_input_projector(cfg, 17, 16, 64), "qformer", str(blip2_dir), "ip")
+    cfg = InputProjectorConfig(type="qformer", num_tokens=4, pretrained=str(blip2_dir),
+                               options={"pretrained_projection": False})
+    proj = build_input_projector(cfg, 17, 16, 64)
+    load_projector_weights(proj, "qformer", str(blip2_dir), "ip")
+    with safe_open(str(blip2_dir / "model.safetensors"), "pt") as f:
+        assert torch.equal(proj.query_tokens, f.get_tensor("query_tokens"))
+        assert torch.equal(proj.qformer.layernorm.weight, f.get_tensor("qformer.layernorm.weight"))
+    assert proj(torch.randn(2, 17, 16)).shape == (2, 4, 64)
