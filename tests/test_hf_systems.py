@@ -389,9 +389,9 @@ def test_shipped_config_is_what_the_checkpoint_folder_loads_as(tmp_path, system,
     assert shipped == detected
 
 
-@pytest.mark.parametrize("twin", ["llava-1.5-7b-tiny", "blip2-opt-2.7b-tiny", "instructblip-vicuna-7b-tiny"])
+@pytest.mark.parametrize("twin", ["tiny-llava-1.5-7b", "tiny-blip2-opt-2.7b", "tiny-instructblip-vicuna-7b"])
 def test_tiny_twin_builds_runs_saves_and_reloads(twin, image, tmp_path):
-    real = AnyModalConfig.from_yaml(CONFIGS / f"{twin.removesuffix('-tiny')}.yaml")
+    real = AnyModalConfig.from_yaml(CONFIGS / f"{twin.removeprefix('tiny-')}.yaml")
     pipe = AnyModalPipeline.from_pretrained(CONFIGS / f"{twin}.yaml")
     # the twin has the layout of the real system, at a tiny size
     assert pipe.config.llm.prompt_format == real.llm.prompt_format
