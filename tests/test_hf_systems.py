@@ -226,7 +226,7 @@ def test_released_checkpoint_matches_transformers(request, system, image):
     eos = pipe.processor.tokenizer.eos_token_id
     if eos in expected:
         expected = expected[: expected.index(eos) + 1]
-    assert out.token_ids[0] == expected
+    assert len(expected) > 3 and out.token_ids[0] == expected
     assert out.text[0] == pipe.processor.tokenizer.decode(expected, skip_special_tokens=True).strip()
 
 
