@@ -442,3 +442,15 @@ def test_qformer_from_blip2_with_a_fresh_projection(blip2_dir):
         assert torch.equal(proj.query_tokens, f.get_tensor("query_tokens"))
         assert torch.equal(proj.qformer.layernorm.weight, f.get_tensor("qformer.layernorm.weight"))
     assert proj(torch.randn(2, 17, 16)).shape == (2, 4, 64)
+
+
+def test_instructions_batch_row_by_row(instructblip_dir, image):
+    """In a batch each image's queries read its own prompt (padded), as they would alone."""
+    pipe = AnyModalPipeline.from_pretrained(instructblip_dir)
+    pixels = pipe.model.encoder_for(IMAGE).preprocess(IMAGE, [image, image])
+    prompts = ["what colour is it", "how many?"]
+    both = pipe.model.encode_media(IMAGE, pixels, pipe.processor.instruction_inputs(prompts))
+    for i, p in enumerate(prompts):
+        alone = pipe.model.encode_media(IMAGE, pixels[i:i + 1], pipe.processor.instruction_inputs([p]))
+        assert torch.allclose(both[i:i + 1], alone, atol=1e-5)
+    assert len(pipe(prompts, images=[image, image], max_new_tokens=4).text) == 2
