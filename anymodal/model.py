@@ -4,7 +4,6 @@ features into the LLM's input embeddings and signal-token states out to conditio
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import torch

@@ -109,6 +109,8 @@ class QFormerProjector(nn.Module):
     InstructBLIP does, and keeps the query positions of the output.
     """
 
+    takes_options = True  # QFormerOptions
+
     def __init__(self, in_tokens: int, in_dim: int, out_dim: int, config: InputProjectorConfig):
         super().__init__()
         import transformers
@@ -213,7 +215,10 @@ class TransformerOutputProjector(nn.Module):
 
 
 def build_input_projector(config: InputProjectorConfig, in_tokens: int, in_dim: int, out_dim: int) -> nn.Module:
-    return INPUT_PROJECTORS.get(config.type)(in_tokens, in_dim, out_dim, config)
+    cls = INPUT_PROJECTORS.get(config.type)
+    if config.options and not getattr(cls, "takes_options", False):  # a typo must not pass silently
+        raise ValueError(f"input projector type {config.type!r} takes no options; got {', '.join(sorted(config.options))}")
+    return cls(in_tokens, in_dim, out_dim, config)
 
 
 def build_output_projector(config: OutputProjectorConfig, in_dim: int) -> nn.Module:

@@ -454,3 +454,14 @@ def test_instructions_batch_row_by_row(instructblip_dir, image):
         alone = pipe.model.encode_media(IMAGE, pixels[i:i + 1], pipe.processor.instruction_inputs([p]))
         assert torch.allclose(both[i:i + 1], alone, atol=1e-5)
     assert len(pipe(prompts, images=[image, image], max_new_tokens=4).text) == 2
+
+
+def test_projector_options_are_checked():
+    from anymodal.config import InputProjectorConfig
+    from anymodal.projectors import build_input_projector
+
+    with pytest.raises(ValueError, match="'mlp' takes no options; got colour"):
+        build_input_projector(InputProjectorConfig(type="mlp", options={"colour": 1}), 1, 4, 4)
+    with pytest.raises(ValueError, match="unknown field 'cross_attention_freq'"):
+        build_input_projector(InputProjectorConfig(type="qformer", hidden_dim=8, num_heads=2,
+                                                   options={"cross_attention_freq": 2}), 3, 4, 4)
