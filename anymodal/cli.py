@@ -28,7 +28,8 @@ def command(name: str, help: str):
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", help="a saved pipeline directory (default: the model shipped with anymodal)")
+    src.add_argument("--model", help="a saved pipeline directory, or a LLaVA / BLIP-2 / InstructBLIP checkpoint folder "
+                                     "(default: the model shipped with anymodal)")
     src.add_argument("--config", help="a YAML config file or a shipped config name (see `anymodal configs`)")
     p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cpu)")
 

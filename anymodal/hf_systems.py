@@ -25,10 +25,13 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from .config import AnyModalConfig
 
 logger = logging.getLogger(__name__)
 
@@ -284,7 +287,7 @@ _SYSTEM_PROMPT_FORMAT = {"llava": "llava-1.5", "blip-2": "blip-2", "instructblip
 _CHECKPOINT_DTYPES = {"float32", "float16", "bfloat16"}
 
 
-def config_from_hf(path: str | os.PathLike):
+def config_from_hf(path: str | os.PathLike) -> "AnyModalConfig":
     """The anymodal config that runs a LLaVA / BLIP-2 / InstructBLIP checkpoint folder as it is.
 
     Every component points at ``path``; geometry comes from its ``config.json``. Text is the only
@@ -376,7 +379,7 @@ def load_projector_weights(module: nn.Module, projector_type: str, pretrained: s
     load_strict(module, pretrained, prefixes, where, rename=rename, skip=getattr(module, "fresh_keys", ()))
 
 
-def load_instruction_tokenizer(config) -> Any | None:
+def load_instruction_tokenizer(config: "AnyModalConfig") -> Any | None:
     """The Q-Former's own tokenizer, for an instruction-aware (InstructBLIP) projector, else None.
 
     From ``options.tokenizer`` (a directory, or ``bytes``), else the checkpoint's ``qformer_tokenizer``.

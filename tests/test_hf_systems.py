@@ -347,6 +347,14 @@ def test_hf_vision_options(llava_dir):
                                     [IMAGE])
     with pytest.raises(ValueError, match="feature_layer 7 is out of range"):
         HFVisionEncoder.from_config({"feature_layer": 7}, [IMAGE], pretrained=str(llava_dir))
+    siglip = {"model_type": "siglip_vision_model", **VISION}
+    enc = HFVisionEncoder.from_config({"config": siglip, "feature_layer": -2}, [IMAGE])
+    assert enc.feature_shape(IMAGE) == (16, 16)  # SigLIP: patches only
+    assert enc(IMAGE, enc.preprocess(IMAGE, [np.zeros((16, 16, 3), dtype=np.uint8)])).shape == (1, 16, 16)
+    pooled = HFVisionEncoder.from_config({"config": siglip, "output": "pooled"}, [IMAGE])
+    assert pooled(IMAGE, torch.zeros(2, 3, 16, 16)).shape == (2, 1, 16)
+    with pytest.raises(ValueError, match="has no CLS token"):
+        HFVisionEncoder.from_config({"config": siglip, "keep_cls": False}, [IMAGE])
 
 
 # ---------------------------------------------------------------------------- shipped configs
