@@ -87,6 +87,8 @@ class AudioLDMGenerator(_AudioLDMFamily):
     def pipeline_class(cls) -> type:
         from diffusers import AudioLDMPipeline
 
+        from . import vocoders  # noqa: F401  (diffusers loads anymodal's vocoder types once imported)
+
         return AudioLDMPipeline
 
     @classmethod
@@ -192,6 +194,8 @@ class AudioLDM2Generator(_AudioLDMFamily):
     @classmethod
     def pipeline_class(cls) -> type:
         from diffusers import AudioLDM2Pipeline
+
+        from . import vocoders  # noqa: F401  (diffusers loads anymodal's vocoder types once imported)
 
         return AudioLDM2Pipeline
 

@@ -15,7 +15,6 @@ how to read its conditioning shapes from the component configs, and how to call 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import inspect
 import os
 import string
@@ -334,12 +333,6 @@ class DiffusersGenerator(ModalityGenerator):
         # [null, null]; diffusers needs them passed again as None or it refuses to build.
         absent = {name: None for name, value in index.items()
                   if not name.startswith("_") and isinstance(value, (list, tuple)) and list(value) == [None, None]}
-        # diffusers loads components of other libraries only once their module is imported; the
-        # ones anymodal itself provides (the toy world's Griffin-Lim vocoder) are imported here.
-        for value in index.values():
-            if isinstance(value, (list, tuple)) and value and isinstance(value[0], str) \
-                    and value[0].startswith("anymodal."):
-                importlib.import_module(value[0])
         with quiet_loading(show_bars=not small_local_dir(self.config.pretrained)):
             return cls.from_pretrained(self.config.pretrained, dtype=torch_dtype(self.config.dtype), **absent)
 

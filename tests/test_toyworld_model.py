@@ -15,21 +15,27 @@ import pytest
 import torch
 
 from anymodal.modality import Modality
-from anymodal.toyworld import model_phases as MP
+from anymodal.toyworld import encoder as ENC
+from anymodal.toyworld import loop as L
+from anymodal.toyworld import llm as LLM
+from anymodal.toyworld import manifests as MF
+from anymodal.toyworld import recipe as R
+from anymodal.toyworld import ship as SH
+from anymodal.toyworld import stages as ST
 from anymodal.toyworld import train as T
 from anymodal.toyworld import world
 
 torch.set_num_threads(1)
 
-SMOKE = MP.ModelPhasesConfig.preset("smoke")
+SMOKE = R.ModelPhasesConfig.preset("smoke")
 
 
-def _control(**kw) -> T.RunControl:
-    return T.RunControl(progress=False, **kw)
+def _control(**kw) -> L.RunControl:
+    return L.RunControl(progress=False, **kw)
 
 
-def _log(out: Path, name: str) -> T.JsonlLog:
-    return T.JsonlLog(out / "logs" / f"{name}.jsonl")
+def _log(out: Path, name: str) -> L.JsonlLog:
+    return L.JsonlLog(out / "logs" / f"{name}.jsonl")
 
 
 def _weights(directory: Path) -> dict[str, torch.Tensor]:
@@ -65,9 +71,9 @@ def base(tmp_path_factory) -> Path:
 def trained(base: Path, tmp_path_factory) -> Path:
     """Manifests, encoder and LLM on top of ``base``."""
     out = _copy_base(base, tmp_path_factory.mktemp("trained"), "tokenizer", "image-generator", "audio-generator")
-    MP.write_manifests(out, SMOKE.stages.n_captions, SMOKE.stages.n_dialogues, SMOKE.stages.seed)
-    MP.train_encoder(out, SMOKE.encoder, _log(out, "encoder"), _control())
-    MP.train_llm(out, SMOKE.llm, _log(out, "llm"), _control())
+    MF.write_manifests(out, SMOKE.stages.n_captions, SMOKE.stages.n_dialogues, SMOKE.stages.seed)
+    ENC.train_encoder(out, SMOKE.encoder, _log(out, "encoder"), _control())
+    LLM.train_llm(out, SMOKE.llm, _log(out, "llm"), _control())
     return out
 
 
@@ -75,7 +81,7 @@ def test_manifests_are_what_training_reads(tmp_path: Path):
     from anymodal.encoders import ImageBindEncoder
     from anymodal.training.data import load_manifest, requirements
 
-    data = MP.write_manifests(tmp_path, 3, 12, seed=1)
+    data = MF.write_manifests(tmp_path, 3, 12, seed=1)
     all_m = list(Modality.parse(m) for m in ("image", "audio", "video"))
     for name, stage in (("captions.jsonl", 1), ("captions.jsonl", 2), ("dialogues.jsonl", 3),
                         ("heldout-captions.jsonl", 1), ("heldout-dialogues.jsonl", 3)):
@@ -94,12 +100,12 @@ def test_manifests_are_what_training_reads(tmp_path: Path):
         assert enc(m, x).shape == (1, 1, 16)
     # a second call with the same settings keeps the files; other settings rebuild
     stamp = (data / "captions.jsonl").stat().st_mtime_ns
-    MP.write_manifests(tmp_path, 3, 12, seed=1)
+    MF.write_manifests(tmp_path, 3, 12, seed=1)
     assert (data / "captions.jsonl").stat().st_mtime_ns == stamp
-    MP.write_manifests(tmp_path, 2, 12, seed=1)
+    MF.write_manifests(tmp_path, 2, 12, seed=1)
     assert len((data / "captions.jsonl").read_text().splitlines()) == 6
     # filtering for a model that reads images only and generates audio only
-    only = MP.filter_manifest(data / "dialogues.jsonl", data / "f.jsonl", [Modality.IMAGE], [Modality.AUDIO])
+    only = MF.filter_manifest(data / "dialogues.jsonl", data / "f.jsonl", [Modality.IMAGE], [Modality.AUDIO])
     for row in map(json.loads, only.read_text().splitlines()):
         for msg in row["messages"]:
             keys = {k for item in msg["content"] if isinstance(item, dict) for k in item if k != "caption"}
@@ -110,14 +116,14 @@ def test_encoder_resumes_bit_identically_and_loads_from_its_safetensors(base: Pa
     from anymodal.encoders import ImageBindEncoder
 
     full = _copy_base(base, tmp_path / "full", "tokenizer")
-    path = MP.train_encoder(full, SMOKE.encoder, _log(full, "encoder"), _control())
+    path = ENC.train_encoder(full, SMOKE.encoder, _log(full, "encoder"), _control())
     part = _copy_base(base, tmp_path / "part", "tokenizer")
-    with pytest.raises(T.Stop):
-        MP.train_encoder(part, SMOKE.encoder, _log(part, "encoder"), _control(stop_at_step=1))
+    with pytest.raises(L.Stop):
+        ENC.train_encoder(part, SMOKE.encoder, _log(part, "encoder"), _control(stop_at_step=1))
     with pytest.raises(ValueError, match="steps differ"):
-        MP.train_encoder(part, MP.EncoderPhase(**{**SMOKE.encoder.__dict__, "steps": 9}), _log(part, "encoder"),
+        ENC.train_encoder(part, R.EncoderPhase(**{**SMOKE.encoder.__dict__, "steps": 9}), _log(part, "encoder"),
                          _control())
-    MP.train_encoder(part, SMOKE.encoder, _log(part, "encoder"), _control())
+    ENC.train_encoder(part, SMOKE.encoder, _log(part, "encoder"), _control())
     a, b = _weights(path), _weights(part / "encoder")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -137,13 +143,13 @@ def test_encoder_can_learn_shape_off_the_palette_only(base: Path, tmp_path: Path
     from dataclasses import replace
 
     with pytest.raises(ValueError, match="shape_off_palette_only needs augmented renders"):
-        MP.EncoderPhase(shape_off_palette_only=True, augment_fraction=0.0)
+        R.EncoderPhase(shape_off_palette_only=True, augment_fraction=0.0)
     cfg = replace(SMOKE.encoder, shape_off_palette_only=True)
     assert cfg.augment_fraction > 0
     plain = _copy_base(base, tmp_path / "plain", "tokenizer")
     masked = _copy_base(base, tmp_path / "masked", "tokenizer")
-    a = _weights(MP.train_encoder(plain, SMOKE.encoder, _log(plain, "encoder"), _control()))
-    b = _weights(MP.train_encoder(masked, cfg, _log(masked, "encoder"), _control()))
+    a = _weights(ENC.train_encoder(plain, SMOKE.encoder, _log(plain, "encoder"), _control()))
+    b = _weights(ENC.train_encoder(masked, cfg, _log(masked, "encoder"), _control()))
     assert a.keys() == b.keys() and not all(torch.equal(a[k], b[k]) for k in a)  # the shape losses differ
     assert json.loads((masked / "state" / "encoder" / "config.json").read_text())["shape_off_palette_only"] is True
 
@@ -155,15 +161,15 @@ def test_llm_resumes_bit_identically_and_saves_with_its_tokenizer(base: Path, tr
 
     alone = _copy_base(base, tmp_path / "alone", "tokenizer")
     with pytest.raises(ValueError, match="run the encoder phase"):  # media are in the loop: the encoder comes first
-        MP.train_llm(alone, SMOKE.llm, _log(alone, "llm"), _control())
+        LLM.train_llm(alone, SMOKE.llm, _log(alone, "llm"), _control())
     full = _copy_base(base, tmp_path / "full", "tokenizer")
     shutil.copytree(trained / "encoder", full / "encoder")
-    path = MP.train_llm(full, SMOKE.llm, _log(full, "llm"), _control())
+    path = LLM.train_llm(full, SMOKE.llm, _log(full, "llm"), _control())
     part = _copy_base(base, tmp_path / "part", "tokenizer")
     shutil.copytree(trained / "encoder", part / "encoder")
-    with pytest.raises(T.Stop):
-        MP.train_llm(part, SMOKE.llm, _log(part, "llm"), _control(stop_at_step=1))
-    MP.train_llm(part, SMOKE.llm, _log(part, "llm"), _control())
+    with pytest.raises(L.Stop):
+        LLM.train_llm(part, SMOKE.llm, _log(part, "llm"), _control(stop_at_step=1))
+    LLM.train_llm(part, SMOKE.llm, _log(part, "llm"), _control())
     a, b = _weights(path), _weights(part / "llm")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert {f"{m}.safetensors" for m in ("image", "audio", "video")} <= {k.split("/")[0] for k in a}
@@ -173,25 +179,25 @@ def test_llm_resumes_bit_identically_and_saves_with_its_tokenizer(base: Path, tr
     assert lm.config.model_type == "llama" and lm.get_input_embeddings().weight.shape[0] == len(tok)
     before = len(tok)
     AnyModalProcessor(tok, {Modality.IMAGE: 4, Modality.AUDIO: 8, Modality.VIDEO: 24},
-                      {m: MP.MEDIA_TOKENS for m in (Modality.IMAGE, Modality.AUDIO, Modality.VIDEO)})
+                      {m: LLM.MEDIA_TOKENS for m in (Modality.IMAGE, Modality.AUDIO, Modality.VIDEO)})
     assert len(tok) == before  # every anymodal token is already in the LLM's vocabulary
     ids = tok("### Human: <image><image>\ndescribe this image\n### Assistant: a red circle</s>",
               add_special_tokens=False)["input_ids"]
     assert tok.unk_token_id not in ids and len(ids) == 11
     figures = json.loads((full / "state" / "llm" / "figures.json").read_text())
-    assert set(figures["heldout"]) == set(MP.TEXT_TASKS) | set(MP.MEDIA_DIRECTIONS)
+    assert set(figures["heldout"]) == set(LLM.TEXT_TASKS) | set(LLM.MEDIA_DIRECTIONS)
     data = torch.load(full / "state" / "llm" / "data.pt", weights_only=True)
     assert data["dropped"] == 0 and set(data["feats"]) == {"image", "audio", "video"}
     for m, rows in data["rows"].items():  # every medium's positions are in its row: embed() checks the count
-        pid = MP.llm_tokenizer(full)[1].placeholder_ids[Modality.parse(m)]
+        pid = LLM.llm_tokenizer(full)[1].placeholder_ids[Modality.parse(m)]
         counts = (data["ids"] == pid).sum(1)
-        assert torch.equal(counts, torch.bincount(rows, minlength=len(counts)) * MP.MEDIA_TOKENS)
+        assert torch.equal(counts, torch.bincount(rows, minlength=len(counts)) * LLM.MEDIA_TOKENS)
 
 
 def test_build_toy_config_reads_the_generators_and_skips_a_missing_one(trained: Path, tmp_path: Path):
     from anymodal.pipeline import AnyModalPipeline
 
-    cfg = MP.build_toy_config(trained, SMOKE)
+    cfg = ST.build_toy_config(trained, SMOKE)
     assert set(cfg.generators) == {Modality.IMAGE, Modality.AUDIO}
     assert cfg.output_projectors[Modality.IMAGE].targets == {"prompt_embeds": [24, 16]}  # smoke CLIP width
     assert cfg.output_projectors[Modality.AUDIO].targets == {"prompt_embeds": [1, 16]}  # smoke CLAP projection
@@ -201,7 +207,7 @@ def test_build_toy_config_reads_the_generators_and_skips_a_missing_one(trained: 
     partial.mkdir()
     for name in ("llm", "encoder", "image-generator"):
         (partial / name).symlink_to(trained / name)
-    only = MP.build_toy_config(partial, SMOKE)
+    only = ST.build_toy_config(partial, SMOKE)
     assert set(only.generators) == {Modality.IMAGE} and set(only.output_projectors) == {Modality.IMAGE}
 
 
@@ -211,10 +217,10 @@ def test_stages_resume_load_answer_evaluate_and_ship(trained: Path, tmp_path: Pa
 
     out = _copy_base(trained, tmp_path / "run", "tokenizer", "image-generator", "audio-generator", "encoder", "llm",
                      "data")
-    with pytest.raises(T.Stop, match="stage 1"):
-        MP.run_stages(out, SMOKE, _log(out, "stages"), _control(stop_at_step=1))
+    with pytest.raises(L.Stop, match="stage 1"):
+        ST.run_stages(out, SMOKE, _log(out, "stages"), _control(stop_at_step=1))
     assert (out / "stages" / "stage1" / "checkpoints").is_dir() and not (out / "final").exists()
-    final = MP.run_stages(out, SMOKE, _log(out, "stages"), _control())
+    final = ST.run_stages(out, SMOKE, _log(out, "stages"), _control())
     assert final == out / "final"
     metrics = [json.loads(x) for x in (out / "stages" / "stage1" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2]  # resumed at step 1, not restarted
@@ -234,9 +240,9 @@ def test_stages_resume_load_answer_evaluate_and_ship(trained: Path, tmp_path: Pa
 
     # shipping copies every component; a model over the limit is refused and nothing is written
     with pytest.raises(ValueError, match=r"MB \(\d+ bytes\), over the limit"):
-        MP.ship(out, tmp_path / "ship", limit_bytes=1000)
+        SH.ship(out, tmp_path / "ship", limit_bytes=1000)
     assert not (tmp_path / "ship").exists()
-    shipped = MP.ship(out, tmp_path / "ship")
+    shipped = SH.ship(out, tmp_path / "ship")
     index = json.loads((shipped / "anymodal_index.json").read_text())
     assert all(e["kind"] == "saved" for e in index["components"]["generators"].values())
     assert index["components"]["llm"]["kind"] == "full"
@@ -248,18 +254,18 @@ def test_stages_resume_load_answer_evaluate_and_ship(trained: Path, tmp_path: Pa
 
 
 def test_stage2_denoising_weight_reaches_stage2_only():
-    st = MP.StagesPhase(stage2_denoise_weight=0.5, denoise_modalities=("image", "video"))
-    two = MP.stage_training_config(2, st, progress=False)
+    st = R.StagesPhase(stage2_denoise_weight=0.5, denoise_modalities=("image", "video"))
+    two = ST.stage_training_config(2, st, progress=False)
     assert (two.denoise_weight, two.denoise_modalities) == (0.5, ["image", "video"])
-    assert all(MP.stage_training_config(s, st, progress=False).denoise_weight == 0 for s in (1, 3))
-    default = MP.stage_training_config(2, MP.StagesPhase(), progress=False)
+    assert all(ST.stage_training_config(s, st, progress=False).denoise_weight == 0 for s in (1, 3))
+    default = ST.stage_training_config(2, R.StagesPhase(), progress=False)
     assert (default.denoise_weight, default.denoise_modalities) == (4.0, ["video"])
-    off = MP.stage_training_config(2, MP.StagesPhase(stage2_denoise_weight=0.0), progress=False)
+    off = ST.stage_training_config(2, R.StagesPhase(stage2_denoise_weight=0.0), progress=False)
     assert (off.denoise_weight, off.denoise_modalities) == (0.0, None)
     # a toy model without a video generator (the smoke tests' image + audio) trains stage 2 without it
-    no_video = MP.stage_training_config(2, MP.StagesPhase(), progress=False, outputs=[Modality.IMAGE, Modality.AUDIO])
+    no_video = ST.stage_training_config(2, R.StagesPhase(), progress=False, outputs=[Modality.IMAGE, Modality.AUDIO])
     assert (no_video.denoise_weight, no_video.denoise_modalities) == (0.0, None)
-    both = MP.stage_training_config(2, st, progress=False, outputs=[Modality.IMAGE, Modality.AUDIO])
+    both = ST.stage_training_config(2, st, progress=False, outputs=[Modality.IMAGE, Modality.AUDIO])
     assert (both.denoise_weight, both.denoise_modalities) == (0.5, ["image"])
     with pytest.raises(ValueError, match="image and/or video"):
-        MP.StagesPhase(denoise_modalities=("audio",))
+        R.StagesPhase(denoise_modalities=("audio",))

@@ -14,6 +14,9 @@ import numpy as np
 import pytest
 import torch
 
+from anymodal.toyworld import audio_generator as AG
+from anymodal.toyworld import loop as L
+from anymodal.toyworld import recipe as R
 from anymodal.toyworld import train as T
 from anymodal.toyworld import world
 
@@ -91,7 +94,7 @@ def test_image_generator_resumes_bit_identically(tokenizer_dir: Path, tmp_path: 
         assert resumed.keys() == reference.keys()
         assert all(torch.equal(resumed[k], reference[k]) for k in reference), f"stop at {stop} changed weights"
         for phase, n in (("image-vae", cfg.image_generator.vae_steps), ("image-generator", cfg.image_generator.steps)):
-            log = T.JsonlLog(part / "logs" / f"{phase}.jsonl").records()
+            log = L.JsonlLog(part / "logs" / f"{phase}.jsonl").records()
             steps = [(r["stage"], r["step"]) for r in log if "loss" in r]
             assert len(steps) == len(set(steps)) == n, phase
     # finished phases are skipped; nothing temporary is left behind
@@ -123,7 +126,7 @@ def test_image_vae_phase_needs_nothing_and_exports_an_older_runs_vae(tokenizer_d
     [r] = T.train(older, phases=["image-vae"], config=cfg, results_dir=None, progress=False)
     assert r.status == "done" and (older / "image-vae" / vae.name).read_bytes() == vae.read_bytes()
     assert not (older / "state" / "image-vae" / "vae.ckpt").exists()  # exported, not trained
-    assert any(rec.get("event") == "exported" for rec in T.JsonlLog(older / "logs" / "image-vae.jsonl").records())
+    assert any(rec.get("event") == "exported" for rec in L.JsonlLog(older / "logs" / "image-vae.jsonl").records())
 
 
 def test_image_generator_loads_through_diffusers_and_the_adapter(tokenizer_dir: Path, tmp_path: Path):
@@ -172,7 +175,7 @@ def test_cli_and_errors(tmp_path: Path, capsys):
     with pytest.raises(ValueError, match="unknown preset"):
         T.ToyworldTrainConfig.preset("huge")
     with pytest.raises(ValueError, match="caption_dropout"):
-        T.ImageGeneratorPhase(caption_dropout=1.5)
+        R.ImageGeneratorPhase(caption_dropout=1.5)
     smoke = T.ToyworldTrainConfig.preset("smoke")
     changed = smoke.with_overrides(["image_generator.steps=7", "image_generator.lr=2e-3", "tokenizer.seed=1"])
     assert (changed.image_generator.steps, changed.image_generator.lr, changed.tokenizer.seed) == (7, 2e-3, 1)
@@ -186,19 +189,19 @@ def test_cli_and_errors(tmp_path: Path, capsys):
 def test_device_is_checked_before_anything_runs(tmp_path: Path, capsys):
     from anymodal.cli import main
 
-    assert T.resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
-    assert T.resolve_device(None) == T.resolve_device("auto") and T.resolve_device("cpu") == "cpu"
+    assert L.resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert L.resolve_device(None) == L.resolve_device("auto") and L.resolve_device("cpu") == "cpu"
     for bad, match in [("gpu", "unknown device 'gpu'; expected cpu, cuda, cuda:N or auto"),
                        ("meta", "device 'meta' is not supported here; expected cpu, cuda"),
                        ("mps", "device 'mps' is not supported here")]:
         with pytest.raises(ValueError, match=match):
-            T.resolve_device(bad)
+            L.resolve_device(bad)
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="torch sees no CUDA GPU on this machine"):
-            T.resolve_device("cuda:0")
+            L.resolve_device("cuda:0")
     else:
         with pytest.raises(ValueError, match="numbered from 0"):
-            T.resolve_device(f"cuda:{torch.cuda.device_count()}")
+            L.resolve_device(f"cuda:{torch.cuda.device_count()}")
     out = tmp_path / "dev"
     assert main(["toyworld", "train", "--out", str(out), "--preset", "smoke", "--phase", "tokenizer",
                  "--no-progress", "--device", "gpu"]) == 2
@@ -207,31 +210,31 @@ def test_device_is_checked_before_anything_runs(tmp_path: Path, capsys):
 
 
 def test_cosine_lr_and_atomic_dir(tmp_path: Path):
-    assert T.cosine_lr(0, 100, 1.0, 10) == pytest.approx(0.1)
-    assert T.cosine_lr(9, 100, 1.0, 10) == pytest.approx(1.0)
-    assert T.cosine_lr(100, 100, 1.0, 10) == pytest.approx(0.0)
+    assert L.cosine_lr(0, 100, 1.0, 10) == pytest.approx(0.1)
+    assert L.cosine_lr(9, 100, 1.0, 10) == pytest.approx(1.0)
+    assert L.cosine_lr(100, 100, 1.0, 10) == pytest.approx(0.0)
     target = tmp_path / "d"
-    T.atomic_dir(target, lambda d: (d / "a.txt").write_text("1"))
+    L.atomic_dir(target, lambda d: (d / "a.txt").write_text("1"))
 
     def fail(d: Path) -> None:
         (d / "a.txt").write_text("2")
         raise RuntimeError("crash while writing")
 
     with pytest.raises(RuntimeError):
-        T.atomic_dir(target, fail)
+        L.atomic_dir(target, fail)
     assert (target / "a.txt").read_text() == "1"
     assert [p.name for p in tmp_path.iterdir()] == ["d"]
 
 
 def test_griffin_lim_vocoder_keeps_pitch_and_round_trips(tmp_path: Path):
+    from anymodal.generators.vocoders import GriffinLimVocoder
     from anymodal.toyworld import checkers
-    from anymodal.toyworld.vocoder import GriffinLimVocoder
 
-    voc = GriffinLimVocoder(**T._default_vocoder())
+    voc = GriffinLimVocoder(**R.AudioGeneratorPhase().vocoder)
     specs = [world.AudioSpec("C4", "sine", "long"), world.AudioSpec("A5", "sawtooth", "short")]
     real = torch.from_numpy(np.stack([world.render(s, np.random.default_rng(i)) for i, s in enumerate(specs)]))
-    features = T.log_mel_features(real)
-    assert features.shape == (2, T.MEL_FRAMES, T.MEL_BANDS)
+    features = AG.log_mel_features(real)
+    assert features.shape == (2, R.MEL_FRAMES, R.MEL_BANDS)
     waves = voc(features)
     assert waves.shape == (2, world.CLIP_SAMPLES)
     assert all(checkers.score_audio(w.numpy(), world.SAMPLE_RATE, s)["ok"] for w, s in zip(waves, specs))
@@ -240,6 +243,30 @@ def test_griffin_lim_vocoder_keeps_pitch_and_round_trips(tmp_path: Path):
     assert torch.equal(again(features[:1]), waves[:1])  # deterministic phase initialisation
     with pytest.raises(ValueError, match="expected features of shape"):
         voc(torch.zeros(2, 64, 32))
+
+
+def test_the_audio_adapter_imports_the_vocoder_it_loads():
+    """diffusers loads a component of another library only once its module is imported: the audioldm
+    adapter does that itself, in a fresh interpreter too, for the vocoder's current module and for the
+    name that pipelines saved before it moved (the shipped default) record."""
+    import subprocess
+    import sys
+
+    from anymodal.pipeline import default_model_path
+
+    audio = Path(default_model_path()) / "generators" / "audio"
+    assert json.loads((audio / "model_index.json").read_text())["vocoder"] == [
+        "anymodal.toyworld.vocoder", "GriffinLimVocoder"]
+    script = ("import sys; from anymodal.config import GeneratorConfig; from anymodal.registry import GENERATORS; "
+              "import anymodal.generators; "
+              "assert 'anymodal.generators.vocoders' not in sys.modules; "
+              f"config = GeneratorConfig(type='audioldm', pretrained={str(audio)!r}); "
+              "gen = GENERATORS.get('audioldm').from_config(config); "
+              "print(type(gen.pipeline.vocoder).__module__)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "anymodal.generators.vocoders"
 
 
 def test_audio_generator_resumes_and_loads_through_the_adapter(tokenizer_dir: Path, tmp_path: Path):
@@ -262,10 +289,8 @@ def test_audio_generator_resumes_and_loads_through_the_adapter(tokenizer_dir: Pa
     [w] = T.train(whole, phases=["audio-generator"], config=cfg, results_dir=None, progress=False)
     for rel in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
         assert (Path(w.path) / rel).read_bytes() == (Path(r.path) / rel).read_bytes(), rel
-    # diffusers loads the vocoder only once its module is imported; the adapter imports it itself
-    import sys
-
-    sys.modules.pop("anymodal.toyworld.vocoder", None)
+    assert json.loads((Path(r.path) / "model_index.json").read_text())["vocoder"] == [
+        "anymodal.generators.vocoders", "GriffinLimVocoder"]
     gen = GENERATORS.get("audioldm").from_config(GeneratorConfig(type="audioldm", pretrained=r.path))
     assert type(gen.pipeline.vocoder).__name__ == "GriffinLimVocoder"
     assert gen.conditioning_shapes == {"prompt_embeds": (1, 16)}

@@ -13,10 +13,11 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import pytest
 import torch
 
+from anymodal.toyworld import loop as L
 from anymodal.toyworld import train as T
 from anymodal.toyworld import world
-from anymodal.toyworld.video_generator import (VideoGeneratorPhase, evaluate_video_generator, generator_config,
-                                               train_video_generator)
+from anymodal.toyworld.recipe import VideoGeneratorPhase
+from anymodal.toyworld.video_generator import evaluate_video_generator, generator_config, train_video_generator
 
 torch.set_num_threads(1)
 
@@ -34,8 +35,8 @@ def _out(tokenizer_dir: Path, out: Path) -> Path:
 
 
 def _run(out: Path, cfg: VideoGeneratorPhase, stop_at_step: int | None = None) -> Path:
-    log = T.JsonlLog(out / "logs" / "video-generator.jsonl")
-    return train_video_generator(out, cfg, log, T.RunControl(stop_at_step=stop_at_step, progress=False))
+    log = L.JsonlLog(out / "logs" / "video-generator.jsonl")
+    return train_video_generator(out, cfg, log, L.RunControl(stop_at_step=stop_at_step, progress=False))
 
 
 def _weights(directory: Path) -> dict[str, torch.Tensor]:
@@ -68,7 +69,7 @@ def test_resumes_bit_identically(tokenizer_dir: Path, tmp_path: Path):
     reference = _weights(_run(_out(tokenizer_dir, tmp_path / "full"), cfg))
     for stop in (1, 3):  # inside the VAE loop (off a checkpoint boundary), inside the UNet loop
         part = _out(tokenizer_dir, tmp_path / f"stop{stop}")
-        with pytest.raises(T.Stop, match="--resume"):
+        with pytest.raises(L.Stop, match="--resume"):
             _run(part, cfg, stop_at_step=stop)
         resumed = _weights(_run(part, cfg))
         assert resumed.keys() == reference.keys()

@@ -15,7 +15,9 @@ import pytest
 import torch
 
 from anymodal.modality import Modality
-from anymodal.toyworld import model_phases as MP
+from anymodal.toyworld import loop as L
+from anymodal.toyworld import runner as RN
+from anymodal.toyworld import ship as SH
 from anymodal.toyworld import train as T
 
 torch.set_num_threads(1)
@@ -29,7 +31,7 @@ def _fast() -> T.ToyworldTrainConfig:
                    video_generator=replace(cfg.video_generator, **fast))
 
 
-def _train(out: Path, phases=None, **kw) -> list[T.PhaseResult]:
+def _train(out: Path, phases=None, **kw) -> list[RN.PhaseResult]:
     return T.train(out, phases=phases, config=_fast(), results_dir=out / "results", progress=False, **kw)
 
 
@@ -56,7 +58,7 @@ def run(tmp_path_factory) -> Path:
 
 
 def test_every_phase_runs_and_records_its_figures(run: Path):
-    llm_steps = [r["step"] for r in T.JsonlLog(run / "logs" / "llm.jsonl").records() if "loss" in r]
+    llm_steps = [r["step"] for r in L.JsonlLog(run / "logs" / "llm.jsonl").records() if "loss" in r]
     assert llm_steps == list(range(1, T.ToyworldTrainConfig.preset("smoke").llm.steps + 1))  # resumed, not redone
     metrics = [json.loads(x) for x in (run / "stages" / "stage1" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2]
@@ -81,7 +83,7 @@ def test_every_phase_trains_on_a_gpu_and_a_cpu_run_resumes_there(tmp_path: Path)
     assert [r.status for r in _train(gpu, device="cuda")] == ["done"] * len(T.PHASES)
     for phase in T.PHASES:
         assert json.loads((gpu / "state" / phase / "done.json").read_text())["machine"]["device"] == "cuda"
-    stages = [r for r in T.JsonlLog(gpu / "logs" / "stages.jsonl").records() if r.get("event") == "done"]
+    stages = [r for r in L.JsonlLog(gpu / "logs" / "stages.jsonl").records() if r.get("event") == "done"]
     assert [r["device"].split(":")[0] for r in stages] == ["cuda"] * 3  # accelerate's own placement
     pipe = AnyModalPipeline.from_pretrained(gpu / "final", device="cuda")
     assert pipe.device.type == "cuda" and pipe("draw a red circle on a blue background", seed=0, max_new_tokens=8)
@@ -102,10 +104,10 @@ def test_model_phase_settings_are_set_able_and_bound_to_the_run(tmp_path: Path):
 
 
 def test_every_phase_has_its_inputs_and_output_declared():
-    assert set(T.REQUIRES) == set(T.OUTPUTS) == set(T.PHASES)
-    for phase, needs in T.REQUIRES.items():  # a phase runs after what it reads
+    assert set(RN.REQUIRES) == set(RN.OUTPUTS) == set(T.PHASES)
+    for phase, needs in RN.REQUIRES.items():  # a phase runs after what it reads
         assert all(T.PHASES.index(n) < T.PHASES.index(phase) for n in needs), phase
-    assert set(T.REQUIRES["stages"]) == set(T.PHASES) - {"stages"}
+    assert set(RN.REQUIRES["stages"]) == set(T.PHASES) - {"stages"}
 
 
 def test_a_phase_without_its_inputs_names_the_phase_to_run(tmp_path: Path, capsys):
@@ -146,14 +148,14 @@ def test_ship_stores_float16_and_loads_float32(run: Path, tmp_path: Path):
 
     from anymodal.pipeline import AnyModalPipeline
 
-    half = MP.ship(run, tmp_path / "half")
-    full = MP.ship(run, tmp_path / "full", dtype=torch.float32)
+    half = SH.ship(run, tmp_path / "half")
+    full = SH.ship(run, tmp_path / "full", dtype=torch.float32)
     for f in half.rglob("*.safetensors"):
         with safe_open(str(f), framework="pt") as fh:
             dtypes = {fh.get_slice(k).get_dtype() for k in fh.keys()} - {"I64"}
         assert dtypes == ({"F32"} if f.parent.name == "vocoder" else {"F16"}), f
     assert _weight_bytes(half) < 0.55 * _weight_bytes(full)  # the files' JSON headers do not shrink
-    assert MP._size(half) < MP._size(full)
+    assert L.directory_size(half) < L.directory_size(full)
 
     ref = AnyModalPipeline.from_pretrained(run / "final")
     pipe = AnyModalPipeline.from_pretrained(half)
@@ -194,13 +196,13 @@ def test_ship_cli(run: Path, tmp_path: Path, capsys, monkeypatch):
 
 def test_a_phase_follows_the_thread_share_between_steps(tmp_path: Path):
     """ThreadShare: the scheduler's file is read between steps; a new share is applied and logged."""
-    assert T.ThreadShare.split(2, ["a", "b"]) == {"a": 1, "b": 1}
-    assert T.ThreadShare.split(2, ["a"]) == {"a": 2}
-    assert T.ThreadShare.split(5, ["a", "b"]) == {"a": 3, "b": 2}
-    assert T.ThreadShare.split(1, ["a", "b"]) == {"a": 1, "b": 1}  # never 0
+    assert L.ThreadShare.split(2, ["a", "b"]) == {"a": 1, "b": 1}
+    assert L.ThreadShare.split(2, ["a"]) == {"a": 2}
+    assert L.ThreadShare.split(5, ["a", "b"]) == {"a": 3, "b": 2}
+    assert L.ThreadShare.split(1, ["a", "b"]) == {"a": 1, "b": 1}  # never 0
     share = tmp_path / "threads.json"
     share.write_text(json.dumps({"unet": 1, "other": 1}))
-    control = T.RunControl(progress=False, threads=T.ThreadShare(share, "unet", current=1))
+    control = L.RunControl(progress=False, threads=L.ThreadShare(share, "unet", current=1))
     model = torch.nn.Linear(2, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     seen: list[int] = []
@@ -213,11 +215,11 @@ def test_a_phase_follows_the_thread_share_between_steps(tmp_path: Path):
             os.replace(tmp, share)
         return float(model(torch.ones(1, 2)).sum().detach())
 
-    log = T.JsonlLog(tmp_path / "log.jsonl")
+    log = L.JsonlLog(tmp_path / "log.jsonl")
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        T.train_loop(stage="unet", total=5, ckpt=tmp_path / "c.ckpt", modules={"m": model}, optimizer=opt,
+        L.train_loop(stage="unet", total=5, ckpt=tmp_path / "c.ckpt", modules={"m": model}, optimizer=opt,
                      gen=torch.Generator().manual_seed(0), ema=None, step_fn=step, lr_fn=lambda s: 0.1, log=log,
                      checkpoint_every=10, log_every=10, control=control)
     finally:

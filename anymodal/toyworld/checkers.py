@@ -488,19 +488,6 @@ def degrade_video(video: np.ndarray, rng: int | np.random.Generator, blur_sigma:
     return np.stack([degrade_image(f, g, blur_sigma, noise_std) for f in _as_video(video)])
 
 
-def _mel_filterbank(n_mels: int, n_fft: int, sample_rate: int) -> np.ndarray:
-    """HTK-mel triangular filters without normalisation (torchaudio's MelScale defaults)."""
-    def mel(f: np.ndarray) -> np.ndarray:
-        return 2595.0 * np.log10(1.0 + f / 700.0)
-
-    freqs = np.linspace(0, sample_rate / 2, n_fft // 2 + 1)
-    pts = 700.0 * (10 ** (np.linspace(0.0, mel(np.array(sample_rate / 2.0)), n_mels + 2) / 2595.0) - 1.0)
-    lower, centre, upper = pts[:-2, None], pts[1:-1, None], pts[2:, None]
-    up = (freqs[None] - lower) / (centre - lower)
-    down = (upper - freqs[None]) / (upper - centre)
-    return np.maximum(0.0, np.minimum(up, down))
-
-
 def degrade_audio(wave: np.ndarray, rng: int | np.random.Generator, snr_db: float | None = 20.0,
                   griffin_lim: bool = False, n_mels: int | None = 64, n_iter: int = 32,
                   sample_rate: int = SAMPLE_RATE) -> np.ndarray:
@@ -519,7 +506,9 @@ def degrade_audio(wave: np.ndarray, rng: int | np.random.Generator, snr_db: floa
         kw = dict(fs=sample_rate, window="hann", nperseg=1024, noverlap=1024 - 256, boundary="even")
         mag = np.abs(signal.stft(x, **kw)[2])
         if n_mels:
-            fb = _mel_filterbank(n_mels, 1024, sample_rate)
+            from ..generators.vocoders import mel_filterbank  # imports diffusers: only when needed
+
+            fb = mel_filterbank(n_mels, 1024, sample_rate)
             mel = fb @ mag ** 2
             scale = max(float(mel.max()), 1e-12)  # nnls' tolerances are absolute
             # Non-negative least squares per frame: a plain pseudo-inverse moves low peaks by

@@ -10,7 +10,8 @@ from anymodal.cli import command
 
 
 def _toyworld_args(p: argparse.ArgumentParser) -> None:
-    from .train import PHASES, PRESETS
+    from .recipe import PRESETS
+    from .runner import PHASES
 
     sub = p.add_subparsers(dest="toyworld_command", required=True)
     t = sub.add_parser("train", help="train the toy world's components from scratch, phase by phase (resumable)",
@@ -60,7 +61,7 @@ def _toyworld_args(p: argparse.ArgumentParser) -> None:
 def toyworld_command(args: argparse.Namespace) -> int:
     import torch
 
-    from .train import train
+    from .runner import train
 
     if args.toyworld_command == "ship":
         return _ship(args)
@@ -102,9 +103,11 @@ def _headline(figures: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, 
 def _ship(args: argparse.Namespace) -> int:
     import torch
 
-    from anymodal.toyworld.model_phases import _size, ship
+    from .loop import directory_size
+    from .ship import ship
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     dest = ship(args.run_dir, args.dest, dtype=getattr(torch, args.dtype))
-    print(f"shipped {_size(dest) / 1e6:.2f} MB ({_size(dest)} bytes, weights in {args.dtype}) to {dest}")
+    size = directory_size(dest)
+    print(f"shipped {size / 1e6:.2f} MB ({size} bytes, weights in {args.dtype}) to {dest}")
     return 0

@@ -20,6 +20,8 @@ A real diffusers ``TextToVideoSDPipeline`` (what NExT-GPT's Zeroscope is; anymod
    32x32 (``GeneratorConfig(type="text-to-video", pretrained=..., settings={"num_frames": 8,
    "height": 32, "width": 32, ...})``, see :func:`generator_config`).
 
+The phase's settings are :class:`~anymodal.toyworld.recipe.VideoGeneratorPhase`.
+
 Evaluation generates ``spec.caption()`` prompts of seen and held-out specs through the adapter
 (``encode_text``, then ``generate``) and scores them with :func:`checkers.score_video`
 (``found``, ``colour_ok``, ``shape_ok``, ``direction_ok``, ``ok``).
@@ -29,7 +31,6 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -39,89 +40,18 @@ import torch
 from ..modality import Modality
 from ..utils import quiet_loading
 from . import checkers, world
-from .train import (EMA, DiffusionRecipe, JsonlLog, RunControl, _check_recipe, _default_vae, _images_to_tensor, _latents,
-                    _new_vae, _noise_scheduler, _to_device, _tokens, _train_denoiser, _train_vae, atomic_dir,
-                    caption_aux_loss, device_of, eval_with_ema, load_tokenizer, text_config_kwargs)
+from .diffusion import (caption_aux_loss, encode_latents, eval_with_ema, images_to_tensor, new_vae, noise_scheduler,
+                        text_config_kwargs, to_device, token_ids, train_denoiser, train_vae)
+from .loop import EMA, JsonlLog, RunControl, atomic_dir, device_of
+from .recipe import VideoGeneratorPhase
+from .tokenizer import load_tokenizer
+
 
 PHASE = "video-generator"
-VAE_SOURCES: tuple[str, ...] = ("image-generator", "train")
 EVALUATION_NOTE = ("checkers.score_video on prompts = spec.caption() of specs sampled from the train split (seen) "
                    "and from held-out colour x direction and colour x shape pairs (heldout); generated through the "
                    "text-to-video adapter (TextToVideoSDPipeline, 8 frames of 32x32) with DPM-Solver++ and "
                    "classifier-free guidance")
-
-
-def _default_video_vae() -> dict[str, Any]:
-    # Only used with vae_from="train": the image VAE's architecture on 32x32 frames (-> 8x8x8).
-    return _default_vae() | {"sample_size": world.VIDEO_SIZE}
-
-
-def _default_video_unet() -> dict[str, Any]:
-    # 8x8x8 latents x 8 frames. Two levels (8x8, 4x4) plus UNet3D's mid block at 4x4; the
-    # cross-attention (with temporal attention) only at 4x4 and in the mid block: at 8x8 it cost
-    # twice as much per step. Channels 16/32 keep the UNet at 0.44 M parameters (1.8 MB), so the
-    # whole pipeline stays near 2.5 MB. attention_head_dim is UNet3D's (mis-named) head count.
-    return {"sample_size": world.VIDEO_SIZE // 4, "in_channels": 8, "out_channels": 8, "layers_per_block": 1,
-            "block_out_channels": [16, 32], "down_block_types": ["DownBlock3D", "CrossAttnDownBlock3D"],
-            "up_block_types": ["CrossAttnUpBlock3D", "UpBlock3D"], "cross_attention_dim": 32,
-            "attention_head_dim": 4, "norm_num_groups": 8}
-
-
-def _default_video_text_encoder() -> dict[str, Any]:
-    # CLIPTextConfig; a video caption is at most 8 tokens with <s> and </s>.
-    return {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
-            "max_position_embeddings": 16}
-
-
-@dataclass
-class VideoGeneratorPhase(DiffusionRecipe):
-    """The tiny text-to-video model (Zeroscope's layout): architecture and training recipe."""
-
-    bank_size: int = 2048  # videos rendered once (8 frames each)
-    prompt_length: int = 16
-    batch_size: int = 16
-    vae_from: str = "image-generator"  # "image-generator": reuse <out>/image-generator/vae; "train": train `vae`
-    vae: dict[str, Any] = field(default_factory=_default_video_vae)  # only with vae_from="train"
-    unet: dict[str, Any] = field(default_factory=_default_video_unet)
-    text_encoder: dict[str, Any] = field(default_factory=_default_video_text_encoder)
-    # Weight of an auxiliary loss: a linear head on the text encoder's mean-pooled hidden states
-    # (what the UNet attends to) predicts the caption's colour, shape and direction. Without it
-    # the from-scratch text tower gave one embedding for all four directions (cosine 0.999 after
-    # 1,200 steps) and the videos moved in random directions; the audio phase met the same
-    # collapse. A stand-in for a pre-trained text encoder; 0 turns it off.
-    text_aux_weight: float = 0.1
-
-    def __post_init__(self) -> None:
-        _check_recipe("video_generator", self)
-        if self.text_aux_weight < 0:
-            raise ValueError(f"video_generator.text_aux_weight must be >= 0, got {self.text_aux_weight!r}")
-        if self.vae_from not in VAE_SOURCES:
-            raise ValueError(f"video_generator.vae_from must be one of: {', '.join(VAE_SOURCES)}; "
-                             f"got {self.vae_from!r}")
-        positions = self.text_encoder.get("max_position_embeddings", 77)
-        if self.prompt_length > positions:
-            raise ValueError(f"video_generator.prompt_length ({self.prompt_length}) exceeds "
-                             f"text_encoder.max_position_embeddings ({positions})")
-        if self.text_encoder.get("hidden_size") != self.unet.get("cross_attention_dim"):
-            raise ValueError("video_generator: text_encoder.hidden_size and unet.cross_attention_dim must agree, got "
-                             f"{self.text_encoder.get('hidden_size')} and {self.unet.get('cross_attention_dim')}")
-        if self.vae_from == "train" and self.unet.get("in_channels") != self.vae.get("latent_channels"):
-            raise ValueError("video_generator: unet.in_channels and vae.latent_channels must agree, got "
-                             f"{self.unet.get('in_channels')} and {self.vae.get('latent_channels')}")
-
-    @classmethod
-    def smoke(cls) -> "VideoGeneratorPhase":
-        """A seconds-long version (own tiny VAE, so it needs no image phase): checks the machinery only."""
-        return cls(bank_size=16, vae_from="train", vae=_default_video_vae() | {"block_out_channels": [8, 8, 8]},
-                   unet=_default_video_unet() | {"block_out_channels": [8, 16], "norm_num_groups": 4,
-                                                  "cross_attention_dim": 16, "attention_head_dim": 2},
-                   text_encoder=_default_video_text_encoder() | {"hidden_size": 16, "intermediate_size": 32,
-                                                                  "num_attention_heads": 2, "num_hidden_layers": 1},
-                   vae_steps=4, vae_batch_size=4, steps=4, batch_size=2, warmup_steps=1, checkpoint_every=2,
-                   log_every=1, eval_every=0, eval_prompts=2, final_eval_prompts=2, sample_steps=2)
-
-
-# ============================================================================ models and pipeline
 
 
 def _build_video_models(cfg: VideoGeneratorPhase, tokenizer: Any, vae_dir: Path | None) -> dict[str, torch.nn.Module]:
@@ -131,7 +61,7 @@ def _build_video_models(cfg: VideoGeneratorPhase, tokenizer: Any, vae_dir: Path 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         if vae_dir is None:
-            vae = _new_vae(cfg.vae)
+            vae = new_vae(cfg.vae)
         else:
             vae = AutoencoderKL.from_pretrained(str(vae_dir))
             if vae.config.latent_channels != cfg.unet.get("in_channels"):
@@ -139,8 +69,8 @@ def _build_video_models(cfg: VideoGeneratorPhase, tokenizer: Any, vae_dir: Path 
                                  f"channels, unet.in_channels is {cfg.unet.get('in_channels')}")
         unet = UNet3DConditionModel(**cfg.unet)
         # UNet3D's temporal convs hard-code dropout 0.1, which draws from the global RNG (not the
-        # loop's checkpointed generator) and would break bit-identical resume; a short run
-        # under-fits anyway. Eval mode ignores dropout, so the saved pipeline is unaffected.
+        # loop's checkpointed generator) and would break bit-identical resume; a model this small
+        # under-fits rather than over-fits. Eval mode ignores dropout: the saved pipeline is unaffected.
         for m in unet.modules():
             if isinstance(m, torch.nn.Dropout):
                 m.p = 0.0
@@ -153,7 +83,7 @@ def _assemble_video_pipeline(models: dict[str, torch.nn.Module], tokenizer: Any,
 
     tok = copy.deepcopy(tokenizer)
     tok.model_max_length = cfg.prompt_length
-    scheduler = DPMSolverMultistepScheduler.from_config(_noise_scheduler().config, steps_offset=1)
+    scheduler = DPMSolverMultistepScheduler.from_config(noise_scheduler().config, steps_offset=1)
     with quiet_loading():  # no notice that the wrapped pipeline class is deprecated
         pipe = TextToVideoSDPipeline(vae=models["vae"], text_encoder=models["text_encoder"], tokenizer=tok,
                                      unet=models["unet"], scheduler=scheduler)
@@ -169,9 +99,6 @@ def generator_config(directory: str | Path, steps: int = 20, guidance: float = 3
                            settings={"num_inference_steps": steps, "guidance_scale": guidance,
                                      "num_frames": world.VIDEO_FRAMES, "height": world.VIDEO_SIZE,
                                      "width": world.VIDEO_SIZE})
-
-
-# ============================================================================ evaluation
 
 
 def video_eval_specs(n: int, seed: int) -> dict[str, list[world.VideoSpec]]:
@@ -224,13 +151,10 @@ def evaluate_video_generator(directory: Path, n: int, seed: int, steps: int, gui
     return out
 
 
-# ============================================================================ training
-
-
 def _frames(data: np.ndarray) -> torch.Tensor:
     """(N, T, H, W, 3) uint8 -> (N * T, 3, H, W) in [-1, 1]: frames, what the VAE encodes."""
     n, t = data.shape[:2]
-    return _images_to_tensor(data.reshape(n * t, *data.shape[2:]))
+    return images_to_tensor(data.reshape(n * t, *data.shape[2:]))
 
 
 def _vae_reconstruction_scores(vae: Any, bank: world.Bank, n: int = 100) -> dict[str, float]:
@@ -264,7 +188,7 @@ def train_video_generator(out: Path, cfg: VideoGeneratorPhase, log: JsonlLog, co
     state_dir = out / "state" / PHASE
     state_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(out)
-    models = _to_device(_build_video_models(cfg, tokenizer, _vae_source(out, state_dir, cfg)), control.device)
+    models = to_device(_build_video_models(cfg, tokenizer, _vae_source(out, state_dir, cfg)), control.device)
     vae, unet, text_encoder = models["vae"], models["unet"], models["text_encoder"]
 
     bank = world.make_bank(Modality.VIDEO, cfg.bank_size, "train", seed=cfg.seed)
@@ -274,16 +198,16 @@ def train_video_generator(out: Path, cfg: VideoGeneratorPhase, log: JsonlLog, co
 
     # ---------------------------------------------------------------- 1. the VAE (per frame)
     if cfg.vae_from == "train":
-        _train_vae(vae, frames, cfg, state_dir / "vae.ckpt", log, control, "video_generator")
+        train_vae(vae, frames, cfg, state_dir / "vae.ckpt", log, control, "video_generator")
     vae.eval().requires_grad_(False)
-    latents = _latents(vae, frames, state_dir / "latents.pt", log, cfg.vae_steps if cfg.vae_from == "train" else 0,
+    latents = encode_latents(vae, frames, state_dir / "latents.pt", log, cfg.vae_steps if cfg.vae_from == "train" else 0,
                        lambda: _vae_reconstruction_scores(vae, bank))
     n, t = bank.data.shape[:2]
     latents = latents.reshape(n, t, *latents.shape[1:]).permute(0, 2, 1, 3, 4).contiguous()  # (N, C, T, h, w)
 
     # ---------------------------------------------------------------- 2. UNet3D + text encoder
-    ids = _tokens(tokenizer, bank.captions, cfg.prompt_length)
-    empty = _tokens(tokenizer, [""], cfg.prompt_length)
+    ids = token_ids(tokenizer, bank.captions, cfg.prompt_length)
+    empty = token_ids(tokenizer, [""], cfg.prompt_length)
 
     def condition(tokens: torch.Tensor) -> dict[str, Any]:
         return {"encoder_hidden_states": text_encoder(tokens)[0]}  # what TextToVideoSDPipeline.encode_prompt does
@@ -302,13 +226,8 @@ def train_video_generator(out: Path, cfg: VideoGeneratorPhase, log: JsonlLog, co
     names = (("colour", tuple(world.COLOURS)), ("shape", world.SHAPES), ("direction", tuple(world.DIRECTIONS)))
     aux_head, aux_loss = caption_aux_loss(bank.specs, names, text_encoder.config.hidden_size, cfg, pooled)
 
-    ema = _train_denoiser(unet, text_encoder, condition, latents, ids, empty, cfg, state_dir / "unet.ckpt", log,
+    ema = train_denoiser(unet, text_encoder, condition, latents, ids, empty, cfg, state_dir / "unet.ckpt", log,
                           control, evaluate, aux_head, aux_loss)
     ema.copy_to([unet, text_encoder])  # save the EMA weights
     pipe = _assemble_video_pipeline(models, tokenizer, cfg)
     return atomic_dir(out / PHASE, lambda d: pipe.save_pretrained(str(d), safe_serialization=True))
-
-
-__all__ = ["EVALUATION_NOTE", "PHASE", "VAE_SOURCES", "VideoGeneratorPhase", "evaluate_video_generator",
-           "evaluate_video_pipeline", "generator_config", "score_videos", "train_video_generator",
-           "video_eval_specs"]

@@ -1,7 +1,7 @@
-"""A Griffin-Lim vocoder that sits in a diffusers audio pipeline where the HiFi-GAN would.
+"""Vocoders anymodal provides itself, for diffusers audio pipelines (beside transformers' HiFi-GAN).
 
-The toy world's audio generator (an ``AudioLDMPipeline``) makes log-mel spectrograms; this module
-turns them into waveforms with no learned weights: per frame, the magnitude spectrum is the
+``GriffinLimVocoder`` sits in an ``AudioLDMPipeline`` where the HiFi-GAN would. It turns log-mel
+spectrograms into waveforms with no learned weights: per frame, the magnitude spectrum is the
 non-negative least-squares solution of ``mel_basis @ magnitude = mel`` (a pseudo-inverse moves
 low peaks by up to a tone), then Griffin-Lim rebuilds the phase. On the world's real mels it keeps
 the pitch of every tone (``anymodal.toyworld.checkers``), which a briefly trained
@@ -9,16 +9,37 @@ the pitch of every tone (``anymodal.toyworld.checkers``), which a briefly traine
 and ``from_pretrained`` of the pipeline keep it (``model_index.json`` names this module), and it
 has the config fields the AudioLDM pipelines read: ``model_in_dim``, ``sampling_rate`` and
 ``upsample_rates`` (whose product is the hop).
+
+diffusers loads a component of another library only once that library's module is imported, so
+the audio adapters import this module before loading (:mod:`anymodal.generators.audio`). Pipelines
+saved before the vocoder moved here name ``anymodal.toyworld.vocoder`` in their ``model_index.json``
+(the shipped default model does): importing this module registers it under that name too.
 """
 
 from __future__ import annotations
+
+import sys
 
 import numpy as np
 import torch
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 
-from .checkers import _mel_filterbank
+LEGACY_MODULE = "anymodal.toyworld.vocoder"  # where saved pipelines from before the move look for it
+
+
+def mel_filterbank(n_mels: int, n_fft: int, sample_rate: int) -> np.ndarray:
+    """HTK-mel triangular filters without normalisation (torchaudio's MelScale defaults):
+    ``(n_mels, n_fft // 2 + 1)``."""
+    def mel(f: np.ndarray) -> np.ndarray:
+        return 2595.0 * np.log10(1.0 + f / 700.0)
+
+    freqs = np.linspace(0, sample_rate / 2, n_fft // 2 + 1)
+    pts = 700.0 * (10 ** (np.linspace(0.0, mel(np.array(sample_rate / 2.0)), n_mels + 2) / 2595.0) - 1.0)
+    lower, centre, upper = pts[:-2, None], pts[1:-1, None], pts[2:, None]
+    up = (freqs[None] - lower) / (centre - lower)
+    down = (upper - freqs[None]) / (upper - centre)
+    return np.maximum(0.0, np.minimum(up, down))
 
 
 class GriffinLimVocoder(ModelMixin, ConfigMixin):
@@ -39,7 +60,7 @@ class GriffinLimVocoder(ModelMixin, ConfigMixin):
         if n_iter < 0 or model_in_dim < 1:
             raise ValueError(f"n_iter must be >= 0 and model_in_dim >= 1, got {n_iter} and {model_in_dim}")
         self.hop = hop
-        basis = torch.tensor(_mel_filterbank(model_in_dim, n_fft, sampling_rate), dtype=torch.float32)
+        basis = torch.tensor(mel_filterbank(model_in_dim, n_fft, sampling_rate), dtype=torch.float32)
         self.register_buffer("mel_basis", basis)  # (bands, n_fft // 2 + 1); gives the module a dtype and device
 
     def magnitudes(self, features: np.ndarray) -> np.ndarray:
@@ -84,4 +105,6 @@ class GriffinLimVocoder(ModelMixin, ConfigMixin):
         return waves[0] if spectrogram.ndim == 2 else waves
 
 
-__all__ = ["GriffinLimVocoder"]
+sys.modules.setdefault(LEGACY_MODULE, sys.modules[__name__])
+
+__all__ = ["GriffinLimVocoder", "mel_filterbank"]

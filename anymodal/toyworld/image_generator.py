@@ -1,0 +1,188 @@
+"""The ``image-vae`` and ``image-generator`` phases: a tiny Stable Diffusion on the world's images.
+
+``image-vae`` trains the ``AutoencoderKL`` (64x64x3 -> 16x16x8) to ``out/image-vae``; the image and
+video generators both encode with it. ``image-generator`` trains a ``UNet2DConditionModel`` and a
+tiny ``CLIPTextModel`` on its latents and saves a ``StableDiffusionPipeline`` (with a
+``DPMSolverMultistepScheduler``) to ``out/image-generator``, scored through anymodal's
+``stable-diffusion`` adapter by :mod:`~anymodal.toyworld.checkers`.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ..modality import Modality
+from ..utils import quiet_loading
+from . import checkers, world
+from .diffusion import (encode_latents, eval_with_ema, images_to_tensor, new_vae, noise_scheduler, text_config_kwargs,
+                        to_device, token_ids, train_denoiser, train_vae)
+from .loop import EMA, JsonlLog, RunControl, atomic_dir, device_of
+from .recipe import ImageGeneratorPhase
+from .tokenizer import load_tokenizer
+
+
+EVALUATION_NOTE = ("checkers.score_image on prompts = spec.caption() of specs sampled from the train split "
+                   "(seen) and from held-out colour x shape pairs (heldout); generated through the "
+                   "stable-diffusion adapter with DPM-Solver++ and classifier-free guidance")
+
+
+def _build_image_models(cfg: ImageGeneratorPhase, tokenizer: Any) -> dict[str, torch.nn.Module]:
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        vae = new_vae(cfg.vae)
+        unet = UNet2DConditionModel(**cfg.unet)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**text_config_kwargs(tokenizer, cfg.text_encoder)))
+    return {"vae": vae, "unet": unet, "text_encoder": text_encoder}
+
+
+def _assemble_pipeline(models: dict[str, torch.nn.Module], tokenizer: Any, cfg: ImageGeneratorPhase) -> Any:
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    tok = copy.deepcopy(tokenizer)
+    tok.model_max_length = cfg.prompt_length
+    # steps_offset only matters for "leading" spacing; 1 is what StableDiffusionPipeline checks for.
+    scheduler = DPMSolverMultistepScheduler.from_config(noise_scheduler().config, steps_offset=1)
+    with quiet_loading():  # no notice that the wrapped pipeline class is deprecated
+        pipe = StableDiffusionPipeline(vae=models["vae"], text_encoder=models["text_encoder"], tokenizer=tok,
+                                       unet=models["unet"], scheduler=scheduler, safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _image_bank(cfg: ImageGeneratorPhase) -> tuple[world.Bank, torch.Tensor]:
+    bank = world.make_bank(Modality.IMAGE, cfg.bank_size, "train", seed=cfg.seed)
+    return bank, images_to_tensor(bank.data)
+
+
+def eval_specs(n: int, seed: int) -> dict[str, list[world.ImageSpec]]:
+    """``n`` seen (train split) and ``n`` held-out image specs, fixed by ``seed``."""
+    return {split_name: world.sample_specs(Modality.IMAGE, n, seed + k, split)  # type: ignore[misc]
+            for k, (split_name, split) in enumerate((("seen", "train"), ("heldout", "heldout")))}
+
+
+def score_images(images: Sequence[Any], specs: Sequence[world.ImageSpec]) -> dict[str, float]:
+    """Fraction of images whose checker reading matches each field of the spec, plus ``ok`` (all)."""
+    scores = [checkers.score_image(img, spec) for img, spec in zip(images, specs)]
+    keys = sorted({k for s in scores for k in s})
+    return {k: round(float(np.mean([s.get(k, False) for s in scores])), 4) for k in keys}
+
+
+def evaluate_image_pipeline(pipe: Any, n: int, seed: int, steps: int, guidance: float) -> dict[str, Any]:
+    """Generate ``n`` seen and ``n`` held-out prompts with ``pipe`` and score them analytically."""
+    out: dict[str, Any] = {}
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        for split, specs in eval_specs(n, seed).items():
+            g = torch.Generator().manual_seed(seed)
+            t0 = time.time()
+            images = pipe([s.caption() for s in specs], num_inference_steps=steps, guidance_scale=guidance,
+                          generator=g, output_type="np").images
+            out[split] = score_images(list(images), specs) | {"n": len(specs),
+                                                                 "s_per_image": round((time.time() - t0) / n, 3)}
+    return out
+
+
+def evaluate_image_generator(directory: Path, n: int, seed: int, steps: int, guidance: float,
+                             device: str = "cpu") -> dict[str, Any]:
+    """Load a saved pipeline through anymodal's ``stable-diffusion`` adapter and score it.
+
+    The prompts are encoded by the generator's own text encoder (``encode_text``) and generated
+    with ``generate``: exactly the path the anymodal pipeline drives.
+    """
+    import anymodal.generators  # noqa: F401  (registers the adapters)
+    from anymodal.config import GeneratorConfig
+    from anymodal.registry import GENERATORS
+
+    cls = GENERATORS.get("stable-diffusion")
+    gen = cls.from_config(GeneratorConfig(type="stable-diffusion", pretrained=str(directory),
+                                          settings={"num_inference_steps": steps, "guidance_scale": guidance}))
+    gen.to(device)
+    out: dict[str, Any] = {}
+    with torch.random.fork_rng(devices=[]):
+        for split, specs in eval_specs(n, seed).items():
+            t0 = time.time()
+            cond = gen.encode_text([s.caption() for s in specs])
+            images = gen.generate(cond, generator=torch.Generator().manual_seed(seed))
+            out[split] = score_images(images, specs) | {"n": len(specs),
+                                                           "s_per_image": round((time.time() - t0) / n, 3)}
+    return out
+
+
+def train_image_vae(out: Path, cfg: ImageGeneratorPhase, log: JsonlLog, control: RunControl) -> Path:
+    """The ``image-vae`` phase: the image generator's ``AutoencoderKL`` (``image_generator.vae*``
+    settings), saved to ``out / "image-vae"``. The image and video generators both encode with it.
+
+    A run directory whose ``image-generator`` finished before this phase existed already holds the
+    trained VAE (``image-generator/vae``): it is exported as it is, without training.
+    """
+    from diffusers import AutoencoderKL
+
+    older = out / "image-generator" / "vae"
+    if (older / "config.json").is_file():
+        vae = AutoencoderKL.from_pretrained(str(older))
+        log.write(stage="vae", event="exported", source=str(older))
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            vae = new_vae(cfg.vae)  # as _build_image_models draws it, first
+        vae.to(control.device)
+        bank, pixels = _image_bank(cfg)
+        log.write(stage="data", event="bank", n=len(bank), split="train", seed=cfg.seed,
+                  params={"vae": sum(p.numel() for p in vae.parameters())})
+        train_vae(vae, pixels, cfg, out / "state" / "image-vae" / "vae.ckpt", log, control, "image_generator")
+    return atomic_dir(out / "image-vae", lambda d: vae.save_pretrained(str(d), safe_serialization=True))
+
+
+def train_image_generator(out: Path, cfg: ImageGeneratorPhase, log: JsonlLog, control: RunControl) -> Path:
+    """The ``image-generator`` phase: the UNet and CLIP text encoder on the ``image-vae`` phase's
+    latents, assembled with that VAE into a ``StableDiffusionPipeline`` in ``out / "image-generator"``."""
+    from diffusers import AutoencoderKL
+
+    state_dir = out / "state" / "image-generator"
+    state_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = load_tokenizer(out)
+    models = to_device(_build_image_models(cfg, tokenizer), control.device)
+    vae, unet, text_encoder = models["vae"], models["unet"], models["text_encoder"]
+    vae.load_state_dict(AutoencoderKL.from_pretrained(str(out / "image-vae")).state_dict())
+    vae.eval().requires_grad_(False)
+
+    bank, pixels = _image_bank(cfg)
+    log.write(stage="data", event="bank", n=len(bank), split="train", seed=cfg.seed,
+              params={k: sum(p.numel() for p in m.parameters()) for k, m in models.items()})
+
+    latents = encode_latents(vae, pixels, state_dir / "latents.pt", log, cfg.vae_steps,
+                       lambda: _vae_reconstruction_scores(vae, bank))
+    ids = token_ids(tokenizer, bank.captions, cfg.prompt_length)
+    empty = token_ids(tokenizer, [""], cfg.prompt_length)
+
+    def condition(tokens: torch.Tensor) -> dict[str, Any]:
+        return {"encoder_hidden_states": text_encoder(tokens)[0]}  # what StableDiffusionPipeline.encode_prompt does
+
+    def evaluate(ema: EMA, n: int) -> dict[str, Any]:
+        return eval_with_ema(models, ema, lambda m: _assemble_pipeline(m, tokenizer, cfg), evaluate_image_pipeline,
+                             cfg, n)
+
+    ema = train_denoiser(unet, text_encoder, condition, latents, ids, empty, cfg, state_dir / "unet.ckpt", log,
+                          control, evaluate)
+    ema.copy_to([unet, text_encoder])  # save the EMA weights
+    pipe = _assemble_pipeline(models, tokenizer, cfg)
+    return atomic_dir(out / "image-generator", lambda d: pipe.save_pretrained(str(d), safe_serialization=True))
+
+
+def _vae_reconstruction_scores(vae: Any, bank: world.Bank, n: int = 200) -> dict[str, float]:
+    """Checker accuracy of VAE reconstructions (of the posterior mean): the ceiling of the diffusion model."""
+    n = min(n, len(bank))
+    with torch.no_grad():
+        x = images_to_tensor(bank.data[:n]).to(device_of(vae))
+        recon = vae.decode(vae.encode(x).latent_dist.mean).sample
+    images = ((recon.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    return score_images(list(images), bank.specs[:n])
