@@ -2,7 +2,9 @@
 
 ``world`` generates captions, images, tones, clips and dialogues from seeded specs;
 ``checkers`` reads media and answers back without any learned model. See each module's
-docstring for the vocabulary, the caption grammar and how the checkers decide.
+docstring for the vocabulary, the caption grammar and how the checkers decide. ``evaluate`` is
+``anymodal eval``; ``train`` (``anymodal toyworld train``) trains the default model's components
+from scratch, and its docstring maps the modules that hold the recipe, the runner and each phase.
 """
 
 from . import checkers, world

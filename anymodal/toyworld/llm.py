@@ -270,10 +270,11 @@ def input_projector_config(hidden: int) -> InputProjectorConfig:
 def _media_model(out: Path, cfg: LLMPhase, lm: Any, proc: Any) -> Any:
     """An :class:`AnyModalModel` over ``lm``, the frozen trained encoder and fresh input projectors
     (no generators): the pipeline's own encode/project/splice path for pretraining."""
-    from ..model import AnyModalModel
-    from ..registry import ENCODERS, _load_builtin
+    import anymodal.encoders  # noqa: F401  (registers the built-in encoder types)
 
-    _load_builtin()
+    from ..model import AnyModalModel
+    from ..registry import ENCODERS
+
     e = encoder_config(out)
     config = AnyModalConfig(llm=LLMConfig(model=str(Path(out).resolve() / "llm")), name="toyworld-llm",
                             encoders={"imagebind": e},

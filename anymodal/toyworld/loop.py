@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -21,7 +20,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..utils import atomic_write_text
+from ..utils import atomic_path, atomic_write_text, swap_dir_into_place
 
 
 class JsonlLog:
@@ -49,15 +48,8 @@ class JsonlLog:
 
 def atomic_save(obj: Any, path: Path) -> None:
     """``torch.save`` to a temporary file beside ``path``, then ``os.replace`` it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def atomic_dir(path: Path, write: Callable[[Path], None]) -> Path:
@@ -67,16 +59,9 @@ def atomic_dir(path: Path, write: Callable[[Path], None]) -> Path:
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
-    old = path.parent / f".{path.name}.old"
     try:
         write(tmp)
-        if old.exists():
-            shutil.rmtree(old)
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old.exists():
-            shutil.rmtree(old)
+        swap_dir_into_place(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -150,7 +135,7 @@ class RunControl:
 class ThreadShare:
     """How many torch threads one phase of a parallel run may use, as the scheduler last said.
 
-    The scheduler (:func:`_train_parallel`) rewrites a small JSON file, ``{phase: threads}``,
+    The scheduler of :func:`~anymodal.toyworld.runner.train` rewrites a small JSON file, ``{phase: threads}``,
     whenever phases start or end; :func:`train_loop` calls :meth:`follow` between steps, which
     re-reads it only when it changed and applies this phase's share with ``torch.set_num_threads``.
     """

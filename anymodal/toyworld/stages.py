@@ -117,7 +117,7 @@ def run_stages(out: Path, cfg: ModelPhasesConfig, log: JsonlLog, control: RunCon
     The manifests come from :func:`write_manifests` (``cfg.stages`` sizes), filtered to what the
     model reads and generates. Each stage runs in ``out/stages/stage<N>`` and resumes from its last
     checkpoint; a finished stage (its ``final/`` exists) is skipped. ``control``'s deadline stops a
-    stage at its next checkpoint (raising :class:`~anymodal.toyworld.train.Stop`). Stage 1 starts from
+    stage at its next checkpoint (raising :class:`~anymodal.toyworld.loop.Stop`). Stage 1 starts from
     ``out/stages/stage0``, the pipeline with the llm phase's input projectors (unless
     ``carry_input_projectors`` is off or the llm phase saved none). Stage 3's LoRA is merged into the
     LLM, and the merged pipeline is saved to ``out/final``.
