@@ -1,6 +1,7 @@
-"""The model-side toy-world phases (anymodal/toyworld/model_phases.py) at smoke size: manifests the
-training code reads, a tiny ImageBind and a tiny Llama that resume bit-identically, the three
-anymodal stages on top, a pipeline that loads and answers, ``anymodal eval`` on it, and shipping."""
+"""The model-side toy-world phases (anymodal/toyworld/ manifests.py, encoder.py, llm.py, stages.py,
+ship.py) at smoke size: manifests the training code reads, a tiny ImageBind and a tiny Llama that
+resume bit-identically, the three anymodal stages on top, a pipeline that loads and answers,
+``anymodal eval`` on it, and shipping."""
 
 from __future__ import annotations
 

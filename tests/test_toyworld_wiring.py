@@ -121,7 +121,7 @@ def test_a_phase_without_its_inputs_names_the_phase_to_run(tmp_path: Path, capsy
     assert not (tmp_path / "state").exists()  # nothing started
 
 
-def test_cli_prints_the_model_phases_figures(run: Path, capsys):
+def test_cli_prints_the_model_side_phases_figures(run: Path, capsys):
     from anymodal.cli import main
 
     assert main(["toyworld", "train", "--out", str(run), "--preset", "smoke", "--phase", "encoder", "--phase",
