@@ -2,19 +2,86 @@
 
 from __future__ import annotations
 
+import io
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from .utils import atomic_path
 
 
 class MediaError(ValueError):
     """A medium could not be read or is of the wrong kind. The message names the source and why."""
+
+
+# Limits on an image before it is decoded. 50 megapixels admits a 48/50-MP phone photo (8160 x 6120)
+# and costs at most ~150 MB decoded; a decompression bomb (a 389 KB PNG of 20000 x 20000) is refused
+# from its header alone. The aspect limit guards the encoders' shortest-side resize: a 1 x 50000
+# strip scaled to a 224-pixel short side would become 224 x 11.2 million pixels.
+MAX_IMAGE_PIXELS = 50_000_000
+MAX_IMAGE_ASPECT = 20.0
+
+
+def check_image_size(width: int, height: int, name: str, max_pixels: int = MAX_IMAGE_PIXELS,
+                     max_aspect: float = MAX_IMAGE_ASPECT) -> None:
+    """Raise :class:`MediaError` if a ``width`` x ``height`` image is empty, has more than ``max_pixels``
+    pixels, or is more than ``max_aspect`` times longer than it is wide (or the reverse)."""
+    if width < 1 or height < 1:
+        raise MediaError(f"cannot read image {name}: it is empty ({width} x {height} pixels)")
+    if width * height > max_pixels:
+        raise MediaError(f"cannot read image {name}: {width} x {height} = {width * height:,} pixels is more than "
+                         f"the {max_pixels:,} allowed (a decompression bomb or an oversized image); scale it down")
+    if max(width, height) > max_aspect * min(width, height):
+        raise MediaError(f"cannot read image {name}: its aspect ratio {width} x {height} is more extreme than "
+                         f"{max_aspect:g}:1; crop it")
+
+
+def open_image_checked(source: str | os.PathLike | bytes, max_pixels: int = MAX_IMAGE_PIXELS,
+                       max_aspect: float = MAX_IMAGE_ASPECT, name: str | None = None) -> Image.Image:
+    """Open and decode an image file (a path or its bytes) only after its size passed the checks.
+
+    The header is read first (PIL opens lazily) and the size checked with :func:`check_image_size`;
+    only then are the pixels decoded, so a decompression bomb or a tiny-but-huge image costs no
+    memory. Every failure is a :class:`MediaError` naming ``name`` (default: the path, or "bytes"):
+    not an image, truncated, too many pixels, too extreme an aspect ratio. The image is returned
+    decoded, in its own mode; ``.format`` tells what the file was (PNG, JPEG, GIF...). For an
+    animated image only the first frame is decoded; every frame has the same size. PIL's own
+    global limit (``PIL.Image.MAX_IMAGE_PIXELS``) still applies above ``max_pixels``.
+    """
+    if name is None:
+        name = f"'{source}'" if isinstance(source, (str, os.PathLike)) else f"({len(source)} bytes)"
+    fp: Any = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
+    try:
+        with warnings.catch_warnings():
+            # our own limit replaces PIL's: its warning (above 89 MP) is a refusal here, or no concern
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(fp) as img:
+                check_image_size(img.width, img.height, name, max_pixels, max_aspect)
+                if img.width * img.height > (Image.MAX_IMAGE_PIXELS or float("inf")):
+                    warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # allowed by max_pixels
+                img.load()  # decode now, so a truncated file fails here and not later
+                out = img.copy()  # independent of the file, which the context manager closes
+                out.format = img.format  # type: ignore[misc]
+            return out
+    except MediaError:
+        raise
+    except FileNotFoundError:
+        raise MediaError(f"cannot read image {name}: file not found") from None
+    except IsADirectoryError:
+        raise MediaError(f"cannot read image {name}: it is a directory") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        # PIL refuses on its own above 2 x Image.MAX_IMAGE_PIXELS (179 MP), before our check runs
+        raise MediaError(f"cannot read image {name}: more than the {max_pixels:,} pixels allowed (a decompression "
+                         f"bomb or an oversized image; PIL: {e})") from None
+    except UnidentifiedImageError:
+        raise MediaError(f"cannot read image {name}: not an image file PIL can read") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise MediaError(f"cannot read image {name}: {e}") from None
 
 
 @dataclass

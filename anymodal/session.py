@@ -40,7 +40,7 @@ from PIL import Image
 from .media import Audio, MediaError, save_image
 from .modality import MEDIA_MODALITIES, Modality
 from .processor import PLACEHOLDERS, Message
-from .utils import swap_dir_into_place
+from .utils import recover_swapped_dir, swap_dir_into_place
 
 if TYPE_CHECKING:
     from .pipeline import AnyModalPipeline
@@ -192,8 +192,10 @@ class ChatSession:
 
     @classmethod
     def load(cls, directory: str | os.PathLike, pipe: AnyModalPipeline) -> "ChatSession":
-        """Load a session saved by :meth:`save` to continue it with ``pipe``."""
+        """Load a session saved by :meth:`save` to continue it with ``pipe``. A save that a crash cut
+        mid-swap is recovered first (the previous save is put back)."""
         directory = Path(directory)
+        recover_swapped_dir(directory)
         path = directory / SESSION_FILE
         if not path.is_file():
             raise FileNotFoundError(f"{directory} is not a saved chat session (no {SESSION_FILE})")

@@ -55,20 +55,69 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
+def _old_copies(directory: Path) -> list[Path]:
+    return [p for p in directory.parent.glob(f".{directory.name}.old-*") if p.is_dir()]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # someone else's process, or not a pid we can ask about: assume alive
+    return True
+
+
 def swap_dir_into_place(tmp: str | os.PathLike, directory: str | os.PathLike) -> None:
     """Replace ``directory`` with the finished directory ``tmp`` (a sibling of it).
 
-    The old directory is moved aside and removed only after the new one is in place, so a
-    crash never leaves the destination half-written.
+    The old directory is moved aside to ``.<name>.old-<pid>`` and removed only after the new one is
+    in place, so a crash never leaves the destination half-written. A crash between the two renames
+    leaves no ``directory`` but an intact old copy: :func:`recover_swapped_dir` (which readers call
+    before reading, and which runs here first) puts it back.
     """
     tmp, directory = Path(tmp), Path(directory)
+    recover_swapped_dir(directory)
     if directory.exists():
         old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+        if old.exists():  # left by an earlier crash of a process that had our pid
+            shutil.rmtree(old)
         os.replace(directory, old)
         os.replace(tmp, directory)
         shutil.rmtree(old)
     else:
         os.replace(tmp, directory)
+
+
+def recover_swapped_dir(directory: str | os.PathLike) -> bool:
+    """Undo a :func:`swap_dir_into_place` that a crash cut between its two renames; True if it did.
+
+    Such a crash leaves ``.<name>.old-<pid>`` (the previous, complete directory) and no ``directory``;
+    the old copy is renamed back (the newest, if several). A new directory that had not been renamed
+    in yet is never trusted: its writer may have died while filling it, and the caller's own temp
+    clean-up owns it. When ``directory`` exists, old copies that a crash left after the second rename
+    are removed. Copies of a process that is still running are left alone: it is mid-swap.
+    """
+    directory = Path(directory)
+    olds = []
+    for p in _old_copies(directory):
+        pid = p.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or (int(pid) != os.getpid() and _pid_alive(int(pid))):
+            continue
+        olds.append(p)
+    if directory.exists():
+        for p in olds:
+            shutil.rmtree(p, ignore_errors=True)
+        return False
+    if not olds:
+        return False
+    newest = max(olds, key=lambda p: p.stat().st_mtime_ns)
+    os.replace(newest, directory)
+    for p in olds:
+        if p != newest:
+            shutil.rmtree(p, ignore_errors=True)
+    return True
 
 
 # Messages diffusers logs while anymodal builds a generator pipeline that say nothing to its user: the

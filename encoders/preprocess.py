@@ -30,10 +30,10 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torchvision.transforms import v2
 
-from anymodal.media import Audio, MediaError, describe
+from anymodal.media import Audio, MediaError, describe, open_image_checked
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -113,15 +113,7 @@ def load_image(item: Any) -> Image.Image:
     if isinstance(item, Image.Image):
         return item.convert("RGB")
     if _is_path(item):
-        path = _check_file("image", item)
-        try:
-            with Image.open(path) as img:
-                img.load()  # decode now, so a truncated file fails here and not later in a transform
-                return img.convert("RGB")
-        except UnidentifiedImageError as e:
-            raise MediaError(f"cannot read image '{item}': not an image file (PIL: {e})") from None
-        except (OSError, SyntaxError, ValueError) as e:
-            raise MediaError(f"cannot read image '{item}': {e}") from None
+        return open_image_checked(_check_file("image", item), name=f"'{item}'").convert("RGB")  # size checked first
     if isinstance(item, np.ndarray):
         return _array_to_pil(item, describe(item))
     raise MediaError(f"cannot read image {describe(item)}: unsupported input type {type(item).__name__}; "
