@@ -36,7 +36,7 @@ def server(pipe, tmp_path_factory):
     yield from _serving(pipe, tmp_path_factory.mktemp("ui-media"))
 
 
-def _serving(pipe, media_dir: Path):
+def _serving(pipe, media_dir: Path, **options):
     import uvicorn
 
     from anymodal.ui import create_app
@@ -44,7 +44,7 @@ def _serving(pipe, media_dir: Path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    app = create_app(pipe, media_dir=media_dir, seed=0)
+    app = create_app(pipe, media_dir=media_dir, seed=0, **options)
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
@@ -112,7 +112,7 @@ def test_api_turns_media_and_errors(server):
     garbage = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"x.png\"\r\n\r\n"
                f"not a png\r\n--{boundary}--\r\n").encode()
     status, body = post(f"/api/sessions/{sid}/send", garbage, {"Content-Type": f"multipart/form-data; boundary={boundary}"})
-    assert status == 400 and "cannot read image" in body["error"]
+    assert status == 415 and body["error"].startswith("cannot read image 'x.png': not an image file"), body
     status, body = post("/api/sessions/nope/send")
     assert status == 404
     with urllib.request.urlopen(f"{server}/api/sessions/{sid}") as r:

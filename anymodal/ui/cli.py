@@ -13,6 +13,10 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it to the network)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="a host name the server answers to besides localhost, 127.0.0.1, ::1 and --host (repeat "
+                        "for more; '*' for any: unsafe, it allows DNS rebinding). Requests naming another host "
+                        "in their Host header are refused")
     p.add_argument("--seed", type=int, default=0, help="seed of each session's first reply (default 0)")
     p.add_argument("--media-dir", default=None,
                    help="where uploads, generated media and saved sessions are kept; a server restarted on the "
@@ -30,5 +34,5 @@ def serve_command(args: argparse.Namespace) -> int:
         return 2
     pipe = load_pipeline(args.model, args.config, args.device)
     serve(pipe, host=args.host, port=args.port, seed=args.seed, media_dir=args.media_dir,
-          max_new_tokens=args.max_new_tokens)
+          max_new_tokens=args.max_new_tokens, allowed_hosts=args.allowed_host)
     return 0

@@ -1,13 +1,36 @@
-"""The UI's one page: plain HTML, CSS and JavaScript, no build step and nothing fetched from elsewhere."""
+"""The UI's one page: plain HTML, CSS and JavaScript, no build step and nothing fetched from elsewhere.
 
-PAGE = r"""<!doctype html>
+The script and the style are served as files of their own (``/static/page.js``, ``/static/page.css``)
+so that the page's Content-Security-Policy can forbid inline script outright.
+"""
+
+PAGE_HTML = r"""<!doctype html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>anymodal chat</title>
-<style>
-  body { font-family: system-ui, sans-serif; margin: 0; background: #f4f4f6; color: #1d1d1f; }
+<link rel="stylesheet" href="/static/page.css">
+<script src="/static/page.js" defer></script>
+</head>
+<body data-accepts="__ACCEPTS__">
+<header>anymodal chat</header>
+<main id="log" aria-live="polite"></main>
+<form id="composer">
+  <div class="row">
+    <textarea id="text" name="text" placeholder="Message (Enter to send, Shift+Enter for a new line)"></textarea>
+    <label class="file" data-kind="image">image <input id="image" name="image" type="file" accept="image/*" multiple></label>
+    <label class="file" data-kind="audio">audio <input id="audio" name="audio" type="file" accept="audio/*" multiple></label>
+    <label class="file" data-kind="video">video <input id="video" name="video" type="file" accept="video/*,image/gif" multiple></label>
+    <button id="send" type="submit">Send</button>
+  </div>
+  <div id="status"></div>
+</form>
+</body>
+</html>
+"""
+
+PAGE_CSS = r"""  body { font-family: system-ui, sans-serif; margin: 0; background: #f4f4f6; color: #1d1d1f; }
   header { padding: 0.8rem 1.2rem; background: #1d1d1f; color: #fff; font-weight: 600; }
   #log { max-width: 52rem; margin: 1rem auto; padding: 0 1rem 12rem; }
   .turn { margin: 0.6rem 0; padding: 0.7rem 0.9rem; border-radius: 0.6rem; white-space: pre-wrap; }
@@ -26,24 +49,10 @@ PAGE = r"""<!doctype html>
   #status { max-width: 52rem; margin: 0.3rem auto 0; font-size: 0.8rem; color: #666; min-height: 1em; }
   #status.error { color: #b00020; }
   button { font: inherit; padding: 0.5rem 1.2rem; }
-</style>
-</head>
-<body>
-<header>anymodal chat</header>
-<main id="log" aria-live="polite"></main>
-<form id="composer">
-  <div class="row">
-    <textarea id="text" name="text" placeholder="Message (Enter to send, Shift+Enter for a new line)"></textarea>
-    <label class="file" data-kind="image">image <input id="image" name="image" type="file" accept="image/*" multiple></label>
-    <label class="file" data-kind="audio">audio <input id="audio" name="audio" type="file" accept="audio/*" multiple></label>
-    <label class="file" data-kind="video">video <input id="video" name="video" type="file" accept="video/*,image/gif" multiple></label>
-    <button id="send" type="submit">Send</button>
-  </div>
-  <div id="status"></div>
-</form>
-<script>
-"use strict";
-const ACCEPTS = "__ACCEPTS__".split(",").filter(Boolean);
+"""
+
+PAGE_JS = r""""use strict";
+const ACCEPTS = document.body.dataset.accepts.split(",").filter(Boolean);
 const log = document.getElementById("log");
 const form = document.getElementById("composer");
 const statusLine = document.getElementById("status");
@@ -97,7 +106,18 @@ function renderTurn(turn) {
   }
   for (const kind in queues) for (const item of queues[kind]) div.appendChild(mediaElement(item));
   log.appendChild(div);
-  div.scrollIntoView({block: "end"});
+  // a medium has no height until it has loaded: scroll again when each one has
+  for (const el of div.querySelectorAll("img, audio, video")) {
+    for (const type of ["load", "loadedmetadata", "error"]) el.addEventListener(type, () => scrollToEnd(div));
+  }
+  scrollToEnd(div);
+}
+
+function scrollToEnd(turn) {
+  if (turn !== log.lastElementChild) return;  // a newer turn has come since; leave the view to it
+  // the composer is fixed over the bottom of the page: keep room for it under the last turn
+  log.style.paddingBottom = (form.offsetHeight + 16) + "px";
+  window.scrollTo(0, document.documentElement.scrollHeight);
 }
 
 async function api(path, options) {
@@ -145,7 +165,4 @@ document.getElementById("text").addEventListener("keydown", (event) => {
 });
 
 startSession().then(() => setStatus("")).catch(e => setStatus("cannot start a session: " + e.message, true));
-</script>
-</body>
-</html>
 """

@@ -1,8 +1,8 @@
 """A small Starlette app over :class:`~anymodal.session.ChatSession` objects, and one HTML page.
 
 Routes:
-    GET  /                          the page
-    POST /api/sessions              start a session -> {"id": ...}
+    GET  /                          the page (its script and style: /static/page.js, /static/page.css)
+    POST /api/sessions              start a session -> {"id": ...}; the body is empty or ``{}``
     GET  /api/sessions/{id}         its turns
     POST /api/sessions/{id}/send    multipart form: ``text``, ``image``, ``audio`` and ``video`` files (repeatable)
                                     -> {"user": turn, "reply": turn}
@@ -11,58 +11,169 @@ Routes:
 A turn is ``{"role", "text", "media": [{"kind": "image"|"audio"|"video", "url"}]}``; ``text`` marks
 each medium with its placeholder. Each session lives in ``media_dir/<id>/``: its uploads and
 generated files, and after every turn the saved :class:`ChatSession` (``session/``, swapped in
-whole) and what the page shows (``web.json``). Up to ``max_sessions`` are kept in memory; any other
-is loaded from its directory when asked for, so a server restarted on the same ``media_dir``
-carries on its conversations. One reply is generated at a time, because a pipeline is not safe to
-call from several threads at once.
+whole) and what the page shows (``web.json``). Up to ``max_sessions`` idle sessions are kept in
+memory; any other is loaded from its directory when asked for, so a server restarted on the same
+``media_dir`` carries on its conversations. A session that a request is using is never unloaded,
+and a save never replaces a copy on disk that holds more turns. One reply is generated at a time,
+because a pipeline is not safe to call from several threads at once.
+
+What the server guarantees (see docs/batch-and-sessions.md):
+
+* **Hosts.** It answers only to the names in ``allowed_hosts`` (the Host header; DNS rebinding), and
+  refuses a state-changing request whose ``Origin`` is not the server itself (cross-site posts).
+* **Limits.** An upload is streamed to disk with a hard per-file and per-request cap; nothing over a
+  cap is held in memory, and a failed request leaves no file behind.
+* **Content.** An upload is decoded before it is kept (PIL, libsndfile, ffmpeg) and stored under a
+  name the server chooses, with the extension of what it decoded as. Images are refused by pixel
+  count and aspect ratio before they are decoded. Media are served only with an allow-listed content
+  type, ``nosniff`` and a sandboxing CSP; the page itself runs no inline script.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import re
 import tempfile
 import threading
+import unicodedata
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Sequence
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from ..media import save_image, save_video
+from ..media import MediaError, check_image_size, open_image_checked, save_image, save_video
 from ..modality import Modality
 from ..session import ChatSession, Turn
 from ..utils import atomic_write_text
-from .page import PAGE
+from .page import PAGE_CSS, PAGE_HTML, PAGE_JS
 
 logger = logging.getLogger(__name__)
 
-MAX_UPLOAD_BYTES = 50 * 1024 * 1024
+MAX_FILE_BYTES = 50 * 1024 * 1024  # one uploaded file
+MAX_REQUEST_BYTES = 100 * 1024 * 1024  # one request body, all files together
+MAX_FILES = 16  # files in one request
+MAX_TEXT_BYTES = 64 * 1024  # the message text
+MAX_MEDIA_SECONDS = 600.0  # an uploaded audio clip or video
+UPLOAD_IDLE_TIMEOUT_S = 60.0  # an upload that sends nothing for this long is dropped
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
 _UPLOAD_KINDS = {"image": Modality.IMAGE, "audio": Modality.AUDIO, "video": Modality.VIDEO}
-_SUFFIX = re.compile(r"^\.[A-Za-z0-9]{1,8}$")
 _SESSION_ID = re.compile(r"^[0-9a-f]{32}$")  # uuid4().hex: nothing else names a session directory
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9]{1,8})?$")  # the names the server gives files
 WEB_FILE = "web.json"
 
+# What an upload may decode as, and the extension it is stored under.
+_IMAGE_FORMATS = {"PNG": "png", "JPEG": "jpg", "GIF": "gif", "WEBP": "webp", "BMP": "bmp"}
+_AUDIO_FORMATS = {"WAV": "wav", "WAVEX": "wav", "FLAC": "flac", "OGG": "ogg", "MP3": "mp3"}
+# The only content types media are served with; any other file is offered as a download.
+MEDIA_TYPES = {
+    "png": "image/png", "jpg": "image/jpeg", "gif": "image/gif", "webp": "image/webp", "bmp": "image/bmp",
+    "wav": "audio/wav", "flac": "audio/flac", "ogg": "audio/ogg", "mp3": "audio/mpeg",
+    "mp4": "video/mp4", "webm": "video/webm",
+}
+PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; media-src 'self'; "
+            "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'")
+MEDIA_CSP = "default-src 'none'; sandbox; frame-ancestors 'none'"  # a medium opened on its own runs nothing
+_SECURITY_HEADERS = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
+                     (b"referrer-policy", b"no-referrer"), (b"cross-origin-resource-policy", b"same-origin")]
+_UNSAFE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
 
+
+class HTTPRefusal(Exception):
+    """A request refused with ``status`` and a message for its sender."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+# ==================================================================== hosts, origins, headers
+def _split_host(value: str) -> str:
+    """The host name of a Host header value (``name``, ``name:port``, ``[v6]:port``), lower case."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1:value.find("]")] if "]" in value else value
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+class _Guard:
+    """ASGI middleware: the Host check, the Origin check of state-changing requests, and the
+    security headers every response carries (a CSP for those that set none)."""
+
+    def __init__(self, app, allowed_hosts: Sequence[str]):
+        self.app = app
+        self.any_host = "*" in allowed_hosts
+        self.allowed = {h.strip("[]").lower() for h in allowed_hosts}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        refusal = self._refusal(scope["method"], headers)
+        if refusal is not None:
+            return await _error(*refusal)(scope, receive, self._with_headers(send))
+        await self.app(scope, receive, self._with_headers(send))
+
+    def _refusal(self, method: str, headers: dict[str, str]) -> tuple[int, str] | None:
+        host = headers.get("host", "")
+        if not host:
+            return 400, "missing Host header"
+        if not self.any_host and _split_host(host) not in self.allowed:
+            return 400, (f"this server does not answer to the host {host[:100]!r}; start it with "
+                         "--allowed-host NAME to allow another name")
+        if method in _UNSAFE_METHODS:
+            origin = headers.get("origin")
+            if origin is not None and origin.lower() not in (f"http://{host.lower()}", f"https://{host.lower()}"):
+                return 403, f"cross-origin request refused: Origin {origin[:100]!r} is not this server"
+            if headers.get("sec-fetch-site", "same-origin") not in ("same-origin", "none"):
+                return 403, "cross-site request refused (Sec-Fetch-Site: " + headers["sec-fetch-site"][:40] + ")"
+        return None
+
+    @staticmethod
+    def _with_headers(send):
+        async def sender(message):
+            if message["type"] == "http.response.start":
+                names = {k.lower() for k, _ in message.get("headers", [])}
+                extra = [(k, v) for k, v in _SECURITY_HEADERS if k not in names]
+                if b"content-security-policy" not in names:
+                    extra.append((b"content-security-policy", PAGE_CSP.encode()))
+                message = {**message, "headers": list(message.get("headers", [])) + extra}
+            await send(message)
+        return sender
+
+
+# ==================================================================== sessions
 @dataclass
 class _WebSession:
     chat: ChatSession
     directory: Path
     files: dict[str, Path] = field(default_factory=dict)  # served name -> path; nothing else is served
     turn_media: list[list[dict[str, str]]] = field(default_factory=list)  # per turn: [{"kind", "url"}]
+    lock: threading.Lock = field(default_factory=threading.Lock)  # one send or save at a time
+    users: int = 0  # requests using it now (guarded by the store's lock): never unloaded while > 0
+    saved: bool = True  # its directory holds every turn: it may be unloaded
 
     def add_file(self, sid: str, path: Path, kind: str) -> dict[str, str]:
         self.files[path.name] = path
         return {"kind": kind, "url": f"/media/{sid}/{path.name}"}
+
+
+class SessionConflict(OSError):
+    """The copy of a session on disk holds more turns than the one being saved."""
 
 
 class SessionStore:
@@ -83,49 +194,73 @@ class SessionStore:
         sid = uuid.uuid4().hex
         directory = self.media_dir / sid
         directory.mkdir(parents=True)
-        self._keep(sid, _WebSession(ChatSession(self.pipe, seed=self.seed, max_new_tokens=self.max_new_tokens),
-                                    directory))
+        web = _WebSession(ChatSession(self.pipe, seed=self.seed, max_new_tokens=self.max_new_tokens), directory)
+        with self._lock:
+            self.sessions[sid] = web
+            self._trim()
         return sid
 
-    def _keep(self, sid: str, web: _WebSession) -> _WebSession:
-        with self._lock:
-            web = self.sessions.setdefault(sid, web)  # two requests loading one session keep one copy
-            self.sessions.move_to_end(sid)
-            while len(self.sessions) > self.max_sessions:
-                old_id, _ = self.sessions.popitem(last=False)
-                logger.info("unloading the least recently used session %s (it stays on disk)", old_id)
-        return web
+    def _trim(self) -> None:
+        """Unload least recently used sessions beyond ``max_sessions``; never one in use or unsaved."""
+        for sid in list(self.sessions):
+            if len(self.sessions) <= self.max_sessions:
+                break
+            web = self.sessions[sid]
+            if web.users == 0 and web.saved:
+                del self.sessions[sid]
+                logger.info("unloading the least recently used session %s (it stays on disk)", sid)
 
-    def get(self, sid: str) -> _WebSession | None:
-        """The session ``sid``: from memory, else from its directory (``None`` if it has none)."""
+    @contextlib.contextmanager
+    def use(self, sid: str) -> Iterator[_WebSession | None]:
+        """The session ``sid`` (from memory, else from its directory; ``None`` if it has none), kept in
+        memory until the block ends."""
         with self._lock:
             web = self.sessions.get(sid)
+            if web is None and _SESSION_ID.match(sid) and (self.media_dir / sid / WEB_FILE).is_file():
+                try:  # under the lock: two requests loading one session must share one copy
+                    web = self._load(sid)
+                except (OSError, ValueError, KeyError, TypeError) as e:
+                    logger.warning("cannot load session %s from %s: %s", sid, self.media_dir / sid, e)
+                    web = None
             if web is not None:
+                self.sessions[sid] = web
                 self.sessions.move_to_end(sid)
-                return web
-        if not _SESSION_ID.match(sid) or not (self.media_dir / sid / WEB_FILE).is_file():
-            return None
+                web.users += 1
         try:
-            web = self._load(sid)
-        except (OSError, ValueError, KeyError) as e:
-            logger.warning("cannot load session %s from %s: %s", sid, self.media_dir / sid, e)
-            return None
-        return self._keep(sid, web)
+            yield web
+        finally:
+            if web is not None:
+                with self._lock:
+                    web.users -= 1
+                    self._trim()
 
     def save(self, sid: str, web: _WebSession) -> None:
-        """Write the session (after a turn): the chat first, then what the page shows."""
+        """Write the session (after a turn): the chat first, then what the page shows. Refuses to
+        replace a copy on disk with more turns (another server on the same ``media_dir``)."""
+        try:
+            on_disk = json.loads((web.directory / WEB_FILE).read_text()).get("turns", 0)
+        except (OSError, ValueError, AttributeError):
+            on_disk = 0
+        if isinstance(on_disk, int) and on_disk > len(web.chat.turns):
+            raise SessionConflict(f"session {sid} on disk has {on_disk} turns, newer than this copy's "
+                                  f"{len(web.chat.turns)}; not overwritten")
         web.chat.save(web.directory / "session")
         atomic_write_text(web.directory / WEB_FILE, json.dumps(
-            {"turn_media": web.turn_media, "files": sorted(web.files)}, indent=1) + "\n")
+            {"turns": len(web.chat.turns), "turn_media": web.turn_media, "files": sorted(web.files)}, indent=1) + "\n")
 
     def _load(self, sid: str) -> _WebSession:
         directory = self.media_dir / sid
         state = json.loads((directory / WEB_FILE).read_text())
-        chat = ChatSession.load(directory / "session", self.pipe)
+        chat = ChatSession.load(directory / "session", self.pipe)  # recovers a swap a crash cut short
+        for tmp in directory.glob(".session.*.tmp"):  # a save a crash cut short: not in use, since not loaded
+            if tmp.is_dir():
+                import shutil
+
+                shutil.rmtree(tmp, ignore_errors=True)
         turn_media = [list(m) for m in state["turn_media"]][: len(chat.turns)]
         turn_media += [[] for _ in range(len(chat.turns) - len(turn_media))]  # a save cut between the two files
         files = {name: directory / name for name in state["files"]
-                 if _SAFE_NAME.match(name) and (directory / name).is_file()}
+                 if isinstance(name, str) and _SAFE_NAME.match(name) and (directory / name).is_file()}
         return _WebSession(chat, directory, files, turn_media)
 
 
@@ -145,61 +280,319 @@ def _write_generated(web: _WebSession, sid: str, number: int, reply: Turn) -> li
     return media
 
 
+# ==================================================================== uploads
+@dataclass
+class _Upload:
+    kind: str  # "image" | "audio" | "video"
+    filename: str  # the sender's name for it, cleaned, for messages only
+    path: Path  # where it is on disk now
+    size: int = 0
+
+
+def _display_name(raw: str) -> str:
+    """The sender's file name, for messages: its last path component, printable, at most 80 characters."""
+    name = re.split(r"[\\/]", raw)[-1]
+    name = "".join(c for c in name if unicodedata.category(c)[0] not in "CZ" or c == " ").strip()
+    return (name[:77] + "...") if len(name) > 80 else (name or "(unnamed)")
+
+
+@dataclass
+class UploadLimits:
+    file_bytes: int = MAX_FILE_BYTES
+    request_bytes: int = MAX_REQUEST_BYTES
+    files: int = MAX_FILES
+    text_bytes: int = MAX_TEXT_BYTES
+    media_seconds: float = MAX_MEDIA_SECONDS
+    idle_timeout_s: float = UPLOAD_IDLE_TIMEOUT_S
+
+
+async def _read_form(request: Request, directory: Path, batch: str, limits: UploadLimits,
+                     uploads: list[_Upload]) -> str:
+    """Stream a multipart body: files go straight to hidden files in ``directory`` (appended to
+    ``uploads`` as they are opened, so that the caller can remove them on any error), the text is
+    returned. Every cap is checked as the bytes arrive."""
+    from python_multipart.exceptions import MultipartParseError
+    from python_multipart.multipart import MultipartParser, parse_options_header
+
+    ctype, params = parse_options_header(request.headers.get("content-type", ""))
+    if ctype != b"multipart/form-data" or not params.get(b"boundary"):
+        raise HTTPRefusal(415, "send the message as multipart/form-data (fields: text, image, audio, video)")
+    length = request.headers.get("content-length")
+    if length is not None:
+        if not length.isdigit():
+            raise HTTPRefusal(400, f"bad Content-Length {length[:40]!r}")
+        if int(length) > limits.request_bytes:
+            raise HTTPRefusal(413, f"the request is {int(length):,} bytes; at most {limits.request_bytes:,} are "
+                                   "accepted (all files together)")
+
+    text_parts: list[bytes] = []
+    part: dict[str, Any] = {}
+    header: dict[str, bytes] = {"field": b"", "value": b""}
+    ended = False
+
+    def on_part_begin():
+        part.clear()
+        part["headers"] = {}
+
+    def on_header_field(data, start, end):
+        header["field"] += data[start:end]
+
+    def on_header_value(data, start, end):
+        header["value"] += data[start:end]
+
+    def on_header_end():
+        part["headers"][header["field"].decode("latin-1").lower()] = header["value"]
+        header["field"] = header["value"] = b""
+
+    def on_headers_finished():
+        disposition, opts = parse_options_header(part["headers"].get("content-disposition", b""))
+        if disposition != b"form-data" or b"name" not in opts:
+            raise HTTPRefusal(400, "a form part has no Content-Disposition: form-data; name=...")
+        name = opts[b"name"].decode("utf-8", "replace")
+        filename = opts.get(b"filename")
+        if name == "text":
+            if filename is not None:
+                raise HTTPRefusal(400, "'text' must be a form field, not a file")
+            if text_parts:
+                raise HTTPRefusal(400, "more than one 'text' field")
+            part["text"] = True
+            text_parts.append(b"")
+            return
+        if name not in _UPLOAD_KINDS:
+            raise HTTPRefusal(400, f"unknown form field {name[:40]!r}; the fields are text, image, audio and video")
+        if filename is None:
+            raise HTTPRefusal(400, f"{name!r} must be a file")
+        if not filename:  # an empty file input of a browser form
+            part["skip"] = True
+            return
+        if len(uploads) >= limits.files:
+            raise HTTPRefusal(413, f"more than {limits.files} files in one message")
+        path = directory / f".upload-{batch}-{len(uploads)}"
+        up = _Upload(name, _display_name(filename.decode("utf-8", "replace")), path)
+        uploads.append(up)
+        part["upload"] = up
+        part["file"] = open(path, "xb")
+
+    def on_part_data(data, start, end):
+        n = end - start
+        if "text" in part:
+            if len(text_parts[0]) + n > limits.text_bytes:
+                raise HTTPRefusal(413, f"the text is longer than {limits.text_bytes:,} bytes")
+            text_parts[0] += data[start:end]
+        elif "upload" in part:
+            up = part["upload"]
+            up.size += n
+            if up.size > limits.file_bytes:
+                raise HTTPRefusal(413, f"{up.filename}: larger than {limits.file_bytes:,} bytes "
+                                       f"({limits.file_bytes >> 20} MB), the most one file may be")
+            part["file"].write(data[start:end])
+        elif "skip" in part and n:
+            raise HTTPRefusal(400, "a file part with an empty file name has content")
+
+    def on_part_end():
+        if "file" in part:
+            part.pop("file").close()
+
+    def on_end():
+        nonlocal ended
+        ended = True
+
+    parser = MultipartParser(params[b"boundary"], callbacks={
+        "on_part_begin": on_part_begin, "on_header_field": on_header_field, "on_header_value": on_header_value,
+        "on_header_end": on_header_end, "on_headers_finished": on_headers_finished,
+        "on_part_data": on_part_data, "on_part_end": on_part_end, "on_end": on_end})
+    received = 0
+    chunks = request.stream().__aiter__()
+    try:
+        while True:
+            try:
+                chunk = await asyncio.wait_for(chunks.__anext__(), limits.idle_timeout_s)
+            except StopAsyncIteration:
+                break
+            except asyncio.TimeoutError:
+                raise HTTPRefusal(408, f"the upload sent nothing for {limits.idle_timeout_s:g} s") from None
+            received += len(chunk)
+            if received > limits.request_bytes:
+                raise HTTPRefusal(413, f"the request is larger than {limits.request_bytes:,} bytes, the most "
+                                       "accepted (all files together)")
+            parser.write(chunk)
+        parser.finalize()
+    except MultipartParseError as e:
+        raise HTTPRefusal(400, f"malformed multipart body: {e}") from None
+    finally:
+        if "file" in part:
+            part.pop("file").close()
+    if not ended and received:  # an empty body is an empty form
+        raise HTTPRefusal(400, "malformed multipart body: it ends before its closing boundary")
+    try:
+        return text_parts[0].decode("utf-8") if text_parts else ""
+    except UnicodeDecodeError:
+        raise HTTPRefusal(400, "the text is not valid UTF-8") from None
+
+
+def _video_format(head: bytes) -> str | None:
+    if head[4:8] == b"ftyp":
+        return "mp4"
+    if head[:4] == b"\x1a\x45\xdf\xa3" and b"webm" in head[:64]:
+        return "webm"
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return "gif"
+    return None
+
+
+def _identify(up: _Upload, limits: UploadLimits) -> tuple[str, str]:
+    """Decode ``up`` as what it claims to be: (the extension to store it under, the kind to show it as).
+    Raises :class:`HTTPRefusal` (415) naming the file and what is accepted."""
+    name = f"'{up.filename}'"
+    if up.size == 0:
+        raise HTTPRefusal(400, f"{up.kind} {name} is empty")
+    if up.kind == "image":
+        try:
+            img = open_image_checked(up.path, name=name)
+        except MediaError as e:
+            raise HTTPRefusal(415 if "not an image" in str(e) else 400, str(e)) from None
+        if img.format not in _IMAGE_FORMATS:
+            raise HTTPRefusal(415, f"image {name} is {img.format}; send PNG, JPEG, GIF, WebP or BMP")
+        return _IMAGE_FORMATS[img.format], "image"
+    if up.kind == "audio":
+        import soundfile as sf
+
+        try:
+            info = sf.info(str(up.path))
+        except Exception:  # libsndfile's errors name the server's path: say it in our words
+            raise HTTPRefusal(415, f"audio {name} is not audio this server reads; send WAV, FLAC, OGG or MP3") from None
+        if info.format not in _AUDIO_FORMATS:
+            raise HTTPRefusal(415, f"audio {name} is {info.format}; send WAV, FLAC, OGG or MP3")
+        if info.frames <= 0 or info.samplerate <= 0:
+            raise HTTPRefusal(400, f"audio {name} holds no samples")
+        if info.frames / info.samplerate > limits.media_seconds:
+            raise HTTPRefusal(413, f"audio {name} lasts {info.frames / info.samplerate:.0f} s; at most "
+                                   f"{limits.media_seconds:g} s are accepted")
+        return _AUDIO_FORMATS[info.format], "audio"
+    with open(up.path, "rb") as f:
+        fmt = _video_format(f.read(64))
+    if fmt is None:
+        raise HTTPRefusal(415, f"video {name} is not a video this server reads; send MP4, WebM or an animated GIF")
+    if fmt == "gif":
+        try:
+            open_image_checked(up.path, name=name)
+        except MediaError as e:
+            raise HTTPRefusal(400, str(e).replace("image", "video", 1)) from None
+        return "gif", "video"  # the page shows a .gif video with <img>: browsers play GIFs there
+    try:
+        import imageio.v3 as iio
+
+        meta = iio.immeta(up.path, extension=f".{fmt}")  # the upload has no extension yet
+        width, height = meta["size"]
+        duration = float(meta.get("duration") or 0.0)
+    except Exception:  # imageio/ffmpeg errors vary, and name the server's path
+        raise HTTPRefusal(415, f"video {name} is not a video this server reads; send MP4, WebM or an animated GIF") from None
+    try:
+        check_image_size(int(width), int(height), name)
+    except MediaError as e:
+        raise HTTPRefusal(400, str(e).replace("image", "video frames of", 1)) from None
+    if duration > limits.media_seconds:
+        raise HTTPRefusal(413, f"video {name} lasts {duration:.0f} s; at most {limits.media_seconds:g} s are accepted")
+    return fmt, "video"
+
+
+def _remove(paths: Sequence[Path]) -> None:
+    for p in paths:
+        try:
+            p.unlink(missing_ok=True)
+        except OSError as e:
+            logger.warning("cannot remove %s: %s", p, e)
+
+
+# ==================================================================== the app
 def create_app(pipe, media_dir: str | Path | None = None, seed: int | None = 0,
-               max_new_tokens: int | None = None) -> Starlette:
-    """The web app for ``pipe``. Uploads and generated media go under ``media_dir`` (default: a temp dir)."""
+               max_new_tokens: int | None = None, allowed_hosts: Sequence[str] = LOCAL_HOSTS,
+               limits: UploadLimits | None = None, max_sessions: int = 64) -> Starlette:
+    """The web app for ``pipe``. Uploads and generated media go under ``media_dir`` (default: a temp
+    dir). It answers only to ``allowed_hosts`` (``"*"``: any); ``limits`` caps uploads."""
     media_root = Path(media_dir) if media_dir is not None else Path(tempfile.mkdtemp(prefix="anymodal-ui-"))
     media_root.mkdir(parents=True, exist_ok=True)
-    store = SessionStore(pipe, media_root, seed=seed, max_new_tokens=max_new_tokens)
+    store = SessionStore(pipe, media_root, seed=seed, max_new_tokens=max_new_tokens, max_sessions=max_sessions)
+    limits = limits or UploadLimits()
     accepts = sorted(m.value for m in pipe.config.input_projectors)
 
     async def page(request: Request) -> Response:
-        return HTMLResponse(PAGE.replace("__ACCEPTS__", ",".join(accepts)))
+        return HTMLResponse(PAGE_HTML.replace("__ACCEPTS__", ",".join(accepts)))
+
+    async def script(request: Request) -> Response:
+        return Response(PAGE_JS, media_type="text/javascript")
+
+    async def style(request: Request) -> Response:
+        return Response(PAGE_CSS, media_type="text/css")
 
     async def new_session(request: Request) -> Response:
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > 4096:
+                return _error(413, "the body of POST /api/sessions is at most 4096 bytes (it takes no options)")
+        if body.strip():
+            try:
+                options = json.loads(body)
+            except (ValueError, UnicodeDecodeError) as e:
+                return _error(400, f"the body is not valid JSON: {e}")
+            if not isinstance(options, dict):
+                return _error(400, f"the body must be a JSON object, not {type(options).__name__}")
+            if options:
+                return _error(400, f"unknown option(s) {', '.join(sorted(map(repr, options)))[:200]}; "
+                                   "POST /api/sessions takes none")
         return JSONResponse({"id": store.create(), "accepts": accepts})
 
     async def history(request: Request) -> Response:
-        web = store.get(request.path_params["sid"])
-        if web is None:
-            return JSONResponse({"error": "no such session (the server may have restarted)"}, status_code=404)
-        return JSONResponse({"turns": [_turn_json(t, m) for t, m in zip(web.chat.turns, web.turn_media)]})
+        with store.use(request.path_params["sid"]) as web:
+            if web is None:
+                return _error(404, "no such session (the server may have restarted)")
+            # no web.lock here: a send holds it while the model runs, and this runs on the event loop
+            return JSONResponse({"turns": [_turn_json(t, m) for t, m in zip(web.chat.turns, web.turn_media)]})
 
     async def send(request: Request) -> Response:
         sid = request.path_params["sid"]
-        web = store.get(sid)
-        if web is None:
-            return JSONResponse({"error": "no such session (the server may have restarted)"}, status_code=404)
-        form = await request.form(max_files=32, max_fields=8)
-        text = form.get("text") or ""
-        if not isinstance(text, str):
-            return JSONResponse({"error": "'text' must be a form field, not a file"}, status_code=400)
+        with store.use(sid) as web:
+            if web is None:
+                return _error(404, "no such session (the server may have restarted)")
+            uploads: list[_Upload] = []
+            try:
+                return await _send(request, sid, web, uploads)
+            except HTTPRefusal as e:
+                return _error(e.status, _hide_paths(str(e), uploads, media_root))
+            except ClientDisconnect:
+                return _error(400, "the client went away during the upload")
+            finally:
+                if not all(up.path.name in web.files for up in uploads):  # refused: keep none of them
+                    _remove([up.path for up in uploads])
+
+    async def _send(request: Request, sid: str, web: _WebSession, uploads: list[_Upload]) -> Response:
         batch = uuid.uuid4().hex[:8]  # concurrent sends to one session must not share file names
-        uploads: dict[Modality, list[str]] = {}
-        user_media: list[dict[str, str]] = []
-        for kind, modality in _UPLOAD_KINDS.items():
-            for k, item in enumerate(form.getlist(kind)):
-                if not isinstance(item, UploadFile) or not item.filename:
-                    continue
-                data = await item.read()
-                if len(data) > MAX_UPLOAD_BYTES:
-                    return JSONResponse({"error": f"{item.filename}: larger than {MAX_UPLOAD_BYTES >> 20} MB"},
-                                        status_code=413)
-                suffix = Path(item.filename).suffix.lower()
-                suffix = suffix if _SUFFIX.match(suffix) else ""
-                path = web.directory / f"{batch}_user_{kind}_{k}{suffix}"
-                path.write_bytes(data)
-                uploads.setdefault(modality, []).append(str(path))
-                user_media.append(web.add_file(sid, path, "image" if kind == "video" and suffix == ".gif" else kind))
+        text = await _read_form(request, web.directory, batch, limits, uploads)
+        counts: dict[str, int] = {}
+        shown: list[str] = []
+        for up in uploads:
+            if _UPLOAD_KINDS[up.kind] not in pipe.config.input_projectors:
+                raise HTTPRefusal(400, f"this model takes no {up.kind} input (it takes {', '.join(accepts) or 'text only'})")
+            ext, show = await run_in_threadpool(_identify, up, limits)
+            final = web.directory / f"{batch}_user_{up.kind}_{counts.get(up.kind, 0)}.{ext}"
+            counts[up.kind] = counts.get(up.kind, 0) + 1
+            up.path.rename(final)
+            up.path = final
+            shown.append(show)
+        paths = {m: [str(up.path) for up in uploads if up.kind == k] for k, m in _UPLOAD_KINDS.items()}
 
         def generate() -> dict[str, Any]:
-            with store.generate_lock:
-                reply = web.chat.send(text, images=uploads.get(Modality.IMAGE), audios=uploads.get(Modality.AUDIO),
-                                      videos=uploads.get(Modality.VIDEO))
+            with web.lock, store.generate_lock:
+                reply = web.chat.send(text, images=paths[Modality.IMAGE] or None, audios=paths[Modality.AUDIO] or None,
+                                      videos=paths[Modality.VIDEO] or None)
+                user_media = [web.add_file(sid, up.path, show) for up, show in zip(uploads, shown)]
                 reply_media = _write_generated(web, sid, len(web.chat.turns), reply)
                 web.turn_media += [user_media, reply_media]
+                web.saved = False
                 try:
                     store.save(sid, web)
+                    web.saved = True
                 except OSError as e:  # the previous save stays whole; the conversation goes on in memory
                     logger.warning("cannot save session %s: %s", sid, e)
                 return {"user": _turn_json(web.chat.turns[-2], user_media), "reply": _turn_json(reply, reply_media)}
@@ -207,17 +600,26 @@ def create_app(pipe, media_dir: str | Path | None = None, seed: int | None = 0,
         try:
             return JSONResponse(await run_in_threadpool(generate))
         except (ValueError, TypeError, OSError) as e:  # MediaError is a ValueError
-            return JSONResponse({"error": str(e)}, status_code=400)
+            raise HTTPRefusal(400, str(e)) from None
 
     async def media(request: Request) -> Response:
-        web = store.get(request.path_params["sid"])
-        path = web.files.get(request.path_params["name"]) if web is not None else None
-        if path is None or not path.is_file():
-            return JSONResponse({"error": "not found"}, status_code=404)
-        return FileResponse(path)
+        name = request.path_params["name"]
+        with store.use(request.path_params["sid"]) as web:
+            path = web.files.get(name) if web is not None else None
+            if path is None or not path.is_file():
+                return _error(404, "not found")
+            ext = name.rsplit(".", 1)[-1].lower() if "." in name else ""
+            headers = {"Content-Security-Policy": MEDIA_CSP, "Cache-Control": "private, max-age=3600"}
+            if ext in MEDIA_TYPES:
+                return FileResponse(path, media_type=MEDIA_TYPES[ext], headers=headers, content_disposition_type="inline")
+            # a file of an older session, kept under the sender's extension: never rendered
+            return FileResponse(path, media_type="application/octet-stream", headers=headers, filename=name,
+                                content_disposition_type="attachment")
 
     routes = [
         Route("/", page),
+        Route("/static/page.js", script),
+        Route("/static/page.css", style),
         Route("/api/sessions", new_session, methods=["POST"]),
         Route("/api/sessions/{sid}", history),
         Route("/api/sessions/{sid}/send", send, methods=["POST"]),
@@ -225,16 +627,47 @@ def create_app(pipe, media_dir: str | Path | None = None, seed: int | None = 0,
     ]
     app = Starlette(routes=routes)
     app.state.store = store
+    app.state.limits = limits
+    app.add_middleware(_Guard, allowed_hosts=list(allowed_hosts))
     return app
 
 
+def _hide_paths(message: str, uploads: Sequence[_Upload], media_root: Path) -> str:
+    """``message`` with each upload's server-side path replaced by the sender's file name, and the
+    media directory cut from any other path under it."""
+    for up in uploads:
+        message = message.replace(str(up.path), up.filename)
+    for root in dict.fromkeys((str(media_root.resolve()), str(media_root))):
+        message = re.sub(re.escape(root) + r"/(?:[0-9a-f]{32}/)?", "", message)
+    return message
+
+
+def allowed_hosts_for(host: str, extra: Sequence[str] = ()) -> list[str]:
+    """The Host names a server bound to ``host`` answers to: the local names, ``host`` itself, and
+    ``extra``; bound to every interface (``0.0.0.0``, ``::``), also this machine's own names."""
+    hosts = list(LOCAL_HOSTS) + [host] + list(extra)
+    if host in ("0.0.0.0", "::", ""):
+        import socket
+
+        names = {socket.gethostname(), socket.getfqdn()}
+        for n in list(names):
+            try:
+                names |= {a[4][0] for a in socket.getaddrinfo(n, None)}
+            except OSError:
+                pass
+        hosts += sorted(names)
+    return list(dict.fromkeys(h for h in hosts if h))
+
+
 def serve(pipe, host: str = "127.0.0.1", port: int = 7860, seed: int | None = 0, media_dir: str | Path | None = None,
-          max_new_tokens: int | None = None) -> None:
+          max_new_tokens: int | None = None, allowed_hosts: Sequence[str] = ()) -> None:
     """Run the UI with uvicorn until interrupted."""
     import uvicorn
 
-    app = create_app(pipe, media_dir=media_dir, seed=seed, max_new_tokens=max_new_tokens)
-    if host not in ("127.0.0.1", "localhost", "::1"):
+    hosts = allowed_hosts_for(host, allowed_hosts)
+    app = create_app(pipe, media_dir=media_dir, seed=seed, max_new_tokens=max_new_tokens, allowed_hosts=hosts)
+    if host not in LOCAL_HOSTS:
         logger.warning("serving on %s: anyone who can reach this address can use the model", host)
-    print(f"anymodal UI on http://{'[' + host + ']' if ':' in host else host}:{port}/ (Ctrl-C to stop)")
+    print(f"anymodal UI on http://{'[' + host + ']' if ':' in host else host}:{port}/ (Ctrl-C to stop); "
+          f"it answers to the host names {', '.join(hosts)}")
     uvicorn.run(app, host=host, port=port, log_level="warning")
