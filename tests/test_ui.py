@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import socket
 import threading
 import time
 from pathlib import Path
@@ -23,6 +22,8 @@ pytest.importorskip("starlette", reason="the web UI needs starlette (pip install
 pytest.importorskip("uvicorn", reason="the web UI needs uvicorn (pip install 'anymodal[ui]')")
 
 from _taught import taught_pipeline  # noqa: E402
+from _uiclient import (blank_png, files_under, multipart, new_session, png_bytes, request, serving,  # noqa: E402
+                       wav_bytes)
 
 
 @pytest.fixture(scope="module")
@@ -36,40 +37,7 @@ def server(pipe, tmp_path_factory):
     yield from _serving(pipe, tmp_path_factory.mktemp("ui-media"))
 
 
-def _serving(pipe, media_dir: Path, **options):
-    import uvicorn
-
-    from anymodal.ui import create_app
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    app = create_app(pipe, media_dir=media_dir, seed=0, **options)
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started:
-        if time.time() > deadline or not thread.is_alive():
-            pytest.fail("the UI server did not start")
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(timeout=10)
-
-
-def png_bytes() -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(np.full((12, 12, 3), 200, np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def wav_bytes() -> bytes:
-    import soundfile as sf
-
-    buf = io.BytesIO()
-    sf.write(buf, np.sin(np.linspace(0, 400, 8000)).astype(np.float32) * 0.1, 16000, format="WAV")
-    return buf.getvalue()
+_serving = serving
 
 
 # ---------------------------------------------------------------- HTTP API (no browser)
@@ -173,6 +141,319 @@ def test_a_restarted_server_carries_on_its_sessions(pipe, tmp_path):
         assert _get(f"{url}/api/sessions/{bad}")[0] == 404
     assert _get(f"{url}/media/{sid}/{'web.json'}")[0] == 404  # only the session's media are served
     next(second, None)
+
+
+# ---------------------------------------------------------------- hostile uploads (issue 16)
+def _leftovers(media_dir: Path, sid: str) -> list[str]:
+    """The session's files other than what its turns keep (saved session, web.json, served media)."""
+    import json
+
+    d = media_dir / sid
+    kept = set(json.loads((d / "web.json").read_text())["files"]) if (d / "web.json").exists() else set()
+    return [f for f in files_under(d) if not f.startswith("session/") and f != "web.json" and f not in kept]
+
+
+@pytest.fixture
+def fresh(pipe, tmp_path):
+    """A server of its own on an empty media directory: (base URL, media directory)."""
+    media_dir = tmp_path / "media"
+    gen = serving(pipe, media_dir)
+    yield next(gen), media_dir
+    next(gen, None)
+
+
+def test_active_content_is_never_kept_or_served(pipe, fresh):
+    url, media_dir = fresh
+    sid = new_session(url)
+    html = b"<html><script>document.title='pwned'</script></html>"
+    svg = b"<svg xmlns='http://www.w3.org/2000/svg'><script>alert(1)</script></svg>"
+    for name, data, ctype in (("evil.html", html, "text/html"), ("evil.svg", svg, "image/svg+xml"),
+                              ("evil.png", html, "image/png")):
+        body, headers = multipart([("text", None, b"hello"), ("image", name, data, ctype)])
+        r = request(url, "POST", f"/api/sessions/{sid}/send", body, headers)
+        assert r.status == 415 and r.error == f"cannot read image '{name}': not an image file PIL can read", r
+        assert str(media_dir) not in r.error and "/media/" not in r.error  # the 400 names no server file
+        assert _leftovers(media_dir, sid) == [], f"{name} was kept"
+
+    # a PNG with HTML appended, named .html: an image, stored and served as a PNG that runs nothing
+    polyglot = png_bytes() + html
+    body, headers = multipart([("text", None, b"hello"), ("image", "evil.html", polyglot, "text/html")])
+    r = request(url, "POST", f"/api/sessions/{sid}/send", body, headers)
+    assert r.status == 200, r
+    (item,) = r.json()["user"]["media"]
+    assert item["url"].endswith(".png") and "evil" not in item["url"]
+    m = request(url, "GET", item["url"])
+    assert m.status == 200 and m.body == polyglot
+    assert m.headers["content-type"] == "image/png"
+    assert m.headers["x-content-type-options"] == "nosniff"
+    assert "sandbox" in m.headers["content-security-policy"] and "default-src 'none'" in m.headers["content-security-policy"]
+    assert m.headers["cross-origin-resource-policy"] == "same-origin"
+
+    # the page runs no inline script, under a CSP that forbids it
+    page = request(url, "GET", "/")
+    csp = page.headers["content-security-policy"]
+    assert "script-src 'self'" in csp and "unsafe-inline" not in csp and "default-src 'none'" in csp
+    assert b"<script>" not in page.body and b"<style>" not in page.body
+    js = request(url, "GET", "/static/page.js")
+    assert js.status == 200 and js.headers["content-type"].startswith("text/javascript")
+
+    # a file of an older server kept under its sender's extension is only ever a download
+    import json
+
+    (media_dir / sid / "abc_user_image_0.html").write_bytes(html)
+    web_json = media_dir / sid / "web.json"
+    state = json.loads(web_json.read_text())
+    state["files"].append("abc_user_image_0.html")
+    web_json.write_text(json.dumps(state))
+    gen = serving(pipe, media_dir)  # this server has the session in memory: a second one reads it from disk
+    url2 = next(gen)
+    try:
+        d = request(url2, "GET", f"/media/{sid}/abc_user_image_0.html")
+        assert d.status == 200 and d.headers["content-type"] == "application/octet-stream"
+        assert d.headers["content-disposition"].startswith("attachment")
+    finally:
+        next(gen, None)
+
+
+def test_each_kind_is_decoded_and_stored_by_what_it_is(fresh, tmp_path):
+    import imageio.v3 as iio
+
+    url, media_dir = fresh
+    sid = new_session(url)
+    frames = np.zeros((4, 16, 16, 3), np.uint8)
+    iio.imwrite(tmp_path / "v.webm", frames, extension=".webm", codec="libvpx", fps=4, macro_block_size=1)
+    gif = io.BytesIO()
+    Image.new("RGB", (16, 16)).save(gif, format="GIF", save_all=True, append_images=[Image.new("RGB", (16, 16), "red")])
+    jpg = io.BytesIO()
+    Image.new("RGB", (16, 16)).save(jpg, format="JPEG")
+    body, headers = multipart([("text", None, b"hello"), ("image", "photo.gif", jpg.getvalue()),
+                               ("audio", "a.mp3", wav_bytes()), ("video", "clip.mp4", (tmp_path / "v.webm").read_bytes()),
+                               ("video", "anim.bin", gif.getvalue())])
+    r = request(url, "POST", f"/api/sessions/{sid}/send", body, headers)
+    assert r.status == 200, r
+    urls = [(m["kind"], m["url"].rsplit(".", 1)[-1]) for m in r.json()["user"]["media"]]
+    assert urls == [("image", "jpg"), ("audio", "wav"), ("video", "webm"), ("video", "gif")]
+    types = [request(url, "GET", m["url"]).headers["content-type"] for m in r.json()["user"]["media"]]
+    assert types == ["image/jpeg", "audio/wav", "video/webm", "image/gif"]
+    # a TIFF decodes, but no browser shows it: refused, saying what is accepted
+    tif = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(tif, format="TIFF")
+    body, headers = multipart([("image", "scan.tif", tif.getvalue())])
+    r = request(url, "POST", f"/api/sessions/{sid}/send", body, headers)
+    assert r.status == 415 and r.error == "image 'scan.tif' is TIFF; send PNG, JPEG, GIF, WebP or BMP"
+    assert _leftovers(media_dir, sid) == []
+
+
+def test_upload_limits_are_hard_and_leave_nothing_behind(pipe, tmp_path):
+    from anymodal.ui.server import UploadLimits
+
+    media_dir = tmp_path / "media"
+    gen = serving(pipe, media_dir, limits=UploadLimits(file_bytes=100_000, request_bytes=250_000, files=3))
+    url = next(gen)
+    try:
+        sid = new_session(url)
+        noise = np.random.default_rng(0).integers(0, 255, (200, 200, 3), np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(noise).save(buf, format="PNG")  # ~120 KB: over the per-file cap
+        big = buf.getvalue()
+        assert len(big) > 100_000
+        cases = [
+            ([("image", "big.png", big)], 413, "big.png: larger than 100,000 bytes"),
+            # three files each under the cap, together over the request cap (the 5 x 45 MB of the issue)
+            ([("image", f"p{k}.png", png_bytes() + b"\0" * 90_000) for k in range(3)], 413,
+             "the request is larger than 250,000 bytes"),
+            ([("image", f"p{k}.png", png_bytes()) for k in range(4)], 413, "more than 3 files in one message"),
+            ([("text", None, b"x" * 70_000)], 413, "the text is longer than 65,536 bytes"),
+        ]
+        for parts, status, message in cases:
+            body, headers = multipart(parts)
+            r = request(url, "POST", f"/api/sessions/{sid}/send", body, headers, chunked=True)  # no length: streamed
+            assert r.status == status and r.error.startswith(message), r
+            assert files_under(media_dir / sid) == [], "a refused request left files"
+        r = request(url, "POST", f"/api/sessions/{sid}/send", *multipart(cases[1][0]))  # its length is over the cap
+        assert r.status == 413 and r.error.startswith("the request is 270,"), r
+        # a declared length over the cap is refused before a byte of the body is read
+        r = request(url, "POST", f"/api/sessions/{sid}/send", b"", {**headers, "Content-Length": str(10 ** 12)})
+        assert r.status == 413 and "1,000,000,000,000 bytes" in r.error
+        assert files_under(media_dir / sid) == []
+    finally:
+        next(gen, None)
+
+
+def test_an_oversized_upload_is_never_held_in_memory(fresh):
+    """60 MB in one file against the default 50 MB cap: refused while streaming, memory flat."""
+    import tracemalloc
+
+    url, media_dir = fresh
+    sid = new_session(url)
+    body, headers = multipart([("image", "huge.png", png_bytes() + bytes(60 * 2 ** 20))])
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        r = request(url, "POST", f"/api/sessions/{sid}/send", body, headers)
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    assert r.status == 413 and r.error.startswith("huge.png: larger than 52,428,800 bytes (50 MB)"), r
+    # the test itself holds the 60 MB body once; the server must add no copy of it
+    assert peak < len(body) + 16 * 2 ** 20, f"peak {peak / 2 ** 20:.0f} MiB"
+    assert files_under(media_dir / sid) == []
+
+
+@pytest.mark.parametrize("size, message", [
+    ((20000, 20000), "pixels allowed (a decompression bomb"),
+    ((1, 50000), "its aspect ratio 1 x 50000 is more extreme than 20:1"),
+])
+def test_bombs_and_strips_get_a_clear_400(fresh, size, message):
+    import time as _time
+
+    url, media_dir = fresh
+    sid = new_session(url)
+    body, headers = multipart([("text", None, b"hello"), ("image", "tiny.png", blank_png(*size))])
+    start = _time.perf_counter()
+    r = request(url, "POST", f"/api/sessions/{sid}/send", body, headers)
+    assert r.status == 400 and r.error.startswith("cannot read image 'tiny.png'") and message in r.error, r
+    assert _time.perf_counter() - start < 5
+    assert files_under(media_dir / sid) == []
+
+
+def test_only_the_configured_hosts_and_same_origin_posts_are_answered(server):
+    port = server.rsplit(":", 1)[1]
+    for host in ("evil.example", f"evil.example:{port}", "127.0.0.2", "localhost.evil.example"):
+        r = request(server, "GET", "/", host=host)
+        assert r.status == 400 and r.error.startswith(f"this server does not answer to the host {host!r}"), r
+        assert request(server, "POST", "/api/sessions", host=host).status == 400
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}"):
+        assert request(server, "GET", "/", host=host).status == 200
+    for origin in ("http://evil.example", "null", f"http://localhost.evil.example:{port}", f"http://127.0.0.1:{int(port) + 1}"):
+        r = request(server, "POST", "/api/sessions", headers={"Origin": origin})
+        assert r.status == 403 and r.error == f"cross-origin request refused: Origin {origin!r} is not this server", r
+    r = request(server, "POST", "/api/sessions", headers={"Sec-Fetch-Site": "cross-site"})
+    assert r.status == 403 and "cross-site" in r.error
+    assert request(server, "POST", "/api/sessions", headers={"Origin": server}).status == 200
+    assert request(server, "POST", "/api/sessions").status == 200  # no Origin: not a browser's cross-site post
+
+
+def test_allowed_hosts_of_a_server_bound_to_every_interface():
+    from anymodal.ui.server import allowed_hosts_for
+
+    assert allowed_hosts_for("127.0.0.1") == ["127.0.0.1", "localhost", "::1"]
+    assert allowed_hosts_for("192.168.1.5", ["box.lan"]) == ["127.0.0.1", "localhost", "::1", "192.168.1.5", "box.lan"]
+    import socket
+
+    assert socket.gethostname() in allowed_hosts_for("0.0.0.0")
+
+
+def test_a_busy_session_is_never_unloaded_and_no_turn_is_lost(pipe, tmp_path, monkeypatch):
+    """Session A's send waits in the model while 65 new sessions would push A out of memory, and A's
+    next send comes in meanwhile: both exchanges must survive, in memory and on disk."""
+    media_dir = tmp_path / "media"
+    gen = serving(pipe, media_dir)
+    url = next(gen)
+    try:
+        a = new_session(url)
+        body, headers = multipart([("text", None, b"hello")])
+        assert request(url, "POST", f"/api/sessions/{a}/send", body, headers).status == 200
+
+        entered, release = threading.Event(), threading.Event()
+        real = pipe.generate
+
+        def slow_generate(*args, **kwargs):
+            if not entered.is_set():
+                entered.set()
+                assert release.wait(60)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(pipe, "generate", slow_generate)
+        results: dict[str, int] = {}
+
+        def send(key, text):
+            b, h = multipart([("text", None, text)])
+            results[key] = request(url, "POST", f"/api/sessions/{a}/send", b, h).status
+
+        first = threading.Thread(target=send, args=("first", b"draw a cat"))
+        first.start()
+        assert entered.wait(30)
+        for _ in range(65):
+            new_session(url)
+        second = threading.Thread(target=send, args=("second", b"play a tone"))
+        second.start()
+        time.sleep(1.0)  # the second send is in: it has found A (in memory, or a stale copy from disk)
+        release.set()
+        first.join(60)
+        second.join(60)
+        assert results == {"first": 200, "second": 200}
+        turns = request(url, "GET", f"/api/sessions/{a}").json()["turns"]
+        assert [t["text"] for t in turns if t["role"] == "user"] == ["hello", "draw a cat", "play a tone"]
+    finally:
+        next(gen, None)
+    monkeypatch.undo()
+    gen = serving(pipe, media_dir)  # and on disk: a restarted server has all three exchanges
+    url = next(gen)
+    try:
+        turns = request(url, "GET", f"/api/sessions/{a}").json()["turns"]
+        assert [t["text"] for t in turns if t["role"] == "user"] == ["hello", "draw a cat", "play a tone"]
+    finally:
+        next(gen, None)
+
+
+def test_a_save_never_overwrites_newer_turns_on_disk(pipe, tmp_path):
+    from anymodal.ui.server import SessionConflict, SessionStore
+
+    store = SessionStore(pipe, tmp_path)
+    sid = store.create()
+    with store.use(sid) as web:
+        web.chat.send("hello")
+        web.turn_media += [[], []]
+        store.save(sid, web)
+    stale = store._load(sid)
+    with store.use(sid) as web:
+        web.chat.send("hello")
+        web.turn_media += [[], []]
+        store.save(sid, web)
+    with pytest.raises(SessionConflict, match="on disk has 4 turns, newer than this copy's 2"):
+        store.save(sid, stale)
+    assert len(store._load(sid).chat.turns) == 4
+
+
+def test_a_session_cut_mid_swap_is_found_again(pipe, tmp_path):
+    """The crash state of the issue: ``.session.old-PID`` and a ``.tmp``, no ``session/``."""
+    import os
+    import subprocess
+    import sys
+
+    media_dir = tmp_path / "media"
+    gen = serving(pipe, media_dir)
+    url = next(gen)
+    sid = new_session(url)
+    body, headers = multipart([("text", None, b"hello")])
+    assert request(url, "POST", f"/api/sessions/{sid}/send", body, headers).status == 200
+    next(gen, None)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    d = media_dir / sid
+    os.replace(d / "session", d / f".session.old-{dead.pid}")
+    (d / ".session.k3j2.tmp").mkdir()
+    (d / ".session.k3j2.tmp" / "session.json").write_text("{half")
+    gen = serving(pipe, media_dir)
+    url = next(gen)
+    try:
+        r = request(url, "GET", f"/api/sessions/{sid}")
+        assert r.status == 200 and [t["text"] for t in r.json()["turns"]][0] == "hello", r
+        assert sorted(p.name for p in d.iterdir() if p.name.startswith(".")) == []
+    finally:
+        next(gen, None)
+
+
+def test_errors_name_the_senders_file_never_the_servers_path(fresh):
+    url, media_dir = fresh
+    sid = new_session(url)
+    # a float WAV holding NaN: libsndfile reads it, the encoder refuses it naming the file it read
+    wave = np.full(1600, np.nan, np.float32)
+    body, headers = multipart([("text", None, b"hello"), ("audio", "../../my voice.wav", wav_bytes(wave, "FLOAT"))])
+    r = request(url, "POST", f"/api/sessions/{sid}/send", body, headers)
+    assert r.status == 400 and r.error == "cannot read audio 'my voice.wav': the waveform holds NaN or infinite values", r
+    assert files_under(media_dir / sid) == []
 
 
 def test_serve_binds_to_loopback_by_default():
