@@ -546,3 +546,37 @@ def test_browser_chat_shows_generated_image_and_playable_audio(browser, server, 
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".turn")) == 4)
     if os.environ.get("ANYMODAL_UI_SCREENSHOT"):
         browser.save_screenshot(os.environ["ANYMODAL_UI_SCREENSHOT"])
+
+
+@pytest.mark.browser
+def test_browser_the_newest_medium_is_in_view_after_every_turn(browser, fresh, tmp_path):
+    """page.js used to scroll before an image had loaded (no height yet): from turn 3 on, the new
+    medium landed under the input box. After each turn, the newest medium must be fully visible,
+    above the composer."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, _ = fresh
+    wait = WebDriverWait(browser, 60)
+    browser.get(url + "/")
+    wait.until(lambda d: d.execute_script("return sessionStorage.getItem('anymodal-session')"))
+    prompts = ["draw a cat", "show and play", "draw a cat", "show and play", "draw a cat"]
+    for n, prompt in enumerate(prompts, 1):
+        browser.find_element(By.ID, "text").send_keys(prompt)
+        browser.find_element(By.ID, "send").click()
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".turn")) == 2 * n)
+        media = browser.find_elements(By.CSS_SELECTOR, ".turn.assistant img, .turn.assistant audio")
+        newest = media[-1]
+        wait.until(lambda d: d.execute_script(
+            "const el = arguments[0]; return el.tagName === 'IMG' ? el.complete && el.naturalWidth > 0 "
+            ": el.readyState >= 1", newest))
+        # the scroll that follows the load event: give it a frame to land
+        wait.until(lambda d: d.execute_script(
+            "const r = arguments[0].getBoundingClientRect();"
+            "const top = document.getElementById('composer').getBoundingClientRect().top;"
+            "return r.height > 0 && r.top >= 0 && r.bottom <= top", newest),
+            message=f"turn {n}: the newest medium is not fully visible above the input box: " + str(browser.execute_script(
+                "return [arguments[0].getBoundingClientRect().toJSON(),"
+                " document.getElementById('composer').getBoundingClientRect().toJSON(), window.innerHeight]", newest)))
+        if n == 4:
+            browser.save_screenshot(str(os.environ.get("ANYMODAL_UI_SCROLL_SCREENSHOT", tmp_path / "turn4.png")))
