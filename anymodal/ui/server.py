@@ -625,7 +625,13 @@ def create_app(pipe, media_dir: str | Path | None = None, seed: int | None = 0,
         Route("/api/sessions/{sid}/send", send, methods=["POST"]),
         Route("/media/{sid}/{name}", media),
     ]
-    app = Starlette(routes=routes)
+    async def no_route(request: Request, exc: Exception) -> Response:
+        status = getattr(exc, "status_code", 404)
+        if status == 405:
+            return _error(405, f"{request.method} is not allowed on {request.url.path[:100]}")
+        return _error(status, "not found")
+
+    app = Starlette(routes=routes, exception_handlers={404: no_route, 405: no_route})
     app.state.store = store
     app.state.limits = limits
     app.add_middleware(_Guard, allowed_hosts=list(allowed_hosts))
