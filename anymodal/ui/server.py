@@ -211,6 +211,19 @@ class SessionStore:
                 logger.info("unloading the least recently used session %s (it stays on disk)", sid)
 
     @contextlib.contextmanager
+    def pinned(self, web: _WebSession) -> Iterator[None]:
+        """Keep ``web`` in memory for the block, also when the request that holds it has gone (the
+        model's thread goes on after a client disconnects)."""
+        with self._lock:
+            web.users += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                web.users -= 1
+                self._trim()
+
+    @contextlib.contextmanager
     def use(self, sid: str) -> Iterator[_WebSession | None]:
         """The session ``sid`` (from memory, else from its directory; ``None`` if it has none), kept in
         memory until the block ends."""
@@ -583,7 +596,7 @@ def create_app(pipe, media_dir: str | Path | None = None, seed: int | None = 0,
         paths = {m: [str(up.path) for up in uploads if up.kind == k] for k, m in _UPLOAD_KINDS.items()}
 
         def generate() -> dict[str, Any]:
-            with web.lock, store.generate_lock:
+            with store.pinned(web), web.lock, store.generate_lock:
                 reply = web.chat.send(text, images=paths[Modality.IMAGE] or None, audios=paths[Modality.AUDIO] or None,
                                       videos=paths[Modality.VIDEO] or None)
                 user_media = [web.add_file(sid, up.path, show) for up, show in zip(uploads, shown)]
