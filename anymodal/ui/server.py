@@ -36,6 +36,7 @@ import contextlib
 import json
 import logging
 import re
+import shutil
 import tempfile
 import threading
 import unicodedata
@@ -229,7 +230,7 @@ class SessionStore:
         memory until the block ends."""
         with self._lock:
             web = self.sessions.get(sid)
-            if web is None and _SESSION_ID.match(sid) and (self.media_dir / sid / WEB_FILE).is_file():
+            if web is None and _SESSION_ID.fullmatch(sid) and (self.media_dir / sid / WEB_FILE).is_file():
                 try:  # under the lock: two requests loading one session must share one copy
                     web = self._load(sid)
                 except (OSError, ValueError, KeyError, TypeError) as e:
@@ -267,13 +268,11 @@ class SessionStore:
         chat = ChatSession.load(directory / "session", self.pipe)  # recovers a swap a crash cut short
         for tmp in directory.glob(".session.*.tmp"):  # a save a crash cut short: not in use, since not loaded
             if tmp.is_dir():
-                import shutil
-
                 shutil.rmtree(tmp, ignore_errors=True)
         turn_media = [list(m) for m in state["turn_media"]][: len(chat.turns)]
         turn_media += [[] for _ in range(len(chat.turns) - len(turn_media))]  # a save cut between the two files
         files = {name: directory / name for name in state["files"]
-                 if isinstance(name, str) and _SAFE_NAME.match(name) and (directory / name).is_file()}
+                 if isinstance(name, str) and _SAFE_NAME.fullmatch(name) and (directory / name).is_file()}
         return _WebSession(chat, directory, files, turn_media)
 
 
