@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +83,8 @@ def open_image_checked(source: str | os.PathLike | bytes, max_pixels: int = MAX_
         raise MediaError(f"cannot read image {name}: not an image file PIL can read") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise MediaError(f"cannot read image {name}: {e}") from None
+    except (IndexError, KeyError, TypeError, ZeroDivisionError, struct.error) as e:  # PIL decoders on crafted files
+        raise MediaError(f"cannot read image {name}: a damaged or crafted file ({type(e).__name__}: {e})") from None
 
 
 @dataclass
