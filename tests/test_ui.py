@@ -479,7 +479,9 @@ def test_serve_binds_to_loopback_by_default():
     from anymodal.cli import build_parser
 
     args = build_parser().parse_args(["serve", "--config", "tiny"])
-    assert (args.host, args.port) == ("127.0.0.1", 7860)
+    assert (args.host, args.port, args.allowed_host) == ("127.0.0.1", 7860, [])
+    args = build_parser().parse_args(["serve", "--config", "tiny", "--allowed-host", "box.lan", "--allowed-host", "x"])
+    assert args.allowed_host == ["box.lan", "x"]
 
 
 # ---------------------------------------------------------------- the browser
