@@ -273,13 +273,13 @@ def test_upload_limits_are_hard_and_leave_nothing_behind(pipe, tmp_path):
             body, headers = multipart(parts)
             r = request(url, "POST", f"/api/sessions/{sid}/send", body, headers, chunked=True)  # no length: streamed
             assert r.status == status and r.error.startswith(message), r
-            assert files_under(media_dir / sid) == [], "a refused request left files"
+            assert _leftovers(media_dir, sid) == [], "a refused request left files"
         r = request(url, "POST", f"/api/sessions/{sid}/send", *multipart(cases[1][0]))  # its length is over the cap
         assert r.status == 413 and r.error.startswith("the request is 270,"), r
         # a declared length over the cap is refused before a byte of the body is read
         r = request(url, "POST", f"/api/sessions/{sid}/send", b"", {**headers, "Content-Length": str(10 ** 12)})
         assert r.status == 413 and "1,000,000,000,000 bytes" in r.error
-        assert files_under(media_dir / sid) == []
+        assert _leftovers(media_dir, sid) == []
         # an upload that stalls half way is dropped after the idle timeout, and its part file with it
         body, headers = multipart([("text", None, b"hi"), ("image", "slow.png", png_bytes())])
         with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=30) as conn:
@@ -294,7 +294,7 @@ def test_upload_limits_are_hard_and_leave_nothing_behind(pipe, tmp_path):
                 answer += chunk
             answer = answer.decode()
         assert answer.startswith("HTTP/1.1 408") and "the upload sent nothing for 1 s" in answer, answer
-        assert files_under(media_dir / sid) == []
+        assert _leftovers(media_dir, sid) == []
     finally:
         next(gen, None)
 
@@ -316,7 +316,7 @@ def test_an_oversized_upload_is_never_held_in_memory(fresh):
     assert r.status == 413 and r.error.startswith("huge.png: larger than 52,428,800 bytes (50 MB)"), r
     # the body was made before tracing began: what is traced is the server's (the old server: 60 MB)
     assert peak < 16 * 2 ** 20, f"peak {peak / 2 ** 20:.0f} MiB"
-    assert files_under(media_dir / sid) == []
+    assert _leftovers(media_dir, sid) == []
 
 
 @pytest.mark.parametrize("size, message", [
@@ -333,7 +333,7 @@ def test_bombs_and_strips_get_a_clear_400(fresh, size, message):
     r = request(url, "POST", f"/api/sessions/{sid}/send", body, headers)
     assert r.status == 400 and r.error.startswith("cannot read image 'tiny.png'") and message in r.error, r
     assert _time.perf_counter() - start < 5
-    assert files_under(media_dir / sid) == []
+    assert _leftovers(media_dir, sid) == []
 
 
 def test_only_the_configured_hosts_and_same_origin_posts_are_answered(server):
@@ -416,6 +416,22 @@ def test_a_busy_session_is_never_unloaded_and_no_turn_is_lost(pipe, tmp_path, mo
         next(gen, None)
 
 
+def test_a_new_session_unloaded_before_its_first_turn_is_found_again(pipe, tmp_path):
+    from anymodal.ui.server import SessionStore
+
+    store = SessionStore(pipe, tmp_path, max_sessions=2)
+    first = store.create()
+    for _ in range(3):
+        store.create()
+    assert first not in store.sessions
+    with store.use(first) as web:
+        assert web is not None and web.chat.turns == []
+        web.chat.send("hello")
+        web.turn_media += [[], []]
+        store.save(first, web)
+    assert len(store._load(first).chat.turns) == 2
+
+
 def test_a_save_never_overwrites_newer_turns_on_disk(pipe, tmp_path):
     from anymodal.ui.server import SessionConflict, SessionStore
 
@@ -472,7 +488,7 @@ def test_errors_name_the_senders_file_never_the_servers_path(fresh):
     body, headers = multipart([("text", None, b"hello"), ("audio", "../../my voice.wav", wav_bytes(wave, "FLOAT"))])
     r = request(url, "POST", f"/api/sessions/{sid}/send", body, headers)
     assert r.status == 400 and r.error == "cannot read audio 'my voice.wav': the waveform holds NaN or infinite values", r
-    assert files_under(media_dir / sid) == []
+    assert _leftovers(media_dir, sid) == []
 
 
 def test_serve_binds_to_loopback_by_default():

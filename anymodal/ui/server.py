@@ -195,7 +195,8 @@ class SessionStore:
         sid = uuid.uuid4().hex
         directory = self.media_dir / sid
         directory.mkdir(parents=True)
-        web = _WebSession(ChatSession(self.pipe, seed=self.seed, max_new_tokens=self.max_new_tokens), directory)
+        web = _WebSession(self._new_chat(), directory)
+        self._write_web(web)  # so that it can be unloaded and found again before its first turn
         with self._lock:
             self.sessions[sid] = web
             self._trim()
@@ -259,16 +260,26 @@ class SessionStore:
             raise SessionConflict(f"session {sid} on disk has {on_disk} turns, newer than this copy's "
                                   f"{len(web.chat.turns)}; not overwritten")
         web.chat.save(web.directory / "session")
+        self._write_web(web)
+
+    def _new_chat(self) -> ChatSession:
+        return ChatSession(self.pipe, seed=self.seed, max_new_tokens=self.max_new_tokens)
+
+    @staticmethod
+    def _write_web(web: _WebSession) -> None:
         atomic_write_text(web.directory / WEB_FILE, json.dumps(
             {"turns": len(web.chat.turns), "turn_media": web.turn_media, "files": sorted(web.files)}, indent=1) + "\n")
 
     def _load(self, sid: str) -> _WebSession:
         directory = self.media_dir / sid
         state = json.loads((directory / WEB_FILE).read_text())
-        chat = ChatSession.load(directory / "session", self.pipe)  # recovers a swap a crash cut short
         for tmp in directory.glob(".session.*.tmp"):  # a save a crash cut short: not in use, since not loaded
             if tmp.is_dir():
                 shutil.rmtree(tmp, ignore_errors=True)
+        if state.get("turns") == 0 and not (directory / "session").exists() \
+                and not any(directory.glob(".session.old-*")):  # created, and never saved a turn
+            return _WebSession(self._new_chat(), directory)
+        chat = ChatSession.load(directory / "session", self.pipe)  # recovers a swap a crash cut short
         turn_media = [list(m) for m in state["turn_media"]][: len(chat.turns)]
         turn_media += [[] for _ in range(len(chat.turns) - len(turn_media))]  # a save cut between the two files
         files = {name: directory / name for name in state["files"]
