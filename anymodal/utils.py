@@ -6,6 +6,8 @@ import contextlib
 import os
 import shutil
 import tempfile
+import threading
+import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -55,8 +57,19 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
-def _old_copies(directory: Path) -> list[Path]:
-    return [p for p in directory.parent.glob(f".{directory.name}.old-*") if p.is_dir()]
+_SWAPPING: set[Path] = set()  # old copies this process's threads are swapping now: not for recovery
+_SWAPPING_LOCK = threading.Lock()
+
+
+def _old_copies(directory: Path) -> list[tuple[Path, int]]:
+    """The ``.<name>.old-<pid>-<token>`` siblings of ``directory`` and their pids."""
+    prefix = f".{directory.name}.old-"
+    found = []
+    for p in directory.parent.glob(prefix + "*"):
+        pid = p.name[len(prefix):].split("-", 1)[0]
+        if p.is_dir() and pid.isdigit():
+            found.append((p, int(pid)))
+    return found
 
 
 def _pid_alive(pid: int) -> bool:
@@ -72,20 +85,24 @@ def _pid_alive(pid: int) -> bool:
 def swap_dir_into_place(tmp: str | os.PathLike, directory: str | os.PathLike) -> None:
     """Replace ``directory`` with the finished directory ``tmp`` (a sibling of it).
 
-    The old directory is moved aside to ``.<name>.old-<pid>`` and removed only after the new one is
-    in place, so a crash never leaves the destination half-written. A crash between the two renames
-    leaves no ``directory`` but an intact old copy: :func:`recover_swapped_dir` (which readers call
-    before reading, and which runs here first) puts it back.
+    The old directory is moved aside to ``.<name>.old-<pid>-<token>`` and removed only after the new
+    one is in place, so a crash never leaves the destination half-written. A crash between the two
+    renames leaves no ``directory`` but an intact old copy: :func:`recover_swapped_dir` (which
+    readers call before reading, and which runs here first) puts it back.
     """
     tmp, directory = Path(tmp), Path(directory)
     recover_swapped_dir(directory)
     if directory.exists():
-        old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-        if old.exists():  # left by an earlier crash of a process that had our pid
+        old = directory.with_name(f".{directory.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        with _SWAPPING_LOCK:
+            _SWAPPING.add(old)
+        try:
+            os.replace(directory, old)
+            os.replace(tmp, directory)
             shutil.rmtree(old)
-        os.replace(directory, old)
-        os.replace(tmp, directory)
-        shutil.rmtree(old)
+        finally:
+            with _SWAPPING_LOCK:
+                _SWAPPING.discard(old)
     else:
         os.replace(tmp, directory)
 
@@ -93,19 +110,18 @@ def swap_dir_into_place(tmp: str | os.PathLike, directory: str | os.PathLike) ->
 def recover_swapped_dir(directory: str | os.PathLike) -> bool:
     """Undo a :func:`swap_dir_into_place` that a crash cut between its two renames; True if it did.
 
-    Such a crash leaves ``.<name>.old-<pid>`` (the previous, complete directory) and no ``directory``;
-    the old copy is renamed back (the newest, if several). A new directory that had not been renamed
-    in yet is never trusted: its writer may have died while filling it, and the caller's own temp
-    clean-up owns it. When ``directory`` exists, old copies that a crash left after the second rename
-    are removed. Copies of a process that is still running are left alone: it is mid-swap.
+    Such a crash leaves ``.<name>.old-<pid>-<token>`` (the previous, complete directory) and no
+    ``directory``; the old copy is renamed back (the newest, if several). A new directory that had not
+    been renamed in yet is never trusted: its writer may have died while filling it, and the caller's
+    own temp clean-up owns it. When ``directory`` exists, old copies that a crash left after the
+    second rename are removed. Copies that a running process (or a thread of this one) is swapping
+    are left alone.
     """
     directory = Path(directory)
-    olds = []
-    for p in _old_copies(directory):
-        pid = p.name.rsplit("-", 1)[-1]
-        if not pid.isdigit() or (int(pid) != os.getpid() and _pid_alive(int(pid))):
-            continue
-        olds.append(p)
+    with _SWAPPING_LOCK:
+        busy = set(_SWAPPING)
+    olds = [p for p, pid in _old_copies(directory)
+            if p not in busy and (pid == os.getpid() or not _pid_alive(pid))]
     if directory.exists():
         for p in olds:
             shutil.rmtree(p, ignore_errors=True)

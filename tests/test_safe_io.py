@@ -155,3 +155,31 @@ def test_leftover_old_copies_beside_a_whole_directory_are_removed(tmp_path):
     _make(tmp_path / f".d.old-{dead.pid}", "stale")  # a crash after the second rename
     assert recover_swapped_dir(tmp_path / "d") is False
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+
+
+def test_recovery_leaves_a_swap_in_flight_in_this_process_alone(tmp_path):
+    """A reader's recovery racing a writer thread's swaps must never take the writer's old copy."""
+    import threading
+
+    target = _make(tmp_path / "d", "0")
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def writer():
+        try:
+            for k in range(1, 150):
+                new = _make(tmp_path / f".d.{k}.tmp", str(k))
+                swap_dir_into_place(new, target)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    while not done.is_set():
+        recover_swapped_dir(target)
+    thread.join()
+    assert errors == []
+    assert (target / "f.txt").read_text() == "149"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
