@@ -57,8 +57,11 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
-_SWAPPING: set[Path] = set()  # old copies this process's threads are swapping now: not for recovery
-_SWAPPING_LOCK = threading.Lock()
+# In this process, the two renames of a swap and a whole recovery each run under this lock, so a
+# recovery never sees another thread's swap half done; an old copy waiting for its removal is in
+# _SWAPPING and left alone.
+_SWAP_LOCK = threading.RLock()
+_SWAPPING: set[Path] = set()
 
 
 def _old_copies(directory: Path) -> list[tuple[Path, int]]:
@@ -91,20 +94,25 @@ def swap_dir_into_place(tmp: str | os.PathLike, directory: str | os.PathLike) ->
     readers call before reading, and which runs here first) puts it back.
     """
     tmp, directory = Path(tmp), Path(directory)
-    recover_swapped_dir(directory)
-    if directory.exists():
-        old = directory.with_name(f".{directory.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        with _SWAPPING_LOCK:
-            _SWAPPING.add(old)
-        try:
-            os.replace(directory, old)
+    with _SWAP_LOCK:
+        recover_swapped_dir(directory)
+        if not directory.exists():
             os.replace(tmp, directory)
-            shutil.rmtree(old)
-        finally:
-            with _SWAPPING_LOCK:
-                _SWAPPING.discard(old)
-    else:
-        os.replace(tmp, directory)
+            return
+        old = directory.with_name(f".{directory.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        _SWAPPING.add(old)
+        os.replace(directory, old)
+        try:
+            os.replace(tmp, directory)
+        except BaseException:
+            os.replace(old, directory)  # the new one could not go in: the old one goes back
+            _SWAPPING.discard(old)
+            raise
+    try:
+        shutil.rmtree(old)
+    finally:
+        with _SWAP_LOCK:
+            _SWAPPING.discard(old)
 
 
 def recover_swapped_dir(directory: str | os.PathLike) -> bool:
@@ -118,22 +126,21 @@ def recover_swapped_dir(directory: str | os.PathLike) -> bool:
     are left alone.
     """
     directory = Path(directory)
-    with _SWAPPING_LOCK:
-        busy = set(_SWAPPING)
-    olds = [p for p, pid in _old_copies(directory)
-            if p not in busy and (pid == os.getpid() or not _pid_alive(pid))]
-    if directory.exists():
+    with _SWAP_LOCK:
+        olds = [p for p, pid in _old_copies(directory)
+                if p not in _SWAPPING and (pid == os.getpid() or not _pid_alive(pid))]
+        if directory.exists():
+            for p in olds:
+                shutil.rmtree(p, ignore_errors=True)
+            return False
+        if not olds:
+            return False
+        newest = max(olds, key=lambda p: p.stat().st_mtime_ns)
+        os.replace(newest, directory)
         for p in olds:
-            shutil.rmtree(p, ignore_errors=True)
-        return False
-    if not olds:
-        return False
-    newest = max(olds, key=lambda p: p.stat().st_mtime_ns)
-    os.replace(newest, directory)
-    for p in olds:
-        if p != newest:
-            shutil.rmtree(p, ignore_errors=True)
-    return True
+            if p != newest:
+                shutil.rmtree(p, ignore_errors=True)
+        return True
 
 
 # Messages diffusers logs while anymodal builds a generator pipeline that say nothing to its user: the
