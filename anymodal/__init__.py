@@ -5,6 +5,7 @@
     out = pipe("draw a red circle", seed=0)
 """
 
+from . import builtin  # noqa: F401  registers the built-in component types
 from .config import AnyModalConfig
 from .media import Audio, MediaError
 from .modality import Modality

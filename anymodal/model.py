@@ -13,7 +13,7 @@ from .config import AnyModalConfig, LLMConfig
 from .modality import Modality
 from .processor import AnyModalProcessor
 from .projectors import build_input_projector, build_output_projector
-from .registry import ENCODERS, _load_builtin
+from .registry import ENCODERS
 from .utils import quiet_loading, small_local_dir, torch_dtype
 
 logger = logging.getLogger(__name__)
@@ -81,7 +81,6 @@ class AnyModalModel(nn.Module):
 
         Input projectors with ``pretrained`` load those weights unless ``load_projector_weights`` is
         false (a saved pipeline loads its own next)."""
-        _load_builtin()
         if language_model is None:
             language_model = load_language_model(config.llm)
             add_token_rows(language_model, len(processor.tokenizer))

@@ -28,7 +28,7 @@ from .media import Audio, MediaError
 from .modality import MEDIA_MODALITIES, Modality
 from .model import AnyModalModel, add_token_rows, load_language_model, load_tokenizer
 from .processor import AnyModalProcessor, Message
-from .registry import ENCODERS, GENERATORS, _load_builtin
+from .registry import ENCODERS, GENERATORS
 from .utils import atomic_write_text, peft_quietly, swap_dir_into_place
 
 logger = logging.getLogger(__name__)
@@ -73,7 +73,6 @@ class AnyModalPipeline:
         """Build every component from a config: pretrained ids/paths are loaded, the rest randomly initialised."""
         if not isinstance(config, AnyModalConfig):
             config = AnyModalConfig.from_yaml(config)
-        _load_builtin()
         _check_types(config)
         with _naming("llm.tokenizer", config.llm.tokenizer or config.llm.model):
             processor = _make_processor(config, load_tokenizer(config.llm))
@@ -117,7 +116,6 @@ class AnyModalPipeline:
 
     @classmethod
     def _load_saved(cls, path: Path, device) -> "AnyModalPipeline":
-        _load_builtin()
         index = json.loads((path / INDEX_NAME).read_text())
         if index.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{path}: unsupported anymodal format version {index.get('format_version')!r}")

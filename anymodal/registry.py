@@ -40,8 +40,8 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> T:
         if name not in self._entries:
-            # A miss may be a type that a built-in module or a plugin registers on import.
-            _load_builtin()
+            # A miss may be a type that a plugin registers on import (built-ins are registered by
+            # anymodal.builtin, which the package imports).
             load_plugins()
         try:
             return self._entries[name]
@@ -106,15 +106,7 @@ def list_generators() -> list[str]:
 
 
 def _load_all() -> None:
-    _load_builtin()
     load_plugins()
-
-
-def _load_builtin() -> None:
-    """Import the modules whose import registers the built-in components."""
-    import anymodal.encoders  # noqa: F401
-    import anymodal.generators  # noqa: F401
-    import anymodal.projectors  # noqa: F401
 
 
 # entry-point name -> why it failed to load; kept so that an unknown-type error can say why

@@ -87,7 +87,7 @@ class AudioLDMGenerator(_AudioLDMFamily):
     def pipeline_class(cls) -> type:
         from diffusers import AudioLDMPipeline
 
-        from . import vocoders  # noqa: F401  (diffusers loads anymodal's vocoder types once imported)
+        import anymodal.generators.vocoders  # noqa: F401  (diffusers loads anymodal's vocoder types once imported)
 
         return AudioLDMPipeline
 
@@ -195,7 +195,7 @@ class AudioLDM2Generator(_AudioLDMFamily):
     def pipeline_class(cls) -> type:
         from diffusers import AudioLDM2Pipeline
 
-        from . import vocoders  # noqa: F401  (diffusers loads anymodal's vocoder types once imported)
+        import anymodal.generators.vocoders  # noqa: F401  (diffusers loads anymodal's vocoder types once imported)
 
         return AudioLDM2Pipeline
 
