@@ -9,7 +9,9 @@ Two manifest row kinds (paths are relative to the manifest file):
 In a dialogue, ``content`` is a string or a list of strings and media references. A reference
 in a user turn is an input (its file is read and encoded); in an assistant turn it is a medium
 the model must generate: it becomes the signal tokens, and its ``caption`` (optional) is the
-text the output projector's conditioning is aligned with.
+text the output projector's conditioning is aligned with; for a generator whose targets come
+from media (``targets_from = "media"``, e.g. unCLIP) the target is the generator's encoding of
+its file instead (see docs/training.md, "Targets from media").
 
 A bad row (invalid JSON, missing field, unknown modality, missing or unreadable file, empty
 caption, too long) is reported with its line number, skipped and counted. Files are checked
