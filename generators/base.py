@@ -26,6 +26,10 @@ class ModalityGenerator(ABC):
     type_name: ClassVar[str]
     modality: ClassVar[Modality]
     settings_class: ClassVar[type]
+    # Where the conditioning an output projector is trained to match comes from: "text" (encode_text
+    # of the medium's caption) or "media" (encode_media of the target medium itself, for generators
+    # conditioned on media embeddings, such as unCLIP, that text cannot reach without a prior).
+    targets_from: ClassVar[str] = "text"
 
     def __init__(self, config: GeneratorConfig):
         self.config = config
@@ -43,6 +47,17 @@ class ModalityGenerator(ABC):
     @abstractmethod
     def encode_text(self, texts: list[str]) -> dict[str, torch.Tensor]:
         """The generator's own text-encoder conditioning for ``texts`` (targets of decoder-side alignment)."""
+
+    def encode_media(self, items: list[Any]) -> dict[str, torch.Tensor]:
+        """The conditioning that reproduces each target medium (file paths or loaded media): the
+        alignment targets of a generator whose ``targets_from`` is ``"media"``."""
+        raise ValueError(f"generator {self.type_name!r} takes its alignment targets from text (encode_text), "
+                         "not from media")
+
+    def unet_conditioning(self, conditioning: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The UNet's conditioning keyword arguments, built from conditioning tensors as the pipeline
+        builds them, keeping their gradients: what a denoising loss through the frozen UNet feeds it."""
+        raise ValueError(f"generator {self.type_name!r} has no denoising loss")
 
     @abstractmethod
     def generate(self, conditioning: dict[str, torch.Tensor], settings: Any = None,

@@ -563,6 +563,10 @@ class CLIPConditionedGenerator(DiffusersGenerator):
         embeds, _ = pipe.encode_prompt([""], self.execution_device, 1, False)
         return {"prompt_embeds": embeds}
 
+    def unet_conditioning(self, conditioning: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # the pipelines of this family pass prompt_embeds to the UNet as they are
+        return {"encoder_hidden_states": conditioning["prompt_embeds"]}
+
     def prompt_kwargs(self, cond: dict[str, torch.Tensor], guidance_scale: float) -> dict[str, torch.Tensor]:
         """``prompt_embeds`` plus, when guidance is on, the cached ``negative_prompt_embeds``."""
         kwargs = {"prompt_embeds": cond["prompt_embeds"]}

@@ -51,8 +51,9 @@ class StableUnCLIPGenerator(CLIPConditionedGenerator):
     For classifier-free guidance the pipeline pairs the embedding with zeros, as it does itself.
 
     Text has no path into image-embedding space here (the pipeline has no unCLIP prior), so
-    :meth:`encode_text` raises; :meth:`encode_images` gives the alignment target instead: the
-    pipeline's own CLIP image embedding of a target image.
+    :meth:`encode_text` raises; :meth:`encode_images` (and :meth:`encode_media`, which also takes
+    file paths) gives the alignment target instead: the pipeline's own CLIP image embedding of a
+    target image (``targets_from = "media"``, which the trainer follows).
 
     ``components`` keys: ``unet`` (``UNet2DConditionModel`` kwargs with ``class_embed_type:
     projection`` and ``projection_class_embeddings_input_dim`` = 2 x D: the embedding and its
@@ -66,6 +67,7 @@ class StableUnCLIPGenerator(CLIPConditionedGenerator):
     type_name = "stable-unclip"
     modality = Modality.IMAGE
     settings_class = UnCLIPImageSettings
+    targets_from = "media"
     required_components = ("unet", "vae", "scheduler", "image_noising_scheduler", "image_encoder", "text_encoder",
                            "tokenizer")
     # the embedding width is read from the UNet: its class-embedding input is [embedding, noise-level embedding]
@@ -141,6 +143,24 @@ class StableUnCLIPGenerator(CLIPConditionedGenerator):
         with torch.no_grad():
             embeds = encoder(pixels.to(device=self.execution_device, dtype=encoder.dtype)).image_embeds
         return {"image_embeds": embeds[:, None, :]}
+
+    def encode_media(self, items: list[Any]) -> dict[str, torch.Tensor]:
+        """:meth:`encode_images` of image files (paths) or images; an unreadable file raises ``MediaError``."""
+        from anymodal.encoders.preprocess import load_image
+
+        if isinstance(items, (str, Image.Image)) or not isinstance(items, (list, tuple)) or not items:
+            raise ValueError(f"encode_media expects a non-empty list of image paths or images, got {items!r}")
+        return self.encode_images([load_image(x) for x in items])
+
+    def unet_conditioning(self, conditioning: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """As the pipeline conditions its UNet: the image embedding, noised at the configured
+        ``noise_level`` and joined with that level's embedding, as ``class_labels``; the empty
+        prompt's text embedding as ``encoder_hidden_states``. Gradients flow to the embedding."""
+        embeds = conditioning["image_embeds"][:, 0, :]
+        pipe = self.pipeline
+        labels = pipe.noise_image_embeddings(embeds, self.make_settings().noise_level)
+        prompt = self._empty_prompt(embeds.shape[0]).to(device=embeds.device, dtype=embeds.dtype)
+        return {"encoder_hidden_states": prompt, "class_labels": labels}
 
     def _empty_prompt(self, batch: int) -> torch.Tensor:
         # The pipeline's prompt when it is given none (""), encoded once and cached with the negative.

@@ -22,6 +22,7 @@ from anymodal.registry import GENERATORS
 from conftest import CONFIGS, close_to_scale
 
 SYSTEMS = ["gill", "minigpt5", "codi2"]
+BLIP2_FLAN_T5_XXL = "Salesforce/blip2-flan-t5-xxl"
 IMAGE, AUDIO = Modality.IMAGE, Modality.AUDIO
 
 
@@ -34,8 +35,9 @@ def test_gill_layout():
     c = load("gill")
     assert c.llm.model == "facebook/opt-6.7b" and c.llm.lora is None  # frozen OPT-6.7B
     assert c.llm.signal_tokens == {IMAGE: 8}  # [IMG0]..[IMG7]
-    clip = c.encoders["clip"]
-    assert clip.pretrained == "openai/clip-vit-large-patch14" and clip.modalities == [IMAGE]
+    clip = c.encoders["clip"]  # CLIPVisionModel's pooler_output (1024), what GILL's get_visual_embs maps
+    assert (clip.type, clip.pretrained, clip.modalities) == ("hf-vision", "openai/clip-vit-large-patch14", [IMAGE])
+    assert clip.options == {"output": "pooled"}
     assert (c.input_projectors[IMAGE].type, c.input_projectors[IMAGE].num_tokens) == ("linear", 4)
     mapper = c.output_projectors[IMAGE]  # GILLMapper: width 512, 4 heads, 4 (decoder) layers, 77 queries
     assert (mapper.hidden_dim, mapper.num_heads, mapper.num_layers) == (512, 4, 4)
@@ -50,8 +52,12 @@ def test_minigpt5_layout():
     lora = c.llm.lora
     assert (lora.r, lora.alpha, lora.dropout, lora.target_modules) == (8, 16, 0.05, ["q_proj", "v_proj"])
     assert c.llm.signal_tokens == {IMAGE: 8}  # 8 generative vokens
-    q = c.input_projectors[IMAGE]  # MiniGPT-4's Q-Former: 32 queries, BERT-base
-    assert (q.type, q.num_tokens, q.hidden_dim, q.num_layers, q.num_heads) == ("qformer", 32, 768, 12, 12)
+    # MiniGPT-4's EVA ViT-g and Q-Former (32 queries) are BLIP-2 FlanT5-XXL's; a new projection to Vicuna
+    vision = c.encoders["vision"]
+    assert (vision.type, vision.pretrained, vision.options) == ("hf-vision", BLIP2_FLAN_T5_XXL, {})
+    q = c.input_projectors[IMAGE]
+    assert (q.type, q.num_tokens, q.pretrained) == ("qformer", 32, BLIP2_FLAN_T5_XXL)
+    assert q.options == {"pretrained_projection": False}
     mapper = c.output_projectors[IMAGE]  # width 1024 (SD-2.1's text width), 4 layers, 77 queries
     assert (mapper.hidden_dim, mapper.num_layers) == (1024, 4)
     assert mapper.targets == {"prompt_embeds": [77, 1024]}
@@ -188,3 +194,88 @@ def test_tiny_codi2_takes_unclip_settings(pipes):
                            AudioSettings(num_inference_steps=2, audio_length_s=0.064)]).images[0][0]
     assert np.abs(np.asarray(plain, dtype=np.float32) - np.asarray(noisy, dtype=np.float32)).max() > 1
     assert pipe.resolve_settings({"image": {"noise_level": 5}})[IMAGE].noise_level == 5
+
+
+# --------------------------------------------------------------------------- MiniGPT-5 on BLIP-2's weights
+def _blip2_folder(path: Path) -> Path:
+    """A tiny random BLIP-2 checkpoint folder (weights perturbed away from transformers' init, which
+    leaves the query tokens at zero)."""
+    from transformers import Blip2Config, Blip2ForConditionalGeneration, OPTConfig
+
+    text = OPTConfig(hidden_size=16, ffn_dim=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=300,
+                     word_embed_proj_dim=16, max_position_embeddings=64)
+    cfg = Blip2Config(vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, image_size=16, patch_size=4),
+                      qformer_config=dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                          intermediate_size=32, cross_attention_frequency=2, encoder_hidden_size=16),
+                      text_config=text.to_dict(), num_query_tokens=4)
+    torch.manual_seed(0)
+    model = Blip2ForConditionalGeneration(cfg)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    model.save_pretrained(path)
+    return path
+
+
+def _minigpt5_on(folder: Path) -> AnyModalConfig:
+    """minigpt5.yaml's encoder and input projector pointed at ``folder``; the LLM, mapper and generator
+    of the tiny twin."""
+    import yaml
+
+    real = yaml.safe_load((CONFIGS / "minigpt5.yaml").read_text())
+    tiny = yaml.safe_load((CONFIGS / "tiny-minigpt5.yaml").read_text())
+    tiny["encoders"] = {k: {**e, "pretrained": str(folder)} for k, e in real["encoders"].items()}
+    tiny["input_projectors"] = {m: {**p, "pretrained": str(folder), "num_tokens": 4}
+                                for m, p in real["input_projectors"].items()}
+    return AnyModalConfig.from_dict(tiny)
+
+
+def test_minigpt5_runs_blip2s_eva_tower_and_qformer(tmp_path):
+    """MiniGPT-4/5's image side: BLIP-2's vision tower and Q-Former (cross-attention every 2nd layer,
+    from the checkpoint) loaded as they are, and a fresh projection to an LLM of another width."""
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    folder = _blip2_folder(tmp_path / "blip2")
+    ref = load_file(folder / "model.safetensors")
+    torch.manual_seed(0)
+    pipe = AnyModalPipeline.from_config(_minigpt5_on(folder))
+    tower = pipe.model.encoder_for(IMAGE).model.state_dict()
+    assert tower and all(torch.equal(v, ref[f"vision_model.{k}"]) for k, v in tower.items())
+    proj = pipe.model.input_projectors["image"]
+    assert torch.equal(proj.query_tokens, ref["query_tokens"])
+    qformer = proj.qformer.state_dict()
+    assert all(torch.equal(v, ref[f"qformer.{k}"]) for k, v in qformer.items())
+    assert [hasattr(layer, "crossattention") for layer in proj.qformer.encoder.layer] == [True, False]
+    hidden = pipe.model.language_model.config.hidden_size
+    assert proj.proj.weight.shape == (hidden, 16) and hidden != ref["language_projection.weight"].shape[0]
+
+    img = Image.new("RGB", (20, 20), (200, 30, 30))
+    out = pipe("what is <image>?", images=[img], seed=0, max_new_tokens=4)
+    pipe.save_pretrained(tmp_path / "saved")  # the geometry is recorded: the reload needs no BLIP-2 folder
+    again = AnyModalPipeline.from_pretrained(tmp_path / "saved")
+    assert again.config.input_projectors[IMAGE].options["config"]["cross_attention_frequency"] == 2
+    assert again("what is <image>?", images=[img], seed=0, max_new_tokens=4).token_ids == out.token_ids
+
+
+def test_minigpt5_geometry_is_blip2_flan_t5_xxl(tmp_path):
+    """What minigpt5.yaml loads from Salesforce/blip2-flan-t5-xxl, read from a folder with that
+    checkpoint's config.json geometry (transformers' BLIP-2 defaults are that checkpoint's towers):
+    EVA ViT-g/14 at 224 px (257 x 1408) and a 32-query Q-Former, 768 wide, 12 layers, 12 heads,
+    cross-attention every 2nd layer."""
+    from transformers import Blip2Config, T5Config
+
+    from anymodal.encoders.hf import _vision_source
+    from anymodal.hf_systems import qformer_geometry
+
+    t5 = T5Config(d_model=4096, d_ff=10240, num_layers=24, num_heads=64, d_kv=64, feed_forward_proj="gated-gelu")
+    (tmp_path / "config.json").write_text(Blip2Config(text_config=t5.to_dict(), num_query_tokens=32).to_json_string())
+    fields, queries, kind = qformer_geometry(tmp_path)
+    assert (kind, queries) == ("blip-2", 32)
+    assert (fields["hidden_size"], fields["num_hidden_layers"], fields["num_attention_heads"],
+            fields["cross_attention_frequency"], fields["encoder_hidden_size"]) == (768, 12, 12, 2, 1408)
+    vc, _ = _vision_source(tmp_path)
+    assert (vc["model_type"], vc["hidden_size"], (vc["image_size"] // vc["patch_size"]) ** 2 + 1) == \
+        ("blip_2_vision_model", 1408, 257)

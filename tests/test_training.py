@@ -389,6 +389,93 @@ def test_stage2_trains_output_projectors_and_signal_rows(data_dir, tmp_path):
     assert tc.fill(Modality.IMAGE, ["a red square"], lambda c: pytest.fail("recomputed a cached target")) == 0
 
 
+CODI2 = CONFIGS / "tiny-codi2.yaml"
+
+
+def test_stage2_unclip_targets_are_the_generators_embeddings_of_the_target_images(data_dir, tmp_path):
+    """unCLIP is conditioned on image embeddings, which a caption cannot give: stage 2 aligns the
+    output projector with the generator's own encode_media of each row's image file."""
+    from anymodal.training.data import TargetCache, file_key
+
+    before = _fresh(CODI2).model.state_dict()
+    before_unet = _fresh(CODI2).generators[Modality.IMAGE].pipeline.unet.state_dict()
+    out = tmp_path / "codi2"
+    result = train(CODI2, data_dir / "images.jsonl", out, TRAINING / "tiny.yaml", stage=2, max_steps=30,
+                   batch_size=4, **FAST)
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    align = [m["align/image"] for m in metrics]
+    assert "align/audio" not in metrics[0]  # no audio rows: the audio projector is not trained
+    assert np.mean(align[-5:]) < 0.6 * np.mean(align[:5]), align
+    pipe = result.pipeline
+    signal = sorted(i for ids in pipe.processor.signal_ids.values() for i in ids)
+    after = pipe.model.state_dict()
+    lora = [k for k in before if _base_name(k) is None]  # codi2's LLM carries its (untrained) LoRA adapter
+    assert lora and all(torch.equal(before[k], after[k]) for k in lora)
+    _assert_frozen_equal({_base_name(k): v for k, v in before.items() if k not in lora}, after,
+                         ("output_projectors.image",), signal_rows=signal)
+    key = "output_projectors.image.out_proj.image_embeds.weight"
+    assert not torch.equal(before[key], after[key])
+    unet = pipe.generators[Modality.IMAGE].pipeline.unet.state_dict()
+    assert all(torch.equal(before_unet[k], unet[k]) for k in before_unet)
+    # the cached targets are encode_media of the files, keyed by the files' content
+    gen = pipe.generators[Modality.IMAGE]
+    (ident,) = [p.name for p in (out / "target_cache").iterdir()]
+    assert ident.startswith("image-stable-unclip-")
+    assert len(list((out / "target_cache" / ident).rglob("*.safetensors"))) == 4
+    red = data_dir / "img" / "red.png"
+    cache = TargetCache(out / "target_cache", {Modality.IMAGE: ident}, [Modality.IMAGE])
+    cache.media_keys[str(red)] = file_key(red)
+    target = cache.target(Modality.IMAGE, "ignored: the caption is not the target", red)["image_embeds"]
+    assert torch.allclose(target, gen.encode_media([red])["image_embeds"][0], atol=1e-6)
+    assert cache.fill_media(Modality.IMAGE, [red], lambda p: pytest.fail("recomputed a cached target")) == (0, [])
+
+
+def test_stage2_media_targets_need_the_file_and_skip_unreadable_ones(data_dir, tmp_path, caplog):
+    """A caption pair for a media-target output without its file is a bad row naming why; a file that
+    cannot be encoded is found when the targets are computed, and its row is skipped."""
+    req = requirements(2, [Modality.IMAGE], [Modality.IMAGE, Modality.AUDIO], media_targets=[Modality.IMAGE])
+    rows = _write_rows(tmp_path / "rows.jsonl", [
+        {"modality": "image", "caption": "a red square"},
+        {"modality": "audio", "caption": "a tone"},  # text targets: no file needed
+        {"modality": "image", "media": str(data_dir / "img" / "red.png"), "caption": "a red square"}])
+    m = load_manifest(rows, req, log=False)
+    assert [b.line for b in m.bad] == [1] and "alignment target is its encoding of the target medium" in m.bad[0].reason
+    assert [r.path is not None for r in m.records] == [False, True]
+
+    corrupt = _write_rows(tmp_path / "corrupt.jsonl", [
+        {"modality": "image", "media": str(data_dir / "img" / n), "caption": f"a {n}"}
+        for n in ["red.png", "green.png", "blue.png", "white.png", "corrupt.png"]])
+    with caplog.at_level(logging.WARNING):
+        result = train(CODI2, corrupt, tmp_path / "c", TRAINING / "tiny.yaml", stage=2, max_steps=2, batch_size=5,
+                       max_bad_fraction=0.5, **FAST)
+    assert result.bad_rows == 1
+    assert "no image alignment target" in caplog.text and "corrupt.png" in caplog.text
+
+
+def test_stage2_denoising_loss_through_the_frozen_unclip_unet(data_dir, tmp_path):
+    """unCLIP's UNet takes the image embedding as class labels (noised at the configured noise_level,
+    joined with its level embedding) and the empty prompt as text: the gradient reaches the projector."""
+    gen = _fresh(CODI2).generators[Modality.IMAGE]
+    embeds = torch.randn(2, 1, 16, requires_grad=True)
+    kwargs = gen.unet_conditioning({"image_embeds": embeds})
+    assert kwargs["class_labels"].shape == (2, 32) and kwargs["encoder_hidden_states"].shape[0] == 2
+    kwargs["class_labels"].sum().backward()
+    assert embeds.grad.abs().sum() > 0
+
+    before_unet = gen.pipeline.unet.state_dict()
+    result = train(CODI2, data_dir / "images.jsonl", tmp_path / "dn", TRAINING / "tiny.yaml", stage=2, max_steps=2,
+                   batch_size=4, align_weight=0.0, denoise_weight=1.0, trainable=["output_projectors.image"], **FAST)
+    metrics = [json.loads(line) for line in (tmp_path / "dn" / "metrics.jsonl").read_text().splitlines()]
+    assert [sorted(k for k in m if "/" in k) for m in metrics] == [["denoise/image"]] * 2
+    assert all(np.isfinite(m["denoise/image"]) for m in metrics)
+    assert not (tmp_path / "dn" / "target_cache").exists()  # no alignment: no targets computed
+    unet = result.pipeline.generators[Modality.IMAGE].pipeline.unet.state_dict()
+    assert all(torch.equal(before_unet[k], unet[k]) for k in before_unet)
+    fresh = _fresh(CODI2).model.output_projectors["image"].state_dict()
+    trained = result.pipeline.model.output_projectors["image"].state_dict()
+    assert any(not torch.equal(fresh[k], trained[k]) for k in fresh)
+
+
 def test_stage2_denoising_loss_through_the_frozen_unet(data_dir, tmp_path):
     before = _fresh().generators[Modality.IMAGE].pipeline.unet.state_dict()
     result = train(TINY, data_dir / "images.jsonl", tmp_path / "dn", TRAINING / "tiny.yaml", stage=2, max_steps=3,

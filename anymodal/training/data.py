@@ -9,7 +9,9 @@ Two manifest row kinds (paths are relative to the manifest file):
 In a dialogue, ``content`` is a string or a list of strings and media references. A reference
 in a user turn is an input (its file is read and encoded); in an assistant turn it is a medium
 the model must generate: it becomes the signal tokens, and its ``caption`` (optional) is the
-text the output projector's conditioning is aligned with.
+text the output projector's conditioning is aligned with; for a generator whose targets come
+from media (``targets_from = "media"``, e.g. unCLIP) the target is the generator's encoding of
+its file instead (see docs/training.md, "Targets from media").
 
 A bad row (invalid JSON, missing field, unknown modality, missing or unreadable file, empty
 caption, too long) is reported with its line number, skipped and counted. Files are checked
@@ -88,6 +90,9 @@ class ManifestRequirements:
     output_modalities: frozenset[Modality]  # media the model can generate (generators)
     caption_role: str  # "input": caption pairs describe an input medium; "output": a medium to generate
     caption_needs_file: bool  # stage 1 reads the medium; stage 2 only when the denoising loss is on
+    # outputs whose alignment targets come from the target medium (a generator's encode_media): their
+    # stage-2 caption pairs need the file
+    media_targets: frozenset[Modality] = frozenset()
 
 
 @dataclass
@@ -196,9 +201,11 @@ def _parse_caption(row: dict, line_no: int, root: Path, req: ManifestRequirement
     m = _modality(row["modality"], allowed, "read" if req.caption_role == "input" else "generate")
     caption = _caption(row.get("caption"))
     path = None
-    if req.caption_needs_file:
+    from_media = req.caption_role == "output" and m in req.media_targets
+    if req.caption_needs_file or from_media:
         if "media" not in row:
-            raise _Bad("missing field 'media'")
+            raise _Bad("missing field 'media'" + (f" (the {m.value} generator's alignment target is its encoding "
+                                                  "of the target medium)" if from_media else ""))
         path = _media_path(row["media"], root)
     return CaptionRecord(line_no, m, path, caption)
 
@@ -359,27 +366,47 @@ class Collator:
 
 # ============================================================================ target cache
 class TargetCache:
-    """Alignment targets (a generator's own text conditioning of a caption), one safetensors file each.
+    """Alignment targets, one safetensors file each: a generator's own text conditioning of a caption,
+    or, for a generator whose ``targets_from`` is ``"media"`` (``media_modalities``), its conditioning
+    of the target medium (``encode_media``), keyed by the file's SHA-256.
 
-    Keyed by generator identity (:func:`generator_identity`) and caption, so a cache directory
-    can be shared between runs and stages, and a different text encoder never reuses a target.
+    Keyed by generator identity (:func:`generator_identity`) and caption or file content, so a cache
+    directory can be shared between runs and stages, and a different encoder never reuses a target.
     """
 
-    def __init__(self, directory: str | os.PathLike, identities: dict[Modality, str]):
+    def __init__(self, directory: str | os.PathLike, identities: dict[Modality, str],
+                 media_modalities: Sequence[Modality] = ()):
         self.directory = Path(directory)
         self.identities = dict(identities)
+        self.media_modalities = frozenset(media_modalities)
+        self.media_keys: dict[str, str] = {}  # file path -> content key, filled by fill_media
+
+    def target(self, modality: Modality, caption: str | None, path: Path | None) -> dict[str, torch.Tensor] | None:
+        """The alignment target of one output: from its file for a media-target modality, else from its
+        caption; None when the output has neither (it then trains on the token loss alone)."""
+        if modality not in self.media_modalities:
+            return self.load(modality, caption) if caption else None
+        if path is None:
+            return None
+        key = self.media_keys.get(str(path))
+        if key is None or not self.path(modality, key).is_file():
+            raise _Bad(f"no {modality.value} alignment target for '{path}': the file could not be encoded")
+        return self._read(modality, key, "media")
 
     def path(self, modality: Modality, caption: str) -> Path:
         h = hashlib.sha256(caption.encode("utf-8")).hexdigest()
         return self.directory / self.identities[modality] / h[:2] / f"{h}.safetensors"
 
     def load(self, modality: Modality, caption: str) -> dict[str, torch.Tensor]:
+        return self._read(modality, caption, "caption")
+
+    def _read(self, modality: Modality, key: str, kind: str) -> dict[str, torch.Tensor]:
         from safetensors import safe_open
 
-        path = self.path(modality, caption)
+        path = self.path(modality, key)
         with safe_open(str(path), framework="pt") as f:
-            if (f.metadata() or {}).get("caption") != caption:  # a hash collision, or a foreign file
-                raise ValueError(f"target cache entry {path} is not for caption {caption!r}")
+            if (f.metadata() or {}).get(kind) != key:  # a hash collision, or a foreign file
+                raise ValueError(f"target cache entry {path} is not for {kind} {key!r}")
             return {k: f.get_tensor(k) for k in f.keys()}
 
     def fill(self, modality: Modality, captions: Sequence[str], encode: Callable[[list[str]], dict[str, torch.Tensor]],
@@ -392,25 +419,84 @@ class TargetCache:
         todo = sorted({c for c in captions if not self.path(modality, c).is_file()})
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
-            out = encode(chunk)
-            for i, caption in enumerate(chunk):
-                tensors = {k: v[i].detach().to("cpu", torch.float32).contiguous() for k, v in out.items()}
-                with atomic_path(self.path(modality, caption)) as tmp:
-                    save_file(tensors, str(tmp), metadata={"caption": caption})
+            self._store(modality, chunk, "caption", encode(chunk))
         return len(todo)
+
+    def fill_media(self, modality: Modality, paths: Sequence[Path], encode: Callable[[list], dict[str, torch.Tensor]],
+                   batch_size: int = 32) -> tuple[int, list[str]]:
+        """Compute and store the targets of the media files not cached yet (``encode`` takes paths).
+        Returns how many were computed and the reasons for files that could not be encoded (their
+        rows become bad rows when read)."""
+        todo: dict[str, Path] = {}
+        for p in paths:
+            key = self.media_keys.get(str(p)) or file_key(p)
+            self.media_keys[str(p)] = key
+            if not self.path(modality, key).is_file():
+                todo.setdefault(key, Path(p))
+        keys = sorted(todo)
+        failed: list[str] = []
+        for start in range(0, len(keys), batch_size):
+            chunk = keys[start:start + batch_size]
+            try:
+                self._store(modality, chunk, "media", encode([todo[k] for k in chunk]))
+            except (MediaError, OSError, ValueError):
+                for k in chunk:  # find the files that fail; encode the others one by one
+                    try:
+                        self._store(modality, [k], "media", encode([todo[k]]))
+                    except (MediaError, OSError, ValueError) as e:
+                        failed.append(f"{todo[k]}: {e}")
+        return len(keys) - len(failed), failed
+
+    def _store(self, modality: Modality, keys: list[str], kind: str, out: dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        from anymodal.utils import atomic_path
+
+        for i, key in enumerate(keys):
+            tensors = {k: v[i].detach().to("cpu", torch.float32).contiguous() for k, v in out.items()}
+            with atomic_path(self.path(modality, key)) as tmp:
+                save_file(tensors, str(tmp), metadata={kind: key})
+
+
+def file_key(path: str | os.PathLike) -> str:
+    """A media file's cache key: the SHA-256 of its bytes (the same file anywhere shares a target)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return "sha256:" + h.hexdigest()
+
+
+def _probe_image() -> Any:
+    """A fixed 64 x 64 colour gradient, the probe of image generators whose targets come from images."""
+    import numpy as np
+    from PIL import Image
+
+    ramp = np.linspace(0, 255, 64, dtype=np.float32)
+    rgb = np.stack(np.broadcast_arrays(ramp[None, :], ramp[:, None], 255 - ramp[None, :]), axis=-1)
+    return Image.fromarray(rgb.astype(np.uint8))
+
+
+MEDIA_PROBES: dict[Modality, Callable[[], Any]] = {Modality.IMAGE: _probe_image}
 
 
 def generator_identity(modality: Modality, generator: Any) -> str:
-    """A short stable name for what a generator's ``encode_text`` computes.
+    """A short stable name for what a generator's ``encode_text`` (or ``encode_media``) computes.
 
-    It hashes the generator's config and its conditioning of a fixed probe text (rounded, so
-    that the same weights on another device give the same name).
+    It hashes the generator's config and its conditioning of a fixed probe text or medium
+    (rounded, so that the same weights on another device give the same name).
     """
     cfg = generator.config
     spec = json.dumps({"type": cfg.type, "pretrained": cfg.pretrained, "components": cfg.components,
                        "dtype": cfg.dtype}, sort_keys=True, default=str)
     h = hashlib.sha256(spec.encode())
-    probe = generator.encode_text(["anymodal target-cache probe"])
+    if generator.targets_from == "media":
+        if modality not in MEDIA_PROBES:
+            raise ValueError(f"alignment targets from {modality.value} media are not supported (only "
+                             f"{', '.join(m.value for m in MEDIA_PROBES)}); generator {cfg.type!r}")
+        probe = generator.encode_media([MEDIA_PROBES[modality]()])
+    else:
+        probe = generator.encode_text(["anymodal target-cache probe"])
     for k in sorted(probe):
         h.update(k.encode())
         h.update(probe[k].detach().float().cpu().round(decimals=3).numpy().tobytes())
@@ -479,7 +565,7 @@ class SampleBuilder:
         def add_output(ref: MediaRef) -> str:
             m = ref.modality
             targets.setdefault(m, []).append(
-                self.targets.load(m, ref.caption) if self.targets is not None and ref.caption else None)
+                self.targets.target(m, ref.caption, ref.path) if self.targets is not None else None)
             fn = self.denoise.get(m)
             denoise.setdefault(m, []).append(fn(ref.path) if fn is not None and ref.path is not None else None)
             return self._signal(m)
@@ -549,12 +635,14 @@ class ManifestDataset(Dataset):
 
 
 def requirements(stage: int, input_modalities: Sequence[Modality], output_modalities: Sequence[Modality],
-                 denoise: bool = False) -> ManifestRequirements:
+                 denoise: bool = False, media_targets: Sequence[Modality] = ()) -> ManifestRequirements:
     """What each stage reads: stage 1 caption pairs of inputs, stage 2 caption pairs of outputs
-    (the file is read only for the denoising loss), stage 3 dialogues."""
+    (the file is read for the denoising loss, and for outputs in ``media_targets``, whose
+    alignment targets come from the target medium), stage 3 dialogues."""
     ins, outs = frozenset(input_modalities), frozenset(output_modalities)
+    media = frozenset(media_targets)
     if stage == 1:
-        return ManifestRequirements(("caption",), ins, outs, "input", True)
+        return ManifestRequirements(("caption",), ins, outs, "input", True, media)
     if stage == 2:
-        return ManifestRequirements(("caption",), ins, outs, "output", denoise)
-    return ManifestRequirements(("dialogue",), ins, outs, "input", True)
+        return ManifestRequirements(("caption",), ins, outs, "output", denoise, media)
+    return ManifestRequirements(("dialogue",), ins, outs, "input", True, media)

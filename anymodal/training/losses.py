@@ -4,7 +4,7 @@ through a frozen image or video generator."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -39,16 +39,21 @@ class ImageDenoiser(nn.Module):
     """The noise-prediction loss of a frozen latent-diffusion UNet conditioned on projected signal tokens.
 
     Only the conditioning carries gradients; the VAE encodes target images ``(B, 3, H, W)`` in
-    [-1, 1] without them.
+    [-1, 1] without them. ``unet_inputs`` turns the conditioning tensors into the UNet's keyword
+    arguments as the generator's pipeline does (a generator's ``unet_conditioning``; unCLIP's
+    passes the image embedding as ``class_labels``); by default ``conditioning[key]`` is the
+    UNet's ``encoder_hidden_states``.
     """
 
-    def __init__(self, unet: nn.Module, vae: nn.Module, scheduler: Any, key: str = "prompt_embeds"):
+    def __init__(self, unet: nn.Module, vae: nn.Module, scheduler: Any, key: str = "prompt_embeds",
+                 unet_inputs: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None):
         from diffusers import DDPMScheduler
 
         super().__init__()
         # Noise is added as in training: a DDPM scheduler with the pipeline scheduler's betas and
         # prediction type (samplers such as DPM-Solver have no add_noise/get_velocity of their own).
         self.unet, self.vae, self.key = unet, vae, key
+        self.unet_inputs = unet_inputs
         self.scheduler = DDPMScheduler.from_config(scheduler.config)
         self.unet.requires_grad_(False).eval()
         self.vae.requires_grad_(False).eval()
@@ -78,8 +83,9 @@ class ImageDenoiser(nn.Module):
             target = noise
         else:
             target = self.scheduler.get_velocity(latents, noise, t)
-        cond = conditioning[self.key].to(self.unet.dtype)
-        pred = self.unet(noisy, t, encoder_hidden_states=cond).sample
+        cond = {k: v.to(self.unet.dtype) for k, v in conditioning.items()}
+        kwargs = self.unet_inputs(cond) if self.unet_inputs is not None else {"encoder_hidden_states": cond[self.key]}
+        pred = self.unet(noisy, t, **kwargs).sample
         return F.mse_loss(pred.float(), target.float())
 
 

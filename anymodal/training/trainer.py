@@ -137,14 +137,17 @@ def train(config: str | os.PathLike | AnyModalConfig, data: str | os.PathLike, o
     outputs = list(pipe.generators)
 
     # 3. data
-    req = requirements(tcfg.stage, [Modality(m) for m in inputs], outputs, denoise=tcfg.denoise_weight > 0)
+    from_media = [m for m in outputs if pipe.generators[m].targets_from == "media"] if tcfg.align_weight > 0 else []
+    req = requirements(tcfg.stage, [Modality(m) for m in inputs], outputs, denoise=tcfg.denoise_weight > 0,
+                       media_targets=from_media)
     manifest = load_manifest(data, req, log=main)  # every process reads it; one reports it
     manifest.check(tcfg.max_bad_fraction)
-    wanted = _output_captions(manifest.records, captions_are_outputs=tcfg.stage == 2)
+    wanted = _output_targets(manifest.records, captions_are_outputs=tcfg.stage == 2, from_media=set(from_media))
     targets = None
     if tcfg.align_weight > 0 and wanted:
         targets = _fill_target_cache(accelerator, pipe, wanted, Path(tcfg.target_cache or out / "target_cache"))
-    denoisers, denoise_fns = _denoisers(pipe, tcfg, set(wanted))
+    denoisers, denoise_fns = _denoisers(pipe, tcfg, set(_output_modalities(manifest.records, tcfg.stage == 2)),
+                                        accelerator.device)
     preprocess = {m: model.encoder_for(m).preprocess for m in map(Modality, inputs)}
     max_length = (tcfg.max_length or pipe.config.llm.max_length
                   or getattr(model.llm_config, "max_position_embeddings", None))
@@ -387,20 +390,32 @@ def _check_same_run(out: Path, tcfg: TrainingConfig, resuming: bool) -> None:
                              f"{getattr(tcfg, name)!r}; resume with the same settings or choose a new --out")
 
 
-def _output_captions(records: list, captions_are_outputs: bool) -> dict[Modality, list[str]]:
-    """Every caption of a medium to generate, by modality (the alignment targets to compute)."""
+def _outputs(records: list, captions_are_outputs: bool) -> list[MediaRef]:
+    """Every medium to generate in the data (caption pairs of stage 2, assistant media of dialogues)."""
     from .data import CaptionRecord
 
-    out: dict[Modality, list[str]] = {}
+    out: list[MediaRef] = []
     for r in records:
         if isinstance(r, CaptionRecord) and captions_are_outputs:
-            out.setdefault(r.modality, []).append(r.caption)
+            out.append(MediaRef(r.modality, r.path, r.caption))
         elif isinstance(r, DialogueRecord):
-            for t in r.turns:
-                if t.role == "assistant":
-                    for p in t.parts:
-                        if isinstance(p, MediaRef) and p.caption:
-                            out.setdefault(p.modality, []).append(p.caption)
+            out += [p for t in r.turns if t.role == "assistant" for p in t.parts if isinstance(p, MediaRef)]
+    return out
+
+
+def _output_modalities(records: list, captions_are_outputs: bool) -> list[Modality]:
+    return sorted({ref.modality for ref in _outputs(records, captions_are_outputs)}, key=lambda m: m.value)
+
+
+def _output_targets(records: list, captions_are_outputs: bool, from_media: set[Modality]
+                    ) -> dict[Modality, list[str | Path]]:
+    """What the alignment targets are computed from, by modality: each output's caption, or its file
+    for the modalities in ``from_media`` (generators whose ``targets_from`` is ``"media"``)."""
+    out: dict[Modality, list[str | Path]] = {}
+    for ref in _outputs(records, captions_are_outputs):
+        source = ref.path if ref.modality in from_media else ref.caption
+        if source:
+            out.setdefault(ref.modality, []).append(source)
     return out
 
 
@@ -427,24 +442,35 @@ def _release_other_device_state(cpu: bool) -> None:
         AcceleratorState._reset_state(reset_partial_state=True)
 
 
-def _fill_target_cache(accelerator: Any, pipe: Any, captions: dict[Modality, list[str]], directory: Path
+def _fill_target_cache(accelerator: Any, pipe: Any, sources: dict[Modality, list[str | Path]], directory: Path
                        ) -> TargetCache:
+    """Targets from captions (``encode_text``) or, for generators whose ``targets_from`` is ``"media"``,
+    from the target files (``encode_media``)."""
     identities = {}
-    for m in captions:
+    for m in sources:
         gen = pipe.generators[m]
         if not gen.config.cpu_offload:  # an offloaded pipeline places its models itself
             gen.to(accelerator.device)
         identities[m] = generator_identity(m, gen)
-    cache = TargetCache(directory, identities)
+    media = [m for m in sources if pipe.generators[m].targets_from == "media"]
+    cache = TargetCache(directory, identities, media)
     with accelerator.main_process_first():  # the main process computes; the others then find every entry
-        for m, caps in captions.items():
-            n = cache.fill(m, caps, pipe.generators[m].encode_text)
+        for m, items in sources.items():
+            gen = pipe.generators[m]
+            if m in media:
+                n, failed = cache.fill_media(m, items, gen.encode_media)
+                if accelerator.is_main_process:
+                    for reason in failed:
+                        logger.warning("no %s alignment target: %s; its rows will be skipped", m.value, reason)
+            else:
+                n = cache.fill(m, items, gen.encode_text)
             if n and accelerator.is_main_process:
-                logger.info("cached %d %s alignment targets in %s", n, m.value, directory / identities[m])
+                logger.info("cached %d %s alignment targets (from %s) in %s", n, m.value,
+                            "media" if m in media else "captions", directory / identities[m])
     return cache
 
 
-def _denoisers(pipe: Any, tcfg: TrainingConfig, modalities: set[Modality]
+def _denoisers(pipe: Any, tcfg: TrainingConfig, modalities: set[Modality], device: Any
                ) -> tuple[dict[Modality, ImageDenoiser], dict[Modality, Callable]]:
     """The frozen generators' denoising losses, and the loaders of their target media, for the output
     modalities in the data (or those ``denoise_modalities`` names)."""
@@ -462,12 +488,14 @@ def _denoisers(pipe: Any, tcfg: TrainingConfig, modalities: set[Modality]
         gen = pipe.generators[m]
         dpipe = gen.pipeline
         latent = all(hasattr(dpipe, a) for a in ("unet", "vae", "scheduler"))
+        if latent and not gen.config.cpu_offload:
+            gen.to(device)  # the UNet's conditioning may use the generator's other parts (unCLIP: its text encoder)
         if m is Modality.IMAGE and latent:
-            d = ImageDenoiser(dpipe.unet, dpipe.vae, dpipe.scheduler)
+            d = ImageDenoiser(dpipe.unet, dpipe.vae, dpipe.scheduler, unet_inputs=gen.unet_conditioning)
             denoisers[m], fns[m] = d, ImageForVAE(d.image_size)
         elif m is Modality.VIDEO and latent:
             settings = gen.make_settings()  # what it generates; no size set: the pipeline's default
-            d = VideoDenoiser(dpipe.unet, dpipe.vae, dpipe.scheduler)
+            d = VideoDenoiser(dpipe.unet, dpipe.vae, dpipe.scheduler, unet_inputs=gen.unet_conditioning)
             denoisers[m], fns[m] = d, VideoForVAE(settings.num_frames, settings.height or d.image_size,
                                                   settings.width or d.image_size)
         else:
