@@ -92,7 +92,6 @@ def test_the_path_of_one_prompt(saved_taught, tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- adding a generator
-@register_generator("solid-colour")
 class SolidColourGenerator(ModalityGenerator):
     """Paints the whole image in one colour, read from a (1, 3) conditioning tensor."""
 
@@ -137,7 +136,18 @@ class _ForceFirst:
         return scores
 
 
-def test_add_a_generator(tmp_path):
+@pytest.fixture
+def solid_colour_registered():
+    """The docs' ``@register_generator("solid-colour")``, undone afterwards: the registry is global, and
+    other tests enumerate its built-in types."""
+    from anymodal.registry import GENERATORS
+
+    register_generator("solid-colour")(SolidColourGenerator)
+    yield
+    GENERATORS._entries.pop("solid-colour", None)
+
+
+def test_add_a_generator(tmp_path, solid_colour_registered):
     data = AnyModalConfig.from_yaml(CONFIGS / "tiny.yaml").to_dict()
     data["generators"] = {"image": {"type": "solid-colour", "components": {}}}
     data["output_projectors"] = {"image": {**data["output_projectors"]["image"], "targets": {"colour": [1, 3]}}}
