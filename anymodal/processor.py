@@ -160,7 +160,10 @@ class AnyModalProcessor:
             elif found[m] != n:
                 raise ValueError(f"the prompt has {found[m]} {PLACEHOLDERS[m]} placeholder(s) but {n} {m.value}(s) "
                                  f"were given; give one {m.value} per placeholder, or no placeholders at all")
-        return f"{prefix}\n{text}" if prefix else text
+        if not prefix:
+            return text
+        # with bos_per_segment one space around a medium is dropped, as NExT-GPT's " <Image>...</Image> " split does
+        return f"{prefix} {text}" if self.prompt_format.bos_per_segment else f"{prefix}\n{text}"
 
     # ------------------------------------------------------------ tokenising
     def num_tokens(self, text: str) -> int:

@@ -293,3 +293,70 @@ def test_alternative_key_spellings_convert(tmp_path, delta):
 
     rows = load_file(str(tmp_path / "out" / "llm" / "token_rows.safetensors"))
     assert torch.equal(rows["output_rows"][: a.rows], delta["llama_model.base_model.model.lm_head.weight"])
+
+
+# ---------------------------------------------------------------- the configurable parts
+def test_media_without_placeholder_go_first_as_in_nextgpt(converted: Path):
+    proc = AnyModalPipeline.from_pretrained(converted).processor
+    from anymodal.processor import Message
+
+    given = proc([proc.format([Message("user", proc.place_media("draw", {Modality.IMAGE: 1}))])])
+    written = proc([proc.format([Message("user", "<image> draw")])])
+    assert given["input_ids"].tolist() == written["input_ids"].tolist()
+
+
+def test_converted_pipeline_saves_and_reloads_every_embedding_row(converted: Path, tmp_path):
+    pipe = AnyModalPipeline.from_pretrained(converted)
+    pipe.save_pretrained(tmp_path / "again")
+    from safetensors.torch import load_file
+
+    rows = load_file(str(tmp_path / "again" / "llm" / "token_rows.safetensors"))
+    assert rows["token_ids"].tolist() == list(range(len(pipe.processor.tokenizer)))  # base rows too
+    again = AnyModalPipeline.from_pretrained(tmp_path / "again")
+    a, b = pipe.model.language_model, again.model.language_model
+    assert torch.equal(a.get_input_embeddings().weight, b.get_input_embeddings().weight)
+    assert torch.equal(a.get_output_embeddings().weight, b.get_output_embeddings().weight)
+    out_a = pipe("hello", max_new_tokens=5)
+    out_b = again("hello", max_new_tokens=5)
+    assert out_a.token_ids == out_b.token_ids
+
+
+def test_imagebind_audio_logit_scale_option():
+    from anymodal.encoders.imagebind import ImageBindEncoder
+
+    torch.manual_seed(0)
+    scaled = ImageBindEncoder.from_config({"preset": "tiny"}, ["audio"]).eval()
+    plain = ImageBindEncoder.from_config({"preset": "tiny", "audio_logit_scale": False}, ["audio"]).eval()
+    plain.load_state_dict(scaled.state_dict())  # one set of keys: the official checkpoint loads either way
+    x = torch.randn(1, scaled.opts.audio_clips, 1, scaled.opts.num_mel_bins, scaled.opts.audio_target_len)
+    with torch.no_grad():
+        a, b = scaled("audio", x), plain("audio", x)
+    close(a.numpy(), 20.0 * b.numpy(), 1e-6)
+    with pytest.raises(ValueError, match="audio_logit_scale"):
+        ImageBindEncoder.from_config({"preset": "tiny", "audio_logit_scale": "no"}, ["audio"])
+
+
+@pytest.mark.parametrize("patch, message", [
+    ({"template": {"user": "{content}"}}, "must give every role"),
+    ({"template": {"system": "{content}", "user": "x", "assistant": "{content}", "generation": ""}}, r"template\[user\]"),
+    ({"media_wrap": {"image": ["<Img>"]}}, r"media_wrap\[image\] must be \[opening_token, closing_token\]"),
+    ({"signal_token_names": {"image": "[IMG]"}}, r"signal_token_names\[image\] must contain"),
+    ({"stop_strings": [""]}, "stop_strings"),
+])
+def test_prompt_format_is_validated(patch, message):
+    data = {"llm": {"config": {"model_type": "llama"}, "tokenizer": "bytes", "prompt": patch}}
+    with pytest.raises(ValueError, match=message):
+        AnyModalConfig.from_dict(data)
+
+
+def test_shared_input_projector_is_validated():
+    enc = {"imagebind": {"type": "imagebind", "modalities": ["image", "audio"], "options": {"preset": "tiny"}}}
+    base = {"llm": {"config": {"model_type": "llama"}, "tokenizer": "bytes"}, "encoders": enc}
+    with pytest.raises(ValueError, match=r"input_projectors\[audio\]\.share must name another"):
+        AnyModalConfig.from_dict({**base, "input_projectors": {"audio": {"share": "image"}}})
+    with pytest.raises(ValueError, match=r"input_projectors\[image\]\.share"):
+        AnyModalConfig.from_dict({**base, "input_projectors": {"image": {"share": "image"}}})
+    cfg = AnyModalConfig.from_dict({**base, "input_projectors": {"image": {"type": "mlp", "num_tokens": 2},
+                                                                 "audio": {"share": "image"}}})
+    assert cfg.input_projectors[Modality.AUDIO].type == "mlp" and cfg.input_projectors[Modality.AUDIO].num_tokens == 2
+    assert AnyModalConfig.from_dict(cfg.to_dict()) == cfg
