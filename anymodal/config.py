@@ -174,6 +174,8 @@ class LLMConfig:
     embedding_rows: str = "added"
 
     def __post_init__(self) -> None:
+        if self.prompt_format is not None and self.prompt.template is not None:
+            raise ValueError("llm: give llm.prompt_format (a released system's layout) or llm.prompt.template, not both")
         if self.embedding_rows not in ("added", "all"):
             raise ValueError(f"llm.embedding_rows must be 'added' or 'all', got {self.embedding_rows!r}")
         if (self.model is None) == (self.config is None):

@@ -81,8 +81,8 @@ def generate_text(model, processor, input_ids: torch.Tensor, attention_mask: tor
                           [*(logits_processor or []), SignalSpanForcing(processor.signal_ids, max_new_tokens)]))
     # Input placeholders stand for media features; a model never writes one.
     gen_kwargs["suppress_tokens"] = sorted(processor.placeholder_ids.values())
-    if processor.prompt_format.stop_strings:
-        gen_kwargs.update(stop_strings=list(processor.prompt_format.stop_strings), tokenizer=tok)
+    if processor.prompt_options.stop_strings:
+        gen_kwargs.update(stop_strings=list(processor.prompt_options.stop_strings), tokenizer=tok)
     if do_sample:
         gen_kwargs.update(temperature=temperature, top_p=top_p)
     else:  # silence model-default sampling settings (e.g. a generation_config with temperature)

@@ -163,7 +163,7 @@ class AnyModalProcessor:
         if not prefix:
             return text
         # with bos_per_segment one space around a medium is dropped, as NExT-GPT's " <Image>...</Image> " split does
-        return f"{prefix} {text}" if self.prompt_format.bos_per_segment else f"{prefix}\n{text}"
+        return f"{prefix} {text}" if self.prompt_options.bos_per_segment else f"{prefix}\n{text}"
 
     # ------------------------------------------------------------ tokenising
     def num_tokens(self, text: str) -> int:
