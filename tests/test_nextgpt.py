@@ -360,3 +360,30 @@ def test_shared_input_projector_is_validated():
                                                                  "audio": {"share": "image"}}})
     assert cfg.input_projectors[Modality.AUDIO].type == "mlp" and cfg.input_projectors[Modality.AUDIO].num_tokens == 2
     assert AnyModalConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_audio_conditioning_reaches_audioldm_as_is(converted: Path):
+    """NExT-GPT views its (1, 1, 512) audio output as AudioLDM's (1, 512) prompt_embeds and does not
+    re-normalise it (AudioLDM normalises only the CLAP embeddings it computes itself)."""
+    pipe = AnyModalPipeline.from_pretrained(converted)
+    gen = pipe.generators[Modality.AUDIO]
+    with torch.no_grad():
+        cond = pipe.model.project_signal(Modality.AUDIO, torch.randn(1, 8, META["hidden"]))["prompt_embeds"]
+    assert cond.shape == (1, 1, 32) and abs(float(cond.norm()) - 1.0) > 1e-2
+    real, seen = gen.pipeline, {}
+
+    class Recorder:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def __call__(self, **kwargs):
+            seen.update(kwargs)
+            return real(**kwargs)
+
+    gen._pipe = Recorder()  # the generator calls self.pipeline, which returns _pipe
+    gen.generate({"prompt_embeds": cond}, gen.make_settings({"num_inference_steps": 1, "audio_length_s": 0.064}))
+    passed = seen["prompt_embeds"]  # in the generator's dtype (the config's float16)
+    assert torch.equal(passed, cond[:, 0, :].to(passed.dtype))
+    with torch.no_grad():
+        used = real._encode_prompt(None, "cpu", 1, False, prompt_embeds=passed)
+    assert torch.equal(used, passed)
