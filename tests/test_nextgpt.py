@@ -24,7 +24,7 @@ from anymodal.convert.nextgpt import (OUTPUT_KEYS, OUTPUT_PREFIXES, ConversionEr
 from anymodal.modality import Modality
 from anymodal.pipeline import AnyModalPipeline
 from anymodal.projectors import build_output_projector
-from anymodal.registry import GENERATORS, _load_builtin
+from anymodal.registry import GENERATORS
 from anymodal.tokenization import byte_level_tokenizer
 
 FIX = Path(__file__).resolve().parent / "fixtures" / "nextgpt"
@@ -119,7 +119,6 @@ def _vicuna(tmp: Path, extra_tokens: int = 0) -> Path:
 
 def _generators(tmp: Path) -> dict[str, str]:
     """Tiny SD / AudioLDM / text-to-video (tiny.yaml's) whose conditioning shapes fit the fixture."""
-    _load_builtin()
     tiny = AnyModalConfig.from_yaml(CONFIGS / "tiny.yaml")
     out = {}
     for m, g in tiny.generators.items():
