@@ -156,7 +156,7 @@ def _load_subcommand_modules() -> None:
     import importlib
 
     for mod in ("anymodal.training.cli", "anymodal.batch", "anymodal.session", "anymodal.toyworld.cli",
-                "anymodal.toyworld.evaluate"):
+                "anymodal.toyworld.evaluate", "anymodal.convert"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:

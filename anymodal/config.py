@@ -72,8 +72,13 @@ class InputProjectorConfig:
     # (LLaVA's multi_modal_projector; BLIP-2's/InstructBLIP's query tokens, Q-Former and language_projection)
     pretrained: str | None = None
     options: dict[str, Any] = field(default_factory=dict)  # type-specific; validated by the projector class
+    # Use another modality's projector (one module, one set of weights), as NExT-GPT's single
+    # llama_proj serves image, audio and video. The other fields are then taken from that one.
+    share: Modality | None = None
 
     def __post_init__(self) -> None:
+        if self.share is not None:
+            self.share = _media_modality("input_projector.share", self.share)
         _check_positive("input_projector.num_tokens", self.num_tokens)
         _check_positive("input_projector.num_layers", self.num_layers)
         _check_positive("input_projector.num_heads", self.num_heads)
@@ -96,6 +101,54 @@ class LoraConfig:
             raise ValueError("llm.lora.target_modules must not be empty")
 
 
+TEMPLATE_ROLES = ("system", "user", "assistant", "generation")
+
+
+@dataclass
+class PromptOptions:
+    """How the processor turns a conversation into token ids, and when generation stops.
+
+    ``template`` maps each role (system, user, assistant) to a format string with ``{content}``
+    and ``generation`` to the text that opens the model's turn; when unset, the tokenizer's chat
+    template (or anymodal's ``### Human:`` default) is used. ``media_wrap[m]`` puts an opening
+    and a closing token around every medium of modality ``m`` (NExT-GPT: ``<Img>``, ``</Img>``
+    for all three). With ``bos_per_segment`` every text segment between media starts with BOS
+    and is tokenised on its own, and one space either side of a medium is dropped. Generation
+    stops after any of ``stop_strings``, which are cut from the text. ``signal_token_names[m]``
+    names signal token ``i`` of ``m`` (with ``{i}``), e.g. ``"[IMG{i}]"``.
+    """
+
+    template: dict[str, str] | None = None
+    media_wrap: dict[Modality, list[str]] = field(default_factory=dict)
+    bos_per_segment: bool = False
+    stop_strings: list[str] = field(default_factory=list)
+    signal_token_names: dict[Modality, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.template is not None:
+            unknown = sorted(set(self.template) - set(TEMPLATE_ROLES))
+            if unknown:
+                raise ValueError(f"llm.prompt.template: unknown role {unknown[0]!r}; allowed: {', '.join(TEMPLATE_ROLES)}")
+            missing = [r for r in TEMPLATE_ROLES if r not in self.template]
+            if missing:
+                raise ValueError(f"llm.prompt.template must give every role; missing {missing[0]!r}")
+            for role, text in self.template.items():
+                if role != "generation" and "{content}" not in text:
+                    raise ValueError(f"llm.prompt.template[{role}] must contain '{{content}}', got {text!r}")
+        self.media_wrap = {_media_modality("llm.prompt.media_wrap", k): v for k, v in self.media_wrap.items()}
+        for m, pair in self.media_wrap.items():
+            if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(t, str) and t for t in pair)):
+                raise ValueError(f"llm.prompt.media_wrap[{m.value}] must be [opening_token, closing_token], got {pair!r}")
+            self.media_wrap[m] = list(pair)
+        if any(not isinstance(s, str) or not s for s in self.stop_strings):
+            raise ValueError(f"llm.prompt.stop_strings must be non-empty strings, got {self.stop_strings!r}")
+        self.signal_token_names = {_media_modality("llm.prompt.signal_token_names", k): v
+                                   for k, v in self.signal_token_names.items()}
+        for m, name in self.signal_token_names.items():
+            if not isinstance(name, str) or "{i}" not in name:
+                raise ValueError(f"llm.prompt.signal_token_names[{m.value}] must contain '{{i}}', got {name!r}")
+
+
 @dataclass
 class LLMConfig:
     """The causal-LM backbone: any ``AutoModelForCausalLM`` by id/path, or a random init from ``config``."""
@@ -114,8 +167,17 @@ class LLMConfig:
     # a released system's prompt layout (anymodal.hf_systems.PROMPT_FORMATS: llava-1.5, blip-2, instructblip);
     # None: the tokenizer's chat template, else anymodal's default
     prompt_format: str | None = None
+    # explicit prompt options (template, media wrapping, BOS per segment, stop strings, signal-token names)
+    prompt: PromptOptions = field(default_factory=PromptOptions)
+    # Embedding rows a saved pipeline keeps over a referenced base model: "added" (the tokens
+    # anymodal added) or "all" (a checkpoint that changed base rows too, like NExT-GPT's).
+    embedding_rows: str = "added"
 
     def __post_init__(self) -> None:
+        if self.prompt_format is not None and self.prompt.template is not None:
+            raise ValueError("llm: give llm.prompt_format (a released system's layout) or llm.prompt.template, not both")
+        if self.embedding_rows not in ("added", "all"):
+            raise ValueError(f"llm.embedding_rows must be 'added' or 'all', got {self.embedding_rows!r}")
         if (self.model is None) == (self.config is None):
             raise ValueError("llm: give exactly one of llm.model (hub id or path) or llm.config (random init)")
         if self.config is not None and "model_type" not in self.config:
@@ -142,9 +204,15 @@ class OutputProjectorConfig:
     type: str = "transformer"
     targets: dict[str, list[int]] = field(default_factory=lambda: {"prompt_embeds": [77, 768]})
     hidden_dim: int = 512
-    num_layers: int = 2
+    num_layers: int = 2  # decoder layers (the learned queries attend to the signal states)
     num_heads: int = 8
     dropout: float = 0.0
+    # Encoder layers run over the signal states before the decoder reads them (nn.Transformer's
+    # encoder stack, with its own final LayerNorm); 0 = decoder only.
+    num_encoder_layers: int = 0
+    ffn_dim: int | None = None  # feed-forward width of every layer; default 4 * hidden_dim
+    # Add each signal token's input embedding to its hidden state before projecting (NExT-GPT).
+    add_token_embeddings: bool = False
 
     def __post_init__(self) -> None:
         if not self.targets:
@@ -156,6 +224,12 @@ class OutputProjectorConfig:
         _check_positive("output_projector.hidden_dim", self.hidden_dim)
         _check_positive("output_projector.num_layers", self.num_layers)
         _check_positive("output_projector.num_heads", self.num_heads)
+        if not isinstance(self.num_encoder_layers, int) or isinstance(self.num_encoder_layers, bool) \
+                or self.num_encoder_layers < 0:
+            raise ValueError(f"output_projector.num_encoder_layers must be a non-negative integer, "
+                             f"got {self.num_encoder_layers!r}")
+        if self.ffn_dim is not None:
+            _check_positive("output_projector.ffn_dim", self.ffn_dim)
         if self.hidden_dim % self.num_heads:
             raise ValueError(f"output_projector.hidden_dim ({self.hidden_dim}) must be divisible by num_heads ({self.num_heads})")
 
@@ -193,6 +267,14 @@ class AnyModalConfig:
         self.input_projectors = {_media_modality("input_projectors", k): v for k, v in self.input_projectors.items()}
         self.output_projectors = {_media_modality("output_projectors", k): v for k, v in self.output_projectors.items()}
         self.generators = {_media_modality("generators", k): v for k, v in self.generators.items()}
+        for m, p in list(self.input_projectors.items()):
+            if p.share is None:
+                continue
+            owner = self.input_projectors.get(p.share)
+            if owner is None or owner.share is not None or p.share is m:
+                raise ValueError(f"input_projectors[{m.value}].share must name another modality's input projector "
+                                 f"that is not itself shared; got {p.share.value!r}")
+            self.input_projectors[m] = dataclasses.replace(owner, share=p.share)
         served: dict[Modality, str] = {}
         for name, enc in self.encoders.items():
             for m in enc.modalities:

@@ -79,6 +79,10 @@ def generate_text(model, processor, input_ids: torch.Tensor, attention_mask: tor
     gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=tok.pad_token_id,
                       eos_token_id=eos, logits_processor=LogitsProcessorList(
                           [*(logits_processor or []), SignalSpanForcing(processor.signal_ids, max_new_tokens)]))
+    # Input placeholders stand for media features; a model never writes one.
+    gen_kwargs["suppress_tokens"] = sorted(processor.placeholder_ids.values())
+    if processor.prompt_options.stop_strings:
+        gen_kwargs.update(stop_strings=list(processor.prompt_options.stop_strings), tokenizer=tok)
     if do_sample:
         gen_kwargs.update(temperature=temperature, top_p=top_p)
     else:  # silence model-default sampling settings (e.g. a generation_config with temperature)
@@ -101,7 +105,8 @@ def generate_text(model, processor, input_ids: torch.Tensor, attention_mask: tor
             ids.append(t)
             if t == eos:
                 break
-        sequences.append(ids)
+        stop = processor.stop_length(ids)
+        sequences.append(ids if stop is None else ids[:stop])
     spans = [processor.split_output(seq)[1] for seq in sequences]
     signal_hidden: dict[Modality, torch.Tensor] = {}
     if any(spans):

@@ -68,7 +68,16 @@ class AnyModalModel(nn.Module):
         self.input_projectors = nn.ModuleDict()
         for m, pcfg in config.input_projectors.items():
             tokens, dim = self.encoder_for(m).feature_shape(m)
+            if pcfg.share is not None:  # built below, once, under the owner's key
+                continue
             self.input_projectors[m.value] = build_input_projector(pcfg, tokens, dim, hidden)
+        for m, pcfg in config.input_projectors.items():
+            if pcfg.share is not None:
+                shape, owner = self.encoder_for(m).feature_shape(m), self.encoder_for(pcfg.share).feature_shape(pcfg.share)
+                if shape != owner:
+                    raise ValueError(f"input_projectors[{m.value}].share: {m.value} features {shape} differ from "
+                                     f"{pcfg.share.value} features {owner}; a shared projector needs one shape")
+                self.input_projectors[m.value] = self.input_projectors[pcfg.share.value]
         self.output_projectors = nn.ModuleDict({
             m.value: build_output_projector(pcfg, hidden) for m, pcfg in config.output_projectors.items()})
 
@@ -160,6 +169,10 @@ class AnyModalModel(nn.Module):
         """Signal-token hidden states ``(n, signal_tokens, hidden)`` -> generator conditioning."""
         proj = self.output_projectors[modality.value]
         p = next(proj.parameters())
+        if getattr(proj, "add_token_embeddings", False):
+            ids = torch.tensor(self.signal_ids[modality], device=self.device)
+            embeds = self.language_model.get_input_embeddings()(ids).expand(hidden.shape[0], -1, -1)
+            return proj(hidden.to(p.device, p.dtype), embeds.to(p.device, p.dtype))
         return proj(hidden.to(p.device, p.dtype))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

@@ -191,7 +191,9 @@ class AnyModalPipeline:
                 base.save_pretrained(tmp / "llm", safe_serialization=True, state_dict=state)
                 components["llm"] = {"kind": "full", "path": "llm"}
             else:
-                _save_token_rows(base, state, self.processor.new_token_ids, tmp / "llm")
+                rows = (list(range(base.get_input_embeddings().weight.shape[0]))
+                        if self.config.llm.embedding_rows == "all" else self.processor.new_token_ids)
+                _save_token_rows(base, state, rows, tmp / "llm")
                 components["llm"] = {"kind": "token_rows", "path": "llm"}
             for name, e in self.config.encoders.items():
                 if e.pretrained is not None and not e.trainable and not save_frozen:
@@ -467,7 +469,7 @@ def _make_processor(config: AnyModalConfig, tokenizer) -> AnyModalProcessor:
 
         layout["instruction_tokenizer"] = load_instruction_tokenizer(config)
     return AnyModalProcessor(tokenizer, signal, media_tokens, config.llm.system_prompt, config.llm.max_length,
-                             **layout)
+                             prompt_options=config.llm.prompt, **layout)
 
 
 class _naming:

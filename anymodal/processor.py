@@ -7,6 +7,7 @@ The model's output marks where it generated a medium the same way.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -16,6 +17,7 @@ from typing import Any, Sequence
 
 import torch
 
+from .config import PromptOptions
 from .modality import MEDIA_MODALITIES, Modality
 from .utils import atomic_write_text
 
@@ -29,8 +31,10 @@ DEFAULT_TEMPLATE = {"system": "{content}\n", "user": "### Human: {content}\n", "
                     "generation": "### Assistant:"}
 
 
-def signal_token_strings(modality: Modality, count: int) -> list[str]:
-    return [f"<{_SIGNAL_PREFIX[modality]}_{i}>" for i in range(count)]
+def signal_token_strings(modality: Modality, count: int, name: str | None = None) -> list[str]:
+    """The signal tokens of ``modality``: ``name`` formatted with ``i`` (default ``<img_{i}>``)."""
+    name = name or f"<{_SIGNAL_PREFIX[modality]}_{{i}}>"
+    return [name.format(i=i) for i in range(count)]
 
 
 @dataclass
@@ -55,7 +59,8 @@ class AnyModalProcessor:
 
     def __init__(self, tokenizer, signal_tokens: dict[Modality, int], media_tokens: dict[Modality, int],
                  system_prompt: str | None = None, max_length: int | None = None, add_special_tokens: bool = False,
-                 media_before_bos: bool = False, instruction_tokenizer=None):
+                 media_before_bos: bool = False, instruction_tokenizer=None,
+                 prompt_options: PromptOptions | dict | None = None):
         self.tokenizer = tokenizer
         # Released systems (anymodal.hf_systems.PromptFormat): the tokenizer adds its own BOS, and
         # BLIP-2-style prompts put the leading media positions before it.
@@ -66,9 +71,19 @@ class AnyModalProcessor:
         self.media_tokens = {Modality.parse(k): int(v) for k, v in media_tokens.items()}
         self.system_prompt = system_prompt
         self.max_length = max_length
+        if not isinstance(prompt_options, PromptOptions):
+            from .config import _build
+
+            prompt_options = _build(PromptOptions, prompt_options or {}, "prompt_options")
+        self.prompt_options = prompt_options
+        self.signal_strings = {m: signal_token_strings(m, n, prompt_options.signal_token_names.get(m))
+                               for m, n in self.signal_tokens.items()}
+        # Tokens already in the vocabulary (a converted checkpoint's) keep their ids; new ones go last.
         added = [PLACEHOLDERS[m] for m in MEDIA_MODALITIES]
-        for m, n in self.signal_tokens.items():
-            added += signal_token_strings(m, n)
+        for pair in prompt_options.media_wrap.values():
+            added += [t for t in pair if t not in added]
+        for m in self.signal_tokens:
+            added += self.signal_strings[m]
         new = [t for t in added if t not in tokenizer.get_vocab()]
         if new:
             tokenizer.add_special_tokens({"additional_special_tokens": new}, replace_extra_special_tokens=False)
@@ -76,8 +91,8 @@ class AnyModalProcessor:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
         tokenizer.padding_side = "left"  # decoder-only batched generation
         self.placeholder_ids = {m: tokenizer.convert_tokens_to_ids(PLACEHOLDERS[m]) for m in MEDIA_MODALITIES}
-        self.signal_ids = {m: tokenizer.convert_tokens_to_ids(signal_token_strings(m, n))
-                           for m, n in self.signal_tokens.items()}
+        self.signal_ids = {m: tokenizer.convert_tokens_to_ids(self.signal_strings[m]) for m in self.signal_tokens}
+        self.wrap_ids = {m: tokenizer.convert_tokens_to_ids(pair) for m, pair in prompt_options.media_wrap.items()}
         self._signal_lookup = {i: (m, k) for m, ids in self.signal_ids.items() for k, i in enumerate(ids)}
 
     @property
@@ -91,22 +106,48 @@ class AnyModalProcessor:
         msgs = list(messages)
         if self.system_prompt and not (msgs and msgs[0].role == "system"):
             msgs.insert(0, Message("system", self.system_prompt))
-        if getattr(self.tokenizer, "chat_template", None):
+        template = self.prompt_options.template
+        if template is None and getattr(self.tokenizer, "chat_template", None):
             return self.tokenizer.apply_chat_template([{"role": m.role, "content": m.content} for m in msgs],
                                                       tokenize=False, add_generation_prompt=add_generation_prompt)
-        text = "".join(DEFAULT_TEMPLATE[m.role].format(content=m.content) for m in msgs)
-        return text + (DEFAULT_TEMPLATE["generation"] if add_generation_prompt else "")
+        template = template or DEFAULT_TEMPLATE
+        text = "".join(template[m.role].format(content=m.content) for m in msgs)
+        return text + (template["generation"] if add_generation_prompt else "")
 
     def count_placeholders(self, text: str) -> dict[Modality, int]:
         return {m: text.count(PLACEHOLDERS[m]) for m in MEDIA_MODALITIES}
 
     def expand(self, text: str) -> str:
-        """Repeat each placeholder as many times as its medium has positions."""
+        """Repeat each placeholder as many times as its medium has positions (inside its wrapping tokens)."""
         for m in MEDIA_MODALITIES:
             n = self.media_tokens.get(m, 1)
-            if n > 1:
-                text = text.replace(PLACEHOLDERS[m], PLACEHOLDERS[m] * n)
+            wrap = self.prompt_options.media_wrap.get(m)
+            if n > 1 or wrap:
+                open_, close = wrap or ("", "")
+                text = text.replace(PLACEHOLDERS[m], open_ + PLACEHOLDERS[m] * n + close)
         return text
+
+    def _segment_ids(self, text: str) -> list[int]:
+        """``bos_per_segment``: BOS + each text segment tokenised alone; media as their tokens."""
+        tok = self.tokenizer
+        if tok.bos_token_id is None:
+            raise ValueError("prompt format bos_per_segment needs a tokenizer with a BOS token")
+        pattern = "(" + "|".join(re.escape(PLACEHOLDERS[m]) for m in MEDIA_MODALITIES) + ")"
+        ids: list[int] = []
+        parts = re.split(pattern, text)
+        for k, part in enumerate(parts):
+            if k % 2:  # a placeholder
+                m = Modality.parse(part[1:-1])
+                wrap = self.wrap_ids.get(m, [])
+                ids += wrap[:1] + [self.placeholder_ids[m]] * self.media_tokens.get(m, 1) + wrap[1:]
+                continue
+            if k > 0 and part.startswith(" "):  # one space either side of a medium belongs to it
+                part = part[1:]
+            if k < len(parts) - 1 and part.endswith(" "):
+                part = part[:-1]
+            if part:
+                ids += [tok.bos_token_id] + tok(part, add_special_tokens=False)["input_ids"]
+        return ids
 
     def place_media(self, text: str, counts: dict[Modality, int]) -> str:
         """Check placeholders against the media given; prepend them when the text has none."""
@@ -119,11 +160,16 @@ class AnyModalProcessor:
             elif found[m] != n:
                 raise ValueError(f"the prompt has {found[m]} {PLACEHOLDERS[m]} placeholder(s) but {n} {m.value}(s) "
                                  f"were given; give one {m.value} per placeholder, or no placeholders at all")
-        return f"{prefix}\n{text}" if prefix else text
+        if not prefix:
+            return text
+        # with bos_per_segment one space around a medium is dropped, as NExT-GPT's " <Image>...</Image> " split does
+        return f"{prefix} {text}" if self.prompt_options.bos_per_segment else f"{prefix}\n{text}"
 
     # ------------------------------------------------------------ tokenising
     def num_tokens(self, text: str) -> int:
         """Length of a formatted text in tokens, each placeholder counted as its medium's positions."""
+        if self.prompt_options.bos_per_segment:
+            return len(self._segment_ids(text))
         if self.add_special_tokens or self.media_before_bos:
             return len(self._encode(text))
         return len(self.tokenizer(self.expand(text), add_special_tokens=False)["input_ids"])
@@ -140,8 +186,9 @@ class AnyModalProcessor:
 
     def __call__(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Tokenise formatted texts (placeholders already placed) with left padding."""
-        if self.add_special_tokens or self.media_before_bos:
-            rows = [self._encode(t) for t in texts]
+        if self.prompt_options.bos_per_segment or self.add_special_tokens or self.media_before_bos:
+            encode = self._segment_ids if self.prompt_options.bos_per_segment else self._encode
+            rows = [encode(t) for t in texts]
             width = max(len(r) for r in rows)
             pad = self.tokenizer.pad_token_id
             enc = {"input_ids": torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long),
@@ -197,7 +244,21 @@ class AnyModalProcessor:
             i += 1
         pieces.append(self.tokenizer.decode(run, skip_special_tokens=True))
         text = "".join(pieces)
+        for stop in self.prompt_options.stop_strings:
+            if stop in text:
+                text = text[:text.index(stop)]
         return re.sub(r"[ \t]+\n", "\n", text).strip(), spans
+
+    def stop_length(self, ids: Sequence[int]) -> int | None:
+        """Number of leading ``ids`` up to and including the first stop string, or None if none occurs."""
+        stops = self.prompt_options.stop_strings
+        if not stops:
+            return None
+        for n in range(1, len(ids) + 1):
+            text = self.tokenizer.decode(ids[:n], skip_special_tokens=False)
+            if any(s in text for s in stops):
+                return n
+        return None
 
     # ------------------------------------------------------------ persistence
     def save_pretrained(self, directory: str | os.PathLike) -> None:
@@ -208,6 +269,10 @@ class AnyModalProcessor:
                 "media_tokens": {m.value: n for m, n in self.media_tokens.items()},
                 "system_prompt": self.system_prompt, "max_length": self.max_length,
                 "add_special_tokens": self.add_special_tokens, "media_before_bos": self.media_before_bos}
+        if self.prompt_options != PromptOptions():
+            from .config import _plain
+
+            meta["prompt_options"] = _plain(dataclasses.asdict(self.prompt_options))
         if self.instruction_tokenizer is not None:
             self.instruction_tokenizer.save_pretrained(directory / INSTRUCTION_TOKENIZER)
         atomic_write_text(directory / PROCESSOR_CONFIG, json.dumps(meta, indent=2))
@@ -223,4 +288,5 @@ class AnyModalProcessor:
         return cls(tok, meta["signal_tokens"], meta["media_tokens"], meta.get("system_prompt"), meta.get("max_length"),
                    add_special_tokens=meta.get("add_special_tokens", False),
                    media_before_bos=meta.get("media_before_bos", False),
-                   instruction_tokenizer=AutoTokenizer.from_pretrained(inst) if inst.is_dir() else None)
+                   instruction_tokenizer=AutoTokenizer.from_pretrained(inst) if inst.is_dir() else None,
+                   prompt_options=meta.get("prompt_options"))

@@ -182,35 +182,59 @@ def _known_options(options: dict[str, Any], cls: type, where: str) -> dict[str, 
 class TransformerOutputProjector(nn.Module):
     """NExT-GPT's output projector: learned queries attend to the signal tokens' hidden states.
 
-    One decoder per conditioning target (``prompt_embeds``, and for AudioLDM2 also
-    ``generated_prompt_embeds``), each producing ``(batch, sequence, dim)``.
+    One query set and stack per conditioning target (``prompt_embeds``, and for AudioLDM2 also
+    ``generated_prompt_embeds``), each producing ``(batch, sequence, dim)``. With
+    ``num_encoder_layers > 0`` each target runs ``nn.Transformer``'s encoder-decoder (pre-norm,
+    a final LayerNorm on each stack) over the projected signal states; with 0, the decoder alone.
+    With ``add_token_embeddings`` the signal tokens' input embeddings are added to their hidden
+    states first (``forward``'s ``token_embeds``).
     """
 
     def __init__(self, in_dim: int, config: OutputProjectorConfig):
         super().__init__()
         self.in_dim = in_dim
+        self.add_token_embeddings = config.add_token_embeddings
         self.targets = {name: tuple(shape) for name, shape in config.targets.items()}
         h = config.hidden_dim
+        ffn = config.ffn_dim or 4 * h
         self.in_proj = nn.Linear(in_dim, h)
         self.queries = nn.ParameterDict({n: nn.Parameter(torch.randn(seq, h) * 0.02)
                                          for n, (seq, _) in self.targets.items()})
+        if config.num_encoder_layers:
+            self.encoders = nn.ModuleDict({
+                n: nn.TransformerEncoder(
+                    nn.TransformerEncoderLayer(h, config.num_heads, dim_feedforward=ffn, dropout=config.dropout,
+                                               batch_first=True, norm_first=True),
+                    num_layers=config.num_encoder_layers, norm=nn.LayerNorm(h), enable_nested_tensor=False)
+                for n in self.targets})
+        else:
+            self.encoders = None
         self.decoders = nn.ModuleDict({
             n: nn.TransformerDecoder(
-                nn.TransformerDecoderLayer(h, config.num_heads, dim_feedforward=4 * h, dropout=config.dropout,
+                nn.TransformerDecoderLayer(h, config.num_heads, dim_feedforward=ffn, dropout=config.dropout,
                                            batch_first=True, norm_first=True),
                 num_layers=config.num_layers, norm=nn.LayerNorm(h))
             for n in self.targets})
         self.out_proj = nn.ModuleDict({n: nn.Linear(h, dim) for n, (_, dim) in self.targets.items()})
 
-    def forward(self, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, hidden: torch.Tensor, token_embeds: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         if hidden.ndim != 3 or hidden.shape[-1] != self.in_dim:
             raise ValueError(f"output projector expects hidden states (batch, signal_tokens, {self.in_dim}), "
                              f"got {tuple(hidden.shape)}")
+        if self.add_token_embeddings:
+            if token_embeds is None:
+                raise ValueError("this output projector adds the signal tokens' input embeddings "
+                                 "(add_token_embeddings); pass token_embeds")
+            if token_embeds.shape[-2:] != hidden.shape[-2:]:
+                raise ValueError(f"token_embeds {tuple(token_embeds.shape)} do not match the hidden states "
+                                 f"{tuple(hidden.shape)}")
+            hidden = hidden + token_embeds
         memory = self.in_proj(hidden)
         out = {}
         for n in self.targets:
+            mem = self.encoders[n](memory) if self.encoders is not None else memory
             q = self.queries[n].unsqueeze(0).expand(hidden.shape[0], -1, -1)
-            out[n] = self.out_proj[n](self.decoders[n](q, memory))
+            out[n] = self.out_proj[n](self.decoders[n](q, mem))
         return out
 
 

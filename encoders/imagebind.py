@@ -111,6 +111,9 @@ class ImageBindOptions:
     # "in_place" (official): each clip's mean is subtracted from the shared waveform, which overlapping
     # clips (inputs under audio_clips x audio_clip_duration) then see; "per_clip": from a copy of each clip.
     audio_demean: str = "in_place"
+    # The official audio postprocessor multiplies the normalised embedding by 20. NExT-GPT's copy
+    # skips that step (it calls only the Normalize), so its llama_proj expects unscaled features.
+    audio_logit_scale: bool = True
     # text (token ids from CLIP's BPE tokenizer)
     text_context_length: int = 77
     text_vocab_size: int = 49408
@@ -144,6 +147,8 @@ class ImageBindOptions:
                               ("audio_channel", AUDIO_CHANNELS), ("audio_demean", AUDIO_DEMEAN)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {getattr(self, name)!r}")
+        if not isinstance(self.audio_logit_scale, bool):
+            raise ValueError(f"audio_logit_scale must be true or false, got {self.audio_logit_scale!r}")
 
     # -- derived sizes
     @property
@@ -530,7 +535,8 @@ class ImageBindEncoder(ModalityEncoder):
             tokens = final_norm(tokens)
             return tokens.reshape(batch, clips * tokens.shape[1], tokens.shape[2])
         emb = head(tokens, x) if branch == "text" else head(tokens)
-        emb = self.modality_postprocessors[branch](emb)
+        post = self.modality_postprocessors[branch]
+        emb = post[0](emb) if branch == "audio" and not self.opts.audio_logit_scale else post(emb)
         # Audio and video: the official model averages the (normalised, scaled) embeddings of all
         # clips (and, for video, spatial crops).
         return emb.reshape(batch, clips, -1).mean(dim=1, keepdim=True)

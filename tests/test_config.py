@@ -22,7 +22,8 @@ REAL_GENERATOR_TARGETS = {
     "cvssp/audioldm-l-full": {"prompt_embeds": [1, 512]},
     "cerspense/zeroscope_v2_576w": {"prompt_embeds": [77, 1024]},
 }
-REAL_LLMS = {"lmsys/vicuna-7b-v1.5", "Qwen/Qwen2.5-7B-Instruct", "meta-llama/Meta-Llama-3-8B-Instruct"}
+# vicuna-7b-v0: a local directory (v0 ships only as a delta over LLaMA-7B), as NExT-GPT's release needs.
+REAL_LLMS = {"vicuna-7b-v0", "lmsys/vicuna-7b-v1.5", "Qwen/Qwen2.5-7B-Instruct", "meta-llama/Meta-Llama-3-8B-Instruct"}
 
 
 def test_configs_are_shipped():
@@ -53,14 +54,23 @@ def test_real_configs_match_the_checkpoints(path: Path):
     for m, g in cfg.generators.items():
         assert cfg.output_projectors[m].targets == REAL_GENERATOR_TARGETS[g.pretrained], m
     ib = cfg.encoders["imagebind"]
-    assert ib.options == {"preset": "huge"} and set(ib.modalities) == {Modality.IMAGE, Modality.AUDIO, Modality.VIDEO}
+    assert ib.options == {"preset": "huge", "audio_logit_scale": False}
+    assert set(ib.modalities) == {Modality.IMAGE, Modality.AUDIO, Modality.VIDEO}
 
 
 def test_backbone_swaps_by_config_alone():
-    a = AnyModalConfig.from_yaml(next(p for p in CONFIGS if p.stem == "nextgpt-7b")).to_dict()
+    a = AnyModalConfig.from_yaml(next(p for p in CONFIGS if p.stem == "nextgpt-7b-v15")).to_dict()
     b = AnyModalConfig.from_yaml(next(p for p in CONFIGS if p.stem == "nextgpt-qwen2-7b")).to_dict()
     a.pop("name"), b.pop("name")
     assert a["llm"].pop("model") != b["llm"].pop("model")
+    assert a == b
+
+
+def test_recommended_variant_differs_from_the_release_only_in_the_llm():
+    a = AnyModalConfig.from_yaml(next(p for p in CONFIGS if p.stem == "nextgpt-7b")).to_dict()
+    b = AnyModalConfig.from_yaml(next(p for p in CONFIGS if p.stem == "nextgpt-7b-v15")).to_dict()
+    for c in (a, b):
+        c.pop("name"), c.pop("llm")
     assert a == b
 
 

@@ -34,7 +34,7 @@ from torch.utils.data import Dataset
 
 from anymodal.media import MediaError
 from anymodal.modality import MEDIA_MODALITIES, Modality
-from anymodal.processor import PLACEHOLDERS, AnyModalProcessor, Message, signal_token_strings
+from anymodal.processor import PLACEHOLDERS, AnyModalProcessor, Message
 
 logger = logging.getLogger(__name__)
 
@@ -527,7 +527,7 @@ class SampleBuilder:
         # Without a chat template nothing marks the end of an answer; EOS does (generation stops on it).
         self.eos = "" if getattr(tok, "chat_template", None) else (tok.eos_token or "")
         self.reserved = [PLACEHOLDERS[m] for m in MEDIA_MODALITIES]
-        self.reserved += [s for m, n in processor.signal_tokens.items() for s in signal_token_strings(m, n)]
+        self.reserved += [s for m in processor.signal_tokens for s in processor.signal_strings[m]]
 
     def __call__(self, record: Record) -> Sample | BadRow:
         try:
@@ -541,7 +541,7 @@ class SampleBuilder:
     def _signal(self, m: Modality) -> str:
         if m not in self.processor.signal_tokens:
             raise _Bad(f"the model has no signal tokens for {m.value}")
-        return "".join(signal_token_strings(m, self.processor.signal_tokens[m]))
+        return "".join(self.processor.signal_strings[m])
 
     def _placeholder(self, m: Modality) -> str:
         return PLACEHOLDERS[m] * self.processor.media_tokens.get(m, 1)
