@@ -39,8 +39,9 @@ def test_gill_layout():
     assert (clip.type, clip.pretrained, clip.modalities) == ("hf-vision", "openai/clip-vit-large-patch14", [IMAGE])
     assert clip.options == {"output": "pooled"}
     assert (c.input_projectors[IMAGE].type, c.input_projectors[IMAGE].num_tokens) == ("linear", 4)
-    mapper = c.output_projectors[IMAGE]  # GILLMapper: width 512, 4 heads, 4 (decoder) layers, 77 queries
-    assert (mapper.hidden_dim, mapper.num_heads, mapper.num_layers) == (512, 4, 4)
+    mapper = c.output_projectors[IMAGE]  # GILLMapper: width 512, 4 heads, 4 + 4 layers, FFN 2048, 77 queries
+    assert (mapper.hidden_dim, mapper.num_heads, mapper.num_layers, mapper.num_encoder_layers) == (512, 4, 4, 4)
+    assert mapper.ffn_dim == 2048 and mapper.add_token_embeddings
     assert mapper.targets == {"prompt_embeds": [77, 768]}
     assert (c.generators[IMAGE].type, c.generators[IMAGE].pretrained) == \
         ("stable-diffusion", "stable-diffusion-v1-5/stable-diffusion-v1-5")
