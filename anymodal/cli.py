@@ -155,7 +155,7 @@ def _load_subcommand_modules() -> None:
     """Subcommands defined in other modules register themselves on import."""
     import importlib
 
-    for mod in ("anymodal.training.cli", "anymodal.batch", "anymodal.session", "anymodal.toyworld.cli",
+    for mod in ("anymodal.training.cli", "anymodal.batch", "anymodal.chat", "anymodal.ui.cli", "anymodal.toyworld.cli",
                 "anymodal.toyworld.evaluate", "anymodal.convert"):
         try:
             importlib.import_module(mod)

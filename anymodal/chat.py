@@ -1,0 +1,110 @@
+"""``anymodal chat``: a multi-turn conversation in the terminal over a :class:`~anymodal.session.ChatSession`.
+
+A command module of the CLI (``anymodal.cli`` imports it); the session library itself knows nothing of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from .modality import Modality
+from .session import ChatSession, Turn
+
+CHAT_HELP = """Type a message and press Enter. Commands:
+  /image PATH   attach an image to the next message      /audio PATH   attach an audio file
+  /video PATH   attach a video                           /save DIR     save the session
+  /help         show this help                           /quit         leave (also Ctrl-D)"""
+
+
+def _chat_args(p: argparse.ArgumentParser) -> None:
+    from .cli import _model_args
+
+    _model_args(p)
+    p.add_argument("--out", default=None, help="directory for generated media (default: a new temporary directory)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first reply; reply n uses seed + n (default 0)")
+    p.add_argument("--system", default=None, help="a system prompt")
+    p.add_argument("--load", default=None, metavar="DIR", help="continue a session saved with /save")
+    p.add_argument("--max-new-tokens", type=int, default=None)
+
+
+def _chat(args: argparse.Namespace) -> int:
+    import sys
+
+    from .cli import load_pipeline, write_outputs
+
+    pipe = load_pipeline(args.model, args.config, args.device)
+    if args.load:
+        session = ChatSession.load(args.load, pipe)
+    else:
+        session = ChatSession(pipe, system_prompt=args.system, seed=args.seed, max_new_tokens=args.max_new_tokens)
+    out_dir = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="anymodal-chat-"))
+    print(f"anymodal chat: {len(session.turns) // 2} earlier turn(s); generated media go to {out_dir}; /help for help")
+    attached: dict[Modality, list[str]] = {}
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            print()
+            return 0
+        except KeyboardInterrupt:
+            print()
+            return 0
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            cmd, _, arg = line.partition(" ")
+            arg = arg.strip()
+            kinds = {"/image": Modality.IMAGE, "/audio": Modality.AUDIO, "/video": Modality.VIDEO}
+            if cmd in ("/quit", "/exit"):
+                return 0
+            if cmd == "/help":
+                print(CHAT_HELP)
+            elif cmd in kinds:
+                path = Path(arg).expanduser()
+                if not arg or not path.is_file():
+                    print(f"error: no such file: {arg or '(none given)'}", file=sys.stderr)
+                    continue
+                attached.setdefault(kinds[cmd], []).append(str(path))
+                print(f"attached {kinds[cmd].value}: {path}")
+            elif cmd == "/save":
+                if not arg:
+                    print("error: /save needs a directory", file=sys.stderr)
+                    continue
+                print(f"saved: {session.save(Path(arg).expanduser())}")
+            else:
+                print(f"error: unknown command {cmd}; /help lists them", file=sys.stderr)
+            continue
+        try:
+            reply = session.send(line, images=attached.get(Modality.IMAGE), audios=attached.get(Modality.AUDIO),
+                                 videos=attached.get(Modality.VIDEO))
+        except (ValueError, FileNotFoundError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            continue
+        finally:
+            attached = {}
+        print(f"anymodal> {reply.text}")
+        written = _write_reply(reply, out_dir, len(session.turns) // 2, write_outputs)
+        for kind, paths in written.items():
+            for p in paths:
+                print(f"{kind}: {p}")
+
+
+def _write_reply(reply: Turn, out_dir: Path, number: int, write_outputs) -> dict[str, list[str]]:
+    from .pipeline import AnyModalOutput
+
+    out = AnyModalOutput(text=[reply.text], images=[reply.images], audios=[reply.audios], videos=[reply.videos])
+    written = write_outputs(out, 0, out_dir, stem=f"turn{number:03d}")
+    written.pop("text", None)
+    return written
+
+
+def _register() -> None:
+    from .cli import command
+
+    command("chat", "a multi-turn conversation in the terminal; /image, /audio attach files")(_chat_args)(_chat)
+
+
+_register()
