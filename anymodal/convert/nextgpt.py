@@ -280,12 +280,10 @@ def convert_nextgpt(delta: str | Path, llm: str | Path, out: str | Path, imagebi
     The directory loads with ``AnyModalPipeline.from_pretrained(out)``; Vicuna, ImageBind and the
     generators are referenced by path or id, not copied.
     """
-    from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
     from ..config import AnyModalConfig
     from ..pipeline import FORMAT_VERSION, INDEX_NAME, _make_processor
-    from ..projectors import build_output_projector
     from ..utils import atomic_write_text, swap_dir_into_place
 
     delta, llm, out = Path(delta), Path(llm).resolve(), Path(out)
@@ -321,76 +319,11 @@ def convert_nextgpt(delta: str | Path, llm: str | Path, out: str | Path, imagebi
                                       "generators": {m.value: {"kind": "reference"} for m in cfg.generators},
                                       "adapter": None, "llm": {"kind": "token_rows", "path": "llm"}}
         processor.save_pretrained(tmp / "processor")
-
-        # 1. embeddings: every row of the delta, plus zero rows for the placeholders
-        (tmp / "llm").mkdir()
-        extra = total - plan.rows
-        rows = {"token_ids": torch.arange(total, dtype=torch.long)}
-        for name, key in (("input_rows", plan.embed), ("output_rows", plan.lm_head)):
-            t = state[key]
-            rows[name] = torch.cat([t, t.new_zeros(extra, t.shape[1])])
-        save_file(rows, str(tmp / "llm" / "token_rows.safetensors"))
-        del rows
-        bar.update(2)
-        log(f"embeddings: embed_tokens and lm_head [{plan.rows}, {plan.hidden}] ({base_vocab} base + "
-            f"{ADDED_TOKENS} NExT-GPT tokens), all rows kept; {extra} placeholder rows added")
-
-        # 2. LoRA adapter (peft format)
+        _write_token_rows(tmp, state, plan, total, bar, log)
         if plan.lora:
-            from peft import LoraConfig
-
-            lc = cfg.llm.lora
-            LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=list(lc.target_modules),
-                       task_type="CAUSAL_LM", base_model_name_or_path=str(llm)).save_pretrained(str(tmp / "llm_adapter"))
-            save_file({dst: state[src].contiguous() for src, dst in plan.lora.items()},
-                      str(tmp / "llm_adapter" / "adapter_model.safetensors"))
-            components["adapter"] = "llm_adapter"
-            bar.update(len(plan.lora))
-            n_layers = len({LORA_KEY.fullmatch(k).group(1) for k in plan.lora})
-            log(f"LoRA: {len(plan.lora)} tensors, {n_layers} layers x {'/'.join(lc.target_modules)}, r={lc.r}, "
-                f"alpha={lc.alpha}")
-
-        # 3. the input projector (llama_proj), one module for every input modality
-        (tmp / "input_projectors").mkdir()
-        w = state["llama_proj.weight"]
-        if cfg.encoders:
-            tensors = {dst: state[src].contiguous() for src, dst in plan.input.items()}
-            for m in cfg.input_projectors:
-                save_file(tensors, str(tmp / "input_projectors" / f"{m.value}.safetensors"))
-                components["input_projectors"][m.value] = f"input_projectors/{m.value}.safetensors"
-            components["encoders"]["imagebind"] = {"kind": "reference"}
-            log(f"input projector: llama_proj {w.shape[1]} -> {w.shape[0]}, shared by "
-                f"{', '.join(m.value for m in cfg.input_projectors)}; ImageBind from {imagebind}")
-        else:
-            log("input projector: llama_proj skipped (no --imagebind: the pipeline takes text input only)")
-        bar.update(len(plan.input))
-
-        # 4. output projectors, checked key by key against the module they load into
-        (tmp / "output_projectors").mkdir()
-        for m, keys in plan.output.items():
-            pcfg = cfg.output_projectors[m]
-            with torch.device("meta"):
-                expected = build_output_projector(pcfg, plan.hidden).state_dict()
-            tensors = {}
-            for src, dst in keys.items():
-                t = state[src]
-                if dst.startswith("queries."):
-                    t = t[0]  # (1, Q, d) -> (Q, d)
-                if dst not in expected or tuple(expected[dst].shape) != tuple(t.shape):
-                    raise ConversionError(f"{src} {tuple(t.shape)} does not fit {m.value} output projector's "
-                                          f"{dst} {None if dst not in expected else tuple(expected[dst].shape)}")
-                tensors[dst] = t.contiguous()
-            absent = sorted(set(expected) - set(tensors))
-            if absent:
-                raise ConversionError(f"{delta}: the {m.value} output projector lacks {OUTPUT_PREFIXES[m]}... for "
-                                      f"{absent[0]} ({len(absent)} tensors missing)")
-            save_file(tensors, str(tmp / "output_projectors" / f"{m.value}.safetensors"))
-            components["output_projectors"][m.value] = f"output_projectors/{m.value}.safetensors"
-            bar.update(len(keys))
-            seq, dim = pcfg.targets["prompt_embeds"]
-            log(f"output projector {m.value}: {plan.hidden} -> {pcfg.hidden_dim} ({pcfg.num_encoder_layers} encoder + "
-                f"{pcfg.num_layers} decoder layers, {pcfg.num_heads} heads, FFN {pcfg.ffn_dim}) -> {seq} x {dim}; "
-                f"generator {cfg.generators[m].pretrained}")
+            components["adapter"] = _write_lora(tmp, state, plan, cfg, llm, bar, log)
+        _write_input_projector(tmp, state, plan, cfg, imagebind, components, bar, log)
+        _write_output_projectors(tmp, state, plan, cfg, delta, components, bar, log)
         bar.close()
 
         index = {"format_version": FORMAT_VERSION, "config": cfg.to_dict(), "components": components}
@@ -403,6 +336,93 @@ def convert_nextgpt(delta: str | Path, llm: str | Path, out: str | Path, imagebi
             shutil.rmtree(tmp)
     log(f"converted {len(state)} tensors from {delta} into {out} (Vicuna referenced at {llm})")
     return out
+
+
+def _write_token_rows(tmp: Path, state: dict[str, torch.Tensor], plan: Any, total: int, bar: Any, log) -> None:
+    """Every row of the delta's embed_tokens and lm_head, plus zero rows for anymodal's placeholders."""
+    from safetensors.torch import save_file
+
+    (tmp / "llm").mkdir()
+    extra = total - plan.rows
+    rows = {"token_ids": torch.arange(total, dtype=torch.long)}
+    for name, key in (("input_rows", plan.embed), ("output_rows", plan.lm_head)):
+        t = state[key]
+        rows[name] = torch.cat([t, t.new_zeros(extra, t.shape[1])])
+    save_file(rows, str(tmp / "llm" / "token_rows.safetensors"))
+    bar.update(2)
+    log(f"embeddings: embed_tokens and lm_head [{plan.rows}, {plan.hidden}] ({plan.rows - ADDED_TOKENS} base + "
+        f"{ADDED_TOKENS} NExT-GPT tokens), all rows kept; {extra} placeholder rows added")
+
+
+def _write_lora(tmp: Path, state: dict[str, torch.Tensor], plan: Any, cfg: Any, llm: Path, bar: Any, log) -> str:
+    """The LoRA adapter in peft's format; returns its directory name."""
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    lc = cfg.llm.lora
+    LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=list(lc.target_modules),
+               task_type="CAUSAL_LM", base_model_name_or_path=str(llm)).save_pretrained(str(tmp / "llm_adapter"))
+    save_file({dst: state[src].contiguous() for src, dst in plan.lora.items()},
+              str(tmp / "llm_adapter" / "adapter_model.safetensors"))
+    bar.update(len(plan.lora))
+    n_layers = len({LORA_KEY.fullmatch(k).group(1) for k in plan.lora})
+    log(f"LoRA: {len(plan.lora)} tensors, {n_layers} layers x {'/'.join(lc.target_modules)}, r={lc.r}, "
+        f"alpha={lc.alpha}")
+    return "llm_adapter"
+
+
+def _write_input_projector(tmp: Path, state: dict[str, torch.Tensor], plan: Any, cfg: Any, imagebind: Path | None,
+                           components: dict[str, Any], bar: Any, log) -> None:
+    """llama_proj, one module for every input modality (none without ImageBind: text input only)."""
+    from safetensors.torch import save_file
+
+    (tmp / "input_projectors").mkdir()
+    w = state["llama_proj.weight"]
+    if cfg.encoders:
+        tensors = {dst: state[src].contiguous() for src, dst in plan.input.items()}
+        for m in cfg.input_projectors:
+            save_file(tensors, str(tmp / "input_projectors" / f"{m.value}.safetensors"))
+            components["input_projectors"][m.value] = f"input_projectors/{m.value}.safetensors"
+        components["encoders"]["imagebind"] = {"kind": "reference"}
+        log(f"input projector: llama_proj {w.shape[1]} -> {w.shape[0]}, shared by "
+            f"{', '.join(m.value for m in cfg.input_projectors)}; ImageBind from {imagebind}")
+    else:
+        log("input projector: llama_proj skipped (no --imagebind: the pipeline takes text input only)")
+    bar.update(len(plan.input))
+
+
+def _write_output_projectors(tmp: Path, state: dict[str, torch.Tensor], plan: Any, cfg: Any, delta: Path,
+                             components: dict[str, Any], bar: Any, log) -> None:
+    """Each output projector, checked key by key against the module it loads into."""
+    from safetensors.torch import save_file
+
+    from ..projectors import build_output_projector
+
+    (tmp / "output_projectors").mkdir()
+    for m, keys in plan.output.items():
+        pcfg = cfg.output_projectors[m]
+        with torch.device("meta"):
+            expected = build_output_projector(pcfg, plan.hidden).state_dict()
+        tensors = {}
+        for src, dst in keys.items():
+            t = state[src]
+            if dst.startswith("queries."):
+                t = t[0]  # (1, Q, d) -> (Q, d)
+            if dst not in expected or tuple(expected[dst].shape) != tuple(t.shape):
+                raise ConversionError(f"{src} {tuple(t.shape)} does not fit {m.value} output projector's "
+                                      f"{dst} {None if dst not in expected else tuple(expected[dst].shape)}")
+            tensors[dst] = t.contiguous()
+        absent = sorted(set(expected) - set(tensors))
+        if absent:
+            raise ConversionError(f"{delta}: the {m.value} output projector lacks {OUTPUT_PREFIXES[m]}... for "
+                                  f"{absent[0]} ({len(absent)} tensors missing)")
+        save_file(tensors, str(tmp / "output_projectors" / f"{m.value}.safetensors"))
+        components["output_projectors"][m.value] = f"output_projectors/{m.value}.safetensors"
+        bar.update(len(keys))
+        seq, dim = pcfg.targets["prompt_embeds"]
+        log(f"output projector {m.value}: {plan.hidden} -> {pcfg.hidden_dim} ({pcfg.num_encoder_layers} encoder + "
+            f"{pcfg.num_layers} decoder layers, {pcfg.num_heads} heads, FFN {pcfg.ffn_dim}) -> {seq} x {dim}; "
+            f"generator {cfg.generators[m].pretrained}")
 
 
 # ------------------------------------------------------------------ CLI
