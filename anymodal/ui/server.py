@@ -334,8 +334,7 @@ async def _read_form(request: Request, directory: Path, batch: str, limits: Uplo
     """Stream a multipart body: files go straight to hidden files in ``directory`` (appended to
     ``uploads`` as they are opened, so that the caller can remove them on any error), the text is
     returned. Every cap is checked as the bytes arrive."""
-    from python_multipart.exceptions import MultipartParseError
-    from python_multipart.multipart import MultipartParser, parse_options_header
+    from python_multipart.multipart import parse_options_header
 
     ctype, params = parse_options_header(request.headers.get("content-type", ""))
     if ctype != b"multipart/form-data" or not params.get(b"boundary"):
@@ -347,27 +346,75 @@ async def _read_form(request: Request, directory: Path, batch: str, limits: Uplo
         if int(length) > limits.request_bytes:
             raise HTTPRefusal(413, f"the request is {int(length):,} bytes; at most {limits.request_bytes:,} are "
                                    "accepted (all files together)")
+    return await _MultipartForm(directory, batch, limits, uploads).read(request, params[b"boundary"])
 
-    text_parts: list[bytes] = []
-    part: dict[str, Any] = {}
-    header: dict[str, bytes] = {"field": b"", "value": b""}
-    ended = False
 
-    def on_part_begin():
-        part.clear()
-        part["headers"] = {}
+class _MultipartForm:
+    """The callbacks of python-multipart's streaming parser for one request: each part's headers,
+    then its bytes, to the text field or to an upload file, checked against the limits as they arrive."""
 
-    def on_header_field(data, start, end):
-        header["field"] += data[start:end]
+    def __init__(self, directory: Path, batch: str, limits: UploadLimits, uploads: list[_Upload]):
+        self.directory, self.batch, self.limits, self.uploads = directory, batch, limits, uploads
+        self.text_parts: list[bytes] = []
+        self.part: dict[str, Any] = {}
+        self.header: dict[str, bytes] = {"field": b"", "value": b""}
+        self.ended = False
 
-    def on_header_value(data, start, end):
-        header["value"] += data[start:end]
+    async def read(self, request: Request, boundary: bytes) -> str:
+        from python_multipart.exceptions import MultipartParseError
+        from python_multipart.multipart import MultipartParser
 
-    def on_header_end():
-        part["headers"][header["field"].decode("latin-1").lower()] = header["value"]
-        header["field"] = header["value"] = b""
+        limits = self.limits
+        parser = MultipartParser(boundary, callbacks={
+            "on_part_begin": self.on_part_begin, "on_header_field": self.on_header_field,
+            "on_header_value": self.on_header_value, "on_header_end": self.on_header_end,
+            "on_headers_finished": self.on_headers_finished, "on_part_data": self.on_part_data,
+            "on_part_end": self.on_part_end, "on_end": self.on_end})
+        received = 0
+        chunks = request.stream().__aiter__()
+        try:
+            while True:
+                try:
+                    chunk = await asyncio.wait_for(chunks.__anext__(), limits.idle_timeout_s)
+                except StopAsyncIteration:
+                    break
+                except asyncio.TimeoutError:
+                    raise HTTPRefusal(408, f"the upload sent nothing for {limits.idle_timeout_s:g} s") from None
+                received += len(chunk)
+                if received > limits.request_bytes:
+                    raise HTTPRefusal(413, f"the request is larger than {limits.request_bytes:,} bytes, the most "
+                                           "accepted (all files together)")
+                parser.write(chunk)
+            parser.finalize()
+        except MultipartParseError as e:
+            raise HTTPRefusal(400, f"malformed multipart body: {e}") from None
+        finally:
+            self.on_part_end()
+        if not self.ended and received:  # an empty body is an empty form
+            raise HTTPRefusal(400, "malformed multipart body: it ends before its closing boundary")
+        try:
+            return self.text_parts[0].decode("utf-8") if self.text_parts else ""
+        except UnicodeDecodeError:
+            raise HTTPRefusal(400, "the text is not valid UTF-8") from None
 
-    def on_headers_finished():
+    def on_part_begin(self) -> None:
+        self.part.clear()
+        self.part["headers"] = {}
+
+    def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self.header["field"] += data[start:end]
+
+    def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self.header["value"] += data[start:end]
+
+    def on_header_end(self) -> None:
+        self.part["headers"][self.header["field"].decode("latin-1").lower()] = self.header["value"]
+        self.header["field"] = self.header["value"] = b""
+
+    def on_headers_finished(self) -> None:
+        from python_multipart.multipart import parse_options_header
+
+        part, limits = self.part, self.limits
         disposition, opts = parse_options_header(part["headers"].get("content-disposition", b""))
         if disposition != b"form-data" or b"name" not in opts:
             raise HTTPRefusal(400, "a form part has no Content-Disposition: form-data; name=...")
@@ -376,10 +423,10 @@ async def _read_form(request: Request, directory: Path, batch: str, limits: Uplo
         if name == "text":
             if filename is not None:
                 raise HTTPRefusal(400, "'text' must be a form field, not a file")
-            if text_parts:
+            if self.text_parts:
                 raise HTTPRefusal(400, "more than one 'text' field")
             part["text"] = True
-            text_parts.append(b"")
+            self.text_parts.append(b"")
             return
         if name not in _UPLOAD_KINDS:
             raise HTTPRefusal(400, f"unknown form field {name[:40]!r}; the fields are text, image, audio and video")
@@ -388,20 +435,20 @@ async def _read_form(request: Request, directory: Path, batch: str, limits: Uplo
         if not filename:  # an empty file input of a browser form
             part["skip"] = True
             return
-        if len(uploads) >= limits.files:
+        if len(self.uploads) >= limits.files:
             raise HTTPRefusal(413, f"more than {limits.files} files in one message")
-        path = directory / f".upload-{batch}-{len(uploads)}"
+        path = self.directory / f".upload-{self.batch}-{len(self.uploads)}"
         up = _Upload(name, _display_name(filename.decode("utf-8", "replace")), path)
-        uploads.append(up)
+        self.uploads.append(up)
         part["upload"] = up
         part["file"] = open(path, "xb")
 
-    def on_part_data(data, start, end):
-        n = end - start
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        part, limits, n = self.part, self.limits, end - start
         if "text" in part:
-            if len(text_parts[0]) + n > limits.text_bytes:
+            if len(self.text_parts[0]) + n > limits.text_bytes:
                 raise HTTPRefusal(413, f"the text is longer than {limits.text_bytes:,} bytes")
-            text_parts[0] += data[start:end]
+            self.text_parts[0] += data[start:end]
         elif "upload" in part:
             up = part["upload"]
             up.size += n
@@ -412,45 +459,12 @@ async def _read_form(request: Request, directory: Path, batch: str, limits: Uplo
         elif "skip" in part and n:
             raise HTTPRefusal(400, "a file part with an empty file name has content")
 
-    def on_part_end():
-        if "file" in part:
-            part.pop("file").close()
+    def on_part_end(self) -> None:
+        if "file" in self.part:
+            self.part.pop("file").close()
 
-    def on_end():
-        nonlocal ended
-        ended = True
-
-    parser = MultipartParser(params[b"boundary"], callbacks={
-        "on_part_begin": on_part_begin, "on_header_field": on_header_field, "on_header_value": on_header_value,
-        "on_header_end": on_header_end, "on_headers_finished": on_headers_finished,
-        "on_part_data": on_part_data, "on_part_end": on_part_end, "on_end": on_end})
-    received = 0
-    chunks = request.stream().__aiter__()
-    try:
-        while True:
-            try:
-                chunk = await asyncio.wait_for(chunks.__anext__(), limits.idle_timeout_s)
-            except StopAsyncIteration:
-                break
-            except asyncio.TimeoutError:
-                raise HTTPRefusal(408, f"the upload sent nothing for {limits.idle_timeout_s:g} s") from None
-            received += len(chunk)
-            if received > limits.request_bytes:
-                raise HTTPRefusal(413, f"the request is larger than {limits.request_bytes:,} bytes, the most "
-                                       "accepted (all files together)")
-            parser.write(chunk)
-        parser.finalize()
-    except MultipartParseError as e:
-        raise HTTPRefusal(400, f"malformed multipart body: {e}") from None
-    finally:
-        if "file" in part:
-            part.pop("file").close()
-    if not ended and received:  # an empty body is an empty form
-        raise HTTPRefusal(400, "malformed multipart body: it ends before its closing boundary")
-    try:
-        return text_parts[0].decode("utf-8") if text_parts else ""
-    except UnicodeDecodeError:
-        raise HTTPRefusal(400, "the text is not valid UTF-8") from None
+    def on_end(self) -> None:
+        self.ended = True
 
 
 def _video_format(head: bytes) -> str | None:
@@ -528,6 +542,7 @@ def _remove(paths: Sequence[Path]) -> None:
 
 
 # ==================================================================== the app
+# Long by design: the route handlers below are short closures over this app's store and limits.
 def create_app(pipe, media_dir: str | Path | None = None, seed: int | None = 0,
                max_new_tokens: int | None = None, allowed_hosts: Sequence[str] = LOCAL_HOSTS,
                limits: UploadLimits | None = None, max_sessions: int = 64) -> Starlette:
