@@ -537,6 +537,24 @@ class CLIPConditionedGenerator(DiffusersGenerator):
         return {"tokenizer": tokenizer, "text_encoder": text_encoder}
 
     @classmethod
+    def build_denoiser_components(cls, specs: dict[str, Any], where: str, unet_class: type,
+                                  **extra_classes: type) -> dict[str, Any]:
+        """The random-init parts every CLIP-conditioned diffusers pipeline shares, built in this order
+        (which fixes what each draws from the seed): tokenizer and text encoder, the UNet
+        (``unet_class``), each of ``extra_classes`` (part name -> class, e.g. a motion adapter), the
+        VAE and the scheduler. The text width is checked against the UNet's."""
+        from diffusers import AutoencoderKL
+
+        parts = cls.build_text_components(specs, where)
+        parts["unet"] = build_with_kwargs(f"{where}.unet", unet_class, specs["unet"])
+        for name, klass in extra_classes.items():
+            parts[name] = build_with_kwargs(f"{where}.{name}", klass, specs[name])
+        parts["vae"] = build_with_kwargs(f"{where}.vae", AutoencoderKL, specs["vae"])
+        parts["scheduler"] = build_scheduler(f"{where}.scheduler", specs["scheduler"])
+        cls.check_text_width(parts, where)
+        return parts
+
+    @classmethod
     def check_text_width(cls, parts: dict[str, Any], where: str) -> None:
         if parts.get("text_encoder") is not None:
             check_same_size(where, ("text_encoder.hidden_size", parts["text_encoder"].config.hidden_size),

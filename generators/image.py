@@ -11,7 +11,7 @@ from PIL import Image
 from anymodal.modality import Modality
 from anymodal.registry import register_generator
 
-from .components import CLIPConditionedGenerator, build_scheduler, build_with_kwargs
+from .components import CLIPConditionedGenerator
 from .settings import ImageSettings
 
 
@@ -41,13 +41,9 @@ class StableDiffusionGenerator(CLIPConditionedGenerator):
 
     @classmethod
     def build_components(cls, specs: dict[str, Any], where: str) -> dict[str, Any]:
-        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from diffusers import UNet2DConditionModel
 
-        parts = cls.build_text_components(specs, where)
-        parts["unet"] = build_with_kwargs(f"{where}.unet", UNet2DConditionModel, specs["unet"])
-        parts["vae"] = build_with_kwargs(f"{where}.vae", AutoencoderKL, specs["vae"])
-        parts["scheduler"] = build_scheduler(f"{where}.scheduler", specs["scheduler"])
-        cls.check_text_width(parts, where)
+        parts = cls.build_denoiser_components(specs, where, UNet2DConditionModel)
         # A random-init pipeline has nothing to screen; real checkpoints keep whatever they ship.
         parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         return parts

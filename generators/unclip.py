@@ -15,7 +15,6 @@ from .components import (
     CLIPConditionedGenerator,
     build_scheduler,
     build_transformers_model,
-    build_with_kwargs,
     check_same_size,
 )
 from .settings import ImageSettings
@@ -81,17 +80,15 @@ class StableUnCLIPGenerator(CLIPConditionedGenerator):
 
     @classmethod
     def build_components(cls, specs: dict[str, Any], where: str) -> dict[str, Any]:
-        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from diffusers import UNet2DConditionModel
         from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import StableUnCLIPImageNormalizer
         from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-        parts = cls.build_text_components(specs, where)
-        parts["unet"] = unet = build_with_kwargs(f"{where}.unet", UNet2DConditionModel, specs["unet"])
+        parts = cls.build_denoiser_components(specs, where, UNet2DConditionModel)
+        unet = parts["unet"]
         if unet.config.class_embed_type != "projection":
             raise ValueError(f"{where}.unet.class_embed_type must be 'projection' (unCLIP feeds the image embedding "
                              f"as a class embedding), got {unet.config.class_embed_type!r}")
-        parts["vae"] = build_with_kwargs(f"{where}.vae", AutoencoderKL, specs["vae"])
-        parts["scheduler"] = build_scheduler(f"{where}.scheduler", specs["scheduler"])
         parts["image_noising_scheduler"] = build_scheduler(f"{where}.image_noising_scheduler",
                                                            specs["image_noising_scheduler"])
         encoder = build_transformers_model(f"{where}.image_encoder", CLIPVisionModelWithProjection, CLIPVisionConfig,
@@ -100,7 +97,6 @@ class StableUnCLIPGenerator(CLIPConditionedGenerator):
         check_same_size(where, ("unet.projection_class_embeddings_input_dim",
                                 unet.config.projection_class_embeddings_input_dim),
                         ("2 x image_encoder.projection_dim", 2 * dim))
-        cls.check_text_width(parts, where)
         size = encoder.config.image_size
         parts.update(
             image_encoder=encoder,

@@ -10,7 +10,7 @@ from PIL import Image
 from anymodal.modality import Modality
 from anymodal.registry import register_generator
 
-from .components import CLIPConditionedGenerator, build_scheduler, build_with_kwargs
+from .components import CLIPConditionedGenerator
 from .settings import VideoSettings
 
 
@@ -62,14 +62,9 @@ class TextToVideoGenerator(_VideoGenerator):
 
     @classmethod
     def build_components(cls, specs: dict[str, Any], where: str) -> dict[str, Any]:
-        from diffusers import AutoencoderKL, UNet3DConditionModel
+        from diffusers import UNet3DConditionModel
 
-        parts = cls.build_text_components(specs, where)
-        parts["unet"] = build_with_kwargs(f"{where}.unet", UNet3DConditionModel, specs["unet"])
-        parts["vae"] = build_with_kwargs(f"{where}.vae", AutoencoderKL, specs["vae"])
-        parts["scheduler"] = build_scheduler(f"{where}.scheduler", specs["scheduler"])
-        cls.check_text_width(parts, where)
-        return parts
+        return cls.build_denoiser_components(specs, where, UNet3DConditionModel)
 
 
 @register_generator("animatediff")
@@ -98,13 +93,8 @@ class AnimateDiffGenerator(_VideoGenerator):
 
     @classmethod
     def build_components(cls, specs: dict[str, Any], where: str) -> dict[str, Any]:
-        from diffusers import AutoencoderKL, MotionAdapter, UNet2DConditionModel
+        from diffusers import MotionAdapter, UNet2DConditionModel
 
-        parts = cls.build_text_components(specs, where)
-        parts["unet"] = build_with_kwargs(f"{where}.unet", UNet2DConditionModel, specs["unet"])
-        parts["motion_adapter"] = build_with_kwargs(f"{where}.motion_adapter", MotionAdapter, specs["motion_adapter"])
-        parts["vae"] = build_with_kwargs(f"{where}.vae", AutoencoderKL, specs["vae"])
-        parts["scheduler"] = build_scheduler(f"{where}.scheduler", specs["scheduler"])
-        cls.check_text_width(parts, where)
+        parts = cls.build_denoiser_components(specs, where, UNet2DConditionModel, motion_adapter=MotionAdapter)
         parts.update(feature_extractor=None, image_encoder=None)
         return parts
