@@ -62,3 +62,21 @@ def close_to_scale(x, y, rel: float = 1e-4) -> bool:
     order. Exact on some CPUs, not on every one."""
     x, y = np.asarray(x), np.asarray(y)
     return x.shape == y.shape and float(np.abs(x - y).max()) <= rel * max(float(np.abs(x).max()), 1e-30)
+
+
+class ForceFirst:
+    """A logits processor that forces the first generated token (a signal token), so that a random
+    LLM emits a medium; anymodal forces the rest of the block itself."""
+
+    def __init__(self, token_id: int):
+        self.token_id, self.start = token_id, None
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        if self.start is None:
+            self.start = input_ids.shape[1]
+        if input_ids.shape[1] == self.start:
+            scores = torch.full_like(scores, float("-inf"))
+            scores[:, self.token_id] = 0.0
+        return scores

@@ -16,7 +16,7 @@ from anymodal.modality import Modality
 from anymodal.registry import register_generator
 
 from _taught import taught_pipeline
-from conftest import CONFIGS
+from conftest import CONFIGS, ForceFirst
 
 
 @pytest.fixture(scope="module")
@@ -123,19 +123,6 @@ class SolidColourGenerator(ModalityGenerator):
         return self
 
 
-class _ForceFirst:
-    def __init__(self, token_id: int):
-        self.token_id, self.start = token_id, None
-
-    def __call__(self, input_ids, scores):
-        if self.start is None:
-            self.start = input_ids.shape[1]
-        if input_ids.shape[1] == self.start:
-            scores = torch.full_like(scores, float("-inf"))
-            scores[:, self.token_id] = 0.0
-        return scores
-
-
 @pytest.fixture
 def solid_colour_registered():
     """The docs' ``@register_generator("solid-colour")``, undone afterwards: the registry is global, and
@@ -155,12 +142,12 @@ def test_add_a_generator(tmp_path, solid_colour_registered):
     pipe = AnyModalPipeline.from_config(AnyModalConfig.from_dict(data))
     first = pipe.processor.signal_ids[Modality.IMAGE][0]
     n = len(pipe.processor.signal_ids[Modality.IMAGE])
-    out = pipe("paint", seed=0, max_new_tokens=n, logits_processor=[_ForceFirst(first)])
+    out = pipe("paint", seed=0, max_new_tokens=n, logits_processor=[ForceFirst(first)])
     (image,) = out.images[0]
     assert image.size == (8, 8) and len(set(image.getdata())) == 1
 
     pipe.save_pretrained(tmp_path / "saved")
     again = AnyModalPipeline.from_pretrained(tmp_path / "saved")
     assert isinstance(again.generators[Modality.IMAGE], SolidColourGenerator)
-    (image2,) = again("paint", seed=0, max_new_tokens=n, logits_processor=[_ForceFirst(first)]).images[0]
+    (image2,) = again("paint", seed=0, max_new_tokens=n, logits_processor=[ForceFirst(first)]).images[0]
     assert np.abs(np.asarray(image, float) - np.asarray(image2, float)).max() <= 1

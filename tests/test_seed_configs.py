@@ -13,13 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import LogitsProcessor
 
 from anymodal import AnyModalPipeline
 from anymodal.config import AnyModalConfig
 from anymodal.modality import Modality
 from anymodal.registry import GENERATORS
-from conftest import CONFIGS, close_to_scale
+from conftest import CONFIGS, ForceFirst, close_to_scale
 
 SYSTEMS = ["gill", "minigpt5", "codi2"]
 BLIP2_FLAN_T5_XXL = "Salesforce/blip2-flan-t5-xxl"
@@ -101,22 +100,6 @@ def test_tiny_twin_has_the_real_layout(name):
 
 
 # --------------------------------------------------------------------------- the tiny twins run
-class ForceFirst(LogitsProcessor):
-    """Force the first generated token (a signal token), so that a random LLM emits a medium;
-    anymodal forces the rest of the block itself."""
-
-    def __init__(self, token_id: int):
-        self.token_id, self.start = token_id, None
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if self.start is None:
-            self.start = input_ids.shape[1]
-        if input_ids.shape[1] == self.start:
-            scores = torch.full_like(scores, float("-inf"))
-            scores[:, self.token_id] = 0.0
-        return scores
-
-
 def _signal_id(pipe: AnyModalPipeline, modality: Modality) -> int:
     from anymodal.processor import signal_token_strings
 
