@@ -24,7 +24,8 @@ from PIL import Image
 
 from .config import AnyModalConfig
 from .generation import generate_text
-from .media import Audio, MediaError
+from .inputs import check_max_new_tokens, check_medium, check_prompts, check_sampling, check_seed, check_text
+from .media import Audio, MediaError, describe
 from .modality import MEDIA_MODALITIES, Modality
 from .model import AnyModalModel, add_token_rows, load_language_model, load_tokenizer
 from .processor import AnyModalProcessor, Message
@@ -261,14 +262,11 @@ class AnyModalPipeline:
             logits_processor: extra ``transformers`` logits processors for the LLM, applied before
                 signal-span forcing.
         """
-        single = isinstance(prompt, str)
-        prompts = [prompt] if single else list(prompt)
+        single, prompts = check_prompts(prompt)
         media = {Modality.IMAGE: images, Modality.AUDIO: audios, Modality.VIDEO: videos}
         rows = _rows_of_media(prompts, media, single)
         conversations = []
         for text, row_media in zip(prompts, rows):
-            if not isinstance(text, str):
-                raise TypeError(f"prompt must be a string or a list of strings, got {type(text).__name__}")
             if not text.strip() and not any(row_media.values()):
                 raise ValueError("prompt is empty: give some text, or media to respond to")
             conversations.append([Message("user", text, row_media)])
@@ -285,7 +283,9 @@ class AnyModalPipeline:
         # 1. check inputs
         if not conversations:
             raise ValueError("nothing to generate: no prompts were given")
-        max_new_tokens = max_new_tokens or self.config.llm.max_new_tokens
+        max_new_tokens = check_max_new_tokens(max_new_tokens) or self.config.llm.max_new_tokens
+        seed = check_seed(seed)
+        check_sampling(temperature, top_p)
         gen_settings = self.resolve_settings(settings)
         progress = sys.stderr.isatty() if progress is None else progress
 
@@ -295,6 +295,10 @@ class AnyModalPipeline:
         for conv in conversations:
             rendered = []
             for msg in conv:
+                check_text(msg.content, f"{msg.role} message")
+                for m, given in msg.media.items():
+                    for item in given:
+                        check_medium(Modality.parse(m), item)
                 counts = {m: len(msg.media.get(m, [])) for m in MEDIA_MODALITIES}
                 for m, n in counts.items():
                     if n and m not in self.config.input_projectors:
@@ -323,6 +327,11 @@ class AnyModalPipeline:
                 if getattr(self.model.input_projectors[m.value], "takes_instruction", False):
                     instruction = self.processor.instruction_inputs(instructions[m])
                 features[m] = self.model.encode_media(m, encoder.preprocess(m, items).to(device), instruction)
+                bad = [describe(items[i]) for i in
+                       (~torch.isfinite(features[m]).flatten(1).all(-1)).nonzero().flatten().tolist()]
+                if bad:  # e.g. audio samples far outside [-1, 1]: the reply would be empty or nonsense
+                    raise MediaError(f"{m.value} input {', '.join(bad)} gives non-finite features; check its "
+                                     "values (audio samples belong in [-1, 1], image floats in [0, 1])")
 
         # 4. generate text and signal tokens; read the signal tokens' hidden states
         with _seeded(seed if seed is not None else (generator.initial_seed() if generator else None), do_sample):
