@@ -209,6 +209,9 @@ def read_rows(path: str | os.PathLike) -> Iterator[dict[str, Any] | InvalidLine]
             except json.JSONDecodeError as e:
                 yield InvalidLine(n, f"line {n}: not valid JSON: {e.msg} (column {e.colno})")
                 continue
+            except RecursionError:
+                yield InvalidLine(n, f"line {n}: the JSON is nested too deeply")
+                continue
             if not isinstance(data, dict):
                 yield InvalidLine(n, f"line {n}: a row must be a JSON object, got {type(data).__name__}")
                 continue

@@ -270,6 +270,9 @@ class DiffusersGenerator(ModalityGenerator):
         self._device: torch.device | None = None
         self._shapes: dict[str, tuple[int, int]] | None = None
         self._negative: dict[str, torch.Tensor] | None = None
+        from anymodal.loading import allow_pickle
+
+        self._allow_pickle = allow_pickle()  # kept: a lazy generator loads later, outside the caller's block
         if pipeline is not None:
             self._setup(pipeline)
 
@@ -333,8 +336,20 @@ class DiffusersGenerator(ModalityGenerator):
         # [null, null]; diffusers needs them passed again as None or it refuses to build.
         absent = {name: None for name, value in index.items()
                   if not name.startswith("_") and isinstance(value, (list, tuple)) and list(value) == [None, None]}
-        with quiet_loading(show_bars=not small_local_dir(self.config.pretrained)):
-            return cls.from_pretrained(self.config.pretrained, dtype=torch_dtype(self.config.dtype), **absent)
+        from safetensors import SafetensorError
+
+        from anymodal.loading import pickle_allowed, refuse_pickle
+
+        where = f"generator {self.type_name!r}"
+        with pickle_allowed(self._allow_pickle):
+            refuse_pickle(self.config.pretrained, where)
+        try:
+            with quiet_loading(show_bars=not small_local_dir(self.config.pretrained)):
+                return cls.from_pretrained(self.config.pretrained, dtype=torch_dtype(self.config.dtype),
+                                           use_safetensors=not self._allow_pickle, **absent)
+        except SafetensorError as e:
+            raise ValueError(f"cannot load {where} from {self.config.pretrained}: a weights file is not a complete "
+                             f"safetensors file ({e})") from None
 
     def _setup(self, pipe: Any) -> None:
         if self.config.cpu_offload:
