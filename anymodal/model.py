@@ -38,7 +38,7 @@ def load_language_model(cfg: LLMConfig, path: str | None = None) -> nn.Module:
             kwargs["gguf_file"] = cfg.gguf_file  # GGUF holds plain tensors, no pickle
         else:
             refuse_pickle(source, "the language model")
-            kwargs["use_safetensors"] = not allow_pickle()
+            kwargs["use_safetensors"] = None if allow_pickle() else True  # None: safetensors first, else pickle
         try:
             with quiet_loading(show_bars=not small_local_dir(source)):
                 model, info = AutoModelForCausalLM.from_pretrained(source, **kwargs)

@@ -152,7 +152,11 @@ class AnyModalPipeline:
                              f"{e if not isinstance(e, KeyError) else f'missing {e}'}") from None
         owned: set[str] = set()
         sources: dict[str, str | None] = {}
-        processor = AnyModalProcessor.from_pretrained(confined(path, "processor", "processor"))
+        proc_dir = confined(path, "processor", "processor")
+        if not (proc_dir / "processor_config.json").is_file():
+            raise FileNotFoundError(f"{path} is not a complete saved pipeline: {proc_dir / 'processor_config.json'} "
+                                    "is missing")
+        processor = AnyModalProcessor.from_pretrained(proc_dir)
         llm_entry = _entry(saved, "llm")
         if llm_entry.get("kind") == "full":
             lm = load_language_model(config.llm, str(confined(path, llm_entry.get("path"), "components.llm.path")))
@@ -471,7 +475,16 @@ def _rows_of_media(prompts: list[str], media: dict[Modality, Any], single: bool)
         for row, entry in zip(rows, per_row):
             if entry is None:
                 continue
-            items = [entry] if _is_medium(m, entry) else list(entry)
+            if m is Modality.AUDIO and isinstance(entry, tuple) and len(entry) == 2 \
+                    and isinstance(entry[0], (np.ndarray, torch.Tensor)) and not _is_medium(m, entry):
+                raise MediaError(f"cannot read audio (array, {entry[1]!r}): the sample rate must be an integer")
+            if _is_medium(m, entry):
+                items = [entry]
+            elif isinstance(entry, (list, tuple)):
+                items = list(entry)
+            else:  # a dict or set would be iterated by its keys
+                raise MediaError(f"cannot use {type(entry).__name__} as {m.value} input; expected "
+                                 f"{_MEDIUM_KINDS[m]}, or a list of them")
             for it in items:
                 if not _is_medium(m, it):
                     raise MediaError(f"cannot use {type(it).__name__} as {m.value} input; expected "

@@ -346,10 +346,14 @@ class DiffusersGenerator(ModalityGenerator):
         try:
             with quiet_loading(show_bars=not small_local_dir(self.config.pretrained)):
                 return cls.from_pretrained(self.config.pretrained, dtype=torch_dtype(self.config.dtype),
-                                           use_safetensors=not self._allow_pickle, **absent)
+                                           use_safetensors=None if self._allow_pickle else True, **absent)
         except SafetensorError as e:
             raise ValueError(f"cannot load {where} from {self.config.pretrained}: a weights file is not a complete "
                              f"safetensors file ({e})") from None
+        except OSError as e:
+            if not os.path.isdir(self.config.pretrained):
+                raise  # a hub id that cannot be fetched: the pipeline names the config field
+            raise ValueError(f"cannot load {where} from {self.config.pretrained}: {str(e).strip()}") from None
 
     def _setup(self, pipe: Any) -> None:
         if self.config.cpu_offload:

@@ -406,15 +406,13 @@ def check_checkpoint(path: Path) -> None:
 
 
 def _safe_load(path: Path) -> Any:
-    import pickle
-
     from accelerate.utils import load as accelerate_load  # weights_only=True plus numpy's RNG-state types
 
     try:
         return accelerate_load(str(path), map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, TypeError) as e:
+    except Exception as e:  # the unpickler fails in many ways on a damaged or hostile file; none is trusted
         raise ValueError(f"checkpoint file {path} cannot be read safely (anymodal loads checkpoint tensors with "
-                         f"torch.load(weights_only=True) only): {str(e).splitlines()[0]}") from None
+                         f"torch.load(weights_only=True) only): {type(e).__name__}: {(str(e).splitlines() or [''])[0]}") from None
 
 
 def load_checkpoint(accelerator: Any, path: Path, scheduler: Any) -> None:
