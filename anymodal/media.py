@@ -185,7 +185,7 @@ def probe_image_file(path: str | os.PathLike, *, max_pixels: int = MAX_IMAGE_PIX
                          f"(at most {max_pixels:,})") from None
     except UnidentifiedImageError:
         return None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise MediaError(f"cannot read image '{path}': {e}") from None
+    except Exception as e:  # PIL's plugins fail on damaged files with IndexError, struct.error, EOFError, ...
+        raise MediaError(f"cannot read image '{path}': a damaged file ({type(e).__name__}: {e})") from None
     check_image_size(size, max_pixels=max_pixels, max_aspect=max_aspect, name=f"image '{path}'")
     return size, animated

@@ -231,6 +231,10 @@ def test_referenced_llm_saves_only_what_changed(pretrained_llm_dir, tmp_path, lo
     pipe.save_pretrained(tmp_path / "p")
     saved = tmp_path / "p"
     assert sorted(p.name for p in (saved / "llm").iterdir()) == ["token_rows.safetensors"]
+    import json
+
+    llm_entry = json.loads((saved / "anymodal_index.json").read_text())["components"]["llm"]
+    assert llm_entry == {"kind": "token_rows", "path": "llm", "base": str(pretrained_llm_dir.resolve())}
     assert (saved / "llm_adapter").is_dir() == bool(lora)
     again = AnyModalPipeline.from_pretrained(saved)
     assert again(prompts, seed=0).token_ids == before.token_ids
