@@ -228,8 +228,10 @@ class AnyModalPipeline:
 
         Frozen components loaded from a hub id or a path outside the installed package are recorded
         as ``external`` (by hub id or absolute path), not copied, unless ``save_frozen``; every
-        other path in the index is relative and inside ``directory``. The directory is written beside its destination and moved into place,
-        so an interrupted save never leaves a half-written pipeline over an old one.
+        other path in the index is relative and inside ``directory``. Components that came with a
+        saved pipeline or lie inside the installed package are copied. The directory is written
+        beside its destination and moved into place, so an interrupted save never leaves a
+        half-written pipeline over an old one.
         """
         from safetensors.torch import save_model
 

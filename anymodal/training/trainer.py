@@ -384,7 +384,8 @@ def save_checkpoint(accelerator: Any, out: Path, state: _State, keep: int, sched
 # What accelerate's save_state and anymodal write into a checkpoint; a resume refuses anything else.
 _CHECKPOINT_FILES = re.compile(r"(model(_\d+)?\.safetensors|optimizer(_\d+)?\.bin|random_states_\d+\.pkl|"
                                r"scaler\.pt|sampler(_\d+)?\.bin|dl_state_dict(_\d+)?\.bin|"
-                               r"custom_checkpoint_0\.pkl|" + re.escape(STATE_NAME) + "|" + re.escape(SCHEDULER_NAME) + ")")
+                               r"custom_checkpoint_0\.pkl|"
+                               + re.escape(STATE_NAME) + "|" + re.escape(SCHEDULER_NAME) + ")")
 
 
 def check_checkpoint(path: Path) -> None:
@@ -411,8 +412,9 @@ def _safe_load(path: Path) -> Any:
     try:
         return accelerate_load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # the unpickler fails in many ways on a damaged or hostile file; none is trusted
+        first = (str(e).splitlines() or [""])[0]
         raise ValueError(f"checkpoint file {path} cannot be read safely (anymodal loads checkpoint tensors with "
-                         f"torch.load(weights_only=True) only): {type(e).__name__}: {(str(e).splitlines() or [''])[0]}") from None
+                         f"torch.load(weights_only=True) only): {type(e).__name__}: {first}") from None
 
 
 def load_checkpoint(accelerator: Any, path: Path, scheduler: Any) -> None:
