@@ -564,6 +564,12 @@ SAVED_CASES: list[tuple[str, Callable[[Path], None], str]] = [
     ("generator-truncated", lambda d: _truncate(d / "generators/audio/vae/diffusion_pytorch_model.safetensors"),
      "generator 'audioldm'.*safetensors|audio"),
     ("processor-gone", lambda d: shutil.rmtree(d / "processor"), "processor"),
+    ("generator-unet-missing-key",
+     lambda d: _drop_tensor(d / "generators/image/unet/diffusion_pytorch_model.safetensors"), r"\(unet\).*missing keys"),
+    ("generator-text-encoder-missing-key",
+     lambda d: _drop_tensor(d / "generators/video/text_encoder/model.safetensors"), r"\(text_encoder\).*missing keys"),
+    ("generator-vocoder-missing-key", lambda d: _drop_tensor(d / "generators/audio/vocoder/model.safetensors"),
+     r"\(vocoder\).*missing keys"),
 ]
 
 
