@@ -591,6 +591,20 @@ def test_pickle_weights_load_only_when_allowed(saved, tmp_path):
     assert isinstance(AnyModalPipeline.from_pretrained(d, allow_pickle=True), AnyModalPipeline)
 
 
+def test_cli_refuses_pickle_weights_without_the_flag(saved, tmp_path, capsys):
+    from anymodal.cli import main
+
+    d = tmp_path / "copy"
+    shutil.copytree(saved, d)
+    _pickle_instead(d / "generators" / "image" / "unet" / "diffusion_pytorch_model.safetensors",
+                    "diffusion_pytorch_model.bin")
+    args = ["generate", "hello", "--model", str(d), "--out", str(tmp_path / "out"), "--max-new-tokens", "2"]
+    assert main(args) == 2
+    assert "pickle files (unet/diffusion_pytorch_model.bin)" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert main([*args, "--allow-pickle"]) == 0
+
+
 # ============================================================================ training checkpoint directories
 def _checkpoint(d: Path) -> Path:
     from safetensors.torch import save_file
