@@ -15,6 +15,7 @@ how to read its conditioning shapes from the component configs, and how to call 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import inspect
 import os
 import string
