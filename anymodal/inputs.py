@@ -99,11 +99,11 @@ def _check_image(item: Any) -> None:
             raise MediaError(f"cannot read image '{item}': it is an animated image; pass it as a video "
                              "(videos=...), or pass one of its frames as the image")
     elif isinstance(item, Image.Image):
-        check_image_size(item.size, name=f"image {describe(item)}")
+        check_image_size(*item.size, describe(item))
         if getattr(item, "is_animated", False):
             raise MediaError("cannot read image: the PIL image is animated; pass it as a video, or one frame")
     elif isinstance(item, np.ndarray) and item.ndim in (2, 3):
-        check_image_size((item.shape[1], item.shape[0]), name=f"image {describe(item)}")
+        check_image_size(item.shape[1], item.shape[0], describe(item))
 
 
 def _check_video(item: Any) -> None:
@@ -115,13 +115,13 @@ def _check_video(item: Any) -> None:
             raise MediaError(f"cannot read video '{item}': it is a still image (one frame); pass it as an image "
                              "(images=...)")
     elif isinstance(item, np.ndarray) and item.ndim in (3, 4):
-        check_image_size((item.shape[2], item.shape[1]), name=f"video frames {describe(item)}")
+        check_image_size(item.shape[2], item.shape[1], f"(video frames {describe(item)})")
     elif isinstance(item, (list, tuple)):
         for i, f in enumerate(item):
             if isinstance(f, Image.Image):
-                check_image_size(f.size, name=f"video frame {i}")
+                check_image_size(*f.size, f"(video frame {i})")
             elif isinstance(f, np.ndarray) and f.ndim in (2, 3):
-                check_image_size((f.shape[1], f.shape[0]), name=f"video frame {i}")
+                check_image_size(f.shape[1], f.shape[0], f"(video frame {i})")
 
 
 def _check_audio(item: Any) -> None:

@@ -147,45 +147,23 @@ def describe(item: Any) -> str:
     return type(item).__name__
 
 
-# Input images larger than this, or longer than wide by more than this ratio, are refused before
-# they are decoded: a few hundred bytes of PNG can declare gigapixels, and a 1x50000 strip resized
-# to the encoder's short side would need gigabytes.
-MAX_IMAGE_PIXELS = 64_000_000
-MAX_IMAGE_ASPECT = 20.0
-
-
-def check_image_size(size: tuple[int, int], *, max_pixels: int = MAX_IMAGE_PIXELS,
-                     max_aspect: float = MAX_IMAGE_ASPECT, name: str = "image") -> None:
-    """Raise :class:`MediaError` if an image of ``size`` (width, height) is empty, too large or too elongated."""
-    w, h = int(size[0]), int(size[1])
-    if w < 1 or h < 1:
-        raise MediaError(f"cannot read {name}: it is {w}x{h} pixels (empty)")
-    if w * h > max_pixels:
-        raise MediaError(f"cannot read {name}: it is {w}x{h} pixels ({w * h:,}); at most {max_pixels:,} are allowed")
-    if max(w, h) / min(w, h) > max_aspect:
-        raise MediaError(f"cannot read {name}: it is {w}x{h} pixels, an aspect ratio above the {max_aspect:g}:1 "
-                         "allowed")
-
-
 def probe_image_file(path: str | os.PathLike, *, max_pixels: int = MAX_IMAGE_PIXELS,
                      max_aspect: float = MAX_IMAGE_ASPECT) -> tuple[tuple[int, int], bool] | None:
-    """``((width, height), animated)`` of an image file, read from its header only and size-checked;
-    ``None`` if PIL does not recognise the file (it may be a video container or not an image)."""
-    import warnings
-
-    from PIL import UnidentifiedImageError
-
+    """``((width, height), animated)`` of an image file, from its header only, size-checked with
+    :func:`check_image_size`; ``None`` if PIL does not recognise the file (a video container, or
+    not an image: the loader says which). Nothing is decoded."""
+    name = f"'{path}'"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 size, animated = img.size, bool(getattr(img, "is_animated", False))
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise MediaError(f"cannot read image '{path}': it declares more pixels than allowed "
-                         f"(at most {max_pixels:,})") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise MediaError(f"cannot read image {name}: more than the {max_pixels:,} pixels allowed (a decompression "
+                         f"bomb or an oversized image; PIL: {e})") from None
     except UnidentifiedImageError:
         return None
     except Exception as e:  # PIL's plugins fail on damaged files with IndexError, struct.error, EOFError, ...
-        raise MediaError(f"cannot read image '{path}': a damaged file ({type(e).__name__}: {e})") from None
-    check_image_size(size, max_pixels=max_pixels, max_aspect=max_aspect, name=f"image '{path}'")
+        raise MediaError(f"cannot read image {name}: a damaged file ({type(e).__name__}: {e})") from None
+    check_image_size(size[0], size[1], name, max_pixels, max_aspect)
     return size, animated

@@ -166,7 +166,7 @@ def test_hostile_rows_are_recorded_and_the_run_goes_on(saved, tmp_path):
         assert "line 2: not valid UTF-8 text (byte 0xe9" in errors[1]
         assert "'id' is not valid Unicode text" in errors[2] and recs[2]["id"] == "sur\ud800"
         assert "'prompt' is not valid Unicode text" in errors[3]
-        assert "declares more pixels than allowed" in errors[4]
+        assert "decompression bomb" in errors[4]
         assert "guidance_scale must be a finite number" in errors[5]
         assert all(r["files"]["image"] for r in recs if r["status"] == "done")
 
