@@ -20,8 +20,11 @@ Guarantees:
 * **Resumable.** A re-run skips rows recorded as ``done`` (and retries rows that failed). A torn
   last line left by a kill is ignored. At the end ``results.jsonl`` is rewritten in input order
   with exactly one line per row.
-* **Bad rows do not stop the run**: invalid JSON, a missing id or prompt, missing media, unknown
-  settings, an over-long prompt are recorded as errors with the reason.
+* **Bad rows do not stop the run**: a line that is not UTF-8 or not JSON, a missing id or prompt, text
+  that is not valid Unicode (a lone surrogate), missing or unreadable media (an oversized or
+  decompression-bomb image), unknown or non-finite settings, an over-long prompt are recorded as
+  errors with the reason (and the line number where the line itself is bad). A row that fails
+  while generating is retried alone, so the other rows of its batch are still recorded.
 * **Batched.** Rows with equal settings, ``max_new_tokens`` and seed share one pipeline call, so
   each generator runs once per batch.
 * **Scale-out.** Under ``accelerate launch --num_processes N`` process ``r`` takes rows
@@ -47,6 +50,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
+from .inputs import check_medium, check_seed, check_text
+from .media import MediaError
 from .modality import MEDIA_MODALITIES, Modality
 from .processor import Message
 
@@ -90,12 +95,23 @@ class RowResult:
     def to_json(self) -> str:
         data = dataclasses.asdict(self)
         data.pop("skipped")
-        return json.dumps(data, ensure_ascii=False)
+        return _dumps(data)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RowResult":
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def _dumps(record: dict[str, Any]) -> str:
+    """One JSON line, readable UTF-8 where the text allows; a lone surrogate (from a ``\\ud800`` escape in
+    the input) cannot be written as UTF-8, so such a record is written with ASCII escapes instead."""
+    text = json.dumps(record, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(record, ensure_ascii=True)
+    return text
 
 
 @dataclass
@@ -169,21 +185,32 @@ class _Names:
 def read_rows(path: str | os.PathLike) -> Iterator[dict[str, Any] | InvalidLine]:
     """Parse a JSONL file: one dict per row, an :class:`InvalidLine` for a line that is not a JSON object.
 
-    Blank lines are skipped.
+    Blank lines are skipped. Lines are decoded one by one, so a line that is not UTF-8 is one bad row.
     """
     path = Path(path)
     try:
-        handle = path.open(encoding="utf-8")
+        handle = path.open("rb")
     except FileNotFoundError:
         raise FileNotFoundError(f"batch input file not found: {path}") from None
     with handle:
-        for n, line in enumerate(handle, 1):
+        for n, raw in enumerate(handle, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield InvalidLine(n, f"line {n}: not valid UTF-8 text (byte 0x{raw[e.start]:02x} at byte {e.start} "
+                                     "of the line); save the file as UTF-8")
+                continue
+            if n == 1:
+                line = line.removeprefix("\ufeff")  # a byte-order mark some editors write
             if not line.strip():
                 continue
             try:
                 data = json.loads(line)
             except json.JSONDecodeError as e:
                 yield InvalidLine(n, f"line {n}: not valid JSON: {e.msg} (column {e.colno})")
+                continue
+            except RecursionError:
+                yield InvalidLine(n, f"line {n}: the JSON is nested too deeply")
                 continue
             if not isinstance(data, dict):
                 yield InvalidLine(n, f"line {n}: a row must be a JSON object, got {type(data).__name__}")
@@ -203,6 +230,12 @@ def _validate(pipe: AnyModalPipeline, data: dict[str, Any], key: str, index: int
     if not isinstance(prompt, str):
         raise RowError("'prompt' is missing" if prompt is None else
                        f"'prompt' must be a string, got {type(prompt).__name__}")
+    try:
+        if isinstance(data["id"], str):
+            check_text(data["id"], "'id'")
+        check_text(prompt, "'prompt'")
+    except ValueError as e:
+        raise RowError(str(e)) from None
     media: dict[Modality, list[Path]] = {}
     for m, name in _MEDIA_FIELDS.items():
         value = data.get(name)
@@ -220,6 +253,10 @@ def _validate(pipe: AnyModalPipeline, data: dict[str, Any], key: str, index: int
             if not p.is_file():
                 where = f" (looked in {base_dir})" if p != Path(item) else ""
                 raise RowError(f"{m.value} file not found: {item}{where}")
+            try:
+                check_medium(m, p)  # size, animation and layout, from the header only
+            except MediaError as e:
+                raise RowError(str(e)) from None
             paths.append(p)
         if paths:
             media[m] = paths
@@ -236,9 +273,10 @@ def _validate(pipe: AnyModalPipeline, data: dict[str, Any], key: str, index: int
     if max_new is not None and (isinstance(max_new, bool) or not isinstance(max_new, int) or max_new < 1):
         raise RowError(f"'max_new_tokens' must be a positive integer, got {max_new!r}")
     max_new = max_new or default_max_new_tokens
-    seed = data.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise RowError(f"'seed' must be an integer, got {seed!r}")
+    try:
+        seed = check_seed(data.get("seed"))
+    except (ValueError, TypeError) as e:
+        raise RowError(str(e).replace("seed", "'seed'", 1)) from None
     _check_length(pipe, prompt, {m: len(v) for m, v in media.items()}, max_new or pipe.config.llm.max_new_tokens)
     return _Row(key, data.get("id"), index, stem, prompt, media, settings, max_new, seed)
 
@@ -306,13 +344,13 @@ def _latest(out_dir: Path) -> dict[str, dict[str, Any]]:
 
 def merge_results(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """Rewrite ``results.jsonl`` atomically with one record per row, in input order, and drop the part files."""
-    from .utils import atomic_write_text
+    from .utils import atomic_write_bytes
 
     out_dir = Path(out_dir)
     for stale in out_dir.glob(f".{RESULTS_NAME}.*.tmp"):  # a merge that was killed half-way
         stale.unlink()
     records = sorted(_latest(out_dir).values(), key=lambda r: (r.get("index", 1 << 62)))
-    atomic_write_text(out_dir / RESULTS_NAME, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    atomic_write_bytes(out_dir / RESULTS_NAME, "".join(_dumps(r) + "\n" for r in records).encode("utf-8"))
     _fsync_dir(out_dir)
     for part in sorted(out_dir.glob(PART_PATTERN)):
         part.unlink()
@@ -564,7 +602,7 @@ def _generate(pipe: AnyModalPipeline, rows: list[_Row], out_dir: Path, seed: int
                       for m in MEDIA_MODALITIES if any(m in r.media for r in rows)},
                    settings=rows[0].settings or None, max_new_tokens=rows[0].max_new_tokens, seed=row_seed,
                    progress=False)
-    except (ValueError, TypeError, OSError, RuntimeError) as e:
+    except Exception as e:  # whatever one row did, the rest of its batch is still generated and recorded
         if len(rows) > 1:
             return [res for r in rows for res in _generate(pipe, [r], out_dir, seed, video_format)]
         return [RowResult(rows[0].key, rows[0].id, rows[0].index, "error", error=f"{type(e).__name__}: {e}",

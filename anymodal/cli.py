@@ -32,6 +32,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                                      "(default: the model shipped with anymodal)")
     src.add_argument("--config", help="a YAML config file or a shipped config name (see `anymodal configs`)")
     p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cpu)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="also load pickle weights (pytorch_model.bin, ...): UNSAFE, pickle files can run code; "
+                        "only for files you trust (default: safetensors only)")
 
 
 def load_pipeline(model: str | None, config: str | None, device: str | None):
@@ -179,8 +182,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _quiet_loading()
     args = build_parser().parse_args(argv)
+    from .loading import pickle_allowed
+
     try:
-        return int(args._fn(args) or 0)
+        with pickle_allowed(getattr(args, "allow_pickle", False)):
+            return int(args._fn(args) or 0)
     except (ValueError, OSError) as e:  # bad input, or weights that cannot be found or loaded
         print(f"anymodal {args.command}: error: {e}", file=sys.stderr)
         return 2

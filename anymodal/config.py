@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import typing
 from dataclasses import asdict, dataclass, field
@@ -402,6 +403,8 @@ def _build(tp: Any, data: Any, where: str) -> Any:
     if tp in (int, float, str, bool):
         if not isinstance(data, tp) or (tp is int and isinstance(data, bool)):
             raise ValueError(f"{where} must be {tp.__name__}, got {data!r}")
+        if tp is float and not math.isfinite(data):  # YAML's .nan/.inf: no setting is meant to be one
+            raise ValueError(f"{where} must be a finite number, got {data!r}")
         return data
     if tp is Modality:
         return Modality.parse(data)

@@ -145,3 +145,25 @@ def describe(item: Any) -> str:
     if isinstance(item, np.ndarray):
         return f"array{tuple(item.shape)}"
     return type(item).__name__
+
+
+def probe_image_file(path: str | os.PathLike, *, max_pixels: int = MAX_IMAGE_PIXELS,
+                     max_aspect: float = MAX_IMAGE_ASPECT) -> tuple[tuple[int, int], bool] | None:
+    """``((width, height), animated)`` of an image file, from its header only, size-checked with
+    :func:`check_image_size`; ``None`` if PIL does not recognise the file (a video container, or
+    not an image: the loader says which). Nothing is decoded."""
+    name = f"'{path}'"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                size, animated = img.size, bool(getattr(img, "is_animated", False))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise MediaError(f"cannot read image {name}: more than the {max_pixels:,} pixels allowed (a decompression "
+                         f"bomb or an oversized image; PIL: {e})") from None
+    except UnidentifiedImageError:
+        return None
+    except Exception as e:  # PIL's plugins fail on damaged files with IndexError, struct.error, EOFError, ...
+        raise MediaError(f"cannot read image {name}: a damaged file ({type(e).__name__}: {e})") from None
+    check_image_size(size[0], size[1], name, max_pixels, max_aspect)
+    return size, animated

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .config import AnyModalConfig, LLMConfig
+from .loading import allow_pickle, missing_keys_error, refuse_pickle
 from .modality import Modality
 from .processor import AnyModalProcessor
 from .projectors import build_input_projector, build_output_projector
@@ -21,6 +22,7 @@ logger = logging.getLogger(__name__)
 
 def load_language_model(cfg: LLMConfig, path: str | None = None) -> nn.Module:
     """Any ``AutoModelForCausalLM``: from a saved directory, ``cfg.model`` (id/path), or random init."""
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM
 
     dtype = torch_dtype(cfg.dtype)
@@ -31,14 +33,50 @@ def load_language_model(cfg: LLMConfig, path: str | None = None) -> nn.Module:
         if model_type_of(source) in HF_SYSTEMS:  # LLaVA / BLIP-2 / InstructBLIP: the LM inside
             return load_composite_language_model(source, dtype)
     if source is not None:
-        kwargs: dict[str, Any] = {"dtype": dtype}
+        kwargs: dict[str, Any] = {"dtype": dtype, "output_loading_info": True}
         if cfg.gguf_file and path is None:
-            kwargs["gguf_file"] = cfg.gguf_file
-        with quiet_loading(show_bars=not small_local_dir(source)):
-            return AutoModelForCausalLM.from_pretrained(source, **kwargs)
+            kwargs["gguf_file"] = cfg.gguf_file  # GGUF holds plain tensors, no pickle
+        else:
+            refuse_pickle(source, "the language model")
+            kwargs["use_safetensors"] = None if allow_pickle() else True  # None: safetensors first, else pickle
+        try:
+            with quiet_loading(show_bars=not small_local_dir(source)):
+                model, info = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        except SafetensorError as e:
+            raise ValueError(f"cannot load the language model from {source}: a weights file is not a complete "
+                             f"safetensors file ({e})") from None
+        missing_keys_error(info, source, "the language model")
+        return model
     options = dict(cfg.config)
-    hf_config = AutoConfig.for_model(options.pop("model_type"), **options)
+    model_type = options.pop("model_type")
+    check_config_keys(model_type, options)
+    hf_config = AutoConfig.for_model(model_type, **options)
     return AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+
+
+def check_config_keys(model_type: str, options: dict[str, Any]) -> None:
+    """Refuse ``llm.config`` keys the transformers config class does not know (``hiden_size``), which
+    ``AutoConfig`` would silently keep as unused attributes."""
+    import difflib
+    import inspect
+
+    from transformers import CONFIG_MAPPING, PretrainedConfig
+
+    try:
+        cls = CONFIG_MAPPING[model_type]
+    except KeyError:
+        raise ValueError(f"llm.config.model_type {model_type!r} is not a transformers model type") from None
+    known = set(cls().to_dict()) | set(PretrainedConfig().to_dict()) | set(getattr(cls, "attribute_map", {}))
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is not None:
+            known |= {p for p in inspect.signature(init).parameters if p not in ("self", "kwargs")}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], sorted(known), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"llm.config: unknown key {unknown[0]!r} for model_type {model_type!r} "
+                         f"({cls.__name__}){hint}")
 
 
 def load_tokenizer(cfg: LLMConfig):

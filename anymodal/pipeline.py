@@ -24,7 +24,10 @@ from PIL import Image
 
 from .config import AnyModalConfig
 from .generation import generate_text
-from .media import Audio, MediaError
+from .loading import (check_external, confined, load_safetensors_into, pickle_allowed, read_safetensors,
+                      refuse_pickle)
+from .inputs import check_max_new_tokens, check_medium, check_prompts, check_sampling, check_seed, check_text
+from .media import Audio, MediaError, describe
 from .modality import MEDIA_MODALITIES, Modality
 from .model import AnyModalModel, add_token_rows, load_language_model, load_tokenizer
 from .processor import AnyModalProcessor, Message
@@ -68,30 +71,43 @@ class AnyModalPipeline:
 
     # ================================================================ loading
     @classmethod
-    def from_config(cls, config: AnyModalConfig | str | os.PathLike, device: str | torch.device | None = None
-                    ) -> "AnyModalPipeline":
-        """Build every component from a config: pretrained ids/paths are loaded, the rest randomly initialised."""
+    def from_config(cls, config: AnyModalConfig | str | os.PathLike, device: str | torch.device | None = None,
+                    *, allow_pickle: bool | None = None) -> "AnyModalPipeline":
+        """Build every component from a config: pretrained ids/paths are loaded, the rest randomly initialised.
+
+        ``allow_pickle=True`` lets components load pickle weights (``pytorch_model.bin`` and the like),
+        which can run code: use it only for files you trust. By default (``None``: unless an enclosing
+        :func:`anymodal.loading.pickle_allowed` block or the CLI's ``--allow-pickle`` says otherwise)
+        only safetensors load.
+        """
         if not isinstance(config, AnyModalConfig):
             config = AnyModalConfig.from_yaml(config)
-        _check_types(config)
-        with _naming("llm.tokenizer", config.llm.tokenizer or config.llm.model):
-            processor = _make_processor(config, load_tokenizer(config.llm))
-        with _naming("llm.model or encoders", config.llm.model):
-            model = AnyModalModel.build(config, processor)
-        _apply_lora(model, config, processor)
-        generators = {}
-        for m, g in config.generators.items():
-            with _naming(f"generators.{m.value}.pretrained", g.pretrained):
-                generators[m] = GENERATORS.get(g.type).from_config(g)
+        with _pickle_choice(allow_pickle):
+            _check_types(config)
+            with _naming("llm.tokenizer", config.llm.tokenizer or config.llm.model):
+                processor = _make_processor(config, load_tokenizer(config.llm))
+            with _naming("llm.model or encoders", config.llm.model):
+                model = AnyModalModel.build(config, processor)
+            _apply_lora(model, config, processor)
+            generators = {}
+            for m, g in config.generators.items():
+                with _naming(f"generators.{m.value}.pretrained", g.pretrained):
+                    generators[m] = GENERATORS.get(g.type).from_config(g)
         pipe = cls(config, processor, model, generators)
+        # where referenced components came from, resolved now: a later save records them by these
+        pipe._sources = {"llm": _resolve_source(config.llm.model)}
+        pipe._sources.update({f"encoders/{n}": _resolve_source(e.pretrained) for n, e in config.encoders.items()})
+        pipe._sources.update({f"generators/{m.value}": _resolve_source(g.pretrained)
+                              for m, g in config.generators.items()})
         return pipe.to(device if device is not None else "cpu")
 
     @classmethod
-    def from_pretrained(cls, source: str | os.PathLike | None = None, device: str | torch.device | None = None
-                        ) -> "AnyModalPipeline":
+    def from_pretrained(cls, source: str | os.PathLike | None = None, device: str | torch.device | None = None,
+                        *, allow_pickle: bool | None = None) -> "AnyModalPipeline":
         """Load a saved pipeline directory, a YAML config file, or a shipped config by name (``"tiny"``).
 
-        With no ``source``, load the default model shipped inside the package.
+        With no ``source``, load the default model shipped inside the package. Only safetensors
+        weights load unless ``allow_pickle=True`` (unsafe: pickle files can run code when loaded).
         """
         if source is None:
             source = default_model_path()
@@ -101,59 +117,101 @@ class AnyModalPipeline:
                 from .hf_systems import HF_SYSTEMS, config_from_hf, hf_system_type
 
                 if hf_system_type(path) is not None:  # a released LLaVA / BLIP-2 / InstructBLIP folder, as it is
-                    return cls.from_config(config_from_hf(path), device)
+                    return cls.from_config(config_from_hf(path), device, allow_pickle=allow_pickle)
                 raise FileNotFoundError(f"{path} is not a saved anymodal pipeline (no {INDEX_NAME}) nor a Hugging "
                                         f"Face checkpoint anymodal runs unchanged (config.json model_type "
                                         f"{', '.join(HF_SYSTEMS)})")
-            return cls._load_saved(path, device)
+            with _pickle_choice(allow_pickle):
+                return cls._load_saved(path, device)
         if path.suffix in (".yaml", ".yml"):
-            return cls.from_config(path, device)
+            return cls.from_config(path, device, allow_pickle=allow_pickle)
         named = shipped_config(str(source))
         if named is not None:
-            return cls.from_config(named, device)
+            return cls.from_config(named, device, allow_pickle=allow_pickle)
         raise FileNotFoundError(f"{source!r} is neither a saved pipeline directory, a YAML config, nor a shipped "
                                 f"config name ({', '.join(list_configs())})")
 
     @classmethod
     def _load_saved(cls, path: Path, device) -> "AnyModalPipeline":
-        index = json.loads((path / INDEX_NAME).read_text())
-        if index.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{path}: unsupported anymodal format version {index.get('format_version')!r}")
-        config = AnyModalConfig.from_dict(index["config"])
-        saved = index["components"]
-        processor = AnyModalProcessor.from_pretrained(path / "processor")
-        llm_entry = saved["llm"]
-        if llm_entry["kind"] == "full":
-            lm = load_language_model(config.llm, str(path / llm_entry["path"]))
-        else:  # a referenced base model plus the rows of the tokens we added
-            lm = load_language_model(config.llm)
+        """Every path in the index stays inside ``path``; components kept elsewhere are entries of kind
+        ``external`` with an absolute path or a hub id."""
+        index_file = path / INDEX_NAME
+        try:
+            index = json.loads(index_file.read_text(encoding="utf-8"))
+            if not isinstance(index, dict):
+                raise ValueError("not a JSON object")
+            if index.get("format_version") != FORMAT_VERSION:
+                raise ValueError(f"unsupported anymodal format version {index.get('format_version')!r} "
+                                 f"(this anymodal reads {FORMAT_VERSION})")
+            config = AnyModalConfig.from_dict(index["config"])
+            saved = index["components"]
+            if not isinstance(saved, dict):
+                raise ValueError("'components' must be an object")
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{index_file} is not a valid anymodal index: "
+                             f"{e if not isinstance(e, KeyError) else f'missing {e}'}") from None
+        owned: set[str] = set()
+        sources: dict[str, str | None] = {}
+        proc_dir = confined(path, "processor", "processor")
+        if not (proc_dir / "processor_config.json").is_file():
+            raise FileNotFoundError(f"{path} is not a complete saved pipeline: {proc_dir / 'processor_config.json'} "
+                                    "is missing")
+        processor = AnyModalProcessor.from_pretrained(proc_dir)
+        llm_entry = _entry(saved, "llm")
+        if llm_entry.get("kind") == "full":
+            lm = load_language_model(config.llm, str(confined(path, llm_entry.get("path"), "components.llm.path")))
+            owned.add("llm")
+        elif llm_entry.get("kind") == "token_rows":  # a referenced base model plus the rows of the tokens we added
+            rows = confined(path, llm_entry.get("path"), "components.llm.path")
+            base = check_external(llm_entry.get("base", config.llm.model), "components.llm.base")
+            sources["llm"] = base
+            lm = load_language_model(dataclasses.replace(config.llm, model=base))
             add_token_rows(lm, len(processor.tokenizer), mean_resizing=False)  # the saved rows are loaded next
-            _load_token_rows(lm, path / llm_entry["path"])
+            _load_token_rows(lm, rows)
+        else:
+            raise ValueError(f"{index_file}: components.llm.kind must be 'full' or 'token_rows', "
+                             f"got {llm_entry.get('kind')!r}")
         encoders = {}
         for name, e in config.encoders.items():
-            entry = saved["encoders"][name]
+            entry = _entry(saved.get("encoders"), name, "encoders")
             cls_ = ENCODERS.get(e.type)
-            encoders[name] = (cls_.from_pretrained(path / entry["path"]) if entry["kind"] == "saved"
-                              else cls_.from_config(e.options, e.modalities, e.pretrained))
+            if entry.get("kind") == "saved":
+                encoders[name] = cls_.from_pretrained(confined(path, entry.get("path"), f"components.encoders.{name}"))
+                owned.add(f"encoders/{name}")
+            else:
+                src = _external_entry(entry, e.pretrained, f"components.encoders.{name}")
+                sources[f"encoders/{name}"] = src
+                encoders[name] = cls_.from_config(e.options, e.modalities, src)
         model = AnyModalModel.build(config, processor, language_model=lm, encoders=encoders,
                                     load_projector_weights=False)
-        from safetensors.torch import load_model
-
         for group in ("input_projectors", "output_projectors"):
-            for m, rel in saved[group].items():
-                load_model(getattr(model, group)[m], str(path / rel))
+            files = saved.get(group)
+            files = files if isinstance(files, dict) else {}
+            for m, proj in getattr(model, group).items():
+                if m not in files:
+                    raise ValueError(f"{index_file}: components.{group} has no weights for {m!r}; the config "
+                                     "builds that projector and it would stay randomly initialised")
+                load_safetensors_into(proj, confined(path, files[m], f"components.{group}.{m}"), f"{group}[{m}]")
         if saved.get("adapter"):
             from peft import PeftModel
 
+            adapter = confined(path, saved["adapter"], "components.adapter")
+            refuse_pickle(adapter, "the LoRA adapter")
             with peft_quietly():
-                model.language_model = PeftModel.from_pretrained(model.language_model, str(path / saved["adapter"]))
+                model.language_model = PeftModel.from_pretrained(model.language_model, str(adapter))
         generators = {}
         for m, g in config.generators.items():
-            entry = saved["generators"][m.value]
-            if entry["kind"] == "saved":
-                g = dataclasses.replace(g, pretrained=str(path / entry["path"]), components=None)
+            entry = _entry(saved.get("generators"), m.value, "generators")
+            where = f"components.generators.{m.value}"
+            if entry.get("kind") == "saved":
+                g = dataclasses.replace(g, pretrained=str(confined(path, entry.get("path"), where)), components=None)
+                owned.add(f"generators/{m.value}")
+            else:
+                g = dataclasses.replace(g, pretrained=_external_entry(entry, g.pretrained, where), components=None)
+                sources[f"generators/{m.value}"] = g.pretrained
             generators[m] = GENERATORS.get(g.type).from_config(g)
         pipe = cls(config, processor, model, generators)
+        pipe._owned, pipe._sources = owned, sources
         return pipe.to(device if device is not None else "cpu")
 
     def check_generator(self, modality: Modality) -> None:
@@ -168,9 +226,12 @@ class AnyModalPipeline:
     def save_pretrained(self, directory: str | os.PathLike, save_frozen: bool = False) -> Path:
         """Save every component in its own subfolder, plus ``anymodal_index.json`` (safetensors only).
 
-        Frozen components loaded from a hub id or path are referenced, not copied, unless
-        ``save_frozen``. The directory is written beside its destination and moved into place,
-        so an interrupted save never leaves a half-written pipeline over an old one.
+        Frozen components loaded from a hub id or a path outside the installed package are recorded
+        as ``external`` (by hub id or absolute path), not copied, unless ``save_frozen``; every
+        other path in the index is relative and inside ``directory``. Components that came with a
+        saved pipeline or lie inside the installed package are copied. The directory is written
+        beside its destination and moved into place, so an interrupted save never leaves a
+        half-written pipeline over an old one.
         """
         from safetensors.torch import save_model
 
@@ -187,17 +248,19 @@ class AnyModalPipeline:
                 lm.save_pretrained(tmp / "llm_adapter", safe_serialization=True)
                 components["adapter"] = "llm_adapter"
                 base, state = lm.get_base_model(), _base_state_dict(lm)
-            if self.config.llm.model is None or save_frozen:
+            llm_ref = self._reference("llm", self.config.llm.model, save_frozen)
+            if llm_ref is None:
                 base.save_pretrained(tmp / "llm", safe_serialization=True, state_dict=state)
                 components["llm"] = {"kind": "full", "path": "llm"}
             else:
                 rows = (list(range(base.get_input_embeddings().weight.shape[0]))
                         if self.config.llm.embedding_rows == "all" else self.processor.new_token_ids)
                 _save_token_rows(base, state, rows, tmp / "llm")
-                components["llm"] = {"kind": "token_rows", "path": "llm"}
+                components["llm"] = {"kind": "token_rows", "path": "llm", "base": llm_ref}
             for name, e in self.config.encoders.items():
-                if e.pretrained is not None and not e.trainable and not save_frozen:
-                    components["encoders"][name] = {"kind": "reference"}
+                ref = None if e.trainable else self._reference(f"encoders/{name}", e.pretrained, save_frozen)
+                if ref is not None:
+                    components["encoders"][name] = {"kind": "external", "source": ref}
                 else:
                     self.model.encoders[name].save_pretrained(tmp / "encoders" / name)
                     components["encoders"][name] = {"kind": "saved", "path": f"encoders/{name}"}
@@ -207,9 +270,9 @@ class AnyModalPipeline:
                     save_model(mod, str(tmp / group / f"{m}.safetensors"))
                     components[group][m] = f"{group}/{m}.safetensors"
             for m, gen in self.generators.items():
-                g = self.config.generators[m]
-                if g.pretrained is not None and not save_frozen:
-                    components["generators"][m.value] = {"kind": "reference"}
+                ref = self._reference(f"generators/{m.value}", self.config.generators[m].pretrained, save_frozen)
+                if ref is not None:
+                    components["generators"][m.value] = {"kind": "external", "source": ref}
                 else:
                     gen.save_pretrained(tmp / "generators" / m.value)
                     components["generators"][m.value] = {"kind": "saved", "path": f"generators/{m.value}"}
@@ -221,6 +284,18 @@ class AnyModalPipeline:
             if tmp.exists():
                 shutil.rmtree(tmp)
         return directory
+
+    def _reference(self, name: str, pretrained: str | None, save_frozen: bool) -> str | None:
+        """How a save records a frozen component that was loaded from elsewhere: its absolute path or
+        hub id (an ``external`` index entry), or ``None`` to copy it. Components that came with a saved
+        pipeline, or that lie inside the installed package, are copied: the saved copy must not depend
+        on a directory that may move or go."""
+        if pretrained is None or save_frozen or name in getattr(self, "_owned", ()):
+            return None
+        source = getattr(self, "_sources", {}).get(name) or _resolve_source(pretrained)
+        if source is None or (os.path.isabs(source) and _inside_package(Path(source))):
+            return None
+        return source
 
     def to(self, device: str | torch.device) -> "AnyModalPipeline":
         self.model.to(device)
@@ -261,14 +336,11 @@ class AnyModalPipeline:
             logits_processor: extra ``transformers`` logits processors for the LLM, applied before
                 signal-span forcing.
         """
-        single = isinstance(prompt, str)
-        prompts = [prompt] if single else list(prompt)
+        single, prompts = check_prompts(prompt)
         media = {Modality.IMAGE: images, Modality.AUDIO: audios, Modality.VIDEO: videos}
         rows = _rows_of_media(prompts, media, single)
         conversations = []
         for text, row_media in zip(prompts, rows):
-            if not isinstance(text, str):
-                raise TypeError(f"prompt must be a string or a list of strings, got {type(text).__name__}")
             if not text.strip() and not any(row_media.values()):
                 raise ValueError("prompt is empty: give some text, or media to respond to")
             conversations.append([Message("user", text, row_media)])
@@ -285,7 +357,9 @@ class AnyModalPipeline:
         # 1. check inputs
         if not conversations:
             raise ValueError("nothing to generate: no prompts were given")
-        max_new_tokens = max_new_tokens or self.config.llm.max_new_tokens
+        max_new_tokens = check_max_new_tokens(max_new_tokens) or self.config.llm.max_new_tokens
+        seed = check_seed(seed)
+        check_sampling(temperature, top_p)
         gen_settings = self.resolve_settings(settings)
         progress = sys.stderr.isatty() if progress is None else progress
 
@@ -295,6 +369,10 @@ class AnyModalPipeline:
         for conv in conversations:
             rendered = []
             for msg in conv:
+                check_text(msg.content, f"{msg.role} message")
+                for m, given in msg.media.items():
+                    for item in given:
+                        check_medium(Modality.parse(m), item)
                 counts = {m: len(msg.media.get(m, [])) for m in MEDIA_MODALITIES}
                 for m, n in counts.items():
                     if n and m not in self.config.input_projectors:
@@ -323,6 +401,11 @@ class AnyModalPipeline:
                 if getattr(self.model.input_projectors[m.value], "takes_instruction", False):
                     instruction = self.processor.instruction_inputs(instructions[m])
                 features[m] = self.model.encode_media(m, encoder.preprocess(m, items).to(device), instruction)
+                bad = [describe(items[i]) for i in
+                       (~torch.isfinite(features[m]).flatten(1).all(-1)).nonzero().flatten().tolist()]
+                if bad:  # e.g. audio samples far outside [-1, 1]: the reply would be empty or nonsense
+                    raise MediaError(f"{m.value} input {', '.join(bad)} gives non-finite features; check its "
+                                     "values (audio samples belong in [-1, 1], image floats in [0, 1])")
 
         # 4. generate text and signal tokens; read the signal tokens' hidden states
         with _seeded(seed if seed is not None else (generator.initial_seed() if generator else None), do_sample):
@@ -394,7 +477,16 @@ def _rows_of_media(prompts: list[str], media: dict[Modality, Any], single: bool)
         for row, entry in zip(rows, per_row):
             if entry is None:
                 continue
-            items = [entry] if _is_medium(m, entry) else list(entry)
+            if m is Modality.AUDIO and isinstance(entry, tuple) and len(entry) == 2 \
+                    and isinstance(entry[0], (np.ndarray, torch.Tensor)) and not _is_medium(m, entry):
+                raise MediaError(f"cannot read audio (array, {entry[1]!r}): the sample rate must be an integer")
+            if _is_medium(m, entry):
+                items = [entry]
+            elif isinstance(entry, (list, tuple)):
+                items = list(entry)
+            else:  # a dict or set would be iterated by its keys
+                raise MediaError(f"cannot use {type(entry).__name__} as {m.value} input; expected "
+                                 f"{_MEDIUM_KINDS[m]}, or a list of them")
             for it in items:
                 if not _is_medium(m, it):
                     raise MediaError(f"cannot use {type(it).__name__} as {m.value} input; expected "
@@ -424,6 +516,49 @@ def _is_medium(m: Modality, x: Any) -> bool:
     # a list of frames (PIL images or HxW[xC] arrays) is one video; a list of 4-D arrays is several
     return isinstance(x, list) and len(x) > 0 and all(
         isinstance(f, Image.Image) or (isinstance(f, np.ndarray) and f.ndim in (2, 3)) for f in x)
+
+
+def _pickle_choice(allow: bool | None):
+    """``allow_pickle`` as given, or the enclosing choice (default: refuse) when ``None``."""
+    import contextlib
+
+    return contextlib.nullcontext() if allow is None else pickle_allowed(allow)
+
+
+def _entry(group: Any, name: str, where: str | None = None) -> dict[str, Any]:
+    label = f"components.{where}.{name}" if where else f"components.{name}"
+    entry = group.get(name) if isinstance(group, dict) else None
+    if not isinstance(entry, dict):
+        raise ValueError(f"{INDEX_NAME}: {label} is missing; the config has this component")
+    return entry
+
+
+def _external_entry(entry: dict[str, Any], pretrained: str | None, where: str) -> str:
+    """The source of an ``external`` entry (or of a ``reference`` entry of older saves, by the config's
+    ``pretrained``): an absolute path or a hub id, never a relative path."""
+    kind = entry.get("kind")
+    if kind == "external":
+        return check_external(entry.get("source"), f"{where}.source")
+    if kind == "reference":
+        return check_external(pretrained, f"{where} (a reference to the config's pretrained)")
+    raise ValueError(f"{INDEX_NAME}: {where}.kind must be 'saved' or 'external', got {kind!r}")
+
+
+def _resolve_source(value: str | None) -> str | None:
+    """A pretrained source as a save can record it: an existing local path made absolute, else the
+    string itself (a hub id)."""
+    if value is None:
+        return None
+    return str(Path(value).resolve()) if os.path.exists(value) else value
+
+
+def _inside_package(path: Path) -> bool:
+    from importlib import resources
+
+    roots = {Path(str(resources.files(pkg))).resolve() for pkg in ("anymodal", "anymodal.encoders",
+                                                                    "anymodal.generators", "anymodal.configs")}
+    path = path.resolve()
+    return any(path == r or r in path.parents for r in roots)
 
 
 def _generators_for(owners: list[tuple[int, int]], seed: int | None, generator: torch.Generator | None
@@ -566,9 +701,16 @@ def _save_token_rows(lm, state: dict[str, torch.Tensor] | None, token_ids: list[
 
 
 def _load_token_rows(lm, directory: Path) -> None:
-    from safetensors.torch import load_file
-
-    t = load_file(str(directory / "token_rows.safetensors"))
+    t = read_safetensors(directory / "token_rows.safetensors", "the added token rows")
+    if "token_ids" not in t or "input_rows" not in t:
+        raise ValueError(f"{directory / 'token_rows.safetensors'}: missing keys "
+                         f"{', '.join(k for k in ('token_ids', 'input_rows') if k not in t)}")
+    rows = lm.get_input_embeddings().weight.shape
+    ids = t["token_ids"]
+    if ids.ndim != 1 or (len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= rows[0])) \
+            or tuple(t["input_rows"].shape) != (len(ids), rows[1]):
+        raise ValueError(f"{directory / 'token_rows.safetensors'} does not fit the language model "
+                         f"(embedding {tuple(rows)}, {len(ids)} token ids)")
     with torch.no_grad():
         lm.get_input_embeddings().weight[t["token_ids"]] = t["input_rows"].to(lm.get_input_embeddings().weight.dtype)
         if "output_rows" in t:

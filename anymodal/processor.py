@@ -31,6 +31,10 @@ DEFAULT_TEMPLATE = {"system": "{content}\n", "user": "### Human: {content}\n", "
                     "generation": "### Assistant:"}
 
 
+# Default-named signal-token strings of any modality and index, including ones this model does not use.
+_SIGNAL_PATTERN = re.compile(r"<(?:%s)_\d+>" % "|".join(_SIGNAL_PREFIX.values()))
+
+
 def signal_token_strings(modality: Modality, count: int, name: str | None = None) -> list[str]:
     """The signal tokens of ``modality``: ``name`` formatted with ``i`` (default ``<img_{i}>``)."""
     name = name or f"<{_SIGNAL_PREFIX[modality]}_{{i}}>"
@@ -149,8 +153,28 @@ class AnyModalProcessor:
                 ids += [tok.bos_token_id] + tok(part, add_special_tokens=False)["input_ids"]
         return ids
 
+    def escape(self, text: str) -> str:
+        """Neutralise the added token strings that typed text must never produce: signal tokens
+        (``<img_0>``, or a converted system's names) and media wrappers. A zero-width space after
+        the first character keeps the text readable but no longer matches the added token. Media
+        placeholders are not escaped: they mark where given media go, and :meth:`place_media`
+        checks their number against the media."""
+        return self._escape_pattern().sub(lambda mt: mt.group(0)[0] + "\u200b" + mt.group(0)[1:], text)
+
+    def _escape_pattern(self) -> re.Pattern:
+        cached = self.__dict__.get("_escape_re")
+        if cached is None:
+            strings = {s for group in self.signal_strings.values() for s in group}
+            strings |= {t for pair in self.prompt_options.media_wrap.values() for t in pair}
+            strings -= set(PLACEHOLDERS.values())
+            alternatives = [re.escape(s) for s in sorted(strings, key=len, reverse=True)] + [_SIGNAL_PATTERN.pattern]
+            cached = self.__dict__["_escape_re"] = re.compile("|".join(alternatives))
+        return cached
+
     def place_media(self, text: str, counts: dict[Modality, int]) -> str:
-        """Check placeholders against the media given; prepend them when the text has none."""
+        """Check placeholders against the media given; prepend them when the text has none.
+        Signal-token strings in the text are escaped (see :meth:`escape`)."""
+        text = self.escape(text)
         found = self.count_placeholders(text)
         prefix = ""
         for m in MEDIA_MODALITIES:

@@ -85,12 +85,21 @@ class ModalityEncoder(nn.Module, ABC):
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> "ModalityEncoder":
-        from safetensors.torch import load_model
+        """Load a directory written by :meth:`save_pretrained`; a missing or truncated file, or
+        weights that do not cover the model, is an error naming the file."""
+        from anymodal.loading import load_safetensors_into
 
         directory = Path(directory)
-        meta = json.loads((directory / CONFIG_NAME).read_text())
-        enc = cls.from_config(meta["options"], [Modality.parse(m) for m in meta["modalities"]])
-        load_model(enc, str(directory / WEIGHTS_NAME))
+        try:
+            meta = json.loads((directory / CONFIG_NAME).read_text())
+            options, modalities = meta["options"], [Modality.parse(m) for m in meta["modalities"]]
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{cls.type_name} encoder: {directory / CONFIG_NAME} not found") from None
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{cls.type_name} encoder: {directory / CONFIG_NAME} is not a valid encoder config "
+                             f"({type(e).__name__}: {e})") from None
+        enc = cls.from_config(options, modalities)
+        load_safetensors_into(enc, directory / WEIGHTS_NAME, f"{cls.type_name} encoder")
         return enc
 
 

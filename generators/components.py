@@ -15,6 +15,7 @@ how to read its conditioning shapes from the component configs, and how to call 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import inspect
 import os
 import string
@@ -250,6 +251,13 @@ def prompt_length(tokenizer: Any, text_config: Any, where: str) -> int:
                      "model_max_length and no text encoder with max_position_embeddings")
 
 
+def _is_model_class(klass: type) -> bool:
+    from diffusers import ModelMixin
+    from transformers import PreTrainedModel
+
+    return isinstance(klass, type) and issubclass(klass, (ModelMixin, PreTrainedModel))
+
+
 # --------------------------------------------------------------------------- the shared adapter
 class DiffusersGenerator(ModalityGenerator):
     """A :class:`ModalityGenerator` backed by one diffusers pipeline, kept resident once loaded.
@@ -270,6 +278,9 @@ class DiffusersGenerator(ModalityGenerator):
         self._device: torch.device | None = None
         self._shapes: dict[str, tuple[int, int]] | None = None
         self._negative: dict[str, torch.Tensor] | None = None
+        from anymodal.loading import allow_pickle
+
+        self._allow_pickle = allow_pickle()  # kept: a lazy generator loads later, outside the caller's block
         if pipeline is not None:
             self._setup(pipeline)
 
@@ -333,8 +344,48 @@ class DiffusersGenerator(ModalityGenerator):
         # [null, null]; diffusers needs them passed again as None or it refuses to build.
         absent = {name: None for name, value in index.items()
                   if not name.startswith("_") and isinstance(value, (list, tuple)) and list(value) == [None, None]}
-        with quiet_loading(show_bars=not small_local_dir(self.config.pretrained)):
-            return cls.from_pretrained(self.config.pretrained, dtype=torch_dtype(self.config.dtype), **absent)
+        from safetensors import SafetensorError
+
+        from anymodal.loading import pickle_allowed, refuse_pickle
+
+        where = f"generator {self.type_name!r}"
+        with pickle_allowed(self._allow_pickle):
+            refuse_pickle(self.config.pretrained, where)
+        safetensors_only = None if self._allow_pickle else True
+        try:
+            with quiet_loading(show_bars=not small_local_dir(self.config.pretrained)):
+                models = self._load_models(index, where, safetensors_only)
+                return cls.from_pretrained(self.config.pretrained, dtype=torch_dtype(self.config.dtype),
+                                           use_safetensors=safetensors_only, **absent, **models)
+        except SafetensorError as e:
+            raise ValueError(f"cannot load {where} from {self.config.pretrained}: a weights file is not a complete "
+                             f"safetensors file ({e})") from None
+        except OSError as e:
+            if not os.path.isdir(self.config.pretrained):
+                raise  # a hub id that cannot be fetched: the pipeline names the config field
+            raise ValueError(f"cannot load {where} from {self.config.pretrained}: {str(e).strip()}") from None
+
+    def _load_models(self, index: dict[str, Any], where: str, use_safetensors: bool | None) -> dict[str, Any]:
+        """Load the pipeline's model components one by one, so that weights missing from a checkpoint
+        are an error naming them rather than a random init (transformers) or a meta-tensor crash
+        (diffusers); the pipeline then takes them as they are."""
+        from anymodal.loading import missing_keys_error
+
+        models = {}
+        for name, value in index.items():
+            if name.startswith("_") or not isinstance(value, (list, tuple)) or len(value) != 2:
+                continue
+            library, class_name = value
+            if library not in ("diffusers", "transformers") or not class_name:
+                continue
+            klass = getattr(importlib.import_module(library), class_name, None)
+            if klass is None or not _is_model_class(klass):
+                continue
+            model, info = klass.from_pretrained(self.config.pretrained, subfolder=name, output_loading_info=True,
+                                                dtype=torch_dtype(self.config.dtype), use_safetensors=use_safetensors)
+            missing_keys_error(info, f"{self.config.pretrained} ({name})", where)
+            models[name] = model.eval()
+        return models
 
     def _setup(self, pipe: Any) -> None:
         if self.config.cpu_offload:

@@ -138,6 +138,50 @@ def test_media_come_out_and_bad_rows_are_recorded(pipe, tmp_path):
     assert set(by_key["cat"].timings) >= {"generate_s", "write_s", "batch_s", "batch_size"}
 
 
+def test_hostile_rows_are_recorded_and_the_run_goes_on(saved, tmp_path):
+    """Each of these once stopped the whole run (a re-run failing the same way): a line that is not
+    UTF-8, an id or prompt with a lone surrogate, a decompression-bomb image inside a batch of 8;
+    and NaN settings were generated and marked done."""
+    from anymodal import cli
+
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(_png_declaring(20000, 20000))
+    lines = [json.dumps({"id": "cat-1", "prompt": "draw a cat"}).encode(),
+             b'{"id": "latin1", "prompt": "caf\xe9 ' + b"x" * 5000 + b'"}',
+             b'{"id": "sur\\ud800", "prompt": "draw a cat"}',
+             b'{"id": "sur-prompt", "prompt": "draw \\udfff cat"}',
+             json.dumps({"id": "bomb", "prompt": "draw a cat", "images": ["bomb.png"]}).encode(),
+             b'{"id": "nan", "prompt": "draw a cat", "settings": {"image": {"guidance_scale": NaN}}}',
+             *[json.dumps({"id": f"cat-{i}", "prompt": "draw a cat"}).encode() for i in range(2, 6)]]
+    inp = tmp_path / "rows.jsonl"
+    inp.write_bytes(b"\n".join(lines) + b"\n")
+    args = ["batch", str(inp), "--out", str(tmp_path / "out"), "--model", str(saved), "--batch-size", "8",
+            "--no-progress"]
+    for _ in range(2):  # a re-run goes on the same way
+        assert cli.main(args) == 0
+        recs = [json.loads(line) for line in (tmp_path / "out" / RESULTS_NAME).read_text(encoding="utf-8").splitlines()]
+        assert [r["index"] for r in recs] == list(range(len(lines)))
+        errors = {r["index"]: r["error"] for r in recs if r["status"] == "error"}
+        assert set(errors) == {1, 2, 3, 4, 5}
+        assert "line 2: not valid UTF-8 text (byte 0xe9" in errors[1]
+        assert "'id' is not valid Unicode text" in errors[2] and recs[2]["id"] == "sur\ud800"
+        assert "'prompt' is not valid Unicode text" in errors[3]
+        assert "decompression bomb" in errors[4]
+        assert "guidance_scale must be a finite number" in errors[5]
+        assert all(r["files"]["image"] for r in recs if r["status"] == "done")
+
+
+def _png_declaring(width: int, height: int) -> bytes:
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
 def test_rows_are_grouped_by_settings_into_batched_generator_calls(pipe, tmp_path, monkeypatch):
     calls: list[tuple[int, str]] = []
     real = pipe.__class__.__call__

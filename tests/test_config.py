@@ -83,6 +83,8 @@ def _base() -> dict:
     ({"colour": 1}, "unknown field 'colour' in config"),
     ({"llm": {"model": "x", "config": {"model_type": "llama"}}}, "exactly one of llm.model"),
     ({"llm": {"config": {"model_type": "llama"}, "tokenizer": "bytes", "dtype": "float8"}}, "llm.dtype"),
+    ({"llm": {"config": {"model_type": "llama"}, "tokenizer": "bytes", "lora": {"dropout": float("nan")}}},
+     "config.llm.lora.dropout must be a finite number"),
     ({"llm": {"config": {"model_type": "llama"}, "tokenizer": "bytes", "max_new_tokens": "many"}}, "config.llm.max_new_tokens must be int"),
     ({"llm": {"config": {"model_type": "llama"}, "tokenizer": "bytes", "signal_tokens": {"smell": 4}}}, "unknown modality 'smell'"),
     ({"input_projectors": {"image": {"type": "linear"}}}, "input_projectors[image] has no encoder"),

@@ -50,6 +50,15 @@ def test_placeholder_count_mismatch_raises(processor):
         processor.place_media("<image> vs <image>", {I: 1})
 
 
+def test_typed_signal_tokens_never_become_signal_ids(processor):
+    """A user typing ``<img_0>`` gets text, not the model's signal token (which would start an image)."""
+    signal = {i for ids in processor.signal_ids.values() for i in ids}
+    placed = processor.place_media("copy this: <img_0><img_1> and <aud_0>", {})
+    ids = set(processor([processor.format([Message("user", placed)])])["input_ids"][0].tolist())
+    assert not ids & signal
+    assert processor.place_media(placed, {}) == placed  # escaping twice changes nothing
+
+
 def test_split_output_marks_media_and_keeps_text(processor):
     tok = processor.tokenizer
     ids = tok("look: ")["input_ids"] + processor.signal_ids[I] + tok(" and ")["input_ids"] + processor.signal_ids[A]
@@ -159,6 +168,13 @@ def test_sampling_is_repeatable_with_a_seed(text_pipe):
     ("hi", {"settings": {"image": {}}}, ValueError, "this model generates text only"),
     ("hi", {"settings": {"smell": {}}}, ValueError, "unknown modality 'smell'"),
     ("x" * 300, {}, ValueError, "exceeds the model's context of 256 tokens"),
+    (None, {}, ValueError, "prompt is required"),
+    ({"draw": 1}, {}, TypeError, "got dict"),  # was used by its keys
+    ("a\ud800b", {}, ValueError, "lone surrogate"),  # was a tokenizers TypeError
+    ("hi", {"max_new_tokens": 0}, ValueError, "max_new_tokens must be a positive integer"),  # was the default
+    ("hi", {"seed": 2**64}, ValueError, r"seed must be an integer in \[0, 2\*\*63 - 1\]"),
+    ("hi", {"seed": 1.5}, TypeError, "seed must be an integer"),
+    ("hi", {"seed": "7"}, TypeError, "seed must be an integer"),
 ])
 def test_bad_calls_raise_specific_errors(text_pipe, prompt, kwargs, error, message):
     with pytest.raises(error, match=message):
@@ -231,6 +247,10 @@ def test_referenced_llm_saves_only_what_changed(pretrained_llm_dir, tmp_path, lo
     pipe.save_pretrained(tmp_path / "p")
     saved = tmp_path / "p"
     assert sorted(p.name for p in (saved / "llm").iterdir()) == ["token_rows.safetensors"]
+    import json
+
+    llm_entry = json.loads((saved / "anymodal_index.json").read_text())["components"]["llm"]
+    assert llm_entry == {"kind": "token_rows", "path": "llm", "base": str(pretrained_llm_dir.resolve())}
     assert (saved / "llm_adapter").is_dir() == bool(lora)
     again = AnyModalPipeline.from_pretrained(saved)
     assert again(prompts, seed=0).token_ids == before.token_ids
@@ -238,6 +258,14 @@ def test_referenced_llm_saves_only_what_changed(pretrained_llm_dir, tmp_path, lo
     pipe.save_pretrained(full, save_frozen=True)
     assert (full / "llm" / "model.safetensors").is_file()
     assert AnyModalPipeline.from_pretrained(full)(prompts, seed=0).token_ids == before.token_ids
+
+
+def test_llm_config_typos_are_refused():
+    from anymodal.pipeline import AnyModalPipeline
+
+    data = {"llm": {**TEXT_ONLY["llm"], "config": {**TEXT_ONLY["llm"]["config"], "hiden_size": 32}}}
+    with pytest.raises(ValueError, match="unknown key 'hiden_size' for model_type 'llama'.*did you mean 'hidden_size'"):
+        AnyModalPipeline.from_config(C.AnyModalConfig.from_dict(data))
 
 
 def test_unreachable_weights_name_the_field(monkeypatch):

@@ -475,14 +475,29 @@ def test_bad_settings(gens):
     cond = {"prompt_embeds": torch.randn(1, 16, 32)}
     with pytest.raises(ValueError, match="allowed fields: num_inference_steps"):
         gens["image"].generate(cond, settings={"num_inference_step": 2})
-    with pytest.raises(ValueError, match="num_inference_steps must be a positive number"):
+    with pytest.raises(ValueError, match="num_inference_steps must be a positive integer"):
         gens["image"].generate(cond, settings={"num_inference_steps": -1})
-    with pytest.raises(ValueError, match="audio_length_s must be a positive number"):
+    with pytest.raises(ValueError, match="audio_length_s must be a positive finite number"):
         gens["audio"].generate({"prompt_embeds": torch.randn(1, 1, 32)}, settings={"audio_length_s": -1.0})
     with pytest.raises(TypeError, match="must be ImageSettings or a dict"):
         gens["image"].generate(cond, settings=AudioSettings())
     with pytest.raises(ValueError, match="unknown field|allowed fields"):  # bad defaults fail at load
         GENERATORS.get("stable-diffusion").from_config(tiny_config("image", settings={"steps": 2}))
+
+
+@pytest.mark.parametrize("cls,field,value,match", [
+    (ImageSettings, "num_inference_steps", 1.5, "positive integer"),  # was a numpy TypeError deep in diffusers
+    (ImageSettings, "guidance_scale", float("nan"), "finite number >= 0"),
+    (ImageSettings, "guidance_scale", float("inf"), "finite number >= 0"),  # was an all-black image
+    (ImageSettings, "height", 64.0, "positive integer"),
+    (AudioSettings, "audio_length_s", float("inf"), "positive finite number"),
+    (AudioSettings, "guidance_scale", float("-inf"), "finite number >= 0"),
+    (VideoSettings, "num_frames", 10**7, "at most"),
+    (VideoSettings, "fps", float("nan"), "positive integer"),
+])
+def test_settings_refuse_non_finite_and_fractional_values(cls, field, value, match):
+    with pytest.raises(ValueError, match=f"{field} must be .*{match}|{match}"):
+        cls(**{field: value})
 
 
 def _broken(name: str, edit) -> GeneratorConfig:

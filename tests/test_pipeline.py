@@ -228,6 +228,38 @@ def test_save_load_round_trip_gives_identical_outputs(pipe, tmp_path, monkeypatc
                     assert np.array_equal(_arr(a), _arr(b))
 
 
+def _buildable_offline(name: str) -> str | None:
+    """Why a shipped config cannot be built here at tiny size, or None."""
+    from anymodal.pipeline import shipped_config
+
+    cfg = AnyModalConfig.from_yaml(shipped_config(name))
+    if cfg.llm.model is not None or any(e.pretrained for e in cfg.encoders.values()) \
+            or any(g.pretrained for g in cfg.generators.values()):
+        return "needs downloaded weights"
+    if (cfg.llm.config or {}).get("hidden_size", 0) > 1024:
+        return "real-size random weights (a GPU benchmark)"
+    return None
+
+
+@pytest.mark.parametrize("name", __import__("anymodal.pipeline", fromlist=["list_configs"]).list_configs())
+def test_shipped_configs_survive_save_and_reload_elsewhere(name, tmp_path, monkeypatch):
+    reason = _buildable_offline(name)
+    if reason:
+        pytest.skip(f"{name}: {reason}")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    torch.manual_seed(0)
+    built = AnyModalPipeline.from_pretrained(name)
+    prompts = ["draw", "play a tone"]
+    before = built(prompts, seed=3, max_new_tokens=6)
+    (tmp_path / "a").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    built.save_pretrained("saved")
+    monkeypatch.chdir(tmp_path)
+    again = AnyModalPipeline.from_pretrained(tmp_path / "a" / "saved")
+    after = again(prompts, seed=3, max_new_tokens=6)
+    assert after.text == before.text and after.token_ids == before.token_ids
+
+
 def test_loading_a_small_saved_model_is_quiet_and_restores_settings(pipe, tmp_path, monkeypatch, capfd):
     """No loading bars for a small local model, no notices about the deprecated diffusers pipelines
     anymodal wraps on purpose; the caller's progress-bar settings are as they were."""

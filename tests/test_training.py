@@ -612,6 +612,56 @@ def test_resume_after_interruption_gives_identical_weights(data_dir, tmp_path):
     assert steps == list(range(1, 10))
 
 
+class _Planted:
+    """Unpickling this creates ``path``: the payload a hostile checkpoint would carry."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_resume_refuses_planted_pickles(data_dir, tmp_path):
+    import pickle
+    import shutil
+
+    kwargs = dict(stage=3, max_steps=2, batch_size=3, save_every=1, device="cpu", progress=False)
+    train(TINY, data_dir / "dialogues.jsonl", tmp_path / "run", TRAINING / "tiny.yaml", **kwargs)
+    ckpt = latest_checkpoint(tmp_path / "run")
+    assert (ckpt / "scheduler.json").is_file() and not list(ckpt.glob("custom_checkpoint_*"))
+    pristine = tmp_path / "pristine"
+    shutil.copytree(ckpt, pristine)
+    marker = tmp_path / "pwned"
+    payload = pickle.dumps(_Planted(marker))
+    pickle.loads(payload)  # the payload is live: plain unpickling runs it
+    assert marker.exists()
+    marker.unlink()
+
+    def attempt(plant, match: str) -> None:
+        shutil.rmtree(ckpt)
+        shutil.copytree(pristine, ckpt)
+        plant()
+        with pytest.raises(ValueError, match=match):
+            train(TINY, data_dir / "dialogues.jsonl", tmp_path / "run", TRAINING / "tiny.yaml", resume=True,
+                  **{**kwargs, "max_steps": 3})
+        assert not marker.exists()
+
+    # accelerate's name for a registered object's pickle, beside anymodal's scheduler.json
+    attempt(lambda: (ckpt / "custom_checkpoint_0.pkl").write_bytes(payload), "custom_checkpoint_0.pkl")
+    # an older checkpoint's scheduler pickle: read with weights_only=True, so refused, not run
+    attempt(lambda: ((ckpt / "scheduler.json").unlink(), (ckpt / "custom_checkpoint_0.pkl").write_bytes(payload)),
+            "cannot be read safely")
+    attempt(lambda: (ckpt / "random_states_0.pkl").write_bytes(payload), "random_states_0.pkl")
+    attempt(lambda: (ckpt / "optimizer.bin").write_bytes(payload), "optimizer.bin")
+    attempt(lambda: (ckpt / "pytorch_model.bin").write_bytes(payload), "does not write")
+    # the untouched checkpoint still resumes
+    shutil.rmtree(ckpt)
+    shutil.copytree(pristine, ckpt)
+    train(TINY, data_dir / "dialogues.jsonl", tmp_path / "run", TRAINING / "tiny.yaml", resume=True,
+          **{**kwargs, "max_steps": 3})
+
+
 def test_cli_train_and_errors(data_dir, tmp_path, capsys):
     from anymodal.cli import main
 

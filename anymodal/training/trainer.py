@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 STATE_NAME = "trainer_state.json"
+SCHEDULER_NAME = "scheduler.json"
 METRICS_NAME = "metrics.jsonl"
 FINAL = "final"
 
@@ -173,13 +175,14 @@ def train(config: str | os.PathLike | AnyModalConfig, data: str | os.PathLike, o
     # Not passed through prepare(): accelerate would step it once per process per step.
     scheduler = get_scheduler(tcfg.lr_scheduler, optimizer, num_warmup_steps=tcfg.warmup_steps,
                               num_training_steps=total_steps)
-    accelerator.register_for_checkpointing(scheduler)
+    # The scheduler is checkpointed by anymodal as JSON (accelerate would pickle it, and unpickle it
+    # with weights_only=False on resume).
     accelerator.register_save_state_pre_hook(_only_trainable)
 
     loss_names = ["loss", "ce"] + [f"{kind}/{m.value}" for kind in ("align", "denoise") for m in outputs]
     state = _State()
     if resume and latest is not None:
-        accelerator.load_state(str(latest), strict=False)
+        load_checkpoint(accelerator, latest, scheduler)
         state = _State(**json.loads((latest / STATE_NAME).read_text()))
         if main:
             logger.info("resumed from %s (step %d)", latest, state.step)
@@ -250,7 +253,7 @@ def train(config: str | os.PathLike | AnyModalConfig, data: str | os.PathLike, o
                                      samples_s=f"{metrics['samples_per_s']:.1f}")
             if tcfg.save_every and state.step % tcfg.save_every == 0 and state.step < total_steps:
                 state.bad_lines = sorted(bad_lines)
-                save_checkpoint(accelerator, out, state, tcfg.keep_checkpoints)
+                save_checkpoint(accelerator, out, state, tcfg.keep_checkpoints, scheduler)
             if on_step is not None:
                 on_step(state.step, metrics)
             if state.step >= total_steps:
@@ -348,8 +351,12 @@ def latest_checkpoint(out: str | os.PathLike) -> Path | None:
     return done[-1] if done else None
 
 
-def save_checkpoint(accelerator: Any, out: Path, state: _State, keep: int) -> Path:
-    """``save_state`` into a temporary directory, then rename it into place (all processes take part)."""
+def save_checkpoint(accelerator: Any, out: Path, state: _State, keep: int, scheduler: Any = None) -> Path:
+    """``save_state`` into a temporary directory, then rename it into place (all processes take part).
+
+    The LR scheduler's state goes to ``scheduler.json``; nothing in a checkpoint needs unpickling
+    beyond what ``torch.load(weights_only=True)`` reads (optimizer tensors, RNG states).
+    """
     d = out / CHECKPOINTS
     final = d / f"step-{state.step:08d}"
     tmp = d / f".step-{state.step:08d}.tmp"
@@ -361,6 +368,8 @@ def save_checkpoint(accelerator: Any, out: Path, state: _State, keep: int) -> Pa
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if scheduler is not None:
+            atomic_write_text(tmp / SCHEDULER_NAME, json.dumps(scheduler.state_dict()))
         atomic_write_text(tmp / STATE_NAME, json.dumps(state.to_json(), indent=2))
         if final.exists():
             shutil.rmtree(final)
@@ -370,6 +379,63 @@ def save_checkpoint(accelerator: Any, out: Path, state: _State, keep: int) -> Pa
             shutil.rmtree(p)
     accelerator.wait_for_everyone()
     return final
+
+
+# What accelerate's save_state and anymodal write into a checkpoint; a resume refuses anything else.
+_CHECKPOINT_FILES = re.compile(r"(model(_\d+)?\.safetensors|optimizer(_\d+)?\.bin|random_states_\d+\.pkl|"
+                               r"scaler\.pt|sampler(_\d+)?\.bin|dl_state_dict(_\d+)?\.bin|"
+                               r"custom_checkpoint_0\.pkl|"
+                               + re.escape(STATE_NAME) + "|" + re.escape(SCHEDULER_NAME) + ")")
+
+
+def check_checkpoint(path: Path) -> None:
+    """Refuse a checkpoint directory holding files anymodal does not write, before anything in it is read.
+
+    Pickled files that accelerate writes (optimizer state, RNG states) are read with
+    ``torch.load(weights_only=True)``; a file that needs more than that is refused, not run.
+    """
+    path = Path(path)
+    for f in sorted(path.iterdir()):
+        if f.is_dir() or not _CHECKPOINT_FILES.fullmatch(f.name):
+            raise ValueError(f"checkpoint {path} holds {f.name!r}, which anymodal does not write; refusing to resume "
+                             "from it (remove the file if you trust it, or choose another --out)")
+    if (path / "custom_checkpoint_0.pkl").exists() and (path / SCHEDULER_NAME).exists():
+        raise ValueError(f"checkpoint {path} holds both {SCHEDULER_NAME} and custom_checkpoint_0.pkl; anymodal writes "
+                         "only the first; refusing to resume from it")
+    for f in sorted(path.glob("*.pkl")) + sorted(path.glob("*.bin")):
+        _safe_load(f)  # each once, before accelerate reads it: a bad file fails here, with its name
+
+
+def _safe_load(path: Path) -> Any:
+    from accelerate.utils import load as accelerate_load  # weights_only=True plus numpy's RNG-state types
+
+    try:
+        return accelerate_load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # the unpickler fails in many ways on a damaged or hostile file; none is trusted
+        first = (str(e).splitlines() or [""])[0]
+        raise ValueError(f"checkpoint file {path} cannot be read safely (anymodal loads checkpoint tensors with "
+                         f"torch.load(weights_only=True) only): {type(e).__name__}: {first}") from None
+
+
+def load_checkpoint(accelerator: Any, path: Path, scheduler: Any) -> None:
+    """Resume state from a checkpoint written by :func:`save_checkpoint`, refusing anything else."""
+    check_checkpoint(path)
+    for name in (STATE_NAME,):
+        if not (path / name).is_file():
+            raise ValueError(f"checkpoint {path} has no {name}")
+    accelerator.load_state(str(path), strict=False, load_kwargs={"weights_only": True})
+    if (path / SCHEDULER_NAME).is_file():
+        try:
+            sched = json.loads((path / SCHEDULER_NAME).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"checkpoint file {path / SCHEDULER_NAME} is not valid JSON: {e}") from None
+    elif (path / "custom_checkpoint_0.pkl").is_file():  # written by anymodal before scheduler.json
+        sched = _safe_load(path / "custom_checkpoint_0.pkl")
+    else:
+        raise ValueError(f"checkpoint {path} has no {SCHEDULER_NAME}")
+    if not isinstance(sched, dict):
+        raise ValueError(f"checkpoint {path}: the scheduler state must be a mapping, got {type(sched).__name__}")
+    scheduler.load_state_dict(sched)
 
 
 def _only_trainable(models: list, weights: list, output_dir: str) -> None:
