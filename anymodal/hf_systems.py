@@ -108,8 +108,8 @@ def hf_system_type(path: str | os.PathLike) -> str | None:
 class CheckpointReader:
     """Lazy access to the tensors of a checkpoint directory (safetensors, sharded or not).
 
-    Only the tensors asked for are read. ``pytorch_model.bin`` checkpoints are read with
-    ``torch.load(weights_only=True)`` (no arbitrary code) when no safetensors exist.
+    Only the tensors asked for are read. ``pytorch_model.bin`` checkpoints are refused unless pickle is
+    allowed (``allow_pickle=True``), and then read with ``torch.load(weights_only=True)``.
     """
 
     def __init__(self, source: str | os.PathLike):
@@ -133,6 +133,9 @@ class CheckpointReader:
             with safe_open(str(d / "model.safetensors"), "pt") as f:
                 self._where = {k: d / "model.safetensors" for k in f.keys()}
         elif (d / "pytorch_model.bin").is_file():
+            from .loading import refuse_pickle
+
+            refuse_pickle(d, "the checkpoint")  # unless allow_pickle=True; even then read weights-only
             self._bin = torch.load(d / "pytorch_model.bin", map_location="cpu", weights_only=True, mmap=True)
             self._where = {k: d / "pytorch_model.bin" for k in self._bin}
         else:
@@ -220,6 +223,9 @@ def load_composite_language_model(source: str | os.PathLike, dtype: torch.dtype)
     if not getattr(config, "use_decoder_only_language_model", True):
         raise ValueError(f"{source}: its language model ({config.text_config.model_type}) is an encoder-decoder; "
                          "anymodal's LLM is a decoder-only causal LM")
+    from .loading import refuse_pickle
+
+    refuse_pickle(source, "the language model")  # transformers would unpickle pytorch_model.bin
     verbosity = tlog.get_verbosity()
     tlog.set_verbosity_error()  # the other components' weights are 'unexpected' to the LM by design
     try:

@@ -245,6 +245,9 @@ class ClapEncoder(ModalityEncoder):
         _single_modality("clap", modalities, Modality.AUDIO)
         _check_source("clap", opts.config, pretrained)
         if pretrained is not None:
+            from anymodal.loading import refuse_pickle
+
+            refuse_pickle(pretrained, "clap encoder")
             model, info = ClapAudioModelWithProjection.from_pretrained(str(pretrained), output_loading_info=True)
             if info["missing_keys"] or info["mismatched_keys"]:
                 bad = sorted(info["missing_keys"]) + [str(k) for k in info["mismatched_keys"]]

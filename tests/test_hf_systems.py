@@ -292,6 +292,22 @@ def test_missing_tower_weight_is_named(llava_dir, tmp_path):
         AnyModalPipeline.from_pretrained(broken)
 
 
+def test_a_pickled_checkpoint_folder_loads_only_when_allowed(llava_dir, tmp_path):
+    """A released folder whose weights are pytorch_model.bin (pickle) is refused unless asked for."""
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "pickled"
+    shutil.copytree(llava_dir, folder)
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match=r"pickle files \(pytorch_model\.bin\).*allow_pickle=True"):
+        AnyModalPipeline.from_pretrained(folder)
+    pipe = AnyModalPipeline.from_pretrained(folder, allow_pickle=True)
+    reference = AnyModalPipeline.from_pretrained(llava_dir)
+    a, b = pipe.model.state_dict(), reference.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_unused_tower_weight_is_reported(llava_dir, tmp_path, caplog):
     from anymodal.encoders import HFVisionEncoder
 
