@@ -315,9 +315,11 @@ def convert_nextgpt(delta: str | Path, llm: str | Path, out: str | Path, imagebi
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     bar = tqdm(total=len(state), unit="tensor", desc="converting", disable=not progress)
     try:
-        components: dict[str, Any] = {"encoders": {}, "input_projectors": {}, "output_projectors": {},
-                                      "generators": {m.value: {"kind": "reference"} for m in cfg.generators},
-                                      "adapter": None, "llm": {"kind": "token_rows", "path": "llm"}}
+        # Vicuna, ImageBind and the generators stay where they are: external entries (absolute path or hub id)
+        components: dict[str, Any] = {
+            "encoders": {}, "input_projectors": {}, "output_projectors": {},
+            "generators": {m.value: {"kind": "external", "source": g.pretrained} for m, g in cfg.generators.items()},
+            "adapter": None, "llm": {"kind": "token_rows", "path": "llm", "base": str(llm)}}
         processor.save_pretrained(tmp / "processor")
         _write_token_rows(tmp, state, plan, total, bar, log)
         if plan.lora:
@@ -383,7 +385,7 @@ def _write_input_projector(tmp: Path, state: dict[str, torch.Tensor], plan: Any,
         for m in cfg.input_projectors:
             save_file(tensors, str(tmp / "input_projectors" / f"{m.value}.safetensors"))
             components["input_projectors"][m.value] = f"input_projectors/{m.value}.safetensors"
-        components["encoders"]["imagebind"] = {"kind": "reference"}
+        components["encoders"]["imagebind"] = {"kind": "external", "source": str(imagebind)}
         log(f"input projector: llama_proj {w.shape[1]} -> {w.shape[0]}, shared by "
             f"{', '.join(m.value for m in cfg.input_projectors)}; ImageBind from {imagebind}")
     else:
