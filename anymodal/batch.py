@@ -474,6 +474,7 @@ def _fsync_file(path: Path) -> None:
 
 
 # ==================================================================== the run
+# A little over 80 lines: one generator that records each row as it goes; checks and generation are helpers.
 def run_batch(pipe: AnyModalPipeline, rows: Iterable[dict[str, Any] | InvalidLine], out_dir: str | os.PathLike,
               batch_size: int = 8, *, seed: int | None = 0, base_dir: str | os.PathLike | None = None,
               process_index: int = 0, num_processes: int = 1, max_new_tokens: int | None = None,
@@ -506,36 +507,11 @@ def run_batch(pipe: AnyModalPipeline, rows: Iterable[dict[str, Any] | InvalidLin
     out_dir = Path(out_dir)
     base = Path(base_dir) if base_dir is not None else Path.cwd()
     out_dir.mkdir(parents=True, exist_ok=True)
-    log_path = out_dir / (RESULTS_NAME if num_processes == 1 else f"results.part{process_index}.jsonl")
-    log = _ResultsLog(log_path)  # locked first: a second run on the same directory stops here
-    # Results files that no process of this run writes must not be in use either (a run with a
-    # different number of processes, or workers a killed launcher left running).
-    others = [out_dir / RESULTS_NAME] if num_processes > 1 else []
-    others += [p for p in out_dir.glob(PART_PATTERN)
-               if num_processes == 1 or _part_rank(p) is None or _part_rank(p) >= num_processes]
-    try:
-        for path in others:
-            _check_not_busy(path)
-    except BaseException:
-        log.close()
-        raise
+    log = _open_results_log(out_dir, process_index, num_processes)
     bar = None
     try:
         done = {k: r for k, r in _latest(out_dir).items() if r["status"] == "done"}
-
-        # Every process names every row, so keys and stems agree across processes and runs.
-        names = _Names()
-        mine: list[tuple[str, str, int, dict[str, Any] | InvalidLine]] = []
-        for index, data in enumerate(rows):
-            if isinstance(data, InvalidLine):
-                key = names.key(f"line:{data.line}")
-            elif "id" not in data:
-                key = names.key(f"row:{index}")
-            else:
-                key = names.key(str(data["id"]))
-            stem = names.stem(key)
-            if index % num_processes == process_index:
-                mine.append((key, stem, index, data))
+        mine = _rows_of_process(rows, process_index, num_processes)
         _remove_stale_temps(out_dir, {stem for _, stem, _, _ in mine})
         # Stems of rows done earlier, from their files: a changed input must not overwrite them.
         taken = {f.split("/")[1].lower(): k for k, r in done.items() for fs in r.get("files", {}).values()
@@ -589,6 +565,43 @@ def run_batch(pipe: AnyModalPipeline, rows: Iterable[dict[str, Any] | InvalidLin
         log.close()
     if num_processes == 1:
         merge_results(out_dir)
+
+
+def _open_results_log(out_dir: Path, process_index: int, num_processes: int) -> "_ResultsLog":
+    """This process's results log, locked; refuses to start while another run uses the directory."""
+    log_path = out_dir / (RESULTS_NAME if num_processes == 1 else f"results.part{process_index}.jsonl")
+    log = _ResultsLog(log_path)  # locked first: a second run on the same directory stops here
+    # Results files that no process of this run writes must not be in use either (a run with a
+    # different number of processes, or workers a killed launcher left running).
+    others = [out_dir / RESULTS_NAME] if num_processes > 1 else []
+    others += [p for p in out_dir.glob(PART_PATTERN)
+               if num_processes == 1 or _part_rank(p) is None or _part_rank(p) >= num_processes]
+    try:
+        for path in others:
+            _check_not_busy(path)
+    except BaseException:
+        log.close()
+        raise
+    return log
+
+
+def _rows_of_process(rows: Iterable[dict[str, Any] | InvalidLine], process_index: int, num_processes: int
+                     ) -> list[tuple[str, str, int, dict[str, Any] | InvalidLine]]:
+    """``(key, stem, index, row)`` of this process's rows. Every process names every row, so keys and
+    stems agree across processes and runs."""
+    names = _Names()
+    mine = []
+    for index, data in enumerate(rows):
+        if isinstance(data, InvalidLine):
+            key = names.key(f"line:{data.line}")
+        elif "id" not in data:
+            key = names.key(f"row:{index}")
+        else:
+            key = names.key(str(data["id"]))
+        stem = names.stem(key)
+        if index % num_processes == process_index:
+            mine.append((key, stem, index, data))
+    return mine
 
 
 def _generate(pipe: AnyModalPipeline, rows: list[_Row], out_dir: Path, seed: int | None,

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from .checks import positive_int
 from .modality import MEDIA_MODALITIES, Modality
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -29,11 +30,6 @@ DEFAULT_SIGNAL_TOKENS = {Modality.IMAGE: 4, Modality.AUDIO: 8, Modality.VIDEO: 2
 def _check_dtype(name: str, value: str) -> None:
     if value not in DTYPES:
         raise ValueError(f"{name} must be one of {', '.join(DTYPES)}, got {value!r}")
-
-
-def _check_positive(name: str, value: int | float) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
 
 
 def _media_modality(name: str, value: Modality | str) -> Modality:
@@ -80,11 +76,11 @@ class InputProjectorConfig:
     def __post_init__(self) -> None:
         if self.share is not None:
             self.share = _media_modality("input_projector.share", self.share)
-        _check_positive("input_projector.num_tokens", self.num_tokens)
-        _check_positive("input_projector.num_layers", self.num_layers)
-        _check_positive("input_projector.num_heads", self.num_heads)
+        positive_int("input_projector.num_tokens", self.num_tokens)
+        positive_int("input_projector.num_layers", self.num_layers)
+        positive_int("input_projector.num_heads", self.num_heads)
         if self.hidden_dim is not None:
-            _check_positive("input_projector.hidden_dim", self.hidden_dim)
+            positive_int("input_projector.hidden_dim", self.hidden_dim)
 
 
 @dataclass
@@ -95,7 +91,7 @@ class LoraConfig:
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
     def __post_init__(self) -> None:
-        _check_positive("llm.lora.r", self.r)
+        positive_int("llm.lora.r", self.r)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"llm.lora.dropout must be in [0, 1), got {self.dropout!r}")
         if not self.target_modules:
@@ -186,7 +182,7 @@ class LLMConfig:
         if self.model is None and self.tokenizer is None:
             raise ValueError("llm.tokenizer is required when llm.config is used (a path, or 'bytes')")
         _check_dtype("llm.dtype", self.dtype)
-        _check_positive("llm.max_new_tokens", self.max_new_tokens)
+        positive_int("llm.max_new_tokens", self.max_new_tokens)
         self.signal_tokens = {_media_modality("llm.signal_tokens", k): v for k, v in self.signal_tokens.items()}
         for m, n in self.signal_tokens.items():
             if not isinstance(n, int) or n < 1:
@@ -198,12 +194,12 @@ class OutputProjectorConfig:
     """Maps the hidden states of a signal-token block to a generator's conditioning.
 
     ``targets`` names each conditioning tensor the generator takes and its (sequence, dim)
-    shape, e.g. ``{"prompt_embeds": [77, 768]}`` for SD-1.5. It is checked against the
-    generator when the pipeline loads.
+    shape, e.g. ``{"prompt_embeds": [77, 768]}`` for SD-1.5. Left out (None), it is taken from the
+    generator's ``conditioning_shapes`` when the pipeline is built; given, it is checked against them.
     """
 
     type: str = "transformer"
-    targets: dict[str, list[int]] = field(default_factory=lambda: {"prompt_embeds": [77, 768]})
+    targets: dict[str, list[int]] | None = None
     hidden_dim: int = 512
     num_layers: int = 2  # decoder layers (the learned queries attend to the signal states)
     num_heads: int = 8
@@ -216,21 +212,24 @@ class OutputProjectorConfig:
     add_token_embeddings: bool = False
 
     def __post_init__(self) -> None:
-        if not self.targets:
-            raise ValueError("output_projector.targets must name at least one conditioning tensor")
-        for name, shape in self.targets.items():
-            if not (isinstance(shape, (list, tuple)) and len(shape) == 2 and all(isinstance(s, int) and s > 0 for s in shape)):
-                raise ValueError(f"output_projector.targets[{name}] must be [sequence_length, dim], got {shape!r}")
-        self.targets = {k: [int(s) for s in v] for k, v in self.targets.items()}
-        _check_positive("output_projector.hidden_dim", self.hidden_dim)
-        _check_positive("output_projector.num_layers", self.num_layers)
-        _check_positive("output_projector.num_heads", self.num_heads)
+        if self.targets is not None:
+            if not isinstance(self.targets, dict) or not self.targets:
+                raise ValueError("output_projector.targets must name at least one conditioning tensor "
+                                 "({name: [sequence_length, dim]}), or be left out to take the generator's")
+            for name, shape in self.targets.items():
+                if not (isinstance(shape, (list, tuple)) and len(shape) == 2
+                        and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)):
+                    raise ValueError(f"output_projector.targets[{name}] must be [sequence_length, dim], got {shape!r}")
+            self.targets = {k: [int(s) for s in v] for k, v in self.targets.items()}
+        positive_int("output_projector.hidden_dim", self.hidden_dim)
+        positive_int("output_projector.num_layers", self.num_layers)
+        positive_int("output_projector.num_heads", self.num_heads)
         if not isinstance(self.num_encoder_layers, int) or isinstance(self.num_encoder_layers, bool) \
                 or self.num_encoder_layers < 0:
             raise ValueError(f"output_projector.num_encoder_layers must be a non-negative integer, "
                              f"got {self.num_encoder_layers!r}")
         if self.ffn_dim is not None:
-            _check_positive("output_projector.ffn_dim", self.ffn_dim)
+            positive_int("output_projector.ffn_dim", self.ffn_dim)
         if self.hidden_dim % self.num_heads:
             raise ValueError(f"output_projector.hidden_dim ({self.hidden_dim}) must be divisible by num_heads ({self.num_heads})")
 

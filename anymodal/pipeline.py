@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -32,7 +33,7 @@ from .modality import MEDIA_MODALITIES, Modality
 from .model import AnyModalModel, add_token_rows, load_language_model, load_tokenizer
 from .processor import AnyModalProcessor, Message
 from .registry import ENCODERS, GENERATORS
-from .utils import atomic_write_text, peft_quietly, swap_dir_into_place
+from .utils import atomic_write_text, peft_quietly, seeded, swap_dir_into_place
 
 logger = logging.getLogger(__name__)
 
@@ -84,15 +85,19 @@ class AnyModalPipeline:
             config = AnyModalConfig.from_yaml(config)
         with _pickle_choice(allow_pickle):
             _check_types(config)
+            generators = {}
+            # generators first, for the output projectors' default targets; the model's random init
+            # still sees the RNG state it would without them
+            with torch.random.fork_rng(devices=[]):
+                for m, g in config.generators.items():
+                    with _naming(f"generators.{m.value}.pretrained", g.pretrained):
+                        generators[m] = GENERATORS.get(g.type).from_config(g)
+            config = _with_default_targets(config, generators)
             with _naming("llm.tokenizer", config.llm.tokenizer or config.llm.model):
                 processor = _make_processor(config, load_tokenizer(config.llm))
             with _naming("llm.model or encoders", config.llm.model):
                 model = AnyModalModel.build(config, processor)
             _apply_lora(model, config, processor)
-            generators = {}
-            for m, g in config.generators.items():
-                with _naming(f"generators.{m.value}.pretrained", g.pretrained):
-                    generators[m] = GENERATORS.get(g.type).from_config(g)
         pipe = cls(config, processor, model, generators)
         # where referenced components came from, resolved now: a later save records them by these
         pipe._sources = {"llm": _resolve_source(config.llm.model)}
@@ -408,7 +413,8 @@ class AnyModalPipeline:
                                      "values (audio samples belong in [-1, 1], image floats in [0, 1])")
 
         # 4. generate text and signal tokens; read the signal tokens' hidden states
-        with _seeded(seed if seed is not None else (generator.initial_seed() if generator else None), do_sample):
+        llm_seed = seed if seed is not None else (generator.initial_seed() if generator else None)
+        with seeded(llm_seed if do_sample else None):  # sampling draws from the global generator
             result = generate_text(self.model, self.processor, input_ids, attention_mask, features,
                                    max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
                                    logits_processor=logits_processor)
@@ -572,21 +578,20 @@ def _generators_for(owners: list[tuple[int, int]], seed: int | None, generator: 
     return [torch.Generator().manual_seed(seed + k) for _, k in owners]
 
 
-class _seeded:
-    """Seed torch's global RNG for LLM sampling without leaking the change to the caller."""
-
-    def __init__(self, seed: int | None, active: bool):
-        self.seed, self.active = seed, active and seed is not None
-
-    def __enter__(self):
-        if self.active:
-            self._fork = torch.random.fork_rng(devices=[])
-            self._fork.__enter__()
-            torch.manual_seed(self.seed)
-
-    def __exit__(self, *exc):
-        if self.active:
-            self._fork.__exit__(*exc)
+def _with_default_targets(config: AnyModalConfig, generators: dict[Modality, Any]) -> AnyModalConfig:
+    """``config`` with every output projector's missing ``targets`` taken from its generator's
+    ``conditioning_shapes`` (a copy; the caller's config is left as it was)."""
+    missing = [m for m, p in config.output_projectors.items() if p.targets is None]
+    if not missing:
+        return config
+    config = copy.deepcopy(config)
+    for m in missing:
+        if m not in generators:
+            raise ValueError(f"output_projectors.{m.value}.targets is not given and there is no {m.value} generator to "
+                             "take it from; give targets: {name: [sequence_length, dim]}")
+        shapes = generators[m].conditioning_shapes
+        config.output_projectors[m].targets = {k: [int(s) for s in v] for k, v in shapes.items()}
+    return config
 
 
 def _make_processor(config: AnyModalConfig, tokenizer) -> AnyModalProcessor:

@@ -246,4 +246,7 @@ def build_input_projector(config: InputProjectorConfig, in_tokens: int, in_dim: 
 
 
 def build_output_projector(config: OutputProjectorConfig, in_dim: int) -> nn.Module:
+    if config.targets is None:
+        raise ValueError("output_projector.targets is not set: build the model through AnyModalPipeline, which takes "
+                         "it from the generator, or give targets: {name: [sequence_length, dim]}")
     return OUTPUT_PROJECTORS.get(config.type)(in_dim, config)

@@ -30,6 +30,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from anymodal.checks import positive_int
 from anymodal.modality import Modality
 from anymodal.registry import register_encoder
 
@@ -61,7 +62,7 @@ class TrunkOptions:
 
     def check(self, name: str) -> None:
         for f in ("embed_dim", "depth", "num_heads"):
-            _positive_int(f"{name}.{f}", getattr(self, f))
+            positive_int(f"{name}.{f}", getattr(self, f))
         if self.embed_dim % self.num_heads:
             raise ValueError(f"{name}.embed_dim ({self.embed_dim}) must be divisible by {name}.num_heads ({self.num_heads})")
         if not isinstance(self.drop_path, (int, float)) or isinstance(self.drop_path, bool) or not 0.0 <= self.drop_path < 1.0:
@@ -132,7 +133,7 @@ class ImageBindOptions:
         for name in ("out_embed_dim", "mlp_ratio", "image_size", "patch_size", "video_frames", "video_clips",
                      "num_mel_bins", "audio_target_len", "audio_patch_size", "audio_patch_stride",
                      "audio_sample_rate", "audio_clips", "text_context_length", "text_vocab_size"):
-            _positive_int(name, getattr(self, name))
+            positive_int(name, getattr(self, name))
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})")
         if self.audio_patch_size > min(self.num_mel_bins, self.audio_target_len):
@@ -205,11 +206,6 @@ class ImageBindOptions:
     def to_dict(self) -> dict[str, Any]:
         """Every field, explicitly (no preset), so the dict rebuilds this exact architecture."""
         return dataclasses.asdict(self)
-
-
-def _positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _trunk_from_dict(name: str, value: dict[str, Any]) -> TrunkOptions:

@@ -27,6 +27,7 @@ import torch
 
 from anymodal.config import GeneratorConfig
 from anymodal.utils import quiet_loading, small_local_dir, torch_dtype
+from anymodal.utils import seeded as utils_seeded
 
 from .base import ModalityGenerator
 
@@ -196,8 +197,7 @@ def seeded(seed: int) -> Iterator[None]:
     """Seed torch for a deterministic random init without disturbing the caller's RNG state."""
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"components.seed must be an integer, got {seed!r}")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with utils_seeded(seed):
         yield
 
 

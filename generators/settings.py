@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from anymodal.checks import positive_int, positive_number
 from anymodal.modality import Modality
 
 # Upper bounds that keep a typo from allocating without limit; far above any real model's need.
@@ -18,20 +19,8 @@ MAX_FRAMES = 4096
 MAX_AUDIO_S = 3600.0
 
 
-def _positive_int(name: str, value, allow_none: bool = False, limit: int | None = None) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if limit is not None and value > limit:
-        raise ValueError(f"{name} must be at most {limit}, got {value!r}")
 
 
-def _positive(name: str, value, limit: float | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    if limit is not None and value > limit:
-        raise ValueError(f"{name} must be at most {limit:g}, got {value!r}")
 
 
 def _scale(name: str, value) -> None:
@@ -47,10 +36,10 @@ class ImageSettings:
     width: int | None = None
 
     def __post_init__(self) -> None:
-        _positive_int("image.num_inference_steps", self.num_inference_steps, limit=MAX_STEPS)
+        positive_int("image.num_inference_steps", self.num_inference_steps, limit=MAX_STEPS)
         _scale("image.guidance_scale", self.guidance_scale)
-        _positive_int("image.height", self.height, allow_none=True, limit=MAX_SIDE)
-        _positive_int("image.width", self.width, allow_none=True, limit=MAX_SIDE)
+        positive_int("image.height", self.height, allow_none=True, limit=MAX_SIDE)
+        positive_int("image.width", self.width, allow_none=True, limit=MAX_SIDE)
 
 
 @dataclass
@@ -60,9 +49,9 @@ class AudioSettings:
     audio_length_s: float = 5.0
 
     def __post_init__(self) -> None:
-        _positive_int("audio.num_inference_steps", self.num_inference_steps, limit=MAX_STEPS)
+        positive_int("audio.num_inference_steps", self.num_inference_steps, limit=MAX_STEPS)
         _scale("audio.guidance_scale", self.guidance_scale)
-        _positive("audio.audio_length_s", self.audio_length_s, limit=MAX_AUDIO_S)
+        positive_number("audio.audio_length_s", self.audio_length_s, limit=MAX_AUDIO_S)
 
 
 @dataclass
@@ -75,12 +64,12 @@ class VideoSettings:
     fps: int = 8
 
     def __post_init__(self) -> None:
-        _positive_int("video.num_inference_steps", self.num_inference_steps, limit=MAX_STEPS)
+        positive_int("video.num_inference_steps", self.num_inference_steps, limit=MAX_STEPS)
         _scale("video.guidance_scale", self.guidance_scale)
-        _positive_int("video.num_frames", self.num_frames, limit=MAX_FRAMES)
-        _positive_int("video.height", self.height, allow_none=True, limit=MAX_SIDE)
-        _positive_int("video.width", self.width, allow_none=True, limit=MAX_SIDE)
-        _positive_int("video.fps", self.fps, limit=1000)
+        positive_int("video.num_frames", self.num_frames, limit=MAX_FRAMES)
+        positive_int("video.height", self.height, allow_none=True, limit=MAX_SIDE)
+        positive_int("video.width", self.width, allow_none=True, limit=MAX_SIDE)
+        positive_int("video.fps", self.fps, limit=1000)
 
 
 SETTINGS_CLASSES: dict[Modality, type] = {

@@ -137,7 +137,9 @@ def solid_colour_registered():
 def test_add_a_generator(tmp_path, solid_colour_registered):
     data = AnyModalConfig.from_yaml(CONFIGS / "tiny.yaml").to_dict()
     data["generators"] = {"image": {"type": "solid-colour", "components": {}}}
-    data["output_projectors"] = {"image": {**data["output_projectors"]["image"], "targets": {"colour": [1, 3]}}}
+    proj = dict(data["output_projectors"]["image"])
+    proj.pop("targets")  # taken from the generator's conditioning_shapes
+    data["output_projectors"] = {"image": proj}
     torch.manual_seed(0)
     pipe = AnyModalPipeline.from_config(AnyModalConfig.from_dict(data))
     first = pipe.processor.signal_ids[Modality.IMAGE][0]
@@ -145,6 +147,7 @@ def test_add_a_generator(tmp_path, solid_colour_registered):
     out = pipe("paint", seed=0, max_new_tokens=n, logits_processor=[ForceFirst(first)])
     (image,) = out.images[0]
     assert image.size == (8, 8) and len(set(image.getdata())) == 1
+    assert pipe.config.output_projectors[Modality.IMAGE].targets == {"colour": [1, 3]}
 
     pipe.save_pretrained(tmp_path / "saved")
     again = AnyModalPipeline.from_pretrained(tmp_path / "saved")

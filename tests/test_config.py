@@ -88,7 +88,7 @@ def _base() -> dict:
     ({"llm": {"config": {"model_type": "llama"}, "tokenizer": "bytes", "max_new_tokens": "many"}}, "config.llm.max_new_tokens must be int"),
     ({"llm": {"config": {"model_type": "llama"}, "tokenizer": "bytes", "signal_tokens": {"smell": 4}}}, "unknown modality 'smell'"),
     ({"input_projectors": {"image": {"type": "linear"}}}, "input_projectors[image] has no encoder"),
-    ({"input_projectors": {"image": {"num_tokens": 0}}}, "input_projector.num_tokens must be a positive number"),
+    ({"input_projectors": {"image": {"num_tokens": 0}}}, "input_projector.num_tokens must be a positive integer"),
     ({"output_projectors": {"image": {"targets": {"prompt_embeds": [77]}}}}, "[sequence_length, dim]"),
     ({"generators": {"image": {"type": "stable-diffusion", "pretrained": "x"}}}, "generators[image] needs output_projectors[image]"),
     ({"encoders": {"a": {"modalities": ["image"]}, "b": {"modalities": ["image"]}}}, "served by both 'a' and 'b'"),

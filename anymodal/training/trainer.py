@@ -74,6 +74,8 @@ class _State:
                 "samples": self.samples, "bad_lines": sorted(self.bad_lines)}
 
 
+# Long by design: the numbered steps below share the run's state (accelerator, module, loader, schedule);
+# set-up, data and saving are helpers, and the loop reads top to bottom.
 def train(config: str | os.PathLike | AnyModalConfig, data: str | os.PathLike, out: str | os.PathLike,
           training: TrainingConfig | str | os.PathLike | None = None, *, stage: int | None = None,
           max_steps: int | None = None, resume: bool = False, device: str | None = None,
@@ -92,74 +94,25 @@ def train(config: str | os.PathLike | AnyModalConfig, data: str | os.PathLike, o
         device: ``"cpu"`` forces CPU; otherwise accelerate chooses (GPU when present).
         on_step: called after every optimiser step (and checkpoint) with the step and its metrics.
     """
-    from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
     from accelerate.utils import set_seed
 
     tcfg = _training_config(training, stage=stage, max_steps=max_steps, **overrides)
     out = Path(out)
-    forced_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-    if tcfg.mixed_precision != "no" and (device == "cpu" or forced_cpu or not torch.cuda.is_available()):
-        raise ValueError(f"training.mixed_precision={tcfg.mixed_precision!r} needs a GPU; use 'no' on CPU "
-                         "(bf16 matmuls on CPU are hundreds of times slower than fp32)")
-    log_with = None
-    if tcfg.tensorboard:
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError:
-            raise ValueError("training.tensorboard needs the tensorboard package (pip install tensorboard)") from None
-        log_with = "tensorboard"
-    _release_other_device_state(cpu=device == "cpu" or forced_cpu)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=tcfg.gradient_accumulation_steps, mixed_precision=tcfg.mixed_precision,
-        cpu=device == "cpu", log_with=log_with, project_dir=str(out),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=tcfg.seed),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    accelerator, log_with = _accelerator(tcfg, out, device)
     main = accelerator.is_main_process
 
     # 1. resume bookkeeping
-    ckpt_dir = out / CHECKPOINTS
-    latest = latest_checkpoint(out)
-    if latest is not None and not resume:
-        raise ValueError(f"{out} already holds checkpoints ({latest.name}); pass --resume to continue, "
-                         "or choose a new --out")
-    if resume and latest is None and main:
-        logger.info("no checkpoint in %s; starting from scratch", ckpt_dir)
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        _check_same_run(out, tcfg, resume and latest is not None)
-        atomic_write_text(out / "training_config.yaml", tcfg.to_yaml())
+    latest = _prepare_run_dir(out, tcfg, resume, main)
 
     # 2. the pipeline (random inits depend on the seed, so a resumed run rebuilds the same frozen weights)
     from anymodal.pipeline import AnyModalPipeline
 
     set_seed(tcfg.seed)
     pipe = AnyModalPipeline.from_pretrained(config)
-    model = pipe.model
-    inputs = list(model.input_projectors.keys())
     outputs = list(pipe.generators)
 
     # 3. data
-    from_media = [m for m in outputs if pipe.generators[m].targets_from == "media"] if tcfg.align_weight > 0 else []
-    req = requirements(tcfg.stage, [Modality(m) for m in inputs], outputs, denoise=tcfg.denoise_weight > 0,
-                       media_targets=from_media)
-    manifest = load_manifest(data, req, log=main)  # every process reads it; one reports it
-    manifest.check(tcfg.max_bad_fraction)
-    wanted = _output_targets(manifest.records, captions_are_outputs=tcfg.stage == 2, from_media=set(from_media))
-    targets = None
-    if tcfg.align_weight > 0 and wanted:
-        targets = _fill_target_cache(accelerator, pipe, wanted, Path(tcfg.target_cache or out / "target_cache"))
-    denoisers, denoise_fns = _denoisers(pipe, tcfg, set(_output_modalities(manifest.records, tcfg.stage == 2)),
-                                        accelerator.device)
-    preprocess = {m: model.encoder_for(m).preprocess for m in map(Modality, inputs)}
-    max_length = (tcfg.max_length or pipe.config.llm.max_length
-                  or getattr(model.llm_config, "max_position_embeddings", None))
-    builder = SampleBuilder(tcfg.stage, pipe.processor, preprocess, tcfg.caption_prompt, tcfg.generation_prompt,
-                            tcfg.generation_response, targets, denoise_fns, max_length)
-    dataset = ManifestDataset(manifest.records, builder)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=tcfg.batch_size, shuffle=True, num_workers=tcfg.num_workers,
-        collate_fn=Collator(pipe.processor.tokenizer.pad_token_id, tcfg.padding_side),
-        generator=torch.Generator().manual_seed(tcfg.seed), persistent_workers=False)
+    manifest, loader, denoisers = _data(pipe, tcfg, data, out, accelerator)
 
     # 4. what trains, the optimiser and the schedule
     module = setup_stage(pipe, tcfg, denoisers)
@@ -265,6 +218,88 @@ def train(config: str | os.PathLike | AnyModalConfig, data: str | os.PathLike, o
         progress.close()
 
     # 6. save the trained pipeline
+    final = _save_final(accelerator, module, pipe, config, tcfg, out)
+    if log_with:
+        accelerator.end_training()
+    elapsed = time.perf_counter() - session_start
+    result.final_dir, result.steps, result.samples = final, state.step, state.samples
+    result.samples_per_s = session_samples / elapsed if elapsed > 0 else 0.0
+    result.bad_rows = len(manifest.bad) + len(bad_lines)
+    result.pipeline = pipe
+    return result
+
+
+def _accelerator(tcfg: TrainingConfig, out: Path, device: str | None) -> tuple[Any, str | None]:
+    """The run's Accelerator (CPU when asked or forced by ACCELERATE_USE_CPU) and its tracker name."""
+    from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
+
+    forced_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    if tcfg.mixed_precision != "no" and (device == "cpu" or forced_cpu or not torch.cuda.is_available()):
+        raise ValueError(f"training.mixed_precision={tcfg.mixed_precision!r} needs a GPU; use 'no' on CPU "
+                         "(bf16 matmuls on CPU are hundreds of times slower than fp32)")
+    log_with = None
+    if tcfg.tensorboard:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise ValueError("training.tensorboard needs the tensorboard package (pip install tensorboard)") from None
+        log_with = "tensorboard"
+    _release_other_device_state(cpu=device == "cpu" or forced_cpu)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=tcfg.gradient_accumulation_steps, mixed_precision=tcfg.mixed_precision,
+        cpu=device == "cpu", log_with=log_with, project_dir=str(out),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=tcfg.seed),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    return accelerator, log_with
+
+
+def _prepare_run_dir(out: Path, tcfg: TrainingConfig, resume: bool, main: bool) -> Path | None:
+    """The checkpoint to resume from (None: a fresh start); refuses to start over existing checkpoints."""
+    latest = latest_checkpoint(out)
+    if latest is not None and not resume:
+        raise ValueError(f"{out} already holds checkpoints ({latest.name}); pass --resume to continue, "
+                         "or choose a new --out")
+    if resume and latest is None and main:
+        logger.info("no checkpoint in %s; starting from scratch", out / CHECKPOINTS)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        _check_same_run(out, tcfg, resume and latest is not None)
+        atomic_write_text(out / "training_config.yaml", tcfg.to_yaml())
+    return latest
+
+
+def _data(pipe: Any, tcfg: TrainingConfig, data: str | os.PathLike, out: Path, accelerator: Any
+          ) -> tuple[Any, Any, dict]:
+    """The manifest, its data loader (alignment targets cached first) and the denoisers the loss needs."""
+    model = pipe.model
+    inputs = list(model.input_projectors.keys())
+    outputs = list(pipe.generators)
+    from_media = [m for m in outputs if pipe.generators[m].targets_from == "media"] if tcfg.align_weight > 0 else []
+    req = requirements(tcfg.stage, [Modality(m) for m in inputs], outputs, denoise=tcfg.denoise_weight > 0,
+                       media_targets=from_media)
+    manifest = load_manifest(data, req, log=accelerator.is_main_process)  # every process reads it; one reports it
+    manifest.check(tcfg.max_bad_fraction)
+    wanted = _output_targets(manifest.records, captions_are_outputs=tcfg.stage == 2, from_media=set(from_media))
+    targets = None
+    if tcfg.align_weight > 0 and wanted:
+        targets = _fill_target_cache(accelerator, pipe, wanted, Path(tcfg.target_cache or out / "target_cache"))
+    denoisers, denoise_fns = _denoisers(pipe, tcfg, set(_output_modalities(manifest.records, tcfg.stage == 2)),
+                                        accelerator.device)
+    preprocess = {m: model.encoder_for(m).preprocess for m in map(Modality, inputs)}
+    max_length = (tcfg.max_length or pipe.config.llm.max_length
+                  or getattr(model.llm_config, "max_position_embeddings", None))
+    builder = SampleBuilder(tcfg.stage, pipe.processor, preprocess, tcfg.caption_prompt, tcfg.generation_prompt,
+                            tcfg.generation_response, targets, denoise_fns, max_length)
+    loader = torch.utils.data.DataLoader(
+        ManifestDataset(manifest.records, builder), batch_size=tcfg.batch_size, shuffle=True,
+        num_workers=tcfg.num_workers, collate_fn=Collator(pipe.processor.tokenizer.pad_token_id, tcfg.padding_side),
+        generator=torch.Generator().manual_seed(tcfg.seed), persistent_workers=False)
+    return manifest, loader, denoisers
+
+
+def _save_final(accelerator: Any, module: Any, pipe: Any, config: Any, tcfg: TrainingConfig, out: Path) -> Path:
+    """Save the trained pipeline to ``out/final`` (from a gathered state dict when processes hold shards)."""
+    main = accelerator.is_main_process
     accelerator.wait_for_everyone()
     final = out / FINAL
     if _sharded(accelerator):
@@ -283,14 +318,7 @@ def train(config: str | os.PathLike | AnyModalConfig, data: str | os.PathLike, o
     if main:
         logger.info("saved the trained pipeline to %s", final)
     accelerator.wait_for_everyone()
-    if log_with:
-        accelerator.end_training()
-    elapsed = time.perf_counter() - session_start
-    result.final_dir, result.steps, result.samples = final, state.step, state.samples
-    result.samples_per_s = session_samples / elapsed if elapsed > 0 else 0.0
-    result.bad_rows = len(manifest.bad) + len(bad_lines)
-    result.pipeline = pipe
-    return result
+    return final
 
 
 # ============================================================================ helpers
