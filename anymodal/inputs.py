@@ -110,18 +110,18 @@ def _check_video(item: Any) -> None:
     if isinstance(item, (str, os.PathLike)):
         if not os.path.isfile(item):
             return
-        probed = probe_image_file(item)  # GIF, APNG, WebP: PIL reads their headers; MP4 is not an image
+        probed = probe_image_file(item, kind="video")  # GIF, APNG, WebP: PIL reads their headers; MP4 is not
         if probed is not None and not probed[1]:
             raise MediaError(f"cannot read video '{item}': it is a still image (one frame); pass it as an image "
                              "(images=...)")
     elif isinstance(item, np.ndarray) and item.ndim in (3, 4):
-        check_image_size(item.shape[2], item.shape[1], f"(video frames {describe(item)})")
+        check_image_size(item.shape[2], item.shape[1], f"(frames {describe(item)})", kind="video")
     elif isinstance(item, (list, tuple)):
         for i, f in enumerate(item):
             if isinstance(f, Image.Image):
-                check_image_size(*f.size, f"(video frame {i})")
+                check_image_size(*f.size, f"(frame {i})", kind="video")
             elif isinstance(f, np.ndarray) and f.ndim in (2, 3):
-                check_image_size(f.shape[1], f.shape[0], f"(video frame {i})")
+                check_image_size(f.shape[1], f.shape[0], f"(frame {i})", kind="video")
 
 
 def _check_audio(item: Any) -> None:

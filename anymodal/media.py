@@ -29,16 +29,16 @@ MAX_IMAGE_ASPECT = 20.0
 
 
 def check_image_size(width: int, height: int, name: str, max_pixels: int = MAX_IMAGE_PIXELS,
-                     max_aspect: float = MAX_IMAGE_ASPECT) -> None:
-    """Raise :class:`MediaError` if a ``width`` x ``height`` image is empty, has more than ``max_pixels``
-    pixels, or is more than ``max_aspect`` times longer than it is wide (or the reverse)."""
+                     max_aspect: float = MAX_IMAGE_ASPECT, kind: str = "image") -> None:
+    """Raise :class:`MediaError` if a ``width`` x ``height`` image (or ``kind``'s frame) is empty, has more
+    than ``max_pixels`` pixels, or is more than ``max_aspect`` times longer than it is wide (or the reverse)."""
     if width < 1 or height < 1:
-        raise MediaError(f"cannot read image {name}: it is empty ({width} x {height} pixels)")
+        raise MediaError(f"cannot read {kind} {name}: it is empty ({width} x {height} pixels)")
     if width * height > max_pixels:
-        raise MediaError(f"cannot read image {name}: {width} x {height} = {width * height:,} pixels is more than "
+        raise MediaError(f"cannot read {kind} {name}: {width} x {height} = {width * height:,} pixels is more than "
                          f"the {max_pixels:,} allowed (a decompression bomb or an oversized image); scale it down")
     if max(width, height) > max_aspect * min(width, height):
-        raise MediaError(f"cannot read image {name}: its aspect ratio {width} x {height} is more extreme than "
+        raise MediaError(f"cannot read {kind} {name}: its aspect ratio {width} x {height} is more extreme than "
                          f"{max_aspect:g}:1; crop it")
 
 
@@ -148,10 +148,11 @@ def describe(item: Any) -> str:
 
 
 def probe_image_file(path: str | os.PathLike, *, max_pixels: int = MAX_IMAGE_PIXELS,
-                     max_aspect: float = MAX_IMAGE_ASPECT) -> tuple[tuple[int, int], bool] | None:
+                     max_aspect: float = MAX_IMAGE_ASPECT, kind: str = "image") -> tuple[tuple[int, int], bool] | None:
     """``((width, height), animated)`` of an image file, from its header only, size-checked with
     :func:`check_image_size`; ``None`` if PIL does not recognise the file (a video container, or
-    not an image: the loader says which). Nothing is decoded."""
+    not an image: the loader says which). Nothing is decoded. Errors name the file as a ``kind``
+    (``"video"`` for an animated GIF given as a video)."""
     name = f"'{path}'"
     try:
         with warnings.catch_warnings():
@@ -159,11 +160,11 @@ def probe_image_file(path: str | os.PathLike, *, max_pixels: int = MAX_IMAGE_PIX
             with Image.open(path) as img:
                 size, animated = img.size, bool(getattr(img, "is_animated", False))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise MediaError(f"cannot read image {name}: more than the {max_pixels:,} pixels allowed (a decompression "
+        raise MediaError(f"cannot read {kind} {name}: more than the {max_pixels:,} pixels allowed (a decompression "
                          f"bomb or an oversized image; PIL: {e})") from None
     except UnidentifiedImageError:
         return None
     except Exception as e:  # PIL's plugins fail on damaged files with IndexError, struct.error, EOFError, ...
-        raise MediaError(f"cannot read image {name}: a damaged file ({type(e).__name__}: {e})") from None
-    check_image_size(size[0], size[1], name, max_pixels, max_aspect)
+        raise MediaError(f"cannot read {kind} {name}: a damaged file ({type(e).__name__}: {e})") from None
+    check_image_size(size[0], size[1], name, max_pixels, max_aspect, kind)
     return size, animated

@@ -72,7 +72,7 @@ def shown(name: str) -> str:
 def refusal_for(kind: str, name: str) -> str:
     """The start of the message a file that is not a ``kind`` gets."""
     n = re.escape(shown(name))
-    return {"image": rf"cannot read image '{n}': ", "audio": rf"audio '{n}' is ",
+    return {"image": rf"cannot read image '{n}': ", "audio": rf"(audio '{n}' is |cannot read audio '{n}': )",
             "video": rf"(video '{n}' is not a video|cannot read video '{n}')"}[kind]
 
 
