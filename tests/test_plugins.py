@@ -127,8 +127,9 @@ torch.set_num_threads(1)
 from anymodal import AnyModalPipeline
 from conftest import teach
 
+torch.manual_seed(0)  # the random init, so that teaching starts from the same weights every run
 pipe = AnyModalPipeline.from_pretrained(sys.argv[1])
-teach(pipe, [("paint", "<img_0><img_1>")], steps=60, lr=3e-2)
+teach(pipe, [("paint", "<img_0><img_1>")], steps=150, lr=1e-2)
 out = pipe("paint", seed=0)
 assert len(out.images[0]) == 1 and out.images[0][0].size == (8, 8), out
 out.images[0][0].save(sys.argv[3])
