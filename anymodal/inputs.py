@@ -8,13 +8,13 @@ layout and sample rate of audio arrays.
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from .checks import positive_number
 from .media import Audio, MediaError, check_image_size, describe, probe_image_file
 from .modality import Modality
 
@@ -72,9 +72,7 @@ def check_max_new_tokens(n: Any) -> int | None:
 
 
 def check_sampling(temperature: Any, top_p: Any) -> None:
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature) \
-            or temperature <= 0:
-        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+    positive_number("temperature", temperature)
     if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
         raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
 

@@ -69,6 +69,10 @@ class AnyModalPipeline:
         self.generators = dict(generators)
         for m in self.generators:  # lazy generators report their shapes from config files, unloaded
             self.check_generator(m)
+        # for save_pretrained: components that came with a saved pipeline (copied on save), and where
+        # each referenced component was loaded from (its resolved path or hub id)
+        self._owned: set[str] = set()
+        self._sources: dict[str, str | None] = {}
 
     # ================================================================ loading
     @classmethod
@@ -295,9 +299,9 @@ class AnyModalPipeline:
         hub id (an ``external`` index entry), or ``None`` to copy it. Components that came with a saved
         pipeline, or that lie inside the installed package, are copied: the saved copy must not depend
         on a directory that may move or go."""
-        if pretrained is None or save_frozen or name in getattr(self, "_owned", ()):
+        if pretrained is None or save_frozen or name in self._owned:
             return None
-        source = getattr(self, "_sources", {}).get(name) or _resolve_source(pretrained)
+        source = self._sources.get(name) or _resolve_source(pretrained)
         if source is None or (os.path.isabs(source) and _inside_package(Path(source))):
             return None
         return source
