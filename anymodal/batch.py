@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from .inputs import check_medium, check_seed, check_text
 from .media import MediaError
-from .modality import MEDIA_MODALITIES, Modality
+from .modality import Modality, media_modalities
 from .processor import Message
 
 if TYPE_CHECKING:
@@ -63,8 +63,12 @@ logger = logging.getLogger(__name__)
 RESULTS_NAME = "results.jsonl"
 PART_PATTERN = "results.part*.jsonl"
 OUTPUTS_DIR = "outputs"
-ROW_FIELDS = ("id", "prompt", "images", "audios", "videos", "settings", "max_new_tokens", "seed")
-_MEDIA_FIELDS = {Modality.IMAGE: "images", Modality.AUDIO: "audios", Modality.VIDEO: "videos"}
+
+
+def row_fields() -> tuple[str, ...]:
+    """The fields a row may have: each media modality's plural (``images``...) holds its input files."""
+    return ("id", "prompt", *(m.spec.plural for m in media_modalities()), "settings", "max_new_tokens", "seed")
+
 _MAX_STEM = 64
 
 
@@ -223,9 +227,10 @@ def _validate(pipe: AnyModalPipeline, data: dict[str, Any], key: str, index: int
     """Check everything about a row that can be checked before generating; raise :class:`RowError`."""
     if isinstance(data["id"], bool) or not isinstance(data["id"], (str, int)):
         raise RowError(f"'id' must be a string or an integer, got {data['id']!r}")
-    unknown = sorted(set(data) - set(ROW_FIELDS))
+    fields = row_fields()
+    unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise RowError(f"unknown field {unknown[0]!r}; allowed: {', '.join(ROW_FIELDS)}")
+        raise RowError(f"unknown field {unknown[0]!r}; allowed: {', '.join(fields)}")
     prompt = data.get("prompt")
     if not isinstance(prompt, str):
         raise RowError("'prompt' is missing" if prompt is None else
@@ -237,7 +242,8 @@ def _validate(pipe: AnyModalPipeline, data: dict[str, Any], key: str, index: int
     except ValueError as e:
         raise RowError(str(e)) from None
     media: dict[Modality, list[Path]] = {}
-    for m, name in _MEDIA_FIELDS.items():
+    for m in media_modalities():
+        name = m.spec.plural
         value = data.get(name)
         if value is None:
             continue
@@ -425,22 +431,15 @@ def _fsync_dir(path: Path) -> None:
 # ==================================================================== outputs
 def _write_row(out, i: int, out_dir: Path, stem: str, video_format: str) -> dict[str, list[str]]:
     """Write prompt ``i`` of ``out`` into ``outputs/<stem>/`` atomically (a temp dir renamed into place)."""
-    from .media import save_image, save_video
-    from .utils import atomic_write_text
+    from .outputs import media_suffixes, write_output
 
     parent = out_dir / OUTPUTS_DIR
     parent.mkdir(parents=True, exist_ok=True)
     final = parent / stem
     tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{stem}.", suffix=".tmp"))
     try:
-        names: dict[str, list[str]] = {"text": ["text.txt"], "image": [], "audio": [], "video": []}
-        atomic_write_text(tmp / "text.txt", out.text[i] + "\n")
-        for k, img in enumerate(out.images[i]):
-            names["image"].append(save_image(img, tmp / f"image_{k}.png").name)
-        for k, aud in enumerate(out.audios[i]):
-            names["audio"].append(aud.save(tmp / f"audio_{k}.wav").name)
-        for k, vid in enumerate(out.videos[i]):
-            names["video"].append(save_video(vid, tmp / f"video_{k}.{video_format}").name)
+        names = {kind: [p.name for p in paths]
+                 for kind, paths in write_output(out, i, tmp, suffixes=media_suffixes(video_format)).items()}
         for f in tmp.iterdir():
             _fsync_file(f)
         if final.exists():  # left by an attempt that was killed before it was recorded
@@ -611,8 +610,8 @@ def _generate(pipe: AnyModalPipeline, rows: list[_Row], out_dir: Path, seed: int
     start = time.perf_counter()
     try:
         out = pipe([r.prompt for r in rows],
-                   **{_MEDIA_FIELDS[m]: [[str(p) for p in r.media.get(m, [])] or None for r in rows]
-                      for m in MEDIA_MODALITIES if any(m in r.media for r in rows)},
+                   **{m.spec.plural: [[str(p) for p in r.media.get(m, [])] or None for r in rows]
+                      for m in media_modalities() if any(m in r.media for r in rows)},
                    settings=rows[0].settings or None, max_new_tokens=rows[0].max_new_tokens, seed=row_seed,
                    progress=False)
     except Exception as e:  # whatever one row did, the rest of its batch is still generated and recorded

@@ -9,7 +9,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from .modality import Modality
+from .modality import Modality, media_modalities
 from .session import ChatSession, Turn
 
 CHAT_HELP = """Type a message and press Enter. Commands:
@@ -57,7 +57,7 @@ def _chat(args: argparse.Namespace) -> int:
         if line.startswith("/"):
             cmd, _, arg = line.partition(" ")
             arg = arg.strip()
-            kinds = {"/image": Modality.IMAGE, "/audio": Modality.AUDIO, "/video": Modality.VIDEO}
+            kinds = {f"/{m.value}": m for m in media_modalities()}
             if cmd in ("/quit", "/exit"):
                 return 0
             if cmd == "/help":
@@ -78,8 +78,7 @@ def _chat(args: argparse.Namespace) -> int:
                 print(f"error: unknown command {cmd}; /help lists them", file=sys.stderr)
             continue
         try:
-            reply = session.send(line, images=attached.get(Modality.IMAGE), audios=attached.get(Modality.AUDIO),
-                                 videos=attached.get(Modality.VIDEO))
+            reply = session.send(line, **{m.spec.plural: items for m, items in attached.items()})
         except (ValueError, FileNotFoundError) as e:
             print(f"error: {e}", file=sys.stderr)
             continue
@@ -95,7 +94,7 @@ def _chat(args: argparse.Namespace) -> int:
 def _write_reply(reply: Turn, out_dir: Path, number: int, write_outputs) -> dict[str, list[str]]:
     from .pipeline import AnyModalOutput
 
-    out = AnyModalOutput(text=[reply.text], images=[reply.images], audios=[reply.audios], videos=[reply.videos])
+    out = AnyModalOutput([reply.text], media={m: [items] for m, items in reply.media.items()})
     written = write_outputs(out, 0, out_dir, stem=f"turn{number:03d}")
     written.pop("text", None)
     return written

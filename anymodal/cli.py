@@ -45,36 +45,16 @@ def load_pipeline(model: str | None, config: str | None, device: str | None):
     return AnyModalPipeline.from_pretrained(model, device=device)
 
 
-def unique_path(directory: Path, stem: str, suffix: str) -> Path:
-    """``directory/stem.suffix``, or ``stem-1``, ``stem-2``… so that no existing file is overwritten."""
-    path = directory / f"{stem}{suffix}"
-    i = 1
-    while path.exists():
-        path = directory / f"{stem}-{i}{suffix}"
-        i += 1
-    return path
-
-
 def write_outputs(out, index: int, directory: Path, stem: str = "", video_format: str = "gif",
                   fps: int = 8) -> dict[str, list[str]]:
-    """Write prompt ``index`` of an ``AnyModalOutput`` to files; return their paths by kind."""
-    from .media import save_image, save_video
-    from .utils import atomic_write_text
+    """Write prompt ``index`` of an ``AnyModalOutput`` to files named ``[stem_]text.txt``,
+    ``[stem_]image_0.png``..., never overwriting a file; return their paths by kind."""
+    from .outputs import media_suffixes, unique_path, write_output
 
-    directory.mkdir(parents=True, exist_ok=True)
     prefix = f"{stem}_" if stem else ""
-    written: dict[str, list[str]] = {"text": [], "image": [], "audio": [], "video": []}
-    text_path = unique_path(directory, f"{prefix}text", ".txt")
-    atomic_write_text(text_path, out.text[index] + "\n")
-    written["text"].append(str(text_path))
-    for k, img in enumerate(out.images[index]):
-        written["image"].append(str(save_image(img, unique_path(directory, f"{prefix}image_{k}", ".png"))))
-    for k, aud in enumerate(out.audios[index]):
-        written["audio"].append(str(aud.save(unique_path(directory, f"{prefix}audio_{k}", ".wav"))))
-    for k, vid in enumerate(out.videos[index]):
-        written["video"].append(str(save_video(vid, unique_path(directory, f"{prefix}video_{k}", f".{video_format}"),
-                                               fps=fps)))
-    return written
+    written = write_output(out, index, directory, name=lambda d, s, suffix: unique_path(d, prefix + s, suffix),
+                           suffixes=media_suffixes(video_format), fps=fps)
+    return {kind: [str(p) for p in paths] for kind, paths in written.items()}
 
 
 def _generate_args(p: argparse.ArgumentParser) -> None:
@@ -189,6 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return int(args._fn(args) or 0)
     except (ValueError, OSError) as e:  # bad input, or weights that cannot be found or loaded
         print(f"anymodal {args.command}: error: {e}", file=sys.stderr)
+        for note in getattr(e, "__notes__", ()):  # what was being loaded, added on the way up
+            print(f"  {note}", file=sys.stderr)
         return 2
 
 

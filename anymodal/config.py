@@ -19,12 +19,15 @@ from typing import Any
 import yaml
 
 from .checks import positive_int
-from .modality import MEDIA_MODALITIES, Modality
+from .modality import Modality, media_modalities
 
 DTYPES = ("float32", "float16", "bfloat16")
 
-# NExT-GPT's signal-token counts.
-DEFAULT_SIGNAL_TOKENS = {Modality.IMAGE: 4, Modality.AUDIO: 8, Modality.VIDEO: 24}
+
+
+def default_signal_tokens() -> dict[Modality, int]:
+    """Each media modality's default signal-token count (its spec's; the built-ins have NExT-GPT's 4, 8, 24)."""
+    return {m: m.spec.default_signal_tokens for m in media_modalities()}
 
 
 def _check_dtype(name: str, value: str) -> None:
@@ -34,9 +37,9 @@ def _check_dtype(name: str, value: str) -> None:
 
 def _media_modality(name: str, value: Modality | str) -> Modality:
     m = Modality.parse(value)
-    if m not in MEDIA_MODALITIES:
+    if m not in media_modalities():
         raise ValueError(f"{name}: {m.value!r} is not a media modality; expected one of "
-                         f"{', '.join(x.value for x in MEDIA_MODALITIES)}")
+                         f"{', '.join(media_modalities())}")
     return m
 
 
@@ -45,7 +48,7 @@ class EncoderConfig:
     """A modality encoder serving one or more modalities (ImageBind serves image, audio and video)."""
 
     type: str = "imagebind"
-    modalities: list[Modality] = field(default_factory=lambda: list(MEDIA_MODALITIES))
+    modalities: list[Modality] = field(default_factory=lambda: [Modality.IMAGE, Modality.AUDIO, Modality.VIDEO])
     pretrained: str | None = None  # local checkpoint path (imagebind_huge.pth) or hub id (HF encoders)
     options: dict[str, Any] = field(default_factory=dict)  # architecture; validated by the encoder class
     trainable: bool = False
@@ -155,7 +158,7 @@ class LLMConfig:
     tokenizer: str | None = None  # defaults to ``model``; "bytes" builds a byte-level tokenizer in memory
     gguf_file: str | None = None
     dtype: str = "float32"
-    signal_tokens: dict[Modality, int] = field(default_factory=lambda: dict(DEFAULT_SIGNAL_TOKENS))
+    signal_tokens: dict[Modality, int] = field(default_factory=default_signal_tokens)
     lora: LoraConfig | None = None
     max_new_tokens: int = 64
     max_length: int | None = None  # context limit; defaults to the model's max_position_embeddings

@@ -79,16 +79,12 @@ def check_sampling(temperature: Any, top_p: Any) -> None:
 
 # ---------------------------------------------------------------------------- media
 def check_medium(modality: Modality, item: Any) -> None:
-    """Refuse a medium whose header or shape already shows it cannot be used as ``modality``."""
-    if modality is Modality.IMAGE:
-        _check_image(item)
-    elif modality is Modality.VIDEO:
-        _check_video(item)
-    elif modality is Modality.AUDIO:
-        _check_audio(item)
+    """Refuse a medium whose header or shape already shows it cannot be used as ``modality``
+    (its spec's ``check``)."""
+    Modality.parse(modality).spec.check(item)
 
 
-def _check_image(item: Any) -> None:
+def check_image(item: Any) -> None:
     if isinstance(item, (str, os.PathLike)):
         if not os.path.isfile(item):
             return  # the loader names a missing file
@@ -104,7 +100,7 @@ def _check_image(item: Any) -> None:
         check_image_size(item.shape[1], item.shape[0], describe(item))
 
 
-def _check_video(item: Any) -> None:
+def check_video(item: Any) -> None:
     if isinstance(item, (str, os.PathLike)):
         if not os.path.isfile(item):
             return
@@ -122,7 +118,7 @@ def _check_video(item: Any) -> None:
                 check_image_size(f.shape[1], f.shape[0], f"(frame {i})", kind="video")
 
 
-def _check_audio(item: Any) -> None:
+def check_audio(item: Any) -> None:
     if isinstance(item, (str, os.PathLike)):
         if not os.path.isfile(item):
             return

@@ -168,3 +168,96 @@ def probe_image_file(path: str | os.PathLike, *, max_pixels: int = MAX_IMAGE_PIX
         raise MediaError(f"cannot read {kind} {name}: a damaged file ({type(e).__name__}: {e})") from None
     check_image_size(size[0], size[1], name, max_pixels, max_aspect, kind)
     return size, animated
+
+
+# ---------------------------------------------------------------------------- the built-in media kinds
+# What ModalitySpec needs for image, audio and video (registered in anymodal.builtin): how one
+# medium is recognised among the accepted inputs, and how a session keeps it losslessly.
+IMAGE_ACCEPTS = "a file path, a PIL image or an HxWxC array"
+AUDIO_ACCEPTS = "a file path, an Audio, an (array, sample_rate) tuple or a 1-D array"
+VIDEO_ACCEPTS = "a file path, a list of frames or a TxHxWxC array"
+
+
+def _is_array(x: Any) -> bool:
+    import torch
+
+    return isinstance(x, (np.ndarray, torch.Tensor))
+
+
+def is_image(x: Any) -> bool:
+    return isinstance(x, (str, os.PathLike, Image.Image)) or _is_array(x)
+
+
+def is_audio(x: Any) -> bool:
+    return (isinstance(x, (str, os.PathLike, Audio)) or _is_array(x)
+            or (isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], (int, np.integer))))
+
+
+def is_video(x: Any) -> bool:
+    if isinstance(x, (str, os.PathLike)):
+        return True
+    if _is_array(x):
+        return x.ndim == 4
+    # a list of frames (PIL images or HxW[xC] arrays) is one video; a list of 4-D arrays is several
+    return isinstance(x, list) and len(x) > 0 and all(
+        isinstance(f, Image.Image) or (isinstance(f, np.ndarray) and f.ndim in (2, 3)) for f in x)
+
+
+def save_audio(audio: Audio, path: str | os.PathLike) -> Path:
+    return audio.save(path)
+
+
+def keep_image(item: Any, stem: Path) -> Path:
+    """Write an image losslessly as ``stem.png`` (a session's copy of a medium given as data)."""
+    img = item if isinstance(item, Image.Image) else Image.fromarray(np.asarray(item))
+    return save_image(img, stem.with_suffix(".png"))
+
+
+def restore_image(path: Path) -> Image.Image:
+    if path.suffix != ".png" or not path.is_file():
+        raise ValueError(f"cannot read {path}: not an image a session keeps (a .png file)")
+    with Image.open(path) as im:
+        return im.copy()
+
+
+def keep_audio(item: Any, stem: Path) -> Path:
+    """Write a waveform as a float WAV, ``stem.wav``: the reloaded waveform is bit-identical."""
+    import soundfile as sf
+
+    audio = item if isinstance(item, Audio) else (Audio(np.asarray(item[0], np.float32), int(item[1]))
+                                                  if isinstance(item, tuple) else None)
+    if audio is None:
+        raise MediaError("cannot save a bare audio array without its sample rate; send Audio or (array, rate)")
+    dst = stem.with_suffix(".wav")
+    with atomic_path(dst) as tmp:
+        sf.write(str(tmp), np.asarray(audio.array, np.float32), audio.sample_rate, format="WAV", subtype="FLOAT")
+    return dst
+
+
+def restore_audio(path: Path) -> Audio:
+    import soundfile as sf
+
+    if path.suffix == ".wav" and path.is_file() and sf.info(str(path)).subtype == "FLOAT":
+        data, rate = sf.read(str(path), dtype="float32", always_2d=False)
+        return Audio(np.asarray(data, np.float32), int(rate))
+    raise ValueError(f"cannot read {path}: not audio a session keeps (a float .wav file)")
+
+
+def keep_video(item: Any, stem: Path) -> Path:
+    """Write a video's frames as PNG files in the folder ``stem``."""
+    folder = stem.with_suffix("")
+    folder.mkdir()
+    for k, frame in enumerate(list(item)):
+        img = frame if isinstance(frame, Image.Image) else Image.fromarray(np.asarray(frame))
+        save_image(img, folder / f"frame_{k:04d}.png")
+    return folder
+
+
+def restore_video(path: Path) -> list[Image.Image]:
+    if not path.is_dir():
+        raise ValueError(f"cannot read {path}: not a video a session keeps (a folder of frames)")
+    frames = []
+    for f in sorted(path.glob("frame_*.png")):
+        with Image.open(f) as im:
+            frames.append(im.copy())
+    return frames

@@ -4,6 +4,7 @@ features into the LLM's input embeddings and signal-token states out to conditio
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -12,7 +13,6 @@ from torch import nn
 from .config import AnyModalConfig, LLMConfig
 from .loading import allow_pickle, missing_keys_error, refuse_pickle
 from .modality import Modality
-from .processor import AnyModalProcessor
 from .projectors import build_input_projector, build_output_projector
 from .registry import ENCODERS
 from .utils import quiet_loading, small_local_dir, torch_dtype
@@ -91,17 +91,29 @@ def load_tokenizer(cfg: LLMConfig):
     return AutoTokenizer.from_pretrained(name, **kwargs)
 
 
+@dataclass(frozen=True)
+class TokenIds:
+    """The ids the model needs from the vocabulary: each input medium's placeholder, each generated
+    medium's signal tokens, and the vocabulary's size (the embedding grows to it). The processor
+    makes them from its tokenizer (:meth:`anymodal.processor.AnyModalProcessor.token_ids`); the
+    model needs nothing else of the tokenizer, so it builds without a processor."""
+
+    placeholder: dict[Modality, int]
+    signal: dict[Modality, list[int]]
+    vocab_size: int
+
+
 class AnyModalModel(nn.Module):
     """Encoders (``ModuleDict`` by name), input/output projectors (by modality) and an LLM."""
 
     def __init__(self, config: AnyModalConfig, language_model: nn.Module, encoders: dict[str, nn.Module],
-                 processor: AnyModalProcessor):
+                 token_ids: TokenIds):
         super().__init__()
         self.config = config
         self.language_model = language_model
         self.encoders = nn.ModuleDict(encoders)
-        self.signal_ids = {m: list(v) for m, v in processor.signal_ids.items()}
-        self.placeholder_ids = dict(processor.placeholder_ids)
+        self.signal_ids = {m: list(v) for m, v in token_ids.signal.items()}
+        self.placeholder_ids = dict(token_ids.placeholder)
         hidden = self.llm_config.hidden_size
         self.input_projectors = nn.ModuleDict()
         for m, pcfg in config.input_projectors.items():
@@ -121,7 +133,7 @@ class AnyModalModel(nn.Module):
 
     # ------------------------------------------------------------ construction
     @classmethod
-    def build(cls, config: AnyModalConfig, processor: AnyModalProcessor,
+    def build(cls, config: AnyModalConfig, token_ids: TokenIds,
               language_model: nn.Module | None = None, encoders: dict[str, nn.Module] | None = None,
               load_projector_weights: bool = True) -> "AnyModalModel":
         """Build from config; components passed in (already loaded from a saved directory) are used as is.
@@ -130,11 +142,11 @@ class AnyModalModel(nn.Module):
         false (a saved pipeline loads its own next)."""
         if language_model is None:
             language_model = load_language_model(config.llm)
-            add_token_rows(language_model, len(processor.tokenizer))
+            add_token_rows(language_model, token_ids.vocab_size)
         if encoders is None:
             encoders = {name: ENCODERS.get(e.type).from_config(e.options, e.modalities, e.pretrained)
                         for name, e in config.encoders.items()}
-        model = cls(config, language_model, encoders, processor)
+        model = cls(config, language_model, encoders, token_ids)
         if load_projector_weights:
             from .hf_systems import load_projector_weights as load_weights
 

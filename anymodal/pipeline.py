@@ -7,7 +7,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import dataclasses
 import json
 import logging
@@ -15,9 +17,8 @@ import os
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -27,9 +28,9 @@ from .config import AnyModalConfig
 from .generation import generate_text
 from .loading import (check_external, confined, load_safetensors_into, pickle_allowed, read_safetensors,
                       refuse_pickle)
-from .inputs import check_max_new_tokens, check_medium, check_prompts, check_sampling, check_seed, check_text
+from .inputs import check_max_new_tokens, check_prompts, check_sampling, check_seed
 from .media import Audio, MediaError, describe
-from .modality import MEDIA_MODALITIES, Modality
+from .modality import Modality, by_plural as by_plural_name, media_modalities
 from .model import AnyModalModel, add_token_rows, load_language_model, load_tokenizer
 from .processor import AnyModalProcessor, Message
 from .registry import ENCODERS, GENERATORS
@@ -41,18 +42,55 @@ INDEX_NAME = "anymodal_index.json"
 FORMAT_VERSION = 1
 
 
-@dataclass
 class AnyModalOutput:
-    """One entry per prompt in every field."""
+    """What a call returns, one entry per prompt in every field.
 
-    text: list[str]  # generated text; each generated medium is marked by its placeholder (<image>, ...)
-    images: list[list[Image.Image]] = field(default_factory=list)
-    audios: list[list[Audio]] = field(default_factory=list)
-    videos: list[list[list[Image.Image]]] = field(default_factory=list)
-    token_ids: list[list[int]] = field(default_factory=list)
+    ``text[i]`` is prompt ``i``'s generated text, each generated medium marked by its placeholder
+    (``<image>``...). ``media[m][i]`` lists the media of modality ``m`` generated for prompt ``i``,
+    in the order of their placeholders; ``media`` holds every registered media modality. The
+    fields ``images``, ``audios``, ``videos`` (and the plural of any registered modality) are views
+    of ``media``.
+    """
 
-    def media(self, modality: Modality) -> list[list[Any]]:
-        return {Modality.IMAGE: self.images, Modality.AUDIO: self.audios, Modality.VIDEO: self.videos}[modality]
+    def __init__(self, text: list[str], media: dict[Modality | str, list[list[Any]]] | None = None,
+                 token_ids: list[list[int]] | None = None, **by_plural: list[list[Any]]):
+        self.text = list(text)
+        self.token_ids = token_ids if token_ids is not None else []
+        given = {Modality.parse(m): v for m, v in (media or {}).items()}
+        for plural, value in by_plural.items():
+            m = by_plural_name(plural)
+            if m is None:
+                raise TypeError(f"AnyModalOutput got an unexpected keyword argument {plural!r}; media fields are "
+                                f"{', '.join(x.spec.plural for x in media_modalities())}")
+            given[m] = value
+        self.media: dict[Modality, list[list[Any]]] = {
+            m: given.get(m, [[] for _ in self.text]) for m in media_modalities()}
+
+    @property
+    def images(self) -> list[list[Image.Image]]:
+        return self.media[Modality.IMAGE]
+
+    @property
+    def audios(self) -> list[list[Audio]]:
+        return self.media[Modality.AUDIO]
+
+    @property
+    def videos(self) -> list[list[list[Image.Image]]]:
+        return self.media[Modality.VIDEO]
+
+    def __getattr__(self, name: str) -> list[list[Any]]:  # the plural of a modality registered later
+        m = by_plural_name(name) if not name.startswith("_") else None
+        if m is None or "media" not in self.__dict__:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return self.media[m]
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, AnyModalOutput) and (self.text, self.media, self.token_ids)
+                == (other.text, other.media, other.token_ids))
+
+    def __repr__(self) -> str:
+        counts = {m.spec.plural: sum(map(len, v)) for m, v in self.media.items() if any(v)}
+        return f"AnyModalOutput(text={self.text!r}, media={counts})"
 
 
 MediaArg = Any  # a medium, a list of media, or (batched) a list with one such entry per prompt
@@ -66,6 +104,8 @@ class AnyModalPipeline:
         self.config = config
         self.processor = processor
         self.model = model.eval()
+        for m in config.input_projectors:  # the encoders' preprocessing, held by the processor
+            processor.preprocessors.setdefault(m, functools.partial(model.encoder_for(m).preprocess, m))
         self.generators = dict(generators)
         for m in self.generators:  # lazy generators report their shapes from config files, unloaded
             self.check_generator(m)
@@ -94,13 +134,13 @@ class AnyModalPipeline:
             # still sees the RNG state it would without them
             with torch.random.fork_rng(devices=[]):
                 for m, g in config.generators.items():
-                    with _naming(f"generators.{m.value}.pretrained", g.pretrained):
+                    with _note_source(f"generators.{m.value}.pretrained", g.pretrained):
                         generators[m] = GENERATORS.get(g.type).from_config(g)
             config = _with_default_targets(config, generators)
-            with _naming("llm.tokenizer", config.llm.tokenizer or config.llm.model):
+            with _note_source("llm.tokenizer", config.llm.tokenizer or config.llm.model):
                 processor = _make_processor(config, load_tokenizer(config.llm))
-            with _naming("llm.model or encoders", config.llm.model):
-                model = AnyModalModel.build(config, processor)
+            with _note_source("llm.model or encoders", config.llm.model):
+                model = AnyModalModel.build(config, processor.token_ids())
             _apply_lora(model, config, processor)
         pipe = cls(config, processor, model, generators)
         # where referenced components came from, resolved now: a later save records them by these
@@ -191,7 +231,7 @@ class AnyModalPipeline:
                 src = _external_entry(entry, e.pretrained, f"components.encoders.{name}")
                 sources[f"encoders/{name}"] = src
                 encoders[name] = cls_.from_config(e.options, e.modalities, src)
-        model = AnyModalModel.build(config, processor, language_model=lm, encoders=encoders,
+        model = AnyModalModel.build(config, processor.token_ids(), language_model=lm, encoders=encoders,
                                     load_projector_weights=False)
         for group in ("input_projectors", "output_projectors"):
             files = saved.get(group)
@@ -328,7 +368,7 @@ class AnyModalPipeline:
                  videos: MediaArg = None, *, max_new_tokens: int | None = None, do_sample: bool = False,
                  temperature: float = 1.0, top_p: float = 1.0, settings: Any = None, seed: int | None = None,
                  generator: torch.Generator | None = None, progress: bool | None = None,
-                 logits_processor: list | None = None) -> AnyModalOutput:
+                 logits_processor: list | None = None, **media: MediaArg) -> AnyModalOutput:
         """Generate text, and any media the model signals, for one prompt or a batch of prompts.
 
         Args:
@@ -337,17 +377,17 @@ class AnyModalPipeline:
             images, audios, videos: for one prompt, a medium or a list of media; for a batch, a list
                 with one entry (``None``, a medium or a list of media) per prompt. Images may be file
                 paths, PIL images or arrays; audio file paths, ``Audio`` or ``(array, sample_rate)``;
-                video file paths or lists of frames.
+                video file paths or lists of frames. A registered modality's media come by its plural
+                the same way (``depths=...``).
             settings: per-modality generation settings: ``{"image": ImageSettings(...), "audio": {...}}``
                 or a list of settings dataclasses.
-            seed / generator: make a run repeatable. With ``seed``, media k of each prompt use seed
+            seed / generator: make a run repeatable (``generator`` is a ``torch.Generator``, as in diffusers). With ``seed``, media k of each prompt use seed
                 ``seed + k``, so a prompt gives the same output alone or in a batch.
             logits_processor: extra ``transformers`` logits processors for the LLM, applied before
                 signal-span forcing.
         """
         single, prompts = check_prompts(prompt)
-        media = {Modality.IMAGE: images, Modality.AUDIO: audios, Modality.VIDEO: videos}
-        rows = _rows_of_media(prompts, media, single)
+        rows = _rows_of_media(prompts, _media_arguments(images=images, audios=audios, videos=videos, **media), single)
         conversations = []
         for text, row_media in zip(prompts, rows):
             if not text.strip() and not any(row_media.values()):
@@ -372,71 +412,46 @@ class AnyModalPipeline:
         gen_settings = self.resolve_settings(settings)
         progress = sys.stderr.isatty() if progress is None else progress
 
-        # 2. format text and place media
-        texts, ordered = [], {m: [] for m in MEDIA_MODALITIES}
-        instructions: dict[Modality, list[str]] = {m: [] for m in MEDIA_MODALITIES}  # the text each medium came with
-        for conv in conversations:
-            rendered = []
-            for msg in conv:
-                check_text(msg.content, f"{msg.role} message")
-                for m, given in msg.media.items():
-                    for item in given:
-                        check_medium(Modality.parse(m), item)
-                counts = {m: len(msg.media.get(m, [])) for m in MEDIA_MODALITIES}
-                for m, n in counts.items():
-                    if n and m not in self.config.input_projectors:
-                        raise ValueError(f"this model takes no {m.value} input (it takes "
-                                         f"{', '.join(x.value for x in self.config.input_projectors) or 'text only'})")
-                rendered.append(Message(msg.role, self.processor.place_media(msg.content, counts)))
-                for m in MEDIA_MODALITIES:
-                    ordered[m].extend(msg.media.get(m, []))
-                    instructions[m].extend([msg.content] * len(msg.media.get(m, [])))
-            texts.append(self.processor.format(rendered))
-        batch = self.processor(texts)
+        # 2. lay out the inputs: checked, placeholders placed, formatted, tokenised, media preprocessed
+        inputs = self.processor.prepare(conversations)
         limit = self.context_length
-        longest = int(batch["attention_mask"].sum(-1).max())
+        longest = int(inputs.attention_mask.sum(-1).max())
         if limit is not None and longest + max_new_tokens > limit:
             raise ValueError(f"the prompt is {longest} tokens long (media positions included); with max_new_tokens="
                              f"{max_new_tokens} that exceeds the model's context of {limit} tokens")
         device = self.device
-        input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        input_ids, attention_mask = inputs.input_ids.to(device), inputs.attention_mask.to(device)
 
         # 3. encode media into LLM embeddings
         features = {}
-        for m, items in ordered.items():
-            if items:
-                encoder = self.model.encoder_for(m)
-                instruction = None
-                if getattr(self.model.input_projectors[m.value], "takes_instruction", False):
-                    instruction = self.processor.instruction_inputs(instructions[m])
-                features[m] = self.model.encode_media(m, encoder.preprocess(m, items).to(device), instruction)
-                bad = [describe(items[i]) for i in
-                       (~torch.isfinite(features[m]).flatten(1).all(-1)).nonzero().flatten().tolist()]
-                if bad:  # e.g. audio samples far outside [-1, 1]: the reply would be empty or nonsense
-                    raise MediaError(f"{m.value} input {', '.join(bad)} gives non-finite features; check its "
-                                     "values (audio samples belong in [-1, 1], image floats in [0, 1])")
+        for m, pixels in inputs.media.items():
+            features[m] = self.model.encode_media(m, pixels.to(device), inputs.instructions.get(m))
+            items = inputs.sources[m]
+            bad = [describe(items[i]) for i in (~torch.isfinite(features[m]).flatten(1).all(-1)).nonzero().flatten().tolist()]
+            if bad:  # e.g. audio samples far outside [-1, 1]: the reply would be empty or nonsense
+                raise MediaError(f"{m.value} input {', '.join(bad)} gives non-finite features; check its "
+                                 "values (audio samples belong in [-1, 1], image floats in [0, 1])")
 
         # 4. generate text and signal tokens; read the signal tokens' hidden states
         llm_seed = seed if seed is not None else (generator.initial_seed() if generator else None)
-        with seeded(llm_seed if do_sample else None):  # sampling draws from the global generator
+        with seeded(llm_seed if do_sample else None):  # sampling draws from torch's global RNG
             result = generate_text(self.model, self.processor, input_ids, attention_mask, features,
                                    max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
                                    logits_processor=logits_processor)
 
         # 5. project signal states and call each generator once for the whole batch
         n = len(conversations)
-        out = AnyModalOutput(text=[], images=[[] for _ in range(n)], audios=[[] for _ in range(n)],
-                             videos=[[] for _ in range(n)], token_ids=result.sequences)
+        out = AnyModalOutput(text=[""] * n, token_ids=result.sequences)
         for m, hidden in result.signal_hidden.items():
             if m not in self.generators:
                 continue
             owners = [(row, k) for row, spans in enumerate(result.spans) for k, (mm, _) in enumerate(spans) if mm == m]
             gen = self.generators[m]
             conditioning = self.model.project_signal(m, hidden)
-            generators = _generators_for(owners, seed, generator)
-            media_out = gen.generate(conditioning, gen_settings.get(m), generator=generators, progress=progress)
+            rngs = _rngs_for(owners, seed, generator)
+            media_out = gen.generate(conditioning, gen_settings.get(m), generator=rngs, progress=progress)
             for (row, _), item in zip(owners, media_out):
-                out.media(m)[row].append(item)
+                out.media[m][row].append(item)
 
         # 6. decode text, each medium marked by its placeholder
         out.text = [self.processor.split_output(seq)[0] for seq in result.sequences]
@@ -450,16 +465,14 @@ class AnyModalPipeline:
         elif isinstance(settings, dict):
             raw = {Modality.parse(k): v for k, v in settings.items()}
         elif isinstance(settings, (list, tuple)):
-            from anymodal.generators.settings import SETTINGS_CLASSES
-
-            by_class = {v: k for k, v in SETTINGS_CLASSES.items()}
+            by_class = {m.spec.settings_class: m for m in media_modalities()}
             raw = {}
             for s in settings:
                 # a generator's own subclass (unCLIP's UnCLIPImageSettings) counts as its modality's settings
                 base = next((c for c in type(s).__mro__ if c in by_class), None)
                 if base is None:
-                    raise TypeError(f"unknown settings object {type(s).__name__}; use ImageSettings, AudioSettings "
-                                    "or VideoSettings")
+                    raise TypeError(f"unknown settings object {type(s).__name__}; use "
+                                    f"{', '.join(c.__name__ for c in by_class)}")
                 raw[by_class[base]] = s
         else:
             raise TypeError(f"settings must be a dict keyed by modality or a list of settings, "
@@ -472,66 +485,54 @@ class AnyModalPipeline:
 
 
 # ==================================================================== helpers
+def _media_arguments(**by_plural: MediaArg) -> dict[Modality, MediaArg]:
+    """Media keyword arguments (``images=...``) by modality; an unknown keyword is a clear error."""
+    media = {}
+    for plural, arg in by_plural.items():
+        m = by_plural_name(plural)
+        if m is None:
+            raise TypeError(f"unexpected keyword argument {plural!r}; media are given as "
+                            f"{', '.join(x.spec.plural for x in media_modalities())}=...")
+        media[m] = arg
+    return media
+
+
 def _rows_of_media(prompts: list[str], media: dict[Modality, Any], single: bool) -> list[dict[Modality, list]]:
     rows: list[dict[Modality, list]] = [{} for _ in prompts]
     for m, arg in media.items():
         if arg is None:
             continue
+        spec = m.spec
         if single:
             per_row = [arg]
         else:
             if not isinstance(arg, (list, tuple)) or len(arg) != len(prompts):
-                raise ValueError(f"with a batch of {len(prompts)} prompts, {m.value}s must be a list with one "
+                raise ValueError(f"with a batch of {len(prompts)} prompts, {spec.plural} must be a list with one "
                                  f"entry (None, a {m.value} or a list of them) per prompt")
             per_row = list(arg)
         for row, entry in zip(rows, per_row):
             if entry is None:
                 continue
             if m is Modality.AUDIO and isinstance(entry, tuple) and len(entry) == 2 \
-                    and isinstance(entry[0], (np.ndarray, torch.Tensor)) and not _is_medium(m, entry):
+                    and isinstance(entry[0], (np.ndarray, torch.Tensor)) and not spec.is_medium(entry):
                 raise MediaError(f"cannot read audio (array, {entry[1]!r}): the sample rate must be an integer")
-            if _is_medium(m, entry):
+            if spec.is_medium(entry):
                 items = [entry]
             elif isinstance(entry, (list, tuple)):
                 items = list(entry)
             else:  # a dict or set would be iterated by its keys
                 raise MediaError(f"cannot use {type(entry).__name__} as {m.value} input; expected "
-                                 f"{_MEDIUM_KINDS[m]}, or a list of them")
+                                 f"{spec.accepts}, or a list of them")
             for it in items:
-                if not _is_medium(m, it):
-                    raise MediaError(f"cannot use {type(it).__name__} as {m.value} input; expected "
-                                     f"{_MEDIUM_KINDS[m]}")
+                if not spec.is_medium(it):
+                    raise MediaError(f"cannot use {type(it).__name__} as {m.value} input; expected {spec.accepts}")
             if items:
                 row[m] = items
     return rows
 
 
-_MEDIUM_KINDS = {
-    Modality.IMAGE: "a file path, a PIL image or an HxWxC array",
-    Modality.AUDIO: "a file path, an Audio, an (array, sample_rate) tuple or a 1-D array",
-    Modality.VIDEO: "a file path, a list of frames or a TxHxWxC array",
-}
-
-
-def _is_medium(m: Modality, x: Any) -> bool:
-    if isinstance(x, (str, os.PathLike)):
-        return True
-    if m is Modality.IMAGE:
-        return isinstance(x, (Image.Image, np.ndarray, torch.Tensor))
-    if m is Modality.AUDIO:
-        return (isinstance(x, (Audio, np.ndarray, torch.Tensor))
-                or (isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], (int, np.integer))))
-    if isinstance(x, (np.ndarray, torch.Tensor)):
-        return x.ndim == 4
-    # a list of frames (PIL images or HxW[xC] arrays) is one video; a list of 4-D arrays is several
-    return isinstance(x, list) and len(x) > 0 and all(
-        isinstance(f, Image.Image) or (isinstance(f, np.ndarray) and f.ndim in (2, 3)) for f in x)
-
-
 def _pickle_choice(allow: bool | None):
     """``allow_pickle`` as given, or the enclosing choice (default: refuse) when ``None``."""
-    import contextlib
-
     return contextlib.nullcontext() if allow is None else pickle_allowed(allow)
 
 
@@ -571,8 +572,10 @@ def _inside_package(path: Path) -> bool:
     return any(path == r or r in path.parents for r in roots)
 
 
-def _generators_for(owners: list[tuple[int, int]], seed: int | None, generator: torch.Generator | None
-                    ) -> list[torch.Generator] | torch.Generator | None:
+def _rngs_for(owners: list[tuple[int, int]], seed: int | None, generator: torch.Generator | None
+              ) -> list[torch.Generator] | torch.Generator | None:
+    """The random number generators the media generators draw their noise from: the caller's
+    ``torch.Generator`` (diffusers' ``generator=``), or one per medium seeded ``seed + k``."""
     if generator is not None:
         return generator
     if seed is None:
@@ -616,21 +619,18 @@ def _make_processor(config: AnyModalConfig, tokenizer) -> AnyModalProcessor:
                              prompt_options=config.llm.prompt, **layout)
 
 
-class _naming:
-    """Re-raise a loading ``OSError`` (offline, missing directory) naming the config field and source."""
-
-    def __init__(self, field_name: str, source: str | None):
-        self.field_name, self.source = field_name, source
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, error, tb):
-        if kind is not None and issubclass(kind, OSError) and not isinstance(error, FileNotFoundError):
+@contextlib.contextmanager
+def _note_source(field_name: str, source: str | None) -> Iterator[None]:
+    """Add a note naming the config field and its source to a loading ``OSError`` (offline, a missing
+    directory), which then goes on as it was: same type, same traceback. The CLI prints the notes."""
+    try:
+        yield
+    except OSError as error:
+        if not isinstance(error, FileNotFoundError):
             hint = (" Without network access, set it to a local directory holding the weights."
                     if os.environ.get("HF_HUB_OFFLINE") else "")
-            raise OSError(f"cannot load {self.field_name} {self.source!r}: {error}{hint}") from error
-        return False
+            error.add_note(f"cannot load {field_name} {source!r}.{hint}")
+        raise
 
 
 def _check_types(config: AnyModalConfig) -> None:

@@ -13,16 +13,20 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
 from .config import PromptOptions
-from .modality import MEDIA_MODALITIES, Modality
+from .modality import Modality, media_modalities
 from .utils import atomic_write_text
 
-PLACEHOLDERS = {m: f"<{m.value}>" for m in MEDIA_MODALITIES}
-_SIGNAL_PREFIX = {Modality.IMAGE: "img", Modality.AUDIO: "aud", Modality.VIDEO: "vid"}
+if TYPE_CHECKING:
+    from .model import TokenIds
+
+# Every processor's vocabulary holds these placeholders (saved processors and shipped models have
+# them); another modality's placeholder is added when the model takes that modality as input.
+_ALWAYS_PLACED = (Modality.IMAGE, Modality.AUDIO, Modality.VIDEO)
 PROCESSOR_CONFIG = "processor_config.json"
 INSTRUCTION_TOKENIZER = "instruction_tokenizer"
 
@@ -31,13 +35,16 @@ DEFAULT_TEMPLATE = {"system": "{content}\n", "user": "### Human: {content}\n", "
                     "generation": "### Assistant:"}
 
 
-# Default-named signal-token strings of any modality and index, including ones this model does not use.
-_SIGNAL_PATTERN = re.compile(r"<(?:%s)_\d+>" % "|".join(_SIGNAL_PREFIX.values()))
+def signal_token_pattern() -> str:
+    """A regex matching the default-named signal tokens of every registered modality and any index,
+    including ones a model does not use (typed text must never produce them)."""
+    return r"<(?:%s)_\d+>" % "|".join(re.escape(m.spec.signal_prefix) for m in media_modalities())
 
 
 def signal_token_strings(modality: Modality, count: int, name: str | None = None) -> list[str]:
-    """The signal tokens of ``modality``: ``name`` formatted with ``i`` (default ``<img_{i}>``)."""
-    name = name or f"<{_SIGNAL_PREFIX[modality]}_{{i}}>"
+    """The signal tokens of ``modality``: ``name`` formatted with ``i`` (default ``<img_{i}>``, from
+    its spec's ``signal_prefix``)."""
+    name = name or f"<{Modality.parse(modality).spec.signal_prefix}_{{i}}>"
     return [name.format(i=i) for i in range(count)]
 
 
@@ -54,18 +61,43 @@ class Message:
             raise ValueError(f"message role must be 'system', 'user' or 'assistant', got {self.role!r}")
 
 
+@dataclass
+class ModelInputs:
+    """A batch of conversations made ready for the model by :meth:`AnyModalProcessor.prepare`.
+
+    ``media[m]`` holds every medium of modality ``m`` in the batch, in reading order, preprocessed
+    by its encoder into one tensor; ``sources[m]`` the media as given (for error messages);
+    ``instructions[m]`` the token ids of the text each medium came with, for projectors that read
+    the prompt (InstructBLIP's Q-Former), when the processor has an instruction tokenizer.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    media: dict[Modality, torch.Tensor] = field(default_factory=dict)
+    sources: dict[Modality, list[Any]] = field(default_factory=dict)
+    instructions: dict[Modality, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+
+Preprocessor = Callable[[Sequence[Any]], torch.Tensor]
+
+
 class AnyModalProcessor:
-    """Tokenizer plus the strings and ids of placeholders and signal tokens.
+    """Everything between a conversation and the model's inputs: the tokenizer, the strings and ids
+    of placeholders and signal tokens, prompt formatting, and each input modality's preprocessing
+    (its encoder's, as LLaVA's processor holds its image processor).
 
     ``media_tokens[m]`` is how many positions one input medium of modality ``m`` fills (its
-    input projector's ``num_tokens``); ``signal_tokens[m]`` is the length of the output block.
+    input projector's ``num_tokens``); ``signal_tokens[m]`` is the length of the output block;
+    ``preprocessors[m]`` turns a list of media into one batched tensor.
     """
 
     def __init__(self, tokenizer, signal_tokens: dict[Modality, int], media_tokens: dict[Modality, int],
                  system_prompt: str | None = None, max_length: int | None = None, add_special_tokens: bool = False,
                  media_before_bos: bool = False, instruction_tokenizer=None,
-                 prompt_options: PromptOptions | dict | None = None):
+                 prompt_options: PromptOptions | dict | None = None,
+                 preprocessors: dict[Modality, Preprocessor] | None = None):
         self.tokenizer = tokenizer
+        self.preprocessors = {Modality.parse(m): f for m, f in (preprocessors or {}).items()}
         # Released systems (anymodal.hf_systems.PromptFormat): the tokenizer adds its own BOS, and
         # BLIP-2-style prompts put the leading media positions before it.
         self.add_special_tokens = add_special_tokens
@@ -82,8 +114,10 @@ class AnyModalProcessor:
         self.prompt_options = prompt_options
         self.signal_strings = {m: signal_token_strings(m, n, prompt_options.signal_token_names.get(m))
                                for m, n in self.signal_tokens.items()}
+        self.placeholders = {m: m.spec.placeholder for m in media_modalities()
+                             if m in _ALWAYS_PLACED or m in self.media_tokens}
         # Tokens already in the vocabulary (a converted checkpoint's) keep their ids; new ones go last.
-        added = [PLACEHOLDERS[m] for m in MEDIA_MODALITIES]
+        added = list(self.placeholders.values())
         for pair in prompt_options.media_wrap.values():
             added += [t for t in pair if t not in added]
         for m in self.signal_tokens:
@@ -94,10 +128,17 @@ class AnyModalProcessor:
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
         tokenizer.padding_side = "left"  # decoder-only batched generation
-        self.placeholder_ids = {m: tokenizer.convert_tokens_to_ids(PLACEHOLDERS[m]) for m in MEDIA_MODALITIES}
+        self.placeholder_ids = {m: tokenizer.convert_tokens_to_ids(p) for m, p in self.placeholders.items()}
         self.signal_ids = {m: tokenizer.convert_tokens_to_ids(self.signal_strings[m]) for m in self.signal_tokens}
         self.wrap_ids = {m: tokenizer.convert_tokens_to_ids(pair) for m, pair in prompt_options.media_wrap.items()}
         self._signal_lookup = {i: (m, k) for m, ids in self.signal_ids.items() for k, i in enumerate(ids)}
+
+    def token_ids(self) -> TokenIds:
+        """The placeholder and signal-token ids and the vocabulary size: all the model needs."""
+        from .model import TokenIds
+
+        return TokenIds({m: i for m, i in self.placeholder_ids.items()},
+                        {m: list(ids) for m, ids in self.signal_ids.items()}, len(self.tokenizer))
 
     @property
     def new_token_ids(self) -> list[int]:
@@ -119,16 +160,16 @@ class AnyModalProcessor:
         return text + (template["generation"] if add_generation_prompt else "")
 
     def count_placeholders(self, text: str) -> dict[Modality, int]:
-        return {m: text.count(PLACEHOLDERS[m]) for m in MEDIA_MODALITIES}
+        return {m: text.count(p) for m, p in self.placeholders.items()}
 
     def expand(self, text: str) -> str:
         """Repeat each placeholder as many times as its medium has positions (inside its wrapping tokens)."""
-        for m in MEDIA_MODALITIES:
+        for m, p in self.placeholders.items():
             n = self.media_tokens.get(m, 1)
             wrap = self.prompt_options.media_wrap.get(m)
             if n > 1 or wrap:
                 open_, close = wrap or ("", "")
-                text = text.replace(PLACEHOLDERS[m], open_ + PLACEHOLDERS[m] * n + close)
+                text = text.replace(p, open_ + p * n + close)
         return text
 
     def _segment_ids(self, text: str) -> list[int]:
@@ -136,7 +177,7 @@ class AnyModalProcessor:
         tok = self.tokenizer
         if tok.bos_token_id is None:
             raise ValueError("prompt format bos_per_segment needs a tokenizer with a BOS token")
-        pattern = "(" + "|".join(re.escape(PLACEHOLDERS[m]) for m in MEDIA_MODALITIES) + ")"
+        pattern = "(" + self._placeholder_pattern() + ")"
         ids: list[int] = []
         parts = re.split(pattern, text)
         for k, part in enumerate(parts):
@@ -166,8 +207,8 @@ class AnyModalProcessor:
         if cached is None:
             strings = {s for group in self.signal_strings.values() for s in group}
             strings |= {t for pair in self.prompt_options.media_wrap.values() for t in pair}
-            strings -= set(PLACEHOLDERS.values())
-            alternatives = [re.escape(s) for s in sorted(strings, key=len, reverse=True)] + [_SIGNAL_PATTERN.pattern]
+            strings -= set(self.placeholders.values())
+            alternatives = [re.escape(s) for s in sorted(strings, key=len, reverse=True)] + [signal_token_pattern()]
             cached = self.__dict__["_escape_re"] = re.compile("|".join(alternatives))
         return cached
 
@@ -177,12 +218,16 @@ class AnyModalProcessor:
         text = self.escape(text)
         found = self.count_placeholders(text)
         prefix = ""
-        for m in MEDIA_MODALITIES:
+        for m, n in counts.items():
+            if n and m not in self.placeholders:
+                raise ValueError(f"this model takes no {Modality.parse(m).value} input (it takes "
+                                 f"{', '.join(self.media_tokens) or 'text only'})")
+        for m, p in self.placeholders.items():
             n = counts.get(m, 0)
             if found[m] == 0 and n:
-                prefix += PLACEHOLDERS[m] * n
+                prefix += p * n
             elif found[m] != n:
-                raise ValueError(f"the prompt has {found[m]} {PLACEHOLDERS[m]} placeholder(s) but {n} {m.value}(s) "
+                raise ValueError(f"the prompt has {found[m]} {p} placeholder(s) but {n} {m.value}(s) "
                                  f"were given; give one {m.value} per placeholder, or no placeholders at all")
         if not prefix:
             return text
@@ -202,7 +247,7 @@ class AnyModalProcessor:
         """Token ids of one formatted text, laid out as the released system's own processor does."""
         lead: list[int] = []
         if self.media_before_bos:
-            found = re.match("(?:" + "|".join(re.escape(PLACEHOLDERS[m]) for m in MEDIA_MODALITIES) + r")+\s*", text)
+            found = re.match("(?:" + self._placeholder_pattern() + r")+\s*", text)
             if found:
                 head, text = found.group(0).strip(), text[found.end():]
                 lead = self.tokenizer(self.expand(head), add_special_tokens=False)["input_ids"]
@@ -226,6 +271,42 @@ class AnyModalProcessor:
                              f"the model's limit is {self.max_length}")
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
+    def prepare(self, conversations: Sequence[Sequence[Message]]) -> ModelInputs:
+        """Check and lay out a batch of conversations: each message's text and media are checked,
+        placeholders placed (:meth:`place_media`), each conversation rendered (:meth:`format`), the
+        batch tokenised left-padded (:meth:`__call__`) and the media preprocessed, in reading order."""
+        from .inputs import check_medium, check_text
+
+        texts: list[str] = []
+        sources: dict[Modality, list[Any]] = {}
+        context: dict[Modality, list[str]] = {}  # the text each medium came with
+        for conv in conversations:
+            rendered = []
+            for msg in conv:
+                check_text(msg.content, f"{msg.role} message")
+                media = {Modality.parse(m): list(items) for m, items in msg.media.items() if items}
+                for m, items in media.items():
+                    for item in items:
+                        check_medium(m, item)
+                    if m not in self.media_tokens:
+                        raise ValueError(f"this model takes no {m.value} input (it takes "
+                                         f"{', '.join(x.value for x in self.media_tokens) or 'text only'})")
+                rendered.append(Message(msg.role, self.place_media(msg.content, {m: len(v) for m, v in media.items()})))
+                for m, items in media.items():
+                    sources.setdefault(m, []).extend(items)
+                    context.setdefault(m, []).extend([msg.content] * len(items))
+            texts.append(self.format(rendered))
+        sources = {m: sources[m] for m in media_modalities() if m in sources}  # one order for every batch
+        batch = self(texts)
+        inputs = ModelInputs(batch["input_ids"], batch["attention_mask"], sources=sources)
+        for m, items in sources.items():
+            if m not in self.preprocessors:
+                raise ValueError(f"the processor has no preprocessing for {m.value} (no encoder serves it)")
+            inputs.media[m] = self.preprocessors[m](items)
+            if self.instruction_tokenizer is not None:
+                inputs.instructions[m] = self.instruction_inputs(context[m])
+        return inputs
+
     def instruction_inputs(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """The instruction-reading projector's input: each text (placeholders removed) through its own tokenizer."""
         if self.instruction_tokenizer is None:
@@ -237,9 +318,12 @@ class AnyModalProcessor:
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
     def strip_placeholders(self, text: str) -> str:
-        for m in MEDIA_MODALITIES:
-            text = text.replace(PLACEHOLDERS[m], "")
+        for p in self.placeholders.values():
+            text = text.replace(p, "")
         return text.strip()
+
+    def _placeholder_pattern(self) -> str:
+        return "|".join(re.escape(p) for p in self.placeholders.values())
 
     # ------------------------------------------------------------ decoding
     def split_output(self, ids: Sequence[int]) -> tuple[str, list[tuple[Modality, int]]]:
@@ -260,7 +344,7 @@ class AnyModalProcessor:
                 if ids[i:i + n] == self.signal_ids[m]:
                     pieces.append(self.tokenizer.decode(run, skip_special_tokens=True))
                     run = []
-                    pieces.append(PLACEHOLDERS[m])
+                    pieces.append(m.spec.placeholder)
                     spans.append((m, i))
                     i += n
                     continue
@@ -302,7 +386,8 @@ class AnyModalProcessor:
         atomic_write_text(directory / PROCESSOR_CONFIG, json.dumps(meta, indent=2))
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike) -> "AnyModalProcessor":
+    def from_pretrained(cls, directory: str | os.PathLike,
+                        preprocessors: dict[Modality, Preprocessor] | None = None) -> "AnyModalProcessor":
         from transformers import AutoTokenizer
 
         directory = Path(directory)
@@ -313,4 +398,4 @@ class AnyModalProcessor:
                    add_special_tokens=meta.get("add_special_tokens", False),
                    media_before_bos=meta.get("media_before_bos", False),
                    instruction_tokenizer=AutoTokenizer.from_pretrained(inst) if inst.is_dir() else None,
-                   prompt_options=meta.get("prompt_options"))
+                   prompt_options=meta.get("prompt_options"), preprocessors=preprocessors)

@@ -34,11 +34,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
-from PIL import Image
 
-from .media import Audio, MediaError, save_image
-from .modality import MEDIA_MODALITIES, Modality
-from .processor import PLACEHOLDERS, Message
+from .media import MediaError
+from .modality import Modality, by_plural, media_modalities
+from .processor import Message
 from .utils import recover_swapped_dir, swap_dir_into_place
 
 if TYPE_CHECKING:
@@ -46,7 +45,6 @@ if TYPE_CHECKING:
 
 SESSION_FILE = "session.json"
 FORMAT_VERSION = 1
-_KINDS = {Modality.IMAGE: "images", Modality.AUDIO: "audios", Modality.VIDEO: "videos"}
 
 
 @dataclass
@@ -75,6 +73,12 @@ class Turn:
     def videos(self) -> list[Any]:
         return self.media.get(Modality.VIDEO, [])
 
+    def __getattr__(self, name: str) -> list[Any]:  # the plural of a modality registered later
+        m = by_plural(name) if not name.startswith("_") else None
+        if m is None or "media" not in self.__dict__:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return self.media.get(m, [])
+
 
 class ChatSession:
     """A conversation with an :class:`~anymodal.pipeline.AnyModalPipeline`; see the module docstring."""
@@ -95,14 +99,20 @@ class ChatSession:
     # ------------------------------------------------------------ talking
     def send(self, text: str = "", images: Sequence[Any] | Any = None, audios: Sequence[Any] | Any = None,
              videos: Sequence[Any] | Any = None, *, seed: int | None = None,
-             max_new_tokens: int | None = None) -> Turn:
+             max_new_tokens: int | None = None, **media_args: Sequence[Any] | Any) -> Turn:
         """Send one user turn (text with optional ``<image>``/``<audio>``/``<video>`` placeholders,
-        and media) and return the model's reply, which is also appended to the session."""
+        and media; a registered modality's by its plural, ``depths=...``) and return the model's
+        reply, which is also appended to the session."""
         if not isinstance(text, str):
             raise TypeError(f"text must be a string, got {type(text).__name__}")
-        media = {m: _as_list(v) for m, v in ((Modality.IMAGE, images), (Modality.AUDIO, audios),
-                                               (Modality.VIDEO, videos)) if v is not None}
-        media = {m: v for m, v in media.items() if v}
+        media: dict[Modality, list[Any]] = {}
+        for plural, value in dict(images=images, audios=audios, videos=videos, **media_args).items():
+            m = by_plural(plural)
+            if m is None:
+                raise TypeError(f"send() got an unexpected keyword argument {plural!r}; media are given as "
+                                f"{', '.join(x.spec.plural for x in media_modalities())}=...")
+            if value is not None and _as_list(value):
+                media[m] = _as_list(value)
         if not text.strip() and not media:
             raise ValueError("nothing to send: give some text or media")
         for m in media:
@@ -117,7 +127,7 @@ class ChatSession:
         messages, start = self.context(user, max_new)
         out = self.pipe.generate([messages], max_new_tokens=max_new, settings=self.settings or None, seed=seed,
                                  progress=False)
-        reply = Turn("assistant", out.text[0], {m: out.media(m)[0] for m in MEDIA_MODALITIES if out.media(m)[0]},
+        reply = Turn("assistant", out.text[0], {m: per_prompt[0] for m, per_prompt in out.media.items() if per_prompt[0]},
                      seed=seed, token_ids=list(out.token_ids[0]))
         self.turns += [user, reply]
         self.last_context_start = start
@@ -148,7 +158,7 @@ class ChatSession:
             if m in self.pipe.config.input_projectors:
                 media[m] = list(items)
             else:  # the model cannot see this medium: drop its placeholder
-                text = text.replace(PLACEHOLDERS[m], "")
+                text = text.replace(m.spec.placeholder, "")
         return Message("assistant", " ".join(text.split()) if text != turn.text else text, media)
 
     def _length(self, messages: list[Message]) -> int:
@@ -226,17 +236,10 @@ def _as_list(value: Any) -> list[Any]:
 
 
 def _save_medium(m: Modality, item: Any, stem: Path) -> dict[str, str]:
-    """Write one medium losslessly under ``stem`` (suffix chosen here).
+    """Write one medium losslessly under ``stem`` (the spec's ``keep`` chooses the suffix).
 
     Returns ``{"file": path relative to the session, "as": "path" | "data"}``: a medium that was a
     file path is copied and given back as a path, anything else is given back decoded."""
-    import soundfile as sf
-
-    from .utils import atomic_path
-
-    def rel(p: Path) -> dict[str, str]:
-        return {"file": f"media/{p.name}", "as": "data"}
-
     if isinstance(item, (str, os.PathLike)):
         src = Path(item)
         if not src.is_file():
@@ -244,30 +247,13 @@ def _save_medium(m: Modality, item: Any, stem: Path) -> dict[str, str]:
         dst = stem.with_name(stem.name + src.suffix.lower())
         shutil.copyfile(src, dst)
         return {"file": f"media/{dst.name}", "as": "path"}
-    if m is Modality.IMAGE:
-        img = item if isinstance(item, Image.Image) else Image.fromarray(np.asarray(item))
-        return rel(save_image(img, stem.with_suffix(".png")))
-    if m is Modality.AUDIO:
-        audio = item if isinstance(item, Audio) else (Audio(np.asarray(item[0], np.float32), int(item[1]))
-                                                      if isinstance(item, tuple) else None)
-        if audio is None:
-            raise MediaError("cannot save a bare audio array without its sample rate; send Audio or (array, rate)")
-        dst = stem.with_suffix(".wav")
-        with atomic_path(dst) as tmp:  # float WAV: the reloaded waveform is bit-identical
-            sf.write(str(tmp), np.asarray(audio.array, np.float32), audio.sample_rate, format="WAV", subtype="FLOAT")
-        return rel(dst)
-    frames = list(item)  # a video: PNG frames in a folder
-    folder = stem.with_suffix("")
-    folder.mkdir()
-    for k, frame in enumerate(frames):
-        img = frame if isinstance(frame, Image.Image) else Image.fromarray(np.asarray(frame))
-        save_image(img, folder / f"frame_{k:04d}.png")
-    return rel(folder)
+    if m.spec.keep is None:
+        raise MediaError(f"cannot save the session: {m.value} media given as data cannot be kept (its ModalitySpec "
+                         "has no keep/restore); send them as files")
+    return {"file": f"media/{m.spec.keep(item, stem).name}", "as": "data"}
 
 
 def _load_medium(m: Modality, entry: dict[str, str], directory: Path) -> Any:
-    import soundfile as sf
-
     path = directory / entry["file"]
     if ".." in Path(entry["file"]).parts:
         raise ValueError(f"session medium path {entry['file']!r} leaves the session directory")
@@ -275,18 +261,9 @@ def _load_medium(m: Modality, entry: dict[str, str], directory: Path) -> Any:
         raise FileNotFoundError(f"session medium missing: {path}")
     if entry.get("as") == "path":  # a copied input file: decoded by the encoder exactly as the original was
         return str(path)
-    if m is Modality.VIDEO and path.is_dir():
-        frames = []
-        for f in sorted(path.glob("frame_*.png")):
-            with Image.open(f) as im:
-                frames.append(im.copy())
-        return frames
-    if m is Modality.IMAGE and path.suffix == ".png":
-        with Image.open(path) as im:
-            return im.copy()
-    if m is Modality.AUDIO and path.suffix == ".wav":
-        info = sf.info(str(path))
-        if info.subtype == "FLOAT":  # written by save(): the exact waveform
-            data, rate = sf.read(str(path), dtype="float32", always_2d=False)
-            return Audio(np.asarray(data, np.float32), int(rate))
-    raise ValueError(f"cannot read session medium {path}: not a file that ChatSession.save writes")
+    if m.spec.restore is None:
+        raise ValueError(f"cannot read session medium {path}: modality {m.value} has no restore")
+    try:
+        return m.spec.restore(path)
+    except ValueError as e:
+        raise ValueError(f"cannot read session medium {path}: not a file that ChatSession.save writes ({e})") from None

@@ -10,7 +10,6 @@ import math
 from dataclasses import dataclass
 
 from anymodal.checks import positive_int, positive_number
-from anymodal.modality import Modality
 
 # Upper bounds that keep a typo from allocating without limit; far above any real model's need.
 MAX_STEPS = 10_000
@@ -70,10 +69,3 @@ class VideoSettings:
         positive_int("video.height", self.height, allow_none=True, limit=MAX_SIDE)
         positive_int("video.width", self.width, allow_none=True, limit=MAX_SIDE)
         positive_int("video.fps", self.fps, limit=1000)
-
-
-SETTINGS_CLASSES: dict[Modality, type] = {
-    Modality.IMAGE: ImageSettings,
-    Modality.AUDIO: AudioSettings,
-    Modality.VIDEO: VideoSettings,
-}

@@ -54,6 +54,7 @@ def test_the_path_of_one_prompt(saved_taught, tmp_path, monkeypatch):
     import anymodal.cli as cli
     import anymodal.generation as generation
     import anymodal.pipeline as pipeline
+    from anymodal.encoders.imagebind import ImageBindEncoder
     from anymodal.generators.image import StableDiffusionGenerator
     from anymodal.model import AnyModalModel
     from anymodal.processor import AnyModalProcessor
@@ -66,9 +67,11 @@ def test_the_path_of_one_prompt(saved_taught, tmp_path, monkeypatch):
         (pipeline, "_rows_of_media", "2 _rows_of_media"),
         (pipeline.AnyModalPipeline, "generate", "2 generate"),
         (pipeline.AnyModalPipeline, "resolve_settings", "2 resolve_settings"),
+        (AnyModalProcessor, "prepare", "3 prepare"),
         (AnyModalProcessor, "place_media", "3 place_media"),
         (AnyModalProcessor, "format", "3 format"),
         (AnyModalProcessor, "__call__", "3 tokenize"),
+        (ImageBindEncoder, "preprocess", "3 preprocess"),
         (AnyModalModel, "encode_media", "4 encode_media"),
         (pipeline, "generate_text", "5 generate_text"),
         (AnyModalModel, "embed", "5 embed"),

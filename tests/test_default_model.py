@@ -71,7 +71,7 @@ def _same_output(a, b) -> None:
 
     assert a.text == b.text and a.token_ids == b.token_ids
     for m in (Modality.IMAGE, Modality.AUDIO, Modality.VIDEO):
-        for xs, ys in zip(a.media(m), b.media(m)):
+        for xs, ys in zip(a.media[m], b.media[m]):
             assert len(xs) == len(ys)
             for x, y in zip(xs, ys):
                 x = np.stack([np.asarray(f) for f in x]) if m is Modality.VIDEO else np.asarray(getattr(x, "array", x))

@@ -217,7 +217,7 @@ def test_save_load_round_trip_gives_identical_outputs(pipe, tmp_path, monkeypatc
     after = again(prompts, seed=7)
     assert after.text == before.text and after.token_ids == before.token_ids
     for m in (I, A, V):
-        for x, y in zip(before.media(m), after.media(m)):
+        for x, y in zip(before.media[m], after.media[m]):
             assert len(x) == len(y)
             for a, b in zip(x, y):
                 if m is V:

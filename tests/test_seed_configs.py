@@ -136,7 +136,7 @@ def test_tiny_twin_builds_generates_saves_and_reloads(pipes, name, tmp_path):
     outputs = {}
     for m in pipe.generators:
         out = _generate(pipe, m)
-        media = out.media(m)[0]
+        media = out.media[m][0]
         assert len(media) == 1, (m, out.text)
         outputs[m] = media
     assert outputs[IMAGE][0].size == (16, 16)
@@ -145,7 +145,7 @@ def test_tiny_twin_builds_generates_saves_and_reloads(pipes, name, tmp_path):
     again = AnyModalPipeline.from_pretrained(tmp_path / "saved")
     assert type(again.model.language_model) is type(pipe.model.language_model)
     for m, before in outputs.items():
-        after = _generate(again, m).media(m)[0]
+        after = _generate(again, m).media[m][0]
         for x, y in zip(_arrays(before), _arrays(after)):
             # images are uint8: allow one level of float rounding; audio within 1e-4 of its scale
             assert (np.abs(x - y).max() <= 1) if x.ndim == 3 else close_to_scale(x, y), (name, m)

@@ -74,7 +74,7 @@ def _score(direction: str, dialogue: world.Dialogue, prompt: str, out, row: int)
         # judge only what the prompt asked for ("play a low square tone" names no note)
         asked = world.parse_caption(prompt) or target
         names = [f for f in HEADLINE_FIELDS[direction] if getattr(asked, f) is not None]
-        made = out.media(_MEDIA[direction])[row]
+        made = out.media[_MEDIA[direction]][row]
         if not made:
             return False, {f: False for f in names}
         item = made[0]

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from ..config import AnyModalConfig, EncoderConfig, InputProjectorConfig, LLMConfig
-from ..modality import MEDIA_MODALITIES, Modality
+from ..modality import Modality
+from .manifests import TOY_MODALITIES
 from ..utils import atomic_write_text
 from . import checkers, world
 from .loop import (JsonlLog, RunControl, atomic_dir, atomic_save, check_same_config, cosine_lr, count_params, device_of,
@@ -43,21 +44,22 @@ def llm_tokenizer(out: Path, media_tokens: int = MEDIA_TOKENS) -> tuple[Any, Any
     """The ``tokenizer`` phase's word-level tokenizer plus anymodal's tokens (turn markers,
     placeholders, every modality's signal tokens), and an :class:`AnyModalProcessor` over it
     configured like the toy pipeline's. Returns ``(tokenizer, processor)``."""
-    from ..config import DEFAULT_SIGNAL_TOKENS
+    from ..config import default_signal_tokens
     from ..processor import AnyModalProcessor
 
     tok = load_tokenizer(Path(out))
     new = [t for t in TURN_MARKERS if t not in tok.get_vocab()]
     if new:
         tok.add_special_tokens({"additional_special_tokens": new}, replace_extra_special_tokens=False)
-    proc = AnyModalProcessor(tok, dict(DEFAULT_SIGNAL_TOKENS), {m: media_tokens for m in MEDIA_MODALITIES})
+    proc = AnyModalProcessor(tok, {m: default_signal_tokens()[m] for m in TOY_MODALITIES},
+                             {m: media_tokens for m in TOY_MODALITIES})
     return tok, proc
 
 
 def _world_messages(dialogue: world.Dialogue, proc: Any) -> list[Any]:
     """A world dialogue as the stages render it (SampleBuilder): user media -> placeholders, generated
     media -> the modality's signal tokens, EOS closing every assistant turn."""
-    from ..processor import PLACEHOLDERS, Message, signal_token_strings
+    from ..processor import Message, signal_token_strings
 
     eos = proc.tokenizer.eos_token
     msgs = []
@@ -69,7 +71,7 @@ def _world_messages(dialogue: world.Dialogue, proc: Any) -> list[Any]:
                 continue
             m = Modality.parse(part["type"])
             if turn["role"] == "user":
-                pieces.append(PLACEHOLDERS[m] * proc.media_tokens.get(m, 1))
+                pieces.append(m.spec.placeholder * proc.media_tokens.get(m, 1))
             else:
                 pieces.append("".join(signal_token_strings(m, proc.signal_tokens[m])))
         text = "".join(pieces)
@@ -79,11 +81,11 @@ def _world_messages(dialogue: world.Dialogue, proc: Any) -> list[Any]:
 
 def _caption_messages(spec: world.Spec, stage: int, proc: Any) -> list[Any]:
     """A stage-1 (medium -> caption) or stage-2 (caption -> caption + signal) pair, as the stages render it."""
-    from ..processor import PLACEHOLDERS, Message, signal_token_strings
+    from ..processor import Message, signal_token_strings
 
     m, caption, eos = spec.modality, spec.caption(), proc.tokenizer.eos_token
     if stage == 1:
-        user = PLACEHOLDERS[m] * proc.media_tokens.get(m, 1) + "\n" + CAPTION_PROMPT.format(modality=m.value)
+        user = m.spec.placeholder * proc.media_tokens.get(m, 1) + "\n" + CAPTION_PROMPT.format(modality=m.value)
         return [Message("user", user), Message("assistant", caption + eos)]
     signal = "".join(signal_token_strings(m, proc.signal_tokens[m]))
     return [Message("user", GENERATION_PROMPT.format(caption=caption, modality=m.value)),
@@ -282,7 +284,7 @@ def _media_model(out: Path, cfg: LLMPhase, lm: Any, proc: Any) -> Any:
     encoder = ENCODERS.get(e.type).from_config(e.options, e.modalities, e.pretrained)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed + 2)
-        model = AnyModalModel(config, lm, {"imagebind": encoder}, proc)
+        model = AnyModalModel(config, lm, {"imagebind": encoder}, proc.token_ids())
     model.encoders.requires_grad_(False)
     model.encoders.eval()
     return model

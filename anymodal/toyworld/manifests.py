@@ -15,7 +15,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..modality import MEDIA_MODALITIES, Modality
+from ..modality import Modality
+
+TOY_MODALITIES = (Modality.IMAGE, Modality.AUDIO, Modality.VIDEO)  # the toy world's three media kinds
 from ..utils import atomic_write_text
 from . import world
 from .loop import atomic_dir
@@ -27,8 +29,8 @@ def _media_writer(root: Path):
     import soundfile as sf
     from PIL import Image
 
-    counters = {m: 0 for m in MEDIA_MODALITIES}
-    for m in MEDIA_MODALITIES:
+    counters = {m: 0 for m in TOY_MODALITIES}
+    for m in TOY_MODALITIES:
         (root / "media" / m.value).mkdir(parents=True, exist_ok=True)
 
     def write(modality: Modality, data: np.ndarray) -> str:

@@ -43,7 +43,7 @@ def _non_negative(name: str, value: Any) -> None:
 
 def check_group(name: str) -> str:
     """Validate one ``trainable`` entry: a group, or ``group.modality`` for the projector groups."""
-    from anymodal.modality import MEDIA_MODALITIES
+    from anymodal.modality import media_modalities
 
     group, _, modality = name.partition(".")
     if group not in GROUPS:
@@ -52,7 +52,7 @@ def check_group(name: str) -> str:
     if modality:
         if group not in ("input_projectors", "output_projectors"):
             raise ValueError(f"training.trainable: only the projector groups take a modality, got {name!r}")
-        if modality not in {m.value for m in MEDIA_MODALITIES}:
+        if modality not in {m.value for m in media_modalities()}:
             raise ValueError(f"training.trainable: {name!r} names unknown modality {modality!r}")
     return name
 

@@ -33,8 +33,8 @@ import torch
 from torch.utils.data import Dataset
 
 from anymodal.media import MediaError
-from anymodal.modality import MEDIA_MODALITIES, Modality
-from anymodal.processor import PLACEHOLDERS, AnyModalProcessor, Message
+from anymodal.modality import Modality, media_modalities
+from anymodal.processor import AnyModalProcessor, Message
 
 logger = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ def _modality(value: Any, allowed: frozenset[Modality], what: str) -> Modality:
         m = Modality.parse(value)
     except ValueError as e:
         raise _Bad(str(e)) from None
-    if m not in MEDIA_MODALITIES:
+    if m not in media_modalities():
         raise _Bad(f"{m.value!r} is not a media modality")
     if m not in allowed:
         raise _Bad(f"this model cannot {what} {m.value} (it can {what} "
@@ -242,7 +242,7 @@ def _parse_dialogue(row: dict, line_no: int, root: Path, req: ManifestRequiremen
 
 
 def _parse_ref(item: dict, k: int, role: str, root: Path, req: ManifestRequirements) -> MediaRef:
-    keys = [m.value for m in MEDIA_MODALITIES if m.value in item]
+    keys = [m.value for m in media_modalities() if m.value in item]
     if len(keys) != 1:
         raise _Bad(f"messages[{k}]: a media object names exactly one modality key (image, audio or video), "
                    f"got {sorted(item)}")
@@ -344,12 +344,12 @@ class Collator:
             labels[i, sl] = torch.tensor(s.labels)
             mask[i, sl] = 1
         media = {m: torch.cat([t for s in samples for t in s.media.get(m, [])])
-                 for m in MEDIA_MODALITIES if any(s.media.get(m) for s in samples)}
+                 for m in media_modalities() if any(s.media.get(m) for s in samples)}
         targets: dict[Modality, dict[str, torch.Tensor]] = {}
         target_mask: dict[Modality, torch.Tensor] = {}
         denoise: dict[Modality, torch.Tensor] = {}
         denoise_index: dict[Modality, torch.Tensor] = {}
-        for m in MEDIA_MODALITIES:
+        for m in media_modalities():
             blocks = [t for s in samples for t in s.targets.get(m, [])]
             if blocks and any(b is not None for b in blocks):
                 ref = next(b for b in blocks if b is not None)
@@ -526,7 +526,7 @@ class SampleBuilder:
         tok = processor.tokenizer
         # Without a chat template nothing marks the end of an answer; EOS does (generation stops on it).
         self.eos = "" if getattr(tok, "chat_template", None) else (tok.eos_token or "")
-        self.reserved = [PLACEHOLDERS[m] for m in MEDIA_MODALITIES]
+        self.reserved = list(self.processor.placeholders.values())
         self.reserved += [s for m in processor.signal_tokens for s in processor.signal_strings[m]]
 
     def __call__(self, record: Record) -> Sample | BadRow:
@@ -544,7 +544,7 @@ class SampleBuilder:
         return "".join(self.processor.signal_strings[m])
 
     def _placeholder(self, m: Modality) -> str:
-        return PLACEHOLDERS[m] * self.processor.media_tokens.get(m, 1)
+        return m.spec.placeholder * self.processor.media_tokens.get(m, 1)
 
     def _check_text(self, text: str) -> str:
         for r in self.reserved:
