@@ -26,7 +26,7 @@ from ..modality import Modality
 from . import checkers, world
 
 DIRECTIONS = ("t2i", "t2a", "t2v", "i2t", "a2t", "v2t")
-# The fields each generation direction is judged on (the criteria).
+# The fields each generation direction is judged on (those its prompt leaves unsaid are skipped).
 HEADLINE_FIELDS = {"t2i": ("colour", "shape"), "t2a": ("note", "duration"), "t2v": ("direction",)}
 _MEDIA = {"t2i": Modality.IMAGE, "t2a": Modality.AUDIO, "t2v": Modality.VIDEO,
           "i2t": Modality.IMAGE, "a2t": Modality.AUDIO, "v2t": Modality.VIDEO}

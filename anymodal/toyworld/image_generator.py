@@ -121,15 +121,16 @@ def train_image_vae(out: Path, cfg: ImageGeneratorPhase, log: JsonlLog, control:
     """The ``image-vae`` phase: the image generator's ``AutoencoderKL`` (``image_generator.vae*``
     settings), saved to ``out / "image-vae"``. The image and video generators both encode with it.
 
-    A run directory whose ``image-generator`` finished before this phase existed already holds the
-    trained VAE (``image-generator/vae``): it is exported as it is, without training.
+    When the run directory's finished ``image-generator`` already holds a trained VAE
+    (``image-generator/vae``, from a run that trained the VAE inside that phase), that VAE is exported
+    as it is, without training, so the image generator and the exported VAE stay one and the same.
     """
     from diffusers import AutoencoderKL
 
-    older = out / "image-generator" / "vae"
-    if (older / "config.json").is_file():
-        vae = AutoencoderKL.from_pretrained(str(older))
-        log.write(stage="vae", event="exported", source=str(older))
+    in_generator = out / "image-generator" / "vae"
+    if (in_generator / "config.json").is_file():
+        vae = AutoencoderKL.from_pretrained(str(in_generator))
+        log.write(stage="vae", event="exported", source=str(in_generator))
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)

@@ -74,8 +74,43 @@ class _State:
                 "samples": self.samples, "bad_lines": sorted(self.bad_lines)}
 
 
-# Long by design: the numbered steps below share the run's state (accelerator, module, loader, schedule);
-# set-up, data and saving are helpers, and the loop reads top to bottom.
+@dataclass
+class _Run:
+    """One run's settings and prepared objects, shared by the steps of :func:`train`."""
+
+    tcfg: TrainingConfig
+    out: Path
+    accelerator: Any
+    log_with: str | None
+    manifest: Any
+    module: Any
+    optimizer: Any
+    loader: Any
+    scheduler: Any
+    params: list[torch.nn.Parameter]
+    total_steps: int
+    loss_names: list[str]
+    on_step: Callable[[int, dict[str, float]], None] | None
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
+@dataclass
+class _Tally:
+    """What the loop accumulates: the current optimiser step's micro-batches and this session's totals."""
+
+    progress: Any
+    result: TrainResult
+    bad_lines: set[int]
+    session_samples: int = 0
+    session_start: float = field(default_factory=time.perf_counter)
+    step_losses: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    step_samples: int = 0
+    last_time: float = field(default_factory=time.perf_counter)
+
+
 def train(config: str | os.PathLike | AnyModalConfig, data: str | os.PathLike, out: str | os.PathLike,
           training: TrainingConfig | str | os.PathLike | None = None, *, stage: int | None = None,
           max_steps: int | None = None, resume: bool = False, device: str | None = None,
@@ -94,139 +129,171 @@ def train(config: str | os.PathLike | AnyModalConfig, data: str | os.PathLike, o
         device: ``"cpu"`` forces CPU; otherwise accelerate chooses (GPU when present).
         on_step: called after every optimiser step (and checkpoint) with the step and its metrics.
     """
-    from accelerate.utils import set_seed
-
     tcfg = _training_config(training, stage=stage, max_steps=max_steps, **overrides)
     out = Path(out)
     accelerator, log_with = _accelerator(tcfg, out, device)
-    main = accelerator.is_main_process
+    latest = _prepare_run_dir(out, tcfg, resume, accelerator.is_main_process)  # 1. resume bookkeeping
+    pipe = _stage_pipeline(config, tcfg)  # 2. the pipeline
+    manifest, loader, denoisers = _data(pipe, tcfg, data, out, accelerator)  # 3. data
+    run = _prepare(pipe, tcfg, out, accelerator, log_with, manifest, loader, denoisers, on_step)  # 4. optimiser
+    state = _start(run, latest if resume else None)
+    tally = _loop(run, state)  # 5. the loop
+    final = _save_final(accelerator, run.module, pipe, config, tcfg, out)  # 6. save the trained pipeline
+    if log_with:
+        accelerator.end_training()
+    elapsed = time.perf_counter() - tally.session_start
+    result = tally.result
+    result.final_dir, result.steps, result.samples = final, state.step, state.samples
+    result.samples_per_s = tally.session_samples / elapsed if elapsed > 0 else 0.0
+    result.bad_rows = len(manifest.bad) + len(tally.bad_lines)
+    result.pipeline = pipe
+    return result
 
-    # 1. resume bookkeeping
-    latest = _prepare_run_dir(out, tcfg, resume, main)
 
-    # 2. the pipeline (random inits depend on the seed, so a resumed run rebuilds the same frozen weights)
+def _stage_pipeline(config: str | os.PathLike | AnyModalConfig, tcfg: TrainingConfig) -> Any:
+    """The pipeline to train. Random inits depend on the seed, so a resumed run rebuilds the same frozen weights."""
+    from accelerate.utils import set_seed
+
     from anymodal.pipeline import AnyModalPipeline
 
     set_seed(tcfg.seed)
-    pipe = AnyModalPipeline.from_pretrained(config)
+    return AnyModalPipeline.from_pretrained(config)
+
+
+def _prepare(pipe: Any, tcfg: TrainingConfig, out: Path, accelerator: Any, log_with: str | None, manifest: Any,
+             loader: Any, denoisers: dict, on_step: Callable[[int, dict[str, float]], None] | None) -> _Run:
+    """What trains, its optimiser and LR schedule, all prepared by accelerate."""
+    from transformers import get_scheduler
+
     outputs = list(pipe.generators)
-
-    # 3. data
-    manifest, loader, denoisers = _data(pipe, tcfg, data, out, accelerator)
-
-    # 4. what trains, the optimiser and the schedule
     module = setup_stage(pipe, tcfg, denoisers)
     params = [p for p in module.parameters() if p.requires_grad]
-    n_train = sum(p.numel() for p in params)
     optimizer = torch.optim.AdamW(params, lr=tcfg.learning_rate, betas=tuple(tcfg.adam_betas),
                                   weight_decay=tcfg.weight_decay)
     module, optimizer, loader = accelerator.prepare(module, optimizer, loader)
     steps_per_epoch = max(1, math.ceil(len(loader) / tcfg.gradient_accumulation_steps))
     total_steps = tcfg.max_steps or tcfg.num_epochs * steps_per_epoch
-    from transformers import get_scheduler
-
     # Not passed through prepare(): accelerate would step it once per process per step.
     scheduler = get_scheduler(tcfg.lr_scheduler, optimizer, num_warmup_steps=tcfg.warmup_steps,
                               num_training_steps=total_steps)
     # The scheduler is checkpointed by anymodal as JSON (accelerate would pickle it, and unpickle it
     # with weights_only=False on resume).
     accelerator.register_save_state_pre_hook(_only_trainable)
-
     loss_names = ["loss", "ce"] + [f"{kind}/{m.value}" for kind in ("align", "denoise") for m in outputs]
-    state = _State()
-    if resume and latest is not None:
-        load_checkpoint(accelerator, latest, scheduler)
-        state = _State(**json.loads((latest / STATE_NAME).read_text()))
-        if main:
-            logger.info("resumed from %s (step %d)", latest, state.step)
-    if main:
-        _trim_metrics(out / METRICS_NAME, state.step)
-        logger.info("stage %d: %d trainable parameters (%s); %d rows (%d bad); %d steps on %d process(es)",
-                    tcfg.stage, n_train, ", ".join(tcfg.trainable or []), manifest.total, len(manifest.bad),
-                    total_steps, accelerator.num_processes)
-    if log_with:
-        accelerator.init_trackers(f"anymodal-stage{tcfg.stage}", config=tcfg.to_dict())
+    return _Run(tcfg, out, accelerator, log_with, manifest, module, optimizer, loader, scheduler, params,
+                total_steps, loss_names, on_step)
 
-    # 5. the loop
-    progress = _progress(main and tcfg.progress, total_steps, state.step, tcfg.stage)
-    result = TrainResult(out, None, state.step, state.samples, device=str(accelerator.device))
-    bad_lines = set(state.bad_lines)
-    session_samples, session_start = 0, time.perf_counter()
-    step_losses: list[dict[str, torch.Tensor]] = []
-    step_samples = 0
-    last_time = time.perf_counter()
-    while state.step < total_steps:
-        loader.set_epoch(state.epoch)
-        epoch_loader = loader
-        if state.batch_in_epoch:
-            epoch_loader = accelerator.skip_first_batches(loader, state.batch_in_epoch)
-            epoch_loader.set_epoch(state.epoch)
-        for batch in epoch_loader:
-            state.batch_in_epoch += 1
-            state.micro += 1
-            torch.manual_seed((tcfg.seed * 1_000_003 + state.micro) * 4099 + accelerator.process_index)
-            new_bad = _gather_bad(accelerator, batch.bad)
-            if new_bad:
-                fresh = [b for b in new_bad if b.line not in bad_lines]
-                bad_lines.update(b.line for b in new_bad)
-                if main:
-                    for b in fresh:
-                        logger.warning("%s:%d: %s; row skipped", manifest.path, b.line, b.reason)
-                manifest.check(tcfg.max_bad_fraction, runtime_bad=len(bad_lines))
-            with accelerator.accumulate(module):
-                losses = module(batch)
-                accelerator.backward(losses["loss"])
-                if accelerator.sync_gradients and tcfg.max_grad_norm is not None:
-                    accelerator.clip_grad_norm_(params, tcfg.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            if batch.size:  # an all-bad batch steps with a zero loss (processes stay in step) but is not logged
-                step_losses.append({k: v.detach() for k, v in losses.items()})
-            step_samples += batch.size
-            if not accelerator.sync_gradients:
+
+def _start(run: _Run, latest: Path | None) -> _State:
+    """The loop's starting state: fresh, or restored from ``latest``; logs what the run will do."""
+    tcfg = run.tcfg
+    state = _State()
+    if latest is not None:
+        load_checkpoint(run.accelerator, latest, run.scheduler)
+        state = _State(**json.loads((latest / STATE_NAME).read_text()))
+        if run.main:
+            logger.info("resumed from %s (step %d)", latest, state.step)
+    if run.main:
+        _trim_metrics(run.out / METRICS_NAME, state.step)
+        logger.info("stage %d: %d trainable parameters (%s); %d rows (%d bad); %d steps on %d process(es)",
+                    tcfg.stage, sum(p.numel() for p in run.params), ", ".join(tcfg.trainable or []),
+                    run.manifest.total, len(run.manifest.bad), run.total_steps, run.accelerator.num_processes)
+    if run.log_with:
+        run.accelerator.init_trackers(f"anymodal-stage{tcfg.stage}", config=tcfg.to_dict())
+    return state
+
+
+def _loop(run: _Run, state: _State) -> _Tally:
+    """Step the optimiser until ``total_steps``, epoch after epoch, from wherever ``state`` stands."""
+    tally = _Tally(progress=_progress(run.main and run.tcfg.progress, run.total_steps, state.step, run.tcfg.stage),
+                   result=TrainResult(run.out, None, state.step, state.samples, device=str(run.accelerator.device)),
+                   bad_lines=set(state.bad_lines))
+    while state.step < run.total_steps:
+        for batch in _epoch_batches(run, state):
+            _micro_step(run, state, tally, batch)
+            if not run.accelerator.sync_gradients:
                 continue
-            scheduler.step()
-            state.step += 1
-            metrics, n = _reduce(accelerator, step_losses, loss_names, step_samples)
-            now = time.perf_counter()
-            state.samples += n
-            session_samples += n
-            metrics.update(step=state.step, epoch=state.epoch, lr=scheduler.get_last_lr()[0], samples=state.samples,
-                           samples_per_s=n / max(now - last_time, 1e-9), bad_rows=len(manifest.bad) + len(bad_lines))
-            last_time = now
-            step_losses, step_samples = [], 0
-            result.losses.append(metrics.get("loss", float("nan")))
-            if main and state.step % tcfg.log_every == 0:
-                _append_metrics(out / METRICS_NAME, metrics)
-            if log_with:
-                accelerator.log({k: v for k, v in metrics.items() if isinstance(v, float)}, step=state.step)
-            if progress is not None:
-                progress.update(1)
-                progress.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}",
-                                     samples_s=f"{metrics['samples_per_s']:.1f}")
-            if tcfg.save_every and state.step % tcfg.save_every == 0 and state.step < total_steps:
-                state.bad_lines = sorted(bad_lines)
-                save_checkpoint(accelerator, out, state, tcfg.keep_checkpoints, scheduler)
-            if on_step is not None:
-                on_step(state.step, metrics)
-            if state.step >= total_steps:
+            _optimiser_step(run, state, tally)
+            if state.step >= run.total_steps:
                 break
         else:
             state.epoch += 1
             state.batch_in_epoch = 0
-    if progress is not None:
-        progress.close()
+    if tally.progress is not None:
+        tally.progress.close()
+    return tally
 
-    # 6. save the trained pipeline
-    final = _save_final(accelerator, module, pipe, config, tcfg, out)
-    if log_with:
-        accelerator.end_training()
-    elapsed = time.perf_counter() - session_start
-    result.final_dir, result.steps, result.samples = final, state.step, state.samples
-    result.samples_per_s = session_samples / elapsed if elapsed > 0 else 0.0
-    result.bad_rows = len(manifest.bad) + len(bad_lines)
-    result.pipeline = pipe
-    return result
+
+def _epoch_batches(run: _Run, state: _State) -> Any:
+    """The current epoch's loader, past the micro-batches a resumed run already consumed."""
+    run.loader.set_epoch(state.epoch)
+    if not state.batch_in_epoch:
+        return run.loader
+    rest = run.accelerator.skip_first_batches(run.loader, state.batch_in_epoch)
+    rest.set_epoch(state.epoch)
+    return rest
+
+
+def _micro_step(run: _Run, state: _State, tally: _Tally, batch: Any) -> None:
+    """Forward and backward one micro-batch; the optimiser steps when accelerate syncs the gradients."""
+    accelerator = run.accelerator
+    state.batch_in_epoch += 1
+    state.micro += 1
+    torch.manual_seed((run.tcfg.seed * 1_000_003 + state.micro) * 4099 + accelerator.process_index)
+    _note_bad_rows(run, tally.bad_lines, batch.bad)
+    with accelerator.accumulate(run.module):
+        losses = run.module(batch)
+        accelerator.backward(losses["loss"])
+        if accelerator.sync_gradients and run.tcfg.max_grad_norm is not None:
+            accelerator.clip_grad_norm_(run.params, run.tcfg.max_grad_norm)
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    if batch.size:  # an all-bad batch steps with a zero loss (processes stay in step) but is not logged
+        tally.step_losses.append({k: v.detach() for k, v in losses.items()})
+    tally.step_samples += batch.size
+
+
+def _note_bad_rows(run: _Run, bad_lines: set[int], bad: list) -> None:
+    """Warn once about each row no process could read, and fail the run past ``max_bad_fraction``."""
+    new_bad = _gather_bad(run.accelerator, bad)
+    if not new_bad:
+        return
+    fresh = [b for b in new_bad if b.line not in bad_lines]
+    bad_lines.update(b.line for b in new_bad)
+    if run.main:
+        for b in fresh:
+            logger.warning("%s:%d: %s; row skipped", run.manifest.path, b.line, b.reason)
+    run.manifest.check(run.tcfg.max_bad_fraction, runtime_bad=len(bad_lines))
+
+
+def _optimiser_step(run: _Run, state: _State, tally: _Tally) -> None:
+    """After an optimiser step: the schedule, the step's metrics and logs, a checkpoint when due, ``on_step``."""
+    tcfg = run.tcfg
+    run.scheduler.step()
+    state.step += 1
+    metrics, n = _reduce(run.accelerator, tally.step_losses, run.loss_names, tally.step_samples)
+    now = time.perf_counter()
+    state.samples += n
+    tally.session_samples += n
+    metrics.update(step=state.step, epoch=state.epoch, lr=run.scheduler.get_last_lr()[0], samples=state.samples,
+                   samples_per_s=n / max(now - tally.last_time, 1e-9),
+                   bad_rows=len(run.manifest.bad) + len(tally.bad_lines))
+    tally.last_time = now
+    tally.step_losses, tally.step_samples = [], 0
+    tally.result.losses.append(metrics.get("loss", float("nan")))
+    if run.main and state.step % tcfg.log_every == 0:
+        _append_metrics(run.out / METRICS_NAME, metrics)
+    if run.log_with:
+        run.accelerator.log({k: v for k, v in metrics.items() if isinstance(v, float)}, step=state.step)
+    if tally.progress is not None:
+        tally.progress.update(1)
+        tally.progress.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}",
+                                   samples_s=f"{metrics['samples_per_s']:.1f}")
+    if tcfg.save_every and state.step % tcfg.save_every == 0 and state.step < run.total_steps:
+        state.bad_lines = sorted(tally.bad_lines)
+        save_checkpoint(run.accelerator, run.out, state, tcfg.keep_checkpoints, run.scheduler)
+    if run.on_step is not None:
+        run.on_step(state.step, metrics)
 
 
 def _accelerator(tcfg: TrainingConfig, out: Path, device: str | None) -> tuple[Any, str | None]:
@@ -457,7 +524,7 @@ def load_checkpoint(accelerator: Any, path: Path, scheduler: Any) -> None:
             sched = json.loads((path / SCHEDULER_NAME).read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"checkpoint file {path / SCHEDULER_NAME} is not valid JSON: {e}") from None
-    elif (path / "custom_checkpoint_0.pkl").is_file():  # written by anymodal before scheduler.json
+    elif (path / "custom_checkpoint_0.pkl").is_file():  # the scheduler as accelerate's custom-state pickle
         sched = _safe_load(path / "custom_checkpoint_0.pkl")
     else:
         raise ValueError(f"checkpoint {path} has no {SCHEDULER_NAME}")

@@ -542,7 +542,6 @@ def _remove(paths: Sequence[Path]) -> None:
 
 
 # ==================================================================== the app
-# Long by design: the route handlers below are short closures over this app's store and limits.
 def create_app(pipe, media_dir: str | Path | None = None, seed: int | None = 0,
                max_new_tokens: int | None = None, allowed_hosts: Sequence[str] = LOCAL_HOSTS,
                limits: UploadLimits | None = None, max_sessions: int = 64) -> Starlette:
@@ -552,18 +551,50 @@ def create_app(pipe, media_dir: str | Path | None = None, seed: int | None = 0,
     media_root.mkdir(parents=True, exist_ok=True)
     store = SessionStore(pipe, media_root, seed=seed, max_new_tokens=max_new_tokens, max_sessions=max_sessions)
     limits = limits or UploadLimits()
-    accepts = sorted(m.value for m in pipe.config.input_projectors)
+    h = _Handlers(pipe, store, limits, media_root)
+    routes = [
+        Route("/", h.page),
+        Route("/static/page.js", h.script),
+        Route("/static/page.css", h.style),
+        Route("/api/sessions", h.new_session, methods=["POST"]),
+        Route("/api/sessions/{sid}", h.history),
+        Route("/api/sessions/{sid}/send", h.send, methods=["POST"]),
+        Route("/media/{sid}/{name}", h.media),
+    ]
+    app = Starlette(routes=routes, exception_handlers={404: _no_route, 405: _no_route})
+    app.state.store = store
+    app.state.limits = limits
+    app.add_middleware(_Guard, allowed_hosts=list(allowed_hosts))
+    return app
 
-    async def page(request: Request) -> Response:
-        return HTMLResponse(PAGE_HTML.replace("__ACCEPTS__", ",".join(accepts)))
 
-    async def script(request: Request) -> Response:
+async def _no_route(request: Request, exc: Exception) -> Response:
+    status = getattr(exc, "status_code", 404)
+    if status == 405:
+        return _error(405, f"{request.method} is not allowed on {request.url.path[:100]}")
+    return _error(status, "not found")
+
+
+class _Handlers:
+    """The app's route handlers, over its session store, upload limits and media directory."""
+
+    def __init__(self, pipe: Any, store: SessionStore, limits: UploadLimits, media_root: Path) -> None:
+        self.pipe = pipe
+        self.store = store
+        self.limits = limits
+        self.media_root = media_root
+        self.accepts = sorted(m.value for m in pipe.config.input_projectors)
+
+    async def page(self, request: Request) -> Response:
+        return HTMLResponse(PAGE_HTML.replace("__ACCEPTS__", ",".join(self.accepts)))
+
+    async def script(self, request: Request) -> Response:
         return Response(PAGE_JS, media_type="text/javascript")
 
-    async def style(request: Request) -> Response:
+    async def style(self, request: Request) -> Response:
         return Response(PAGE_CSS, media_type="text/css")
 
-    async def new_session(request: Request) -> Response:
+    async def new_session(self, request: Request) -> Response:
         body = b""
         async for chunk in request.stream():
             body += chunk
@@ -579,70 +610,73 @@ def create_app(pipe, media_dir: str | Path | None = None, seed: int | None = 0,
             if options:
                 return _error(400, f"unknown option(s) {', '.join(sorted(map(repr, options)))[:200]}; "
                                    "POST /api/sessions takes none")
-        return JSONResponse({"id": store.create(), "accepts": accepts})
+        return JSONResponse({"id": self.store.create(), "accepts": self.accepts})
 
-    async def history(request: Request) -> Response:
-        with store.use(request.path_params["sid"]) as web:
+    async def history(self, request: Request) -> Response:
+        with self.store.use(request.path_params["sid"]) as web:
             if web is None:
                 return _error(404, "no such session (the server may have restarted)")
             # no web.lock here: a send holds it while the model runs, and this runs on the event loop
             return JSONResponse({"turns": [_turn_json(t, m) for t, m in zip(web.chat.turns, web.turn_media)]})
 
-    async def send(request: Request) -> Response:
+    async def send(self, request: Request) -> Response:
         sid = request.path_params["sid"]
-        with store.use(sid) as web:
+        with self.store.use(sid) as web:
             if web is None:
                 return _error(404, "no such session (the server may have restarted)")
             uploads: list[_Upload] = []
             try:
-                return await _send(request, sid, web, uploads)
+                return await self._send(request, sid, web, uploads)
             except HTTPRefusal as e:
-                return _error(e.status, _hide_paths(str(e), uploads, media_root))
+                return _error(e.status, _hide_paths(str(e), uploads, self.media_root))
             except ClientDisconnect:
                 return _error(400, "the client went away during the upload")
             finally:
                 if not all(up.path.name in web.files for up in uploads):  # refused: keep none of them
                     _remove([up.path for up in uploads])
 
-    async def _send(request: Request, sid: str, web: _WebSession, uploads: list[_Upload]) -> Response:
+    async def _send(self, request: Request, sid: str, web: _WebSession, uploads: list[_Upload]) -> Response:
+        """Read the form into ``uploads``, keep each upload under its decoded kind, and generate the reply."""
         batch = uuid.uuid4().hex[:8]  # concurrent sends to one session must not share file names
-        text = await _read_form(request, web.directory, batch, limits, uploads)
+        text = await _read_form(request, web.directory, batch, self.limits, uploads)
         counts: dict[str, int] = {}
         shown: list[str] = []
         for up in uploads:
-            if _UPLOAD_KINDS[up.kind] not in pipe.config.input_projectors:
-                raise HTTPRefusal(400, f"this model takes no {up.kind} input (it takes {', '.join(accepts) or 'text only'})")
-            ext, show = await run_in_threadpool(_identify, up, limits)
+            if _UPLOAD_KINDS[up.kind] not in self.pipe.config.input_projectors:
+                raise HTTPRefusal(400, f"this model takes no {up.kind} input "
+                                       f"(it takes {', '.join(self.accepts) or 'text only'})")
+            ext, show = await run_in_threadpool(_identify, up, self.limits)
             final = web.directory / f"{batch}_user_{up.kind}_{counts.get(up.kind, 0)}.{ext}"
             counts[up.kind] = counts.get(up.kind, 0) + 1
             up.path.rename(final)
             up.path = final
             shown.append(show)
-        paths = {m: [str(up.path) for up in uploads if up.kind == k] for k, m in _UPLOAD_KINDS.items()}
-
-        def generate() -> dict[str, Any]:
-            with store.pinned(web), web.lock, store.generate_lock:
-                reply = web.chat.send(text, images=paths[Modality.IMAGE] or None, audios=paths[Modality.AUDIO] or None,
-                                      videos=paths[Modality.VIDEO] or None)
-                user_media = [web.add_file(sid, up.path, show) for up, show in zip(uploads, shown)]
-                reply_media = _write_generated(web, sid, len(web.chat.turns), reply)
-                web.turn_media += [user_media, reply_media]
-                web.saved = False
-                try:
-                    store.save(sid, web)
-                    web.saved = True
-                except OSError as e:  # the previous save stays whole; the conversation goes on in memory
-                    logger.warning("cannot save session %s: %s", sid, e)
-                return {"user": _turn_json(web.chat.turns[-2], user_media), "reply": _turn_json(reply, reply_media)}
-
         try:
-            return JSONResponse(await run_in_threadpool(generate))
+            return JSONResponse(await run_in_threadpool(self._reply, sid, web, text, uploads, shown))
         except (ValueError, TypeError, OSError) as e:  # MediaError is a ValueError
             raise HTTPRefusal(400, str(e)) from None
 
-    async def media(request: Request) -> Response:
+    def _reply(self, sid: str, web: _WebSession, text: str, uploads: list[_Upload], shown: list[str]
+               ) -> dict[str, Any]:
+        """One turn of the conversation (in a worker thread, one at a time), saved with its media."""
+        paths = {m: [str(up.path) for up in uploads if up.kind == k] for k, m in _UPLOAD_KINDS.items()}
+        with self.store.pinned(web), web.lock, self.store.generate_lock:
+            reply = web.chat.send(text, images=paths[Modality.IMAGE] or None, audios=paths[Modality.AUDIO] or None,
+                                  videos=paths[Modality.VIDEO] or None)
+            user_media = [web.add_file(sid, up.path, show) for up, show in zip(uploads, shown)]
+            reply_media = _write_generated(web, sid, len(web.chat.turns), reply)
+            web.turn_media += [user_media, reply_media]
+            web.saved = False
+            try:
+                self.store.save(sid, web)
+                web.saved = True
+            except OSError as e:  # the previous save stays whole; the conversation goes on in memory
+                logger.warning("cannot save session %s: %s", sid, e)
+            return {"user": _turn_json(web.chat.turns[-2], user_media), "reply": _turn_json(reply, reply_media)}
+
+    async def media(self, request: Request) -> Response:
         name = request.path_params["name"]
-        with store.use(request.path_params["sid"]) as web:
+        with self.store.use(request.path_params["sid"]) as web:
             path = web.files.get(name) if web is not None else None
             if path is None or not path.is_file():
                 return _error(404, "not found")
@@ -650,30 +684,9 @@ def create_app(pipe, media_dir: str | Path | None = None, seed: int | None = 0,
             headers = {"Content-Security-Policy": MEDIA_CSP, "Cache-Control": "private, max-age=3600"}
             if ext in MEDIA_TYPES:
                 return FileResponse(path, media_type=MEDIA_TYPES[ext], headers=headers, content_disposition_type="inline")
-            # a file of an older session, kept under the sender's extension: never rendered
+            # any other extension (a file kept under its sender's extension): a download, never rendered
             return FileResponse(path, media_type="application/octet-stream", headers=headers, filename=name,
                                 content_disposition_type="attachment")
-
-    routes = [
-        Route("/", page),
-        Route("/static/page.js", script),
-        Route("/static/page.css", style),
-        Route("/api/sessions", new_session, methods=["POST"]),
-        Route("/api/sessions/{sid}", history),
-        Route("/api/sessions/{sid}/send", send, methods=["POST"]),
-        Route("/media/{sid}/{name}", media),
-    ]
-    async def no_route(request: Request, exc: Exception) -> Response:
-        status = getattr(exc, "status_code", 404)
-        if status == 405:
-            return _error(405, f"{request.method} is not allowed on {request.url.path[:100]}")
-        return _error(status, "not found")
-
-    app = Starlette(routes=routes, exception_handlers={404: no_route, 405: no_route})
-    app.state.store = store
-    app.state.limits = limits
-    app.add_middleware(_Guard, allowed_hosts=list(allowed_hosts))
-    return app
 
 
 def _hide_paths(message: str, uploads: Sequence[_Upload], media_root: Path) -> str:
