@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
+from .commands import add_model_args, load_pipeline
 from .inputs import check_medium, check_seed, check_text
 from .media import MediaError
 from .modality import Modality, media_modalities
@@ -665,12 +666,10 @@ class Summary:
 
 
 # ==================================================================== CLI
-def _batch_args(p: argparse.ArgumentParser) -> None:
-    from .cli import _model_args
-
+def batch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", help="a JSONL file: one {\"id\", \"prompt\", ...} object per line")
     p.add_argument("--out", required=True, help="output directory (results.jsonl and outputs/)")
-    _model_args(p)
+    add_model_args(p)
     p.add_argument("--batch-size", type=int, default=8, help="rows per pipeline call (default 8)")
     p.add_argument("--seed", type=int, default=0, help="seed of rows that give none (default 0)")
     p.add_argument("--max-new-tokens", type=int, default=None,
@@ -679,10 +678,8 @@ def _batch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
-def _batch(args: argparse.Namespace) -> int:
+def batch_command(args: argparse.Namespace) -> int:
     import torch
-
-    from .cli import load_pipeline
 
     input_path = Path(args.input)
     if not input_path.is_file():
@@ -748,12 +745,3 @@ def _distributed_state():
                            "refusing to run so that processes do not write the same rows")
     return state
 
-
-def _register() -> None:
-    from .cli import command
-
-    command("batch", "generate for every row of a JSONL file (resumable; shards under accelerate launch)")(
-        _batch_args)(_batch)
-
-
-_register()

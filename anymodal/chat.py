@@ -1,6 +1,7 @@
 """``anymodal chat``: a multi-turn conversation in the terminal over a :class:`~anymodal.session.ChatSession`.
 
-A command module of the CLI (``anymodal.cli`` imports it); the session library itself knows nothing of it.
+A command module: ``anymodal.cli`` imports it when ``anymodal chat`` runs; the session library itself knows
+nothing of it.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
+from .commands import add_model_args, load_pipeline, write_outputs
 from .modality import Modality, media_modalities
 from .session import ChatSession, Turn
 
@@ -18,10 +20,8 @@ CHAT_HELP = """Type a message and press Enter. Commands:
   /help         show this help                           /quit         leave (also Ctrl-D)"""
 
 
-def _chat_args(p: argparse.ArgumentParser) -> None:
-    from .cli import _model_args
-
-    _model_args(p)
+def chat_args(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
     p.add_argument("--out", default=None, help="directory for generated media (default: a new temporary directory)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first reply; reply n uses seed + n (default 0)")
     p.add_argument("--system", default=None, help="a system prompt")
@@ -29,10 +29,8 @@ def _chat_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=None)
 
 
-def _chat(args: argparse.Namespace) -> int:
+def chat_command(args: argparse.Namespace) -> int:
     import sys
-
-    from .cli import load_pipeline, write_outputs
 
     pipe = load_pipeline(args.model, args.config, args.device)
     if args.load:
@@ -85,25 +83,16 @@ def _chat(args: argparse.Namespace) -> int:
         finally:
             attached = {}
         print(f"anymodal> {reply.text}")
-        written = _write_reply(reply, out_dir, len(session.turns) // 2, write_outputs)
+        written = _write_reply(reply, out_dir, len(session.turns) // 2)
         for kind, paths in written.items():
             for p in paths:
                 print(f"{kind}: {p}")
 
 
-def _write_reply(reply: Turn, out_dir: Path, number: int, write_outputs) -> dict[str, list[str]]:
+def _write_reply(reply: Turn, out_dir: Path, number: int) -> dict[str, list[str]]:
     from .pipeline import AnyModalOutput
 
     out = AnyModalOutput([reply.text], media={m: [items] for m, items in reply.media.items()})
     written = write_outputs(out, 0, out_dir, stem=f"turn{number:03d}")
     written.pop("text", None)
     return written
-
-
-def _register() -> None:
-    from .cli import command
-
-    command("chat", "a multi-turn conversation in the terminal; /image, /audio attach files")(_chat_args)(_chat)
-
-
-_register()

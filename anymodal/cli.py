@@ -1,150 +1,77 @@
-"""The ``anymodal`` command. Each subcommand is a typed function; ``main`` only parses arguments."""
+"""The ``anymodal`` command: one table of subcommands, and ``main``, which parses the arguments and runs one.
+
+Each subcommand is two plain functions in some module of the package, ``add_args(parser)`` and
+``run(args) -> int``. This module imports a subcommand's module only when that subcommand is
+chosen, so ``anymodal generate`` does not import the training, toy-world or web-UI code, and
+``anymodal --help`` lists every subcommand from the table alone. No module of the package imports
+this one: to add a subcommand, write its two functions and add a row to ``COMMANDS``.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
 import os
 import sys
-from pathlib import Path
-from typing import Callable, Sequence
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
 
 
-COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]] = {}
+@dataclass(frozen=True)
+class Subcommand:
+    """Where a subcommand's functions live (``module.add_args``, ``module.run``), and its one-line help."""
+
+    module: str
+    add_args: str
+    run: str
+    help: str
+
+    def functions(self) -> tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]:
+        mod = importlib.import_module(self.module)
+        return getattr(mod, self.add_args), getattr(mod, self.run)
 
 
-def command(name: str, help: str):
-    """Register a subcommand: ``add_args(parser)`` declares its arguments, the function runs it."""
-
-    def wrap(add_args):
-        def deco(fn):
-            COMMANDS[name] = (add_args, fn, help)
-            return fn
-
-        return deco
-
-    return wrap
-
-
-def _model_args(p: argparse.ArgumentParser) -> None:
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", help="a saved pipeline directory, or a LLaVA / BLIP-2 / InstructBLIP checkpoint folder "
-                                     "(default: the model shipped with anymodal)")
-    src.add_argument("--config", help="a YAML config file or a shipped config name (see `anymodal configs`)")
-    p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cpu)")
-    p.add_argument("--allow-pickle", action="store_true",
-                   help="also load pickle weights (pytorch_model.bin, ...): UNSAFE, pickle files can run code; "
-                        "only for files you trust (default: safetensors only)")
-
-
-def load_pipeline(model: str | None, config: str | None, device: str | None):
-    from .pipeline import AnyModalPipeline
-
-    if config is not None:
-        return AnyModalPipeline.from_pretrained(config, device=device)
-    return AnyModalPipeline.from_pretrained(model, device=device)
+# In the order `anymodal --help` lists them.
+COMMANDS: dict[str, Subcommand] = {
+    "generate": Subcommand("anymodal.commands", "generate_args", "generate_command",
+                           "generate text and media for one prompt"),
+    "configs": Subcommand("anymodal.commands", "configs_args", "configs_command",
+                          "list the configs shipped with anymodal"),
+    "info": Subcommand("anymodal.commands", "info_args", "info_command",
+                       "validate a config (schema and component types) and print it; no weights are loaded"),
+    "train": Subcommand("anymodal.training.cli", "train_args", "train_command",
+                        "train one stage (1, 2 or 3) of a pipeline under accelerate"),
+    "merge-lora": Subcommand("anymodal.training.cli", "merge_lora_args", "merge_lora_command",
+                             "fold a trained LoRA adapter into the LLM and save a plain pipeline"),
+    "batch": Subcommand("anymodal.batch", "batch_args", "batch_command",
+                        "generate for every row of a JSONL file (resumable; shards under accelerate launch)"),
+    "chat": Subcommand("anymodal.chat", "chat_args", "chat_command",
+                       "a multi-turn conversation in the terminal; /image, /audio attach files"),
+    "serve": Subcommand("anymodal.ui.cli", "serve_args", "serve_command",
+                        "a chat web UI for the model (binds to 127.0.0.1 by default)"),
+    "toyworld": Subcommand("anymodal.toyworld.cli", "toyworld_args", "toyworld_command",
+                           "the synthetic toy world: train its components and ship the result "
+                           "(`anymodal toyworld train --help`, `anymodal toyworld ship --help`)"),
+    "eval": Subcommand("anymodal.toyworld.evaluate", "eval_args", "eval_command",
+                       "score a model on toy-world prompts with analytic checkers"),
+    "convert": Subcommand("anymodal.convert", "convert_args", "convert_command",
+                          "convert a released checkpoint of another system to an anymodal pipeline directory"),
+}
 
 
-def write_outputs(out, index: int, directory: Path, stem: str = "", video_format: str = "gif",
-                  fps: int = 8) -> dict[str, list[str]]:
-    """Write prompt ``index`` of an ``AnyModalOutput`` to files named ``[stem_]text.txt``,
-    ``[stem_]image_0.png``..., never overwriting a file; return their paths by kind."""
-    from .outputs import media_suffixes, unique_path, write_output
-
-    prefix = f"{stem}_" if stem else ""
-    written = write_output(out, index, directory, name=lambda d, s, suffix: unique_path(d, prefix + s, suffix),
-                           suffixes=media_suffixes(video_format), fps=fps)
-    return {kind: [str(p) for p in paths] for kind, paths in written.items()}
-
-
-def _generate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("prompt", help="the prompt; <image>/<audio>/<video> mark where input media go")
-    _model_args(p)
-    p.add_argument("--image", action="append", default=[], metavar="FILE", help="an input image (repeatable)")
-    p.add_argument("--audio", action="append", default=[], metavar="FILE", help="an input audio file (repeatable)")
-    p.add_argument("--video", action="append", default=[], metavar="FILE", help="an input video file (repeatable)")
-    p.add_argument("--out", required=True, help="directory for the text, PNG, WAV and video files")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--max-new-tokens", type=int, default=None)
-    p.add_argument("--steps", type=int, default=None, help="diffusion steps for every generated medium")
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
-    p.add_argument("--video-format", choices=["gif", "mp4"], default="gif")
-
-
-@command("generate", "generate text and media for one prompt")(_generate_args)
-def generate(args: argparse.Namespace) -> int:
-    pipe = load_pipeline(args.model, args.config, args.device)
-    overrides = {}
-    if args.steps is not None:
-        overrides["num_inference_steps"] = args.steps
-    if args.guidance is not None:
-        overrides["guidance_scale"] = args.guidance
-    settings = {m: dict(overrides) for m in pipe.generators} if overrides else None
-    out = pipe(args.prompt, images=args.image or None, audios=args.audio or None, videos=args.video or None,
-               max_new_tokens=args.max_new_tokens, settings=settings, seed=args.seed, progress=True)
-    written = write_outputs(out, 0, Path(args.out), video_format=args.video_format)
-    print(out.text[0])
-    for kind, paths in written.items():
-        for p in paths:
-            print(f"{kind}: {p}")
-    return 0
-
-
-@command("configs", "list the configs shipped with anymodal")(lambda p: None)
-def configs(args: argparse.Namespace) -> int:
-    from .pipeline import list_configs, shipped_config
-
-    for name in list_configs():
-        print(f"{name}\t{shipped_config(name)}")
-    return 0
-
-
-def _info_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="a YAML config file or a shipped config name")
-
-
-@command("info", "validate a config (schema and component types) and print it; no weights are loaded")(_info_args)
-def info(args: argparse.Namespace) -> int:
-    from .config import AnyModalConfig
-    from .pipeline import shipped_config
-    from .registry import check_component_types, load_plugins
-
-    path = Path(args.config) if Path(args.config).is_file() else shipped_config(args.config)
-    if path is None:
-        raise FileNotFoundError(f"no config file or shipped config named {args.config!r}")
-    cfg = AnyModalConfig.from_yaml(path)
-    problems = check_component_types(cfg)
-    if problems:
-        raise ValueError(f"{path}: " + "\n  ".join(["unknown component types:", *problems]))
-    print(json.dumps(cfg.to_dict(), indent=2))
-    plugins = load_plugins()
-    if plugins:  # stderr, so that stdout stays the config as JSON
-        print(f"plugins loaded: {', '.join(plugins)}", file=sys.stderr)
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    _load_subcommand_modules()
+def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentParser:
+    """The parser of every subcommand; only those in ``commands`` (default: all) get their arguments,
+    which imports their modules."""
+    wanted = set(COMMANDS if commands is None else commands)
     parser = argparse.ArgumentParser(prog="anymodal", description="Any-to-any multimodal generation.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, (add_args, fn, help_) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_, description=help_)
-        add_args(p)
-        p.set_defaults(_fn=fn)
+    for name, cmd in COMMANDS.items():
+        p = sub.add_parser(name, help=cmd.help, description=cmd.help)
+        if name in wanted:
+            add_args, run = cmd.functions()
+            add_args(p)
+            p.set_defaults(_fn=run)
     return parser
-
-
-def _load_subcommand_modules() -> None:
-    """Subcommands defined in other modules register themselves on import."""
-    import importlib
-
-    for mod in ("anymodal.training.cli", "anymodal.batch", "anymodal.chat", "anymodal.ui.cli", "anymodal.toyworld.cli",
-                "anymodal.toyworld.evaluate", "anymodal.convert"):
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name is None or not mod.startswith(e.name):
-                raise
 
 
 def _quiet_loading() -> None:
@@ -161,7 +88,11 @@ def _quiet_loading() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _quiet_loading()
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # The subcommand is the first argument (the top level has no options but --help); a name that is
+    # not in the table gets argparse's "invalid choice" error, listing the table.
+    chosen = argv[:1] if argv and argv[0] in COMMANDS else []
+    args = build_parser(chosen).parse_args(argv)
     from .loading import pickle_allowed
 
     try:

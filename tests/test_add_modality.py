@@ -82,7 +82,7 @@ def test_depth_in_and_out_of_the_pipeline(depth, pipe, tmp_path):
     batch = pipe(["a", "b"], depths=[given, None], seed=0, **_force_depth(pipe))
     assert [len(x) for x in batch.depths] == [1, 1]
 
-    from anymodal.cli import write_outputs
+    from anymodal.commands import write_outputs
 
     written = write_outputs(out, 0, tmp_path / "out")
     assert [Path(p).name for p in written["depth"]] == ["depth_0.npy"]

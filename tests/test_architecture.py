@@ -52,6 +52,7 @@ def _first_occurrences(calls: list[str]) -> list[str]:
 
 def test_the_path_of_one_prompt(saved_taught, tmp_path, monkeypatch):
     import anymodal.cli as cli
+    import anymodal.commands as commands
     import anymodal.generation as generation
     import anymodal.pipeline as pipeline
     from anymodal.encoders.imagebind import ImageBindEncoder
@@ -61,7 +62,8 @@ def test_the_path_of_one_prompt(saved_taught, tmp_path, monkeypatch):
 
     calls: list[str] = []
     steps = [  # docs/architecture.md, "The path of one prompt", in order
-        (cli, "load_pipeline", "1 load_pipeline"),
+        (commands, "generate_command", "1 generate_command"),
+        (commands, "load_pipeline", "1 load_pipeline"),
         (pipeline.AnyModalPipeline, "from_pretrained", "1 from_pretrained"),
         (pipeline.AnyModalPipeline, "__call__", "2 __call__"),
         (pipeline, "_rows_of_media", "2 _rows_of_media"),
@@ -79,7 +81,7 @@ def test_the_path_of_one_prompt(saved_taught, tmp_path, monkeypatch):
         (AnyModalProcessor, "split_output", "5 split_output"),
         (AnyModalModel, "project_signal", "6 project_signal"),
         (StableDiffusionGenerator, "generate", "7 generator.generate"),
-        (cli, "write_outputs", "8 write_outputs"),
+        (commands, "write_outputs", "8 write_outputs"),
     ]
     for owner, name, label in steps:
         _record(monkeypatch, calls, owner, name, label)

@@ -272,9 +272,10 @@ def test_killed_process_resumes_without_loss_or_duplicates(saved, tmp_path):
 
 # ---------------------------------------------------------------- CLI and scale-out
 def test_cli_summary_and_errors(pipe, tmp_path, monkeypatch, capsys):
+    import anymodal.batch as batch
     import anymodal.cli as cli
 
-    monkeypatch.setattr(cli, "load_pipeline", lambda *a: pipe)
+    monkeypatch.setattr(batch, "load_pipeline", lambda *a: pipe)
     inp = write_rows(tmp_path / "rows.jsonl", [{"id": "a", "prompt": "draw a cat"}, {"id": "b", "prompt": ""}])
     assert cli.main(["batch", str(inp), "--out", str(tmp_path / "o"), "--config", "tiny", "--no-progress"]) == 0
     out = capsys.readouterr().out

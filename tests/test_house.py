@@ -113,3 +113,11 @@ def test_the_graph_sees_relative_and_lazy_imports():
 def test_the_package_has_no_import_cycles():
     cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_only_the_entry_point_imports_the_cli():
+    """The CLI is a leaf: it imports the commands' modules, never the other way round, so a library
+    module never drags in the CLI (or, through it, every other command)."""
+    graph = import_graph()
+    importers = sorted(m for m, deps in graph.items() if "anymodal.cli" in deps and m != "anymodal.__main__")
+    assert importers == [], f"these modules import anymodal.cli: {importers}"

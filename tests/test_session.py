@@ -149,9 +149,10 @@ def test_send_rejects_bad_input(pipe):
 
 
 def test_chat_repl(pipe, picture, tmp_path, monkeypatch, capsys):
+    import anymodal.chat as chat
     import anymodal.cli as cli
 
-    monkeypatch.setattr(cli, "load_pipeline", lambda *a: pipe)
+    monkeypatch.setattr(chat, "load_pipeline", lambda *a: pipe)
     lines = iter(["draw a cat", f"/image {picture}", "hello", "/image nope.png", "/bogus",
                   f"/save {tmp_path / 'saved'}", "/quit"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))

@@ -1,7 +1,8 @@
 """Converters from other systems' released checkpoints to anymodal pipeline directories.
 
-Each converter is a module with ``add_args(parser)`` and ``run(args) -> int``, registered in
-``CONVERTERS`` under the name ``anymodal convert NAME`` uses.
+Each converter is a module with ``add_args(parser)`` and ``run(args) -> int``, listed in
+``CONVERTERS`` under the name ``anymodal convert NAME`` uses. ``convert_args`` and
+``convert_command`` are ``anymodal convert`` itself.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ def list_converters() -> list[str]:
     return sorted(CONVERTERS)
 
 
-def _convert_args(p: argparse.ArgumentParser) -> None:
+def convert_args(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="source", required=True, metavar="SOURCE")
     for name in list_converters():
         mod = importlib.import_module(CONVERTERS[name])
@@ -28,13 +29,5 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
         q.set_defaults(_convert=mod.run)
 
 
-def _register() -> None:
-    from ..cli import command
-
-    @command("convert", "convert a released checkpoint of another system to an anymodal pipeline directory")(
-        _convert_args)
-    def convert(args: argparse.Namespace) -> int:
-        return args._convert(args)
-
-
-_register()
+def convert_command(args: argparse.Namespace) -> int:
+    return args._convert(args)

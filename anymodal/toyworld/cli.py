@@ -1,4 +1,4 @@
-"""``anymodal toyworld train`` and ``anymodal toyworld ship`` (registered on import by ``anymodal.cli``)."""
+"""``anymodal toyworld train`` and ``anymodal toyworld ship``: the arguments and run function of the command."""
 
 from __future__ import annotations
 
@@ -6,10 +6,8 @@ import argparse
 import os
 from typing import Any, Iterator
 
-from anymodal.cli import command
 
-
-def _toyworld_args(p: argparse.ArgumentParser) -> None:
+def toyworld_args(p: argparse.ArgumentParser) -> None:
     from .recipe import PRESETS
     from .runner import PHASES
 
@@ -56,8 +54,6 @@ def _toyworld_args(p: argparse.ArgumentParser) -> None:
                    help="storage type of the weights (default float16: half the size; loading gives float32)")
 
 
-@command("toyworld", "the synthetic toy world: train its components and ship the result "
-                     "(`anymodal toyworld train --help`, `anymodal toyworld ship --help`)")(_toyworld_args)
 def toyworld_command(args: argparse.Namespace) -> int:
     import torch
 

@@ -22,6 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..commands import add_model_args, load_pipeline
 from ..modality import Modality
 from . import checkers, world
 
@@ -142,10 +143,8 @@ def format_table(results: dict[str, DirectionResult]) -> str:
     return "\n".join(lines)
 
 
-def _eval_args(p: argparse.ArgumentParser) -> None:
-    from ..cli import _model_args
-
-    _model_args(p)
+def eval_args(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
     p.add_argument("--n", type=int, default=20, help="prompts per direction (default 20)")
     p.add_argument("--split", choices=["heldout", "train"], default="heldout",
                    help="held-out combinations (default) or combinations seen in training")
@@ -155,23 +154,16 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="write the results as JSON here")
 
 
-def _register() -> None:
-    from ..cli import command, load_pipeline
+def eval_command(args: argparse.Namespace) -> int:
+    from ..utils import atomic_write_text
 
-    @command("eval", "score a model on toy-world prompts with analytic checkers")(_eval_args)
-    def eval_command(args: argparse.Namespace) -> int:
-        from ..utils import atomic_write_text
-
-        pipe = load_pipeline(args.model, args.config, args.device)
-        results = evaluate(pipe, n=args.n, split=args.split, directions=args.directions, seed=args.seed,
-                           batch_size=args.batch_size)
-        print(format_table(results))
-        if args.out:
-            payload = {"split": args.split, "n": args.n, "seed": args.seed,
-                       "directions": {d: r.to_dict() for d, r in results.items()}}
-            atomic_write_text(Path(args.out), json.dumps(payload, indent=2))
-            print(f"written to {args.out}", file=sys.stderr)
-        return 0
-
-
-_register()
+    pipe = load_pipeline(args.model, args.config, args.device)
+    results = evaluate(pipe, n=args.n, split=args.split, directions=args.directions, seed=args.seed,
+                       batch_size=args.batch_size)
+    print(format_table(results))
+    if args.out:
+        payload = {"split": args.split, "n": args.n, "seed": args.seed,
+                   "directions": {d: r.to_dict() for d, r in results.items()}}
+        atomic_write_text(Path(args.out), json.dumps(payload, indent=2))
+        print(f"written to {args.out}", file=sys.stderr)
+    return 0

@@ -1,14 +1,12 @@
-"""``anymodal train`` and ``anymodal merge-lora`` (registered on import by ``anymodal.cli``)."""
+"""``anymodal train`` and ``anymodal merge-lora``: each command's arguments and its run function."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 
-from anymodal.cli import command
 
-
-def _train_args(p: argparse.ArgumentParser) -> None:
+def train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stage", type=int, choices=[1, 2, 3], required=True,
                    help="1: input projectors on caption pairs; 2: output projectors + signal tokens on captions; "
                         "3: LoRA + both projectors on dialogues")
@@ -29,7 +27,6 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-@command("train", "train one stage (1, 2 or 3) of a pipeline under accelerate")(_train_args)
 def train_command(args: argparse.Namespace) -> int:
     from .trainer import train
 
@@ -55,12 +52,11 @@ def _is_main() -> bool:
     return PartialState().is_main_process
 
 
-def _merge_args(p: argparse.ArgumentParser) -> None:
+def merge_lora_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="a saved pipeline directory with a LoRA adapter (a stage-3 final/)")
     p.add_argument("--out", required=True, help="where to save the merged pipeline")
 
 
-@command("merge-lora", "fold a trained LoRA adapter into the LLM and save a plain pipeline")(_merge_args)
 def merge_lora_command(args: argparse.Namespace) -> int:
     from .merge import merge_lora
 

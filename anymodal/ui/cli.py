@@ -1,15 +1,15 @@
-"""``anymodal serve``: registered on import; starlette and uvicorn are imported only when it runs."""
+"""``anymodal serve``: its arguments and its run function; starlette and uvicorn are imported only when it runs."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from ..cli import _model_args, command, load_pipeline
+from ..commands import add_model_args, load_pipeline
 
 
-def _serve_args(p: argparse.ArgumentParser) -> None:
-    _model_args(p)
+def serve_args(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it to the network)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
@@ -24,7 +24,6 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=None)
 
 
-@command("serve", "a chat web UI for the model (binds to 127.0.0.1 by default)")(_serve_args)
 def serve_command(args: argparse.Namespace) -> int:
     try:
         from .server import serve
