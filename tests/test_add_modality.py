@@ -142,6 +142,13 @@ def test_the_pipeline_saves_and_reloads_with_the_modality(depth, pipe, tmp_path)
     b = again("p", seed=0, **_force_depth(again)).depths[0][0]
     np.testing.assert_allclose(a, b, atol=1e-5)
 
+    from anymodal import cli
+
+    np.save(tmp_path / "d.npy", np.ones((5, 5), np.float32))  # the CLI takes a registered modality's files too
+    assert cli.main(["generate", "describe <depth>", "--model", str(tmp_path / "saved"), "--depth",
+                     str(tmp_path / "d.npy"), "--out", str(tmp_path / "cli"), "--max-new-tokens", "4"]) == 0
+    assert (tmp_path / "cli" / "text.txt").is_file()
+
 
 def test_registering_a_clashing_or_malformed_spec_is_refused(depth):
     base = depth.DEPTH
