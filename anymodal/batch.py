@@ -508,50 +508,22 @@ def run_batch(pipe: AnyModalPipeline, rows: Iterable[dict[str, Any] | InvalidLin
     base = Path(base_dir) if base_dir is not None else Path.cwd()
     out_dir.mkdir(parents=True, exist_ok=True)
     log = _open_results_log(out_dir, process_index, num_processes)
-    bar = None
+    record = None
     try:
         done = {k: r for k, r in _latest(out_dir).items() if r["status"] == "done"}
         mine = _rows_of_process(rows, process_index, num_processes)
         _remove_stale_temps(out_dir, {stem for _, stem, _, _ in mine})
-        # Stems of rows done earlier, from their files: a changed input must not overwrite them.
-        taken = {f.split("/")[1].lower(): k for k, r in done.items() for fs in r.get("files", {}).values()
-                 for f in fs if f.count("/") >= 2}
-
-        show = sys.stderr.isatty() if progress is None else progress
-        todo = sum(1 for key, *_ in mine if key not in done)
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=todo, unit="row", disable=not show, dynamic_ncols=True,
-                   desc="batch" if num_processes == 1 else f"batch [{process_index}/{num_processes}]")
-        counts: Counter = Counter()
-
-        def record(result: RowResult) -> RowResult:
-            log.append(result)
-            counts[result.status] += 1
-            bar.update(1)
-            bar.set_postfix(done=counts["done"], errors=counts["error"], refresh=False)
-            return result
-
+        taken = _stems_taken(done)
+        record = _Recorder(log, sum(1 for key, *_ in mine if key not in done), progress, process_index, num_processes)
         groups: dict[str, list[_Row]] = {}
         for key, stem, index, data in mine:
             if key in done:
-                counts["skipped"] += 1
+                record.counts["skipped"] += 1
                 yield dataclasses.replace(RowResult.from_dict(done[key]), skipped=True)
                 continue
-            row_id = None if isinstance(data, InvalidLine) else data.get("id")
-            if isinstance(data, InvalidLine):
-                yield record(RowResult(key, None, index, "error", error=data.reason))
-                continue
-            if "id" not in data:
-                yield record(RowResult(key, None, index, "error", error="the row has no 'id'"))
-                continue
-            try:
-                if taken.get(stem.lower(), key) != key:
-                    raise RowError(f"output name {stem!r} belongs to row {taken[stem.lower()]!r}, done by an earlier "
-                                   "run of a different input; use a new --out directory or distinct ids")
-                row = _validate(pipe, data, key, index, stem, base, max_new_tokens)
-            except RowError as e:
-                yield record(RowResult(key, row_id, index, "error", error=str(e)))
+            row = _checked_row(pipe, data, key, stem, index, taken, base, max_new_tokens)
+            if isinstance(row, RowResult):  # a bad row, recorded as an error
+                yield record(row)
                 continue
             group = groups.setdefault(row.group(), [])
             group.append(row)
@@ -560,11 +532,55 @@ def run_batch(pipe: AnyModalPipeline, rows: Iterable[dict[str, Any] | InvalidLin
         for group in groups.values():
             yield from (record(r) for r in _generate(pipe, group, out_dir, seed, video_format))
     finally:
-        if bar is not None:
-            bar.close()
+        if record is not None:
+            record.bar.close()
         log.close()
     if num_processes == 1:
         merge_results(out_dir)
+
+
+def _stems_taken(done: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """The output stems of rows done earlier, read from their files, by lower-cased stem: a changed
+    input must not overwrite them."""
+    return {f.split("/")[1].lower(): k for k, r in done.items() for fs in r.get("files", {}).values()
+            for f in fs if f.count("/") >= 2}
+
+
+def _checked_row(pipe: AnyModalPipeline, data: dict[str, Any] | InvalidLine, key: str, stem: str, index: int,
+                 taken: dict[str, str], base: Path, max_new_tokens: int | None) -> "_Row | RowResult":
+    """The row made ready to generate, or the error result that records why it cannot be."""
+    if isinstance(data, InvalidLine):
+        return RowResult(key, None, index, "error", error=data.reason)
+    if "id" not in data:
+        return RowResult(key, None, index, "error", error="the row has no 'id'")
+    try:
+        if taken.get(stem.lower(), key) != key:
+            raise RowError(f"output name {stem!r} belongs to row {taken[stem.lower()]!r}, done by an earlier "
+                           "run of a different input; use a new --out directory or distinct ids")
+        return _validate(pipe, data, key, index, stem, base, max_new_tokens)
+    except RowError as e:
+        return RowResult(key, data.get("id"), index, "error", error=str(e))
+
+
+class _Recorder:
+    """Appends each result to the results log and advances the progress bar (tqdm; shown when
+    ``progress``, default: when stderr is a terminal)."""
+
+    def __init__(self, log: "_ResultsLog", todo: int, progress: bool | None, process_index: int, num_processes: int):
+        from tqdm.auto import tqdm
+
+        self.log = log
+        self.counts: Counter = Counter()
+        show = sys.stderr.isatty() if progress is None else progress
+        self.bar = tqdm(total=todo, unit="row", disable=not show, dynamic_ncols=True,
+                        desc="batch" if num_processes == 1 else f"batch [{process_index}/{num_processes}]")
+
+    def __call__(self, result: RowResult) -> RowResult:
+        self.log.append(result)
+        self.counts[result.status] += 1
+        self.bar.update(1)
+        self.bar.set_postfix(done=self.counts["done"], errors=self.counts["error"], refresh=False)
+        return result
 
 
 def _open_results_log(out_dir: Path, process_index: int, num_processes: int) -> "_ResultsLog":

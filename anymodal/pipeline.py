@@ -184,83 +184,15 @@ class AnyModalPipeline:
     def _load_saved(cls, path: Path, device) -> "AnyModalPipeline":
         """Every path in the index stays inside ``path``; components kept elsewhere are entries of kind
         ``external`` with an absolute path or a hub id."""
-        index_file = path / INDEX_NAME
-        try:
-            index = json.loads(index_file.read_text(encoding="utf-8"))
-            if not isinstance(index, dict):
-                raise ValueError("not a JSON object")
-            if index.get("format_version") != FORMAT_VERSION:
-                raise ValueError(f"unsupported anymodal format version {index.get('format_version')!r} "
-                                 f"(this anymodal reads {FORMAT_VERSION})")
-            config = AnyModalConfig.from_dict(index["config"])
-            saved = index["components"]
-            if not isinstance(saved, dict):
-                raise ValueError("'components' must be an object")
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{index_file} is not a valid anymodal index: "
-                             f"{e if not isinstance(e, KeyError) else f'missing {e}'}") from None
-        owned: set[str] = set()
-        sources: dict[str, str | None] = {}
-        proc_dir = confined(path, "processor", "processor")
-        if not (proc_dir / "processor_config.json").is_file():
-            raise FileNotFoundError(f"{path} is not a complete saved pipeline: {proc_dir / 'processor_config.json'} "
-                                    "is missing")
-        processor = AnyModalProcessor.from_pretrained(proc_dir)
-        llm_entry = _entry(saved, "llm")
-        if llm_entry.get("kind") == "full":
-            lm = load_language_model(config.llm, str(confined(path, llm_entry.get("path"), "components.llm.path")))
-            owned.add("llm")
-        elif llm_entry.get("kind") == "token_rows":  # a referenced base model plus the rows of the tokens we added
-            rows = confined(path, llm_entry.get("path"), "components.llm.path")
-            base = check_external(llm_entry.get("base", config.llm.model), "components.llm.base")
-            sources["llm"] = base
-            lm = load_language_model(dataclasses.replace(config.llm, model=base))
-            add_token_rows(lm, len(processor.tokenizer), mean_resizing=False)  # the saved rows are loaded next
-            _load_token_rows(lm, rows)
-        else:
-            raise ValueError(f"{index_file}: components.llm.kind must be 'full' or 'token_rows', "
-                             f"got {llm_entry.get('kind')!r}")
-        encoders = {}
-        for name, e in config.encoders.items():
-            entry = _entry(saved.get("encoders"), name, "encoders")
-            cls_ = ENCODERS.get(e.type)
-            if entry.get("kind") == "saved":
-                encoders[name] = cls_.from_pretrained(confined(path, entry.get("path"), f"components.encoders.{name}"))
-                owned.add(f"encoders/{name}")
-            else:
-                src = _external_entry(entry, e.pretrained, f"components.encoders.{name}")
-                sources[f"encoders/{name}"] = src
-                encoders[name] = cls_.from_config(e.options, e.modalities, src)
-        model = AnyModalModel.build(config, processor.token_ids(), language_model=lm, encoders=encoders,
-                                    load_projector_weights=False)
-        for group in ("input_projectors", "output_projectors"):
-            files = saved.get(group)
-            files = files if isinstance(files, dict) else {}
-            for m, proj in getattr(model, group).items():
-                if m not in files:
-                    raise ValueError(f"{index_file}: components.{group} has no weights for {m!r}; the config "
-                                     "builds that projector and it would stay randomly initialised")
-                load_safetensors_into(proj, confined(path, files[m], f"components.{group}.{m}"), f"{group}[{m}]")
-        if saved.get("adapter"):
-            from peft import PeftModel
-
-            adapter = confined(path, saved["adapter"], "components.adapter")
-            refuse_pickle(adapter, "the LoRA adapter")
-            with peft_quietly():
-                model.language_model = PeftModel.from_pretrained(model.language_model, str(adapter))
-        generators = {}
-        for m, g in config.generators.items():
-            entry = _entry(saved.get("generators"), m.value, "generators")
-            where = f"components.generators.{m.value}"
-            if entry.get("kind") == "saved":
-                g = dataclasses.replace(g, pretrained=str(confined(path, entry.get("path"), where)), components=None)
-                owned.add(f"generators/{m.value}")
-            else:
-                g = dataclasses.replace(g, pretrained=_external_entry(entry, g.pretrained, where), components=None)
-                sources[f"generators/{m.value}"] = g.pretrained
-            generators[m] = GENERATORS.get(g.type).from_config(g)
-        pipe = cls(config, processor, model, generators)
-        pipe._owned, pipe._sources = owned, sources
+        saved = _SavedPipeline(path)
+        config = saved.config
+        processor = saved.processor()
+        model = AnyModalModel.build(config, processor.token_ids(), language_model=saved.language_model(processor),
+                                    encoders=saved.encoders(), load_projector_weights=False)
+        saved.load_projectors(model)
+        saved.load_adapter(model)
+        pipe = cls(config, processor, model, saved.generators())
+        pipe._owned, pipe._sources = saved.owned, saved.sources
         return pipe.to(device if device is not None else "cpu")
 
     def check_generator(self, modality: Modality) -> None:
@@ -529,6 +461,106 @@ def _rows_of_media(prompts: list[str], media: dict[Modality, Any], single: bool)
             if items:
                 row[m] = items
     return rows
+
+
+class _SavedPipeline:
+    """Reads a directory written by :meth:`AnyModalPipeline.save_pretrained`, one component at a
+    time, keeping every path inside it. Records which components came with it (``owned``: copied
+    by a later save) and where the others were loaded from (``sources``)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.index_file = path / INDEX_NAME
+        try:
+            index = json.loads(self.index_file.read_text(encoding="utf-8"))
+            if not isinstance(index, dict):
+                raise ValueError("not a JSON object")
+            if index.get("format_version") != FORMAT_VERSION:
+                raise ValueError(f"unsupported anymodal format version {index.get('format_version')!r} "
+                                 f"(this anymodal reads {FORMAT_VERSION})")
+            self.config = AnyModalConfig.from_dict(index["config"])
+            self.saved = index["components"]
+            if not isinstance(self.saved, dict):
+                raise ValueError("'components' must be an object")
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{self.index_file} is not a valid anymodal index: "
+                             f"{e if not isinstance(e, KeyError) else f'missing {e}'}") from None
+        self.owned: set[str] = set()
+        self.sources: dict[str, str | None] = {}
+
+    def processor(self) -> AnyModalProcessor:
+        proc_dir = confined(self.path, "processor", "processor")
+        if not (proc_dir / "processor_config.json").is_file():
+            raise FileNotFoundError(f"{self.path} is not a complete saved pipeline: "
+                                    f"{proc_dir / 'processor_config.json'} is missing")
+        return AnyModalProcessor.from_pretrained(proc_dir)
+
+    def language_model(self, processor: AnyModalProcessor) -> torch.nn.Module:
+        entry = _entry(self.saved, "llm")
+        if entry.get("kind") == "full":
+            self.owned.add("llm")
+            return load_language_model(self.config.llm, str(confined(self.path, entry.get("path"),
+                                                                      "components.llm.path")))
+        if entry.get("kind") == "token_rows":  # a referenced base model plus the rows of the tokens we added
+            rows = confined(self.path, entry.get("path"), "components.llm.path")
+            base = check_external(entry.get("base", self.config.llm.model), "components.llm.base")
+            self.sources["llm"] = base
+            lm = load_language_model(dataclasses.replace(self.config.llm, model=base))
+            add_token_rows(lm, len(processor.tokenizer), mean_resizing=False)  # the saved rows are loaded next
+            _load_token_rows(lm, rows)
+            return lm
+        raise ValueError(f"{self.index_file}: components.llm.kind must be 'full' or 'token_rows', "
+                         f"got {entry.get('kind')!r}")
+
+    def encoders(self) -> dict[str, torch.nn.Module]:
+        encoders = {}
+        for name, e in self.config.encoders.items():
+            entry = _entry(self.saved.get("encoders"), name, "encoders")
+            cls_ = ENCODERS.get(e.type)
+            if entry.get("kind") == "saved":
+                encoders[name] = cls_.from_pretrained(confined(self.path, entry.get("path"),
+                                                               f"components.encoders.{name}"))
+                self.owned.add(f"encoders/{name}")
+            else:
+                src = _external_entry(entry, e.pretrained, f"components.encoders.{name}")
+                self.sources[f"encoders/{name}"] = src
+                encoders[name] = cls_.from_config(e.options, e.modalities, src)
+        return encoders
+
+    def load_projectors(self, model: AnyModalModel) -> None:
+        for group in ("input_projectors", "output_projectors"):
+            files = self.saved.get(group)
+            files = files if isinstance(files, dict) else {}
+            for m, proj in getattr(model, group).items():
+                if m not in files:
+                    raise ValueError(f"{self.index_file}: components.{group} has no weights for {m!r}; the config "
+                                     "builds that projector and it would stay randomly initialised")
+                load_safetensors_into(proj, confined(self.path, files[m], f"components.{group}.{m}"), f"{group}[{m}]")
+
+    def load_adapter(self, model: AnyModalModel) -> None:
+        if not self.saved.get("adapter"):
+            return
+        from peft import PeftModel
+
+        adapter = confined(self.path, self.saved["adapter"], "components.adapter")
+        refuse_pickle(adapter, "the LoRA adapter")
+        with peft_quietly():
+            model.language_model = PeftModel.from_pretrained(model.language_model, str(adapter))
+
+    def generators(self) -> dict[Modality, Any]:
+        generators = {}
+        for m, g in self.config.generators.items():
+            entry = _entry(self.saved.get("generators"), m.value, "generators")
+            where = f"components.generators.{m.value}"
+            if entry.get("kind") == "saved":
+                g = dataclasses.replace(g, pretrained=str(confined(self.path, entry.get("path"), where)),
+                                        components=None)
+                self.owned.add(f"generators/{m.value}")
+            else:
+                g = dataclasses.replace(g, pretrained=_external_entry(entry, g.pretrained, where), components=None)
+                self.sources[f"generators/{m.value}"] = g.pretrained
+            generators[m] = GENERATORS.get(g.type).from_config(g)
+        return generators
 
 
 def _pickle_choice(allow: bool | None):
