@@ -220,6 +220,19 @@ def by_plural(plural: str) -> Modality | None:
     return next((m for m, s in _SPECS.items() if s.plural == plural), None)
 
 
+def media_by_plural(arguments: dict[str, Any], where: str) -> dict[Modality, Any]:
+    """Media keyword arguments (``images=...``, ``depths=...``) keyed by modality; an argument that is
+    no modality's plural is a ``TypeError`` naming ``where`` and the plurals allowed."""
+    media = {}
+    for plural, value in arguments.items():
+        m = by_plural(plural)
+        if m is None:
+            raise TypeError(f"{where} got an unexpected keyword argument {plural!r}; media are given as "
+                            f"{', '.join(x.spec.plural + '=...' for x in media_modalities())}")
+        media[m] = value
+    return media
+
+
 # The keys of text and the built-in media exist from import, for module-level use; the media's
 # specs are registered in anymodal.builtin.
 Modality._declare("text")

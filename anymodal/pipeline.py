@@ -30,7 +30,7 @@ from .loading import (check_external, confined, load_safetensors_into, pickle_al
                       refuse_pickle)
 from .inputs import check_max_new_tokens, check_prompts, check_sampling, check_seed
 from .media import Audio, MediaError, describe
-from .modality import Modality, by_plural as by_plural_name, media_modalities
+from .modality import Modality, by_plural as by_plural_name, media_by_plural, media_modalities
 from .model import AnyModalModel, add_token_rows, load_language_model, load_tokenizer
 from .processor import AnyModalProcessor, Message
 from .registry import ENCODERS, GENERATORS
@@ -57,12 +57,7 @@ class AnyModalOutput:
         self.text = list(text)
         self.token_ids = token_ids if token_ids is not None else []
         given = {Modality.parse(m): v for m, v in (media or {}).items()}
-        for plural, value in by_plural.items():
-            m = by_plural_name(plural)
-            if m is None:
-                raise TypeError(f"AnyModalOutput got an unexpected keyword argument {plural!r}; media fields are "
-                                f"{', '.join(x.spec.plural for x in media_modalities())}")
-            given[m] = value
+        given.update(media_by_plural(by_plural, "AnyModalOutput()"))
         self.media: dict[Modality, list[list[Any]]] = {
             m: given.get(m, [[] for _ in self.text]) for m in media_modalities()}
 
@@ -319,7 +314,8 @@ class AnyModalPipeline:
                 signal-span forcing.
         """
         single, prompts = check_prompts(prompt)
-        rows = _rows_of_media(prompts, _media_arguments(images=images, audios=audios, videos=videos, **media), single)
+        rows = _rows_of_media(prompts, media_by_plural(dict(images=images, audios=audios, videos=videos, **media),
+                                                       "AnyModalPipeline.__call__()"), single)
         conversations = []
         for text, row_media in zip(prompts, rows):
             if not text.strip() and not any(row_media.values()):
@@ -417,18 +413,6 @@ class AnyModalPipeline:
 
 
 # ==================================================================== helpers
-def _media_arguments(**by_plural: MediaArg) -> dict[Modality, MediaArg]:
-    """Media keyword arguments (``images=...``) by modality; an unknown keyword is a clear error."""
-    media = {}
-    for plural, arg in by_plural.items():
-        m = by_plural_name(plural)
-        if m is None:
-            raise TypeError(f"unexpected keyword argument {plural!r}; media are given as "
-                            f"{', '.join(x.spec.plural for x in media_modalities())}=...")
-        media[m] = arg
-    return media
-
-
 def _rows_of_media(prompts: list[str], media: dict[Modality, Any], single: bool) -> list[dict[Modality, list]]:
     rows: list[dict[Modality, list]] = [{} for _ in prompts]
     for m, arg in media.items():

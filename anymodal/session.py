@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from .media import MediaError
-from .modality import Modality, by_plural, media_modalities
+from .modality import Modality, by_plural, media_by_plural
 from .processor import Message
 from .utils import recover_swapped_dir, swap_dir_into_place
 
@@ -105,14 +105,8 @@ class ChatSession:
         reply, which is also appended to the session."""
         if not isinstance(text, str):
             raise TypeError(f"text must be a string, got {type(text).__name__}")
-        media: dict[Modality, list[Any]] = {}
-        for plural, value in dict(images=images, audios=audios, videos=videos, **media_args).items():
-            m = by_plural(plural)
-            if m is None:
-                raise TypeError(f"send() got an unexpected keyword argument {plural!r}; media are given as "
-                                f"{', '.join(x.spec.plural for x in media_modalities())}=...")
-            if value is not None and _as_list(value):
-                media[m] = _as_list(value)
+        given = media_by_plural(dict(images=images, audios=audios, videos=videos, **media_args), "send()")
+        media = {m: _as_list(v) for m, v in given.items() if v is not None and _as_list(v)}
         if not text.strip() and not media:
             raise ValueError("nothing to send: give some text or media")
         for m in media:
