@@ -43,7 +43,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -55,6 +54,7 @@ from .inputs import check_medium, check_seed, check_text
 from .media import MediaError
 from .modality import Modality, media_modalities
 from .processor import Message
+from .utils import atomic_dir, fsync_dir
 
 if TYPE_CHECKING:
     from .pipeline import AnyModalPipeline
@@ -358,7 +358,7 @@ def merge_results(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
         stale.unlink()
     records = sorted(_latest(out_dir).values(), key=lambda r: (r.get("index", 1 << 62)))
     atomic_write_bytes(out_dir / RESULTS_NAME, "".join(_dumps(r) + "\n" for r in records).encode("utf-8"))
-    _fsync_dir(out_dir)
+    fsync_dir(out_dir)
     for part in sorted(out_dir.glob(PART_PATTERN)):
         part.unlink()
     return records
@@ -416,40 +416,18 @@ def _check_not_busy(path: Path) -> None:
         fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 # ==================================================================== outputs
 def _write_row(out, i: int, out_dir: Path, stem: str, video_format: str) -> dict[str, list[str]]:
-    """Write prompt ``i`` of ``out`` into ``outputs/<stem>/`` atomically (a temp dir renamed into place)."""
+    """Write prompt ``i`` of ``out`` into ``outputs/<stem>/`` atomically and durably (a temporary
+    directory swapped into place: a directory left by an attempt killed before it was recorded is
+    replaced)."""
     from .outputs import media_suffixes, write_output
 
-    parent = out_dir / OUTPUTS_DIR
-    parent.mkdir(parents=True, exist_ok=True)
-    final = parent / stem
-    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{stem}.", suffix=".tmp"))
-    try:
-        names = {kind: [p.name for p in paths]
-                 for kind, paths in write_output(out, i, tmp, suffixes=media_suffixes(video_format)).items()}
-        for f in tmp.iterdir():
-            _fsync_file(f)
-        if final.exists():  # left by an attempt that was killed before it was recorded
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    def write(tmp: Path) -> dict[str, list[str]]:
+        return {kind: [p.name for p in paths]
+                for kind, paths in write_output(out, i, tmp, suffixes=media_suffixes(video_format)).items()}
+
+    names = atomic_dir(out_dir / OUTPUTS_DIR / stem, write, durable=True)
     rel = f"{OUTPUTS_DIR}/{stem}"
     return {kind: [f"{rel}/{n}" for n in ns] for kind, ns in names.items() if ns}
 
@@ -468,13 +446,7 @@ def _remove_stale_temps(out_dir: Path, stems: set[str]) -> None:
             shutil.rmtree(entry, ignore_errors=True)
 
 
-def _fsync_file(path: Path) -> None:
-    with path.open("rb") as f:
-        os.fsync(f.fileno())
-
-
 # ==================================================================== the run
-# A little over 80 lines: one generator that records each row as it goes; checks and generation are helpers.
 def run_batch(pipe: AnyModalPipeline, rows: Iterable[dict[str, Any] | InvalidLine], out_dir: str | os.PathLike,
               batch_size: int = 8, *, seed: int | None = 0, base_dir: str | os.PathLike | None = None,
               process_index: int = 0, num_processes: int = 1, max_new_tokens: int | None = None,

@@ -14,9 +14,7 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -34,7 +32,7 @@ from .modality import Modality, by_plural as by_plural_name, media_by_plural, me
 from .model import AnyModalModel, add_token_rows, load_language_model, load_tokenizer
 from .processor import AnyModalProcessor, Message
 from .registry import ENCODERS, GENERATORS
-from .utils import atomic_write_text, peft_quietly, seeded, swap_dir_into_place
+from .utils import atomic_dir, atomic_write_text, peft_quietly, seeded
 
 logger = logging.getLogger(__name__)
 
@@ -209,57 +207,54 @@ class AnyModalPipeline:
         beside its destination and moved into place, so an interrupted save never leaves a
         half-written pipeline over an old one.
         """
+        directory = Path(directory)
+        atomic_dir(directory, lambda tmp: self._write_into(tmp, save_frozen))
+        return directory
+
+    def _write_into(self, tmp: Path, save_frozen: bool) -> None:
+        """Write every component and the index into the new directory ``tmp``."""
         from safetensors.torch import save_model
 
-        directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
-        try:
-            components: dict[str, Any] = {"encoders": {}, "input_projectors": {}, "output_projectors": {},
-                                          "generators": {}, "adapter": None}
-            self.processor.save_pretrained(tmp / "processor")
-            lm = self.model.language_model
-            base, state = lm, None
-            if _is_peft(lm):
-                lm.save_pretrained(tmp / "llm_adapter", safe_serialization=True)
-                components["adapter"] = "llm_adapter"
-                base, state = lm.get_base_model(), _base_state_dict(lm)
-            llm_ref = self._reference("llm", self.config.llm.model, save_frozen)
-            if llm_ref is None:
-                base.save_pretrained(tmp / "llm", safe_serialization=True, state_dict=state)
-                components["llm"] = {"kind": "full", "path": "llm"}
+        components: dict[str, Any] = {"encoders": {}, "input_projectors": {}, "output_projectors": {},
+                                      "generators": {}, "adapter": None}
+        self.processor.save_pretrained(tmp / "processor")
+        lm = self.model.language_model
+        base, state = lm, None
+        if _is_peft(lm):
+            lm.save_pretrained(tmp / "llm_adapter", safe_serialization=True)
+            components["adapter"] = "llm_adapter"
+            base, state = lm.get_base_model(), _base_state_dict(lm)
+        llm_ref = self._reference("llm", self.config.llm.model, save_frozen)
+        if llm_ref is None:
+            base.save_pretrained(tmp / "llm", safe_serialization=True, state_dict=state)
+            components["llm"] = {"kind": "full", "path": "llm"}
+        else:
+            rows = (list(range(base.get_input_embeddings().weight.shape[0]))
+                    if self.config.llm.embedding_rows == "all" else self.processor.new_token_ids)
+            _save_token_rows(base, state, rows, tmp / "llm")
+            components["llm"] = {"kind": "token_rows", "path": "llm", "base": llm_ref}
+        for name, e in self.config.encoders.items():
+            ref = None if e.trainable else self._reference(f"encoders/{name}", e.pretrained, save_frozen)
+            if ref is not None:
+                components["encoders"][name] = {"kind": "external", "source": ref}
             else:
-                rows = (list(range(base.get_input_embeddings().weight.shape[0]))
-                        if self.config.llm.embedding_rows == "all" else self.processor.new_token_ids)
-                _save_token_rows(base, state, rows, tmp / "llm")
-                components["llm"] = {"kind": "token_rows", "path": "llm", "base": llm_ref}
-            for name, e in self.config.encoders.items():
-                ref = None if e.trainable else self._reference(f"encoders/{name}", e.pretrained, save_frozen)
-                if ref is not None:
-                    components["encoders"][name] = {"kind": "external", "source": ref}
-                else:
-                    self.model.encoders[name].save_pretrained(tmp / "encoders" / name)
-                    components["encoders"][name] = {"kind": "saved", "path": f"encoders/{name}"}
-            for group in ("input_projectors", "output_projectors"):
-                for m, mod in getattr(self.model, group).items():
-                    (tmp / group).mkdir(exist_ok=True)
-                    save_model(mod, str(tmp / group / f"{m}.safetensors"))
-                    components[group][m] = f"{group}/{m}.safetensors"
-            for m, gen in self.generators.items():
-                ref = self._reference(f"generators/{m.value}", self.config.generators[m].pretrained, save_frozen)
-                if ref is not None:
-                    components["generators"][m.value] = {"kind": "external", "source": ref}
-                else:
-                    gen.save_pretrained(tmp / "generators" / m.value)
-                    components["generators"][m.value] = {"kind": "saved", "path": f"generators/{m.value}"}
-            index = {"format_version": FORMAT_VERSION, "config": self.config.to_dict(), "components": components}
-            atomic_write_text(tmp / INDEX_NAME, json.dumps(index, indent=2))
-            self.config.to_yaml(tmp / "config.yaml")
-            swap_dir_into_place(tmp, directory)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-        return directory
+                self.model.encoders[name].save_pretrained(tmp / "encoders" / name)
+                components["encoders"][name] = {"kind": "saved", "path": f"encoders/{name}"}
+        for group in ("input_projectors", "output_projectors"):
+            for m, mod in getattr(self.model, group).items():
+                (tmp / group).mkdir(exist_ok=True)
+                save_model(mod, str(tmp / group / f"{m}.safetensors"))
+                components[group][m] = f"{group}/{m}.safetensors"
+        for m, gen in self.generators.items():
+            ref = self._reference(f"generators/{m.value}", self.config.generators[m].pretrained, save_frozen)
+            if ref is not None:
+                components["generators"][m.value] = {"kind": "external", "source": ref}
+            else:
+                gen.save_pretrained(tmp / "generators" / m.value)
+                components["generators"][m.value] = {"kind": "saved", "path": f"generators/{m.value}"}
+        index = {"format_version": FORMAT_VERSION, "config": self.config.to_dict(), "components": components}
+        atomic_write_text(tmp / INDEX_NAME, json.dumps(index, indent=2))
+        self.config.to_yaml(tmp / "config.yaml")
 
     def _reference(self, name: str, pretrained: str | None, save_frozen: bool) -> str | None:
         """How a save records a frozen component that was loaded from elsewhere: its absolute path or

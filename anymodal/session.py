@@ -28,7 +28,6 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -38,7 +37,7 @@ import numpy as np
 from .media import MediaError
 from .modality import Modality, by_plural, media_by_plural
 from .processor import Message
-from .utils import recover_swapped_dir, swap_dir_into_place
+from .utils import atomic_dir, recover_swapped_dir
 
 if TYPE_CHECKING:
     from .pipeline import AnyModalPipeline
@@ -167,30 +166,7 @@ class ChatSession:
         paths are copied byte for byte). The directory is built beside its destination and swapped in,
         so an interrupted save leaves the previous one intact."""
         directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
-        try:
-            (tmp / "media").mkdir()
-            turns = []
-            for n, turn in enumerate(self.turns):
-                files: dict[str, list[str]] = {}
-                for m, items in turn.media.items():
-                    files[m.value] = [_save_medium(m, item, tmp / "media" / f"{n:04d}_{turn.role}_{m.value}_{k}")
-                                      for k, item in enumerate(items)]
-                turns.append({"role": turn.role, "text": turn.text, "media": files, "seed": turn.seed,
-                              "token_ids": turn.token_ids})
-            state = {"format_version": FORMAT_VERSION, "system_prompt": self.system_prompt, "seed": self.seed,
-                     "max_new_tokens": self.max_new_tokens, "settings": self.settings,
-                     "last_context_start": self.last_context_start, "turns": turns}
-            path = tmp / SESSION_FILE
-            with path.open("w") as f:
-                json.dump(state, f, indent=2, ensure_ascii=False)
-                f.flush()
-                os.fsync(f.fileno())
-            swap_dir_into_place(tmp, directory)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        atomic_dir(directory, self._write_into)
         return directory
 
     @classmethod
@@ -216,6 +192,24 @@ class ChatSession:
                      for m, entries in t.get("media", {}).items()}
             session.turns.append(Turn(t["role"], t["text"], media, t.get("seed"), t.get("token_ids", [])))
         return session
+
+    def _write_into(self, tmp: Path) -> None:
+        (tmp / "media").mkdir()
+        turns = []
+        for n, turn in enumerate(self.turns):
+            files: dict[str, list[str]] = {}
+            for m, items in turn.media.items():
+                files[m.value] = [_save_medium(m, item, tmp / "media" / f"{n:04d}_{turn.role}_{m.value}_{k}")
+                                  for k, item in enumerate(items)]
+            turns.append({"role": turn.role, "text": turn.text, "media": files, "seed": turn.seed,
+                          "token_ids": turn.token_ids})
+        state = {"format_version": FORMAT_VERSION, "system_prompt": self.system_prompt, "seed": self.seed,
+                 "max_new_tokens": self.max_new_tokens, "settings": self.settings,
+                 "last_context_start": self.last_context_start, "turns": turns}
+        with (tmp / SESSION_FILE).open("w") as f:
+            json.dump(state, f, indent=2, ensure_ascii=False)
+            f.flush()
+            os.fsync(f.fileno())
 
     def __len__(self) -> int:
         return len(self.turns)

@@ -9,7 +9,9 @@ import tempfile
 import threading
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
+
+T = TypeVar("T")
 
 import torch
 
@@ -113,6 +115,47 @@ def swap_dir_into_place(tmp: str | os.PathLike, directory: str | os.PathLike) ->
     finally:
         with _SWAP_LOCK:
             _SWAPPING.discard(old)
+
+
+def atomic_dir(directory: str | os.PathLike, write: Callable[[Path], T], *, durable: bool = False) -> T:
+    """Let ``write`` fill a new temporary directory beside ``directory`` (``.<name>.XXXX.tmp``), then
+    swap it in for ``directory`` (:func:`swap_dir_into_place`); returns what ``write`` returned.
+
+    A crash or an error leaves the old directory (or none) and never a half-written mix; the
+    temporary directory is removed on error. With ``durable``, every file written is flushed to
+    disk before the swap and the parent directory after it, so a power cut cannot undo it either.
+    """
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
+    try:
+        result = write(tmp)
+        if durable:
+            for f in tmp.rglob("*"):
+                if f.is_file():
+                    with f.open("rb") as handle:
+                        os.fsync(handle.fileno())
+        swap_dir_into_place(tmp, directory)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    if durable:
+        fsync_dir(directory.parent)
+    return result
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Flush a directory's entries (a rename into it) to disk; a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def recover_swapped_dir(directory: str | os.PathLike) -> bool:

@@ -125,12 +125,12 @@ def test_save_replaces_atomically_and_load_errors(pipe, tmp_path, monkeypatch):
     target = session.save(tmp_path / "s")
     before = (target / "session.json").read_text()
     session.send("hello")
-    import anymodal.session as S
+    import anymodal.utils as U
 
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(S, "swap_dir_into_place", boom)
+    monkeypatch.setattr(U, "swap_dir_into_place", boom)  # inside utils.atomic_dir
     with pytest.raises(OSError, match="disk full"):
         session.save(target)
     assert (target / "session.json").read_text() == before

@@ -100,7 +100,7 @@ def test_image_generator_resumes_bit_identically(tokenizer_dir: Path, tmp_path: 
     # finished phases are skipped; nothing temporary is left behind
     results = T.train(full, phases=IMAGE, config=cfg, results_dir=None, progress=False, resume=True)
     assert [r.status for r in results] == ["skipped", "skipped"]
-    assert not [p for p in full.rglob("*") if ".tmp-" in p.name or p.name.endswith(".old")]
+    assert not [p for p in full.rglob("*") if ".tmp-" in p.name or p.name.endswith((".tmp", ".old")) or ".old-" in p.name]
     summary = json.loads((tmp_path / "results" / "toyworld-image-generator.json").read_text())
     assert set(summary["figures"]) == {"seen", "heldout"}
     assert {"colour_ok", "shape_ok", "ok", "n"} <= set(summary["figures"]["heldout"])

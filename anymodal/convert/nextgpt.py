@@ -28,8 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -284,7 +282,7 @@ def convert_nextgpt(delta: str | Path, llm: str | Path, out: str | Path, imagebi
 
     from ..config import AnyModalConfig
     from ..pipeline import FORMAT_VERSION, INDEX_NAME, _make_processor
-    from ..utils import atomic_write_text, swap_dir_into_place
+    from ..utils import atomic_dir, atomic_write_text
 
     delta, llm, out = Path(delta), Path(llm).resolve(), Path(out)
     imagebind = None if imagebind is None else Path(imagebind).resolve()
@@ -311,10 +309,9 @@ def convert_nextgpt(delta: str | Path, llm: str | Path, out: str | Path, imagebi
     if processor.signal_ids != want or total != plan.rows + len(processor.placeholder_ids):
         raise ConversionError(f"signal-token ids {processor.signal_ids} do not follow NExT-GPT's layout {want}")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     bar = tqdm(total=len(state), unit="tensor", desc="converting", disable=not progress)
-    try:
+
+    def write(tmp: Path) -> None:
         # Vicuna, ImageBind and the generators stay where they are: external entries (absolute path or hub id)
         components: dict[str, Any] = {
             "encoders": {}, "input_projectors": {}, "output_projectors": {},
@@ -326,16 +323,14 @@ def convert_nextgpt(delta: str | Path, llm: str | Path, out: str | Path, imagebi
             components["adapter"] = _write_lora(tmp, state, plan, cfg, llm, bar, log)
         _write_input_projector(tmp, state, plan, cfg, imagebind, components, bar, log)
         _write_output_projectors(tmp, state, plan, cfg, delta, components, bar, log)
-        bar.close()
-
         index = {"format_version": FORMAT_VERSION, "config": cfg.to_dict(), "components": components}
         atomic_write_text(tmp / INDEX_NAME, json.dumps(index, indent=2))
         cfg.to_yaml(tmp / "config.yaml")
-        swap_dir_into_place(tmp, out)
+
+    try:
+        atomic_dir(out, write)
     finally:
         bar.close()
-        if tmp.exists():
-            shutil.rmtree(tmp)
     log(f"converted {len(state)} tensors from {delta} into {out} (Vicuna referenced at {llm})")
     return out
 

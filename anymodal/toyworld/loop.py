@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +18,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..utils import atomic_path, atomic_write_text, swap_dir_into_place
+from ..utils import atomic_dir as utils_atomic_dir, atomic_path, atomic_write_text
 
 
 class JsonlLog:
@@ -53,18 +51,9 @@ def atomic_save(obj: Any, path: Path) -> None:
 
 
 def atomic_dir(path: Path, write: Callable[[Path], None]) -> Path:
-    """Let ``write`` fill a temporary directory beside ``path``, then swap it in for ``path``.
-
-    A crash leaves either the old directory or the new one, never a half-written mix.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
-    try:
-        write(tmp)
-        swap_dir_into_place(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+    """Let ``write`` fill a temporary directory beside ``path``, then swap it in for ``path``
+    (:func:`anymodal.utils.atomic_dir`); returns ``path``."""
+    utils_atomic_dir(path, write)
     return path
 
 
