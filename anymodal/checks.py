@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Iterable, Mapping
 
 
 def positive_int(name: str, value: Any, *, allow_none: bool = False, limit: int | None = None) -> None:
@@ -22,3 +22,11 @@ def positive_number(name: str, value: Any, *, limit: float | None = None) -> Non
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
     if limit is not None and value > limit:
         raise ValueError(f"{name} must be at most {limit:g}, got {value!r}")
+
+
+def check_keys(where: str, spec: Mapping[str, Any], allowed: Iterable[str]) -> None:
+    """Raise a ``ValueError`` naming the first unknown key of ``spec`` and listing the allowed ones."""
+    allowed = set(allowed)
+    unknown = sorted(set(spec) - allowed)
+    if unknown:
+        raise ValueError(f"{where}: unknown key {unknown[0]!r}; allowed: {', '.join(sorted(allowed))}")

@@ -372,7 +372,7 @@ class AnyModalPipeline:
             gen = self.generators[m]
             conditioning = self.model.project_signal(m, hidden)
             rngs = _rngs_for(owners, seed, generator)
-            media_out = gen.generate(conditioning, gen_settings.get(m), generator=rngs, progress=progress)
+            media_out = gen.render(conditioning, gen_settings.get(m), rng=rngs, progress=progress)
             for (row, _), item in zip(owners, media_out):
                 out.media[m][row].append(item)
 

@@ -11,42 +11,9 @@ from anymodal.media import Audio
 from anymodal.modality import Modality
 from anymodal.registry import register_generator
 
-from .components import (
-    DiffusersGenerator,
-    as_mapping,
-    build_scheduler,
-    build_tokenizer,
-    build_transformers_config,
-    build_transformers_model,
-    build_with_kwargs,
-    check_keys,
-    check_same_size,
-    check_vocab,
-    prompt_length,
-    tokenizer_token_ids,
-)
+from .components import DiffusersGenerator
 from .settings import AudioSettings
-
-
-def _roberta_tokenizer(specs: dict[str, Any], text_spec: Any, where: str) -> Any:
-    # CLAP's text tower is a RoBERTa: positions start after the padding index, so a
-    # max_position_embeddings of N leaves N - 2 token positions.
-    positions = as_mapping(f"{where}.text_encoder", text_spec).get("max_position_embeddings", 514)
-    return build_tokenizer(f"{where}.tokenizer", "roberta", specs["tokenizer"], positions - 2)
-
-
-def _check_roberta_positions(where: str, text_config: Any, tokenizer: Any) -> None:
-    check_vocab(where, text_config, tokenizer)
-    if text_config.max_position_embeddings < tokenizer.model_max_length + 2:
-        raise ValueError(f"{where}.max_position_embeddings ({text_config.max_position_embeddings}) must be at least "
-                         f"the tokenizer's model_max_length + 2 ({tokenizer.model_max_length + 2}) for a RoBERTa-style "
-                         "text encoder")
-
-
-def _build_vocoder(spec: Any, where: str) -> Any:
-    from transformers import SpeechT5HifiGan, SpeechT5HifiGanConfig
-
-    return build_transformers_model(where, SpeechT5HifiGan, SpeechT5HifiGanConfig, spec)
+from .shapes import prompt_length
 
 
 class _AudioLDMFamily(DiffusersGenerator):
@@ -54,6 +21,8 @@ class _AudioLDMFamily(DiffusersGenerator):
 
     modality = Modality.AUDIO
     settings_class = AudioSettings
+    # anymodal's own vocoders (Griffin-Lim), which a saved pipeline's model_index.json may name
+    component_modules = ("anymodal.generators.vocoders",)
 
     @property
     def sample_rate(self) -> int:
@@ -87,34 +56,7 @@ class AudioLDMGenerator(_AudioLDMFamily):
     def pipeline_class(cls) -> type:
         from diffusers import AudioLDMPipeline
 
-        import anymodal.generators.vocoders  # noqa: F401  (diffusers loads anymodal's vocoder types once imported)
-
         return AudioLDMPipeline
-
-    @classmethod
-    def build_components(cls, specs: dict[str, Any], where: str) -> dict[str, Any]:
-        from diffusers import AutoencoderKL, UNet2DConditionModel
-        from transformers import ClapTextConfig, ClapTextModelWithProjection
-
-        tokenizer = _roberta_tokenizer(specs, specs["text_encoder"], where)
-        text_encoder = build_transformers_model(f"{where}.text_encoder", ClapTextModelWithProjection, ClapTextConfig,
-                                                specs["text_encoder"], defaults=tokenizer_token_ids(tokenizer))
-        _check_roberta_positions(f"{where}.text_encoder", text_encoder.config, tokenizer)
-        unet = build_with_kwargs(f"{where}.unet", UNet2DConditionModel, specs["unet"])
-        if unet.config.class_embed_type != "simple_projection":
-            raise ValueError(f"{where}.unet.class_embed_type must be 'simple_projection' (AudioLDM feeds the CLAP "
-                             f"embedding as a class embedding), got {unet.config.class_embed_type!r}")
-        check_same_size(where, ("text_encoder.projection_dim", text_encoder.config.projection_dim),
-                        ("unet.projection_class_embeddings_input_dim",
-                         unet.config.projection_class_embeddings_input_dim))
-        return {
-            "tokenizer": tokenizer,
-            "text_encoder": text_encoder,
-            "unet": unet,
-            "vae": build_with_kwargs(f"{where}.vae", AutoencoderKL, specs["vae"]),
-            "scheduler": build_scheduler(f"{where}.scheduler", specs["scheduler"]),
-            "vocoder": _build_vocoder(specs["vocoder"], f"{where}.vocoder"),
-        }
 
     @classmethod
     def shapes_from(cls, configs: dict[str, Any]) -> dict[str, tuple[int, int]]:
@@ -136,7 +78,7 @@ class AudioLDMGenerator(_AudioLDMFamily):
         return {"prompt_embeds": self._clap([""])[:, None, :]}
 
     def _run(self, cond: dict[str, torch.Tensor], settings: AudioSettings,
-             generator: torch.Generator | list[torch.Generator] | None) -> list[Audio]:
+             rng: torch.Generator | list[torch.Generator] | None) -> list[Audio]:
         embeds = cond["prompt_embeds"]
         kwargs: dict[str, Any] = {"prompt_embeds": embeds[:, 0, :]}
         if settings.guidance_scale > 1.0:
@@ -146,7 +88,7 @@ class AudioLDMGenerator(_AudioLDMFamily):
             audio_length_in_s=settings.audio_length_s,
             num_inference_steps=settings.num_inference_steps,
             guidance_scale=settings.guidance_scale,
-            generator=generator,
+            generator=rng,
             output_type="np",
         )
         return self._audios(out.audios)
@@ -172,7 +114,7 @@ class AudioLDM2Generator(_AudioLDMFamily):
 
     The pipeline pads T5 states to the longest prompt of a batch and passes a mask; to keep shapes
     fixed, :meth:`encode_text` zeroes the masked positions and pads with zero rows to the full
-    length, and :meth:`generate` masks out rows that are exactly zero. A projector's output has
+    length, and :meth:`render` masks out rows that are exactly zero. A projector's output has
     no exact-zero rows, so it is attended in full.
 
     ``components`` keys: ``unet`` (``AudioLDM2UNet2DConditionModel`` kwargs), ``vae``,
@@ -195,75 +137,7 @@ class AudioLDM2Generator(_AudioLDMFamily):
     def pipeline_class(cls) -> type:
         from diffusers import AudioLDM2Pipeline
 
-        import anymodal.generators.vocoders  # noqa: F401  (diffusers loads anymodal's vocoder types once imported)
-
         return AudioLDM2Pipeline
-
-    @classmethod
-    def build_components(cls, specs: dict[str, Any], where: str) -> dict[str, Any]:
-        from diffusers import AudioLDM2ProjectionModel, AudioLDM2UNet2DConditionModel, AutoencoderKL
-        from transformers import (
-            ClapAudioConfig,
-            ClapConfig,
-            ClapFeatureExtractor,
-            ClapModel,
-            ClapTextConfig,
-            GPT2Config,
-            GPT2LMHeadModel,
-            T5Config,
-            T5EncoderModel,
-        )
-
-        # CLAP: text and audio towers (the pipeline calls ClapModel.get_text_features).
-        clap = as_mapping(f"{where}.text_encoder", specs["text_encoder"])
-        check_keys(f"{where}.text_encoder", clap, ["text_config", "audio_config", "projection_dim"])
-        text_spec = as_mapping(f"{where}.text_encoder.text_config", clap.get("text_config"))
-        audio_spec = as_mapping(f"{where}.text_encoder.audio_config", clap.get("audio_config"))
-        tokenizer = _roberta_tokenizer(specs, text_spec, where)
-        text_config = build_transformers_config(f"{where}.text_encoder.text_config", ClapTextConfig, text_spec,
-                                                defaults=tokenizer_token_ids(tokenizer))
-        audio_config = build_transformers_config(f"{where}.text_encoder.audio_config", ClapAudioConfig,
-                                                 audio_spec)
-        _check_roberta_positions(f"{where}.text_encoder.text_config", text_config, tokenizer)
-        extra = {"projection_dim": clap["projection_dim"]} if "projection_dim" in clap else {}
-        text_encoder = ClapModel(ClapConfig(text_config=text_config.to_dict(), audio_config=audio_config.to_dict(),
-                                            **extra))
-
-        t5_spec = as_mapping(f"{where}.text_encoder_2", specs["text_encoder_2"])
-        tokenizer_2 = build_tokenizer(f"{where}.tokenizer_2", "t5", specs["tokenizer_2"], 512)
-        text_encoder_2 = build_transformers_model(f"{where}.text_encoder_2", T5EncoderModel, T5Config, t5_spec,
-                                                  defaults=tokenizer_token_ids(tokenizer_2))
-        check_vocab(f"{where}.text_encoder_2", text_encoder_2.config, tokenizer_2)
-
-        lm_spec = as_mapping(f"{where}.language_model", specs["language_model"])
-        if "max_new_tokens" not in lm_spec:
-            raise ValueError(f"{where}.language_model needs 'max_new_tokens' (the length of generated_prompt_embeds)")
-        # GPT-2 only ever sees inputs_embeds here, so its token ids are irrelevant; pin them inside
-        # the (small) vocabulary so transformers does not warn about ids out of range.
-        # GPT2LMHeadModel, not GPT2Model: the pipeline drives it with GenerationMixin helpers.
-        language_model = build_transformers_model(f"{where}.language_model", GPT2LMHeadModel, GPT2Config, lm_spec,
-                                                  defaults={"bos_token_id": 0, "eos_token_id": 0},
-                                                  extra_keys=["max_new_tokens"])
-
-        parts = {
-            "tokenizer": tokenizer,
-            "text_encoder": text_encoder,
-            "tokenizer_2": tokenizer_2,
-            "text_encoder_2": text_encoder_2,
-            "language_model": language_model,
-            "projection_model": build_with_kwargs(f"{where}.projection_model", AudioLDM2ProjectionModel,
-                                                      specs["projection_model"]),
-            "unet": build_with_kwargs(f"{where}.unet", AudioLDM2UNet2DConditionModel, specs["unet"]),
-            "vae": build_with_kwargs(f"{where}.vae", AutoencoderKL, specs["vae"]),
-            "scheduler": build_scheduler(f"{where}.scheduler", specs["scheduler"]),
-            "vocoder": _build_vocoder(specs["vocoder"], f"{where}.vocoder"),
-            "feature_extractor": None,
-        }
-        if "feature_extractor" in specs:
-            fe_spec = as_mapping(f"{where}.feature_extractor", specs["feature_extractor"])
-            parts["feature_extractor"] = build_with_kwargs(f"{where}.feature_extractor", ClapFeatureExtractor,
-                                                               fe_spec)
-        return parts
 
     @classmethod
     def shapes_from(cls, configs: dict[str, Any]) -> dict[str, tuple[int, int]]:
@@ -302,7 +176,7 @@ class AudioLDM2Generator(_AudioLDMFamily):
         return self._embed([""])
 
     def _run(self, cond: dict[str, torch.Tensor], settings: AudioSettings,
-             generator: torch.Generator | list[torch.Generator] | None) -> list[Audio]:
+             rng: torch.Generator | list[torch.Generator] | None) -> list[Audio]:
         kwargs: dict[str, Any] = {
             "prompt_embeds": cond["prompt_embeds"],
             "attention_mask": _mask_from_zeros(cond["prompt_embeds"]),
@@ -318,7 +192,7 @@ class AudioLDM2Generator(_AudioLDMFamily):
             audio_length_in_s=settings.audio_length_s,
             num_inference_steps=settings.num_inference_steps,
             guidance_scale=settings.guidance_scale,
-            generator=generator,
+            generator=rng,
             output_type="np",
         )
         return self._audios(out.audios)

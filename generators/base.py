@@ -17,7 +17,9 @@ from anymodal.modality import Modality
 
 
 class ModalityGenerator(ABC):
-    """Base class. Subclasses set ``type_name``, ``modality`` and ``settings_class``.
+    """Base class. Subclasses set ``type_name``, ``modality`` and ``settings_class``. A generator
+    backed by a diffusers pipeline subclasses :class:`~anymodal.generators.DiffusersGenerator`,
+    which implements all of this from a few declarations.
 
     ``conditioning_shapes`` names each tensor the wrapped pipeline is driven by and its
     per-sample shape ``(sequence, dim)``; output projectors are checked against it at load.
@@ -60,10 +62,16 @@ class ModalityGenerator(ABC):
         raise ValueError(f"generator {self.type_name!r} has no denoising loss")
 
     @abstractmethod
-    def generate(self, conditioning: dict[str, torch.Tensor], settings: Any = None,
-                 generator: torch.Generator | list[torch.Generator] | None = None,
-                 progress: bool = False) -> list[Any]:
-        """Generate one medium per row of the conditioning tensors, in one batched pipeline call."""
+    def render(self, conditioning: dict[str, torch.Tensor], settings: Any = None,
+               rng: torch.Generator | list[torch.Generator] | None = None,
+               progress: bool = False) -> list[Any]:
+        """One medium per row of the conditioning tensors, in one batched call.
+
+        ``settings`` is either this generator's ``settings_class`` object, already resolved (what
+        ``AnyModalPipeline.resolve_settings`` passes), used as it is, or a dict of overrides / None,
+        resolved here with :meth:`make_settings`: each path resolves once. ``rng`` (a
+        ``torch.Generator``, or one per row) makes the result reproducible.
+        """
 
     @abstractmethod
     def save_pretrained(self, directory: str | os.PathLike) -> None:
@@ -74,7 +82,8 @@ class ModalityGenerator(ABC):
         ...
 
     def make_settings(self, settings: Any = None) -> Any:
-        """Merge config defaults with per-call settings (a settings dataclass or a dict)."""
+        """This generator's settings: the config's defaults updated with a dict of overrides (None: the
+        defaults alone); a ``settings_class`` object is returned as it is."""
         base = dict(self.config.settings)
         if settings is None:
             pass

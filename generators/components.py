@@ -1,254 +1,33 @@
-"""Shared machinery of the diffusers-backed generators.
+"""The runtime adapter every diffusers-backed generator shares.
 
-* builders that turn the plain dicts of ``GeneratorConfig.components`` into real diffusers and
-  transformers components (random init, for tests and for training small generators here), with
-  tokenizers built in memory so nothing is downloaded;
-* :class:`DiffusersGenerator`, the lifecycle every built-in generator shares: load from
-  ``pretrained`` (optionally lazily), device moves and CPU offload, saving, conditioning checks,
-  the cached negative (unconditional) embedding and the progress-bar switch;
+* :class:`DiffusersGenerator`: load from ``pretrained`` (optionally lazily) or build from
+  ``components`` (random init, :mod:`anymodal.generators.random_init`), device moves and CPU
+  offload, saving, conditioning checks, the cached negative (unconditional) embedding and the
+  progress-bar switch;
 * :class:`CLIPConditionedGenerator`, the prompt handling the Stable-Diffusion family shares.
 
-A subclass only says which diffusers pipeline it wraps, how to build that pipeline's components,
-how to read its conditioning shapes from the component configs, and how to call it.
+A generator class declares which diffusers pipeline it wraps (``pipeline_class``), how its
+conditioning shapes are read from the component configs (``shape_components`` and
+``shapes_from``) and how the pipeline is called (``_run``). How to build its components at
+random lives in :mod:`~anymodal.generators.random_init`, registered under its type name.
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib
-import inspect
 import os
-import string
 import warnings
-from pathlib import Path
-from typing import Any, ClassVar, Iterable, Iterator, Mapping
+from typing import Any, ClassVar, Mapping
 
 import torch
 
+from anymodal.checks import check_keys
 from anymodal.config import GeneratorConfig
 from anymodal.utils import quiet_loading, small_local_dir, torch_dtype
-from anymodal.utils import seeded as utils_seeded
 
 from .base import ModalityGenerator
-
-TOKENIZER_KINDS = ("clip", "roberta", "t5")
-_BYTES = "bytes"
-
-
-# --------------------------------------------------------------------------- spec checking
-def check_keys(where: str, spec: Mapping[str, Any], allowed: Iterable[str]) -> None:
-    """Raise a ``ValueError`` naming the first unknown key of ``spec`` and listing the allowed ones."""
-    allowed = set(allowed)
-    unknown = sorted(set(spec) - allowed)
-    if unknown:
-        raise ValueError(f"{where}: unknown key {unknown[0]!r}; allowed: {', '.join(sorted(allowed))}")
-
-
-def as_mapping(where: str, spec: Any) -> dict[str, Any]:
-    if spec is None:
-        return {}
-    if not isinstance(spec, Mapping):
-        raise ValueError(f"{where} must be a mapping of constructor arguments, got {type(spec).__name__}")
-    return dict(spec)
-
-
-def _init_params(cls: type) -> list[str]:
-    params = inspect.signature(cls.__init__).parameters.values()
-    return [p.name for p in params if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
-
-
-def build_with_kwargs(where: str, cls: type, spec: Any) -> Any:
-    """``cls(**spec)`` (a diffusers model, a feature extractor), rejecting keys its constructor does not take."""
-    spec = as_mapping(where, spec)
-    check_keys(where, spec, _init_params(cls))
-    try:
-        return cls(**spec)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{where}: cannot build {cls.__name__}: {e}") from None
-
-
-def build_transformers_config(where: str, config_cls: type, spec: Any,
-                              defaults: Mapping[str, Any] | None = None, extra_keys: Iterable[str] = ()) -> Any:
-    """``config_cls(**defaults, **spec)``.
-
-    transformers configs accept any keyword and keep it as an attribute, so a typo would be
-    silently ignored; the keys are checked against the config's constructor first.
-    """
-    spec = as_mapping(where, spec)
-    check_keys(where, spec, [*_init_params(config_cls), *extra_keys])
-    try:
-        return config_cls(**{**(defaults or {}), **spec})
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{where}: cannot build {config_cls.__name__}: {e}") from None
-
-
-def build_transformers_model(where: str, model_cls: type, config_cls: type, spec: Any,
-                             defaults: Mapping[str, Any] | None = None, extra_keys: Iterable[str] = ()) -> Any:
-    """``model_cls(config)`` with the config from :func:`build_transformers_config`."""
-    config = build_transformers_config(where, config_cls, spec, defaults, extra_keys)
-    try:
-        return model_cls(config)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{where}: cannot build {model_cls.__name__}: {e}") from None
-
-
-def build_scheduler(where: str, spec: Any) -> Any:
-    """A diffusers scheduler from ``{"class": "DDIMScheduler", **kwargs}``."""
-    import diffusers
-    from diffusers import SchedulerMixin
-
-    spec = as_mapping(where, spec)
-    name = spec.pop("class", None)
-    known = sorted(n for n in dir(diffusers) if n.endswith("Scheduler"))
-    if name is None:
-        raise ValueError(f"{where} needs a 'class' key naming a diffusers scheduler, e.g. DDIMScheduler")
-    cls = getattr(diffusers, name, None) if name in known else None
-    if cls is None or not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
-        raise ValueError(f"{where}.class: unknown scheduler {name!r}; expected one of: {', '.join(known)}")
-    return build_with_kwargs(where, cls, spec)
-
-
-# --------------------------------------------------------------------------- tokenizers
-def byte_tokenizer(kind: str, model_max_length: int) -> Any:
-    """A tokenizer of the class a pipeline expects, with a vocabulary built in memory.
-
-    * ``clip``: a :class:`~transformers.CLIPTokenizer` over the 256 byte-level symbols, each also
-      in its end-of-word form (``a</w>``), with no merges: every UTF-8 text encodes.
-    * ``roberta``: a :class:`~transformers.RobertaTokenizer` over the 256 byte-level symbols
-      (what CLAP's text tower expects: ``<s>`` = 0, ``<pad>`` = 1, ``</s>`` = 2).
-    * ``t5``: a character-level :class:`~transformers.T5Tokenizer` (unigram over printable ASCII;
-      anything else maps to ``<unk>``).
-
-    Saving and reloading them through ``save_pretrained`` round-trips exactly and offline.
-    """
-    from tokenizers.pre_tokenizers import ByteLevel
-
-    if kind == "clip":
-        from transformers import CLIPTokenizer
-
-        alphabet = sorted(ByteLevel.alphabet())
-        vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-        for suffix in ("", "</w>"):
-            for ch in alphabet:
-                vocab[ch + suffix] = len(vocab)
-        return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=model_max_length)
-    if kind == "roberta":
-        from transformers import RobertaTokenizer
-
-        vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
-        for ch in sorted(ByteLevel.alphabet()):
-            vocab[ch] = len(vocab)
-        vocab["<mask>"] = len(vocab)
-        return RobertaTokenizer(vocab=vocab, merges=[], model_max_length=model_max_length)
-    if kind == "t5":
-        from transformers import T5Tokenizer
-
-        pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
-        pieces += [(ch, -2.0) for ch in string.printable.strip()]
-        return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=model_max_length)
-    raise ValueError(f"unknown tokenizer kind {kind!r}; expected one of {', '.join(TOKENIZER_KINDS)}")
-
-
-def build_tokenizer(where: str, kind: str, spec: Any, default_max_length: int) -> Any:
-    """A tokenizer from a ``components`` entry.
-
-    ``spec`` is ``"bytes"`` (see :func:`byte_tokenizer`), ``{"type": "bytes", "model_max_length": N}``,
-    or a local tokenizer directory (loaded with the pipeline's tokenizer class, e.g. OpenAI's real
-    CLIP vocabulary saved once with ``save_pretrained``).
-    """
-    if isinstance(spec, str) and spec != _BYTES:
-        import transformers
-
-        cls = {"clip": transformers.CLIPTokenizer, "roberta": transformers.RobertaTokenizer,
-               "t5": transformers.T5Tokenizer}[kind]
-        if not Path(spec).is_dir():
-            raise ValueError(f"{where}: expected 'bytes', a mapping, or a local tokenizer directory; "
-                             f"{spec!r} is not a directory")
-        return cls.from_pretrained(spec)
-    spec = {"type": _BYTES} if spec == _BYTES else as_mapping(where, spec)
-    check_keys(where, spec, ["type", "model_max_length"])
-    if spec.get("type") != _BYTES:
-        raise ValueError(f"{where}.type must be 'bytes', got {spec.get('type')!r}")
-    length = spec.get("model_max_length", default_max_length)
-    if isinstance(length, bool) or not isinstance(length, int) or length < 3:
-        raise ValueError(f"{where}.model_max_length must be an integer >= 3, got {length!r}")
-    return byte_tokenizer(kind, length)
-
-
-def tokenizer_token_ids(tokenizer: Any) -> dict[str, int]:
-    """The special-token ids a text-encoder config should agree with, plus the vocabulary size."""
-    out = {"vocab_size": len(tokenizer)}
-    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        value = getattr(tokenizer, name, None)
-        if value is not None:
-            out[name] = value
-    return out
-
-
-def check_vocab(where: str, model_config: Any, tokenizer: Any) -> None:
-    """A text encoder whose vocabulary is smaller than its tokenizer's would index out of range."""
-    size = getattr(model_config, "vocab_size", None)
-    if size is not None and size < len(tokenizer):
-        raise ValueError(f"{where}.vocab_size ({size}) is smaller than the tokenizer's vocabulary ({len(tokenizer)})")
-
-
-@contextlib.contextmanager
-def seeded(seed: int) -> Iterator[None]:
-    """Seed torch for a deterministic random init without disturbing the caller's RNG state."""
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"components.seed must be an integer, got {seed!r}")
-    with utils_seeded(seed):
-        yield
-
-
-# --------------------------------------------------------------------------- component configs
-def _frozen(config: Mapping[str, Any]) -> Any:
-    from diffusers.configuration_utils import FrozenDict
-
-    return FrozenDict(config)
-
-
-def read_component_configs(pipeline_class: type, pretrained: str, names: Iterable[str]) -> dict[str, Any]:
-    """Configs (and tokenizers) of a saved pipeline's components, without loading any weights.
-
-    This is what lets a ``lazy`` generator report its conditioning shapes at pipeline load.
-    Diffusers configs come back as ``FrozenDict`` (attribute access like ``unet.config``),
-    transformers configs as ``PretrainedConfig``, tokenizers as tokenizers, missing components
-    as ``None``.
-    """
-    import diffusers
-    import transformers
-
-    index = pipeline_class.load_config(pretrained)
-    out: dict[str, Any] = {}
-    for name in names:
-        library, class_name = (index.get(name) or [None, None])[:2]
-        if library is None or class_name is None:
-            out[name] = None
-        elif library == "diffusers":
-            cls = getattr(diffusers, class_name)
-            out[name] = _frozen(cls.load_config(pretrained, subfolder=name))
-        elif library == "transformers" and "Tokenizer" in class_name:
-            out[name] = getattr(transformers, class_name).from_pretrained(pretrained, subfolder=name)
-        elif library == "transformers":
-            out[name] = transformers.AutoConfig.from_pretrained(pretrained, subfolder=name)
-        else:
-            raise ValueError(f"{pretrained}: component {name!r} comes from {library!r}, which anymodal cannot read")
-    return out
-
-
-def prompt_length(tokenizer: Any, text_config: Any, where: str) -> int:
-    """The fixed number of prompt tokens: the tokenizer's ``model_max_length`` (what the pipeline
-    pads to), else the text encoder's ``max_position_embeddings``."""
-    length = getattr(tokenizer, "model_max_length", None) if tokenizer is not None else None
-    # Tokenizers saved without a limit report a huge sentinel (int(1e30)); that is not a length.
-    if isinstance(length, int) and 0 < length < 1_000_000:
-        return length
-    length = getattr(text_config, "max_position_embeddings", None) if text_config is not None else None
-    if isinstance(length, int) and length > 0:
-        return length
-    raise ValueError(f"{where}: cannot tell the prompt length: the pipeline has no tokenizer with a "
-                     "model_max_length and no text encoder with max_position_embeddings")
+from .random_init import random_init_builder, seeded
+from .shapes import component_config, cross_attention_width, prompt_length, read_component_configs
 
 
 def _is_model_class(klass: type) -> bool:
@@ -262,15 +41,28 @@ def _is_model_class(klass: type) -> bool:
 class DiffusersGenerator(ModalityGenerator):
     """A :class:`ModalityGenerator` backed by one diffusers pipeline, kept resident once loaded.
 
-    Subclasses set ``required_components`` and ``optional_components`` and implement
-    :meth:`pipeline_class`, :meth:`build_components`, :meth:`shapes_from`, :meth:`_encode`,
-    :meth:`_negative_once` and :meth:`_run`.
+    A subclass declares:
+
+    * the class attributes ``type_name``, ``modality``, ``settings_class``, ``required_components``
+      and ``optional_components`` (the keys ``components`` may give), ``shape_components``;
+    * :meth:`pipeline_class`, the diffusers pipeline it wraps;
+    * :meth:`shapes_from`, the conditioning shapes read from the configs of ``shape_components``;
+    * :meth:`_run`, one batched call of the pipeline.
+
+    Optional: :meth:`_encode` (text to conditioning, for ``encode_text``) and :meth:`_negative_once`
+    (the unconditional conditioning for guidance; zeros unless overridden). Building from
+    ``components`` uses the random-init builder registered for the type
+    (:func:`~anymodal.generators.random_init.register_random_init`).
     """
 
-    required_components: ClassVar[tuple[str, ...]]
+    required_components: ClassVar[tuple[str, ...]] = ()
     optional_components: ClassVar[tuple[str, ...]] = ()
     # component names whose configs determine the conditioning shapes
     shape_components: ClassVar[tuple[str, ...]]
+    # modules that define component classes the pipeline's model_index.json may name (diffusers
+    # resolves a component from another library only once its module is imported); imported
+    # before the pipeline class is used
+    component_modules: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: GeneratorConfig, pipeline: Any = None):
         super().__init__(config)
@@ -306,6 +98,7 @@ class DiffusersGenerator(ModalityGenerator):
 
     @classmethod
     def _from_components(cls, config: GeneratorConfig) -> Any:
+        build = random_init_builder(cls)
         specs = dict(config.components or {})
         seed = specs.pop("seed", 0)
         where = f"generator[{cls.type_name}].components"
@@ -316,7 +109,7 @@ class DiffusersGenerator(ModalityGenerator):
                              f"{', '.join(cls.required_components)}; optional: "
                              f"{', '.join([*cls.optional_components, 'seed'])}")
         with seeded(seed), quiet_loading():  # the pipeline too: AnimateDiff builds its motion UNet in __init__
-            pipeline = cls.pipeline_class()(**cls.build_components(specs, where))
+            pipeline = cls._load_pipeline_class()(**build(specs, where))
         for part in pipeline.components.values():
             # Freshly constructed modules are in training mode (dropout on); from_pretrained
             # returns them in eval mode, and a random-init pipeline must behave the same.
@@ -333,12 +126,13 @@ class DiffusersGenerator(ModalityGenerator):
         raise NotImplementedError
 
     @classmethod
-    def build_components(cls, specs: dict[str, Any], where: str) -> dict[str, Any]:
-        """Keyword arguments of ``pipeline_class`` built from the ``components`` dicts (already key-checked)."""
-        raise NotImplementedError
+    def _load_pipeline_class(cls) -> type:
+        for module in cls.component_modules:
+            importlib.import_module(module)
+        return cls.pipeline_class()
 
     def _load(self) -> Any:
-        cls = self.pipeline_class()
+        cls = self._load_pipeline_class()
         index = cls.load_config(self.config.pretrained)
         # Components saved as None (no feature extractor, no safety checker) are recorded as
         # [null, null]; diffusers needs them passed again as None or it refuses to build.
@@ -418,18 +212,12 @@ class DiffusersGenerator(ModalityGenerator):
     def conditioning_shapes(self) -> dict[str, tuple[int, int]]:
         if self._shapes is None:
             if self._pipe is not None:
-                configs = {n: self._component_config(getattr(self._pipe, n, None)) for n in self.shape_components}
+                configs = {n: component_config(getattr(self._pipe, n, None)) for n in self.shape_components}
             else:
-                configs = read_component_configs(self.pipeline_class(), self.config.pretrained, self.shape_components)
+                configs = read_component_configs(self._load_pipeline_class(), self.config.pretrained,
+                                                 self.shape_components)
             self._shapes = self.shapes_from(configs)
         return dict(self._shapes)
-
-    @staticmethod
-    def _component_config(component: Any) -> Any:
-        # Tokenizers are used as they are; models are represented by their config.
-        if component is None or not hasattr(component, "config"):
-            return component
-        return component.config
 
     @classmethod
     def shapes_from(cls, configs: dict[str, Any]) -> dict[str, tuple[int, int]]:
@@ -444,20 +232,23 @@ class DiffusersGenerator(ModalityGenerator):
         with torch.no_grad():
             return self._encode(list(texts))
 
-    def generate(self, conditioning: dict[str, torch.Tensor], settings: Any = None,
-                 generator: torch.Generator | list[torch.Generator] | None = None,
-                 progress: bool = False) -> list[Any]:
-        """Generate one medium per row of the conditioning tensors, in one batched pipeline call.
+    def render(self, conditioning: dict[str, torch.Tensor], settings: Any = None,
+               rng: torch.Generator | list[torch.Generator] | None = None,
+               progress: bool = False) -> list[Any]:
+        """One medium per row of the conditioning tensors, in one batched pipeline call.
 
-        ``settings`` is this modality's settings dataclass or a dict of overrides of the configured
-        defaults; ``generator`` (one, or one per row) makes the result reproducible.
+        ``settings``: this generator's settings object, used as it is (what
+        ``AnyModalPipeline.resolve_settings`` hands over), or a dict of overrides of the configured
+        defaults, or None for the defaults. ``rng`` (one ``torch.Generator``, or one per row) makes
+        the result reproducible.
         """
-        settings = self.make_settings(settings)
+        if not isinstance(settings, self.settings_class):
+            settings = self.make_settings(settings)
         pipe = self.pipeline
         cond = self._check_conditioning(conditioning)
         pipe.set_progress_bar_config(disable=not progress)
         with torch.no_grad():
-            return self._run(cond, settings, generator)
+            return self._run(cond, settings, rng)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Save the whole pipeline (safetensors only); ``from_config(pretrained=directory)`` reloads it."""
@@ -522,40 +313,22 @@ class DiffusersGenerator(ModalityGenerator):
         return {k: v.expand(batch, *v.shape[1:]) for k, v in self._negative.items()}
 
     def _negative_once(self) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        # No text encoder to embed "": zeros, the conditioning of nothing.
+        return {name: torch.zeros(1, seq, dim) for name, (seq, dim) in self.conditioning_shapes.items()}
 
     def _encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        raise ValueError(f"generator {self.type_name!r} has no text path (its class defines no _encode), so it "
+                         "cannot encode text")
 
     def _run(self, cond: dict[str, torch.Tensor], settings: Any,
-             generator: torch.Generator | list[torch.Generator] | None) -> list[Any]:
+             rng: torch.Generator | list[torch.Generator] | None) -> list[Any]:
+        """Call the pipeline once on checked conditioning (on its device and dtype) and return the media."""
         raise NotImplementedError
 
     def __repr__(self) -> str:
         source = self.config.pretrained or "random init"
         state = "loaded" if self.is_loaded else "not loaded"
         return f"{type(self).__name__}({source!r}, {state})"
-
-
-def check_same_size(where: str, *pairs: tuple[str, Any]) -> None:
-    """Raise when two configs that must agree on a width disagree (e.g. UNet vs text encoder)."""
-    values = [(n, v) for n, v in pairs if v is not None]
-    if len({v for _, v in values}) > 1:
-        listed = ", ".join(f"{n}={v}" for n, v in values)
-        raise ValueError(f"{where}: these sizes must agree: {listed}")
-
-
-
-def cross_attention_width(unet_config: Any, where: str) -> int:
-    """The UNet's cross-attention width: the ``dim`` of the ``prompt_embeds`` it attends to."""
-    dim = unet_config.cross_attention_dim
-    if isinstance(dim, (list, tuple)):
-        # Per-block widths only work with prompt_embeds when every block agrees.
-        if len(set(dim)) != 1:
-            raise ValueError(f"{where}: unet.cross_attention_dim {list(dim)} differs per block; a single "
-                             "prompt_embeds tensor cannot condition it")
-        dim = dim[0]
-    return int(dim)
 
 
 class CLIPConditionedGenerator(DiffusersGenerator):
@@ -568,48 +341,6 @@ class CLIPConditionedGenerator(DiffusersGenerator):
     """
 
     shape_components = ("tokenizer", "text_encoder", "unet")
-
-    @classmethod
-    def build_text_components(cls, specs: dict[str, Any], where: str) -> dict[str, Any]:
-        from transformers import CLIPTextConfig, CLIPTextModel
-
-        te_spec = specs.get("text_encoder")
-        default_len = as_mapping(f"{where}.text_encoder", te_spec).get("max_position_embeddings", 77)
-        tokenizer = build_tokenizer(f"{where}.tokenizer", "clip", specs["tokenizer"], default_len)
-        text_encoder = None
-        if te_spec is not None:
-            text_encoder = build_transformers_model(f"{where}.text_encoder", CLIPTextModel, CLIPTextConfig, te_spec,
-                                                    defaults=tokenizer_token_ids(tokenizer))
-            check_vocab(f"{where}.text_encoder", text_encoder.config, tokenizer)
-            if text_encoder.config.max_position_embeddings < tokenizer.model_max_length:
-                raise ValueError(f"{where}.text_encoder.max_position_embeddings "
-                                 f"({text_encoder.config.max_position_embeddings}) is smaller than the tokenizer's "
-                                 f"model_max_length ({tokenizer.model_max_length})")
-        return {"tokenizer": tokenizer, "text_encoder": text_encoder}
-
-    @classmethod
-    def build_denoiser_components(cls, specs: dict[str, Any], where: str, unet_class: type,
-                                  **extra_classes: type) -> dict[str, Any]:
-        """The random-init parts every CLIP-conditioned diffusers pipeline shares, built in this order
-        (which fixes what each draws from the seed): tokenizer and text encoder, the UNet
-        (``unet_class``), each of ``extra_classes`` (part name -> class, e.g. a motion adapter), the
-        VAE and the scheduler. The text width is checked against the UNet's."""
-        from diffusers import AutoencoderKL
-
-        parts = cls.build_text_components(specs, where)
-        parts["unet"] = build_with_kwargs(f"{where}.unet", unet_class, specs["unet"])
-        for name, klass in extra_classes.items():
-            parts[name] = build_with_kwargs(f"{where}.{name}", klass, specs[name])
-        parts["vae"] = build_with_kwargs(f"{where}.vae", AutoencoderKL, specs["vae"])
-        parts["scheduler"] = build_scheduler(f"{where}.scheduler", specs["scheduler"])
-        cls.check_text_width(parts, where)
-        return parts
-
-    @classmethod
-    def check_text_width(cls, parts: dict[str, Any], where: str) -> None:
-        if parts.get("text_encoder") is not None:
-            check_same_size(where, ("text_encoder.hidden_size", parts["text_encoder"].config.hidden_size),
-                            ("unet.cross_attention_dim", cross_attention_width(parts["unet"].config, where)))
 
     @classmethod
     def shapes_from(cls, configs: dict[str, Any]) -> dict[str, tuple[int, int]]:
@@ -627,8 +358,7 @@ class CLIPConditionedGenerator(DiffusersGenerator):
     def _negative_once(self) -> dict[str, torch.Tensor]:
         pipe = self.pipeline
         if pipe.text_encoder is None:
-            seq, dim = self.conditioning_shapes["prompt_embeds"]
-            return {"prompt_embeds": torch.zeros(1, seq, dim)}
+            return super()._negative_once()
         embeds, _ = pipe.encode_prompt([""], self.execution_device, 1, False)
         return {"prompt_embeds": embeds}
 

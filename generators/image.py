@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any
 
 import torch
 from PIL import Image
@@ -39,24 +38,15 @@ class StableDiffusionGenerator(CLIPConditionedGenerator):
 
         return StableDiffusionPipeline
 
-    @classmethod
-    def build_components(cls, specs: dict[str, Any], where: str) -> dict[str, Any]:
-        from diffusers import UNet2DConditionModel
-
-        parts = cls.build_denoiser_components(specs, where, UNet2DConditionModel)
-        # A random-init pipeline has nothing to screen; real checkpoints keep whatever they ship.
-        parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-        return parts
-
     def _run(self, cond: dict[str, torch.Tensor], settings: ImageSettings,
-             generator: torch.Generator | list[torch.Generator] | None) -> list[Image.Image]:
+             rng: torch.Generator | list[torch.Generator] | None) -> list[Image.Image]:
         out = self.pipeline(
             **self.prompt_kwargs(cond, settings.guidance_scale),
             height=settings.height,
             width=settings.width,
             num_inference_steps=settings.num_inference_steps,
             guidance_scale=settings.guidance_scale,
-            generator=generator,
+            generator=rng,
             output_type="pil",
         )
         flagged = [i for i, bad in enumerate(out.nsfw_content_detected or []) if bad]

@@ -11,17 +11,8 @@ from PIL import Image
 from anymodal.modality import Modality
 from anymodal.registry import register_generator
 
-from .components import (
-    CLIPConditionedGenerator,
-    build_scheduler,
-    build_transformers_model,
-    check_same_size,
-)
+from .components import CLIPConditionedGenerator
 from .settings import ImageSettings
-
-# The mean/std the CLIP image processors use; SD-2.1-unCLIP ships its feature extractor with them.
-_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
 @dataclass
@@ -77,34 +68,6 @@ class StableUnCLIPGenerator(CLIPConditionedGenerator):
         from diffusers import StableUnCLIPImg2ImgPipeline
 
         return StableUnCLIPImg2ImgPipeline
-
-    @classmethod
-    def build_components(cls, specs: dict[str, Any], where: str) -> dict[str, Any]:
-        from diffusers import UNet2DConditionModel
-        from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import StableUnCLIPImageNormalizer
-        from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
-
-        parts = cls.build_denoiser_components(specs, where, UNet2DConditionModel)
-        unet = parts["unet"]
-        if unet.config.class_embed_type != "projection":
-            raise ValueError(f"{where}.unet.class_embed_type must be 'projection' (unCLIP feeds the image embedding "
-                             f"as a class embedding), got {unet.config.class_embed_type!r}")
-        parts["image_noising_scheduler"] = build_scheduler(f"{where}.image_noising_scheduler",
-                                                           specs["image_noising_scheduler"])
-        encoder = build_transformers_model(f"{where}.image_encoder", CLIPVisionModelWithProjection, CLIPVisionConfig,
-                                           specs["image_encoder"])
-        dim = encoder.config.projection_dim
-        check_same_size(where, ("unet.projection_class_embeddings_input_dim",
-                                unet.config.projection_class_embeddings_input_dim),
-                        ("2 x image_encoder.projection_dim", 2 * dim))
-        size = encoder.config.image_size
-        parts.update(
-            image_encoder=encoder,
-            image_normalizer=StableUnCLIPImageNormalizer(embedding_dim=dim),
-            feature_extractor=CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-                                                 image_mean=_CLIP_MEAN, image_std=_CLIP_STD),
-        )
-        return parts
 
     @classmethod
     def shapes_from(cls, configs: dict[str, Any]) -> dict[str, tuple[int, int]]:
@@ -163,7 +126,7 @@ class StableUnCLIPGenerator(CLIPConditionedGenerator):
         return self.negative_conditioning(batch)["prompt_embeds"]
 
     def _run(self, cond: dict[str, torch.Tensor], settings: UnCLIPImageSettings,
-             generator: torch.Generator | list[torch.Generator] | None) -> list[Image.Image]:
+             rng: torch.Generator | list[torch.Generator] | None) -> list[Image.Image]:
         embeds = cond["image_embeds"][:, 0, :]
         prompt = self._empty_prompt(embeds.shape[0])
         kwargs: dict[str, Any] = {"prompt_embeds": prompt}
@@ -181,7 +144,7 @@ class StableUnCLIPGenerator(CLIPConditionedGenerator):
             width=settings.width,
             num_inference_steps=settings.num_inference_steps,
             guidance_scale=settings.guidance_scale,
-            generator=generator,
+            generator=rng,
             output_type="pil",
         )
         return list(out.images)

@@ -21,7 +21,7 @@ class _VideoGenerator(CLIPConditionedGenerator):
     optional_components = ("text_encoder",)
 
     def _call_kwargs(self, cond: dict[str, torch.Tensor], settings: VideoSettings,
-                     generator: torch.Generator | list[torch.Generator] | None) -> dict[str, Any]:
+                     rng: torch.Generator | list[torch.Generator] | None) -> dict[str, Any]:
         # settings.fps only matters when the frames are written to a file.
         return {
             **self.prompt_kwargs(cond, settings.guidance_scale),
@@ -30,13 +30,13 @@ class _VideoGenerator(CLIPConditionedGenerator):
             "width": settings.width,
             "num_inference_steps": settings.num_inference_steps,
             "guidance_scale": settings.guidance_scale,
-            "generator": generator,
+            "generator": rng,
             "output_type": "pil",
         }
 
     def _run(self, cond: dict[str, torch.Tensor], settings: VideoSettings,
-             generator: torch.Generator | list[torch.Generator] | None) -> list[list[Image.Image]]:
-        out = self.pipeline(**self._call_kwargs(cond, settings, generator))
+             rng: torch.Generator | list[torch.Generator] | None) -> list[list[Image.Image]]:
+        out = self.pipeline(**self._call_kwargs(cond, settings, rng))
         return [list(frames) for frames in out.frames]
 
 
@@ -59,12 +59,6 @@ class TextToVideoGenerator(_VideoGenerator):
         from diffusers import TextToVideoSDPipeline
 
         return TextToVideoSDPipeline
-
-    @classmethod
-    def build_components(cls, specs: dict[str, Any], where: str) -> dict[str, Any]:
-        from diffusers import UNet3DConditionModel
-
-        return cls.build_denoiser_components(specs, where, UNet3DConditionModel)
 
 
 @register_generator("animatediff")
@@ -90,11 +84,3 @@ class AnimateDiffGenerator(_VideoGenerator):
         from diffusers import AnimateDiffPipeline
 
         return AnimateDiffPipeline
-
-    @classmethod
-    def build_components(cls, specs: dict[str, Any], where: str) -> dict[str, Any]:
-        from diffusers import MotionAdapter, UNet2DConditionModel
-
-        parts = cls.build_denoiser_components(specs, where, UNet2DConditionModel, motion_adapter=MotionAdapter)
-        parts.update(feature_extractor=None, image_encoder=None)
-        return parts

@@ -11,9 +11,10 @@ has the config fields the AudioLDM pipelines read: ``model_in_dim``, ``sampling_
 ``upsample_rates`` (whose product is the hop).
 
 diffusers loads a component of another library only once that library's module is imported, so
-the audio adapters import this module before loading (:mod:`anymodal.generators.audio`). Pipelines
-saved before the vocoder moved here name ``anymodal.toyworld.vocoder`` in their ``model_index.json``
-(the shipped default model does): importing this module registers it under that name too.
+the audio adapters list this module in their ``component_modules``, which ``DiffusersGenerator``
+imports before it loads a pipeline. Pipelines saved before the vocoder moved here name
+``anymodal.toyworld.vocoder`` in their ``model_index.json`` (the shipped default model does):
+importing this module registers it under that name too.
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from anymodal import AnyModalConfig, AnyModalPipeline
-from anymodal.generators import ImageSettings, ModalityGenerator
+from anymodal.generators import DiffusersGenerator, ImageSettings, register_random_init
+from anymodal.generators.random_init import build_denoiser_components
 from anymodal.modality import Modality
 from anymodal.registry import register_generator
 
@@ -80,7 +81,7 @@ def test_the_path_of_one_prompt(saved_taught, tmp_path, monkeypatch):
         (generation.SignalSpanForcing, "__call__", "5 SignalSpanForcing"),
         (AnyModalProcessor, "split_output", "5 split_output"),
         (AnyModalModel, "project_signal", "6 project_signal"),
-        (StableDiffusionGenerator, "generate", "7 generator.generate"),
+        (StableDiffusionGenerator, "render", "7 render"),
         (commands, "write_outputs", "8 write_outputs"),
     ]
     for owner, name, label in steps:
@@ -97,65 +98,90 @@ def test_the_path_of_one_prompt(saved_taught, tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- adding a generator
-class SolidColourGenerator(ModalityGenerator):
-    """Paints the whole image in one colour, read from a (1, 3) conditioning tensor."""
+@register_generator("latent-consistency")
+class LatentConsistencyGenerator(DiffusersGenerator):
+    """A latent consistency model (Stable Diffusion distilled to a few steps), driven by prompt_embeds."""
 
-    type_name = "solid-colour"
+    type_name = "latent-consistency"
     modality = Modality.IMAGE
     settings_class = ImageSettings
+    required_components = ("unet", "vae", "scheduler", "tokenizer")  # the keys `components:` must give
+    optional_components = ("text_encoder",)
+    shape_components = ("tokenizer", "unet")  # the component configs shapes_from reads
 
     @classmethod
-    def from_config(cls, config):
-        return cls(config)
+    def pipeline_class(cls):
+        from diffusers import LatentConsistencyModelPipeline
 
-    @property
-    def conditioning_shapes(self):
-        return {"colour": (1, 3)}
+        return LatentConsistencyModelPipeline
 
-    def encode_text(self, texts):
-        return {"colour": torch.zeros(len(texts), 1, 3)}
+    @classmethod
+    def shapes_from(cls, configs):  # per sample: what the output projector must produce
+        return {"prompt_embeds": (configs["tokenizer"].model_max_length, configs["unet"].cross_attention_dim)}
 
-    def generate(self, conditioning, settings=None, generator=None, progress=False):
-        settings = self.make_settings(settings)
-        size = settings.height or 8
-        rgb = (torch.sigmoid(conditioning["colour"][:, 0].float()) * 255).round().to(torch.uint8)
-        return [Image.new("RGB", (size, size), tuple(c)) for c in rgb.tolist()]
+    def _run(self, cond, settings, rng):  # one batched call; cond is checked against the shapes
+        out = self.pipeline(prompt_embeds=cond["prompt_embeds"], height=settings.height, width=settings.width,
+                            num_inference_steps=settings.num_inference_steps,
+                            guidance_scale=settings.guidance_scale, generator=rng, output_type="pil")
+        return list(out.images)
 
-    def save_pretrained(self, directory):
-        Path(directory).mkdir(parents=True, exist_ok=True)
-
-    def to(self, device):
-        return self
+    def _encode(self, texts):  # optional: encode_text, the stage-2 alignment targets
+        embeds, _ = self.pipeline.encode_prompt(texts, self.execution_device, 1, False)
+        return {"prompt_embeds": embeds}
 
 
-@pytest.fixture
-def solid_colour_registered():
-    """The docs' ``@register_generator("solid-colour")``, undone afterwards: the registry is global, and
-    other tests enumerate its built-in types."""
+@register_random_init("latent-consistency")
+def build_latent_consistency(specs, where):  # only for `components:` (random init)
+    from diffusers import UNet2DConditionModel
+
+    parts = build_denoiser_components(specs, where, UNet2DConditionModel)  # tokenizer, text encoder, UNet, VAE, ...
+    if parts["unet"].config.time_cond_proj_dim is None:
+        raise ValueError(f"{where}.unet needs time_cond_proj_dim: an LCM UNet takes the guidance scale as an input")
+    return {**parts, "safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _unregister_latent_consistency():
+    """The registries are global, and other tests enumerate their built-in types: undo the
+    example's registrations once this module is done."""
+    yield
+    from anymodal.generators import random_init
     from anymodal.registry import GENERATORS
 
-    register_generator("solid-colour")(SolidColourGenerator)
-    yield
-    GENERATORS._entries.pop("solid-colour", None)
+    GENERATORS._entries.pop("latent-consistency", None)
+    random_init._BUILDERS.pop("latent-consistency", None)
 
 
-def test_add_a_generator(tmp_path, solid_colour_registered):
+def test_add_a_generator(tmp_path):
     data = AnyModalConfig.from_yaml(CONFIGS / "tiny.yaml").to_dict()
-    data["generators"] = {"image": {"type": "solid-colour", "components": {}}}
+    sd = data["generators"]["image"]  # the tiny Stable Diffusion's parts
+    data["generators"] = {"image": {"type": "latent-consistency",
+                                    "components": {**sd["components"], "scheduler": {"class": "LCMScheduler"},
+                                                   "unet": {**sd["components"]["unet"], "time_cond_proj_dim": 8}},
+                                    "settings": {"num_inference_steps": 2}}}
     proj = dict(data["output_projectors"]["image"])
     proj.pop("targets")  # taken from the generator's conditioning_shapes
     data["output_projectors"] = {"image": proj}
     torch.manual_seed(0)
     pipe = AnyModalPipeline.from_config(AnyModalConfig.from_dict(data))
+    gen = pipe.generators[Modality.IMAGE]
+    assert isinstance(gen, LatentConsistencyGenerator)
+    assert pipe.config.output_projectors[Modality.IMAGE].targets == {"prompt_embeds": [16, 32]}
+    assert gen.encode_text(["a cat"])["prompt_embeds"].shape == (1, 16, 32)
     first = pipe.processor.signal_ids[Modality.IMAGE][0]
     n = len(pipe.processor.signal_ids[Modality.IMAGE])
     out = pipe("paint", seed=0, max_new_tokens=n, logits_processor=[ForceFirst(first)])
     (image,) = out.images[0]
-    assert image.size == (8, 8) and len(set(image.getdata())) == 1
-    assert pipe.config.output_projectors[Modality.IMAGE].targets == {"colour": [1, 3]}
+    assert image.size == (16, 16)
 
     pipe.save_pretrained(tmp_path / "saved")
     again = AnyModalPipeline.from_pretrained(tmp_path / "saved")
-    assert isinstance(again.generators[Modality.IMAGE], SolidColourGenerator)
+    assert isinstance(again.generators[Modality.IMAGE], LatentConsistencyGenerator)
     (image2,) = again("paint", seed=0, max_new_tokens=n, logits_processor=[ForceFirst(first)]).images[0]
     assert np.abs(np.asarray(image, float) - np.asarray(image2, float)).max() <= 1
+
+    from anymodal.config import GeneratorConfig
+
+    plain_unet = {**data["generators"]["image"]["components"], "unet": sd["components"]["unet"]}
+    with pytest.raises(ValueError, match="needs time_cond_proj_dim"):
+        LatentConsistencyGenerator.from_config(GeneratorConfig(type="latent-consistency", components=plain_unet))

@@ -192,9 +192,9 @@ def test_rows_are_grouped_by_settings_into_batched_generator_calls(pipe, tmp_pat
 
     gen_rows: list[int] = []
     image_gen = pipe.generators[Modality.IMAGE]
-    real_gen = image_gen.generate
+    real_gen = image_gen.render
     monkeypatch.setattr(pipe.__class__, "__call__", spy)
-    monkeypatch.setattr(image_gen, "generate", lambda cond, *a, **k: gen_rows.append(
+    monkeypatch.setattr(image_gen, "render", lambda cond, *a, **k: gen_rows.append(
         next(iter(cond.values())).shape[0]) or real_gen(cond, *a, **k))
     fast = {"image": {"num_inference_steps": 1}}
     rows = [{"id": f"r{i}", "prompt": "draw a cat", **({"settings": fast} if i % 2 else {})} for i in range(7)]

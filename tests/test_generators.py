@@ -219,6 +219,31 @@ def test_random_init_is_deterministic(gens):
     assert all(not m.training for m in again.pipeline.components.values() if isinstance(m, torch.nn.Module))
 
 
+def test_every_registered_diffusers_generator_has_a_random_init_builder():
+    from anymodal.generators.random_init import random_init_builder
+
+    for name in GENERATORS.names():
+        cls = GENERATORS.get(name)
+        if issubclass(cls, DiffusersGenerator):
+            assert callable(random_init_builder(cls))
+
+
+def test_a_generator_without_a_builder_says_so(gens):
+    from anymodal.generators import StableDiffusionGenerator
+
+    class Unbuilt(DiffusersGenerator):  # a type only ever loaded from `pretrained`
+        type_name = "unbuilt"
+        settings_class = ImageSettings
+
+    with pytest.raises(ValueError, match="'unbuilt' has no random-init builder.*give `pretrained` instead"):
+        Unbuilt.from_config(GeneratorConfig(type="unbuilt", components={"unet": {}}))
+
+    class Variant(StableDiffusionGenerator):  # a subclass builds what its base class builds
+        type_name = "sd-variant"
+
+    assert_same_weights(Variant.from_config(tiny_config("image", type="sd-variant")), gens["image"])
+
+
 # --------------------------------------------------------------------------- shapes and encoding
 @pytest.mark.parametrize("name", NAMES)
 def test_conditioning_shapes(gens, name):
@@ -267,11 +292,11 @@ def _prompt_call(gen: DiffusersGenerator, texts: list[str], settings) -> list:
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_generate_matches_the_pipelines_own_text_path(gens, name):
-    # encode_text -> generate must equal the pipeline's prompt path: same embeddings, same
+def test_render_matches_the_pipelines_own_text_path(gens, name):
+    # encode_text -> render must equal the pipeline's prompt path: same embeddings, same
     # unconditional embedding for guidance, same squeeze/padding conventions.
     gen = gens[name]
-    ours = gen.generate(conditioning(gen, TEXTS[:2]), generator=seeded(0))
+    ours = gen.render(conditioning(gen, TEXTS[:2]), rng=seeded(0))
     ref = _prompt_call(gen, TEXTS[:2], gen.make_settings())
     for x, y in zip(arrays(ours), arrays(ref)):
         assert np.abs(x.astype(np.float32) - y.astype(np.float32)).max() <= (1e-4 if x.dtype == np.float32 else 1)
@@ -279,24 +304,24 @@ def test_generate_matches_the_pipelines_own_text_path(gens, name):
 
 def test_image_outputs(gens):
     gen = gens["image"]
-    images = gen.generate(gen.encode_text(TEXTS), generator=seeded(0))
+    images = gen.render(gen.encode_text(TEXTS), rng=seeded(0))
     assert len(images) == 3 and all(isinstance(im, Image.Image) and im.size == (16, 16) for im in images)
-    wide = gen.generate(gen.encode_text(TEXTS[:1]), settings={"height": 24, "width": 32}, generator=seeded(0))
+    wide = gen.render(gen.encode_text(TEXTS[:1]), settings={"height": 24, "width": 32}, rng=seeded(0))
     assert wide[0].size == (32, 24)
-    typed = gen.generate(gen.encode_text(TEXTS[:1]), settings=ImageSettings(num_inference_steps=1, guidance_scale=1.0))
+    typed = gen.render(gen.encode_text(TEXTS[:1]), settings=ImageSettings(num_inference_steps=1, guidance_scale=1.0))
     assert typed[0].size == (16, 16)
 
 
 @pytest.mark.parametrize("name", ["audio", "audioldm2"])
 def test_audio_outputs(gens, name):
     gen = gens[name]
-    audios = gen.generate(gen.encode_text(TEXTS), generator=seeded(0))
+    audios = gen.render(gen.encode_text(TEXTS), rng=seeded(0))
     assert len(audios) == 3
     for audio in audios:
         assert isinstance(audio, Audio) and audio.sample_rate == 16000
         assert audio.array.dtype == np.float32 and audio.array.ndim == 1
         assert audio.duration == pytest.approx(0.064, abs=1e-3)
-    short = gen.generate(gen.encode_text(TEXTS[:1]), settings={"audio_length_s": 0.032})
+    short = gen.render(gen.encode_text(TEXTS[:1]), settings={"audio_length_s": 0.032})
     assert short[0].duration == pytest.approx(0.032, abs=1e-3)
 
 
@@ -304,12 +329,12 @@ def test_audio_outputs(gens, name):
 def test_video_outputs(gens, name):
     gen = gens[name]
     frames_default = TINY[name]["settings"]["num_frames"]
-    videos = gen.generate(gen.encode_text(TEXTS), generator=seeded(0))
+    videos = gen.render(gen.encode_text(TEXTS), rng=seeded(0))
     assert len(videos) == 3
     for video in videos:
         assert len(video) == frames_default
         assert all(isinstance(f, Image.Image) and f.size == (16, 16) for f in video)
-    two = gen.generate(gen.encode_text(TEXTS[:1]), settings=VideoSettings(num_inference_steps=1, num_frames=2))
+    two = gen.render(gen.encode_text(TEXTS[:1]), settings=VideoSettings(num_inference_steps=1, num_frames=2))
     assert len(two[0]) == 2
 
 
@@ -326,7 +351,7 @@ def test_batch_is_one_pipeline_call(gens, name, monkeypatch):
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(pipe_cls, "__call__", counting)
-    assert len(gen.generate(cond, generator=seeded(0))) == 3
+    assert len(gen.render(cond, rng=seeded(0))) == 3
     assert calls == [3]
 
 
@@ -334,16 +359,16 @@ def test_batch_is_one_pipeline_call(gens, name, monkeypatch):
 def test_same_seed_same_output(gens, name):
     gen = gens[name]
     cond = conditioning(gen, TEXTS[:2])
-    first = gen.generate(cond, generator=seeded(7))
-    assert same(first, gen.generate(cond, generator=seeded(7)))
-    assert not same(first, gen.generate(cond, generator=seeded(8)))
+    first = gen.render(cond, rng=seeded(7))
+    assert same(first, gen.render(cond, rng=seeded(7)))
+    assert not same(first, gen.render(cond, rng=seeded(8)))
     # one generator per row is passed through to the pipeline (a batch of one differs from a row
     # of a batch of two only by float rounding)
     if name in FROM_IMAGES:
         # unCLIP draws the embedding noise before the latents, from the same generator, so only
         # one generator per row (what AnyModalPipeline passes) makes a row independent of its batch
-        first = gen.generate(cond, generator=[seeded(7), seeded(9)])
-    alone = gen.generate({k: v[:1] for k, v in cond.items()}, generator=[seeded(7)])
+        first = gen.render(cond, rng=[seeded(7), seeded(9)])
+    alone = gen.render({k: v[:1] for k, v in cond.items()}, rng=[seeded(7)])
     np.testing.assert_allclose(arrays(alone)[0].astype(np.float32), arrays(first)[0].astype(np.float32),
                                rtol=1e-4, atol=1e-5 if isinstance(alone[0], Audio) else 1)
 
@@ -351,10 +376,10 @@ def test_same_seed_same_output(gens, name):
 def test_progress_flag_controls_diffusers_progress_bar(gens, capsys):
     gen = gens["image"]
     cond = gen.encode_text(TEXTS[:1])
-    gen.generate(cond)
+    gen.render(cond)
     assert gen.pipeline._progress_bar_config == {"disable": True}
     assert "it/s" not in capsys.readouterr().err
-    gen.generate(cond, progress=True)
+    gen.render(cond, progress=True)
     assert gen.pipeline._progress_bar_config == {"disable": False}
 
 
@@ -362,7 +387,7 @@ def test_projected_conditioning_is_accepted(gens):
     # What an output projector produces: any float tensor of the right shape, with grad, any dtype.
     gen = gens["image"]
     cond = {"prompt_embeds": torch.randn(2, 16, 32, dtype=torch.float64, requires_grad=True)}
-    assert len(gen.generate(cond, generator=seeded(0))) == 2
+    assert len(gen.render(cond, rng=seeded(0))) == 2
 
 
 def test_pipeline_without_text_encoder(gens):
@@ -374,7 +399,7 @@ def test_pipeline_without_text_encoder(gens):
     with pytest.raises(ValueError, match="no text encoder"):
         gen.encode_text(["x"])
     # guidance uses zeros as the unconditional embedding
-    images = gen.generate({"prompt_embeds": torch.randn(2, 16, 32)}, generator=seeded(0))
+    images = gen.render({"prompt_embeds": torch.randn(2, 16, 32)}, rng=seeded(0))
     assert len(images) == 2
 
 
@@ -391,7 +416,7 @@ def test_save_and_reload_round_trip(gens, name, tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     gen = gens[name]
     cond = conditioning(gen, TEXTS[:2])
-    before = gen.generate(cond, generator=seeded(3))
+    before = gen.render(cond, rng=seeded(3))
     gen.save_pretrained(tmp_path / "saved")
     weights = _weight_files(tmp_path / "saved")
     assert weights and set(weights) == {".safetensors"}
@@ -403,7 +428,7 @@ def test_save_and_reload_round_trip(gens, name, tmp_path, monkeypatch):
     again = GENERATORS.get(cfg.type).from_config(cfg)
     assert again.is_loaded and again.conditioning_shapes == gen.conditioning_shapes
     assert_same_weights(gen, again)
-    assert close(before, again.generate(cond, generator=seeded(3)))  # exact on some CPUs, not on every one
+    assert close(before, again.render(cond, rng=seeded(3)))  # exact on some CPUs, not on every one
     for key, value in conditioning(again, TEXTS[:2]).items():
         torch.testing.assert_close(value, cond[key], rtol=0, atol=0)
 
@@ -418,10 +443,10 @@ def test_lazy_loading(gens, tmp_path):
     assert gen.conditioning_shapes == {"prompt_embeds": (16, 32)}
     assert not gen.is_loaded
     assert gen.to("cpu") is gen and not gen.is_loaded
-    images = gen.generate({"prompt_embeds": torch.randn(1, 16, 32)})
+    images = gen.render({"prompt_embeds": torch.randn(1, 16, 32)})
     assert gen.is_loaded and len(images) == 1
     pipe = gen.pipeline
-    gen.generate({"prompt_embeds": torch.randn(1, 16, 32)})
+    gen.render({"prompt_embeds": torch.randn(1, 16, 32)})
     assert gen.pipeline is pipe  # resident: never reloaded per call
 
 
@@ -429,14 +454,14 @@ def test_lazy_load_of_a_missing_directory_fails_on_use(tmp_path):
     cfg = GeneratorConfig(type="stable-diffusion", pretrained=str(tmp_path / "nothing"), lazy=True)
     gen = GENERATORS.get("stable-diffusion").from_config(cfg)
     with pytest.raises(Exception):
-        gen.generate({"prompt_embeds": torch.randn(1, 16, 32)})
+        gen.render({"prompt_embeds": torch.randn(1, 16, 32)})
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only warning")
 def test_cpu_offload_without_cuda_warns():
     with pytest.warns(UserWarning, match="CUDA is not available"):
         gen = GENERATORS.get("stable-diffusion").from_config(tiny_config("image", cpu_offload=True))
-    assert len(gen.generate({"prompt_embeds": torch.randn(1, 16, 32)})) == 1
+    assert len(gen.render({"prompt_embeds": torch.randn(1, 16, 32)})) == 1
 
 
 def test_to_returns_self(gens):
@@ -448,25 +473,25 @@ def test_to_returns_self(gens):
 def test_wrong_conditioning_shape_names_expected_and_got(gens):
     gen = gens["image"]
     with pytest.raises(ValueError, match=r"\(batch, 16, 32\), got \(2, 16, 31\)"):
-        gen.generate({"prompt_embeds": torch.randn(2, 16, 31)})
+        gen.render({"prompt_embeds": torch.randn(2, 16, 31)})
     with pytest.raises(ValueError, match=r"\(batch, 16, 32\), got \(16, 32\)"):
-        gen.generate({"prompt_embeds": torch.randn(16, 32)})
+        gen.render({"prompt_embeds": torch.randn(16, 32)})
     with pytest.raises(ValueError, match=r"\(batch, 1, 32\), got \(2, 32\)"):
-        gens["audio"].generate({"prompt_embeds": torch.randn(2, 32)})
+        gens["audio"].render({"prompt_embeds": torch.randn(2, 32)})
 
 
 def test_bad_conditioning_keys_and_types(gens):
     with pytest.raises(ValueError, match="missing 'prompt_embeds'"):
-        gens["image"].generate({"embeds": torch.randn(1, 16, 32)})
+        gens["image"].render({"embeds": torch.randn(1, 16, 32)})
     with pytest.raises(ValueError, match="unknown key 'extra'"):
-        gens["image"].generate({"prompt_embeds": torch.randn(1, 16, 32), "extra": torch.randn(1, 16, 32)})
+        gens["image"].render({"prompt_embeds": torch.randn(1, 16, 32), "extra": torch.randn(1, 16, 32)})
     with pytest.raises(ValueError, match="must be a torch.Tensor"):
-        gens["image"].generate({"prompt_embeds": np.zeros((1, 16, 32))})
+        gens["image"].render({"prompt_embeds": np.zeros((1, 16, 32))})
     with pytest.raises(ValueError, match="missing 'generated_prompt_embeds'"):
-        gens["audioldm2"].generate({"prompt_embeds": torch.randn(1, 16, 32)})
+        gens["audioldm2"].render({"prompt_embeds": torch.randn(1, 16, 32)})
     with pytest.raises(ValueError, match="batch size"):
-        gens["audioldm2"].generate({"prompt_embeds": torch.randn(2, 16, 32),
-                                    "generated_prompt_embeds": torch.randn(3, 4, 16)})
+        gens["audioldm2"].render({"prompt_embeds": torch.randn(2, 16, 32),
+                                  "generated_prompt_embeds": torch.randn(3, 4, 16)})
     with pytest.raises(ValueError, match="list of strings"):
         gens["image"].encode_text("a single string")
 
@@ -474,13 +499,13 @@ def test_bad_conditioning_keys_and_types(gens):
 def test_bad_settings(gens):
     cond = {"prompt_embeds": torch.randn(1, 16, 32)}
     with pytest.raises(ValueError, match="allowed fields: num_inference_steps"):
-        gens["image"].generate(cond, settings={"num_inference_step": 2})
+        gens["image"].render(cond, settings={"num_inference_step": 2})
     with pytest.raises(ValueError, match="num_inference_steps must be a positive integer"):
-        gens["image"].generate(cond, settings={"num_inference_steps": -1})
+        gens["image"].render(cond, settings={"num_inference_steps": -1})
     with pytest.raises(ValueError, match="audio_length_s must be a positive finite number"):
-        gens["audio"].generate({"prompt_embeds": torch.randn(1, 1, 32)}, settings={"audio_length_s": -1.0})
+        gens["audio"].render({"prompt_embeds": torch.randn(1, 1, 32)}, settings={"audio_length_s": -1.0})
     with pytest.raises(TypeError, match="must be ImageSettings or a dict"):
-        gens["image"].generate(cond, settings=AudioSettings())
+        gens["image"].render(cond, settings=AudioSettings())
     with pytest.raises(ValueError, match="unknown field|allowed fields"):  # bad defaults fail at load
         GENERATORS.get("stable-diffusion").from_config(tiny_config("image", settings={"steps": 2}))
 
@@ -546,29 +571,29 @@ def test_unclip_image_outputs_and_settings(gens):
 
     gen = gens["unclip"]
     cond = gen.encode_images(images_for(TEXTS))
-    images = gen.generate(cond, generator=seeded(0))
+    images = gen.render(cond, rng=seeded(0))
     assert len(images) == 3 and all(isinstance(im, Image.Image) and im.size == (16, 16) for im in images)
     # a plain ImageSettings is accepted and keeps the configured noise level
     s = gen.make_settings(ImageSettings(num_inference_steps=1, guidance_scale=1.0))
     assert isinstance(s, UnCLIPImageSettings) and s.noise_level == 0 and s.num_inference_steps == 1
     # noise on the embedding changes the output; the same seed still reproduces it
-    noisy = gen.generate(cond, settings={"noise_level": 500}, generator=seeded(0))
+    noisy = gen.render(cond, settings={"noise_level": 500}, rng=seeded(0))
     assert not same(images, noisy)
-    assert same(noisy, gen.generate(cond, settings={"noise_level": 500}, generator=seeded(0)))
+    assert same(noisy, gen.render(cond, settings={"noise_level": 500}, rng=seeded(0)))
     with pytest.raises(ValueError, match="noise_level must be below the image noising scheduler's 1000 steps"):
-        gen.generate(cond, settings={"noise_level": 1000})
+        gen.render(cond, settings={"noise_level": 1000})
     with pytest.raises(ValueError, match="noise_level must be an integer >= 0"):
-        gen.generate(cond, settings={"noise_level": -1})
+        gen.render(cond, settings={"noise_level": -1})
 
 
 def test_unclip_projected_embeddings_and_errors(gens):
     gen = gens["unclip"]
     # what an output projector produces: any float tensor of shape (batch, 1, D)
-    assert len(gen.generate({"image_embeds": torch.randn(2, 1, 16, requires_grad=True)}, generator=seeded(0))) == 2
+    assert len(gen.render({"image_embeds": torch.randn(2, 1, 16, requires_grad=True)}, rng=seeded(0))) == 2
     with pytest.raises(ValueError, match=r"missing 'image_embeds'"):
-        gen.generate({"prompt_embeds": torch.randn(1, 16, 32)})
+        gen.render({"prompt_embeds": torch.randn(1, 16, 32)})
     with pytest.raises(ValueError, match=r"\(batch, 1, 16\), got \(2, 16\)"):
-        gen.generate({"image_embeds": torch.randn(2, 16)})
+        gen.render({"image_embeds": torch.randn(2, 16)})
     with pytest.raises(ValueError, match="non-empty list of PIL images"):
         gen.encode_images(images_for(["x"])[0])
 

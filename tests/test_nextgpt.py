@@ -199,13 +199,13 @@ def test_end_to_end_matches_nextgpt(converted: Path):
 
     seen = {}
     gen = pipe.generators[Modality.IMAGE]
-    original = gen.generate
+    original = gen.render
 
     def capture(conditioning, *a, **k):
         seen.update({n: t.detach().clone() for n, t in conditioning.items()})
         return original(conditioning, *a, **k)
 
-    gen.generate = capture
+    gen.render = capture
     tiny = {"image": {"num_inference_steps": 1, "height": 16, "width": 16}}  # the config's settings are SD-1.5's
     out = pipe(META["e2e_prompt"], images=[image], max_new_tokens=6, settings=tiny,
                logits_processor=[_ForceFirst(ids["[IMG0]"])])
@@ -380,7 +380,7 @@ def test_audio_conditioning_reaches_audioldm_as_is(converted: Path):
             return real(**kwargs)
 
     gen._pipe = Recorder()  # the generator calls self.pipeline, which returns _pipe
-    gen.generate({"prompt_embeds": cond}, gen.make_settings({"num_inference_steps": 1, "audio_length_s": 0.064}))
+    gen.render({"prompt_embeds": cond}, gen.make_settings({"num_inference_steps": 1, "audio_length_s": 0.064}))
     passed = seen["prompt_embeds"]  # in the generator's dtype (the config's float16)
     assert torch.equal(passed, cond[:, 0, :].to(passed.dtype))
     with torch.no_grad():

@@ -161,13 +161,13 @@ def test_batch_with_media_per_prompt(pipe, media_files):
 def test_generators_are_called_once_per_batch(pipe, monkeypatch):
     gen = pipe.generators[I]
     calls = []
-    original = gen.generate
+    original = gen.render
 
     def spy(conditioning, *a, **k):
         calls.append(conditioning["prompt_embeds"].shape[0])
         return original(conditioning, *a, **k)
 
-    monkeypatch.setattr(gen, "generate", spy)
+    monkeypatch.setattr(gen, "render", spy)
     out = pipe(["draw", "draw", "both"], seed=0)
     assert calls == [3] and [len(x) for x in out.images] == [1, 1, 1]
 

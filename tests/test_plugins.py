@@ -60,7 +60,7 @@ class SolidGenerator(ModalityGenerator):
     def encode_text(self, texts):
         return {"colour": torch.tensor([[[len(t) % 3, 1.0, -1.0]] for t in texts])}
 
-    def generate(self, conditioning, settings=None, generator=None, progress=False):
+    def render(self, conditioning, settings=None, rng=None, progress=False):
         settings = self.make_settings(settings)
         size = settings.height or self.size
         rgb = (torch.sigmoid(conditioning["colour"][:, 0].float()) * 255).round().to(torch.uint8).tolist()

@@ -149,8 +149,8 @@ def test_image_generator_loads_through_diffusers_and_the_adapter(tokenizer_dir: 
         GeneratorConfig(type="stable-diffusion", pretrained=str(directory)))
     assert gen.conditioning_shapes == {"prompt_embeds": (24, 16)}
     cond = gen.encode_text(["a red circle on a blue background"])
-    [image] = gen.generate(cond, settings={"num_inference_steps": 2, "guidance_scale": 3.0},
-                           generator=torch.Generator().manual_seed(0))
+    [image] = gen.render(cond, settings={"num_inference_steps": 2, "guidance_scale": 3.0},
+                         rng=torch.Generator().manual_seed(0))
     assert image.size == (64, 64)
     lazy = GENERATORS.get("stable-diffusion").from_config(
         GeneratorConfig(type="stable-diffusion", pretrained=str(directory), lazy=True))
@@ -294,7 +294,7 @@ def test_audio_generator_resumes_and_loads_through_the_adapter(tokenizer_dir: Pa
     gen = GENERATORS.get("audioldm").from_config(GeneratorConfig(type="audioldm", pretrained=r.path))
     assert type(gen.pipeline.vocoder).__name__ == "GriffinLimVocoder"
     assert gen.conditioning_shapes == {"prompt_embeds": (1, 16)}
-    [audio] = gen.generate(gen.encode_text(["a high sine tone of A5 lasting half a second"]),
-                           settings={"num_inference_steps": 2, "guidance_scale": 3.0, "audio_length_s": 1.024},
-                           generator=torch.Generator().manual_seed(0))
+    [audio] = gen.render(gen.encode_text(["a high sine tone of A5 lasting half a second"]),
+                         settings={"num_inference_steps": 2, "guidance_scale": 3.0, "audio_length_s": 1.024},
+                         rng=torch.Generator().manual_seed(0))
     assert audio.sample_rate == world.SAMPLE_RATE and audio.array.shape == (world.CLIP_SAMPLES,)

@@ -56,7 +56,7 @@ def test_trains_saves_and_generates_through_the_adapter(tokenizer_dir: Path, tmp
     gen = GENERATORS.get("text-to-video").from_config(generator_config(path, steps=2))
     assert gen.conditioning_shapes == {"prompt_embeds": (16, 16)}  # (prompt_length, cross_attention_dim)
     cond = gen.encode_text(["a red circle moving left", "a blue square moving up"])
-    videos = gen.generate(cond, generator=torch.Generator().manual_seed(0))
+    videos = gen.render(cond, rng=torch.Generator().manual_seed(0))
     assert len(videos) == 2 and all(len(v) == world.VIDEO_FRAMES for v in videos)
     assert videos[0][0].size == (world.VIDEO_SIZE, world.VIDEO_SIZE)
     figures = evaluate_video_generator(path, 2, 0, 2, 3.0)

@@ -121,7 +121,7 @@ def evaluate_audio_generator(directory: Path, n: int, seed: int, steps: int, gui
         for split, specs in audio_eval_specs(n, seed).items():
             t0 = time.time()
             cond = gen.encode_text([s.caption() for s in specs])
-            audios = gen.generate(cond, generator=torch.Generator().manual_seed(seed))
+            audios = gen.render(cond, rng=torch.Generator().manual_seed(seed))
             if audios and audios[0].sample_rate != world.SAMPLE_RATE:
                 raise ValueError(f"{directory}: the vocoder runs at {audios[0].sample_rate} Hz, "
                                  f"expected {world.SAMPLE_RATE}")

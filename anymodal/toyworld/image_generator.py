@@ -96,7 +96,7 @@ def evaluate_image_generator(directory: Path, n: int, seed: int, steps: int, gui
     """Load a saved pipeline through anymodal's ``stable-diffusion`` adapter and score it.
 
     The prompts are encoded by the generator's own text encoder (``encode_text``) and generated
-    with ``generate``: exactly the path the anymodal pipeline drives.
+    with ``render``: exactly the path the anymodal pipeline drives.
     """
     import anymodal.generators  # noqa: F401  (registers the adapters)
     from anymodal.config import GeneratorConfig
@@ -111,7 +111,7 @@ def evaluate_image_generator(directory: Path, n: int, seed: int, steps: int, gui
         for split, specs in eval_specs(n, seed).items():
             t0 = time.time()
             cond = gen.encode_text([s.caption() for s in specs])
-            images = gen.generate(cond, generator=torch.Generator().manual_seed(seed))
+            images = gen.render(cond, rng=torch.Generator().manual_seed(seed))
             out[split] = score_images(images, specs) | {"n": len(specs),
                                                            "s_per_image": round((time.time() - t0) / n, 3)}
     return out

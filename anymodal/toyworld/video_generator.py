@@ -23,7 +23,7 @@ A real diffusers ``TextToVideoSDPipeline`` (what NExT-GPT's Zeroscope is; anymod
 The phase's settings are :class:`~anymodal.toyworld.recipe.VideoGeneratorPhase`.
 
 Evaluation generates ``spec.caption()`` prompts of seen and held-out specs through the adapter
-(``encode_text``, then ``generate``) and scores them with :func:`checkers.score_video`
+(``encode_text``, then ``render``) and scores them with :func:`checkers.score_video`
 (``found``, ``colour_ok``, ``shape_ok``, ``direction_ok``, ``ok``).
 """
 
@@ -133,7 +133,7 @@ def evaluate_video_generator(directory: Path, n: int, seed: int, steps: int, gui
     """Load a saved pipeline through anymodal's ``text-to-video`` adapter and score its videos.
 
     The prompts are encoded by the generator's own text encoder (``encode_text``) and generated
-    with ``generate``: exactly the path the anymodal pipeline drives.
+    with ``render``: exactly the path the anymodal pipeline drives.
     """
     import anymodal.generators  # noqa: F401  (registers the adapters)
     from anymodal.registry import GENERATORS
@@ -145,7 +145,7 @@ def evaluate_video_generator(directory: Path, n: int, seed: int, steps: int, gui
         for split, specs in video_eval_specs(n, seed).items():
             t0 = time.time()
             cond = gen.encode_text([s.caption() for s in specs])
-            videos = gen.generate(cond, generator=torch.Generator().manual_seed(seed))
+            videos = gen.render(cond, rng=torch.Generator().manual_seed(seed))
             out[split] = score_videos(videos, specs) | {"n": len(specs),
                                                          "s_per_video": round((time.time() - t0) / n, 3)}
     return out

@@ -129,7 +129,7 @@ class DepthPlaneGenerator(ModalityGenerator):
     def encode_text(self, texts: list[str]) -> dict[str, torch.Tensor]:
         return {"plane": torch.zeros(len(texts), 1, 3)}
 
-    def generate(self, conditioning, settings=None, generator=None, progress=False) -> list[np.ndarray]:
+    def render(self, conditioning, settings=None, rng=None, progress=False) -> list[np.ndarray]:
         settings = self.make_settings(settings)
         ys, xs = np.mgrid[0:1:settings.size * 1j, 0:1:settings.size * 1j]
         return [(a * xs + b * ys + c).astype(np.float32)
