@@ -373,6 +373,20 @@ def test_same_seed_same_output(gens, name):
                                rtol=1e-4, atol=1e-5 if isinstance(alone[0], Audio) else 1)
 
 
+def test_settings_are_resolved_once_on_each_path(gens, monkeypatch):
+    gen = gens["image"]
+    calls = []
+    original = gen.make_settings
+    monkeypatch.setattr(gen, "make_settings", lambda settings=None: calls.append(settings) or original(settings))
+    cond = gen.encode_text(TEXTS[:1])
+    overrides = {"num_inference_steps": 1, "height": 16, "width": 24}
+    [image] = gen.render(cond, settings=overrides)  # a dict: merged with the config's defaults here
+    assert calls == [overrides] and image.size == (24, 16)
+    resolved = original({**overrides, "width": 32})
+    [image] = gen.render(cond, settings=resolved)  # already resolved: used as it is
+    assert calls == [overrides] and image.size == (32, 16)
+
+
 def test_progress_flag_controls_diffusers_progress_bar(gens, capsys):
     gen = gens["image"]
     cond = gen.encode_text(TEXTS[:1])

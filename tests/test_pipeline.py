@@ -96,6 +96,18 @@ def test_settings_reach_the_generator(pipe):
         pipe("draw", settings={"image": {"colour": "red"}})
 
 
+def test_settings_are_resolved_once(pipe, monkeypatch):
+    # resolve_settings merges the config's defaults with the call's overrides; the generator then
+    # takes the resolved object as it is
+    gen = pipe.generators[I]
+    calls = []
+    original = gen.make_settings
+    monkeypatch.setattr(gen, "make_settings", lambda settings=None: calls.append(settings) or original(settings))
+    overrides = {"num_inference_steps": 1, "height": 24, "width": 32}
+    out = pipe("draw", seed=0, settings={"image": overrides})
+    assert calls == [overrides] and out.images[0][0].size == (32, 24)
+
+
 # ---------------------------------------------------------------- X -> text
 def test_image_to_text(pipe, media_files):
     path = media_files / "a.png"
