@@ -82,6 +82,7 @@ def test_the_path_of_one_prompt(saved_taught, tmp_path, monkeypatch):
         (AnyModalProcessor, "split_output", "5 split_output"),
         (AnyModalModel, "project_signal", "6 project_signal"),
         (StableDiffusionGenerator, "render", "7 render"),
+        (StableDiffusionGenerator, "_run", "7 _run"),
         (commands, "write_outputs", "8 write_outputs"),
     ]
     for owner, name, label in steps:
