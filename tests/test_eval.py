@@ -49,6 +49,21 @@ class Oracle:
         return out
 
 
+class ShortAudio(Oracle):
+    """Makes audio too short for the checkers to read, as the random tiny model does (1024 samples)."""
+
+    def __call__(self, prompts, **kw):
+        out = super().__call__(prompts, **kw)
+        for row in out.audios:
+            row[:] = [Audio(a.array[:1024], a.sample_rate) for a in row]
+        return out
+
+
+def test_unreadable_generated_media_score_zero_instead_of_failing_the_run():
+    results = evaluate(ShortAudio(), n=3, directions=["t2a", "t2i"], progress=False)
+    assert results["t2a"].accuracy == 0.0 and results["t2i"].accuracy == 1.0
+
+
 def test_oracle_scores_full_marks():
     results = evaluate(Oracle(), n=6, progress=False)
     assert set(results) == set(DIRECTIONS)

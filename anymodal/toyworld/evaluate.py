@@ -79,12 +79,15 @@ def _score(direction: str, dialogue: world.Dialogue, prompt: str, out, row: int)
         if not made:
             return False, {f: False for f in names}
         item = made[0]
-        if direction == "t2i":
-            s = checkers.score_image(item, target)
-        elif direction == "t2a":
-            s = checkers.score_audio(item.array, item.sample_rate, target)
-        else:
-            s = checkers.score_video(item, target)
+        try:
+            if direction == "t2i":
+                s = checkers.score_image(item, target)
+            elif direction == "t2a":
+                s = checkers.score_audio(item.array, item.sample_rate, target)
+            else:
+                s = checkers.score_video(item, target)
+        except ValueError:  # a medium the checkers cannot read (audio under 0.1 s, say) shows nothing asked
+            return False, {f: False for f in names}
         fields = {f: bool(s.get(f"{f}_ok", False)) for f in names}
         return all(fields.values()), fields
     ok = checkers.check_answer(dialogue.question, out.text[row], target)
