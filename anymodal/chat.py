@@ -14,10 +14,12 @@ from .commands import add_model_args, load_pipeline, write_outputs
 from .modality import Modality, media_modalities
 from .session import ChatSession, Turn
 
-CHAT_HELP = """Type a message and press Enter. Commands:
-  /image PATH   attach an image to the next message      /audio PATH   attach an audio file
-  /video PATH   attach a video                           /save DIR     save the session
-  /help         show this help                           /quit         leave (also Ctrl-D)"""
+def chat_help() -> str:
+    """The commands of ``anymodal chat``: one ``/NAME PATH`` per media modality, then the rest."""
+    attach = [f"/{m.value} PATH".ljust(14) + f"attach one {m.value} file to the next message" for m in media_modalities()]
+    rest = ["/save DIR".ljust(14) + "save the session", "/help".ljust(14) + "show this help",
+            "/quit".ljust(14) + "leave (also Ctrl-D)"]
+    return "Type a message and press Enter. Commands:\n" + "\n".join(f"  {line}" for line in attach + rest)
 
 
 def chat_args(p: argparse.ArgumentParser) -> None:
@@ -59,7 +61,7 @@ def chat_command(args: argparse.Namespace) -> int:
             if cmd in ("/quit", "/exit"):
                 return 0
             if cmd == "/help":
-                print(CHAT_HELP)
+                print(chat_help())
             elif cmd in kinds:
                 path = Path(arg).expanduser()
                 if not arg or not path.is_file():

@@ -68,6 +68,9 @@ def test_the_spec_is_the_one_entry(depth, pipe):
     assert pipe.processor.signal_strings[key] == ["<dep_0>", "<dep_1>"]  # the spec's prefix and default count
     assert pipe.config.output_projectors[key].targets == {"plane": [1, 3]}  # from the generator
     assert "<depth>" in pipe.processor.tokenizer.get_vocab()
+    from anymodal.chat import chat_help
+
+    assert "/depth PATH" in chat_help() and "/image PATH" in chat_help()  # anymodal chat attaches it too
 
 
 def test_depth_in_and_out_of_the_pipeline(depth, pipe, tmp_path):
