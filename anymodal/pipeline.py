@@ -144,15 +144,19 @@ class AnyModalPipeline:
         return pipe.to(device if device is not None else "cpu")
 
     @classmethod
-    def from_pretrained(cls, source: str | os.PathLike | None = None, device: str | torch.device | None = None,
-                        *, allow_pickle: bool | None = None) -> "AnyModalPipeline":
-        """Load a saved pipeline directory, a YAML config file, or a shipped config by name (``"tiny"``).
+    def from_pretrained(cls, source: str | os.PathLike | AnyModalConfig | None = None,
+                        device: str | torch.device | None = None, *,
+                        allow_pickle: bool | None = None) -> "AnyModalPipeline":
+        """Load a saved pipeline directory, a YAML config file, a shipped config by name (``"tiny"``),
+        or build an :class:`AnyModalConfig` given as an object.
 
         With no ``source``, load the default model shipped inside the package. Only safetensors
         weights load unless ``allow_pickle=True`` (unsafe: pickle files can run code when loaded).
         """
         if source is None:
             source = default_model_path()
+        if isinstance(source, AnyModalConfig):
+            return cls.from_config(source, device, allow_pickle=allow_pickle)
         path = Path(source)
         if path.is_dir():
             if not (path / INDEX_NAME).is_file():

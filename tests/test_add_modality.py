@@ -166,3 +166,29 @@ def test_registering_a_clashing_or_malformed_spec_is_refused(depth):
     with pytest.raises(ValueError, match="cannot be removed"):
         unregister_modality("image")
     assert isinstance(base, ModalitySpec)
+
+
+def test_the_three_training_stages_take_depth_data(depth, tmp_path):
+    """Caption pairs (stages 1-2) and dialogues (stage 3) name the modality like any built-in; train()
+    also takes the config as an object."""
+    import math
+
+    from anymodal.training.trainer import train
+
+    (tmp_path / "maps").mkdir()
+    pairs, dialogues = [], []
+    for i in range(4):
+        np.save(tmp_path / "maps" / f"{i}.npy", np.full((6, 6), i / 4, np.float32))
+        pairs.append({"modality": "depth", "media": f"maps/{i}.npy", "caption": f"a flat plane at {i}"})
+        dialogues.append({"messages": [
+            {"role": "user", "content": ["make a plane like", {"depth": f"maps/{i}.npy"}]},
+            {"role": "assistant", "content": ["here: ", {"depth": None, "caption": f"a flat plane at {i}"}]}]})
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    (tmp_path / "dialogues.jsonl").write_text("".join(json.dumps(r) + "\n" for r in dialogues))
+    source = _config()
+    for stage, data in ((1, "pairs.jsonl"), (2, "pairs.jsonl"), (3, "dialogues.jsonl")):
+        result = train(source, tmp_path / data, tmp_path / f"stage{stage}", stage=stage, max_steps=2)
+        assert result.bad_rows == 0 and len(result.losses) == 2 and all(map(math.isfinite, result.losses)), stage
+        source = result.final_dir
+    again = AnyModalPipeline.from_pretrained(source)
+    assert again("p", seed=0, **_force_depth(again)).depths[0][0].shape == (6, 6)
