@@ -168,9 +168,6 @@ class ModalitySpec:
         """The string that marks one input medium in a prompt and one generated medium in the output."""
         return f"<{self.name}>"
 
-    def signal_token(self, i: int) -> str:
-        return f"<{self.signal_prefix}_{i}>"
-
 
 def register_modality(spec: ModalitySpec, *, replace: bool = False) -> Modality:
     """Register a media modality; returns its key (also set as ``Modality.<NAME>``).
@@ -209,10 +206,6 @@ def unregister_modality(name: "Modality | str") -> None:
 def media_modalities() -> tuple[Modality, ...]:
     """Every registered media modality, in registration order (the built-ins first)."""
     return tuple(_SPECS)
-
-
-def modality_spec(modality: "Modality | str") -> ModalitySpec:
-    return Modality.parse(modality).spec
 
 
 def by_plural(plural: str) -> Modality | None:
