@@ -151,8 +151,10 @@ class ModalitySpec:
                                  f"got {value!r}")
         if self.name == self.plural:
             raise ValueError(f"ModalitySpec {self.name!r}: plural must differ from name")
-        if not (isinstance(self.suffix, str) and self.suffix.startswith(".")):
-            raise ValueError(f"ModalitySpec {self.name!r}: suffix must start with '.', got {self.suffix!r}")
+        for suffix in (self.suffix, *self.suffixes):
+            if not (isinstance(suffix, str) and re.fullmatch(r"\.[a-z0-9]{1,8}", suffix)):
+                raise ValueError(f"ModalitySpec {self.name!r}: a file suffix is '.' and 1 to 8 lower-case letters "
+                                 f"or digits, got {suffix!r}")
 
     @property
     def key(self) -> Modality:

@@ -192,3 +192,32 @@ def test_the_three_training_stages_take_depth_data(depth, tmp_path):
         source = result.final_dir
     again = AnyModalPipeline.from_pretrained(source)
     assert again("p", seed=0, **_force_depth(again)).depths[0][0].shape == (6, 6)
+
+
+def test_the_web_ui_offers_a_generated_depth_map_as_a_download(depth, pipe, tmp_path, monkeypatch):
+    """The page shows image, audio and video; another registered modality's reply is written with its
+    spec's saver and served as an attachment (application/octet-stream), never rendered."""
+    import io
+
+    pytest.importorskip("uvicorn")
+    from _uiclient import multipart, new_session, request, serving
+
+    ids = pipe.processor.signal_ids[Modality.DEPTH]
+    original = type(pipe).generate
+
+    def forced(self, convs, **kw):  # the random LLM must emit a depth map
+        kw.update(max_new_tokens=len(ids), logits_processor=[ForceFirst(ids[0])])
+        return original(self, convs, **kw)
+
+    monkeypatch.setattr(type(pipe), "generate", forced)
+    for base in serving(pipe, tmp_path / "media"):
+        sid = new_session(base)
+        body, headers = multipart([("text", None, b"a ramp")])
+        r = request(base, "POST", f"/api/sessions/{sid}/send", body, headers)
+        assert r.status == 200, r
+        (item,) = r.json()["reply"]["media"]
+        assert item["kind"] == "depth" and item["url"].endswith(".npy")
+        got = request(base, "GET", item["url"])
+        assert got.status == 200 and got.headers["content-type"] == "application/octet-stream"
+        assert got.headers["content-disposition"].startswith("attachment")
+        assert np.load(io.BytesIO(got.body), allow_pickle=False).shape == (6, 6)

@@ -39,7 +39,7 @@ PAGE_CSS = r"""  body { font-family: system-ui, sans-serif; margin: 0; backgroun
   .turn .who { font-size: 0.75rem; color: #666; display: block; margin-bottom: 0.3rem; }
   .turn img { display: block; max-width: 16rem; min-width: 8rem; image-rendering: pixelated; margin: 0.4rem 0;
               border-radius: 0.3rem; }
-  .turn audio, .turn video { display: block; margin: 0.4rem 0; }
+  .turn audio, .turn video, .turn .file-link { display: block; margin: 0.4rem 0; }
   .turn video { max-width: 16rem; }
   #composer { position: fixed; bottom: 0; left: 0; right: 0; background: #fff; border-top: 1px solid #ccc;
               padding: 0.7rem; }
@@ -83,6 +83,14 @@ function mediaElement(item) {
     el.src = item.url;
     return el;
   }
+  if (item.kind !== "image" && item.kind !== "video") {  // another registered modality: a download link
+    const el = document.createElement("a");
+    el.href = item.url;
+    el.download = "";
+    el.className = "file-link";
+    el.textContent = item.kind + " file";
+    return el;
+  }
   const el = document.createElement("img");  // images, and videos as animated GIFs
   el.src = item.url;
   el.alt = "generated " + item.kind;
@@ -96,11 +104,12 @@ function renderTurn(turn) {
   who.className = "who";
   who.textContent = turn.role === "user" ? "you" : "anymodal";
   div.appendChild(who);
-  // each <image>/<audio>/<video> in the text is replaced by that kind's next medium, in order
+  // each placeholder (<image>, <audio>, <video>, <depth>...) in the text is replaced by that kind's
+  // next medium, in order
   const queues = {};
   for (const item of turn.media) (queues[item.kind] = queues[item.kind] || []).push(item);
-  for (const part of turn.text.split(/(<image>|<audio>|<video>)/)) {
-    const m = /^<(image|audio|video)>$/.exec(part);
+  for (const part of turn.text.split(/(<[a-z][a-z0-9_]*>)/)) {
+    const m = /^<([a-z][a-z0-9_]*)>$/.exec(part);
     if (m && queues[m[1]] && queues[m[1]].length) div.appendChild(mediaElement(queues[m[1]].shift()));
     else if (part.trim()) div.appendChild(document.createTextNode(part.trim()));
   }

@@ -52,7 +52,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from ..media import MediaError, check_image_size, open_image_checked, save_image, save_video
+from ..media import MediaError, check_image_size, open_image_checked
 from ..modality import Modality
 from ..session import ChatSession, Turn
 from ..utils import atomic_write_text
@@ -292,14 +292,15 @@ def _turn_json(turn: Turn, media: list[dict[str, str]]) -> dict[str, Any]:
 
 
 def _write_generated(web: _WebSession, sid: str, number: int, reply: Turn) -> list[dict[str, str]]:
+    """Write each generated medium with its modality's spec (images as PNG, audio as WAV, videos as
+    animated GIF, which every browser plays in an <img>); the page shows the built-in kinds and
+    offers any other registered modality's files as downloads (served as attachments)."""
     media = []
-    for k, img in enumerate(reply.images):
-        media.append(web.add_file(sid, save_image(img, web.directory / f"{number:03d}_reply_image_{k}.png"), "image"))
-    for k, aud in enumerate(reply.audios):
-        media.append(web.add_file(sid, aud.save(web.directory / f"{number:03d}_reply_audio_{k}.wav"), "audio"))
-    for k, vid in enumerate(reply.videos):
-        # shown with <img>: an animated GIF plays in every browser without a codec
-        media.append(web.add_file(sid, save_video(vid, web.directory / f"{number:03d}_reply_video_{k}.gif"), "video"))
+    for m, items in reply.media.items():
+        spec = m.spec
+        for k, item in enumerate(items):
+            path = spec.save(item, web.directory / f"{number:03d}_reply_{m.value}_{k}{spec.suffix}")
+            media.append(web.add_file(sid, path, m.value))
     return media
 
 
