@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from . import world
-from .loop import EMA, JsonlLog, RunControl, atomic_save, cosine_lr, device_of, train_loop
+from .loop import EMA, JsonlLog, RunControl, atomic_save, cosine_lr, device_of, optimizer_step, train_loop
 
 
 def images_to_tensor(data: np.ndarray) -> torch.Tensor:
@@ -85,10 +85,7 @@ def train_vae(vae: Any, data: torch.Tensor, cfg: Any, ckpt: Path, log: JsonlLog,
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample(generator=gen)).sample
         loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + cfg.kl_weight * posterior.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return float(loss.detach())
+        return optimizer_step(opt, loss)
 
     train_loop(stage="vae", total=cfg.vae_steps, ckpt=ckpt, modules={"vae": vae}, optimizer=opt,
                gen=gen, ema=None, step_fn=vae_step,
@@ -160,11 +157,7 @@ def train_denoiser(unet: Any, text_encoder: Any, condition: Callable[[torch.Tens
         if aux_loss is not None and bool((~drop).any()):
             keep = ~drop
             loss = loss + aux_loss(tokens[keep.to(device)], idx[keep])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        return float(loss.detach())
+        return optimizer_step(opt, loss, params)
 
     def periodic_eval(step: int) -> None:
         if evaluate is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:

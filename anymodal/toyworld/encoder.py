@@ -24,7 +24,7 @@ from ..modality import Modality
 from ..utils import atomic_write_text
 from . import world
 from .loop import (JsonlLog, RunControl, atomic_dir, atomic_save, check_same_config, cosine_lr, count_params, device_of,
-                   train_loop)
+                   optimizer_step, train_loop)
 from .recipe import EncoderPhase
 
 
@@ -228,11 +228,7 @@ def train_encoder(out: Path, cfg: EncoderPhase, log: JsonlLog, control: RunContr
                 target = y[f][idx].to(device)
                 if bool((target != -100).any()):  # a batch of augmented renders only has no colour/note labels
                     loss = loss + F.cross_entropy(heads[f"{m.value}_{f}"](emb), target) / len(FIELDS[m])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        return float(loss.detach())
+        return optimizer_step(opt, loss, params)
 
     train_loop(stage="encoder", total=cfg.steps, ckpt=state_dir / "encoder.ckpt",
                modules={"encoder": enc, "heads": heads}, optimizer=opt, gen=gen, ema=None, step_fn=step,

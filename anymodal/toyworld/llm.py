@@ -24,7 +24,7 @@ from .manifests import TOY_MODALITIES
 from ..utils import atomic_write_text
 from . import checkers, world
 from .loop import (JsonlLog, RunControl, atomic_dir, atomic_save, check_same_config, cosine_lr, count_params, device_of,
-                   train_loop)
+                   optimizer_step, train_loop)
 from .recipe import LLMPhase
 from .tokenizer import load_tokenizer
 
@@ -372,11 +372,7 @@ def train_llm(out: Path, cfg: LLMPhase, log: JsonlLog, control: RunControl) -> P
         x, y = x[:, :width], y[:, :width]
         # AnyModalModel.forward: the placeholders' embeddings replaced by the projected features, as in the stages
         loss = model(x, (x != pad).long(), media=_batch_media(model, data, starts, idx), labels=y, use_cache=False).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        return float(loss.detach())
+        return optimizer_step(opt, loss, params)
 
     train_loop(stage="llm", total=cfg.steps, ckpt=state_dir / "llm.ckpt",
                modules={"llm": lm, "input_projectors": projectors}, optimizer=opt, gen=gen, ema=None, step_fn=step,

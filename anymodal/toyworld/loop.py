@@ -93,6 +93,18 @@ class EMA:
             s.copy_(v)
 
 
+def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor,
+                   clip_params: Sequence[torch.nn.Parameter] | None = None) -> float:
+    """One optimiser step on ``loss`` (gradient norm clipped to 1 over ``clip_params`` when given);
+    returns the loss as a float, what every phase's ``step_fn`` reports."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip_params is not None:
+        torch.nn.utils.clip_grad_norm_(clip_params, 1.0)
+    opt.step()
+    return float(loss.detach())
+
+
 def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
     """Linear warm-up to ``peak`` over ``warmup`` steps, then cosine decay to zero at ``total``."""
     if warmup > 0 and step < warmup:
