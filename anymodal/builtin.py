@@ -24,7 +24,8 @@ register_modality(ModalitySpec(
 register_modality(ModalitySpec(
     name="video", plural="videos", signal_prefix="vid", suffix=".gif", suffixes=(".mp4",),
     settings_class=VideoSettings, accepts=media.VIDEO_ACCEPTS, is_medium=media.is_video, check=inputs.check_video,
-    save=media.save_video, save_options=("fps",), keep=media.keep_video, restore=media.restore_video, default_signal_tokens=24))
+    save=media.save_video, save_options=("fps",), keep=media.keep_video, restore=media.restore_video,
+    default_signal_tokens=24))
 
 import anymodal.encoders.hf  # noqa: E402,F401  clip, clap, hf-vision
 import anymodal.encoders.imagebind  # noqa: E402,F401  imagebind

@@ -215,6 +215,31 @@ def by_plural(plural: str) -> Modality | None:
     return next((m for m, s in _SPECS.items() if s.plural == plural), None)
 
 
+class MediaFields:
+    """``images``, ``audios``, ``videos``, and the plural of any registered modality (``depths``), as
+    views of the object's ``media`` mapping (by modality); a modality it lacks reads as ``[]``."""
+
+    media: dict[Modality, Any]
+
+    @property
+    def images(self) -> Any:
+        return self.media.get(Modality.IMAGE, [])
+
+    @property
+    def audios(self) -> Any:
+        return self.media.get(Modality.AUDIO, [])
+
+    @property
+    def videos(self) -> Any:
+        return self.media.get(Modality.VIDEO, [])
+
+    def __getattr__(self, name: str) -> Any:  # only reached for names the class does not define
+        m = by_plural(name) if not name.startswith("_") else None
+        if m is None or "media" not in self.__dict__:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return self.media.get(m, [])
+
+
 def media_by_plural(arguments: dict[str, Any], where: str) -> dict[Modality, Any]:
     """Media keyword arguments (``images=...``, ``depths=...``) keyed by modality; an argument that is
     no modality's plural is a ``TypeError`` naming ``where`` and the plurals allowed."""

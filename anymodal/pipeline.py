@@ -20,15 +20,14 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 
 from .config import AnyModalConfig
 from .generation import generate_text
 from .loading import (check_external, confined, load_safetensors_into, pickle_allowed, read_safetensors,
                       refuse_pickle)
 from .inputs import check_max_new_tokens, check_prompts, check_sampling, check_seed
-from .media import Audio, MediaError, describe
-from .modality import Modality, by_plural as by_plural_name, media_by_plural, media_modalities
+from .media import MediaError, describe
+from .modality import MediaFields, Modality, media_by_plural, media_modalities
 from .model import AnyModalModel, add_token_rows, load_language_model, load_tokenizer
 from .processor import AnyModalProcessor, Message
 from .registry import ENCODERS, GENERATORS
@@ -40,7 +39,7 @@ INDEX_NAME = "anymodal_index.json"
 FORMAT_VERSION = 1
 
 
-class AnyModalOutput:
+class AnyModalOutput(MediaFields):
     """What a call returns, one entry per prompt in every field.
 
     ``text[i]`` is prompt ``i``'s generated text, each generated medium marked by its placeholder
@@ -58,24 +57,6 @@ class AnyModalOutput:
         given.update(media_by_plural(by_plural, "AnyModalOutput()"))
         self.media: dict[Modality, list[list[Any]]] = {
             m: given.get(m, [[] for _ in self.text]) for m in media_modalities()}
-
-    @property
-    def images(self) -> list[list[Image.Image]]:
-        return self.media[Modality.IMAGE]
-
-    @property
-    def audios(self) -> list[list[Audio]]:
-        return self.media[Modality.AUDIO]
-
-    @property
-    def videos(self) -> list[list[list[Image.Image]]]:
-        return self.media[Modality.VIDEO]
-
-    def __getattr__(self, name: str) -> list[list[Any]]:  # the plural of a modality registered later
-        m = by_plural_name(name) if not name.startswith("_") else None
-        if m is None or "media" not in self.__dict__:
-            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-        return self.media[m]
 
     def __eq__(self, other: object) -> bool:
         return (isinstance(other, AnyModalOutput) and (self.text, self.media, self.token_ids)

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from .media import MediaError
-from .modality import Modality, by_plural, media_by_plural
+from .modality import MediaFields, Modality, media_by_plural
 from .processor import Message
 from .utils import atomic_dir, recover_swapped_dir
 
@@ -47,7 +47,7 @@ FORMAT_VERSION = 1
 
 
 @dataclass
-class Turn:
+class Turn(MediaFields):
     """One message of a session. ``text`` marks each medium with its placeholder (``<image>``...).
 
     For a user turn ``media`` holds what was sent (paths, PIL images, ``Audio``...); for an
@@ -59,24 +59,6 @@ class Turn:
     media: dict[Modality, list[Any]] = field(default_factory=dict)
     seed: int | None = None  # the seed the reply was generated with (assistant turns)
     token_ids: list[int] = field(default_factory=list)  # generated ids (assistant turns)
-
-    @property
-    def images(self) -> list[Any]:
-        return self.media.get(Modality.IMAGE, [])
-
-    @property
-    def audios(self) -> list[Any]:
-        return self.media.get(Modality.AUDIO, [])
-
-    @property
-    def videos(self) -> list[Any]:
-        return self.media.get(Modality.VIDEO, [])
-
-    def __getattr__(self, name: str) -> list[Any]:  # the plural of a modality registered later
-        m = by_plural(name) if not name.startswith("_") else None
-        if m is None or "media" not in self.__dict__:
-            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-        return self.media.get(m, [])
 
 
 class ChatSession:
