@@ -251,9 +251,11 @@ def _validate(pipe: AnyModalPipeline, data: dict[str, Any], key: str, index: int
         items = [value] if isinstance(value, str) else value
         if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
             raise RowError(f"'{name}' must be a path or a list of paths")
-        if items and m not in pipe.config.input_projectors:
-            raise RowError(f"this model takes no {m.value} input (it takes "
-                           f"{', '.join(x.value for x in pipe.config.input_projectors) or 'text only'})")
+        if items:
+            try:
+                pipe.processor.check_takes(m)
+            except ValueError as e:
+                raise RowError(str(e)) from None
         paths = []
         for item in items:
             p = Path(item) if Path(item).is_absolute() else base_dir / item

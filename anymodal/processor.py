@@ -137,7 +137,7 @@ class AnyModalProcessor:
         """The placeholder and signal-token ids and the vocabulary size: all the model needs."""
         from .model import TokenIds
 
-        return TokenIds({m: i for m, i in self.placeholder_ids.items()},
+        return TokenIds(dict(self.placeholder_ids),
                         {m: list(ids) for m, ids in self.signal_ids.items()}, len(self.tokenizer))
 
     @property
@@ -220,8 +220,7 @@ class AnyModalProcessor:
         prefix = ""
         for m, n in counts.items():
             if n and m not in self.placeholders:
-                raise ValueError(f"this model takes no {Modality.parse(m).value} input (it takes "
-                                 f"{', '.join(self.media_tokens) or 'text only'})")
+                self.check_takes(m)
         for m, p in self.placeholders.items():
             n = counts.get(m, 0)
             if found[m] == 0 and n:
@@ -271,6 +270,13 @@ class AnyModalProcessor:
                              f"the model's limit is {self.max_length}")
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
+    def check_takes(self, modality: Modality | str) -> None:
+        """Raise ``ValueError`` unless the model takes ``modality`` as input (it has an input projector)."""
+        m = Modality.parse(modality)
+        if m not in self.media_tokens:
+            raise ValueError(f"this model takes no {m.value} input (it takes "
+                             f"{', '.join(x.value for x in self.media_tokens) or 'text only'})")
+
     def prepare(self, conversations: Sequence[Sequence[Message]]) -> ModelInputs:
         """Check and lay out a batch of conversations: each message's text and media are checked,
         placeholders placed (:meth:`place_media`), each conversation rendered (:meth:`format`), the
@@ -288,9 +294,7 @@ class AnyModalProcessor:
                 for m, items in media.items():
                     for item in items:
                         check_medium(m, item)
-                    if m not in self.media_tokens:
-                        raise ValueError(f"this model takes no {m.value} input (it takes "
-                                         f"{', '.join(x.value for x in self.media_tokens) or 'text only'})")
+                    self.check_takes(m)
                 rendered.append(Message(msg.role, self.place_media(msg.content, {m: len(v) for m, v in media.items()})))
                 for m, items in media.items():
                     sources.setdefault(m, []).extend(items)

@@ -91,9 +91,7 @@ class ChatSession:
         if not text.strip() and not media:
             raise ValueError("nothing to send: give some text or media")
         for m in media:
-            if m not in self.pipe.config.input_projectors:
-                raise ValueError(f"this model takes no {m.value} input (it takes "
-                                 f"{', '.join(x.value for x in self.pipe.config.input_projectors) or 'text only'})")
+            self.pipe.processor.check_takes(m)
         counts = {m: len(v) for m, v in media.items()}
         user = Turn("user", self.pipe.processor.place_media(text, counts), media)
         if seed is None and self.seed is not None:
