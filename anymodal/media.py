@@ -189,8 +189,9 @@ def is_image(x: Any) -> bool:
 
 
 def is_audio(x: Any) -> bool:
+    # an (array, rate) pair is one medium whatever its rate; the check (inputs.check_audio) refuses a bad rate
     return (isinstance(x, (str, os.PathLike, Audio)) or _is_array(x)
-            or (isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], (int, np.integer))))
+            or (isinstance(x, tuple) and len(x) == 2 and (isinstance(x[1], (int, np.integer)) or _is_array(x[0]))))
 
 
 def is_video(x: Any) -> bool:

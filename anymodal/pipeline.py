@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-import numpy as np
 import torch
 
 from .config import AnyModalConfig
@@ -409,9 +408,6 @@ def _rows_of_media(prompts: list[str], media: dict[Modality, Any], single: bool)
         for row, entry in zip(rows, per_row):
             if entry is None:
                 continue
-            if m is Modality.AUDIO and isinstance(entry, tuple) and len(entry) == 2 \
-                    and isinstance(entry[0], (np.ndarray, torch.Tensor)) and not spec.is_medium(entry):
-                raise MediaError(f"cannot read audio (array, {entry[1]!r}): the sample rate must be an integer")
             if spec.is_medium(entry):
                 items = [entry]
             elif isinstance(entry, (list, tuple)):

@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-import numpy as np
 
 from .media import MediaError
 from .modality import MediaFields, Modality, media_by_plural
@@ -87,7 +86,7 @@ class ChatSession:
         if not isinstance(text, str):
             raise TypeError(f"text must be a string, got {type(text).__name__}")
         given = media_by_plural(dict(images=images, audios=audios, videos=videos, **media_args), "send()")
-        media = {m: _as_list(v) for m, v in given.items() if v is not None and _as_list(v)}
+        media = {m: items for m, v in given.items() if v is not None and (items := _as_list(m, v))}
         if not text.strip() and not media:
             raise ValueError("nothing to send: give some text or media")
         for m in media:
@@ -196,9 +195,10 @@ class ChatSession:
 
 
 # ==================================================================== helpers
-def _as_list(value: Any) -> list[Any]:
-    if isinstance(value, (list, tuple)) and not (isinstance(value, tuple) and len(value) == 2
-                                                 and isinstance(value[1], (int, np.integer))):
+def _as_list(m: Modality, value: Any) -> list[Any]:
+    """One medium of modality ``m`` (by its spec: an ``(array, rate)`` pair, a list of video frames)
+    as a one-item list; a list or tuple of media as a list."""
+    if isinstance(value, (list, tuple)) and not m.spec.is_medium(value):
         return list(value)
     return [value]
 
