@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
 import struct
 import warnings
@@ -14,6 +15,9 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .utils import atomic_path
+
+logger = logging.getLogger(__name__)
+SAVE_PEAK = 0.99  # the peak an over-full-scale waveform is scaled to when saved
 
 
 class MediaError(ValueError):
@@ -99,11 +103,22 @@ class Audio:
         return len(self.array) / float(self.sample_rate)
 
     def save(self, path: str | os.PathLike) -> Path:
+        """Write a 16-bit PCM WAV. PCM holds [-1, 1]: a waveform whose peak is above 1 is scaled down
+        to a peak of :data:`SAVE_PEAK` (with a logged warning naming the peak), never clipped; one
+        with NaN or infinite samples is refused."""
         import soundfile as sf
 
         path = Path(path)
+        data = np.asarray(self.array, dtype=np.float32)
+        if not np.isfinite(data).all():
+            raise MediaError(f"cannot save audio to {path}: it has NaN or infinite samples")
+        peak = float(np.abs(data).max()) if data.size else 0.0
+        if peak > 1.0:
+            logger.warning("audio for %s peaks at %.3g, above 16-bit PCM's full scale 1.0: normalised to a peak "
+                           "of %.2f instead of clipping", path.name, peak, SAVE_PEAK)
+            data = data * np.float32(SAVE_PEAK / peak)
         with atomic_path(path) as tmp:
-            sf.write(str(tmp), np.asarray(self.array, dtype=np.float32), self.sample_rate, format="WAV")
+            sf.write(str(tmp), data, self.sample_rate, format="WAV", subtype="PCM_16")
         return path
 
 

@@ -50,11 +50,16 @@ def signal_token_strings(modality: Modality, count: int, name: str | None = None
 
 @dataclass
 class Message:
-    """One turn: ``role`` is system, user or assistant; ``content`` may hold placeholders."""
+    """One turn: ``role`` is system, user or assistant; ``content`` may hold placeholders.
+
+    ``generated``: an assistant turn rendered from the ids the model itself produced (its signal
+    tokens kept, as stage-3 training renders replies), so its signal-token strings are not escaped
+    the way typed text's are. Only a session's own history sets it."""
 
     role: str
     content: str
     media: dict[Modality, list[Any]] = field(default_factory=dict)
+    generated: bool = False
 
     def __post_init__(self) -> None:
         if self.role not in ("system", "user", "assistant"):
@@ -212,10 +217,11 @@ class AnyModalProcessor:
             cached = self.__dict__["_escape_re"] = re.compile("|".join(alternatives))
         return cached
 
-    def place_media(self, text: str, counts: dict[Modality, int]) -> str:
+    def place_media(self, text: str, counts: dict[Modality, int], escape: bool = True) -> str:
         """Check placeholders against the media given; prepend them when the text has none.
-        Signal-token strings in the text are escaped (see :meth:`escape`)."""
-        text = self.escape(text)
+        Signal-token strings in the text are escaped (see :meth:`escape`) unless ``escape`` is off
+        (the model's own reply, :attr:`Message.generated`)."""
+        text = self.escape(text) if escape else text
         found = self.count_placeholders(text)
         prefix = ""
         for m, n in counts.items():
@@ -295,7 +301,10 @@ class AnyModalProcessor:
                     for item in items:
                         check_medium(m, item)
                     self.check_takes(m)
-                rendered.append(Message(msg.role, self.place_media(msg.content, {m: len(v) for m, v in media.items()})))
+                if msg.generated and msg.role != "assistant":
+                    raise ValueError(f"only an assistant message can be marked generated, not a {msg.role} message")
+                rendered.append(Message(msg.role, self.place_media(msg.content, {m: len(v) for m, v in media.items()},
+                                                                   escape=not msg.generated)))
                 for m, items in media.items():
                     sources.setdefault(m, []).extend(items)
                     context.setdefault(m, []).extend([msg.content] * len(items))

@@ -7,9 +7,12 @@
     again = ChatSession.load("chats/cat", pipe)   # continues exactly where it stopped
 
 **Context.** Every earlier turn stays in the prompt with its media. Media the user sent are
-encoded again each turn. Media the model generated are fed back as inputs when the model has an
-encoder for that modality; otherwise their placeholder is dropped from the context text (the
-model cannot see them).
+encoded again each turn. An earlier reply is, by default (``history_media="signal"``), what the
+model produced: its own token ids, signal blocks and end of turn included, which is how stage 3
+trains on dialogues (NExT-GPT's too), so turn 5 looks to the model like the dialogues it learned
+from. With ``history_media="input"`` media the model generated are instead fed back as inputs when
+the model has an encoder for that modality (so it can be asked about them); otherwise their
+placeholder is dropped from the context text (the model cannot see them).
 
 **Context-length policy.** The rendered prompt plus ``max_new_tokens`` must fit the model's
 context (``llm.max_length``, else the LLM's ``max_position_embeddings``). When it does not, the
@@ -60,11 +63,18 @@ class Turn(MediaFields):
     token_ids: list[int] = field(default_factory=list)  # generated ids (assistant turns)
 
 
+HISTORY_MEDIA = ("signal", "input")  # how earlier replies' media enter the prompt (see the module docstring)
+
+
 class ChatSession:
     """A conversation with an :class:`~anymodal.pipeline.AnyModalPipeline`; see the module docstring."""
 
     def __init__(self, pipe: AnyModalPipeline, *, system_prompt: str | None = None, seed: int | None = 0,
-                 max_new_tokens: int | None = None, settings: dict[str, Any] | None = None):
+                 max_new_tokens: int | None = None, settings: dict[str, Any] | None = None,
+                 history_media: str = "signal"):
+        if history_media not in HISTORY_MEDIA:
+            raise ValueError(f"history_media must be one of {', '.join(HISTORY_MEDIA)}, got {history_media!r}")
+        self.history_media = history_media
         self.pipe = pipe
         self.system_prompt = system_prompt
         self.seed = seed
@@ -125,6 +135,8 @@ class ChatSession:
     def _message(self, turn: Turn) -> Message:
         if turn.role == "user":
             return Message("user", turn.text, dict(turn.media))
+        if self.history_media == "signal":
+            return self._generated_message(turn)
         text, media = turn.text, {}
         for m, items in turn.media.items():
             if m in self.pipe.config.input_projectors:
@@ -133,10 +145,30 @@ class ChatSession:
                 text = text.replace(m.spec.placeholder, "")
         return Message("assistant", " ".join(text.split()) if text != turn.text else text, media)
 
+    def _generated_message(self, turn: Turn) -> Message:
+        """An earlier reply as the model produced it: its own ids decoded with the signal tokens
+        and end of turn kept, which is how stage 3 trains on a dialogue's earlier replies (a
+        generated medium is its signal block, not an input). A reply without ids (sessions saved
+        by hand) gets each medium's placeholder replaced by its signal block and the end-of-turn
+        token the training data puts there."""
+        proc = self.pipe.processor
+        tok = proc.tokenizer
+        if turn.token_ids:
+            ids = [i for i in turn.token_ids if i != tok.pad_token_id]
+            text = tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        else:
+            text = turn.text
+            for m in turn.media:
+                if m in proc.signal_strings:
+                    text = text.replace(m.spec.placeholder, " " + "".join(proc.signal_strings[m]))
+            eos = "" if getattr(tok, "chat_template", None) else (tok.eos_token or "")
+            text = " ".join(text.split()) + eos
+        return Message("assistant", text, generated=True)
+
     def _length(self, messages: list[Message]) -> int:
         proc = self.pipe.processor
-        rendered = [Message(m.role, proc.place_media(m.content, {k: len(v) for k, v in m.media.items()}))
-                    for m in messages]
+        rendered = [Message(m.role, proc.place_media(m.content, {k: len(v) for k, v in m.media.items()},
+                                                     escape=not m.generated)) for m in messages]
         return proc.num_tokens(proc.format(rendered))
 
     # ------------------------------------------------------------ persistence
@@ -164,7 +196,8 @@ class ChatSession:
         if state.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{path}: unsupported session format version {state.get('format_version')!r}")
         session = cls(pipe, system_prompt=state.get("system_prompt"), seed=state.get("seed"),
-                      max_new_tokens=state.get("max_new_tokens"), settings=state.get("settings"))
+                      max_new_tokens=state.get("max_new_tokens"), settings=state.get("settings"),
+                      history_media=state.get("history_media", "input"))  # sessions saved before it was recorded fed media back
         session.last_context_start = state.get("last_context_start", 0)
         for t in state["turns"]:
             media = {Modality.parse(m): [_load_medium(Modality.parse(m), e, directory) for e in entries]
@@ -183,7 +216,7 @@ class ChatSession:
             turns.append({"role": turn.role, "text": turn.text, "media": files, "seed": turn.seed,
                           "token_ids": turn.token_ids})
         state = {"format_version": FORMAT_VERSION, "system_prompt": self.system_prompt, "seed": self.seed,
-                 "max_new_tokens": self.max_new_tokens, "settings": self.settings,
+                 "max_new_tokens": self.max_new_tokens, "settings": self.settings, "history_media": self.history_media,
                  "last_context_start": self.last_context_start, "turns": turns}
         with (tmp / SESSION_FILE).open("w") as f:
             json.dump(state, f, indent=2, ensure_ascii=False)

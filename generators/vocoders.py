@@ -53,34 +53,82 @@ class GriffinLimVocoder(ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(self, model_in_dim: int = 64, sampling_rate: int = 16000, n_fft: int = 1024,
                  upsample_rates: tuple[int, ...] | list[int] = (256,), mel_shift: float = 3.0,
-                 mel_scale: float = 6.0, mel_floor: float = 1e-5, n_iter: int = 32, seed: int = 0):
+                 mel_scale: float = 6.0, mel_floor: float = 1e-5, n_iter: int = 32, seed: int = 0,
+                 sub_bins: int = 8):
         super().__init__()
         hop = int(np.prod(upsample_rates))
         if not 0 < hop <= n_fft:
             raise ValueError(f"the hop (product of upsample_rates = {hop}) must be in 1..n_fft ({n_fft})")
-        if n_iter < 0 or model_in_dim < 1:
-            raise ValueError(f"n_iter must be >= 0 and model_in_dim >= 1, got {n_iter} and {model_in_dim}")
+        if n_iter < 0 or model_in_dim < 1 or sub_bins < 1:
+            raise ValueError(f"n_iter must be >= 0, model_in_dim and sub_bins >= 1, got {n_iter}, {model_in_dim} "
+                             f"and {sub_bins}")
         self.hop = hop
         basis = torch.tensor(mel_filterbank(model_in_dim, n_fft, sampling_rate), dtype=torch.float32)
         self.register_buffer("mel_basis", basis)  # (bands, n_fft // 2 + 1); gives the module a dtype and device
 
+    def atoms(self) -> np.ndarray:
+        """``(n_fft // 2 + 1, atoms)``: the magnitude spectrum of one Hann-windowed unit cosine at every
+        ``1 / sub_bins`` of an FFT bin (with ``sub_bins`` 1: one bin each, the plain spectrum).
+
+        Solving for bins alone puts every tone on a bin centre: 15.6 Hz apart at 16 kHz and n_fft
+        1024, so C4 (261.6 Hz) came back at 250 Hz (B3) and G5 between bins. A non-negative mix of
+        windowed cosines between the bins puts the peak where the mel energy says it is."""
+        from scipy import signal
+
+        c = self.config
+        if getattr(self, "_atoms", None) is None:
+            t = np.arange(c.n_fft)
+            window = signal.get_window("hann", c.n_fft)
+            freqs = np.arange(0, (c.n_fft // 2) * c.sub_bins + 1) / c.sub_bins  # in FFT bins
+            atoms = np.abs(np.fft.rfft(window[None] * np.cos(2 * np.pi * np.outer(freqs, t) / c.n_fft), axis=1)).T
+            atoms[atoms < 1e-4 * atoms.max()] = 0.0
+            self._atoms = atoms
+        return self._atoms
+
     def magnitudes(self, features: np.ndarray) -> np.ndarray:
-        """(frames, bands) features -> (n_fft // 2 + 1, frames) magnitude spectrogram (NNLS per frame)."""
+        """(frames, bands) features -> (n_fft // 2 + 1, frames) magnitude spectrogram.
+
+        Per frame, non-negative least squares first over the FFT bins (``mel_basis @ magnitude =
+        mel``), then over the :meth:`atoms` within one bin of the bins that solution used, which
+        moves each peak between bins to where the mel energy puts it. The refinement is kept only
+        where it fits the mel at least as well (one NNLS over all atoms at once is both slower and,
+        with scipy 1.17's solver, sometimes wrong on such nearly collinear columns)."""
         from scipy import optimize
 
         c = self.config
         fb = self.mel_basis.detach().cpu().double().numpy()
+        atoms = self.atoms()
         mel = np.exp(np.asarray(features, dtype=np.float64) * c.mel_scale - c.mel_shift).T  # (bands, frames)
         mel[mel <= c.mel_floor * 1.0001] = 0.0  # the floor is silence, not a faint tone
         scale = max(float(mel.max()), 1e-12)  # nnls' tolerances are absolute
-        return np.stack([optimize.nnls(fb, mel[:, j] / scale)[0] for j in range(mel.shape[1])], axis=1) * scale
+        out = np.zeros((fb.shape[1], mel.shape[1]))
+        for j in range(mel.shape[1]):
+            target = mel[:, j] / scale
+            if not target.any():
+                continue
+            plain = optimize.nnls(fb, target)[0]
+            out[:, j] = plain
+            if c.sub_bins == 1:
+                continue
+            used = np.nonzero(plain > 1e-6 * plain.max())[0]
+            near = np.unique(np.clip((used[:, None] * c.sub_bins + np.arange(-c.sub_bins, c.sub_bins + 1)[None]).ravel(),
+                                     0, atoms.shape[1] - 1))
+            basis = fb @ atoms[:, near]
+            w = optimize.nnls(basis, target)[0]
+            if np.linalg.norm(basis @ w - target) <= 0.25 * np.linalg.norm(target):
+                out[:, j] = atoms[:, near] @ w
+        return out * scale
 
     def waveform(self, features: np.ndarray, seed: int | None = None) -> np.ndarray:
         """One clip: (frames, bands) features -> (frames * hop,) float32 samples."""
         from scipy import signal
 
         c = self.config
-        mag = self.magnitudes(features)
+        # The features are log-mels of an unnormalised STFT (``torch.stft``, as the front ends that
+        # train against this vocoder compute them), whose magnitudes are the amplitude times the
+        # window's sum / 2; scipy's STFT pair divides by the window's sum. Without this factor the
+        # waveform comes out ``sum(window)`` (512 at n_fft 1024) times too loud: a clipped square wave.
+        mag = self.magnitudes(features) / float(signal.get_window("hann", c.n_fft).sum())
         mag = np.concatenate([mag, mag[:, -1:]], axis=1)  # a centred STFT of frames * hop samples has one more frame
         n = (mag.shape[1] - 1) * self.hop
         kw = dict(fs=c.sampling_rate, window="hann", nperseg=c.n_fft, noverlap=c.n_fft - self.hop)

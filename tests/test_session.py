@@ -54,7 +54,7 @@ def spy_generate(pipe, monkeypatch) -> list:
 
 def test_multi_turn_with_media_in_and_out(pipe, picture, monkeypatch):
     seen = spy_generate(pipe, monkeypatch)
-    session = ChatSession(pipe, seed=0)
+    session = ChatSession(pipe, seed=0, history_media="input")
     first = session.send("draw a cat")
     assert first.text == "a cat <image>" and len(first.images) == 1 and first.images[0].size == (16, 16)
     second = session.send("what is this <image>?", images=[picture], audios=[(np.zeros(1600, np.float32), 16000)])
@@ -67,8 +67,38 @@ def test_multi_turn_with_media_in_and_out(pipe, picture, monkeypatch):
     assert first.seed == 0 and second.seed == 1  # reply n uses seed + n
 
 
-def test_generated_media_without_an_encoder_are_dropped_from_context(pipe, monkeypatch):
+def test_earlier_replies_enter_the_prompt_as_the_model_produced_them(pipe, picture):
+    """By default an earlier reply is its own ids: the signal block and end of turn stage 3 trains
+    on, tokenised back to exactly those ids; a typed signal-token string is still escaped."""
     session = ChatSession(pipe, seed=0)
+    first = session.send("draw a cat")
+    session.send("what is this <image>?", images=[picture])
+    messages, _ = session.context()
+    reply = messages[1]
+    assert reply.role == "assistant" and reply.generated and not reply.media
+    proc = pipe.processor
+    ids = proc.tokenizer(proc.place_media(reply.content, {}, escape=False), add_special_tokens=False)["input_ids"]
+    assert ids == [i for i in first.token_ids if i != proc.tokenizer.pad_token_id]
+    signal = proc.signal_ids[I]
+    assert any(ids[k:k + len(signal)] == signal for k in range(len(ids)))
+    typed = proc.tokenizer(proc.place_media("<img_0>", {}), add_special_tokens=False)["input_ids"]
+    assert signal[0] not in typed
+    # a reply without ids (a hand-written session) gets its signal block from the placeholder
+    from anymodal.session import Turn
+    hand = session._message(Turn("assistant", "a cat <image>", {I: first.images}))
+    assert "".join(proc.signal_strings[I]) in hand.content and hand.generated
+
+
+def test_history_media_is_checked_and_saved(pipe, tmp_path):
+    with pytest.raises(ValueError, match="history_media must be one of signal, input"):
+        ChatSession(pipe, history_media="pixels")
+    session = ChatSession(pipe, seed=0, history_media="input")
+    session.send("draw a cat")
+    assert ChatSession.load(session.save(tmp_path / "s"), pipe).history_media == "input"
+
+
+def test_generated_media_without_an_encoder_are_dropped_from_context(pipe, monkeypatch):
+    session = ChatSession(pipe, seed=0, history_media="input")
     session.send("play a tone")
     assert session.turns[1].text == "a tone <audio>" and len(session.turns[1].audios) == 1
     monkeypatch.delitem(pipe.config.input_projectors, A)  # as if the model could not hear

@@ -251,6 +251,8 @@ _ACTIVE = 0.3  # a frame belongs to the tone above 30% of the loud level (noise 
 _F0_BAND = (200.0, 1400.0)  # around C4..C6
 _HARMONIC_BAND = 4000.0  # harmonics above this are smeared by a 64-mel front end
 _NOTE_TOLERANCE_CENTS = 100.0
+_MAX_CLIPPED = 0.01  # 1% of samples sitting at the peak is a clipped file (a clean tone: ~0.01%)
+_SINE_CREST = (1.25, 3.2)
 
 
 @dataclass
@@ -268,6 +270,18 @@ class AudioReading:
     even: float = 0.0  # RMS of even harmonics / fundamental
     odd: float = 0.0  # RMS of odd harmonics from the 3rd / fundamental
     tonality: float = 0.0  # fundamental peak / median spectrum level
+    crest: float = 0.0  # peak / RMS of the loud part: sqrt(2) for a clean sine, 1 for a square or a clipped tone
+    clipped: float = 0.0  # fraction of the loud part's samples flat at the clip's peak (a clipped or saturated file)
+
+    @property
+    def clean(self) -> bool:
+        """No sign of clipping, and for a sine a sine's crest factor: a hard-clipped sine reads as a
+        square (crest ~1, flat tops), which the waveform field alone misses once it is saved as
+        PCM and compared only by pitch. Griffin-Lim's phase smear lifts a clean sine's crest to
+        about 1.6-2.1 on the world's real mels and to 2.6-2.9 on generated ones (measured), so the bound is loose above."""
+        if self.clipped > _MAX_CLIPPED:
+            return False
+        return self.waveform != "sine" or _SINE_CREST[0] <= self.crest <= _SINE_CREST[1]
 
 
 def _nearest_note(f0: float) -> tuple[str, float]:
@@ -330,15 +344,24 @@ def read_audio(wave: Any, sample_rate: int = SAMPLE_RATE) -> AudioReading:
         note = None
     # A tone towers over its spectrum's median; noise does not (a Rayleigh peak is ~4x median).
     found = tonality > 20.0
+    peak = float(np.abs(seg).max())
+    crest = peak / max(float(np.sqrt(np.mean(seg ** 2))), 1e-12)
+    clipped = float(np.mean(np.abs(seg) >= 0.999 * peak))
     return AudioReading(found, note if found else None, waveform if found else None, duration,
-                        note_register(note) if (found and note) else None, f0, cents, seconds, even, odd, tonality)
+                        note_register(note) if (found and note) else None, f0, cents, seconds, even, odd, tonality,
+                        crest, clipped)
 
 
 def score_audio(wave: Any, sample_rate: int, spec: AudioSpec) -> dict[str, bool]:
-    """``found``, ``<field>_ok`` for each field ``spec`` names (note, waveform, duration, register), ``ok``."""
+    """``found``, ``<field>_ok`` for each field ``spec`` names (note, waveform, duration, register),
+    ``clean_ok`` (not clipped; a sine with a sine's crest factor, :attr:`AudioReading.clean`) and ``ok``."""
     if not isinstance(spec, AudioSpec):
         raise ValueError(f"score_audio needs an AudioSpec, got {type(spec).__name__}")
-    return _score(read_audio(wave, sample_rate), spec, ("note", "waveform", "duration", "register"))
+    reading = read_audio(wave, sample_rate)
+    out = _score(reading, spec, ("note", "waveform", "duration", "register"))
+    out["clean_ok"] = bool(reading.found) and reading.clean
+    out["ok"] = out["ok"] and out["clean_ok"]
+    return out
 
 
 # ----------------------------------------------------------------------------- video
