@@ -42,6 +42,16 @@ def toyworld_args(p: argparse.ArgumentParser) -> None:
                    help="where the phases train: cpu (default; the timed recipe), cuda, cuda:N, or auto "
                         "(a CUDA GPU when torch sees one)")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
+    u = sub.add_parser("tune", help="continue stage 3 of a finished pipeline on reworded requests and multi-turn "
+                                    "sessions (resumable); the merged pipeline goes to OUT/final")
+    u.add_argument("--from", dest="start", default=None,
+                   help="the pipeline to start from: a saved directory (default: the shipped default model)")
+    u.add_argument("--out", required=True, help="working directory (manifests, checkpoints, final/)")
+    u.add_argument("--steps", type=int, default=1500, help="stage-3 steps (default 1500)")
+    u.add_argument("--dialogues", type=int, default=4000, help="training dialogues to draw (default 4000)")
+    u.add_argument("--rephrased", type=float, default=0.35, help="share of dialogues asked in other words (default 0.35)")
+    u.add_argument("--sessions", type=float, default=0.35, help="share drawn as 3-5 turn sessions (default 0.35)")
+    u.add_argument("--no-progress", action="store_true", help="no progress bars")
     s = sub.add_parser("ship", help="copy a finished run's pipeline (out/final) into the package's default model",
                        description="Save RUN_DIR/final with every component copied into DEST (default: the "
                                    "package's default model, what AnyModalPipeline.from_pretrained() loads), "
@@ -61,6 +71,8 @@ def toyworld_command(args: argparse.Namespace) -> int:
 
     if args.toyworld_command == "ship":
         return _ship(args)
+    if args.toyworld_command == "tune":
+        return _tune(args)
     if args.toyworld_command != "train":  # argparse only lets known subcommands through
         raise ValueError(f"unknown toyworld command {args.toyworld_command!r}")
     if args.threads is not None:
@@ -94,6 +106,21 @@ def _headline(figures: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, 
                 yield from _headline(v, f"{name} ")
         elif isinstance(v, (int, float)) and not isinstance(v, bool) and (k.endswith("_ok") or k == "ok"):
             yield name, float(v)
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from ..pipeline import default_model_dir
+    from .recipe import StagesPhase
+    from .stages import tune_dialogues
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    cfg = replace(StagesPhase(), rephrased=args.rephrased, sessions=args.sessions)
+    final = tune_dialogues(args.start or default_model_dir(), args.out, cfg, steps=args.steps,
+                           n_dialogues=args.dialogues, progress=not args.no_progress)
+    print(f"tuned pipeline saved to {final}")
+    return 0
 
 
 def _ship(args: argparse.Namespace) -> int:

@@ -68,7 +68,43 @@ def dialogue_row(dialogue: world.Dialogue, g: np.random.Generator, write) -> dic
     return {"messages": messages, "task": dialogue.task}
 
 
-def write_manifests(out: str | os.PathLike, n_captions: int, n_dialogues: int, seed: int = 0) -> Path:
+# A session longer than this (approximate LLM tokens: words, media positions, signal tokens, turn
+# markers) is drawn again: the toy LLM's context is 256 positions, and rows that do not fit are bad rows.
+SESSION_TOKEN_LIMIT = 200
+
+
+def _approx_tokens(d: world.Dialogue) -> int:
+    from .llm import MEDIA_TOKENS
+
+    signal = {Modality.IMAGE: 4, Modality.AUDIO: 8, Modality.VIDEO: 24}
+    n = 0
+    for turn in d.turns:
+        n += 3
+        for part in turn["content"]:
+            if part["type"] == "text":
+                n += len(part["text"].replace("?", " ? ").replace(",", " , ").split())
+            else:
+                n += MEDIA_TOKENS + 2 if turn["role"] == "user" else signal[Modality.parse(part["type"])]
+    return n
+
+
+def draw_dialogue(g: np.random.Generator, split: str, rephrased: float = 0.0, sessions: float = 0.0,
+                  forms: str = "train") -> world.Dialogue:
+    """One training dialogue: with probability ``sessions`` a multi-turn session (3-5 mixed turns,
+    :func:`world.sample_session`), else with probability ``rephrased`` a single-task dialogue asked in
+    one of ``forms``' other ways (:func:`world.rephrase`), else a canonical one."""
+    r = g.random()
+    if r < sessions:
+        while True:
+            d = world.sample_session(g, split, forms=forms, render_media=False).as_dialogue()
+            if _approx_tokens(d) <= SESSION_TOKEN_LIMIT:
+                return d
+    d = world.sample_dialogue(g, split, render_media=False)
+    return world.rephrase(d, g, forms) if r < sessions + rephrased else d
+
+
+def write_manifests(out: str | os.PathLike, n_captions: int, n_dialogues: int, seed: int = 0,
+                    rephrased: float = 0.0, sessions: float = 0.0) -> Path:
     """Render world samples to ``out/data`` and write the manifests anymodal.training reads.
 
     ``captions.jsonl``: ``n_captions`` caption pairs per modality (image PNG, audio 16-bit WAV, video
@@ -79,6 +115,10 @@ def write_manifests(out: str | os.PathLike, n_captions: int, n_dialogues: int, s
     """
     out = Path(out)
     settings = {"n_captions": int(n_captions), "n_dialogues": int(n_dialogues), "seed": int(seed), "version": 1}
+    if rephrased or sessions:
+        if not (0 <= rephrased and 0 <= sessions and rephrased + sessions <= 1):
+            raise ValueError(f"rephrased and sessions are fractions summing to at most 1, got {rephrased}, {sessions}")
+        settings.update(rephrased=float(rephrased), sessions=float(sessions), version=2)
     done = out / "data" / "manifest.json"
     if done.exists() and json.loads(done.read_text()).get("settings") == settings:
         return out / "data"
@@ -104,7 +144,7 @@ def write_manifests(out: str | os.PathLike, n_captions: int, n_dialogues: int, s
                                      "spec": s.spec.to_dict()})
                         bar.update(1)
                 for _ in range(n_dia):
-                    d = world.sample_dialogue(g, split, render_media=False)
+                    d = draw_dialogue(g, split, rephrased, sessions)
                     rows.append(dialogue_row(d, g, write))
                     bar.update(1)
                 atomic_write_text(root / name, "".join(json.dumps(r) + "\n" for r in rows))

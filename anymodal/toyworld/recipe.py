@@ -346,6 +346,10 @@ class StagesPhase:
 
     n_captions: int = 1500  # per modality, for write_manifests
     n_dialogues: int = 3000
+    # of the stage-3 dialogues: the share asked in other wordings (world.ask_for / ask_about, the
+    # "train" forms) and the share drawn as 3-5 turn sessions (world.sample_session)
+    rephrased: float = 0.35
+    sessions: float = 0.35
     seed: int = 0
     stage1_steps: int = 800
     stage2_steps: int = 3000  # the output projectors need several times stage 1's steps to reach their targets

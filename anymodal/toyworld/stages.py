@@ -128,7 +128,7 @@ def run_stages(out: Path, cfg: ModelPhasesConfig, log: JsonlLog, control: RunCon
     out = Path(out)
     st = cfg.stages
     config = build_toy_config(out, cfg)
-    data = write_manifests(out, st.n_captions, st.n_dialogues, st.seed)
+    data = write_manifests(out, st.n_captions, st.n_dialogues, st.seed, st.rephrased, st.sessions)
     inputs, outputs = list(config.input_projectors), list(config.generators)
     if not outputs:
         raise ValueError(f"no generator in {out} (image-generator, audio-generator): run a generator phase first")
@@ -166,3 +166,34 @@ def run_stages(out: Path, cfg: ModelPhasesConfig, log: JsonlLog, control: RunCon
 
     pipe = AnyModalPipeline.from_pretrained(merged)
     return pipe.save_pretrained(out / "final")
+
+
+def tune_dialogues(start: str | os.PathLike, out: str | os.PathLike, cfg: StagesPhase | None = None,
+                   steps: int = 1500, n_dialogues: int = 4000, progress: bool = True) -> Path:
+    """Continue stage 3 from a finished pipeline (``start``: a saved directory, e.g. the shipped
+    default) on dialogues with ``cfg``'s shares of other wordings and multi-turn sessions, with a
+    fresh LoRA, and save the merged pipeline to ``out/final``.
+
+    This is stage 3 again with only its data changed, for a build whose generators and encoder are
+    already good: the full recipe (``toyworld train``) draws the same mix for its own stage 3
+    (``StagesPhase.rephrased`` / ``sessions``). Resumable: rerun with the same arguments."""
+    from ..pipeline import AnyModalPipeline
+    from ..training import merge_lora
+    from ..training import train as train_stage
+
+    out = Path(out)
+    cfg = replace(cfg or StagesPhase(), stage3_steps=steps)
+    if not 0 <= cfg.rephrased + cfg.sessions <= 1:
+        raise ValueError(f"rephrased + sessions must be at most 1, got {cfg.rephrased} + {cfg.sessions}")
+    pipe_config = AnyModalPipeline.from_pretrained(start).config
+    inputs, outputs = list(pipe_config.input_projectors), list(pipe_config.generators)
+    data = write_manifests(out, 1, n_dialogues, cfg.seed + 100, cfg.rephrased, cfg.sessions)
+    manifest = filter_manifest(data / "dialogues.jsonl", data / "tune-dialogues.jsonl", inputs, outputs)
+    run_dir = out / "stage3"
+    if not (run_dir / "final" / "anymodal_index.json").is_file():
+        train_stage(str(start), manifest, run_dir, stage_training_config(3, cfg, progress, outputs), resume=True,
+                    device="cpu")
+    merged = run_dir / "merged"
+    if not (merged / "anymodal_index.json").is_file():
+        atomic_dir(merged, lambda d: (shutil.rmtree(d), merge_lora(run_dir / "final", d)))
+    return AnyModalPipeline.from_pretrained(merged).save_pretrained(out / "final")

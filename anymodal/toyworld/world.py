@@ -1080,3 +1080,220 @@ __all__ = [
     "parse_caption", "render", "render_audio", "render_image", "render_video", "sample", "sample_dialogue",
     "sample_specs", "spec_from_dict", "to_pil",
 ]
+
+
+# ----------------------------------------------------------------------------- the way people ask
+# Requests and questions as people type them, beyond the canonical templates above: politeness,
+# filler and unknown words, capitals and punctuation. Two disjoint sets of forms: "train" forms
+# are what training may use; "heldout" forms are only ever evaluated (`anymodal eval --style
+# paraphrase`), so a score on them measures understanding, not recall of a template. Words the
+# world's tokenizer does not know read as [UNK]; the model has to learn to look past them.
+STYLES = ("plain", "paraphrase")
+_ASK_GENERATE: dict[str, dict[Modality, tuple[str, ...]]] = {
+    "train": {
+        Modality.IMAGE: ("could you draw {}?", "please draw {}", "can you show me {}?", "i'd like an image of {}",
+                         "i want to see {}", "draw me {}, please", "hey, make an image of {}!", "show {} please",
+                         "can you draw {} for me?", "i need a picture of {}", "paint {}", "please make {}"),
+        Modality.AUDIO: ("could you play {}?", "please play {}", "can you make a sound of {}?", "i'd like {}",
+                         "i want to hear {}", "play me {}, please", "hey, play {}!", "give me {}",
+                         "can you play {} for me?", "let me hear {}", "i need {}"),
+        Modality.VIDEO: ("could you animate {}?", "please make a video of {}", "can you show me a video of {}?",
+                         "i'd like a video of {}", "i want to see {}", "animate {}, please", "hey, make a video of {}!",
+                         "show me {} please", "can you make {} for me?", "i need a clip of {}"),
+    },
+    "heldout": {
+        Modality.IMAGE: ("would you mind drawing {}?", "Could I get a picture of {}, thanks!", "i would love {}.",
+                         "Kindly draw {}.", "go ahead and show me {}", "so, um, draw {} maybe?",
+                         "Can you sketch {} please?", "I'd really like to see {}!"),
+        Modality.AUDIO: ("would you mind playing {}?", "Could I hear {}, thanks!", "i would love {}.",
+                         "Kindly play {}.", "go ahead and play {}", "so, um, play {} maybe?",
+                         "Can you produce {} please?", "I'd really like to hear {}!"),
+        Modality.VIDEO: ("would you mind animating {}?", "Could I get a video of {}, thanks!", "i would love {}.",
+                         "Kindly animate {}.", "go ahead and show me {}", "so, um, make a video of {} maybe?",
+                         "Can you create a clip of {} please?", "I'd really like to see {}!"),
+    },
+}
+# per modality and question field: other ways to ask it (the canonical question is in _QUESTIONS)
+_ASK_QUESTION: dict[str, dict[Modality, dict[str, tuple[str, ...]]]] = {
+    "train": {
+        Modality.IMAGE: {"colour": ("what color is the shape?", "which colour is it?", "tell me the colour of the shape",
+                                    "what colour is the shape in this picture?"),
+                         "shape": ("what is the shape in this picture?", "which shape is it?", "tell me the shape",
+                                   "what shape is in this image?"),
+                         "size": ("how big is it?", "is the shape big or small?", "tell me how big the shape is"),
+                         "position": ("where is it?", "where is the shape in the picture?", "tell me where the shape is"),
+                         "background": ("what color is the background?", "which colour is the background?",
+                                        "tell me the background colour"),
+                         "caption": ("describe this picture", "what is in this picture?", "what do you see?",
+                                     "tell me about this image")},
+        Modality.AUDIO: {"note": ("which note is it?", "what note is this tone?", "tell me the note"),
+                         "waveform": ("what kind of wave is this?", "which waveform is it?", "tell me the waveform"),
+                         "duration": ("how long is it?", "how long does this tone last?", "tell me how long it is"),
+                         "register": ("is it high or low?", "is this sound high or low?", "high or low?"),
+                         "caption": ("what is this sound?", "describe what you hear", "tell me about this sound")},
+        Modality.VIDEO: {"direction": ("where is it going?", "which way does the shape move?", "tell me the direction"),
+                         "colour": ("what color is the moving shape?", "which colour is moving?",
+                                    "tell me the colour of the shape"),
+                         "shape": ("what is moving?", "which shape moves?", "tell me the moving shape"),
+                         "caption": ("what happens in this video?", "describe this clip", "tell me about this video")},
+    },
+    "heldout": {
+        Modality.IMAGE: {"colour": ("What's the colour of this shape?", "Can you tell me what color the shape is?"),
+                         "shape": ("What's the shape here?", "Can you tell me which shape this is?"),
+                         "size": ("How large is the shape, would you say?", "Is it a big shape or a small one?"),
+                         "position": ("Where's the shape placed?", "Can you tell me where the shape sits?"),
+                         "background": ("What's the background colour here?", "Which color is behind the shape?"),
+                         "caption": ("Could you describe this picture for me?", "What's in this image?")},
+        Modality.AUDIO: {"note": ("What's the note here?", "Can you tell me which note this is?"),
+                         "waveform": ("What's the waveform here?", "Can you tell me what wave this is?"),
+                         "duration": ("How long's this tone?", "Can you tell me how long this lasts?"),
+                         "register": ("Is the tone high, or is it low?", "High tone or low tone?"),
+                         "caption": ("Could you describe this sound for me?", "What's this sound?")},
+        Modality.VIDEO: {"direction": ("Which way's it moving?", "Can you tell me which way the shape moves?"),
+                         "colour": ("What's the colour of the moving shape?", "Which color is the shape that moves?"),
+                         "shape": ("What's the shape that moves?", "Can you tell me what shape is moving?"),
+                         "caption": ("Could you describe this video for me?", "What's in this clip?")},
+    },
+}
+_FILLERS = {"train": ("please", "hey", "so", "um", "just", "really", "ok"),
+            "heldout": ("well", "uh", "kindly", "basically", "thanks")}
+
+
+def _casing(text: str, g: np.random.Generator) -> str:
+    r = g.random()
+    if r < 0.3:
+        return text[:1].upper() + text[1:]
+    if r < 0.4:
+        return text.upper()
+    if r < 0.5:
+        return text.title()
+    return text
+
+
+def _sprinkle(text: str, g: np.random.Generator, split: str) -> str:
+    """Up to two filler words at random word boundaries (outside the world's vocabulary they read as [UNK])."""
+    words = text.split()
+    for _ in range(int(g.integers(0, 3))):
+        fillers = _FILLERS[split]
+        words.insert(int(g.integers(0, len(words) + 1)), fillers[int(g.integers(len(fillers)))])
+    return " ".join(words)
+
+
+def ask_for(spec: Spec, g: np.random.Generator, forms: str = "train") -> str:
+    """A request for ``spec``'s medium in one of the ``forms`` ("train" or "heldout") ways of asking."""
+    _check_choice("forms", forms, ("train", "heldout"))
+    templates = _ASK_GENERATE[forms][spec.modality]
+    text = templates[int(g.integers(len(templates)))].format(_prompt_spec(spec, g).caption())
+    return _casing(_sprinkle(text, g, forms) if g.random() < 0.5 else text, g)
+
+
+def ask_about(modality: Modality | str, question: str, g: np.random.Generator, forms: str = "train") -> str:
+    """``question`` (a field of ``modality``, or "caption") asked in one of the ``forms`` ways."""
+    _check_choice("forms", forms, ("train", "heldout"))
+    m = _media_modality(modality)
+    options = _ASK_QUESTION[forms][m][question]
+    text = options[int(g.integers(len(options)))]
+    return _casing(_sprinkle(text, g, forms) if g.random() < 0.3 else text, g)
+
+
+def rephrase(dialogue: Dialogue, g: np.random.Generator, forms: str = "train") -> Dialogue:
+    """``dialogue`` with its first user turn's text asked another way (a generation request, or a
+    question about the given medium); other tasks (edits) keep their wording."""
+    turns = [dict(t, content=list(t["content"])) for t in dialogue.turns]
+    first = turns[0]["content"]
+    k = next(i for i, p in enumerate(first) if p["type"] == "text")
+    if dialogue.task in ("t2i", "t2a", "t2v"):
+        first[k] = _text(ask_for(dialogue.target, g, forms))
+    elif dialogue.question is not None:
+        first[k] = _text(ask_about(dialogue.target.modality, dialogue.question, g, forms))
+    return replace(dialogue, turns=turns)  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------- sessions
+
+
+@dataclass
+class Session:
+    """A multi-turn session: ``turns`` alternate user and assistant; ``checks`` has one entry per user
+    turn: its direction (t2i/t2a/t2v for requests and edits, i2t/a2t/v2t for questions), the spec
+    the reply must be about, the question field (or None) and the user turn's index in ``turns``."""
+
+    turns: list[Turn]
+    checks: list[dict[str, Any]]
+
+    def as_dialogue(self) -> Dialogue:
+        last = self.checks[-1]
+        return Dialogue("session", self.turns, last["target"], last["question"])
+
+
+_DIRECTION = {Modality.IMAGE: ("t2i", "i2t"), Modality.AUDIO: ("t2a", "a2t"), Modality.VIDEO: ("t2v", "v2t")}
+
+
+def sample_session(rng: int | np.random.Generator, split: str = "train", n_turns: tuple[int, int] = (3, 5),
+                   forms: str | None = "train", render_media: bool = True) -> Session:
+    """Draw a session of ``n_turns`` (inclusive range) mixed turns: requests for a medium, edits of the
+    last medium made ("now make it blue", acting on what it refers to), and questions about a medium
+    the user attaches. With ``forms`` ("train"/"heldout") about half the requests and questions are
+    asked in that set's other ways; None keeps every turn canonical. In ``split="heldout"`` each
+    requested or asked-about spec is a held-out combination (edits lead to any spec)."""
+    g = as_generator(rng)
+    _check_split(split)
+    n = int(g.integers(n_turns[0], n_turns[1] + 1))
+    turns: list[Turn] = []
+    checks: list[dict[str, Any]] = []
+    last: Spec | None = None
+    for _ in range(n):
+        kind = ("generate", "question", "edit")[int(g.integers(3 if last is not None else 2))]
+        modality = (Modality.IMAGE, Modality.AUDIO, Modality.VIDEO)[int(g.integers(3))]
+        question = None
+        if kind == "edit":
+            assert last is not None
+            names = list(_EDIT_FIELDS[last.modality])
+            g.shuffle(names)
+            options = []
+            for name in names:
+                for s in _all_specs(last.modality):
+                    if getattr(s, name) != getattr(last, name) and all(
+                            getattr(s, f) == getattr(last, f) for f in _EDIT_FIELDS[last.modality] if f != name):
+                        if split == "train" and is_held_out(s):
+                            continue
+                        text = _edit_text(last, s, name)
+                        if text is not None:
+                            options.append((s, text))
+                if options:
+                    break
+            if not options:
+                kind = "generate"
+            else:
+                target, text = options[int(g.integers(len(options)))]
+                turns += [{"role": "user", "content": [_text(text)]}, _generation_turn(target, g, render_media)]
+                checks.append({"direction": _DIRECTION[target.modality][0], "target": target, "question": None,
+                               "turn": len(turns) - 2, "kind": "edit"})
+                last = target
+                continue
+        target = sample_specs(modality, 1, g, split)[0]
+        styled = forms is not None and g.random() < 0.5
+        if kind == "generate":
+            if styled:
+                text = ask_for(target, g, forms)
+            else:
+                templates = _GENERATE_TEMPLATES[modality]
+                text = templates[int(g.integers(len(templates)))].format(_prompt_spec(target, g).caption())
+            turns += [{"role": "user", "content": [_text(text)]}, _generation_turn(target, g, render_media)]
+            checks.append({"direction": _DIRECTION[modality][0], "target": target, "question": None,
+                           "turn": len(turns) - 2, "kind": "generate", "prompt": text})
+            last = target
+        else:
+            qs = _QUESTIONS[modality]
+            question = list(qs)[int(g.integers(len(qs)))]
+            text = ask_about(modality, question, g, forms) if styled else qs[question][0]
+            word = qs[question][1]
+            answer = target.caption() if word is None else word(getattr(target, question))
+            turns += [{"role": "user", "content": [_media_part(target, g, render_media), _text(text)]},
+                      {"role": "assistant", "content": [_text(answer)]}]
+            checks.append({"direction": _DIRECTION[modality][1], "target": target, "question": question,
+                           "turn": len(turns) - 2, "kind": "question"})
+    return Session(turns, checks)
+
+
+__all__ += ["STYLES", "Session", "ask_about", "ask_for", "rephrase", "sample_session"]
