@@ -95,6 +95,7 @@ class RowResult:
     error: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
     seed: int | None = None
+    warning: str | None = None  # done, but short of the request (a medium asked for and not made)
     skipped: bool = False  # recorded as done by an earlier run (not written again)
 
     def to_json(self) -> str:
@@ -552,8 +553,10 @@ class _Recorder:
     def __call__(self, result: RowResult) -> RowResult:
         self.log.append(result)
         self.counts[result.status] += 1
+        self.counts["warning"] += bool(result.warning)
         self.bar.update(1)
-        self.bar.set_postfix(done=self.counts["done"], errors=self.counts["error"], refresh=False)
+        self.bar.set_postfix(done=self.counts["done"], errors=self.counts["error"], warnings=self.counts["warning"],
+                             refresh=False)
         return result
 
 
@@ -623,7 +626,7 @@ def _generate(pipe: AnyModalPipeline, rows: list[_Row], out_dir: Path, seed: int
         timings = {"generate_s": round(generate_s / len(rows), 4), "write_s": round(time.perf_counter() - t0, 4),
                    "batch_s": round(generate_s, 4), "batch_size": len(rows)}
         results.append(RowResult(r.key, r.id, r.index, "done", text=out.text[i], files=files, timings=timings,
-                                 seed=row_seed))
+                                 seed=row_seed, warning="; ".join(out.warnings[i]) or None))
     return results
 
 
@@ -632,6 +635,7 @@ class Summary:
     done: int = 0
     errors: int = 0
     skipped: int = 0
+    warnings: int = 0
     seconds: float = 0.0
     reasons: Counter = field(default_factory=Counter)
 
@@ -640,6 +644,7 @@ class Summary:
             self.skipped += 1
         elif r.status == "done":
             self.done += 1
+            self.warnings += bool(r.warning)
         else:
             self.errors += 1
             self.reasons[r.error or "unknown"] += 1
@@ -648,6 +653,9 @@ class Summary:
         rate = self.done / self.seconds if self.seconds else 0.0
         lines = [f"{self.done} done, {self.errors} errors, {self.skipped} skipped (done earlier) in "
                  f"{self.seconds:.1f} s ({rate:.2f} rows/s); results: {results_path}"]
+        if self.warnings:
+            lines.append(f"  {self.warnings} done row(s) have a warning (a requested medium was not made; "
+                         f"see their 'warning' field)")
         for reason, n in self.reasons.most_common(5):
             lines.append(f"  error x{n}: {reason}")
         if len(self.reasons) > 5:

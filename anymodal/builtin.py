@@ -16,16 +16,18 @@ from anymodal.modality import ModalitySpec, register_modality
 register_modality(ModalitySpec(
     name="image", plural="images", signal_prefix="img", suffix=".png", settings_class=ImageSettings,
     accepts=media.IMAGE_ACCEPTS, is_medium=media.is_image, check=inputs.check_image, save=media.save_image,
-    keep=media.keep_image, restore=media.restore_image, default_signal_tokens=4))
+    keep=media.keep_image, restore=media.restore_image, default_signal_tokens=4,
+    request_words=("draw", "paint", "sketch", "picture", "image", "photo", "show me")))
 register_modality(ModalitySpec(
     name="audio", plural="audios", signal_prefix="aud", suffix=".wav", settings_class=AudioSettings,
     accepts=media.AUDIO_ACCEPTS, is_medium=media.is_audio, check=inputs.check_audio, save=media.save_audio,
-    keep=media.keep_audio, restore=media.restore_audio, default_signal_tokens=8))
+    keep=media.keep_audio, restore=media.restore_audio, default_signal_tokens=8,
+    request_words=("play", "sound", "tone", "hear", "audio")))
 register_modality(ModalitySpec(
     name="video", plural="videos", signal_prefix="vid", suffix=".gif", suffixes=(".mp4",),
     settings_class=VideoSettings, accepts=media.VIDEO_ACCEPTS, is_medium=media.is_video, check=inputs.check_video,
     save=media.save_video, save_options=("fps",), keep=media.keep_video, restore=media.restore_video,
-    default_signal_tokens=24))
+    default_signal_tokens=24, request_words=("video", "animate", "clip", "movie")))
 
 import anymodal.encoders.hf  # noqa: E402,F401  clip, clap, hf-vision
 import anymodal.encoders.imagebind  # noqa: E402,F401  imagebind

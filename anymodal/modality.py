@@ -142,6 +142,9 @@ class ModalitySpec:
     save_options: tuple[str, ...] = ()
     keep: Callable[[Any, Path], Path] | None = None
     restore: Callable[[Path], Any] | None = None
+    # lower-case words or phrases by which a request asks for this medium ("draw", "play"): a reply to
+    # such a request (with no medium of this kind attached) that holds none gets a warning
+    request_words: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for field_name in ("name", "plural", "signal_prefix"):

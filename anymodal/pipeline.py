@@ -49,9 +49,12 @@ class AnyModalOutput(MediaFields):
     """
 
     def __init__(self, text: list[str], media: dict[Modality | str, list[list[Any]]] | None = None,
-                 token_ids: list[list[int]] | None = None, **by_plural: list[list[Any]]):
+                 token_ids: list[list[int]] | None = None, warnings: list[list[str]] | None = None,
+                 **by_plural: list[list[Any]]):
         self.text = list(text)
         self.token_ids = token_ids if token_ids is not None else []
+        # per prompt: what went wrong without failing the call (a requested medium that never came)
+        self.warnings = warnings if warnings is not None else [[] for _ in self.text]
         given = {Modality.parse(m): v for m, v in (media or {}).items()}
         given.update(media_by_plural(by_plural, "AnyModalOutput()"))
         self.media: dict[Modality, list[list[Any]]] = {
@@ -362,6 +365,11 @@ class AnyModalPipeline:
 
         # 6. decode text, each medium marked by its placeholder
         out.text = [self.processor.split_output(seq)[0] for seq in result.sequences]
+        out.warnings = [missing_media_warnings(conv, out, row, set(self.generators))
+                        for row, conv in enumerate(conversations)]
+        for row, found in enumerate(out.warnings):
+            for w in found:
+                logger.warning("prompt %d: %s", row, w)
         return out
 
     def resolve_settings(self, settings: Any) -> dict[Modality, Any]:
@@ -392,6 +400,32 @@ class AnyModalPipeline:
 
 
 # ==================================================================== helpers
+def requested_media(text: str) -> list[Modality]:
+    """The media a request asks for, by each modality's ``request_words`` (whole words, any case)."""
+    import re
+
+    low = text.lower()
+    return [m for m in media_modalities()
+            if any(re.search(rf"(?<![a-z]){re.escape(w)}(?![a-z])", low) for w in m.spec.request_words)]
+
+
+def missing_media_warnings(conversation: Sequence[Message], out: AnyModalOutput, row: int,
+                           generated: set[Modality]) -> list[str]:
+    """Warnings for prompt ``row``: each medium the last user message asks for (a request word, and no
+    medium of that kind attached to it, which would make it a question about that medium) that the
+    model can generate but the reply does not hold. Replies are never dropped; this says that one
+    stopped short ("a green" with no image), so a batch record or a log does not pass it as done."""
+    last = next((m for m in reversed(conversation) if m.role == "user"), None)
+    if last is None:
+        return []
+    found = []
+    for m in requested_media(last.content):
+        if m in generated and not last.media.get(m) and m.spec.placeholder not in last.content and not out.media[m][row]:
+            found.append(f"the request asked for {m.value} ({last.content[:80]!r}) but the reply "
+                         f"{out.text[row][:80]!r} has no {m.value}")
+    return found
+
+
 def _rows_of_media(prompts: list[str], media: dict[Modality, Any], single: bool) -> list[dict[Modality, list]]:
     rows: list[dict[Modality, list]] = [{} for _ in prompts]
     for m, arg in media.items():

@@ -444,3 +444,20 @@ def test_bank_restrict():
     bank = W.make_bank("image", 30, seed=0, restrict={"background": ["black"], "position": ["center"]})
     assert {s.background for s in bank.specs} == {"black"} and {s.position for s in bank.specs} == {"center"}
     assert all(W.parse_caption(c).with_defaults() == s for c, s in zip(bank.captions, bank.specs))
+
+
+def test_audio_checker_fails_clipped_and_distorted_tones():
+    """A checker that reads only the pitch passes a clipped file: a hard-clipped sine (what every saved
+    WAV was) must fail, on its flat tops and on a sine's crest factor."""
+    g = np.random.default_rng(3)
+    for s in W.all_specs("audio")[::5]:
+        wave = W.render_audio(s, g)
+        assert C.score_audio(wave, W.SAMPLE_RATE, s)["clean_ok"], s
+        clipped = np.clip(wave * 8, -1, 1)
+        r = C.read_audio(clipped)
+        assert r.clipped > 0.3 and not C.score_audio(clipped, W.SAMPLE_RATE, s)["ok"], (s, r.clipped)
+    sine = W.AudioSpec(note="A4", waveform="sine", duration="long")
+    wave = W.render_audio(sine, g)
+    assert 1.3 < C.read_audio(wave).crest < 1.6
+    # soft saturation (tanh): no flat tops, but the crest and harmonics of a square, not a sine
+    assert not C.score_audio(np.tanh(wave * 20), W.SAMPLE_RATE, sine)["ok"]

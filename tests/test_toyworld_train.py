@@ -298,3 +298,15 @@ def test_audio_generator_resumes_and_loads_through_the_adapter(tokenizer_dir: Pa
                          settings={"num_inference_steps": 2, "guidance_scale": 3.0, "audio_length_s": 1.024},
                          rng=torch.Generator().manual_seed(0))
     assert audio.sample_rate == world.SAMPLE_RATE and audio.array.shape == (world.CLIP_SAMPLES,)
+
+
+def test_train_writes_results_beside_the_run_not_into_the_repository(tmp_path, monkeypatch):
+    """`toyworld train --preset smoke` used to overwrite the committed bench/results/toyworld-*.json."""
+    from anymodal.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bench" / "results").mkdir(parents=True)
+    assert main(["toyworld", "train", "--out", str(tmp_path / "run"), "--preset", "smoke", "--phase", "tokenizer",
+                 "--phase", "image-vae", "--no-progress"]) == 0
+    assert not any((tmp_path / "bench" / "results").iterdir())
+    assert (tmp_path / "run" / "results" / "toyworld-image-vae.json").is_file()

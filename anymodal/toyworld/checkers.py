@@ -251,7 +251,7 @@ _ACTIVE = 0.3  # a frame belongs to the tone above 30% of the loud level (noise 
 _F0_BAND = (200.0, 1400.0)  # around C4..C6
 _HARMONIC_BAND = 4000.0  # harmonics above this are smeared by a 64-mel front end
 _NOTE_TOLERANCE_CENTS = 100.0
-_MAX_CLIPPED = 0.01  # 1% of samples sitting at the peak is a clipped file (a clean tone: ~0.01%)
+_MAX_CLIPPED = 0.01  # 1% of samples on flat tops is a clipped file (clean tones: 0; clipped ones: 50-90%)
 _SINE_CREST = (1.25, 3.2)
 
 
@@ -271,7 +271,7 @@ class AudioReading:
     odd: float = 0.0  # RMS of odd harmonics from the 3rd / fundamental
     tonality: float = 0.0  # fundamental peak / median spectrum level
     crest: float = 0.0  # peak / RMS of the loud part: sqrt(2) for a clean sine, 1 for a square or a clipped tone
-    clipped: float = 0.0  # fraction of the loud part's samples flat at the clip's peak (a clipped or saturated file)
+    clipped: float = 0.0  # fraction of the loud part's samples on a flat top at the peak (a clipped file)
 
     @property
     def clean(self) -> bool:
@@ -346,7 +346,10 @@ def read_audio(wave: Any, sample_rate: int = SAMPLE_RATE) -> AudioReading:
     found = tonality > 20.0
     peak = float(np.abs(seg).max())
     crest = peak / max(float(np.sqrt(np.mean(seg ** 2))), 1e-12)
-    clipped = float(np.mean(np.abs(seg) >= 0.999 * peak))
+    at_peak = np.abs(seg) >= 0.999 * peak
+    # flat tops: neighbouring samples both at the peak and equal (a band-limited tone, even a square
+    # wave with its ripple, has almost none; a clipped one has them on every cycle)
+    clipped = float(np.mean(at_peak[1:] & at_peak[:-1] & (np.abs(np.diff(seg)) <= 1e-4 * peak))) if len(seg) > 1 else 0.0
     return AudioReading(found, note if found else None, waveform if found else None, duration,
                         note_register(note) if (found and note) else None, f0, cents, seconds, even, odd, tonality,
                         crest, clipped)

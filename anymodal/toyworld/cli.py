@@ -27,8 +27,9 @@ def toyworld_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", dest="overrides",
                    help="override a setting of the preset (repeatable), e.g. image_generator.steps=2000; "
                         "resume with the same overrides")
-    t.add_argument("--results", default="bench/results",
-                   help="where toyworld-<phase>.json evaluation summaries go (default: bench/results)")
+    t.add_argument("--results", default=None,
+                   help="also write the toyworld-<phase>.json evaluation summaries here (e.g. bench/results to "
+                        "update the repository's figures); they always go to OUT/results")
     t.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads per phase (default: torch's choice; 1 is kinder on a shared machine)")
     t.add_argument("--jobs", type=int, default=1,

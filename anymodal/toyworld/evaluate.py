@@ -9,6 +9,13 @@ runs the model on the user turn, and scores the reply:
     i2t, a2t, v2t  the text answer to a question about the given medium
 
 A reply with no medium of the asked kind counts as wrong.
+
+``style="paraphrase"`` asks each request and question in the world's held-out wordings
+(``world.ask_for`` / ``ask_about`` with ``forms="heldout"``: forms training never uses).
+:func:`evaluate_sessions` scores multi-turn sessions turn by turn through a ``ChatSession``.
+Each direction draws its prompts and seeds its generators from ``(seed, direction)`` alone, so a
+direction scores the same whether it runs alone or with others. Figures carry Wilson 95%
+intervals.
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ import numpy as np
 from ..commands import add_model_args, load_pipeline
 from ..modality import Modality
 from . import checkers, world
+
+SPLIT_ALIASES = {"seen": "train"}  # the docs call the training combinations "seen"
 
 DIRECTIONS = ("t2i", "t2a", "t2v", "i2t", "a2t", "v2t")
 # The fields each generation direction is judged on (those its prompt leaves unsaid are skipped).
@@ -50,9 +59,37 @@ class DirectionResult:
     def field_accuracy(self) -> dict[str, float]:
         return {k: v / self.field_n[k] for k, v in self.field_correct.items()}
 
+    def interval(self) -> tuple[float, float]:
+        return wilson_interval(self.correct, self.n)
+
     def to_dict(self) -> dict[str, Any]:
+        lo, hi = self.interval()
         return {"direction": self.direction, "n": self.n, "correct": self.correct, "accuracy": self.accuracy,
-                "field_accuracy": self.field_accuracy(), "examples": self.examples}
+                "ci95": [round(lo, 4), round(hi, 4)], "field_accuracy": self.field_accuracy(), "examples": self.examples}
+
+    def add(self, ok: bool, fields: dict[str, bool]) -> None:
+        self.n += 1
+        self.correct += ok
+        for f, v in fields.items():
+            self.field_correct[f] = self.field_correct.get(f, 0) + v
+            self.field_n[f] = self.field_n.get(f, 0) + 1
+
+
+def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """The Wilson score 95% interval of ``k`` successes in ``n`` trials (sound at 0% and 100%, unlike
+    the normal approximation)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def direction_rng(seed: int, direction: str) -> np.random.Generator:
+    """The prompts of ``direction`` come from ``(seed, direction)`` alone: a direction's figure does
+    not depend on which directions ran before it."""
+    return np.random.default_rng([seed, DIRECTIONS.index(direction)])
 
 
 def _user_inputs(dialogue: world.Dialogue) -> tuple[str, dict[Modality, list]]:
@@ -70,12 +107,18 @@ def _user_inputs(dialogue: world.Dialogue) -> tuple[str, dict[Modality, list]]:
 
 
 def _score(direction: str, dialogue: world.Dialogue, prompt: str, out, row: int) -> tuple[bool, dict[str, bool]]:
-    target = dialogue.target
+    made = out.media[_MEDIA[direction]][row] if direction in HEADLINE_FIELDS else None
+    return score_reply(direction, dialogue.target, dialogue.question, prompt, out.text[row], made)
+
+
+def score_reply(direction: str, target: world.Spec, question: str | None, prompt: str | None, text: str,
+                made: list | None, asked: world.Spec | None = None) -> tuple[bool, dict[str, bool]]:
+    """Score one reply: a generated medium (``made``, the reply's media of the direction's kind) on the
+    fields the request names (``asked``, else the fields ``prompt`` reads back as, else the target's),
+    or a text answer to ``question``."""
     if direction in HEADLINE_FIELDS:
-        # judge only what the prompt asked for ("play a low square tone" names no note)
-        asked = world.parse_caption(prompt) or target
-        names = [f for f in HEADLINE_FIELDS[direction] if getattr(asked, f) is not None]
-        made = out.media[_MEDIA[direction]][row]
+        asked = asked or (world.parse_caption(prompt) if prompt else None) or target
+        names = [f for f in HEADLINE_FIELDS[direction] if getattr(asked, f, None) is not None]
         if not made:
             return False, {f: False for f in names}
         item = made[0]
@@ -90,27 +133,33 @@ def _score(direction: str, dialogue: world.Dialogue, prompt: str, out, row: int)
             return False, {f: False for f in names}
         fields = {f: bool(s.get(f"{f}_ok", False)) for f in names}
         return all(fields.values()), fields
-    ok = checkers.check_answer(dialogue.question, out.text[row], target)
-    return ok, {dialogue.question: ok}
+    ok = checkers.check_answer(question, text, target)
+    return ok, {question: ok}
 
 
 def evaluate(pipe, n: int = 20, split: str = "heldout", directions: Sequence[str] = DIRECTIONS, seed: int = 0,
-             batch_size: int = 8, progress: bool = True) -> dict[str, DirectionResult]:
+             batch_size: int = 8, progress: bool = True, style: str = "plain") -> dict[str, DirectionResult]:
     """Score ``pipe`` on ``n`` toy-world prompts per direction. Directions whose modality the
-    model cannot take or make are scored 0 (every reply lacks what was asked)."""
+    model cannot take or make are scored 0 (every reply lacks what was asked). ``style``:
+    "plain" (the training templates' wording) or "paraphrase" (held-out wordings)."""
     from tqdm.auto import tqdm
 
+    split = SPLIT_ALIASES.get(split, split)
     for d in directions:
         if d not in DIRECTIONS:
             raise ValueError(f"unknown direction {d!r}; expected some of: {', '.join(DIRECTIONS)}")
+    if style not in world.STYLES:
+        raise ValueError(f"unknown style {style!r}; expected one of: {', '.join(world.STYLES)}")
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
     results: dict[str, DirectionResult] = {}
-    rng = np.random.default_rng(seed)
     bar = tqdm(total=n * len(directions), desc="eval", unit="prompt", disable=not progress)
     for d in directions:
         res = results[d] = DirectionResult(d)
+        rng = direction_rng(seed, d)
         dialogues = [world.sample_dialogue(rng, split=split, tasks=[d]) for _ in range(n)]
+        if style == "paraphrase":
+            dialogues = [world.rephrase(x, rng, "heldout") for x in dialogues]
         for start in range(0, n, batch_size):
             chunk = dialogues[start:start + batch_size]
             prompts, media = zip(*[_user_inputs(x) for x in chunk])
@@ -122,14 +171,13 @@ def evaluate(pipe, n: int = 20, split: str = "heldout", directions: Sequence[str
                     bar.update(len(chunk))
                     continue
                 kwargs[f"{m.value}s"] = [x.get(m) for x in media]
-            out = pipe(list(prompts), seed=seed + start, progress=False, **kwargs)
+            out = pipe(list(prompts), seed=seed + 1000 * DIRECTIONS.index(d) + start, progress=False, **kwargs)
             for row, dialogue in enumerate(chunk):
-                ok, fields = _score(d, dialogue, prompts[row], out, row)
-                res.n += 1
-                res.correct += ok
-                for f, v in fields.items():
-                    res.field_correct[f] = res.field_correct.get(f, 0) + v
-                    res.field_n[f] = res.field_n.get(f, 0) + 1
+                # judge what was asked: a reworded prompt names the same fields as the canonical one
+                ok, fields = _score(d, dialogue, prompts[row], out, row) if style == "plain" else score_reply(
+                    d, dialogue.target, dialogue.question, None, out.text[row],
+                    out.media[m][row] if d in HEADLINE_FIELDS else None, asked=dialogue.asked)
+                res.add(ok, fields)
                 if len(res.examples) < 5:
                     res.examples.append({"prompt": prompts[row], "target": dialogue.target.caption(),
                                          "reply": out.text[row], "ok": bool(ok)})
@@ -138,22 +186,68 @@ def evaluate(pipe, n: int = 20, split: str = "heldout", directions: Sequence[str
     return results
 
 
+def evaluate_sessions(pipe, n_sessions: int = 40, split: str = "heldout", seed: int = 0, progress: bool = True,
+                      forms: str | None = None) -> dict[str, DirectionResult]:
+    """Score ``n_sessions`` multi-turn sessions (3-5 mixed turns: requests, edits of the last medium,
+    questions about an attached medium; ``world.sample_session``) turn by turn through a
+    :class:`~anymodal.session.ChatSession`, per direction (an edit counts as its medium's generation
+    direction, judged on every headline field of the edited spec)."""
+    from tqdm.auto import tqdm
+
+    from ..session import ChatSession
+
+    split = SPLIT_ALIASES.get(split, split)
+    rng = np.random.default_rng([seed, 99])
+    sessions = [world.sample_session(rng, split, forms=forms) for _ in range(n_sessions)]
+    results = {d: DirectionResult(d) for d in DIRECTIONS}
+    bar = tqdm(total=sum(len(s.checks) for s in sessions), desc="eval sessions", unit="turn", disable=not progress)
+    for k, sess in enumerate(sessions):
+        chat = ChatSession(pipe, seed=seed + 7919 * k)
+        for check in sess.checks:
+            turn = sess.turns[check["turn"]]
+            text = " ".join(p["text"] for p in turn["content"] if p["type"] == "text")
+            media: dict[str, list] = {}
+            for p in turn["content"]:
+                if p["type"] == "audio":
+                    media.setdefault("audios", []).append((p["audio"], p["sample_rate"]))
+                elif p["type"] != "text":
+                    media.setdefault(p["type"] + "s", []).append(p[p["type"]])
+            reply = chat.send(text, **media)
+            d = check["direction"]
+            target = check["target"]
+            made = reply.media.get(_MEDIA[d], []) if d in HEADLINE_FIELDS else None
+            ok, fields = score_reply(d, target, check["question"], None, reply.text, made, asked=check.get("asked") or target)
+            results[d].add(ok, fields)
+            if len(results[d].examples) < 5:
+                results[d].examples.append({"turn": check["turn"] // 2 + 1, "kind": check["kind"], "prompt": text,
+                                            "target": target.caption(), "reply": reply.text, "ok": bool(ok)})
+            bar.update(1)
+    bar.close()
+    return results
+
+
 def format_table(results: dict[str, DirectionResult]) -> str:
-    lines = [f"{'direction':<10} {'n':>4} {'accuracy':>9}  fields"]
+    lines = [f"{'direction':<10} {'n':>4} {'accuracy':>9}  {'95% CI':<13}  fields"]
     for d, r in results.items():
         fields = ", ".join(f"{k} {v:.0%}" for k, v in r.field_accuracy().items())
-        lines.append(f"{d:<10} {r.n:>4} {r.accuracy:>9.1%}  {fields}")
+        lo, hi = r.interval()
+        lines.append(f"{d:<10} {r.n:>4} {r.accuracy:>9.1%}  {f'{lo:.0%}-{hi:.0%}':<13}  {fields}")
     return "\n".join(lines)
 
 
 def eval_args(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     p.add_argument("--n", type=int, default=20, help="prompts per direction (default 20)")
-    p.add_argument("--split", choices=["heldout", "train"], default="heldout",
-                   help="held-out combinations (default) or combinations seen in training")
-    p.add_argument("--directions", nargs="+", default=list(DIRECTIONS), choices=DIRECTIONS)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--split", choices=["heldout", "seen", "train"], default="heldout",
+                   help="held-out combinations (default) or combinations seen in training ('seen'; 'train' is the same)")
+    p.add_argument("--style", choices=list(world.STYLES), default="plain",
+                   help="plain: the training templates' wording (default); paraphrase: held-out wordings")
+    p.add_argument("--sessions", type=int, default=0, metavar="N",
+                   help="instead, score N multi-turn sessions (3-5 mixed turns each) turn by turn")
+    p.add_argument("--directions", nargs="+", default=list(DIRECTIONS), choices=DIRECTIONS,
+                   help="directions to score (default: all six)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the prompts and the generators (default 0)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per pipeline call (default 8)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
 
 
@@ -161,11 +255,15 @@ def eval_command(args: argparse.Namespace) -> int:
     from ..utils import atomic_write_text
 
     pipe = load_pipeline(args.model, args.config, args.device)
-    results = evaluate(pipe, n=args.n, split=args.split, directions=args.directions, seed=args.seed,
-                       batch_size=args.batch_size)
+    if args.sessions:
+        results = evaluate_sessions(pipe, args.sessions, split=args.split, seed=args.seed)
+    else:
+        results = evaluate(pipe, n=args.n, split=args.split, directions=args.directions, seed=args.seed,
+                           batch_size=args.batch_size, style=args.style)
     print(format_table(results))
     if args.out:
-        payload = {"split": args.split, "n": args.n, "seed": args.seed,
+        payload = {"split": SPLIT_ALIASES.get(args.split, args.split), "n": args.n, "seed": args.seed,
+                   "style": args.style, "sessions": args.sessions,
                    "directions": {d: r.to_dict() for d, r in results.items()}}
         atomic_write_text(Path(args.out), json.dumps(payload, indent=2))
         print(f"written to {args.out}", file=sys.stderr)

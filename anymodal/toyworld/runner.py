@@ -180,8 +180,10 @@ def run_phase(phase: str, out: Path, cfg: ToyworldTrainConfig, control: RunContr
         return PhaseResult(phase, "stopped", None, None, str(e))
     summary = _summary(phase, path, figures, cfg, log, control, round(time.time() - t0, 1))
     atomic_write_text(done_file, json.dumps(summary, indent=2) + "\n")
-    if results_dir is not None and figures is not None:
-        atomic_write_text(results_dir / f"toyworld-{phase}.json", json.dumps(summary, indent=2) + "\n")
+    if figures is not None:  # always beside the run; into the repository's bench/results only when asked
+        for where in {out / "results", *([results_dir] if results_dir is not None else [])}:
+            Path(where).mkdir(parents=True, exist_ok=True)
+            atomic_write_text(Path(where) / f"toyworld-{phase}.json", json.dumps(summary, indent=2) + "\n")
     return PhaseResult(phase, "done", str(path), figures, f"{phase}: done in {time.time() - t0:.0f} s -> {path}")
 
 
@@ -237,7 +239,7 @@ def _summary(phase: str, path: Path, figures: dict[str, Any] | None, cfg: Toywor
 
 def train(out: str | os.PathLike = "runs/toyworld", phases: Sequence[str] | None = None,
           config: ToyworldTrainConfig | str = "default", max_minutes: float | None = None, resume: bool = False,
-          results_dir: str | os.PathLike | None = "bench/results", progress: bool = True,
+          results_dir: str | os.PathLike | None = None, progress: bool = True,
           stop_at_step: int | None = None, overrides: Sequence[str] = (), jobs: int = 1,
           threads: int | None = None, device: str | None = "cpu",
           share_idle_cores: bool = True) -> list[PhaseResult]:

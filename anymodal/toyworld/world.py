@@ -939,6 +939,7 @@ class Dialogue:
     turns: list[Turn]
     target: Spec
     question: str | None = None
+    asked: Spec | None = None  # what a reworded request names (rephrase); None: read it from the prompt
 
     def texts(self) -> list[tuple[str, str]]:
         """(role, text) of every text part, in order."""
@@ -1181,10 +1182,16 @@ def _sprinkle(text: str, g: np.random.Generator, split: str) -> str:
 
 def ask_for(spec: Spec, g: np.random.Generator, forms: str = "train") -> str:
     """A request for ``spec``'s medium in one of the ``forms`` ("train" or "heldout") ways of asking."""
+    return _ask_for(spec, g, forms)[0]
+
+
+def _ask_for(spec: Spec, g: np.random.Generator, forms: str) -> tuple[str, Spec]:
+    """The request and the spec it names (an audio request may leave out the note or the duration)."""
     _check_choice("forms", forms, ("train", "heldout"))
     templates = _ASK_GENERATE[forms][spec.modality]
-    text = templates[int(g.integers(len(templates)))].format(_prompt_spec(spec, g).caption())
-    return _casing(_sprinkle(text, g, forms) if g.random() < 0.5 else text, g)
+    asked = _prompt_spec(spec, g)
+    text = templates[int(g.integers(len(templates)))].format(asked.caption())
+    return _casing(_sprinkle(text, g, forms) if g.random() < 0.5 else text, g), asked
 
 
 def ask_about(modality: Modality | str, question: str, g: np.random.Generator, forms: str = "train") -> str:
@@ -1202,11 +1209,13 @@ def rephrase(dialogue: Dialogue, g: np.random.Generator, forms: str = "train") -
     turns = [dict(t, content=list(t["content"])) for t in dialogue.turns]
     first = turns[0]["content"]
     k = next(i for i, p in enumerate(first) if p["type"] == "text")
+    asked = None
     if dialogue.task in ("t2i", "t2a", "t2v"):
-        first[k] = _text(ask_for(dialogue.target, g, forms))
+        text, asked = _ask_for(dialogue.target, g, forms)
+        first[k] = _text(text)
     elif dialogue.question is not None:
         first[k] = _text(ask_about(dialogue.target.modality, dialogue.question, g, forms))
-    return replace(dialogue, turns=turns)  # type: ignore[arg-type]
+    return replace(dialogue, turns=turns, asked=asked)  # type: ignore[arg-type]
 
 
 # ----------------------------------------------------------------------------- sessions
@@ -1275,13 +1284,14 @@ def sample_session(rng: int | np.random.Generator, split: str = "train", n_turns
         styled = forms is not None and g.random() < 0.5
         if kind == "generate":
             if styled:
-                text = ask_for(target, g, forms)
+                text, asked = _ask_for(target, g, forms)
             else:
                 templates = _GENERATE_TEMPLATES[modality]
-                text = templates[int(g.integers(len(templates)))].format(_prompt_spec(target, g).caption())
+                asked = _prompt_spec(target, g)
+                text = templates[int(g.integers(len(templates)))].format(asked.caption())
             turns += [{"role": "user", "content": [_text(text)]}, _generation_turn(target, g, render_media)]
             checks.append({"direction": _DIRECTION[modality][0], "target": target, "question": None,
-                           "turn": len(turns) - 2, "kind": "generate", "prompt": text})
+                           "turn": len(turns) - 2, "kind": "generate", "asked": asked})
             last = target
         else:
             qs = _QUESTIONS[modality]
