@@ -331,3 +331,49 @@ def test_cli_runs_a_benchmark_task_and_keeps_the_toyworld_default(pipe, data, tm
     assert "--clip-model DIR" in err and not (tmp_path / "v").exists()
     assert main(["eval", "--task", "i2t", "--out", str(tmp_path / "x")]) == 2
     assert "needs --data DIR" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_processes_under_accelerate_launch_give_the_same_scores(pipe, data, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import anymodal
+
+    model = Path(anymodal.__file__).parent / "assets" / "default"
+    single = run_eval("i2t", pipe, data["coco"], tmp_path / "one", features=_features("i2t", data), progress=False,
+                      bootstrap=50, batch_size=2)
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+           "-m", "anymodal", "eval", "--task", "i2t", "--data", str(data["coco"]), "--out", str(tmp_path / "two"),
+           "--model", str(model), "--batch-size", "2", "--meteor", "off", "--bootstrap", "50", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1"}
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert two["n"] == single["n"] == 5
+    for name in ("CIDEr", "BLEU-4"):
+        assert two["metrics"][name]["value"] == pytest.approx(single["metrics"][name]["value"], rel=1e-9)
+    one_items = (tmp_path / "one" / "scores.jsonl").read_text().splitlines()
+    two_items = (tmp_path / "two" / "scores.jsonl").read_text().splitlines()
+    assert [json.loads(a)["caption"] for a in one_items] == [json.loads(b)["caption"] for b in two_items]
+
+
+@pytest.mark.slow
+def test_meteor_runs_where_java_is_present():
+    if not M.java_available():
+        pytest.skip("Java is not installed")
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    refs = M.tokenize(CAPTION_REFS, java=True)
+    hyps = {k: v[0] for k, v in M.tokenize({k: [v] for k, v in CAPTION_HYPS.items()}, java=True).items()}
+    corpus, items = M.caption_metrics(refs, hyps, meteor=True)
+    score, per = Meteor().compute_score(refs, {k: [v] for k, v in hyps.items()})
+    assert corpus["METEOR"] == pytest.approx(100 * score) and items["1"]["METEOR"] == pytest.approx(100 * per[0])
