@@ -18,7 +18,9 @@ from typing import Any, Iterable
 import numpy as np
 
 from ..modality import Modality
-from . import metrics as M
+from .metrics import (Clap, Clip, ClipImageFeatures, Embeddings, VQANormalizer, bootstrap_ci, caption_metrics, clip_score,
+                      clip_scores, clipsim, cosine, frechet_distance, images_to_uint8, inception_features,
+                      java_available, kernel_distance, tokenize, vqa_accuracy)
 from .data import READERS, Dataset, Item
 
 GENERATION_DIR = "generation"
@@ -68,8 +70,8 @@ class FeatureOptions:
 class Features:
     """The networks a task's metrics need, loaded before anything is generated."""
 
-    clip: M.Clip | None = None
-    clap: M.Clap | None = None
+    clip: Clip | None = None
+    clap: Clap | None = None
     fid: Any = None  # a torchmetrics feature module
     fid_name: str = ""
     meteor: bool = False
@@ -81,20 +83,20 @@ class Features:
     def load(cls, task: Task, opts: FeatureOptions) -> "Features":
         f = cls(image_size=opts.image_size, video_frames=opts.video_frames)
         if task.name == "t2i":
-            f.clip = M.Clip.from_dir(opts.clip_model, "t2i (CLIPScore)", opts.device)
+            f.clip = Clip.from_dir(opts.clip_model, "t2i (CLIPScore)", opts.device)
             if opts.fid_features == "clip":
-                f.fid, f.fid_name = M.ClipImageFeatures(f.clip), "CLIP image embeddings (not comparable with papers)"
+                f.fid, f.fid_name = ClipImageFeatures(f.clip), "CLIP image embeddings (not comparable with papers)"
             elif opts.fid_features == "inception":
-                f.fid, f.fid_name = M.inception_features(opts.fid_weights), "Inception-v3 pool3 (torch-fidelity)"
+                f.fid, f.fid_name = inception_features(opts.fid_weights), "Inception-v3 pool3 (torch-fidelity)"
             else:
                 raise ValueError(f"--fid-features must be inception or clip, got {opts.fid_features!r}")
         elif task.name == "t2a":
-            f.clap = M.Clap.from_dir(opts.clap_model, "t2a (FAD and CLAP score)", opts.device)
+            f.clap = Clap.from_dir(opts.clap_model, "t2a (FAD and CLAP score)", opts.device)
             f.fid_name = "CLAP audio embeddings"
         elif task.name == "t2v":
-            f.clip = M.Clip.from_dir(opts.clip_model, "t2v (CLIPSIM)", opts.device)
+            f.clip = Clip.from_dir(opts.clip_model, "t2v (CLIPSIM)", opts.device)
         if task.kind == "caption":
-            f.java = M.java_available()
+            f.java = java_available()
             if opts.meteor not in ("auto", "on", "off"):
                 raise ValueError(f"--meteor must be auto, on or off, got {opts.meteor!r}")
             if opts.meteor == "on" and not f.java:
@@ -214,25 +216,25 @@ def score(task: Task, items: list[Item], out: str | Path, features: Features, *,
 
     def mean_metric(name: str, values: list[float], clamp: bool = False) -> None:
         if values:
-            ci = M.bootstrap_ci(values, bootstrap, seed)
-            value = M.clip_score(values) if clamp else float(np.mean(values))
+            ci = bootstrap_ci(values, bootstrap, seed)
+            value = clip_score(values) if clamp else float(np.mean(values))
             if clamp and ci is not None:
                 ci = [max(ci[0], 0.0), max(ci[1], 0.0)]
             result[name] = {"value": value, "ci95": ci, "n": len(values)}
 
     if task.kind == "vqa":
-        norm = M.VQANormalizer.official()
+        norm = VQANormalizer.official()
         by_type: dict[str, list[float]] = {}
         for it, row, answer in usable:
             row["answer"] = answer
-            row["accuracy"] = 100 * M.vqa_accuracy(answer, it.answers, norm)
+            row["accuracy"] = 100 * vqa_accuracy(answer, it.answers, norm)
             by_type.setdefault(str(it.extra.get("answer_type")), []).append(row["accuracy"])
         mean_metric("VQA accuracy", [r["accuracy"] for _, r, _ in usable])
         for kind, vals in sorted(by_type.items()):
             mean_metric(f"VQA accuracy ({kind})", vals)
     elif task.kind == "caption":
-        refs = M.tokenize({it.id: it.captions for it, _, _ in usable}, features.java)
-        hyps = {k: v[0] for k, v in M.tokenize({it.id: [c] for it, _, c in usable}, features.java).items()}
+        refs = tokenize({it.id: it.captions for it, _, _ in usable}, features.java)
+        hyps = {k: v[0] for k, v in tokenize({it.id: [c] for it, _, c in usable}, features.java).items()}
         notes.append("captions tokenised with Stanford's PTBTokenizer (Java)" if features.java else
                      "Java not found: captions tokenised with anymodal's pure-Python approximation of the PTB "
                      "tokenizer; scores can differ slightly from the Java-tokenised ones papers report")
@@ -240,13 +242,13 @@ def score(task: Task, items: list[Item], out: str | Path, features: Features, *,
             notes.append("METEOR skipped: " + ("--meteor off" if features.java else "it needs Java"))
         notes.append("SPICE skipped: it needs Java and Stanford CoreNLP models downloaded at run time")
         if usable:
-            corpus, items_scores = M.caption_metrics(refs, hyps, features.meteor)
+            corpus, items_scores = caption_metrics(refs, hyps, features.meteor)
             for it, row, caption in usable:
                 row["caption"] = caption
                 row.update(items_scores[it.id])
             for name, value in corpus.items():
                 # CIDEr (and METEOR) are means of per-item scores; BLEU is a corpus statistic, no mean to resample
-                ci = (M.bootstrap_ci([r[name] for _, r, _ in usable], bootstrap, seed)
+                ci = (bootstrap_ci([r[name] for _, r, _ in usable], bootstrap, seed)
                       if name in ("CIDEr", "METEOR") else None)
                 result[name] = {"value": value, "ci95": ci, "n": len(usable)}
     elif task.name == "t2i":
@@ -254,15 +256,15 @@ def score(task: Task, items: list[Item], out: str | Path, features: Features, *,
         refs = [Image.open(it.media).convert("RGB") for it, _, _ in usable]
         captions = [it.captions[0] for it, _, _ in usable]
         if usable:
-            for (_, row, _), s in zip(usable, M.clip_scores(features.clip, gen, captions)):
+            for (_, row, _), s in zip(usable, clip_scores(features.clip, gen, captions)):
                 row["CLIPScore"] = float(s)
             mean_metric("CLIPScore", [r["CLIPScore"] for _, r, _ in usable], clamp=True)
         try:
             size = features.image_size
-            real, fake = M.images_to_uint8(refs, size), M.images_to_uint8(gen, size)
-            result["FID"] = {"value": M.frechet_distance(features.fid, real, fake), "ci95": None, "n": len(usable),
+            real, fake = images_to_uint8(refs, size), images_to_uint8(gen, size)
+            result["FID"] = {"value": frechet_distance(features.fid, real, fake), "ci95": None, "n": len(usable),
                              "features": features.fid_name}
-            kid, kid_std = M.kernel_distance(features.fid, real, fake)
+            kid, kid_std = kernel_distance(features.fid, real, fake)
             result["KID"] = {"value": kid, "std": kid_std, "ci95": None, "n": len(usable), "features": features.fid_name}
         except ValueError as e:
             notes.append(f"FID and KID not computed: {e}")
@@ -274,11 +276,11 @@ def score(task: Task, items: list[Item], out: str | Path, features: Features, *,
             gen = clap.audio_features([_load_audio(p, clap.sample_rate)[:length] for _, _, p in usable])
             refs = clap.audio_features([_load_audio(it.media, clap.sample_rate)[:length] for it, _, _ in usable])
             text = clap.text_features([it.captions[0] for it, _, _ in usable])
-            for (_, row, _), s in zip(usable, (100 * M.cosine(gen, text)).tolist()):
+            for (_, row, _), s in zip(usable, (100 * cosine(gen, text)).tolist()):
                 row["CLAP score"] = float(s)
             mean_metric("CLAP score", [r["CLAP score"] for _, r, _ in usable], clamp=True)
             try:
-                result["FAD"] = {"value": M.frechet_distance(M.Embeddings(gen.shape[1]), refs, gen), "ci95": None,
+                result["FAD"] = {"value": frechet_distance(Embeddings(gen.shape[1]), refs, gen), "ci95": None,
                                  "n": len(usable), "features": features.fid_name}
             except ValueError as e:
                 notes.append(f"FAD not computed: {e}")
@@ -287,7 +289,7 @@ def score(task: Task, items: list[Item], out: str | Path, features: Features, *,
 
         frames = [load_video_frames(str(p), features.video_frames) for _, _, p in usable]
         if usable:
-            for (_, row, _), s in zip(usable, M.clipsim(features.clip, frames, [it.captions[0] for it, _, _ in usable])):
+            for (_, row, _), s in zip(usable, clipsim(features.clip, frames, [it.captions[0] for it, _, _ in usable])):
                 row["CLIPSIM"] = float(s)
             mean_metric("CLIPSIM", [r["CLIPSIM"] for _, r, _ in usable])
         notes.append("FVD not computed (optional in the issue; not implemented)")
