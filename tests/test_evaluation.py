@@ -325,6 +325,13 @@ def test_cli_runs_a_benchmark_task_and_keeps_the_toyworld_default(pipe, data, tm
     printed = capsys.readouterr().out
     assert "| vqa | anymodal default | VQA accuracy |" in printed
     assert json.loads((out / "summary.json").read_text())["n"] == 2
+    # t2i through the command, FID over the CLIP image embeddings
+    assert main(["eval", "--task", "t2i", "--data", str(data["coco"]), "--out", str(tmp_path / "i"), "--limit", "3",
+                 "--clip-model", str(data["clip"]), "--fid-features", "clip", "--prompt", "draw {caption}",
+                 "--no-progress", "--bootstrap", "20"]) == 0
+    summary = json.loads((tmp_path / "i" / "summary.json").read_text())
+    assert summary["metrics"]["FID"]["features"].startswith("CLIP image embeddings") and summary["n"] == 3
+    capsys.readouterr()
     # a missing feature network: one line naming the flag, before anything is generated
     assert main(["eval", "--task", "t2v", "--data", str(data["msrvtt"]), "--out", str(tmp_path / "v")]) == 2
     err = capsys.readouterr().err
@@ -377,3 +384,27 @@ def test_meteor_runs_where_java_is_present():
     corpus, items = M.caption_metrics(refs, hyps, meteor=True)
     score, per = Meteor().compute_score(refs, {k: [v] for k, v in hyps.items()})
     assert corpus["METEOR"] == pytest.approx(100 * score) and items["1"]["METEOR"] == pytest.approx(100 * per[0])
+
+
+@pytest.mark.slow
+def test_inception_fid_path_loads_a_local_weights_file(tmp_path, monkeypatch):
+    """The --fid-weights path end to end, with random weights in torch-fidelity's own key format
+    (the real file cannot be fetched here): loaded safely, 2048 features, a finite FID."""
+    import torch_fidelity.feature_extractor_inceptionv3 as tfi
+    from torchmetrics.image.fid import NoTrainInceptionV3
+
+    from _benchdata import shape_image
+
+    with monkeypatch.context() as m:  # build the network without its download, keep its random init
+        m.setattr(tfi, "load_state_dict_from_url", lambda *a, **k: None)
+        m.setattr(tfi.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd, *a, **k: None)
+        torch.manual_seed(0)
+        net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"])
+    path = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
+    torch.save(tfi.FeatureExtractorInceptionV3.state_dict(net), path)
+    feature = M.inception_features(path)
+    real = M.images_to_uint8([shape_image(c) for c in ("a red circle", "a blue square", "a green triangle")], 299)
+    fake = M.images_to_uint8([shape_image(c, offset=3) for c in ("a red square", "a blue circle", "a yellow circle")], 299)
+    with torch.no_grad():
+        assert feature(real).shape == (3, 2048)
+    assert np.isfinite(M.frechet_distance(feature, real, fake))

@@ -90,7 +90,7 @@ def benchmark_command(args: argparse.Namespace) -> int:
         merge_results(out / GENERATION_DIR)
     run = EvalRun(task, Path(args.data), out, args.data_split, args.limit, args.seed, args.prompt, model,
                   args.bootstrap, options)
-    summary = run.summarise(ds, items, features)
+    summary = run.summarise(ds, items, features, progress=not args.no_progress)
     print(markdown(summary))
     print(f"written: {out / 'summary.json'}, {out / 'summary.md'}, {out / 'scores.jsonl'}", file=sys.stderr)
     if world > 1:

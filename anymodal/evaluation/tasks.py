@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
+import torch
 
 from ..modality import Modality
 from .metrics import (Clap, Clip, ClipImageFeatures, Embeddings, VQANormalizer, bootstrap_ci, caption_metrics, clip_score,
@@ -78,16 +79,18 @@ class Features:
     java: bool = False
     image_size: int = 299
     video_frames: int = 8
+    device: str = "cpu"
 
     @classmethod
     def load(cls, task: Task, opts: FeatureOptions) -> "Features":
-        f = cls(image_size=opts.image_size, video_frames=opts.video_frames)
+        f = cls(image_size=opts.image_size, video_frames=opts.video_frames, device=opts.device or "cpu")
         if task.name == "t2i":
             f.clip = Clip.from_dir(opts.clip_model, "t2i (CLIPScore)", opts.device)
             if opts.fid_features == "clip":
                 f.fid, f.fid_name = ClipImageFeatures(f.clip), "CLIP image embeddings (not comparable with papers)"
             elif opts.fid_features == "inception":
-                f.fid, f.fid_name = inception_features(opts.fid_weights), "Inception-v3 pool3 (torch-fidelity)"
+                f.fid = inception_features(opts.fid_weights).to(f.device)
+                f.fid_name = "Inception-v3 pool3 (torch-fidelity)"
             else:
                 raise ValueError(f"--fid-features must be inception or clip, got {opts.fid_features!r}")
         elif task.name == "t2a":
@@ -178,8 +181,21 @@ def _load_audio(path: Path, rate: int) -> np.ndarray:
     return resample(wave, sr, rate).numpy()
 
 
+def _chunks(items: list, progress: bool | None, desc: str, size: int = 32):
+    """``items`` in chunks, with a progress bar (ETA) over the items."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    show = sys.stderr.isatty() if progress is None else progress
+    with tqdm(total=len(items), desc=desc, unit="item", disable=not show, dynamic_ncols=True) as bar:
+        for i in range(0, len(items), size):
+            yield items[i:i + size]
+            bar.update(len(items[i:i + size]))
+
+
 def score(task: Task, items: list[Item], out: str | Path, features: Features, *, template: str | None = None,
-          seed: int = 0, bootstrap: int = 1000) -> tuple[list[dict[str, Any]], dict[str, Any], list[str]]:
+          seed: int = 0, bootstrap: int = 1000, progress: bool | None = None) -> tuple[list[dict[str, Any]], dict[str, Any], list[str]]:
     """Per-item records, corpus metrics (``{name: {"value", "ci95", "n"}}``) and notes."""
     from PIL import Image
 
@@ -252,46 +268,54 @@ def score(task: Task, items: list[Item], out: str | Path, features: Features, *,
                       if name in ("CIDEr", "METEOR") else None)
                 result[name] = {"value": value, "ci95": ci, "n": len(usable)}
     elif task.name == "t2i":
-        gen = [Image.open(p).convert("RGB") for _, _, p in usable]
-        refs = [Image.open(it.media).convert("RGB") for it, _, _ in usable]
-        captions = [it.captions[0] for it, _, _ in usable]
-        if usable:
-            for (_, row, _), s in zip(usable, clip_scores(features.clip, gen, captions)):
+        real, fake = [], []
+        for chunk in _chunks(usable, progress, "scoring t2i"):  # a chunk at a time: 30k images do not fit in memory
+            gen = [Image.open(p).convert("RGB") for _, _, p in chunk]
+            refs = [Image.open(it.media).convert("RGB") for it, _, _ in chunk]
+            for (_, row, _), s in zip(chunk, clip_scores(features.clip, gen, [it.captions[0] for it, _, _ in chunk])):
                 row["CLIPScore"] = float(s)
-            mean_metric("CLIPScore", [r["CLIPScore"] for _, r, _ in usable], clamp=True)
-        try:
-            size = features.image_size
-            real, fake = images_to_uint8(refs, size), images_to_uint8(gen, size)
-            result["FID"] = {"value": frechet_distance(features.fid, real, fake), "ci95": None, "n": len(usable),
-                             "features": features.fid_name}
-            kid, kid_std = kernel_distance(features.fid, real, fake)
-            result["KID"] = {"value": kid, "std": kid_std, "ci95": None, "n": len(usable), "features": features.fid_name}
-        except ValueError as e:
-            notes.append(f"FID and KID not computed: {e}")
+            with torch.no_grad():
+                for imgs, into in ((refs, real), (gen, fake)):
+                    into.append(features.fid(images_to_uint8(imgs, features.image_size).to(features.device)).double().cpu())
+        mean_metric("CLIPScore", [r["CLIPScore"] for _, r, _ in usable], clamp=True)
+        if usable:
+            real_f, fake_f = torch.cat(real), torch.cat(fake)
+            try:  # torchmetrics' FID and KID over the features computed once above
+                result["FID"] = {"value": frechet_distance(Embeddings(real_f.shape[1]), real_f, fake_f), "ci95": None,
+                                 "n": len(usable), "features": features.fid_name}
+                kid, kid_std = kernel_distance(Embeddings(real_f.shape[1]), real_f, fake_f)
+                result["KID"] = {"value": kid, "std": kid_std, "ci95": None, "n": len(usable),
+                                 "features": features.fid_name}
+            except ValueError as e:
+                notes.append(f"FID and KID not computed: {e}")
     elif task.name == "t2a":
         clap = features.clap
         # CLAP's processor crops longer clips at a random offset: crop them here, the same way every run
         length = int(clap.sample_rate * getattr(clap.processor.feature_extractor, "max_length_s", 10))
-        if usable:
-            gen = clap.audio_features([_load_audio(p, clap.sample_rate)[:length] for _, _, p in usable])
-            refs = clap.audio_features([_load_audio(it.media, clap.sample_rate)[:length] for it, _, _ in usable])
-            text = clap.text_features([it.captions[0] for it, _, _ in usable])
-            for (_, row, _), s in zip(usable, (100 * cosine(gen, text)).tolist()):
+        real, fake = [], []
+        for chunk in _chunks(usable, progress, "scoring t2a"):
+            gen = clap.audio_features([_load_audio(p, clap.sample_rate)[:length] for _, _, p in chunk])
+            real.append(clap.audio_features([_load_audio(it.media, clap.sample_rate)[:length] for it, _, _ in chunk]))
+            fake.append(gen)
+            text = clap.text_features([it.captions[0] for it, _, _ in chunk])
+            for (_, row, _), s in zip(chunk, (100 * cosine(gen, text)).tolist()):
                 row["CLAP score"] = float(s)
-            mean_metric("CLAP score", [r["CLAP score"] for _, r, _ in usable], clamp=True)
+        mean_metric("CLAP score", [r["CLAP score"] for _, r, _ in usable], clamp=True)
+        if usable:
+            real_f, fake_f = torch.cat(real).double(), torch.cat(fake).double()
             try:
-                result["FAD"] = {"value": frechet_distance(Embeddings(gen.shape[1]), refs, gen), "ci95": None,
+                result["FAD"] = {"value": frechet_distance(Embeddings(real_f.shape[1]), real_f, fake_f), "ci95": None,
                                  "n": len(usable), "features": features.fid_name}
             except ValueError as e:
                 notes.append(f"FAD not computed: {e}")
     elif task.name == "t2v":
         from ..encoders.preprocess import load_video_frames
 
-        frames = [load_video_frames(str(p), features.video_frames) for _, _, p in usable]
-        if usable:
-            for (_, row, _), s in zip(usable, clipsim(features.clip, frames, [it.captions[0] for it, _, _ in usable])):
+        for chunk in _chunks(usable, progress, "scoring t2v"):
+            frames = [load_video_frames(str(p), features.video_frames) for _, _, p in chunk]
+            for (_, row, _), s in zip(chunk, clipsim(features.clip, frames, [it.captions[0] for it, _, _ in chunk])):
                 row["CLIPSIM"] = float(s)
-            mean_metric("CLIPSIM", [r["CLIPSIM"] for _, r, _ in usable])
+        mean_metric("CLIPSIM", [r["CLIPSIM"] for _, r, _ in usable])
         notes.append("FVD not computed (optional in the issue; not implemented)")
     return per, result, notes
 
@@ -339,9 +363,10 @@ class EvalRun:
     bootstrap: int = 1000
     options: FeatureOptions = field(default_factory=FeatureOptions)
 
-    def summarise(self, ds: Dataset, items: list[Item], features: Features) -> dict[str, Any]:
+    def summarise(self, ds: Dataset, items: list[Item], features: Features,
+                  progress: bool | None = None) -> dict[str, Any]:
         per, result, notes = score(self.task, items, self.out, features, template=self.prompt, seed=self.seed,
-                                   bootstrap=self.bootstrap)
+                                   bootstrap=self.bootstrap, progress=progress)
         full = len(ds.items)
         if len(items) < full or ds.missing_media:
             notes.insert(0, f"n = {len(items)} is below the full split ({full + ds.missing_media} items listed"
@@ -375,7 +400,7 @@ def run_eval(task: str | Task, pipe, data: str | Path, out: str | Path, *, split
     features = features or Features.load(task, options)  # before generating: a missing network fails fast
     generate(task, pipe, items, out, template=prompt, seed=seed, batch_size=batch_size, max_new_tokens=max_new_tokens,
              progress=progress)
-    return run.summarise(ds, items, features)
+    return run.summarise(ds, items, features, progress)
 
 
 def _task(task: str | Task) -> Task:
