@@ -408,3 +408,39 @@ def test_inception_fid_path_loads_a_local_weights_file(tmp_path, monkeypatch):
     with torch.no_grad():
         assert feature(real).shape == (3, 2048)
     assert np.isfinite(M.frechet_distance(feature, real, fake))
+
+
+@pytest.mark.slow
+def test_a_killed_eval_process_resumes_with_nothing_generated_twice(data, tmp_path):
+    """SIGKILL mid-run, then the same command: the recorded items are skipped, the rest generated once."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from collections import Counter
+
+    captions = [f"a {c} {s}" for c in ("red", "green", "blue", "yellow") for s in ("circle", "square", "triangle")] * 2
+    coco, n = make_coco(tmp_path / "coco", captions), len(captions)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "anymodal", "eval", "--task", "i2t", "--data", str(coco), "--out", str(out),
+           "--batch-size", "1", "--meteor", "off", "--no-progress", "--bootstrap", "10"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    results = out / "generation" / "results.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if results.is_file() and results.read_bytes().count(b"\n") >= 2:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = results.read_bytes().count(b"\n")
+    assert 2 <= before < n
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert f"{n - before} generated, 0 failed, {before} skipped" in run.stderr
+    recs = [json.loads(line) for line in results.read_text().splitlines()]
+    assert len(recs) == n and Counter(r["key"] for r in recs).most_common(1)[0][1] == 1
+    assert json.loads((out / "summary.json").read_text())["metrics"]["CIDEr"]["n"] == n

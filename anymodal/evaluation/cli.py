@@ -76,12 +76,15 @@ def benchmark_command(args: argparse.Namespace) -> int:
     pipe = load_pipeline(args.model, args.config, device)
     model = args.model or args.config or "anymodal default"
     try:
-        generate(task, pipe, items, out, template=args.prompt, seed=args.seed, batch_size=args.batch_size,
-                 max_new_tokens=args.max_new_tokens, progress=not args.no_progress, process_index=rank,
-                 num_processes=world)
+        counts = generate(task, pipe, items, out, template=args.prompt, seed=args.seed, batch_size=args.batch_size,
+                          max_new_tokens=args.max_new_tokens, progress=not args.no_progress, process_index=rank,
+                          num_processes=world)
     except KeyboardInterrupt:
         print("interrupted; every recorded item is complete: run the same command again to go on", file=sys.stderr)
         return 130
+    where = f"[process {rank}/{world}] " if world > 1 else ""
+    print(f"{where}generation: {counts['generated']} generated, {counts['errors']} failed, {counts['skipped']} skipped "
+          "(done by an earlier run)", file=sys.stderr)
     if world > 1:
         state.wait_for_everyone()
         if not state.is_main_process:

@@ -142,15 +142,18 @@ def select(task: Task, data: str | Path, split: str | None = None, limit: int | 
 
 def generate(task: Task, pipe, items: list[Item], out: str | Path, *, template: str | None = None, seed: int = 0,
              batch_size: int = 8, max_new_tokens: int | None = None, progress: bool | None = None,
-             process_index: int = 0, num_processes: int = 1) -> None:
-    """Generate every item not yet recorded under ``out/generation`` (this process's shard)."""
+             process_index: int = 0, num_processes: int = 1) -> dict[str, int]:
+    """Generate every item not yet recorded under ``out/generation`` (this process's shard); return
+    how many were generated, failed, and skipped as recorded by an earlier run."""
     from ..batch import run_batch
 
     rows = rows_for(task, items, template, seed)
-    for _ in run_batch(pipe, rows, Path(out) / GENERATION_DIR, batch_size, seed=seed, process_index=process_index,
+    counts = {"generated": 0, "errors": 0, "skipped": 0}
+    for r in run_batch(pipe, rows, Path(out) / GENERATION_DIR, batch_size, seed=seed, process_index=process_index,
                        num_processes=num_processes, max_new_tokens=max_new_tokens, video_format="mp4",
                        progress=progress):
-        pass
+        counts["skipped" if r.skipped else "generated" if r.status == "done" else "errors"] += 1
+    return counts
 
 
 # ==================================================================== scoring
