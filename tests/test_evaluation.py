@@ -67,6 +67,25 @@ def test_bad_data_folders_get_one_clear_error(tmp_path):
         read_coco_captions(tmp_path)
     with pytest.raises(FileNotFoundError, match="--data: no such folder"):
         read_vqav2(tmp_path / "nope")
+    (tmp_path / "captions_val2014.json").write_text(json.dumps({"images": [{"file_name": "x.jpg"}], "annotations": [{}]}))
+    with pytest.raises(ValueError, match="COCO captions annotations are not in the released format: an entry has no "
+                                         "'image_id' field"):
+        read_coco_captions(tmp_path)
+
+
+@pytest.mark.parametrize("task,template,ok", [
+    ("t2i", "draw {caption}", True), ("t2i", "draw a cat", False), ("t2i", "{caption} {question}", False),
+    ("vqa", "<image> {question}", True), ("vqa", "<image> {caption}", False), ("i2t", "<image> describe", True),
+    ("i2t", "<image> {caption}", False), ("t2i", "draw {caption", False),
+])
+def test_prompt_templates_are_checked(task, template, ok):
+    from anymodal.evaluation.tasks import check_template
+
+    if ok:
+        check_template(TASKS[task], template)
+    else:
+        with pytest.raises(ValueError, match="--prompt"):
+            check_template(TASKS[task], template)
 
 
 # ---------------------------------------------------------------- metrics equal their references

@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .tasks import TASKS, EvalRun, FeatureOptions, Features, generate, markdown, select
+from .tasks import TASKS, EvalRun, FeatureOptions, Features, check_template, generate, markdown, select
 
 
 def eval_args(p: argparse.ArgumentParser) -> None:
@@ -65,6 +65,8 @@ def benchmark_command(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {out}: exists and is not a folder")
     options = FeatureOptions(fid_weights=args.fid_weights, fid_features=args.fid_features, clip_model=args.clip_model,
                              clap_model=args.clap_model, meteor=args.meteor, device=args.device)
+    if args.prompt is not None:
+        check_template(task, args.prompt)
     ds, items = select(task, args.data, args.data_split, args.limit)
     features = Features.load(task, options)  # a missing feature network fails before anything is generated
     state = _distributed_state()

@@ -9,6 +9,7 @@ the same for every model and every run, and adding items to a split does not reo
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -98,7 +99,25 @@ def _need_dir(data: str | Path) -> Path:
     return data
 
 
+def _released_format(name: str):
+    """A reader whose annotation entries lack a field, or hold the wrong type, raises one ValueError
+    naming the benchmark and the field, not a KeyError from deep inside."""
+    def wrap(reader):
+        @functools.wraps(reader)
+        def read(data, split=None):
+            try:
+                return reader(data, split)
+            except KeyError as e:
+                raise ValueError(f"{data}: the {name} annotations are not in the released format: an entry has no "
+                                 f"{e.args[0]!r} field") from None
+            except (TypeError, AttributeError) as e:
+                raise ValueError(f"{data}: the {name} annotations are not in the released format ({e})") from None
+        return read
+    return wrap
+
+
 # ---------------------------------------------------------------- COCO captions
+@_released_format("COCO captions")
 def read_coco_captions(data: str | Path, split: str | None = None) -> Dataset:
     """COCO captions as released: ``annotations/captions_<split>.json`` (``images`` with ``id`` and
     ``file_name``; ``annotations`` with ``image_id`` and ``caption``) and the images, anywhere under
@@ -125,6 +144,7 @@ def read_coco_captions(data: str | Path, split: str | None = None) -> Dataset:
 
 
 # ---------------------------------------------------------------- AudioCaps
+@_released_format("AudioCaps")
 def read_audiocaps(data: str | Path, split: str | None = None) -> Dataset:
     """AudioCaps as released: ``<split>.csv`` (``audiocap_id,youtube_id,start_time,caption``; the
     test split has five rows per clip) and the clips as WAV files, anywhere under ``data``, named by
@@ -158,6 +178,7 @@ def read_audiocaps(data: str | Path, split: str | None = None) -> Dataset:
 
 
 # ---------------------------------------------------------------- MSR-VTT
+@_released_format("MSR-VTT")
 def read_msrvtt(data: str | Path, split: str | None = "test") -> Dataset:
     """MSR-VTT as released: ``videodatainfo.json`` / ``test_videodatainfo.json`` / ``MSRVTT_data.json``
     (``videos`` with ``video_id`` and ``split``; ``sentences`` with ``video_id`` and ``caption``) and
@@ -189,6 +210,7 @@ def read_msrvtt(data: str | Path, split: str | None = "test") -> Dataset:
 
 
 # ---------------------------------------------------------------- VQAv2
+@_released_format("VQAv2")
 def read_vqav2(data: str | Path, split: str | None = None) -> Dataset:
     """VQAv2 as released: ``v2_OpenEnded_mscoco_<split>_questions.json``,
     ``v2_mscoco_<split>_annotations.json`` and the COCO images, anywhere under ``data``

@@ -117,9 +117,27 @@ def _prompt(task: Task, template: str, item: Item) -> str:
     return template
 
 
+_FIELDS = {"generate": {"caption"}, "vqa": {"question"}, "caption": set()}
+
+
+def check_template(task: Task, template: str) -> None:
+    """The fields a prompt template may use: ``{caption}`` (t2x, required), ``{question}`` (vqa, required)."""
+    import string
+
+    try:
+        used = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    except ValueError as e:
+        raise ValueError(f"--prompt {template!r}: not a valid template ({e}); write a literal brace as {{{{ or }}}}") from None
+    allowed = _FIELDS[task.kind]
+    if used - allowed or (allowed and not allowed <= used):
+        need = f"must contain {{{next(iter(allowed))}}} and no other field" if allowed else "takes no {fields}"
+        raise ValueError(f"--prompt {template!r}: a {task.name} prompt {need}")
+
+
 def rows_for(task: Task, items: Iterable[Item], template: str | None = None, seed: int = 0) -> list[dict[str, Any]]:
     """The batch rows of ``items``: one per item, the medium given for captioning and VQA."""
     template = template or task.prompt
+    check_template(task, template)
     rows = []
     for it in items:
         row: dict[str, Any] = {"id": it.id, "prompt": _prompt(task, template, it), "seed": seed}
