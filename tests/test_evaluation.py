@@ -322,6 +322,43 @@ def test_a_killed_eval_resumes_with_nothing_generated_twice(pipe, data, tmp_path
     assert calls == []
 
 
+def test_an_unreadable_generated_medium_is_left_out_with_its_reason(pipe, data, tmp_path):
+    out = tmp_path / "out"
+    kw = dict(prompt=TOY_PROMPTS["t2i"], features=_features("t2i", data), limit=4, progress=False, bootstrap=10)
+    run_eval("t2i", pipe, data["coco"], out, **kw)
+    first = json.loads((out / "scores.jsonl").read_text().splitlines()[0])
+    (out / "generation" / first["output"]).write_bytes(b"not a png")
+    summary = run_eval("t2i", pipe, data["coco"], out, **kw)  # everything is recorded: this run only scores
+    assert summary["metrics"]["CLIPScore"]["n"] == summary["metrics"]["FID"]["n"] == 3
+    assert any("could not be read" in n for n in summary["notes"])
+    assert "cannot read a medium" in json.loads((out / "scores.jsonl").read_text().splitlines()[0])["error"]
+
+
+def test_a_model_that_cannot_do_the_task_is_refused_before_generating(data, tmp_path):
+    from types import SimpleNamespace
+
+    from anymodal.evaluation.tasks import check_model
+    from anymodal.modality import Modality
+
+    class Takes:
+        def __init__(self, *ms):
+            self.ms = ms
+
+        def check_takes(self, m):
+            if m not in self.ms:
+                raise ValueError(f"this model takes no {m.value} input")
+
+    text_only = SimpleNamespace(generators={}, processor=Takes())
+    with pytest.raises(ValueError, match="t2a needs a model that generates audio"):
+        check_model(TASKS["t2a"], text_only)
+    with pytest.raises(ValueError, match="v2t: this model takes no video input"):
+        check_model(TASKS["v2t"], text_only)
+    check_model(TASKS["vqa"], SimpleNamespace(generators={}, processor=Takes(Modality.IMAGE)))
+    with pytest.raises(ValueError, match="vqa: this model takes no image input"):
+        run_eval("vqa", text_only, data["vqav2"], tmp_path / "o", progress=False)
+    assert not (tmp_path / "o" / "generation").exists()
+
+
 def test_limit_takes_a_fixed_prefix_of_the_order(pipe, data, tmp_path):
     from anymodal.evaluation.tasks import select
 

@@ -158,6 +158,21 @@ def select(task: Task, data: str | Path, split: str | None = None, limit: int | 
     return ds, ds.items[:limit] if limit else ds.items
 
 
+def check_model(task: Task, pipe) -> None:
+    """Refuse a model that cannot do ``task`` before generating anything for it."""
+    m = task.modality
+    if task.kind == "generate":
+        if m not in pipe.generators:
+            made = ", ".join(x.value for x in pipe.generators) or "text only"
+            raise ValueError(f"{task.name} needs a model that generates {m.value}; this one has no {m.value} "
+                             f"generator (it makes {made})")
+    else:
+        try:
+            pipe.processor.check_takes(m)
+        except ValueError as e:
+            raise ValueError(f"{task.name}: {e}") from None
+
+
 def generate(task: Task, pipe, items: list[Item], out: str | Path, *, template: str | None = None, seed: int = 0,
              batch_size: int = 8, max_new_tokens: int | None = None, progress: bool | None = None,
              process_index: int = 0, num_processes: int = 1) -> dict[str, int]:
@@ -165,6 +180,7 @@ def generate(task: Task, pipe, items: list[Item], out: str | Path, *, template: 
     how many were generated, failed, and skipped as recorded by an earlier run."""
     from ..batch import run_batch
 
+    check_model(task, pipe)
     rows = rows_for(task, items, template, seed)
     counts = {"generated": 0, "errors": 0, "skipped": 0}
     for r in run_batch(pipe, rows, Path(out) / GENERATION_DIR, batch_size, seed=seed, process_index=process_index,
@@ -218,8 +234,6 @@ def _chunks(items: list, progress: bool | None, desc: str, size: int = 32):
 def score(task: Task, items: list[Item], out: str | Path, features: Features, *, template: str | None = None,
           seed: int = 0, bootstrap: int = 1000, progress: bool | None = None) -> tuple[list[dict[str, Any]], dict[str, Any], list[str]]:
     """Per-item records, corpus metrics (``{name: {"value", "ci95", "n"}}``) and notes."""
-    from PIL import Image
-
     out = Path(out)
     recs = _records(out)
     template = template or task.prompt
@@ -291,21 +305,23 @@ def score(task: Task, items: list[Item], out: str | Path, features: Features, *,
     elif task.name == "t2i":
         real, fake = [], []
         for chunk in _chunks(usable, progress, "scoring t2i"):  # a chunk at a time: 30k images do not fit in memory
-            gen = [Image.open(p).convert("RGB") for _, _, p in chunk]
-            refs = [Image.open(it.media).convert("RGB") for it, _, _ in chunk]
+            chunk, pairs = _loaded(chunk, lambda it, p: (_rgb(p), _rgb(it.media)))
+            if not chunk:
+                continue
+            gen, refs = [g for g, _ in pairs], [r for _, r in pairs]
             for (_, row, _), s in zip(chunk, clip_scores(features.clip, gen, [it.captions[0] for it, _, _ in chunk])):
                 row["CLIPScore"] = float(s)
             with torch.no_grad():
                 for imgs, into in ((refs, real), (gen, fake)):
                     into.append(features.fid(images_to_uint8(imgs, features.image_size).to(features.device)).double().cpu())
-        mean_metric("CLIPScore", [r["CLIPScore"] for _, r, _ in usable], clamp=True)
-        if usable:
+        mean_metric("CLIPScore", _values(usable, "CLIPScore"), clamp=True)
+        if real:
             real_f, fake_f = torch.cat(real), torch.cat(fake)
             try:  # torchmetrics' FID and KID over the features computed once above
                 result["FID"] = {"value": frechet_distance(Embeddings(real_f.shape[1]), real_f, fake_f), "ci95": None,
-                                 "n": len(usable), "features": features.fid_name}
+                                 "n": len(real_f), "features": features.fid_name}
                 kid, kid_std = kernel_distance(Embeddings(real_f.shape[1]), real_f, fake_f)
-                result["KID"] = {"value": kid, "std": kid_std, "ci95": None, "n": len(usable),
+                result["KID"] = {"value": kid, "std": kid_std, "ci95": None, "n": len(real_f),
                                  "features": features.fid_name}
             except ValueError as e:
                 notes.append(f"FID and KID not computed: {e}")
@@ -315,30 +331,67 @@ def score(task: Task, items: list[Item], out: str | Path, features: Features, *,
         length = int(clap.sample_rate * getattr(clap.processor.feature_extractor, "max_length_s", 10))
         real, fake = [], []
         for chunk in _chunks(usable, progress, "scoring t2a"):
-            gen = clap.audio_features([_load_audio(p, clap.sample_rate)[:length] for _, _, p in chunk])
-            real.append(clap.audio_features([_load_audio(it.media, clap.sample_rate)[:length] for it, _, _ in chunk]))
+            chunk, pairs = _loaded(chunk, lambda it, p: (_load_audio(p, clap.sample_rate)[:length],
+                                                         _load_audio(it.media, clap.sample_rate)[:length]))
+            if not chunk:
+                continue
+            gen = clap.audio_features([g for g, _ in pairs])
+            real.append(clap.audio_features([r for _, r in pairs]))
             fake.append(gen)
             text = clap.text_features([it.captions[0] for it, _, _ in chunk])
             for (_, row, _), s in zip(chunk, (100 * cosine(gen, text)).tolist()):
                 row["CLAP score"] = float(s)
-        mean_metric("CLAP score", [r["CLAP score"] for _, r, _ in usable], clamp=True)
-        if usable:
+        mean_metric("CLAP score", _values(usable, "CLAP score"), clamp=True)
+        if real:
             real_f, fake_f = torch.cat(real).double(), torch.cat(fake).double()
             try:
                 result["FAD"] = {"value": frechet_distance(Embeddings(real_f.shape[1]), real_f, fake_f), "ci95": None,
-                                 "n": len(usable), "features": features.fid_name}
+                                 "n": len(real_f), "features": features.fid_name}
             except ValueError as e:
                 notes.append(f"FAD not computed: {e}")
     elif task.name == "t2v":
         from ..encoders.preprocess import load_video_frames
 
         for chunk in _chunks(usable, progress, "scoring t2v"):
-            frames = [load_video_frames(str(p), features.video_frames) for _, _, p in chunk]
+            chunk, frames = _loaded(chunk, lambda it, p: load_video_frames(str(p), features.video_frames))
+            if not chunk:
+                continue
             for (_, row, _), s in zip(chunk, clipsim(features.clip, frames, [it.captions[0] for it, _, _ in chunk])):
                 row["CLIPSIM"] = float(s)
-        mean_metric("CLIPSIM", [r["CLIPSIM"] for _, r, _ in usable])
+        mean_metric("CLIPSIM", _values(usable, "CLIPSIM"))
         notes.append("FVD not computed (optional in the issue; not implemented)")
+    unreadable = sum(1 for _, row, _ in usable if "error" in row)
+    if unreadable:
+        notes.append(f"{unreadable} items have a medium that could not be read (see scores.jsonl); they are left out")
     return per, result, notes
+
+
+def _rgb(path: Path):
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def _loaded(chunk: list, load) -> tuple[list, list]:
+    """The items of ``chunk`` whose media ``load(item, output)`` reads, and what it read; an item whose
+    medium cannot be read gets the reason as its error and is left out."""
+    from ..media import MediaError
+
+    kept, values = [], []
+    for entry in chunk:
+        it, row, output = entry
+        try:
+            values.append(load(it, output))
+        except (OSError, ValueError, MediaError) as e:
+            row["error"] = f"cannot read a medium: {e}"
+            continue
+        kept.append(entry)
+    return kept, values
+
+
+def _values(usable: list, name: str) -> list[float]:
+    return [row[name] for _, row, _ in usable if name in row]
 
 
 # ==================================================================== reports
