@@ -14,14 +14,17 @@ def eval_args(p: argparse.ArgumentParser) -> None:
     from ..toyworld.evaluate import eval_args as toyworld_args
 
     toyworld_args(p)  # --model/--config, --n, --split, --directions, --seed, --batch-size, --out
+    for action in p._actions:  # --out is shared: say what it is for each kind of task
+        if action.dest == "out":
+            action.help = "toyworld: a JSON file for the results; benchmark tasks: the output folder (required)"
     g = p.add_argument_group("benchmark tasks (see docs/evaluation.md)")
     g.add_argument("--task", default="toyworld", choices=["toyworld", *TASKS],
                    help="toyworld (default: the toy world's analytic checkers), or a benchmark: "
                         + "; ".join(f"{t.name}: {', '.join(t.metrics)}" for t in TASKS.values()))
-    g.add_argument("--data", help="the benchmark's folder, in its released layout")
-    g.add_argument("--data-split", default=None,
+    g.add_argument("--data", metavar="DIR", help="the benchmark's folder, in its released layout")
+    g.add_argument("--data-split", default=None, metavar="NAME",
                    help="which annotation file (a part of its name, e.g. val2014) or MSR-VTT split (default test)")
-    g.add_argument("--limit", type=int, default=None, help="only the first N items of the fixed sample order")
+    g.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N items of the fixed sample order")
     g.add_argument("--prompt", default=None, help="the prompt template ({caption} / {question}; <image> etc. mark the "
                                                   "given medium); default: the task's")
     g.add_argument("--max-new-tokens", type=int, default=None)
@@ -34,7 +37,7 @@ def eval_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--clap-model", default=None, metavar="DIR", help="t2a: a local CLAP folder (FAD, CLAP score)")
     g.add_argument("--meteor", choices=["auto", "on", "off"], default="auto",
                    help="captioning: METEOR (needs Java; auto: where Java is present)")
-    g.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the 95%% intervals (default 1000)")
+    g.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="bootstrap resamples of the 95%% intervals (default 1000)")
     g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
