@@ -500,3 +500,10 @@ def test_a_killed_eval_process_resumes_with_nothing_generated_twice(data, tmp_pa
     recs = [json.loads(line) for line in results.read_text().splitlines()]
     assert len(recs) == n and Counter(r["key"] for r in recs).most_common(1)[0][1] == 1
     assert json.loads((out / "summary.json").read_text())["metrics"]["CIDEr"]["n"] == n
+
+
+def test_a_reply_is_read_as_its_first_line_without_media_placeholders():
+    from anymodal.evaluation.tasks import _reply_text
+
+    assert _reply_text("  a red  circle <image>\nand more") == "a red circle"
+    assert _reply_text("<video>\n\n yes ") == "yes" and _reply_text(None) == ""

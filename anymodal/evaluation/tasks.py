@@ -191,12 +191,13 @@ def generate(task: Task, pipe, items: list[Item], out: str | Path, *, template: 
 
 
 # ==================================================================== scoring
-_PLACEHOLDER = re.compile(r"<(?:image|audio|video)>")
-
-
 def _reply_text(text: str | None) -> str:
-    """The reply as a caption or an answer: media placeholders dropped, first non-empty line."""
-    lines = [ln.strip() for ln in _PLACEHOLDER.sub(" ", text or "").splitlines() if ln.strip()]
+    """The reply as a caption or an answer: media placeholders (``<image>``, any registered
+    modality's) dropped, first non-empty line."""
+    from ..modality import media_modalities
+
+    placeholder = re.compile("<(?:" + "|".join(re.escape(m.value) for m in media_modalities()) + ")>")
+    lines = [ln.strip() for ln in placeholder.sub(" ", text or "").splitlines() if ln.strip()]
     return re.sub(r"\s+", " ", lines[0]) if lines else ""
 
 
