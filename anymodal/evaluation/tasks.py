@@ -285,10 +285,16 @@ def score(task: Task, items: list[Item], out: str | Path, features: Features, *,
         for kind, vals in sorted(by_type.items()):
             mean_metric(f"VQA accuracy ({kind})", vals)
     elif task.kind == "caption":
-        refs = tokenize({it.id: it.captions for it, _, _ in usable}, features.java)
-        hyps = {k: v[0] for k, v in tokenize({it.id: [c] for it, _, c in usable}, features.java).items()}
-        notes.append("captions tokenised with Stanford's PTBTokenizer (Java)" if features.java else
-                     "Java not found: captions tokenised with anymodal's pure-Python approximation of the PTB "
+        java, why = features.java, "Java not found"
+        if java:
+            try:  # pycocoevalcap's PTBTokenizer writes a temporary file beside its jar, in site-packages
+                tokenize({"probe": ["a probe."]}, True)
+            except OSError as e:
+                java, why = False, f"Stanford's PTBTokenizer could not run ({e})"
+        refs = tokenize({it.id: it.captions for it, _, _ in usable}, java)
+        hyps = {k: v[0] for k, v in tokenize({it.id: [c] for it, _, c in usable}, java).items()}
+        notes.append("captions tokenised with Stanford's PTBTokenizer (Java)" if java else
+                     f"{why}: captions tokenised with anymodal's pure-Python approximation of the PTB "
                      "tokenizer; scores can differ slightly from the Java-tokenised ones papers report")
         if not features.meteor:
             notes.append("METEOR skipped: " + ("--meteor off" if features.java else "it needs Java"))
