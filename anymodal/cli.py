@@ -52,8 +52,9 @@ COMMANDS: dict[str, Subcommand] = {
     "toyworld": Subcommand("anymodal.toyworld.cli", "toyworld_args", "toyworld_command",
                            "the synthetic toy world: train its components and ship the result "
                            "(`anymodal toyworld train --help`, `anymodal toyworld ship --help`)"),
-    "eval": Subcommand("anymodal.toyworld.evaluate", "eval_args", "eval_command",
-                       "score a model on toy-world prompts with analytic checkers"),
+    "eval": Subcommand("anymodal.evaluation.cli", "eval_args", "eval_command",
+                       "score a model on a benchmark (t2i, t2a, t2v, i2t, a2t, v2t, vqa) or on toy-world "
+                       "prompts with analytic checkers (--task toyworld, the default)"),
     "convert": Subcommand("anymodal.convert", "convert_args", "convert_command",
                           "convert a released checkpoint of another system to an anymodal pipeline directory"),
 }
