@@ -461,3 +461,55 @@ def test_audio_checker_fails_clipped_and_distorted_tones():
     assert 1.3 < C.read_audio(wave).crest < 1.6
     # soft saturation (tanh): no flat tops, but the crest and harmonics of a square, not a sine
     assert not C.score_audio(np.tanh(wave * 20), W.SAMPLE_RATE, sine)["ok"]
+
+
+def test_rephrasings_keep_the_request_and_the_held_out_forms_are_never_trained_on():
+    g = np.random.default_rng(5)
+    train = {t for forms in W._ASK_GENERATE["train"].values() for t in forms}
+    held = {t for forms in W._ASK_GENERATE["heldout"].values() for t in forms}
+    assert not train & held
+    qs_train = {q for m in W._ASK_QUESTION["train"].values() for v in m.values() for q in v}
+    qs_held = {q for m in W._ASK_QUESTION["heldout"].values() for v in m.values() for q in v}
+    assert not qs_train & qs_held and not {q.lower() for q in qs_held} & {q for m in W._QUESTIONS.values() for q, _ in m.values()}
+    for task in ("t2i", "t2a", "t2v", "i2t", "a2t", "v2t"):
+        for _ in range(20):
+            d = W.sample_dialogue(g, "heldout", tasks=[task], render_media=False)
+            r = W.rephrase(d, g, "heldout")
+            assert r.target == d.target and r.question == d.question
+            text = r.turns[0]["content"][-1]["text"]
+            if task.startswith("t2"):
+                assert r.asked is not None and all(
+                    getattr(r.asked, f) in (None, getattr(d.target, f)) for f in r.asked.field_names())
+                assert r.asked.caption().split()[-1].lower() in text.lower()
+
+
+def test_sessions_mix_turns_and_edits_act_on_the_last_medium():
+    g = np.random.default_rng(6)
+    kinds = set()
+    for _ in range(60):
+        s = W.sample_session(g, "heldout", forms=None, render_media=False)
+        assert 3 <= len(s.checks) <= 5 and len(s.turns) == 2 * len(s.checks)
+        last = None
+        for c in s.checks:
+            kinds.add(c["kind"])
+            user, reply = s.turns[c["turn"]], s.turns[c["turn"] + 1]
+            assert user["role"] == "user" and reply["role"] == "assistant"
+            if c["kind"] == "edit":
+                assert type(c["target"]) is type(last) and c["target"] != last
+                changed = [f for f in c["target"].field_names() if getattr(c["target"], f) != getattr(last, f)]
+                assert len(changed) == 1
+            else:
+                assert W.is_held_out(c["target"])
+            if c["kind"] != "question":
+                last = c["target"]
+    assert kinds == {"generate", "edit", "question"}
+
+
+def test_copy_tasks_never_put_a_held_out_pair_together():
+    g = np.random.default_rng(7)
+    banned = W._held_out_pairs()
+    for _ in range(300):
+        d = W.sample_copy(g)
+        (_, ask), (_, answer) = d.texts()
+        words = answer.split()
+        assert answer in ask and not any((a, b) in banned or (b, a) in banned for a, b in zip(words, words[1:]))

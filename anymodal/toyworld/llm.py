@@ -20,7 +20,7 @@ import torch
 
 from ..config import AnyModalConfig, EncoderConfig, InputProjectorConfig, LLMConfig
 from ..modality import Modality
-from .manifests import TOY_MODALITIES
+from .manifests import MEDIA_TOKENS, TOY_MODALITIES
 from ..utils import atomic_write_text
 from . import checkers, world
 from .loop import (JsonlLog, RunControl, atomic_dir, atomic_save, check_same_config, cosine_lr, count_params, device_of,
@@ -37,7 +37,6 @@ GENERATION_RESPONSE = "{caption} {signal}"  # as in the world's dialogues: the c
 # anymodal's default chat template (no tokenizer chat template) marks turns with these; they become
 # single special tokens of the LLM's tokenizer, so they never read as [UNK]s.
 TURN_MARKERS: tuple[str, ...] = ("### Human:", "### Assistant:")
-MEDIA_TOKENS = 4  # LLM positions of one input medium (input projectors' num_tokens)
 
 
 def llm_tokenizer(out: Path, media_tokens: int = MEDIA_TOKENS) -> tuple[Any, Any]:

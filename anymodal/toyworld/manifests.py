@@ -18,6 +18,7 @@ import numpy as np
 from ..modality import Modality
 
 TOY_MODALITIES = (Modality.IMAGE, Modality.AUDIO, Modality.VIDEO)  # the toy world's three media kinds
+MEDIA_TOKENS = 4  # LLM positions of one input medium (input projectors' num_tokens)
 from ..utils import atomic_write_text
 from . import world
 from .loop import atomic_dir
@@ -74,8 +75,6 @@ SESSION_TOKEN_LIMIT = 200
 
 
 def _approx_tokens(d: world.Dialogue) -> int:
-    from .llm import MEDIA_TOKENS
-
     signal = {Modality.IMAGE: 4, Modality.AUDIO: 8, Modality.VIDEO: 24}
     n = 0
     for turn in d.turns:
@@ -89,10 +88,13 @@ def _approx_tokens(d: world.Dialogue) -> int:
 
 
 def draw_dialogue(g: np.random.Generator, split: str, rephrased: float = 0.0, sessions: float = 0.0,
-                  forms: str = "train") -> world.Dialogue:
-    """One training dialogue: with probability ``sessions`` a multi-turn session (3-5 mixed turns,
-    :func:`world.sample_session`), else with probability ``rephrased`` a single-task dialogue asked in
-    one of ``forms``' other ways (:func:`world.rephrase`), else a canonical one."""
+                  forms: str = "train", copies: float = 0.0) -> world.Dialogue:
+    """One training dialogue: with probability ``copies`` a copy task (:func:`world.sample_copy`),
+    with probability ``sessions`` a multi-turn session (3-5 mixed turns, :func:`world.sample_session`),
+    else with probability ``rephrased`` a single-task dialogue asked in one of ``forms``' other ways
+    (:func:`world.rephrase`), else a canonical one."""
+    if copies and g.random() < copies:
+        return world.sample_copy(g)
     r = g.random()
     if r < sessions:
         while True:
@@ -104,7 +106,7 @@ def draw_dialogue(g: np.random.Generator, split: str, rephrased: float = 0.0, se
 
 
 def write_manifests(out: str | os.PathLike, n_captions: int, n_dialogues: int, seed: int = 0,
-                    rephrased: float = 0.0, sessions: float = 0.0) -> Path:
+                    rephrased: float = 0.0, sessions: float = 0.0, copies: float = 0.0) -> Path:
     """Render world samples to ``out/data`` and write the manifests anymodal.training reads.
 
     ``captions.jsonl``: ``n_captions`` caption pairs per modality (image PNG, audio 16-bit WAV, video
@@ -115,10 +117,13 @@ def write_manifests(out: str | os.PathLike, n_captions: int, n_dialogues: int, s
     """
     out = Path(out)
     settings = {"n_captions": int(n_captions), "n_dialogues": int(n_dialogues), "seed": int(seed), "version": 1}
-    if rephrased or sessions:
-        if not (0 <= rephrased and 0 <= sessions and rephrased + sessions <= 1):
-            raise ValueError(f"rephrased and sessions are fractions summing to at most 1, got {rephrased}, {sessions}")
+    if rephrased or sessions or copies:
+        if not (0 <= rephrased and 0 <= sessions and rephrased + sessions <= 1 and 0 <= copies <= 1):
+            raise ValueError(f"rephrased and sessions are fractions summing to at most 1 and copies a fraction, got "
+                             f"{rephrased}, {sessions}, {copies}")
         settings.update(rephrased=float(rephrased), sessions=float(sessions), version=2)
+        if copies:
+            settings["copies"] = float(copies)
     done = out / "data" / "manifest.json"
     if done.exists() and json.loads(done.read_text()).get("settings") == settings:
         return out / "data"
@@ -144,7 +149,7 @@ def write_manifests(out: str | os.PathLike, n_captions: int, n_dialogues: int, s
                                      "spec": s.spec.to_dict()})
                         bar.update(1)
                 for _ in range(n_dia):
-                    d = draw_dialogue(g, split, rephrased, sessions)
+                    d = draw_dialogue(g, split, rephrased, sessions, copies=copies)
                     rows.append(dialogue_row(d, g, write))
                     bar.update(1)
                 atomic_write_text(root / name, "".join(json.dumps(r) + "\n" for r in rows))

@@ -350,6 +350,7 @@ class StagesPhase:
     # "train" forms) and the share drawn as 3-5 turn sessions (world.sample_session)
     rephrased: float = 0.35
     sessions: float = 0.35
+    copies: float = 0.1  # text-only "say <words>" tasks: the LLM copies held-out pairs it never saw together
     seed: int = 0
     stage1_steps: int = 800
     stage2_steps: int = 3000  # the output projectors need several times stage 1's steps to reach their targets

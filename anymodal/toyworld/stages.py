@@ -128,7 +128,7 @@ def run_stages(out: Path, cfg: ModelPhasesConfig, log: JsonlLog, control: RunCon
     out = Path(out)
     st = cfg.stages
     config = build_toy_config(out, cfg)
-    data = write_manifests(out, st.n_captions, st.n_dialogues, st.seed, st.rephrased, st.sessions)
+    data = write_manifests(out, st.n_captions, st.n_dialogues, st.seed, st.rephrased, st.sessions, st.copies)
     inputs, outputs = list(config.input_projectors), list(config.generators)
     if not outputs:
         raise ValueError(f"no generator in {out} (image-generator, audio-generator): run a generator phase first")
@@ -187,7 +187,7 @@ def tune_dialogues(start: str | os.PathLike, out: str | os.PathLike, cfg: Stages
         raise ValueError(f"rephrased + sessions must be at most 1, got {cfg.rephrased} + {cfg.sessions}")
     pipe_config = AnyModalPipeline.from_pretrained(start).config
     inputs, outputs = list(pipe_config.input_projectors), list(pipe_config.generators)
-    data = write_manifests(out, 1, n_dialogues, cfg.seed + 100, cfg.rephrased, cfg.sessions)
+    data = write_manifests(out, 1, n_dialogues, cfg.seed + 100, cfg.rephrased, cfg.sessions, cfg.copies)
     manifest = filter_manifest(data / "dialogues.jsonl", data / "tune-dialogues.jsonl", inputs, outputs)
     run_dir = out / "stage3"
     if not (run_dir / "final" / "anymodal_index.json").is_file():

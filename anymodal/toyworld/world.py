@@ -1306,4 +1306,32 @@ def sample_session(rng: int | np.random.Generator, split: str = "train", n_turns
     return Session(turns, checks)
 
 
-__all__ += ["STYLES", "Session", "ask_about", "ask_for", "rephrase", "sample_session"]
+_COPY_ASKS = ("say {}", "repeat {}", "repeat after me: {}", "please say {}", "can you say {}?")
+
+
+def _held_out_pairs() -> set[tuple[str, str]]:
+    return {(a, b) for pairs in (HELD_OUT.image, HELD_OUT.audio, HELD_OUT.video) for a, b in pairs} | {
+        (a.lower(), b) for a, b in HELD_OUT.audio}
+
+
+def sample_copy(rng: int | np.random.Generator, length: tuple[int, int] = (2, 7)) -> Dialogue:
+    """A text-only copy task: "say <words>" answered with the words. The words are the world's own
+    (colours, shapes, notes, waveforms, sizes, positions, directions) in random order, so the LLM
+    learns to copy what a request names instead of completing it with the combination it saw most:
+    "draw a green circle" (a held-out pair) was answered "a green" and an end of turn. No held-out
+    pair ever appears next to each other in the words."""
+    g = as_generator(rng)
+    vocab = (list(COLOURS) + list(SHAPES) + [n.lower() for n in NOTES] + list(WAVEFORMS) + list(SIZES)
+             + list(POSITIONS) + list(DIRECTIONS))
+    banned = _held_out_pairs()
+    while True:
+        words = [vocab[int(i)] for i in g.integers(len(vocab), size=int(g.integers(length[0], length[1] + 1)))]
+        if not any((a, b) in banned or (b, a) in banned for a, b in zip(words, words[1:])):
+            break
+    text = " ".join(words)
+    ask = _COPY_ASKS[int(g.integers(len(_COPY_ASKS)))].format(text)
+    turns: list[Turn] = [{"role": "user", "content": [_text(ask)]}, {"role": "assistant", "content": [_text(text)]}]
+    return Dialogue("copy", turns, ImageSpec(), None)
+
+
+__all__ += ["STYLES", "Session", "ask_about", "ask_for", "rephrase", "sample_copy", "sample_session"]
