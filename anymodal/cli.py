@@ -63,7 +63,11 @@ def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentPars
     """The parser of every subcommand; only those in ``commands`` (default: all) get their arguments,
     which imports their modules."""
     wanted = set(COMMANDS if commands is None else commands)
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="anymodal", description="Any-to-any multimodal generation.")
+    parser.add_argument("--version", action="version", version=f"anymodal {__version__}",
+                        help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, cmd in COMMANDS.items():
         p = sub.add_parser(name, help=cmd.help, description=cmd.help)
@@ -87,12 +91,12 @@ def _quiet_loading() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    _quiet_loading()
     argv = sys.argv[1:] if argv is None else list(argv)
-    # The subcommand is the first argument (the top level has no options but --help); a name that is
-    # not in the table gets argparse's "invalid choice" error, listing the table.
+    # The subcommand is the first argument (the top level has no options but --help and --version); a
+    # name that is not in the table gets argparse's "invalid choice" error, listing the table.
     chosen = argv[:1] if argv and argv[0] in COMMANDS else []
     args = build_parser(chosen).parse_args(argv)
+    _quiet_loading()  # after parsing: --help, --version and usage errors import no torch
     from .loading import pickle_allowed
 
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import struct
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,9 +180,8 @@ VIDEO_ACCEPTS = "a file path, a list of frames or a TxHxWxC array"
 
 
 def _is_array(x: Any) -> bool:
-    import torch
-
-    return isinstance(x, (np.ndarray, torch.Tensor))
+    torch = sys.modules.get("torch")  # a tensor exists only once torch is imported: no need to import it here
+    return isinstance(x, np.ndarray) or (torch is not None and isinstance(x, torch.Tensor))
 
 
 def is_image(x: Any) -> bool:

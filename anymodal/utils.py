@@ -13,19 +13,20 @@ from typing import Any, Callable, Iterator, TypeVar
 
 T = TypeVar("T")
 
-import torch
-
+# torch is imported where it is used, not here: media and inputs (which `anymodal --help` imports
+# through the built-in modality specs) need only the file helpers of this module.
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPE_NAMES = ("float32", "float16", "bfloat16")
 
 
-def torch_dtype(name: str) -> torch.dtype:
-    try:
-        return _DTYPES[name]
-    except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; expected one of {', '.join(_DTYPES)}") from None
+def torch_dtype(name: str) -> "torch.dtype":
+    import torch
+
+    if name not in _DTYPE_NAMES:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {', '.join(_DTYPE_NAMES)}")
+    return getattr(torch, name)
 
 
 @contextlib.contextmanager
@@ -252,6 +253,8 @@ def seeded(seed: int | None) -> Iterator[None]:
     if seed is None:
         yield
         return
+    import torch
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
