@@ -664,7 +664,8 @@ def batch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of rows that give none (default 0)")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="for rows that give none (default: the config's llm.max_new_tokens)")
-    p.add_argument("--video-format", choices=["gif", "mp4"], default="gif")
+    p.add_argument("--video-format", choices=["gif", "mp4"], default="gif",
+                   help="file type of generated videos (default gif; mp4 needs imageio-ffmpeg)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 

@@ -38,7 +38,8 @@ COMMANDS: dict[str, Subcommand] = {
     "configs": Subcommand("anymodal.commands", "configs_args", "configs_command",
                           "list the configs shipped with anymodal"),
     "info": Subcommand("anymodal.commands", "info_args", "info_command",
-                       "validate a config (schema and component types) and print it; no weights are loaded"),
+                       "print the config of a model (the default, a saved folder, a YAML file or a config name) as YAML, "
+                       "after checking its fields and component types; no weights are loaded"),
     "train": Subcommand("anymodal.training.cli", "train_args", "train_command",
                         "train one stage (1, 2 or 3) of a pipeline under accelerate"),
     "merge-lora": Subcommand("anymodal.training.cli", "merge_lora_args", "merge_lora_command",

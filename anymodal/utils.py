@@ -29,6 +29,39 @@ def torch_dtype(name: str) -> "torch.dtype":
     return getattr(torch, name)
 
 
+DEVICE_HELP = ("where the model runs: cpu (default), cuda, cuda:N, mps, or auto (a CUDA GPU when torch sees one, "
+               "else cpu)")
+
+
+def check_device(device: "str | torch.device | None") -> str:
+    """The device a command runs on, checked before anything loads: ``None`` is ``"cpu"``; ``"auto"``
+    is ``"cuda"`` when torch sees a GPU, else ``"cpu"``. A device this machine lacks (``cuda`` with no
+    GPU, ``cuda:3`` on a one-GPU machine) or an unknown name is a ``ValueError`` of one line."""
+    import torch
+
+    if device is None:
+        return "cpu"
+    if str(device) == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"unknown device {str(device)!r}; use cpu, cuda, cuda:N, mps or auto") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r}: torch sees no CUDA GPU on this machine; use --device cpu "
+                             "(or auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                             "numbered from 0")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"device {str(device)!r}: torch sees no Apple GPU (MPS) on this machine; use --device cpu")
+    elif dev.type != "cpu":
+        raise ValueError(f"device {str(device)!r} is not supported; use cpu, cuda, cuda:N, mps or auto")
+    return str(dev)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it over ``path`` only if the block succeeds.

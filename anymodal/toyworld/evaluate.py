@@ -146,14 +146,20 @@ def format_table(results: dict[str, DirectionResult]) -> str:
     return "\n".join(lines)
 
 
+# The CLI's split names (the README's); the toy world calls the seen split "train".
+SPLITS = {"heldout": "heldout", "seen": "train", "train": "train"}
+
+
 def eval_args(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     p.add_argument("--n", type=int, default=20, help="prompts per direction (default 20)")
-    p.add_argument("--split", choices=["heldout", "train"], default="heldout",
-                   help="held-out combinations (default) or combinations seen in training")
-    p.add_argument("--directions", nargs="+", default=list(DIRECTIONS), choices=DIRECTIONS)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--split", choices=list(SPLITS), default="heldout",
+                   help="heldout: combinations held out of training (default); seen: combinations seen in "
+                        "training ('train' is accepted for seen)")
+    p.add_argument("--directions", nargs="+", default=list(DIRECTIONS), choices=DIRECTIONS,
+                   help="which directions to score (default: all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the prompts and of generation (default 0)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per pipeline call (default 8)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
 
 
@@ -161,11 +167,11 @@ def eval_command(args: argparse.Namespace) -> int:
     from ..utils import atomic_write_text
 
     pipe = load_pipeline(args.model, args.config, args.device)
-    results = evaluate(pipe, n=args.n, split=args.split, directions=args.directions, seed=args.seed,
+    results = evaluate(pipe, n=args.n, split=SPLITS[args.split], directions=args.directions, seed=args.seed,
                        batch_size=args.batch_size)
     print(format_table(results))
     if args.out:
-        payload = {"split": args.split, "n": args.n, "seed": args.seed,
+        payload = {"split": SPLITS[args.split], "n": args.n, "seed": args.seed,
                    "directions": {d: r.to_dict() for d, r in results.items()}}
         atomic_write_text(Path(args.out), json.dumps(payload, indent=2))
         print(f"written to {args.out}", file=sys.stderr)
