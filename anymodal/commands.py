@@ -18,7 +18,7 @@ from pathlib import Path
 
 
 # ------------------------------------------------------------------ shared by the command functions
-def add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser, device_note: str = "") -> None:
     """``--model`` or ``--config``, ``--device`` and ``--allow-pickle``: what :func:`load_pipeline` reads."""
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", help="a saved pipeline directory, or a LLaVA / BLIP-2 / InstructBLIP checkpoint folder "
@@ -26,7 +26,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--config", help="a YAML config file or a shipped config name (see `anymodal configs`)")
     from .utils import DEVICE_HELP
 
-    p.add_argument("--device", default="cpu", metavar="DEVICE", help=DEVICE_HELP)
+    p.add_argument("--device", default="cpu", metavar="DEVICE", help=DEVICE_HELP + device_note)
     p.add_argument("--allow-pickle", action="store_true",
                    help="also load pickle weights (pytorch_model.bin, ...): UNSAFE, pickle files can run code; "
                         "only for files you trust (default: safetensors only)")
