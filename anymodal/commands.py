@@ -87,9 +87,22 @@ def generate_args(p: argparse.ArgumentParser) -> None:
                    help="file type of generated videos (default gif; mp4 needs imageio-ffmpeg)")
 
 
+def check_out_dir(out: str | Path) -> Path:
+    """``--out`` must be a directory or a path one can be made at: checked before the model loads, so
+    a typo costs no generation."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file, not a directory")
+    parent = next((p for p in out.parents if p.exists()), None)
+    if parent is not None and not out.exists() and not parent.is_dir():
+        raise NotADirectoryError(f"--out {out}: {parent} is a file, not a directory")
+    return out
+
+
 def generate_command(args: argparse.Namespace) -> int:
     from .modality import media_modalities
 
+    out_dir = check_out_dir(args.out)
     pipe = load_pipeline(args.model, args.config, args.device)
     overrides = {}
     if args.steps is not None:
@@ -100,7 +113,7 @@ def generate_command(args: argparse.Namespace) -> int:
     media = {m.spec.plural: getattr(args, m.value) or None for m in media_modalities()}
     out = pipe(args.prompt, **media, max_new_tokens=args.max_new_tokens, settings=settings, seed=args.seed,
                progress=True)
-    written = write_outputs(out, 0, Path(args.out), video_format=args.video_format, overwrite=args.overwrite)
+    written = write_outputs(out, 0, out_dir, video_format=args.video_format, overwrite=args.overwrite)
     print(out.text[0])
     for kind, paths in written.items():
         for p in paths:

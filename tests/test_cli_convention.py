@@ -151,3 +151,15 @@ def test_generate_out_naming_rule_and_overwrite(tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == ["text-1.txt", "text.txt"]
     assert (out / "text.txt").read_text() != "old\n"
     assert f"text: {out / 'text.txt'}" in capsys.readouterr().out
+
+
+def test_generate_out_that_is_a_file_is_one_line_before_loading(tmp_path, capsys, monkeypatch):
+    import anymodal.commands as commands
+
+    monkeypatch.setattr(commands, "load_pipeline", lambda *a: pytest.fail("loaded a model for a bad --out"))
+    (tmp_path / "f").write_text("x")
+    for out, why in ((tmp_path / "f", "is a file, not a directory"), (tmp_path / "f" / "sub", "is a file")):
+        assert main(["generate", "hi", "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and why in err, err
+    assert (tmp_path / "f").read_text() == "x"
