@@ -10,6 +10,7 @@ are imported on first use (PEP 562), so ``anymodal --help`` starts at once.
 """
 
 import importlib
+from typing import TYPE_CHECKING
 
 from . import builtin  # noqa: F401  registers the built-in modalities, declares the built-in component types
 from .config import AnyModalConfig
@@ -20,6 +21,10 @@ from .registry import (list_encoders, list_generators, list_input_projectors, li
 from anymodal.generators.settings import AudioSettings, ImageSettings, VideoSettings
 
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:  # what the lazy names are, for type checkers and editors
+    from .pipeline import AnyModalOutput, AnyModalPipeline
+    from .processor import Message
 
 _LAZY = {"AnyModalPipeline": ".pipeline", "AnyModalOutput": ".pipeline", "Message": ".processor"}
 

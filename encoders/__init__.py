@@ -7,6 +7,7 @@ on the first lookup of its type. The names below are imported on first use (PEP 
 """
 
 import importlib
+from typing import TYPE_CHECKING
 
 _EXPORTS = {
     "ModalityEncoder": ".base",
@@ -14,6 +15,11 @@ _EXPORTS = {
     "ImageBindEncoder": ".imagebind", "ImageBindOptions": ".imagebind", "TrunkOptions": ".imagebind",
 }
 __all__ = list(_EXPORTS)
+
+if TYPE_CHECKING:  # what the lazy names are, for type checkers and editors
+    from .base import ModalityEncoder
+    from .hf import ClapEncoder, ClipEncoder, HFVisionEncoder
+    from .imagebind import ImageBindEncoder, ImageBindOptions, TrunkOptions
 
 
 def __getattr__(name: str):

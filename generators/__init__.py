@@ -9,6 +9,7 @@ that ``anymodal.generators.settings`` can be imported without torch or diffusers
 """
 
 import importlib
+from typing import TYPE_CHECKING
 
 _EXPORTS = {
     "ModalityGenerator": ".base",
@@ -21,6 +22,16 @@ _EXPORTS = {
     "StableUnCLIPGenerator": ".unclip", "UnCLIPImageSettings": ".unclip",
 }
 __all__ = list(_EXPORTS)
+
+if TYPE_CHECKING:  # what the lazy names are, for type checkers and editors
+    from .audio import AudioLDM2Generator, AudioLDMGenerator
+    from .base import ModalityGenerator
+    from .components import CLIPConditionedGenerator, DiffusersGenerator
+    from .image import StableDiffusionGenerator
+    from .random_init import register_random_init
+    from .settings import AudioSettings, ImageSettings, VideoSettings
+    from .unclip import StableUnCLIPGenerator, UnCLIPImageSettings
+    from .video import AnimateDiffGenerator, TextToVideoGenerator
 
 
 def __getattr__(name: str):
