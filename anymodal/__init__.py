@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING
 
 from . import builtin  # noqa: F401  registers the built-in modalities, declares the built-in component types
 from .config import AnyModalConfig
-from .media import Audio, MediaError
 from .modality import Modality
 from .registry import (list_encoders, list_generators, list_input_projectors, list_output_projectors,
                        register_encoder, register_generator, register_input_projector, register_output_projector)
@@ -23,10 +22,12 @@ from anymodal.generators.settings import AudioSettings, ImageSettings, VideoSett
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:  # what the lazy names are, for type checkers and editors
+    from .media import Audio, MediaError
     from .pipeline import AnyModalOutput, AnyModalPipeline
     from .processor import Message
 
-_LAZY = {"AnyModalPipeline": ".pipeline", "AnyModalOutput": ".pipeline", "Message": ".processor"}
+_LAZY = {"AnyModalPipeline": ".pipeline", "AnyModalOutput": ".pipeline", "Message": ".processor",
+         "Audio": ".media", "MediaError": ".media"}
 
 __all__ = [
     "AnyModalPipeline", "AnyModalOutput", "AnyModalConfig", "Message", "Modality", "Audio", "MediaError",
