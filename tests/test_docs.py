@@ -207,21 +207,29 @@ def _doc_blocks_in_order(path: Path) -> list[Block]:
 
 @pytest.fixture
 def registries_restored():
-    """Doc examples register component types and modalities; the registries are global."""
+    """Doc examples register component types and modalities, and the registries are global: the docs
+    run against the built-ins alone (types another test module registered at import are set aside),
+    and every registry is as it was afterwards."""
     from anymodal import modality, registry
     from anymodal.generators import random_init
 
-    saved = {r: dict(r._entries) for r in (registry.ENCODERS, registry.INPUT_PROJECTORS,
-                                            registry.OUTPUT_PROJECTORS, registry.GENERATORS)}
+    regs = (registry.ENCODERS, registry.INPUT_PROJECTORS, registry.OUTPUT_PROJECTORS, registry.GENERATORS)
+    saved = {r: dict(r._entries) for r in regs}
     builders, specs, keys = dict(random_init._BUILDERS), dict(modality._SPECS), dict(modality._KEYS)
-    yield
-    for r, entries in saved.items():  # drop what the docs added; a built-in imported meanwhile stays
-        for name in set(r._entries) - set(entries):
-            if name not in r._modules:
-                del r._entries[name]
-        r._entries.update(entries)
+    builtin_builders = {k: v for k, v in builders.items() if k in registry.GENERATORS._modules}
+    for r in regs:
+        for name in [n for n in r._entries if n not in r._modules]:
+            del r._entries[name]
     random_init._BUILDERS.clear()
+    random_init._BUILDERS.update(builtin_builders)
+    yield
+    for r, entries in saved.items():  # a built-in imported meanwhile stays registered
+        for name in [n for n in r._entries if n not in r._modules]:
+            del r._entries[name]
+        r._entries.update(entries)
     random_init._BUILDERS.update(builders)
+    for name in [n for n in random_init._BUILDERS if n not in builders and n not in registry.GENERATORS._modules]:
+        del random_init._BUILDERS[name]
     modality._SPECS.clear()
     modality._SPECS.update(specs)
     for name in set(modality._KEYS) - set(keys):
