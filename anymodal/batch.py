@@ -667,12 +667,13 @@ class Summary:
 def batch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", help="a JSONL file: one {\"id\", \"prompt\", ...} object per line")
     p.add_argument("--out", required=True, help="output directory (results.jsonl and outputs/)")
-    add_model_args(p)
+    add_model_args(p, device_note="; under accelerate launch, --device cuda gives each process its own GPU")
     p.add_argument("--batch-size", type=int, default=8, help="rows per pipeline call (default 8)")
     p.add_argument("--seed", type=int, default=0, help="seed of rows that give none (default 0)")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="for rows that give none (default: the config's llm.max_new_tokens)")
-    p.add_argument("--video-format", choices=["gif", "mp4"], default="gif")
+    p.add_argument("--video-format", choices=["gif", "mp4"], default="gif",
+                   help="file type of generated videos (default gif; mp4 needs imageio-ffmpeg)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -689,8 +690,8 @@ def batch_command(args: argparse.Namespace) -> int:
     state = _distributed_state()
     rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
     device = args.device
-    if device is None and state is not None and state.device.type != "cpu":
-        device = str(state.device)  # one GPU per process
+    if device in ("cuda", "auto") and state is not None and state.device.type == "cuda":
+        device = str(state.device)  # under accelerate launch: one GPU per process
     torch.manual_seed(args.seed)  # every process builds the same randomly initialised components
     pipe = load_pipeline(args.model, args.config, device)
     out_dir = Path(args.out)

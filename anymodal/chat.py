@@ -28,7 +28,8 @@ def chat_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the first reply; reply n uses seed + n (default 0)")
     p.add_argument("--system", default=None, help="a system prompt")
     p.add_argument("--load", default=None, metavar="DIR", help="continue a session saved with /save")
-    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="most tokens the LLM may generate per reply (default: the model's llm.max_new_tokens)")
 
 
 def chat_command(args: argparse.Namespace) -> int:

@@ -38,7 +38,8 @@ COMMANDS: dict[str, Subcommand] = {
     "configs": Subcommand("anymodal.commands", "configs_args", "configs_command",
                           "list the configs shipped with anymodal"),
     "info": Subcommand("anymodal.commands", "info_args", "info_command",
-                       "validate a config (schema and component types) and print it; no weights are loaded"),
+                       "print the config of a model (the default, a saved folder, a YAML file or a config name) as YAML, "
+                       "after checking its fields and component types; no weights are loaded"),
     "train": Subcommand("anymodal.training.cli", "train_args", "train_command",
                         "train one stage (1, 2 or 3) of a pipeline under accelerate"),
     "merge-lora": Subcommand("anymodal.training.cli", "merge_lora_args", "merge_lora_command",
@@ -64,7 +65,11 @@ def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentPars
     """The parser of every subcommand; only those in ``commands`` (default: all) get their arguments,
     which imports their modules."""
     wanted = set(COMMANDS if commands is None else commands)
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="anymodal", description="Any-to-any multimodal generation.")
+    parser.add_argument("--version", action="version", version=f"anymodal {__version__}",
+                        help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, cmd in COMMANDS.items():
         p = sub.add_parser(name, help=cmd.help, description=cmd.help)
@@ -88,12 +93,12 @@ def _quiet_loading() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    _quiet_loading()
     argv = sys.argv[1:] if argv is None else list(argv)
-    # The subcommand is the first argument (the top level has no options but --help); a name that is
-    # not in the table gets argparse's "invalid choice" error, listing the table.
+    # The subcommand is the first argument (the top level has no options but --help and --version); a
+    # name that is not in the table gets argparse's "invalid choice" error, listing the table.
     chosen = argv[:1] if argv and argv[0] in COMMANDS else []
     args = build_parser(chosen).parse_args(argv)
+    _quiet_loading()  # after parsing: --help, --version and usage errors import no torch
     from .loading import pickle_allowed
 
     try:

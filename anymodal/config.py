@@ -250,8 +250,11 @@ class GeneratorConfig:
     settings: dict[str, Any] = field(default_factory=dict)  # default generation settings for this modality
 
     def __post_init__(self) -> None:
-        if (self.pretrained is None) == (self.components is None):
-            raise ValueError("generator: give exactly one of generator.pretrained or generator.components")
+        # Neither is allowed: a generator type with nothing to load (a plugin's parameter-free renderer)
+        # needs no `components: {}`; the diffusers generators say themselves that they need one of them.
+        if self.pretrained is not None and self.components is not None:
+            raise ValueError("generator: give generator.pretrained or generator.components, not both (exactly one of "
+                             "them for a diffusers generator)")
         _check_dtype("generator.dtype", self.dtype)
 
 

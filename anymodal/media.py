@@ -6,6 +6,7 @@ import io
 import logging
 import os
 import struct
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,17 +187,13 @@ def probe_image_file(path: str | os.PathLike, *, max_pixels: int = MAX_IMAGE_PIX
 
 
 # ---------------------------------------------------------------------------- the built-in media kinds
-# What ModalitySpec needs for image, audio and video (registered in anymodal.builtin): how one
-# medium is recognised among the accepted inputs, and how a session keeps it losslessly.
-IMAGE_ACCEPTS = "a file path, a PIL image or an HxWxC array"
-AUDIO_ACCEPTS = "a file path, an Audio, an (array, sample_rate) tuple or a 1-D array"
-VIDEO_ACCEPTS = "a file path, a list of frames or a TxHxWxC array"
+# What ModalitySpec needs for image, audio and video (registered in anymodal.builtin, with what each
+# accepts): how one medium is recognised among the accepted inputs, and how a session keeps it losslessly.
 
 
 def _is_array(x: Any) -> bool:
-    import torch
-
-    return isinstance(x, (np.ndarray, torch.Tensor))
+    torch = sys.modules.get("torch")  # a tensor exists only once torch is imported: no need to import it here
+    return isinstance(x, np.ndarray) or (torch is not None and isinstance(x, torch.Tensor))
 
 
 def is_image(x: Any) -> bool:

@@ -89,6 +89,9 @@ class AnyModalPipeline:
         # each referenced component was loaded from (its resolved path or hub id)
         self._owned: set[str] = set()
         self._sources: dict[str, str | None] = {}
+        # safetensors file (relative path) -> tensor -> storage dtype, for tensors loaded from files stored in
+        # another dtype than float32 (the shipped default's float16): a save stores them as they came
+        self._stored_dtypes: dict[str, dict[str, str]] = {}
 
     # ================================================================ loading
     @classmethod
@@ -173,6 +176,7 @@ class AnyModalPipeline:
         saved.load_adapter(model)
         pipe = cls(config, processor, model, saved.generators())
         pipe._owned, pipe._sources = saved.owned, saved.sources
+        pipe._stored_dtypes = stored_dtypes(path)
         return pipe.to(device if device is not None else "cpu")
 
     def check_generator(self, modality: Modality) -> None:
@@ -193,6 +197,10 @@ class AnyModalPipeline:
         saved pipeline or lie inside the installed package are copied. The directory is written
         beside its destination and moved into place, so an interrupted save never leaves a
         half-written pipeline over an old one.
+
+        Each weight loaded from a saved pipeline is stored in the dtype it was stored in there (the
+        shipped default's float16 stays float16, whatever dtype it ran in); weights built or
+        loaded otherwise are stored in the dtype they have in memory.
         """
         directory = Path(directory)
         atomic_dir(directory, lambda tmp: self._write_into(tmp, save_frozen))
@@ -242,6 +250,7 @@ class AnyModalPipeline:
         index = {"format_version": FORMAT_VERSION, "config": self.config.to_dict(), "components": components}
         atomic_write_text(tmp / INDEX_NAME, json.dumps(index, indent=2))
         self.config.to_yaml(tmp / "config.yaml")
+        restore_stored_dtypes(tmp, self._stored_dtypes)
 
     def _reference(self, name: str, pretrained: str | None, save_frozen: bool) -> str | None:
         """How a save records a frozen component that was loaded from elsewhere: its absolute path or
@@ -455,6 +464,53 @@ def _rows_of_media(prompts: list[str], media: dict[Modality, Any], single: bool)
             if items:
                 row[m] = items
     return rows
+
+
+_SAFETENSORS_FLOATS = {"F16": "float16", "BF16": "bfloat16", "F64": "float64"}  # besides F32
+
+
+def _safetensors_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file (names, dtypes, shapes), read without loading tensors."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        if not 0 < size <= 100_000_000:
+            raise ValueError(f"{path}: not a safetensors file (header size {size})")
+        return json.loads(f.read(size))
+
+
+def stored_dtypes(directory: Path) -> dict[str, dict[str, str]]:
+    """For every ``*.safetensors`` file under ``directory`` (by relative path), its floating-point
+    tensors stored in a dtype other than float32, with that dtype's torch name."""
+    found: dict[str, dict[str, str]] = {}
+    for f in sorted(directory.rglob("*.safetensors")):
+        try:
+            header = _safetensors_header(f)
+        except (OSError, ValueError):
+            continue  # the loaders have read this file already; a save just keeps memory's dtype
+        kept = {name: _SAFETENSORS_FLOATS[h["dtype"]] for name, h in header.items()
+                if name != "__metadata__" and isinstance(h, dict) and h.get("dtype") in _SAFETENSORS_FLOATS}
+        if kept:
+            found[f.relative_to(directory).as_posix()] = kept
+    return found
+
+
+def restore_stored_dtypes(directory: Path, dtypes: dict[str, dict[str, str]]) -> None:
+    """Rewrite the files a save wrote under ``directory`` so that each tensor named in ``dtypes`` (from
+    :func:`stored_dtypes` of the directory it was loaded from) is stored in its recorded dtype again."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    for rel, names in dtypes.items():
+        f = directory / rel
+        if not f.is_file():
+            continue  # not written by this save (an external component, or a layout that changed)
+        with safe_open(str(f), framework="pt", device="cpu") as fh:
+            metadata = fh.metadata()
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        changed = {k: v.to(getattr(torch, names[k])) for k, v in tensors.items()
+                   if k in names and v.is_floating_point() and str(v.dtype) != f"torch.{names[k]}"}
+        if changed:
+            save_file({**tensors, **changed}, str(f), metadata=metadata)
 
 
 class _SavedPipeline:

@@ -7,6 +7,7 @@ work in the CLI and when a saved pipeline is reloaded, with no import in the use
 
 from __future__ import annotations
 
+import importlib
 import logging
 import types
 import warnings
@@ -28,6 +29,13 @@ class Registry(Generic[T]):
     def __init__(self, kind: str):
         self.kind = kind
         self._entries: dict[str, T] = {}
+        self._modules: dict[str, str] = {}  # declared built-in name -> the module whose import registers it
+
+    def declare(self, name: str, module: str) -> None:
+        """Say that importing ``module`` registers ``name``; the module is imported on the first
+        ``get(name)``. The built-ins are declared this way (:mod:`anymodal.builtin`), so that knowing
+        their names costs no import of torch, transformers or diffusers."""
+        self._modules[name] = module
 
     def register(self, name: str, obj: T | None = None) -> Callable[[T], T] | T:
         def add(o: T) -> T:
@@ -39,6 +47,8 @@ class Registry(Generic[T]):
         return add(obj) if obj is not None else add
 
     def get(self, name: str) -> T:
+        if name not in self._entries and name in self._modules:
+            importlib.import_module(self._modules[name])
         if name not in self._entries:
             # A miss may be a type that a plugin registers on import (built-ins are registered by
             # anymodal.builtin, which the package imports).
@@ -49,7 +59,7 @@ class Registry(Generic[T]):
             raise ValueError(self.unknown_message(name)) from None
 
     def unknown_message(self, name: str) -> str:
-        msg = f"unknown {self.kind} {name!r}; registered: {', '.join(sorted(self._entries)) or '(none)'}"
+        msg = f"unknown {self.kind} {name!r}; registered: {', '.join(self.names()) or '(none)'}"
         if _PLUGIN_ERRORS:
             msg += "; plugins that failed to load: " + "; ".join(f"{k}: {v}" for k, v in _PLUGIN_ERRORS.items())
         else:
@@ -57,10 +67,10 @@ class Registry(Generic[T]):
         return msg
 
     def names(self) -> list[str]:
-        return sorted(self._entries)
+        return sorted({*self._entries, *self._modules})
 
     def __contains__(self, name: object) -> bool:
-        return name in self._entries
+        return name in self._entries or name in self._modules
 
 
 ENCODERS: Registry = Registry("encoder type")

@@ -13,19 +13,53 @@ from typing import Any, Callable, Iterator, TypeVar
 
 T = TypeVar("T")
 
-import torch
-
+# torch is imported where it is used, not here: media and inputs (which `anymodal --help` imports
+# through the built-in modality specs) need only the file helpers of this module.
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPE_NAMES = ("float32", "float16", "bfloat16")
 
 
-def torch_dtype(name: str) -> torch.dtype:
+def torch_dtype(name: str) -> "torch.dtype":
+    import torch
+
+    if name not in _DTYPE_NAMES:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {', '.join(_DTYPE_NAMES)}")
+    return getattr(torch, name)
+
+
+DEVICE_HELP = ("where the model runs: cpu (default), cuda, cuda:N, mps, or auto (a CUDA GPU when torch sees one, "
+               "else cpu)")
+
+
+def check_device(device: "str | torch.device | None") -> str:
+    """The device a command runs on, checked before anything loads: ``None`` is ``"cpu"``; ``"auto"``
+    is ``"cuda"`` when torch sees a GPU, else ``"cpu"``. A device this machine lacks (``cuda`` with no
+    GPU, ``cuda:3`` on a one-GPU machine) or an unknown name is a ``ValueError`` of one line."""
+    import torch
+
+    if device is None:
+        return "cpu"
+    if str(device) == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        return _DTYPES[name]
-    except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; expected one of {', '.join(_DTYPES)}") from None
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"unknown device {str(device)!r}; use cpu, cuda, cuda:N, mps or auto") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r}: torch sees no CUDA GPU on this machine; use --device cpu "
+                             "(or auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                             "numbered from 0")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"device {str(device)!r}: torch sees no Apple GPU (MPS) on this machine; use --device cpu")
+    elif dev.type != "cpu":
+        raise ValueError(f"device {str(device)!r} is not supported; use cpu, cuda, cuda:N, mps or auto")
+    return str(dev)
 
 
 @contextlib.contextmanager
@@ -252,6 +286,8 @@ def seeded(seed: int | None) -> Iterator[None]:
     if seed is None:
         yield
         return
+    import torch
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield

@@ -1,12 +1,34 @@
 """Modality encoders (installed as ``anymodal.encoders``).
 
-Importing this package registers the built-in encoder types: ``imagebind`` (our own
-implementation, image/video/audio/text) and the Hugging Face ``clip`` (image) and ``clap``
-(audio) encoders.
+The built-in encoder types are ``imagebind`` (our own implementation, image/video/audio/text) and the
+Hugging Face ``clip`` (image), ``clap`` (audio) and ``hf-vision`` encoders. Each registers itself when
+its module is imported; :mod:`anymodal.builtin` declares them to the registry, which imports a module
+on the first lookup of its type. The names below are imported on first use (PEP 562).
 """
 
-from .base import ModalityEncoder
-from .hf import ClapEncoder, ClipEncoder, HFVisionEncoder
-from .imagebind import ImageBindEncoder, ImageBindOptions, TrunkOptions
+import importlib
+from typing import TYPE_CHECKING
 
-__all__ = ["ModalityEncoder", "ImageBindEncoder", "ImageBindOptions", "TrunkOptions", "ClipEncoder", "ClapEncoder", "HFVisionEncoder"]
+_EXPORTS = {
+    "ModalityEncoder": ".base",
+    "ClapEncoder": ".hf", "ClipEncoder": ".hf", "HFVisionEncoder": ".hf",
+    "ImageBindEncoder": ".imagebind", "ImageBindOptions": ".imagebind", "TrunkOptions": ".imagebind",
+}
+__all__ = list(_EXPORTS)
+
+if TYPE_CHECKING:  # what the lazy names are, for type checkers and editors
+    from .base import ModalityEncoder
+    from .hf import ClapEncoder, ClipEncoder, HFVisionEncoder
+    from .imagebind import ImageBindEncoder, ImageBindOptions, TrunkOptions
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -1,32 +1,46 @@
 """Modality generators (installed as ``anymodal.generators``).
 
-Importing this package registers the built-in generator types: ``stable-diffusion`` (image),
-``audioldm`` and ``audioldm2`` (audio), ``text-to-video`` and ``animatediff`` (video), ``stable-unclip`` (image, from
-image embeddings), and their random-init builders (:mod:`anymodal.generators.random_init`).
+The built-in generator types are ``stable-diffusion`` (image), ``audioldm`` and ``audioldm2`` (audio),
+``text-to-video`` and ``animatediff`` (video) and ``stable-unclip`` (image, from image embeddings),
+with their random-init builders (:mod:`anymodal.generators.random_init`). Each registers itself when
+its module is imported; :mod:`anymodal.builtin` declares them to the registry, which imports a
+module on the first lookup of its type. The names below are imported on first use (PEP 562), so
+that ``anymodal.generators.settings`` can be imported without torch or diffusers.
 """
 
-from .base import ModalityGenerator
-from .settings import AudioSettings, ImageSettings, VideoSettings
-from .components import CLIPConditionedGenerator, DiffusersGenerator
-from .random_init import register_random_init
-from .image import StableDiffusionGenerator
-from .audio import AudioLDM2Generator, AudioLDMGenerator
-from .video import AnimateDiffGenerator, TextToVideoGenerator
-from .unclip import StableUnCLIPGenerator, UnCLIPImageSettings
+import importlib
+from typing import TYPE_CHECKING
 
-__all__ = [
-    "ModalityGenerator",
-    "ImageSettings",
-    "AudioSettings",
-    "VideoSettings",
-    "DiffusersGenerator",
-    "CLIPConditionedGenerator",
-    "register_random_init",
-    "StableDiffusionGenerator",
-    "AudioLDMGenerator",
-    "AudioLDM2Generator",
-    "TextToVideoGenerator",
-    "AnimateDiffGenerator",
-    "StableUnCLIPGenerator",
-    "UnCLIPImageSettings",
-]
+_EXPORTS = {
+    "ModalityGenerator": ".base",
+    "ImageSettings": ".settings", "AudioSettings": ".settings", "VideoSettings": ".settings",
+    "DiffusersGenerator": ".components", "CLIPConditionedGenerator": ".components",
+    "register_random_init": ".random_init",
+    "StableDiffusionGenerator": ".image",
+    "AudioLDMGenerator": ".audio", "AudioLDM2Generator": ".audio",
+    "TextToVideoGenerator": ".video", "AnimateDiffGenerator": ".video",
+    "StableUnCLIPGenerator": ".unclip", "UnCLIPImageSettings": ".unclip",
+}
+__all__ = list(_EXPORTS)
+
+if TYPE_CHECKING:  # what the lazy names are, for type checkers and editors
+    from .audio import AudioLDM2Generator, AudioLDMGenerator
+    from .base import ModalityGenerator
+    from .components import CLIPConditionedGenerator, DiffusersGenerator
+    from .image import StableDiffusionGenerator
+    from .random_init import register_random_init
+    from .settings import AudioSettings, ImageSettings, VideoSettings
+    from .unclip import StableUnCLIPGenerator, UnCLIPImageSettings
+    from .video import AnimateDiffGenerator, TextToVideoGenerator
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -86,6 +86,9 @@ class DiffusersGenerator(ModalityGenerator):
         """
         if config.type != cls.type_name:
             raise ValueError(f"{cls.__name__} builds generator type {cls.type_name!r}, got config.type {config.type!r}")
+        if config.pretrained is None and config.components is None:
+            raise ValueError(f"generator type {config.type!r} needs generator.pretrained (a hub id or directory) or "
+                             "generator.components (random init); give exactly one of them")
         if config.components is not None:
             pipeline = cls._from_components(config)
             gen = cls(config, pipeline)

@@ -47,7 +47,7 @@ def _config() -> AnyModalConfig:
         "encoders": {"depth": {"type": "depth-grid", "modalities": ["depth"], "options": {"dim": 16}}},
         "input_projectors": {"depth": {"type": "linear", "num_tokens": 1}},
         "output_projectors": {"depth": {"hidden_dim": 16, "num_layers": 1, "num_heads": 2}},
-        "generators": {"depth": {"type": "depth-plane", "components": {}, "settings": {"size": 6}}},
+        "generators": {"depth": {"type": "depth-plane", "settings": {"size": 6}}},  # as docs/architecture.md writes it
     })
 
 

@@ -489,3 +489,14 @@ def test_projector_options_are_checked():
     with pytest.raises(ValueError, match="unknown field 'cross_attention_freq'"):
         build_input_projector(InputProjectorConfig(type="qformer", hidden_dim=8, num_heads=2,
                                                    options={"cross_attention_freq": 2}), 3, 4, 4)
+
+
+def test_info_prints_the_config_of_a_released_folder(llava_dir, capsys):
+    """`anymodal info` takes a LLaVA folder like every other model argument, and prints YAML."""
+    import yaml
+
+    from anymodal.cli import main
+
+    assert main(["info", str(llava_dir)]) == 0
+    data = yaml.safe_load(capsys.readouterr().out)
+    assert {e["type"] for e in data["encoders"].values()} == {"hf-vision"} and "image" in data["input_projectors"]

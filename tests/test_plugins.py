@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -185,7 +186,7 @@ def test_info_reports_unknown_types_and_finds_plugins(plugin, tmp_path):
     # installed: the entry points load on lookup, and the config validates
     ok = _run(_cli("info", str(config)), site, tmp_path)
     assert ok.returncode == 0, ok.stderr
-    data = json.loads(ok.stdout)
+    data = yaml.safe_load(ok.stdout)  # info prints the config as YAML, like the configs themselves
     assert data["generators"]["image"]["type"] == "test-solid"
     assert "plugins loaded: solid, meanpool" in ok.stderr or "plugins loaded: meanpool, solid" in ok.stderr
 

@@ -50,6 +50,7 @@ def ship(out: str | os.PathLike, dest: str | os.PathLike | None = None, limit_by
         e.pretrained = f"encoders/{name}/model.safetensors"
     for m, g in c.generators.items():
         g.pretrained = f"generators/{m.value}"
+        g.lazy = True  # a prompt loads only the generators it uses: start-up is most of a call's time
 
     def write(tmp: Path) -> None:
         shutil.rmtree(tmp)

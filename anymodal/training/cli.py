@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from ..utils import DEVICE_HELP, check_device
+
 
 def train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stage", type=int, choices=[1, 2, 3], required=True,
@@ -17,13 +19,16 @@ def train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--training-config", default=None, help="a training YAML (see configs/training/)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimiser steps")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--learning-rate", type=float, default=None)
-    p.add_argument("--gradient-accumulation-steps", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="samples per optimiser step and process (default: the training config's)")
+    p.add_argument("--learning-rate", type=float, default=None, help="peak learning rate (default: the training config's)")
+    p.add_argument("--gradient-accumulation-steps", type=int, default=None,
+                   help="batches accumulated into one optimiser step (default: the training config's)")
     p.add_argument("--save-every", type=int, default=None, help="steps between checkpoints (0: none)")
     p.add_argument("--num-workers", type=int, default=None, help="DataLoader worker processes")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", choices=["cpu"], default=None, help="force CPU (default: GPU when present)")
+    p.add_argument("--seed", type=int, default=None, help="seed of initialisation and data order (default: the training config's)")
+    p.add_argument("--device", default="cpu", metavar="DEVICE",
+                   help=DEVICE_HELP + "; under accelerate launch, each process takes its own GPU of that type")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -35,8 +40,9 @@ def train_command(args: argparse.Namespace) -> int:
     flags = {"batch_size": args.batch_size, "learning_rate": args.learning_rate,
              "gradient_accumulation_steps": args.gradient_accumulation_steps, "save_every": args.save_every,
              "num_workers": args.num_workers, "seed": args.seed, "progress": False if args.no_progress else None}
+    device = check_device(args.device)  # a GPU that is not there: one line, before anything loads
     result = train(args.config, args.data, args.out, args.training_config, stage=args.stage,
-                   max_steps=args.max_steps, resume=args.resume, device=args.device,
+                   max_steps=args.max_steps, resume=args.resume, device=device,
                    **{k: v for k, v in flags.items() if v is not None})
     if result.pipeline is not None and _is_main():
         first = f"{result.losses[0]:.4f}" if result.losses else "-"

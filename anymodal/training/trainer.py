@@ -126,7 +126,8 @@ def train(config: str | os.PathLike | AnyModalConfig, data: str | os.PathLike, o
             ``overrides`` (any TrainingConfig field) replace its values.
         resume: continue from the latest checkpoint in ``out/checkpoints`` (a fresh start when
             there is none). Without it, a run directory that already has checkpoints is refused.
-        device: ``"cpu"`` forces CPU; otherwise accelerate chooses (GPU when present).
+        device: ``"cpu"`` forces CPU; ``"cuda"`` (or ``"cuda:N"``: that GPU in a single process) trains on
+            GPUs; ``None`` lets accelerate choose (GPU when present). The CLI's ``--device`` defaults to cpu.
         on_step: called after every optimiser step (and checkpoint) with the step and its metrics.
     """
     tcfg = _training_config(training, stage=stage, max_steps=max_steps, **overrides)
@@ -312,6 +313,8 @@ def _accelerator(tcfg: TrainingConfig, out: Path, device: str | None) -> tuple[A
             raise ValueError("training.tensorboard needs the tensorboard package (pip install tensorboard)") from None
         log_with = "tensorboard"
     _release_other_device_state(cpu=device == "cpu" or forced_cpu)
+    if device is not None and device.startswith("cuda:") and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        torch.cuda.set_device(torch.device(device))  # accelerate's single-process "cuda" is the current GPU
     accelerator = Accelerator(
         gradient_accumulation_steps=tcfg.gradient_accumulation_steps, mixed_precision=tcfg.mixed_precision,
         cpu=device == "cpu", log_with=log_with, project_dir=str(out),
