@@ -311,8 +311,9 @@ def bad_json_case(rng: random.Random) -> Case:
 
 
 def wrong_method_case(rng: random.Random) -> Case:
-    method, path = rng.choice([("GET", "/api/sessions"), ("DELETE", "/api/sessions/{sid}"), ("PUT", "/api/sessions/{sid}/send"),
-                               ("GET", "/api/sessions/{sid}/send"), ("POST", "/media/{sid}/x.png"), ("PATCH", "/")])
+    method, path = rng.choice([("PUT", "/api/sessions"), ("DELETE", "/api/sessions/{sid}"), ("PUT", "/api/sessions/{sid}/send"),
+                               ("GET", "/api/sessions/{sid}/send"), ("POST", "/media/{sid}/x.png"), ("PATCH", "/"),
+                               ("GET", "/api/sessions/{sid}/stream"), ("GET", "/api/sessions/{sid}/stop")])
     return Case(f"{method} {path}", method, path, status=(405,), message=rf"{method} is not allowed on /")
 
 
