@@ -207,3 +207,57 @@ def test_session_settings_are_checked_and_saved(pipe, tmp_path):
     loaded = ChatSession.load(session.save(tmp_path / "s"), pipe)
     assert loaded.settings == {"image": {"num_inference_steps": 1, "guidance_scale": 1.0, "height": None,
                                          "width": None}}
+
+
+# ---------------------------------------------------------------- progress hooks (streaming, Stop)
+class Stop(Exception):
+    pass
+
+
+def test_on_text_streams_the_reply_and_on_step_each_mediums_steps(pipe):
+    session = ChatSession(pipe, seed=0)
+    texts, steps = [], []
+    reply = session.send("show and play", on_text=texts.append, on_step=lambda m, k, n: steps.append((m, k, n)))
+    assert reply.text == "both <image> and <audio>" and texts[-1] == reply.text
+    assert len(set(texts)) >= 4 and texts[0] == "b"  # token by token, not the whole reply at once
+    assert texts.index("both <image>") < texts.index("both <image> and")  # a signal block shows as its placeholder
+    for m in (I, A):
+        n = pipe.generators[m].make_settings().num_inference_steps
+        assert [(k, total) for mm, k, total in steps if mm is m] == [(k, n) for k in range(1, n + 1)]
+
+
+def test_on_text_of_a_batch_gives_each_prompts_reply(pipe):
+    seen = []
+    out = pipe(["draw a cat", "hello"], seed=0, on_text=seen.append)
+    assert all(len(texts) == 2 for texts in seen) and seen[-1] == out.text == ["a cat <image>", "hi there"]
+
+
+def test_a_hook_that_raises_stops_the_turn_and_the_session_keeps_only_finished_turns(pipe):
+    session = ChatSession(pipe, seed=0)
+    session.send("show and play")
+    kept = list(session.turns)
+    texts = []
+
+    def stop_at_third_token(text):
+        texts.append(text)
+        if len(texts) == 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        session.send("show and play", on_text=stop_at_third_token)
+    assert len(texts) == 3 and session.turns == kept
+    steps = []
+
+    def stop_at_first_step(m, k, n):
+        steps.append((m, k))
+        raise Stop
+
+    with pytest.raises(Stop):
+        session.send("show and play", on_step=stop_at_first_step)
+    assert steps == [(I, 1)] and session.turns == kept
+    # the next turn is what it would have been had nothing been stopped
+    again = session.send("show and play")
+    fresh = ChatSession(pipe, seed=0)
+    fresh.send("show and play")
+    expected = fresh.send("show and play")
+    assert again.text == expected.text and "<image>" in again.text and same_media(again, expected)

@@ -23,6 +23,7 @@ pytest.importorskip("starlette", reason="the web UI needs starlette (pip install
 pytest.importorskip("uvicorn", reason="the web UI needs uvicorn (pip install 'anymodal[ui]')")
 
 from _taught import taught_pipeline  # noqa: E402
+from anymodal.modality import Modality  # noqa: E402
 from _uiclient import (blank_png, files_under, multipart, new_session, png_bytes, request, serving,  # noqa: E402
                        wav_bytes)
 
@@ -498,6 +499,196 @@ def test_serve_binds_to_loopback_by_default():
     assert (args.host, args.port, args.allowed_host) == ("127.0.0.1", 7860, [])
     args = build_parser().parse_args(["serve", "--config", "tiny", "--allowed-host", "box.lan", "--allowed-host", "x"])
     assert args.allowed_host == ["box.lan", "x"]
+
+
+# ---------------------------------------------------------------- streaming, Stop, the sessions list (issue 21)
+def sse_events(body: str) -> list[tuple[str, dict]]:
+    """The ``(event, data)`` pairs of a text/event-stream body (comment lines are keep-alives)."""
+    import json
+
+    events = []
+    for block in body.split("\n\n"):
+        lines = [line for line in block.split("\n") if line and not line.startswith(":")]
+        if lines:
+            name = next(line[len("event: "):] for line in lines if line.startswith("event: "))
+            events.append((name, json.loads("".join(line[len("data: "):] for line in lines if line.startswith("data: ")))))
+    return events
+
+
+def replay_text(events: list[tuple[str, dict]]) -> list[str]:
+    """The reply's text after each ``text`` event."""
+    texts, text = [], ""
+    for name, data in events:
+        if name == "text":
+            text = data["text"] if "text" in data else text + data["append"]
+            texts.append(text)
+    return texts
+
+
+@pytest.fixture
+def client(pipe, tmp_path):
+    """The app under Starlette's TestClient (its app, its client, its media directory)."""
+    from starlette.testclient import TestClient
+
+    from anymodal.ui import create_app
+
+    app = create_app(pipe, media_dir=tmp_path / "media", seed=0)
+    with TestClient(app, base_url="http://127.0.0.1") as c:
+        yield app, c, tmp_path / "media"
+
+
+def _stream(c, sid: str, parts) -> tuple[object, list[tuple[str, dict]]]:
+    body, headers = multipart(parts)
+    r = c.post(f"/api/sessions/{sid}/stream", content=body, headers=headers)
+    return r, sse_events(r.text) if r.headers.get("content-type", "").startswith("text/event-stream") else []
+
+
+def test_stream_sends_the_text_token_by_token_then_each_mediums_steps_then_the_reply(pipe, client):
+    app, c, media_dir = client
+    sid = c.post("/api/sessions").json()["id"]
+    r, events = _stream(c, sid, [("text", None, b"show and play")])
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream"), r.text
+    assert r.headers["x-content-type-options"] == "nosniff" and r.headers["cache-control"] == "no-store"
+    names = [name for name, _ in events]
+    assert names[0] == "start" and names[-1] == "reply" and names.count("reply") == 1
+    assert names.index("step") > max(i for i, n in enumerate(names) if n == "text")  # the text, then the media
+    final = events[-1][1]
+    texts = replay_text(events)
+    assert texts[-1] == final["reply"]["text"] == "both <image> and <audio>"
+    assert len(texts) >= 4 and texts[0] == "b"
+    steps = [(d["kind"], d["step"], d["total"]) for name, d in events if name == "step"]
+    n_img, n_aud = (pipe.generators[m].make_settings().num_inference_steps for m in (Modality.IMAGE, Modality.AUDIO))
+    assert steps == [("image", k, n_img) for k in range(1, n_img + 1)] + [("audio", k, n_aud) for k in range(1, n_aud + 1)]
+    # the reply event is what /send answers, and the session holds it
+    assert [m["kind"] for m in final["reply"]["media"]] == ["image", "audio"]
+    assert c.get(f"/api/sessions/{sid}").json()["turns"] == [final["user"], final["reply"]]
+    assert c.get(final["reply"]["media"][0]["url"]).status_code == 200
+
+
+def _blocking(monkeypatch, method: str):
+    """Make ``_Job.<method>`` wait, on its first call, until the test releases it: (entered, release)."""
+    from anymodal.ui.server import _Job
+
+    entered, release = threading.Event(), threading.Event()
+    real = getattr(_Job, method)
+
+    def wait_then_go(self, *args):
+        if not entered.is_set():
+            entered.set()
+            assert release.wait(60)
+        return real(self, *args)
+
+    monkeypatch.setattr(_Job, method, wait_then_go)
+    return entered, release
+
+
+@pytest.mark.parametrize("where", ["on_text", "on_step"])
+def test_stop_drops_the_running_turn_whole_and_the_session_keeps_its_finished_turns(client, monkeypatch, where):
+    import json
+
+    app, c, media_dir = client
+    sid = c.post("/api/sessions").json()["id"]
+    body, headers = multipart([("text", None, b"show and play")])
+    assert c.post(f"/api/sessions/{sid}/send", content=body, headers=headers).status_code == 200
+    before = c.get(f"/api/sessions/{sid}").json()
+    entered, release = _blocking(monkeypatch, where)
+    result = {}
+    # (with an upload the tiny model's reply has no medium, so no step to stop at: text only there)
+    parts = [("text", None, b"show and play")] + ([("image", "up.png", png_bytes())] if where == "on_text" else [])
+    worker = threading.Thread(target=lambda: result.update(zip(("r", "events"), _stream(c, sid, parts))))
+    worker.start()
+    assert entered.wait(60)
+    assert c.post(f"/api/sessions/{sid}/stop").json() == {"stopped": 1}
+    release.set()
+    worker.join(60)
+    names = [name for name, _ in result["events"]]
+    assert names[0] == "start" and names[-1] == "cancelled" and "reply" not in names
+    if where == "on_step":  # the text was streamed before the first step stopped it
+        assert "<image>" in replay_text(result["events"])[-1] and "step" not in names
+    # dropped whole: the session, its saved copy and its directory are as they were
+    assert c.get(f"/api/sessions/{sid}").json() == before
+    assert json.loads((media_dir / sid / "web.json").read_text())["turns"] == 2
+    assert _leftovers(media_dir, sid) == []
+    assert c.post(f"/api/sessions/{sid}/stop").json() == {"stopped": 0}  # nothing is running now
+    monkeypatch.undo()
+    r, events = _stream(c, sid, [("text", None, b"show and play")])  # and the conversation goes on
+    assert events[-1][0] == "reply" and len(c.get(f"/api/sessions/{sid}").json()["turns"]) == 4
+
+
+def test_a_turn_stopped_while_it_waits_for_the_model_never_starts(client):
+    app, c, media_dir = client
+    sid = c.post("/api/sessions").json()["id"]
+    lock = app.state.store.generate_lock
+    lock.acquire()  # another session's reply is being generated
+    result = {}
+    try:
+        worker = threading.Thread(target=lambda: result.update(zip(("r", "events"),
+                                                                   _stream(c, sid, [("text", None, b"hello")]))))
+        worker.start()
+        deadline = time.time() + 60
+        while c.post(f"/api/sessions/{sid}/stop").json()["stopped"] == 0:  # until the turn is in
+            assert time.time() < deadline
+            time.sleep(0.05)
+    finally:
+        lock.release()
+    worker.join(60)
+    assert result["events"] == [("cancelled", {})]
+    assert c.get(f"/api/sessions/{sid}").json()["turns"] == []
+
+
+def test_stream_refuses_as_send_does_before_any_event(client):
+    app, c, media_dir = client
+    sid = c.post("/api/sessions").json()["id"]
+    r, events = _stream(c, sid, [("text", None, b"hi"), ("image", "x.png", b"not a png")])
+    assert r.status_code == 415 and r.json()["error"].startswith("cannot read image 'x.png'") and events == []
+    r, _ = _stream(c, "0" * 32, [("text", None, b"hi")])
+    assert r.status_code == 404
+    body, headers = multipart([("text", None, b"hi")])
+    for path in (f"/api/sessions/{sid}/stream", f"/api/sessions/{sid}/stop"):
+        r = c.post(path, content=body, headers={**headers, "Origin": "http://evil.example"})
+        assert r.status_code == 403 and "cross-origin request refused" in r.json()["error"]
+    assert c.post("/api/sessions/nope/stop").status_code == 404
+    assert _leftovers(media_dir, sid) == []
+    # an error while generating (not an upload refusal) is an event, and the turn is dropped
+    r, events = _stream(c, sid, [("text", None, b"x" * 60000)])
+    assert r.status_code == 200 and events[-1][0] == "error" and "too long" in events[-1][1]["error"], events
+    assert c.get(f"/api/sessions/{sid}").json()["turns"] == []
+
+
+def test_sessions_list_favicon_and_the_model_in_the_header(pipe, client, monkeypatch):
+    from starlette.testclient import TestClient
+
+    from anymodal.ui import create_app
+
+    app, c, media_dir = client
+    r = c.get("/favicon.ico")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/x-icon"
+    icon = Image.open(io.BytesIO(r.content))
+    assert icon.format == "ICO" and icon.size == (32, 32)
+    page = c.get("/").text
+    assert '<span id="model-name" title="the loaded model">tiny</span>' in page
+    assert '<b id="takes">text, image, audio, video</b>' in page and '<b id="makes">text, image, audio, video</b>' in page
+    assert '<link rel="icon" href="/favicon.ico">' in page
+
+    assert c.get("/api/sessions").json() == {"listed": True, "sessions": []}
+    first, empty, second = (c.post("/api/sessions").json()["id"] for _ in range(3))
+    for sid, text in ((first, b"draw a cat"), (second, b"hello  \n  there")):
+        body, headers = multipart([("text", None, text)])
+        assert c.post(f"/api/sessions/{sid}/send", content=body, headers=headers).status_code == 200
+        time.sleep(0.02)  # distinct modification times
+    listed = c.get("/api/sessions").json()
+    assert listed["listed"] is True
+    assert [(s["id"], s["title"], s["turns"]) for s in listed["sessions"]] == [(second, "hello there", 2),
+                                                                               (first, "draw a cat", 2)]
+    assert empty not in {s["id"] for s in listed["sessions"]}  # a chat with no turn is not offered
+
+    # the model's name is the user's text: escaped like everything else
+    monkeypatch.setattr(pipe.config, "name", '<img src=x onerror="alert(1)">&')
+    page = TestClient(create_app(pipe, media_dir=media_dir), base_url="http://127.0.0.1").get("/").text
+    assert "<img src=x" not in page and "&lt;img src=x onerror=&quot;alert(1)&quot;&gt;&amp;" in page
+    # a server that answers to a network name does not list its sessions: an id stays a session's key
+    app2 = create_app(pipe, media_dir=media_dir, allowed_hosts=["127.0.0.1", "box.lan"])
+    assert TestClient(app2, base_url="http://127.0.0.1").get("/api/sessions").json() == {"listed": False, "sessions": []}
 
 
 # ---------------------------------------------------------------- the browser
