@@ -808,3 +808,239 @@ def test_browser_the_newest_medium_is_in_view_after_every_turn(browser, fresh, t
                 " document.getElementById('composer').getBoundingClientRect().toJSON(), window.innerHeight]", newest)))
         if n == 4:
             browser.save_screenshot(str(os.environ.get("ANYMODAL_UI_SCROLL_SCREENSHOT", tmp_path / "turn4.png")))
+
+
+# ---------------------------------------------------------------- the browser: streaming, Stop, chats, widths (issue 21)
+# Screenshots go to $ANYMODAL_UI_SHOTS if set, else to a pytest temp folder (ui-shots*): a reviewer
+# can look at the streaming reply, the stopped turn, the chats list, and the page at both widths.
+WIDTHS = {"desktop": (1280, 800, False), "phone": (390, 844, True)}
+NEWEST_IN_VIEW = """
+const el = arguments[0], r = el.getBoundingClientRect();
+const log = document.getElementById('log').getBoundingClientRect();
+const top = document.getElementById('composer').getBoundingClientRect().top;
+return r.height > 0 && r.top >= log.top - 1 && r.bottom <= top + 1;"""
+MEDIA_READY = """
+return [...arguments[0].querySelectorAll('img, audio')].every(
+  el => el.tagName === 'IMG' ? el.complete && el.naturalWidth > 0 : el.readyState >= 1);"""
+
+
+@pytest.fixture
+def shots(tmp_path_factory) -> Path:
+    folder = os.environ.get("ANYMODAL_UI_SHOTS")
+    path = Path(folder) if folder else tmp_path_factory.mktemp("ui-shots")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture
+def sized(browser):
+    """Set the browser's viewport to a named width (CSS pixels, as a phone reports them); reset after."""
+    def size(name: str) -> None:
+        width, height, mobile = WIDTHS[name]
+        browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                                {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": mobile})
+
+    yield size
+    browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
+
+def _open(browser, url: str):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(browser, 60)
+    browser.get(url + "/")
+    wait.until(lambda d: d.execute_script("return sessionStorage.getItem('anymodal-session')"))
+    wait.until(lambda d: d.find_element("id", "status").text == "")
+    return wait
+
+
+def _send(browser, wait, text: str, files: dict[str, Path] | None = None, turns: int | None = None) -> None:
+    """Type and send a message; with ``turns``, wait until the page shows that many finished turns."""
+    from selenium.webdriver.common.by import By
+
+    for kind, path in (files or {}).items():
+        browser.find_element(By.ID, kind).send_keys(str(path))
+    browser.find_element(By.ID, "text").send_keys(text)
+    browser.find_element(By.ID, "send").click()
+    if turns is not None:
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".bubble.turn")) == turns
+                   and not d.find_elements(By.CSS_SELECTOR, ".bubble.pending"))
+
+
+class _Lockstep:
+    """Hold the server's turn after each of its first ``n_text`` text events and ``n_step`` step
+    events until the test has seen the page show it: what each event showed, in order."""
+
+    def __init__(self, monkeypatch, n_text: int, n_step: int):
+        import queue
+
+        from anymodal.ui.server import _Job
+
+        self.events: "queue.Queue[tuple[str, object]]" = queue.Queue()
+        self.go = threading.Semaphore(0)
+        left = {"text": n_text, "step": n_step}
+        real_text, real_step = _Job.on_text, _Job.on_step
+
+        def hold(kind, value):
+            if left[kind] > 0:
+                left[kind] -= 1
+                self.events.put((kind, value))
+                assert self.go.acquire(timeout=60)
+
+        def on_text(job, text):
+            real_text(job, text)
+            hold("text", job.text)
+
+        def on_step(job, m, k, n):
+            real_step(job, m, k, n)
+            hold("step", (m.value, k, n))
+
+        monkeypatch.setattr(_Job, "on_text", on_text)
+        monkeypatch.setattr(_Job, "on_step", on_step)
+
+    def next(self):
+        return self.events.get(timeout=60)
+
+
+@pytest.mark.browser
+@pytest.mark.parametrize("width", ["desktop", "phone"])
+def test_browser_streams_the_reply_and_shows_each_mediums_steps(browser, fresh, monkeypatch, shots, sized, width):
+    from selenium.webdriver.common.by import By
+
+    url, _ = fresh
+    sized(width)
+    wait = _open(browser, url)
+    step = _Lockstep(monkeypatch, n_text=4, n_step=1)
+    _send(browser, wait, "show and play")
+    pending = "return (document.querySelector('.bubble.pending.assistant') || {dataset: {}}).dataset.text"
+    seen = []
+    for _ in range(4):  # each token is on the page before the next one is generated
+        kind, text = step.next()
+        assert kind == "text"
+        wait.until(lambda d: d.execute_script(pending) == text, message=f"the page never showed {text!r}")
+        seen.append(browser.find_element(By.CSS_SELECTOR, ".bubble.pending.assistant").text)
+        step.go.release()
+    assert [s.split("\n")[-1] for s in seen] == ["b", "bo", "bot", "both"]
+    kind, (medium, k, n) = step.next()
+    assert (kind, medium, k) == ("step", "image", 1)
+    row = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, ".bubble.pending.assistant .progress [data-kind=image]"))
+    assert row.text == f"image: step 1 of {n}"
+    bar = row.find_element(By.TAG_NAME, "progress")
+    assert (bar.get_attribute("value"), bar.get_attribute("max")) == ("1", str(n))
+    assert browser.find_element(By.ID, "stop").is_displayed() and not browser.find_element(By.ID, "send").is_displayed()
+    browser.save_screenshot(str(shots / f"ui-streaming-{width}.png"))
+    step.go.release()
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".bubble.turn")) == 2
+               and not d.find_elements(By.CSS_SELECTOR, ".bubble.pending"))
+    reply = browser.find_element(By.CSS_SELECTOR, ".bubble.turn.assistant")
+    assert reply.find_element(By.TAG_NAME, "img") and reply.find_element(By.TAG_NAME, "audio")
+    assert browser.find_element(By.ID, "send").is_displayed() and not browser.find_element(By.ID, "stop").is_displayed()
+    assert browser.find_element(By.ID, "status").text == ""
+
+
+@pytest.mark.browser
+def test_browser_stop_drops_the_turn_and_gives_the_message_back(browser, fresh, monkeypatch, shots, tmp_path, sized):
+    from selenium.webdriver.common.by import By
+
+    url, media_dir = fresh
+    sized("desktop")
+    wait = _open(browser, url)
+    _send(browser, wait, "show and play", turns=2)
+    sid = browser.execute_script("return sessionStorage.getItem('anymodal-session')")
+    entered, release = _blocking(monkeypatch, "on_text")
+    (tmp_path / "up.png").write_bytes(png_bytes())
+    _send(browser, wait, "draw a cat", {"image": tmp_path / "up.png"})
+    assert entered.wait(60)
+    stop = wait.until(lambda d: d.find_element(By.ID, "stop") if d.find_element(By.ID, "stop").is_displayed() else None)
+    pending_user = browser.find_element(By.CSS_SELECTOR, ".bubble.pending.user")
+    assert "draw a cat" in pending_user.text and "up.png" in pending_user.text
+    browser.save_screenshot(str(shots / "ui-generating-desktop.png"))
+    stop.click()
+    wait.until(lambda d: d.find_element(By.ID, "status").text == "stopping...")
+    release.set()
+    wait.until(lambda d: "stopped" in d.find_element(By.ID, "status").text)
+    assert not browser.find_elements(By.CSS_SELECTOR, ".bubble.pending")
+    assert len(browser.find_elements(By.CSS_SELECTOR, ".bubble.turn")) == 2  # the finished turns stay
+    # the message is back in the composer, its file too, ready to send again
+    assert browser.find_element(By.ID, "text").get_attribute("value") == "draw a cat"
+    assert browser.execute_script("return [...document.getElementById('image').files].map(f => f.name)") == ["up.png"]
+    assert browser.find_element(By.ID, "send").is_displayed() and not browser.find_element(By.ID, "stop").is_displayed()
+    assert len(request(url, "GET", f"/api/sessions/{sid}").json()["turns"]) == 2
+    assert _leftovers(media_dir, sid) == []
+    browser.save_screenshot(str(shots / "ui-stopped-desktop.png"))
+    monkeypatch.undo()
+    browser.find_element(By.ID, "send").click()
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".bubble.turn")) == 4
+               and not d.find_elements(By.CSS_SELECTOR, ".bubble.pending"))
+    assert browser.find_elements(By.CSS_SELECTOR, ".bubble.turn.user")[1].find_element(By.TAG_NAME, "img")
+
+
+@pytest.mark.browser
+def test_browser_new_chat_and_reopening_a_saved_chat(browser, fresh, shots, sized):
+    from selenium.webdriver.common.by import By
+
+    url, _ = fresh
+    sized("desktop")
+    wait = _open(browser, url)
+    header = browser.find_element(By.TAG_NAME, "header").text
+    assert "tiny" in header and "takes text, image, audio, video" in header and "makes text, image, audio, video" in header
+    _send(browser, wait, "draw a cat", turns=2)
+    first = browser.execute_script("return sessionStorage.getItem('anymodal-session')")
+
+    browser.find_element(By.ID, "new-chat").click()
+    wait.until(lambda d: d.execute_script("return sessionStorage.getItem('anymodal-session')") != first)
+    assert not browser.find_elements(By.CSS_SELECTOR, ".bubble")
+    second = browser.execute_script("return sessionStorage.getItem('anymodal-session')")
+    browser.find_element(By.ID, "new-chat").click()  # an empty chat is not replaced by another empty one
+    assert browser.execute_script("return sessionStorage.getItem('anymodal-session')") == second
+    _send(browser, wait, "hello", turns=2)
+
+    browser.find_element(By.ID, "chats-button").click()
+    items = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#chat-list button") or None)
+    assert [(i.get_attribute("data-id"), i.text.split("\n")[0]) for i in items] == [(second, "hello"), (first, "draw a cat")]
+    assert "current" in items[0].get_attribute("class") and "1 exchange" in items[0].text
+    browser.save_screenshot(str(shots / "ui-chats-desktop.png"))
+    items[1].click()
+    wait.until(lambda d: d.execute_script("return sessionStorage.getItem('anymodal-session')") == first)
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".bubble.turn")) == 2)
+    assert browser.find_element(By.ID, "chats").get_attribute("hidden") is not None
+    assert "draw a cat" in browser.find_element(By.CSS_SELECTOR, ".bubble.turn.user").text
+    assert browser.find_element(By.CSS_SELECTOR, ".bubble.turn.assistant img")
+    _send(browser, wait, "draw a cat", turns=4)  # the reopened chat goes on
+    browser.refresh()  # and a reload shows it
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".bubble.turn")) == 4)
+
+
+@pytest.mark.browser
+@pytest.mark.parametrize("width", ["desktop", "phone"])
+def test_browser_layout_keeps_the_newest_reply_above_the_composer(browser, fresh, tmp_path, shots, sized, width):
+    from selenium.webdriver.common.by import By
+
+    url, _ = fresh
+    sized(width)
+    wait = _open(browser, url)
+    assert browser.execute_script("return window.innerWidth") == WIDTHS[width][0]
+    # the three upload controls: one row, of one height, and nothing wider than the window
+    chips = browser.execute_script(
+        "return [...document.querySelectorAll('label.file')].map(l => l.getBoundingClientRect().toJSON())")
+    assert len(chips) == 3 and len({round(c["top"]) for c in chips}) == 1 and len({round(c["height"]) for c in chips}) == 1
+    row = browser.execute_script("return document.querySelector('#composer .row').getBoundingClientRect().toJSON()")
+    assert row["height"] < 2 * chips[0]["height"] + 4 and chips[-1]["right"] <= row["right"]
+    assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
+    assert browser.execute_script("return fetch('/favicon.ico').then(r => r.status + ' ' + r.headers.get('content-type'))") \
+        == "200 image/x-icon"
+    (tmp_path / "up.png").write_bytes(png_bytes((48, 48)))
+    turns = [("show and play", {"image": tmp_path / "up.png"}), ("draw a cat", None), ("show and play", None),
+             ("play a tone", None)]
+    for n, (text, files) in enumerate(turns, 1):
+        _send(browser, wait, text, files, turns=2 * n)
+        newest = browser.find_elements(By.CSS_SELECTOR, ".bubble.turn.assistant")[-1]
+        wait.until(lambda d: d.execute_script(MEDIA_READY, newest))
+        wait.until(lambda d: d.execute_script(NEWEST_IN_VIEW, newest), message=f"{width}, turn {n}: the newest reply "
+                   "is not above the composer: " + str(browser.execute_script(
+                       "return [arguments[0].getBoundingClientRect().toJSON(), "
+                       "document.getElementById('composer').getBoundingClientRect().toJSON()]", newest)))
+        if n == 1:  # after a turn with an upload (the case of the issue)
+            browser.save_screenshot(str(shots / f"ui-upload-{width}.png"))
+    assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
+    browser.save_screenshot(str(shots / f"ui-{width}.png"))

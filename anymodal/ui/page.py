@@ -97,6 +97,7 @@ header .actions button { background: #3a3a3c; color: #fff; border-color: #5a5a5e
 .bubble video { max-width: 16rem; }
 .bubble .chip { display: inline-block; font-size: 0.8rem; padding: 0 0.4rem; margin: 0 0.1rem; border-radius: 0.6rem;
                 background: #eef2ff; color: #3730a3; white-space: nowrap; }
+.bubble .empty { color: #888; font-style: italic; }
 .bubble .typing::after { content: "▍"; animation: blink 1s steps(1) infinite; color: #888; }
 @keyframes blink { 50% { opacity: 0; } }
 .progress { display: flex; flex-direction: column; gap: 0.3rem; margin-top: 0.4rem; font-size: 0.8rem; color: #444;
@@ -116,6 +117,8 @@ label.file { position: relative; display: inline-flex; align-items: center; padd
              white-space: nowrap; cursor: pointer; }
 label.file input { position: absolute; inset: 0; width: 100%; height: 100%; opacity: 0; cursor: pointer; }
 label.file.has-files { background: #dbeafe; border-color: #60a5fa; }
+label.file .count:not(:empty) { margin-left: 0.35rem; padding: 0 0.4rem; border-radius: 0.6rem; background: #2563eb;
+                                color: #fff; font-size: 0.75rem; }
 label.file:focus-within { outline: 2px solid #2563eb; outline-offset: 1px; }
 #send { background: #1d4ed8; color: #fff; border-color: #1d4ed8; }
 #stop { background: #b91c1c; color: #fff; border-color: #b91c1c; }
@@ -163,7 +166,7 @@ function showFiles(input) {
   const label = input.closest("label");
   const n = input.files.length;
   label.classList.toggle("has-files", n > 0);
-  label.querySelector(".count").textContent = n ? " · " + n : "";
+  label.querySelector(".count").textContent = n ? String(n) : "";
   label.title = [...input.files].map(f => f.name).join(", ");
 }
 
@@ -227,6 +230,12 @@ function fillBubble(div, role, text, media) {
     else if (part.trim()) div.appendChild(document.createTextNode(part.trim()));
   }
   for (const kind in queues) for (const item of queues[kind]) div.appendChild(mediaElement(item));
+  if (div.childNodes.length === 1 && !div.classList.contains("pending")) {
+    const empty = document.createElement("span");
+    empty.className = "empty";
+    empty.textContent = "(an empty reply)";
+    div.appendChild(empty);
+  }
 }
 
 function turnElement(turn) {
@@ -329,6 +338,7 @@ function pendingBubble(role) {
 function showPendingReply(turn) {
   const stick = atEnd();
   fillBubble(turn.replyDiv, "assistant", turn.replyText, []);
+  turn.replyDiv.dataset.text = turn.replyText;  // the reply so far, as the server sent it
   const last = turn.replyDiv.lastChild;
   if (last && last.nodeType === Node.TEXT_NODE) {  // the cursor after the newest text
     const span = document.createElement("span");
@@ -434,8 +444,10 @@ form.addEventListener("submit", async (event) => {
   const turn = {sid: sessionId, replyText: "", progress: {}, done: false};
   turn.composer = takeComposer();
   turn.userDiv = pendingBubble("user");
-  const names = Object.values(turn.composer.files).flat().map(f => f.name);
-  fillBubble(turn.userDiv, "user", turn.composer.text + (names.length ? "\n" + names.join(", ") : ""), []);
+  fillBubble(turn.userDiv, "user", turn.composer.text, []);
+  for (const [kind, files] of Object.entries(turn.composer.files)) {  // the uploads, by name, until the turn is kept
+    for (const f of files) turn.userDiv.append(chip(kind + ": " + f.name), " ");
+  }
   turn.replyDiv = pendingBubble("assistant");
   showPendingReply(turn);
   scrollToEnd();
