@@ -584,17 +584,21 @@ def _blocking(monkeypatch, method: str):
 
 @pytest.mark.parametrize("where", ["on_text", "on_step"])
 def test_stop_drops_the_running_turn_whole_and_the_session_keeps_its_finished_turns(client, monkeypatch, where):
+    """Stopped while the text streams (after a finished turn, with an upload), or at the first
+    denoising step (a first turn: the tiny model's later replies need not have a medium)."""
     import json
 
     app, c, media_dir = client
     sid = c.post("/api/sessions").json()["id"]
-    body, headers = multipart([("text", None, b"show and play")])
-    assert c.post(f"/api/sessions/{sid}/send", content=body, headers=headers).status_code == 200
+    if where == "on_text":
+        body, headers = multipart([("text", None, b"show and play")])
+        assert c.post(f"/api/sessions/{sid}/send", content=body, headers=headers).status_code == 200
+        parts = [("text", None, b"draw a cat"), ("image", "up.png", png_bytes())]
+    else:
+        parts = [("text", None, b"show and play")]
     before = c.get(f"/api/sessions/{sid}").json()
     entered, release = _blocking(monkeypatch, where)
     result = {}
-    # (with an upload the tiny model's reply has no medium, so no step to stop at: text only there)
-    parts = [("text", None, b"show and play")] + ([("image", "up.png", png_bytes())] if where == "on_text" else [])
     worker = threading.Thread(target=lambda: result.update(zip(("r", "events"), _stream(c, sid, parts))))
     worker.start()
     assert entered.wait(60)
@@ -604,15 +608,15 @@ def test_stop_drops_the_running_turn_whole_and_the_session_keeps_its_finished_tu
     names = [name for name, _ in result["events"]]
     assert names[0] == "start" and names[-1] == "cancelled" and "reply" not in names
     if where == "on_step":  # the text was streamed before the first step stopped it
-        assert "<image>" in replay_text(result["events"])[-1] and "step" not in names
+        assert replay_text(result["events"])[-1] == "both <image> and <audio>" and "step" not in names
     # dropped whole: the session, its saved copy and its directory are as they were
     assert c.get(f"/api/sessions/{sid}").json() == before
-    assert json.loads((media_dir / sid / "web.json").read_text())["turns"] == 2
+    assert json.loads((media_dir / sid / "web.json").read_text())["turns"] == len(before["turns"])
     assert _leftovers(media_dir, sid) == []
     assert c.post(f"/api/sessions/{sid}/stop").json() == {"stopped": 0}  # nothing is running now
     monkeypatch.undo()
     r, events = _stream(c, sid, [("text", None, b"show and play")])  # and the conversation goes on
-    assert events[-1][0] == "reply" and len(c.get(f"/api/sessions/{sid}").json()["turns"]) == 4
+    assert events[-1][0] == "reply" and len(c.get(f"/api/sessions/{sid}").json()["turns"]) == len(before["turns"]) + 2
 
 
 def test_a_turn_stopped_while_it_waits_for_the_model_never_starts(client):
@@ -672,8 +676,8 @@ def test_sessions_list_favicon_and_the_model_in_the_header(pipe, client, monkeyp
 
     assert c.get("/api/sessions").json() == {"listed": True, "sessions": []}
     first, empty, second = (c.post("/api/sessions").json()["id"] for _ in range(3))
-    for sid, text in ((first, b"draw a cat"), (second, b"hello  \n  there")):
-        body, headers = multipart([("text", None, text)])
+    for sid, text in ((first, b"draw a cat"), (second, b"hello  \n  there <image>")):
+        body, headers = multipart([("text", None, text)] + ([("image", "a.png", png_bytes())] if sid == second else []))
         assert c.post(f"/api/sessions/{sid}/send", content=body, headers=headers).status_code == 200
         time.sleep(0.02)  # distinct modification times
     listed = c.get("/api/sessions").json()
@@ -681,6 +685,15 @@ def test_sessions_list_favicon_and_the_model_in_the_header(pipe, client, monkeyp
     assert [(s["id"], s["title"], s["turns"]) for s in listed["sessions"]] == [(second, "hello there", 2),
                                                                                (first, "draw a cat", 2)]
     assert empty not in {s["id"] for s in listed["sessions"]}  # a chat with no turn is not offered
+    # a chat saved before titles were kept is named by its first message, read from the saved chat
+    import json
+
+    web_file = media_dir / first / "web.json"
+    web, mtime = json.loads(web_file.read_text()), web_file.stat().st_mtime
+    del web["title"]
+    web_file.write_text(json.dumps(web))
+    os.utime(web_file, (mtime, mtime))
+    assert [s["title"] for s in c.get("/api/sessions").json()["sessions"]] == ["hello there", "draw a cat"]
 
     # the model's name is the user's text: escaped like everything else
     monkeypatch.setattr(pipe.config, "name", '<img src=x onerror="alert(1)">&')

@@ -262,7 +262,9 @@ class SessionStore:
                 if web_file.stat().st_size > 4 << 20:  # not one this server wrote
                     continue
                 state = json.loads(web_file.read_text())
-                turns, title = state.get("turns", 0), state.get("title", "")
+                turns, title = state.get("turns", 0), state.get("title")
+                if title is None and isinstance(turns, int) and turns > 0:  # saved before titles were kept
+                    title = _title_from_saved_chat(directory / "session")
             except (OSError, ValueError, AttributeError):
                 continue
             if isinstance(turns, int) and turns > 0:
@@ -313,9 +315,7 @@ class SessionStore:
 
     @staticmethod
     def _write_web(web: _WebSession) -> None:
-        first = next((t.text for t in web.chat.turns if t.role == "user"), "")
-        title = " ".join(first.split())
-        title = title[:79] + "…" if len(title) > 80 else title  # the sessions list shows it
+        title = _title(next((t.text for t in web.chat.turns if t.role == "user"), ""))
         atomic_write_text(web.directory / WEB_FILE, json.dumps(
             {"turns": len(web.chat.turns), "title": title, "turn_media": web.turn_media, "files": sorted(web.files)},
             indent=1) + "\n")
@@ -335,6 +335,21 @@ class SessionStore:
         files = {name: directory / name for name in state["files"]
                  if isinstance(name, str) and _SAFE_NAME.fullmatch(name) and (directory / name).is_file()}
         return _WebSession(chat, directory, files, turn_media)
+
+
+def _title(text: str) -> str:
+    """What the sessions list calls a chat: its first message, without media placeholders, on one
+    line, at most 80 characters."""
+    title = " ".join(re.sub(r"<[a-z][a-z0-9_]*>", " ", text).split())
+    return title[:79] + "…" if len(title) > 80 else title
+
+
+def _title_from_saved_chat(directory: Path) -> str:
+    path = directory / "session.json"
+    if not path.is_file() or path.stat().st_size > 16 << 20:
+        return ""
+    turns = json.loads(path.read_text()).get("turns") or []
+    return _title(next((t.get("text", "") for t in turns if isinstance(t, dict) and t.get("role") == "user"), ""))
 
 
 def _turn_json(turn: Turn, media: list[dict[str, str]]) -> dict[str, Any]:
