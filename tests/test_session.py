@@ -261,3 +261,35 @@ def test_a_hook_that_raises_stops_the_turn_and_the_session_keeps_only_finished_t
     fresh.send("show and play")
     expected = fresh.send("draw a cat")
     assert again.text == expected.text and same_media(again, expected)
+
+
+def test_chat_repl_streams_to_a_terminal_and_ctrl_c_stops_a_reply(pipe, tmp_path, monkeypatch, capsys):
+    import sys
+
+    import anymodal.chat as chat
+    import anymodal.cli as cli
+
+    monkeypatch.setattr(chat, "load_pipeline", lambda *a: pipe)
+    real_send, calls = ChatSession.send, []
+
+    def ctrl_c(text):
+        raise KeyboardInterrupt
+
+    def send(self, *args, **kwargs):
+        calls.append(kwargs)
+        if len(calls) == 1:  # the first message is interrupted at its first token
+            kwargs["on_text"] = ctrl_c
+        return real_send(self, *args, **kwargs)
+
+    monkeypatch.setattr(ChatSession, "send", send)
+    lines = iter(["draw a cat", "show and play", f"/save {tmp_path / 'saved'}", "/quit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    assert cli.main(["chat", "--config", "unused", "--out", str(tmp_path / "media")]) == 0
+    out, err = capsys.readouterr()
+    assert "(stopped: that message was not kept)" in err
+    assert "anymodal> both <image> and <audio>\n" in out and out.count("anymodal> ") == 1  # streamed, printed once
+    n = pipe.generators[I].make_settings().num_inference_steps
+    assert f"\r  image: step {n} of {n}\n" in err and "audio: step 1 of" in err
+    assert all("on_text" in kw and "on_step" in kw for kw in calls)
+    assert [t.text for t in ChatSession.load(tmp_path / "saved", pipe).turns] == ["show and play", "both <image> and <audio>"]
