@@ -619,6 +619,31 @@ def test_stop_drops_the_running_turn_whole_and_the_session_keeps_its_finished_tu
     assert events[-1][0] == "reply" and len(c.get(f"/api/sessions/{sid}").json()["turns"]) == len(before["turns"]) + 2
 
 
+def test_a_session_streaming_a_turn_is_never_unloaded(pipe, tmp_path, monkeypatch):
+    """The stream's request ends before the model's thread does: the session must stay in memory
+    (and its turn reach disk) however many sessions come meanwhile."""
+    from starlette.testclient import TestClient
+
+    from anymodal.ui import create_app
+
+    app = create_app(pipe, media_dir=tmp_path / "media", seed=0, max_sessions=1)
+    with TestClient(app, base_url="http://127.0.0.1") as c:
+        sid = c.post("/api/sessions").json()["id"]
+        entered, release = _blocking(monkeypatch, "on_text")
+        result = {}
+        worker = threading.Thread(target=lambda: result.update(zip(("r", "events"),
+                                                                   _stream(c, sid, [("text", None, b"hello")]))))
+        worker.start()
+        assert entered.wait(60)
+        others = [c.post("/api/sessions").json()["id"] for _ in range(3)]
+        assert sid in app.state.store.sessions and not set(others[:2]) & set(app.state.store.sessions)
+        release.set()
+        worker.join(60)
+        assert result["events"][-1][0] == "reply"
+        assert len(app.state.store._load(sid).chat.turns) == 2  # on disk
+        assert len(app.state.store.sessions) == 1  # the turn over, max_sessions holds again
+
+
 def test_a_turn_stopped_while_it_waits_for_the_model_never_starts(client):
     app, c, media_dir = client
     sid = c.post("/api/sessions").json()["id"]

@@ -234,21 +234,35 @@ class SessionStore:
     def pinned(self, web: _WebSession) -> Iterator[None]:
         """Keep ``web`` in memory for the block, also when the request that holds it has gone (the
         model's thread goes on after a client disconnects)."""
-        self.hold(web)
+        with self._lock:
+            web.users += 1
         try:
             yield
         finally:
-            self.release(web)
+            with self._lock:
+                web.users -= 1
+                self._trim()
 
-    def hold(self, web: _WebSession) -> None:
-        """Keep ``web`` in memory until :meth:`release` (which another thread may call)."""
+    def start_job(self, web: _WebSession, job: "_Job") -> None:
+        """Register a streamed turn of ``web`` (so that Stop finds it) and keep ``web`` in memory
+        until :meth:`end_job`."""
         with self._lock:
             web.users += 1
+            web.jobs.add(job)
 
-    def release(self, web: _WebSession) -> None:
+    def end_job(self, web: _WebSession, job: "_Job") -> None:
         with self._lock:
+            web.jobs.discard(job)
             web.users -= 1
             self._trim()
+
+    def stop_jobs(self, web: _WebSession) -> int:
+        """Stop every turn of ``web`` being generated or waiting to be; how many there were."""
+        with self._lock:
+            jobs = list(web.jobs)
+        for job in jobs:
+            job.stop.set()
+        return len(jobs)
 
     def list_saved(self, limit: int = MAX_LISTED) -> list[dict[str, Any]]:
         """The sessions in ``media_dir`` that hold at least one turn, most recently changed first."""
@@ -807,9 +821,7 @@ class _Handlers:
                 _remove([up.path for up in uploads])
                 return _error(400, "the client went away during the upload")
             job = _Job(asyncio.get_running_loop())
-            self.store.hold(web)  # before `use` lets go: the session stays in memory until the turn ends
-            with self.store._lock:
-                web.jobs.add(job)
+            self.store.start_job(web, job)  # before `use` lets go: the session stays in memory until the turn ends
         asyncio.get_running_loop().run_in_executor(None, self._streamed_turn, sid, web, text, uploads, shown, job)
         return StreamingResponse(job.stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
@@ -827,22 +839,16 @@ class _Handlers:
             logger.exception("generating a reply in session %s failed", sid)
             job.emit("error", {"error": "the model failed on this message (the server's log says why)"})
         finally:
-            with self.store._lock:
-                web.jobs.discard(job)
             if not all(up.path.name in web.files for up in uploads):  # not kept by a turn: none of them
                 _remove([up.path for up in uploads])
-            self.store.release(web)
+            self.store.end_job(web, job)
             job.emit(None)
 
     async def stop(self, request: Request) -> Response:
         with self.store.use(request.path_params["sid"]) as web:
             if web is None:
                 return _error(404, "no such session (the server may have restarted)")
-            with self.store._lock:
-                jobs = list(web.jobs)
-            for job in jobs:
-                job.stop.set()
-            return JSONResponse({"stopped": len(jobs)})
+            return JSONResponse({"stopped": self.store.stop_jobs(web)})
 
     async def _accept(self, request: Request, web: _WebSession, uploads: list[_Upload]) -> tuple[str, list[str]]:
         """Read the form into ``uploads`` and keep each upload under its decoded kind: the text, and
