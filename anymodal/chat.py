@@ -78,18 +78,60 @@ def chat_command(args: argparse.Namespace) -> int:
             else:
                 print(f"error: unknown command {cmd}; /help lists them", file=sys.stderr)
             continue
+        live = _LiveReply() if sys.stdout.isatty() else None  # a terminal sees the reply as it is made
         try:
-            reply = session.send(line, **{m.spec.plural: items for m, items in attached.items()})
+            reply = session.send(line, **{m.spec.plural: items for m, items in attached.items()},
+                                 **(live.hooks() if live else {}))
         except (ValueError, FileNotFoundError) as e:
             print(f"error: {e}", file=sys.stderr)
             continue
+        except KeyboardInterrupt:  # Ctrl-C stops this reply; the session is as it was before the message
+            print("\n(stopped: that message was not kept)", file=sys.stderr)
+            continue
         finally:
             attached = {}
-        print(f"anymodal> {reply.text}")
+        if live is None or not live.finish(reply.text):
+            print(f"anymodal> {reply.text}")
         written = _write_reply(reply, out_dir, len(session.turns) // 2)
         for kind, paths in written.items():
             for p in paths:
                 print(f"{kind}: {p}")
+
+
+class _LiveReply:
+    """Prints a reply as it is generated: its text on stdout, then each medium's denoising steps on
+    stderr, one line per medium, rewritten in place."""
+
+    def __init__(self) -> None:
+        self.shown = ""
+        self.started = False
+        self.line_open = False  # the reply's text line has no newline yet
+
+    def hooks(self) -> dict:
+        return {"on_text": self.on_text, "on_step": self.on_step}
+
+    def on_text(self, text: str) -> None:
+        if not self.started:
+            print("anymodal> ", end="", flush=True)
+            self.started = self.line_open = True
+        if self.line_open and text.startswith(self.shown):  # only ever append; a rewritten end is printed whole
+            print(text[len(self.shown):], end="", flush=True)
+            self.shown = text
+
+    def on_step(self, modality: Modality, step: int, total: int) -> None:
+        import sys
+
+        if self.line_open:
+            print(flush=True)
+            self.line_open = False
+        print(f"\r  {modality.value}: step {step} of {total}", end="\n" if step == total else "", file=sys.stderr,
+              flush=True)
+
+    def finish(self, text: str) -> bool:
+        """End the streamed reply; False if what was shown is not the whole reply (then print it whole)."""
+        if self.line_open:
+            print()
+        return self.started and self.shown == text
 
 
 def _write_reply(reply: Turn, out_dir: Path, number: int) -> dict[str, list[str]]:

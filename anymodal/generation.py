@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
+from transformers.generation.streamers import BaseStreamer
 
 from .modality import Modality
 
@@ -49,6 +51,37 @@ class SignalSpanForcing(LogitsProcessor):
         return scores
 
 
+class ReplyStreamer(BaseStreamer):
+    """transformers' streamer protocol, for ``on_text``: after each generated token, each row's reply
+    so far, decoded as the final text is (:meth:`~anymodal.processor.AnyModalProcessor.split_output`:
+    signal blocks as placeholders, special tokens and stop strings left out).
+
+    Unlike ``TextIteratorStreamer`` it takes a batch, and it runs in ``generate``'s own thread, so an
+    exception raised by ``on_text`` stops the generation at once and propagates out of it.
+    """
+
+    def __init__(self, processor, on_text: Callable[[list[str]], None]):
+        self.processor = processor
+        self.on_text = on_text
+        self.rows: list[list[int]] | None = None
+        self.done: list[bool] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        if value.ndim == 2:  # generate's first call: the prompt's ids (none when it starts from embeddings)
+            self.rows = [[] for _ in range(value.shape[0])]
+            self.done = [False] * value.shape[0]
+            return
+        eos = self.processor.tokenizer.eos_token_id
+        for i, token in enumerate(value.tolist()):
+            if not self.done[i]:  # a finished row is padded from here on
+                self.rows[i].append(token)
+                self.done[i] = token == eos
+        self.on_text([self.processor.split_output(ids)[0] for ids in self.rows])
+
+    def end(self) -> None:
+        pass
+
+
 @dataclass
 class TextGeneration:
     """What the LLM step produced for a batch."""
@@ -63,7 +96,8 @@ class TextGeneration:
 def generate_text(model, processor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                   media: dict[Modality, torch.Tensor], max_new_tokens: int, do_sample: bool = False,
                   temperature: float = 1.0, top_p: float = 1.0,
-                  logits_processor: list[LogitsProcessor] | None = None) -> TextGeneration:
+                  logits_processor: list[LogitsProcessor] | None = None,
+                  on_text: Callable[[list[str]], None] | None = None) -> TextGeneration:
     """Generate with a KV cache and read the hidden state of each signal token on the way.
 
     ``generate`` reports the state that *produced* each new token, not the state *of* it. The
@@ -71,6 +105,8 @@ def generate_text(model, processor, input_ids: torch.Tensor, attention_mask: tor
     LM head's input catches it there, so no second pass is needed. Only when a block is the very
     last thing generated (its last state is never computed) does one forward pass over prompt +
     generated tokens supply it.
+
+    ``on_text``, if given, is called after each token with each row's reply so far (:class:`ReplyStreamer`).
     """
     lm = model.language_model
     embeds = model.embed(input_ids, media)
@@ -94,7 +130,8 @@ def generate_text(model, processor, input_ids: torch.Tensor, attention_mask: tor
 
     handle = lm.get_output_embeddings().register_forward_pre_hook(capture)
     try:
-        out = lm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **gen_kwargs)
+        streamer = ReplyStreamer(processor, on_text) if on_text is not None else None
+        out = lm.generate(inputs_embeds=embeds, attention_mask=attention_mask, streamer=streamer, **gen_kwargs)
     finally:
         handle.remove()
 

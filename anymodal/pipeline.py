@@ -11,12 +11,13 @@ import contextlib
 import copy
 import functools
 import dataclasses
+import inspect
 import json
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -70,6 +71,8 @@ class AnyModalOutput(MediaFields):
 
 
 MediaArg = Any  # a medium, a list of media, or (batched) a list with one such entry per prompt
+TextHook = Callable[[list[str]], None]  # on_text(each prompt's reply so far)
+StepHook = Callable[[Modality, int, int], None]  # on_step(modality, step, total)
 
 
 class AnyModalPipeline:
@@ -286,7 +289,8 @@ class AnyModalPipeline:
                  videos: MediaArg = None, *, max_new_tokens: int | None = None, do_sample: bool = False,
                  temperature: float = 1.0, top_p: float = 1.0, settings: Any = None, seed: int | None = None,
                  generator: torch.Generator | None = None, progress: bool | None = None,
-                 logits_processor: list | None = None, **media: MediaArg) -> AnyModalOutput:
+                 logits_processor: list | None = None, on_text: TextHook | None = None,
+                 on_step: StepHook | None = None, **media: MediaArg) -> AnyModalOutput:
         """Generate text, and any media the model signals, for one prompt or a batch of prompts.
 
         Args:
@@ -303,6 +307,11 @@ class AnyModalPipeline:
                 ``seed + k``, so a prompt gives the same output alone or in a batch.
             logits_processor: extra ``transformers`` logits processors for the LLM, applied before
                 signal-span forcing.
+            on_text / on_step: progress hooks, called in the generating thread. ``on_text(texts)``
+                after each LLM token, with each prompt's reply so far (as ``text`` will hold it);
+                ``on_step(modality, step, total)`` after each denoising step of a generator that
+                reports steps (the diffusers-backed ones do). An exception a hook raises stops the
+                generation at once and propagates; nothing is returned.
         """
         single, prompts = check_prompts(prompt)
         rows = _rows_of_media(prompts, media_by_plural(dict(images=images, audios=audios, videos=videos, **media),
@@ -314,13 +323,15 @@ class AnyModalPipeline:
             conversations.append([Message("user", text, row_media)])
         return self.generate(conversations, max_new_tokens=max_new_tokens, do_sample=do_sample,
                              temperature=temperature, top_p=top_p, settings=settings, seed=seed,
-                             generator=generator, progress=progress, logits_processor=logits_processor)
+                             generator=generator, progress=progress, logits_processor=logits_processor,
+                             on_text=on_text, on_step=on_step)
 
     @torch.no_grad()
     def generate(self, conversations: Sequence[Sequence[Message]], *, max_new_tokens: int | None = None,
                  do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, settings: Any = None,
                  seed: int | None = None, generator: torch.Generator | None = None,
-                 progress: bool | None = None, logits_processor: list | None = None) -> AnyModalOutput:
+                 progress: bool | None = None, logits_processor: list | None = None,
+                 on_text: TextHook | None = None, on_step: StepHook | None = None) -> AnyModalOutput:
         """The steps behind ``__call__``, over whole conversations (used by dialogue sessions)."""
         # 1. check inputs
         if not conversations:
@@ -356,7 +367,7 @@ class AnyModalPipeline:
         with seeded(llm_seed if do_sample else None):  # sampling draws from torch's global RNG
             result = generate_text(self.model, self.processor, input_ids, attention_mask, features,
                                    max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
-                                   logits_processor=logits_processor)
+                                   logits_processor=logits_processor, on_text=on_text)
 
         # 5. project signal states and call each generator once for the whole batch
         n = len(conversations)
@@ -368,7 +379,8 @@ class AnyModalPipeline:
             gen = self.generators[m]
             conditioning = self.model.project_signal(m, hidden)
             rngs = _rngs_for(owners, seed, generator)
-            media_out = gen.render(conditioning, gen_settings.get(m), rng=rngs, progress=progress)
+            media_out = gen.render(conditioning, gen_settings.get(m), rng=rngs, progress=progress,
+                                   **_step_hook(gen, m, on_step))
             for (row, _), item in zip(owners, media_out):
                 out.media[m][row].append(item)
 
@@ -433,6 +445,14 @@ def missing_media_warnings(conversation: Sequence[Message], out: AnyModalOutput,
             found.append(f"the request asked for {m.value} ({last.content[:80]!r}) but the reply "
                          f"{out.text[row][:80]!r} has no {m.value}")
     return found
+
+
+def _step_hook(gen: Any, m: Modality, on_step: StepHook | None) -> dict[str, Any]:
+    """``render``'s ``on_step`` argument for ``on_step`` (none for a generator whose ``render`` takes
+    no ``on_step``: one written before it existed simply reports no steps)."""
+    if on_step is None or "on_step" not in inspect.signature(gen.render).parameters:
+        return {}
+    return {"on_step": functools.partial(on_step, m)}
 
 
 def _rows_of_media(prompts: list[str], media: dict[Modality, Any], single: bool) -> list[dict[Modality, list]]:

@@ -33,7 +33,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 
 from .media import MediaError
@@ -89,10 +89,17 @@ class ChatSession:
     # ------------------------------------------------------------ talking
     def send(self, text: str = "", images: Sequence[Any] | Any = None, audios: Sequence[Any] | Any = None,
              videos: Sequence[Any] | Any = None, *, seed: int | None = None,
-             max_new_tokens: int | None = None, **media_args: Sequence[Any] | Any) -> Turn:
+             max_new_tokens: int | None = None, on_text: Callable[[str], None] | None = None,
+             on_step: Callable[[Modality, int, int], None] | None = None,
+             **media_args: Sequence[Any] | Any) -> Turn:
         """Send one user turn (text with optional ``<image>``/``<audio>``/``<video>`` placeholders,
         and media; a registered modality's by its plural, ``depths=...``) and return the model's
-        reply, which is also appended to the session."""
+        reply, which is also appended to the session.
+
+        ``on_text(text)`` is called after each generated token with the reply so far, and
+        ``on_step(modality, step, total)`` after each denoising step of a medium (see
+        :meth:`AnyModalPipeline.__call__`). An exception a hook raises (or any other) leaves the
+        session as it was: the turn is not added."""
         if not isinstance(text, str):
             raise TypeError(f"text must be a string, got {type(text).__name__}")
         given = media_by_plural(dict(images=images, audios=audios, videos=videos, **media_args), "send()")
@@ -108,7 +115,8 @@ class ChatSession:
         max_new = max_new_tokens or self.max_new_tokens or self.pipe.config.llm.max_new_tokens
         messages, start = self.context(user, max_new)
         out = self.pipe.generate([messages], max_new_tokens=max_new, settings=self.settings or None, seed=seed,
-                                 progress=False)
+                                 progress=False, on_text=(lambda texts: on_text(texts[0])) if on_text else None,
+                                 on_step=on_step)
         reply = Turn("assistant", out.text[0], {m: per_prompt[0] for m, per_prompt in out.media.items() if per_prompt[0]},
                      seed=seed, token_ids=list(out.token_ids[0]))
         self.turns += [user, reply]

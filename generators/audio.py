@@ -83,7 +83,7 @@ class AudioLDMGenerator(_AudioLDMFamily):
         kwargs: dict[str, Any] = {"prompt_embeds": embeds[:, 0, :]}
         if settings.guidance_scale > 1.0:
             kwargs["negative_prompt_embeds"] = self.negative_conditioning(embeds.shape[0])["prompt_embeds"][:, 0, :]
-        out = self.pipeline(
+        out = self._call_pipeline(
             **kwargs,
             audio_length_in_s=settings.audio_length_s,
             num_inference_steps=settings.num_inference_steps,
@@ -187,7 +187,7 @@ class AudioLDM2Generator(_AudioLDMFamily):
             kwargs.update(negative_prompt_embeds=neg["prompt_embeds"],
                           negative_attention_mask=_mask_from_zeros(neg["prompt_embeds"]),
                           negative_generated_prompt_embeds=neg["generated_prompt_embeds"])
-        out = self.pipeline(
+        out = self._call_pipeline(
             **kwargs,
             audio_length_in_s=settings.audio_length_s,
             num_inference_steps=settings.num_inference_steps,

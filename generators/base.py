@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 
@@ -64,13 +64,15 @@ class ModalityGenerator(ABC):
     @abstractmethod
     def render(self, conditioning: dict[str, torch.Tensor], settings: Any = None,
                rng: torch.Generator | list[torch.Generator] | None = None,
-               progress: bool = False) -> list[Any]:
+               progress: bool = False, on_step: Callable[[int, int], None] | None = None) -> list[Any]:
         """One medium per row of the conditioning tensors, in one batched call.
 
         ``settings`` is either this generator's ``settings_class`` object, already resolved (what
         ``AnyModalPipeline.resolve_settings`` passes), used as it is, or a dict of overrides / None,
         resolved here with :meth:`make_settings`: each path resolves once. ``rng`` (a
-        ``torch.Generator``, or one per row) makes the result reproducible.
+        ``torch.Generator``, or one per row) makes the result reproducible. ``on_step(step, total)``,
+        if given, is called after each denoising step (``step`` from 1 to ``total``); an exception
+        it raises stops the call. (The pipeline passes ``on_step`` only to a ``render`` that takes it.)
         """
 
     @abstractmethod

@@ -15,9 +15,10 @@ random lives in :mod:`~anymodal.generators.random_init`, registered under its ty
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import warnings
-from typing import Any, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Mapping
 
 import torch
 
@@ -70,6 +71,7 @@ class DiffusersGenerator(ModalityGenerator):
         self._device: torch.device | None = None
         self._shapes: dict[str, tuple[int, int]] | None = None
         self._negative: dict[str, torch.Tensor] | None = None
+        self._on_step: Callable[[int, int], None] | None = None  # set by render for _call_pipeline
         from anymodal.loading import allow_pickle
 
         self._allow_pickle = allow_pickle()  # kept: a lazy generator loads later, outside the caller's block
@@ -237,21 +239,27 @@ class DiffusersGenerator(ModalityGenerator):
 
     def render(self, conditioning: dict[str, torch.Tensor], settings: Any = None,
                rng: torch.Generator | list[torch.Generator] | None = None,
-               progress: bool = False) -> list[Any]:
+               progress: bool = False, on_step: Callable[[int, int], None] | None = None) -> list[Any]:
         """One medium per row of the conditioning tensors, in one batched pipeline call.
 
         ``settings``: this generator's settings object, used as it is (what
         ``AnyModalPipeline.resolve_settings`` hands over), or a dict of overrides of the configured
         defaults, or None for the defaults. ``rng`` (one ``torch.Generator``, or one per row) makes
-        the result reproducible.
+        the result reproducible. ``on_step(step, total)`` is called after each denoising step of a
+        ``_run`` that calls the pipeline through :meth:`_call_pipeline`; an exception it raises
+        stops the pipeline there and propagates.
         """
         if not isinstance(settings, self.settings_class):
             settings = self.make_settings(settings)
         pipe = self.pipeline
         cond = self._check_conditioning(conditioning)
         pipe.set_progress_bar_config(disable=not progress)
-        with torch.no_grad():
-            return self._run(cond, settings, rng)
+        self._on_step = on_step
+        try:
+            with torch.no_grad():
+                return self._run(cond, settings, rng)
+        finally:
+            self._on_step = None
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Save the whole pipeline (safetensors only); ``from_config(pretrained=directory)`` reloads it."""
@@ -327,6 +335,28 @@ class DiffusersGenerator(ModalityGenerator):
              rng: torch.Generator | list[torch.Generator] | None) -> list[Any]:
         """Call the pipeline once on checked conditioning (on its device and dtype) and return the media."""
         raise NotImplementedError
+
+    def _call_pipeline(self, **kwargs: Any) -> Any:
+        """``self.pipeline(**kwargs)``, reporting each denoising step to the ``on_step`` that
+        :meth:`render` was given, through whichever step callback the pipeline takes: diffusers'
+        ``callback_on_step_end`` (called every step), or the older ``callback`` (called every
+        ``scheduler.order`` steps, with the step's index among ``num_inference_steps``)."""
+        on_step = self._on_step
+        if on_step is None:
+            return self.pipeline(**kwargs)
+        pipe = self.pipeline
+        total = int(kwargs.get("num_inference_steps") or 0)
+        params = inspect.signature(pipe.__call__).parameters
+        if "callback_on_step_end" in params:
+            def step_end(p: Any, i: int, t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+                n = int(getattr(p, "num_timesteps", 0) or total)  # the pipeline's own count, when it keeps one
+                on_step(min(i + 1, n), n)
+                return {}
+
+            return pipe(**kwargs, callback_on_step_end=step_end)
+        if "callback" in params:
+            return pipe(**kwargs, callback=lambda i, t, latents: on_step(min(i + 1, total), total), callback_steps=1)
+        return pipe(**kwargs)  # a pipeline with no step callback reports no steps
 
     def __repr__(self) -> str:
         source = self.config.pretrained or "random init"

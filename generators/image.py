@@ -40,7 +40,7 @@ class StableDiffusionGenerator(CLIPConditionedGenerator):
 
     def _run(self, cond: dict[str, torch.Tensor], settings: ImageSettings,
              rng: torch.Generator | list[torch.Generator] | None) -> list[Image.Image]:
-        out = self.pipeline(
+        out = self._call_pipeline(
             **self.prompt_kwargs(cond, settings.guidance_scale),
             height=settings.height,
             width=settings.width,

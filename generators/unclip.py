@@ -136,7 +136,7 @@ class StableUnCLIPGenerator(CLIPConditionedGenerator):
         if settings.noise_level >= steps:
             raise ValueError(f"image.noise_level must be below the image noising scheduler's {steps} steps, "
                              f"got {settings.noise_level}")
-        out = self.pipeline(
+        out = self._call_pipeline(
             image_embeds=embeds,
             **kwargs,
             noise_level=settings.noise_level,

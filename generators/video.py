@@ -36,7 +36,7 @@ class _VideoGenerator(CLIPConditionedGenerator):
 
     def _run(self, cond: dict[str, torch.Tensor], settings: VideoSettings,
              rng: torch.Generator | list[torch.Generator] | None) -> list[list[Image.Image]]:
-        out = self.pipeline(**self._call_kwargs(cond, settings, rng))
+        out = self._call_pipeline(**self._call_kwargs(cond, settings, rng))
         return [list(frames) for frames in out.frames]
 
 

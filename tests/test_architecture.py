@@ -121,9 +121,9 @@ class LatentConsistencyGenerator(DiffusersGenerator):
         return {"prompt_embeds": (configs["tokenizer"].model_max_length, configs["unet"].cross_attention_dim)}
 
     def _run(self, cond, settings, rng):  # one batched call; cond is checked against the shapes
-        out = self.pipeline(prompt_embeds=cond["prompt_embeds"], height=settings.height, width=settings.width,
-                            num_inference_steps=settings.num_inference_steps,
-                            guidance_scale=settings.guidance_scale, generator=rng, output_type="pil")
+        out = self._call_pipeline(prompt_embeds=cond["prompt_embeds"], height=settings.height, width=settings.width,
+                                  num_inference_steps=settings.num_inference_steps,
+                                  guidance_scale=settings.guidance_scale, generator=rng, output_type="pil")
         return list(out.images)
 
     def _encode(self, texts):  # optional: encode_text, the stage-2 alignment targets
@@ -171,9 +171,12 @@ def test_add_a_generator(tmp_path):
     assert gen.encode_text(["a cat"])["prompt_embeds"].shape == (1, 16, 32)
     first = pipe.processor.signal_ids[Modality.IMAGE][0]
     n = len(pipe.processor.signal_ids[Modality.IMAGE])
-    out = pipe("paint", seed=0, max_new_tokens=n, logits_processor=[ForceFirst(first)])
+    steps = []
+    out = pipe("paint", seed=0, max_new_tokens=n, logits_processor=[ForceFirst(first)],
+               on_step=lambda m, k, total: steps.append((m, k, total)))
     (image,) = out.images[0]
     assert image.size == (16, 16)
+    assert steps == [(Modality.IMAGE, 1, 2), (Modality.IMAGE, 2, 2)]  # _call_pipeline reports each step
 
     pipe.save_pretrained(tmp_path / "saved")
     again = AnyModalPipeline.from_pretrained(tmp_path / "saved")

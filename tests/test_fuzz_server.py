@@ -311,8 +311,9 @@ def bad_json_case(rng: random.Random) -> Case:
 
 
 def wrong_method_case(rng: random.Random) -> Case:
-    method, path = rng.choice([("GET", "/api/sessions"), ("DELETE", "/api/sessions/{sid}"), ("PUT", "/api/sessions/{sid}/send"),
-                               ("GET", "/api/sessions/{sid}/send"), ("POST", "/media/{sid}/x.png"), ("PATCH", "/")])
+    method, path = rng.choice([("PUT", "/api/sessions"), ("DELETE", "/api/sessions/{sid}"), ("PUT", "/api/sessions/{sid}/send"),
+                               ("GET", "/api/sessions/{sid}/send"), ("POST", "/media/{sid}/x.png"), ("PATCH", "/"),
+                               ("GET", "/api/sessions/{sid}/stream"), ("GET", "/api/sessions/{sid}/stop")])
     return Case(f"{method} {path}", method, path, status=(405,), message=rf"{method} is not allowed on /")
 
 
@@ -323,11 +324,22 @@ GENERATORS: list[tuple[Callable[[random.Random], Case], int]] = [  # (generator,
 ]
 
 
+# Refused before the model is asked (by the form, a cap, a decode, the host or origin): the same
+# refusal whether sent to /send or /stream, so half of them go to /stream.
+STREAMABLE = ("multipart:", "one file over", "files together", "text over", "a Content-Length", "send to a bad id",
+              "Origin", "active content")
+
+
 def draw(seed: int, n: int) -> list[Case]:
     rng = random.Random(seed)
     gens, weights = zip(*GENERATORS)
     cases = [gen(rng) for gen in gens]  # every kind at least once
     cases += [rng.choices(gens, weights)[0](rng) for _ in range(n - len(cases))]
+    pick = random.Random(seed + 10_000)  # its own stream: the cases drawn above stay what they were
+    for case in cases:
+        if case.path.endswith("/send") and case.what.startswith(STREAMABLE) and pick.random() < 0.5:
+            case.path = case.path[: -len("send")] + "stream"
+            case.what += " (to /stream)"
     return cases
 
 
@@ -410,6 +422,7 @@ def test_the_draw_covers_every_route_and_kind():
     kinds = {c.what.split(" ")[0] for c in cases}
     assert {"random", "active", "history", "send", "Host", "Origin", "multipart:", "bad"} <= kinds
     assert any(c.path.startswith("/media/") for c in cases)
+    assert sum(c.path.endswith("/stream") for c in cases) >= 20
     assert {c.method for c in cases} >= {"GET", "POST", "PUT", "DELETE"}
 
 

@@ -397,6 +397,35 @@ def test_progress_flag_controls_diffusers_progress_bar(gens, capsys):
     assert gen.pipeline._progress_bar_config == {"disable": False}
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_on_step_reports_every_denoising_step_and_stops_the_call_when_it_raises(gens, name):
+    """Every built-in generator reports steps 1..N of N, whichever callback its diffusers pipeline
+    takes (``callback_on_step_end`` or the older ``callback``), and an exception from ``on_step``
+    stops the pipeline at that step; the next call runs whole again."""
+    gen = gens[name]
+    cond = conditioning(gen, TEXTS[:1])
+    steps = []
+    first = gen.render(cond, settings={"num_inference_steps": 3}, rng=seeded(0),
+                       on_step=lambda k, n: steps.append((k, n)))
+    assert steps == [(1, 3), (2, 3), (3, 3)]
+    assert same(first, gen.render(cond, settings={"num_inference_steps": 3}, rng=seeded(0)))  # no effect on output
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def stop_at_two(k, n):
+        seen.append(k)
+        if k == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        gen.render(cond, settings={"num_inference_steps": 3}, on_step=stop_at_two)
+    assert seen == [1, 2]
+    assert same(first, gen.render(cond, settings={"num_inference_steps": 3}, rng=seeded(0)))
+
+
 def test_projected_conditioning_is_accepted(gens):
     # What an output projector produces: any float tensor of the right shape, with grad, any dtype.
     gen = gens["image"]

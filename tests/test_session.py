@@ -207,3 +207,89 @@ def test_session_settings_are_checked_and_saved(pipe, tmp_path):
     loaded = ChatSession.load(session.save(tmp_path / "s"), pipe)
     assert loaded.settings == {"image": {"num_inference_steps": 1, "guidance_scale": 1.0, "height": None,
                                          "width": None}}
+
+
+# ---------------------------------------------------------------- progress hooks (streaming, Stop)
+class Stop(Exception):
+    pass
+
+
+def test_on_text_streams_the_reply_and_on_step_each_mediums_steps(pipe):
+    session = ChatSession(pipe, seed=0)
+    texts, steps = [], []
+    reply = session.send("show and play", on_text=texts.append, on_step=lambda m, k, n: steps.append((m, k, n)))
+    assert reply.text == "both <image> and <audio>" and texts[-1] == reply.text
+    assert len(set(texts)) >= 4 and texts[0] == "b"  # token by token, not the whole reply at once
+    assert texts.index("both <image>") < texts.index("both <image> and")  # a signal block shows as its placeholder
+    for m in (I, A):
+        n = pipe.generators[m].make_settings().num_inference_steps
+        assert [(k, total) for mm, k, total in steps if mm is m] == [(k, n) for k in range(1, n + 1)]
+
+
+def test_on_text_of_a_batch_gives_each_prompts_reply(pipe):
+    seen = []
+    out = pipe(["draw a cat", "hello"], seed=0, on_text=seen.append)
+    assert all(len(texts) == 2 for texts in seen) and seen[-1] == out.text == ["a cat <image>", "hi there"]
+
+
+def test_a_hook_that_raises_stops_the_turn_and_the_session_keeps_only_finished_turns(pipe):
+    session = ChatSession(pipe, seed=0)
+    steps = []
+
+    def stop_at_first_step(m, k, n):
+        steps.append((m, k))
+        raise Stop
+
+    with pytest.raises(Stop):
+        session.send("show and play", on_step=stop_at_first_step)
+    assert steps == [(I, 1)] and session.turns == []
+    first = session.send("show and play")  # what it would have been had nothing been stopped
+    assert first.text == "both <image> and <audio>" and same_media(first, ChatSession(pipe, seed=0).send("show and play"))
+    kept = list(session.turns)
+    texts = []
+
+    def stop_at_third_token(text):
+        texts.append(text)
+        if len(texts) == 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        session.send("draw a cat", on_text=stop_at_third_token)
+    assert len(texts) == 3 and session.turns == kept
+    again = session.send("draw a cat")
+    fresh = ChatSession(pipe, seed=0)
+    fresh.send("show and play")
+    expected = fresh.send("draw a cat")
+    assert again.text == expected.text and same_media(again, expected)
+
+
+def test_chat_repl_streams_to_a_terminal_and_ctrl_c_stops_a_reply(pipe, tmp_path, monkeypatch, capsys):
+    import sys
+
+    import anymodal.chat as chat
+    import anymodal.cli as cli
+
+    monkeypatch.setattr(chat, "load_pipeline", lambda *a: pipe)
+    real_send, calls = ChatSession.send, []
+
+    def ctrl_c(text):
+        raise KeyboardInterrupt
+
+    def send(self, *args, **kwargs):
+        calls.append(kwargs)
+        if len(calls) == 1:  # the first message is interrupted at its first token
+            kwargs["on_text"] = ctrl_c
+        return real_send(self, *args, **kwargs)
+
+    monkeypatch.setattr(ChatSession, "send", send)
+    lines = iter(["draw a cat", "show and play", f"/save {tmp_path / 'saved'}", "/quit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    assert cli.main(["chat", "--config", "unused", "--out", str(tmp_path / "media")]) == 0
+    out, err = capsys.readouterr()
+    assert "(stopped: that message was not kept)" in err
+    assert "anymodal> both <image> and <audio>\n" in out and out.count("anymodal> ") == 1  # streamed, printed once
+    n = pipe.generators[I].make_settings().num_inference_steps
+    assert f"\r  image: step {n} of {n}\n" in err and "audio: step 1 of" in err
+    assert all("on_text" in kw and "on_step" in kw for kw in calls)
+    assert [t.text for t in ChatSession.load(tmp_path / "saved", pipe).turns] == ["show and play", "both <image> and <audio>"]

@@ -23,6 +23,7 @@ pytest.importorskip("starlette", reason="the web UI needs starlette (pip install
 pytest.importorskip("uvicorn", reason="the web UI needs uvicorn (pip install 'anymodal[ui]')")
 
 from _taught import taught_pipeline  # noqa: E402
+from anymodal.modality import Modality  # noqa: E402
 from _uiclient import (blank_png, files_under, multipart, new_session, png_bytes, request, serving,  # noqa: E402
                        wav_bytes)
 
@@ -500,6 +501,234 @@ def test_serve_binds_to_loopback_by_default():
     assert args.allowed_host == ["box.lan", "x"]
 
 
+# ---------------------------------------------------------------- streaming, Stop, the sessions list (issue 21)
+def sse_events(body: str) -> list[tuple[str, dict]]:
+    """The ``(event, data)`` pairs of a text/event-stream body (comment lines are keep-alives)."""
+    import json
+
+    events = []
+    for block in body.split("\n\n"):
+        lines = [line for line in block.split("\n") if line and not line.startswith(":")]
+        if lines:
+            name = next(line[len("event: "):] for line in lines if line.startswith("event: "))
+            events.append((name, json.loads("".join(line[len("data: "):] for line in lines if line.startswith("data: ")))))
+    return events
+
+
+def replay_text(events: list[tuple[str, dict]]) -> list[str]:
+    """The reply's text after each ``text`` event."""
+    texts, text = [], ""
+    for name, data in events:
+        if name == "text":
+            text = data["text"] if "text" in data else text + data["append"]
+            texts.append(text)
+    return texts
+
+
+@pytest.fixture
+def client(pipe, tmp_path):
+    """The app under Starlette's TestClient (its app, its client, its media directory)."""
+    from starlette.testclient import TestClient
+
+    from anymodal.ui import create_app
+
+    app = create_app(pipe, media_dir=tmp_path / "media", seed=0)
+    with TestClient(app, base_url="http://127.0.0.1") as c:
+        yield app, c, tmp_path / "media"
+
+
+def _stream(c, sid: str, parts) -> tuple[object, list[tuple[str, dict]]]:
+    body, headers = multipart(parts)
+    r = c.post(f"/api/sessions/{sid}/stream", content=body, headers=headers)
+    return r, sse_events(r.text) if r.headers.get("content-type", "").startswith("text/event-stream") else []
+
+
+def test_stream_sends_the_text_token_by_token_then_each_mediums_steps_then_the_reply(pipe, client):
+    app, c, media_dir = client
+    sid = c.post("/api/sessions").json()["id"]
+    r, events = _stream(c, sid, [("text", None, b"show and play")])
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream"), r.text
+    assert r.headers["x-content-type-options"] == "nosniff" and r.headers["cache-control"] == "no-store"
+    names = [name for name, _ in events]
+    assert names[0] == "start" and names[-1] == "reply" and names.count("reply") == 1
+    assert names.index("step") > max(i for i, n in enumerate(names) if n == "text")  # the text, then the media
+    final = events[-1][1]
+    texts = replay_text(events)
+    assert texts[-1] == final["reply"]["text"] == "both <image> and <audio>"
+    assert len(texts) >= 4 and texts[0] == "b"
+    steps = [(d["kind"], d["step"], d["total"]) for name, d in events if name == "step"]
+    n_img, n_aud = (pipe.generators[m].make_settings().num_inference_steps for m in (Modality.IMAGE, Modality.AUDIO))
+    assert steps == [("image", k, n_img) for k in range(1, n_img + 1)] + [("audio", k, n_aud) for k in range(1, n_aud + 1)]
+    # the reply event is what /send answers, and the session holds it
+    assert [m["kind"] for m in final["reply"]["media"]] == ["image", "audio"]
+    assert c.get(f"/api/sessions/{sid}").json()["turns"] == [final["user"], final["reply"]]
+    assert c.get(final["reply"]["media"][0]["url"]).status_code == 200
+
+
+def _blocking(monkeypatch, method: str):
+    """Make ``_Job.<method>`` wait, on its first call, until the test releases it: (entered, release)."""
+    from anymodal.ui.server import _Job
+
+    entered, release = threading.Event(), threading.Event()
+    real = getattr(_Job, method)
+
+    def wait_then_go(self, *args):
+        if not entered.is_set():
+            entered.set()
+            assert release.wait(60)
+        return real(self, *args)
+
+    monkeypatch.setattr(_Job, method, wait_then_go)
+    return entered, release
+
+
+@pytest.mark.parametrize("where", ["on_text", "on_step"])
+def test_stop_drops_the_running_turn_whole_and_the_session_keeps_its_finished_turns(client, monkeypatch, where):
+    """Stopped while the text streams (after a finished turn, with an upload), or at the first
+    denoising step (a first turn: the tiny model's later replies need not have a medium)."""
+    import json
+
+    app, c, media_dir = client
+    sid = c.post("/api/sessions").json()["id"]
+    if where == "on_text":
+        body, headers = multipart([("text", None, b"show and play")])
+        assert c.post(f"/api/sessions/{sid}/send", content=body, headers=headers).status_code == 200
+        parts = [("text", None, b"draw a cat"), ("image", "up.png", png_bytes())]
+    else:
+        parts = [("text", None, b"show and play")]
+    before = c.get(f"/api/sessions/{sid}").json()
+    entered, release = _blocking(monkeypatch, where)
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(zip(("r", "events"), _stream(c, sid, parts))))
+    worker.start()
+    assert entered.wait(60)
+    assert c.post(f"/api/sessions/{sid}/stop").json() == {"stopped": 1}
+    release.set()
+    worker.join(60)
+    names = [name for name, _ in result["events"]]
+    assert names[0] == "start" and names[-1] == "cancelled" and "reply" not in names
+    if where == "on_step":  # the text was streamed before the first step stopped it
+        assert replay_text(result["events"])[-1] == "both <image> and <audio>" and "step" not in names
+    # dropped whole: the session, its saved copy and its directory are as they were
+    assert c.get(f"/api/sessions/{sid}").json() == before
+    assert json.loads((media_dir / sid / "web.json").read_text())["turns"] == len(before["turns"])
+    assert _leftovers(media_dir, sid) == []
+    assert c.post(f"/api/sessions/{sid}/stop").json() == {"stopped": 0}  # nothing is running now
+    monkeypatch.undo()
+    r, events = _stream(c, sid, [("text", None, b"show and play")])  # and the conversation goes on
+    assert events[-1][0] == "reply" and len(c.get(f"/api/sessions/{sid}").json()["turns"]) == len(before["turns"]) + 2
+
+
+def test_a_session_streaming_a_turn_is_never_unloaded(pipe, tmp_path, monkeypatch):
+    """The stream's request ends before the model's thread does: the session must stay in memory
+    (and its turn reach disk) however many sessions come meanwhile."""
+    from starlette.testclient import TestClient
+
+    from anymodal.ui import create_app
+
+    app = create_app(pipe, media_dir=tmp_path / "media", seed=0, max_sessions=1)
+    with TestClient(app, base_url="http://127.0.0.1") as c:
+        sid = c.post("/api/sessions").json()["id"]
+        entered, release = _blocking(monkeypatch, "on_text")
+        result = {}
+        worker = threading.Thread(target=lambda: result.update(zip(("r", "events"),
+                                                                   _stream(c, sid, [("text", None, b"hello")]))))
+        worker.start()
+        assert entered.wait(60)
+        others = [c.post("/api/sessions").json()["id"] for _ in range(3)]
+        assert sid in app.state.store.sessions and not set(others[:2]) & set(app.state.store.sessions)
+        release.set()
+        worker.join(60)
+        assert result["events"][-1][0] == "reply"
+        assert len(app.state.store._load(sid).chat.turns) == 2  # on disk
+        assert len(app.state.store.sessions) == 1  # the turn over, max_sessions holds again
+
+
+def test_a_turn_stopped_while_it_waits_for_the_model_never_starts(client):
+    app, c, media_dir = client
+    sid = c.post("/api/sessions").json()["id"]
+    lock = app.state.store.generate_lock
+    lock.acquire()  # another session's reply is being generated
+    result = {}
+    try:
+        worker = threading.Thread(target=lambda: result.update(zip(("r", "events"),
+                                                                   _stream(c, sid, [("text", None, b"hello")]))))
+        worker.start()
+        deadline = time.time() + 60
+        while c.post(f"/api/sessions/{sid}/stop").json()["stopped"] == 0:  # until the turn is in
+            assert time.time() < deadline
+            time.sleep(0.05)
+    finally:
+        lock.release()
+    worker.join(60)
+    assert result["events"] == [("cancelled", {})]
+    assert c.get(f"/api/sessions/{sid}").json()["turns"] == []
+
+
+def test_stream_refuses_as_send_does_before_any_event(client):
+    app, c, media_dir = client
+    sid = c.post("/api/sessions").json()["id"]
+    r, events = _stream(c, sid, [("text", None, b"hi"), ("image", "x.png", b"not a png")])
+    assert r.status_code == 415 and r.json()["error"].startswith("cannot read image 'x.png'") and events == []
+    r, _ = _stream(c, "0" * 32, [("text", None, b"hi")])
+    assert r.status_code == 404
+    body, headers = multipart([("text", None, b"hi")])
+    for path in (f"/api/sessions/{sid}/stream", f"/api/sessions/{sid}/stop"):
+        r = c.post(path, content=body, headers={**headers, "Origin": "http://evil.example"})
+        assert r.status_code == 403 and "cross-origin request refused" in r.json()["error"]
+    assert c.post("/api/sessions/nope/stop").status_code == 404
+    assert _leftovers(media_dir, sid) == []
+    # an error while generating (not an upload refusal) is an event, and the turn is dropped
+    r, events = _stream(c, sid, [("text", None, b"x" * 60000)])
+    assert r.status_code == 200 and events[-1][0] == "error" and "too long" in events[-1][1]["error"], events
+    assert c.get(f"/api/sessions/{sid}").json()["turns"] == []
+
+
+def test_sessions_list_favicon_and_the_model_in_the_header(pipe, client, monkeypatch):
+    from starlette.testclient import TestClient
+
+    from anymodal.ui import create_app
+
+    app, c, media_dir = client
+    r = c.get("/favicon.ico")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/x-icon"
+    icon = Image.open(io.BytesIO(r.content))
+    assert icon.format == "ICO" and icon.size == (32, 32)
+    page = c.get("/").text
+    assert '<span id="model-name" title="the loaded model">tiny</span>' in page
+    assert '<b id="takes">text, image, audio, video</b>' in page and '<b id="makes">text, image, audio, video</b>' in page
+    assert '<link rel="icon" href="/favicon.ico">' in page
+
+    assert c.get("/api/sessions").json() == {"listed": True, "sessions": []}
+    first, empty, second = (c.post("/api/sessions").json()["id"] for _ in range(3))
+    for sid, text in ((first, b"draw a cat"), (second, b"hello  \n  there <image>")):
+        body, headers = multipart([("text", None, text)] + ([("image", "a.png", png_bytes())] if sid == second else []))
+        assert c.post(f"/api/sessions/{sid}/send", content=body, headers=headers).status_code == 200
+        time.sleep(0.02)  # distinct modification times
+    listed = c.get("/api/sessions").json()
+    assert listed["listed"] is True
+    assert [(s["id"], s["title"], s["turns"]) for s in listed["sessions"]] == [(second, "hello there", 2),
+                                                                               (first, "draw a cat", 2)]
+    assert empty not in {s["id"] for s in listed["sessions"]}  # a chat with no turn is not offered
+    # a chat saved before titles were kept is named by its first message, read from the saved chat
+    import json
+
+    web_file = media_dir / first / "web.json"
+    web, mtime = json.loads(web_file.read_text()), web_file.stat().st_mtime
+    del web["title"]
+    web_file.write_text(json.dumps(web))
+    os.utime(web_file, (mtime, mtime))
+    assert [s["title"] for s in c.get("/api/sessions").json()["sessions"]] == ["hello there", "draw a cat"]
+
+    # the model's name is the user's text: escaped like everything else
+    monkeypatch.setattr(pipe.config, "name", '<img src=x onerror="alert(1)">&')
+    page = TestClient(create_app(pipe, media_dir=media_dir), base_url="http://127.0.0.1").get("/").text
+    assert "<img src=x" not in page and "&lt;img src=x onerror=&quot;alert(1)&quot;&gt;&amp;" in page
+    # a server that answers to a network name does not list its sessions: an id stays a session's key
+    app2 = create_app(pipe, media_dir=media_dir, allowed_hosts=["127.0.0.1", "box.lan"])
+    assert TestClient(app2, base_url="http://127.0.0.1").get("/api/sessions").json() == {"listed": False, "sessions": []}
+
+
 # ---------------------------------------------------------------- the browser
 def _chromium() -> tuple[str, str]:
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -617,3 +846,239 @@ def test_browser_the_newest_medium_is_in_view_after_every_turn(browser, fresh, t
                 " document.getElementById('composer').getBoundingClientRect().toJSON(), window.innerHeight]", newest)))
         if n == 4:
             browser.save_screenshot(str(os.environ.get("ANYMODAL_UI_SCROLL_SCREENSHOT", tmp_path / "turn4.png")))
+
+
+# ---------------------------------------------------------------- the browser: streaming, Stop, chats, widths (issue 21)
+# Screenshots go to $ANYMODAL_UI_SHOTS if set, else to a pytest temp folder (ui-shots*): a reviewer
+# can look at the streaming reply, the stopped turn, the chats list, and the page at both widths.
+WIDTHS = {"desktop": (1280, 800, False), "phone": (390, 844, True)}
+NEWEST_IN_VIEW = """
+const el = arguments[0], r = el.getBoundingClientRect();
+const log = document.getElementById('log').getBoundingClientRect();
+const top = document.getElementById('composer').getBoundingClientRect().top;
+return r.height > 0 && r.top >= log.top - 1 && r.bottom <= top + 1;"""
+MEDIA_READY = """
+return [...arguments[0].querySelectorAll('img, audio')].every(
+  el => el.tagName === 'IMG' ? el.complete && el.naturalWidth > 0 : el.readyState >= 1);"""
+
+
+@pytest.fixture
+def shots(tmp_path_factory) -> Path:
+    folder = os.environ.get("ANYMODAL_UI_SHOTS")
+    path = Path(folder) if folder else tmp_path_factory.mktemp("ui-shots")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture
+def sized(browser):
+    """Set the browser's viewport to a named width (CSS pixels, as a phone reports them); reset after."""
+    def size(name: str) -> None:
+        width, height, mobile = WIDTHS[name]
+        browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                                {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": mobile})
+
+    yield size
+    browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
+
+def _open(browser, url: str):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(browser, 60)
+    browser.get(url + "/")
+    wait.until(lambda d: d.execute_script("return sessionStorage.getItem('anymodal-session')"))
+    wait.until(lambda d: d.find_element("id", "status").text == "")
+    return wait
+
+
+def _send(browser, wait, text: str, files: dict[str, Path] | None = None, turns: int | None = None) -> None:
+    """Type and send a message; with ``turns``, wait until the page shows that many finished turns."""
+    from selenium.webdriver.common.by import By
+
+    for kind, path in (files or {}).items():
+        browser.find_element(By.ID, kind).send_keys(str(path))
+    browser.find_element(By.ID, "text").send_keys(text)
+    browser.find_element(By.ID, "send").click()
+    if turns is not None:
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".bubble.turn")) == turns
+                   and not d.find_elements(By.CSS_SELECTOR, ".bubble.pending"))
+
+
+class _Lockstep:
+    """Hold the server's turn after each of its first ``n_text`` text events and ``n_step`` step
+    events until the test has seen the page show it: what each event showed, in order."""
+
+    def __init__(self, monkeypatch, n_text: int, n_step: int):
+        import queue
+
+        from anymodal.ui.server import _Job
+
+        self.events: "queue.Queue[tuple[str, object]]" = queue.Queue()
+        self.go = threading.Semaphore(0)
+        left = {"text": n_text, "step": n_step}
+        real_text, real_step = _Job.on_text, _Job.on_step
+
+        def hold(kind, value):
+            if left[kind] > 0:
+                left[kind] -= 1
+                self.events.put((kind, value))
+                assert self.go.acquire(timeout=60)
+
+        def on_text(job, text):
+            real_text(job, text)
+            hold("text", job.text)
+
+        def on_step(job, m, k, n):
+            real_step(job, m, k, n)
+            hold("step", (m.value, k, n))
+
+        monkeypatch.setattr(_Job, "on_text", on_text)
+        monkeypatch.setattr(_Job, "on_step", on_step)
+
+    def next(self):
+        return self.events.get(timeout=60)
+
+
+@pytest.mark.browser
+@pytest.mark.parametrize("width", ["desktop", "phone"])
+def test_browser_streams_the_reply_and_shows_each_mediums_steps(browser, fresh, monkeypatch, shots, sized, width):
+    from selenium.webdriver.common.by import By
+
+    url, _ = fresh
+    sized(width)
+    wait = _open(browser, url)
+    step = _Lockstep(monkeypatch, n_text=4, n_step=1)
+    _send(browser, wait, "show and play")
+    pending = "return (document.querySelector('.bubble.pending.assistant') || {dataset: {}}).dataset.text"
+    seen = []
+    for _ in range(4):  # each token is on the page before the next one is generated
+        kind, text = step.next()
+        assert kind == "text"
+        wait.until(lambda d: d.execute_script(pending) == text, message=f"the page never showed {text!r}")
+        seen.append(browser.find_element(By.CSS_SELECTOR, ".bubble.pending.assistant").text)
+        step.go.release()
+    assert [s.split("\n")[-1] for s in seen] == ["b", "bo", "bot", "both"]
+    kind, (medium, k, n) = step.next()
+    assert (kind, medium, k) == ("step", "image", 1)
+    row = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, ".bubble.pending.assistant .progress [data-kind=image]"))
+    assert row.text == f"image: step 1 of {n}"
+    bar = row.find_element(By.TAG_NAME, "progress")
+    assert (bar.get_attribute("value"), bar.get_attribute("max")) == ("1", str(n))
+    assert browser.find_element(By.ID, "stop").is_displayed() and not browser.find_element(By.ID, "send").is_displayed()
+    browser.save_screenshot(str(shots / f"ui-streaming-{width}.png"))
+    step.go.release()
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".bubble.turn")) == 2
+               and not d.find_elements(By.CSS_SELECTOR, ".bubble.pending"))
+    reply = browser.find_element(By.CSS_SELECTOR, ".bubble.turn.assistant")
+    assert reply.find_element(By.TAG_NAME, "img") and reply.find_element(By.TAG_NAME, "audio")
+    assert browser.find_element(By.ID, "send").is_displayed() and not browser.find_element(By.ID, "stop").is_displayed()
+    assert browser.find_element(By.ID, "status").text == ""
+
+
+@pytest.mark.browser
+def test_browser_stop_drops_the_turn_and_gives_the_message_back(browser, fresh, monkeypatch, shots, tmp_path, sized):
+    from selenium.webdriver.common.by import By
+
+    url, media_dir = fresh
+    sized("desktop")
+    wait = _open(browser, url)
+    _send(browser, wait, "show and play", turns=2)
+    sid = browser.execute_script("return sessionStorage.getItem('anymodal-session')")
+    entered, release = _blocking(monkeypatch, "on_text")
+    (tmp_path / "up.png").write_bytes(png_bytes())
+    _send(browser, wait, "draw a cat", {"image": tmp_path / "up.png"})
+    assert entered.wait(60)
+    stop = wait.until(lambda d: d.find_element(By.ID, "stop") if d.find_element(By.ID, "stop").is_displayed() else None)
+    pending_user = browser.find_element(By.CSS_SELECTOR, ".bubble.pending.user")
+    assert "draw a cat" in pending_user.text and "up.png" in pending_user.text
+    browser.save_screenshot(str(shots / "ui-generating-desktop.png"))
+    stop.click()
+    wait.until(lambda d: d.find_element(By.ID, "status").text == "stopping...")
+    release.set()
+    wait.until(lambda d: "stopped" in d.find_element(By.ID, "status").text)
+    assert not browser.find_elements(By.CSS_SELECTOR, ".bubble.pending")
+    assert len(browser.find_elements(By.CSS_SELECTOR, ".bubble.turn")) == 2  # the finished turns stay
+    # the message is back in the composer, its file too, ready to send again
+    assert browser.find_element(By.ID, "text").get_attribute("value") == "draw a cat"
+    assert browser.execute_script("return [...document.getElementById('image').files].map(f => f.name)") == ["up.png"]
+    assert browser.find_element(By.ID, "send").is_displayed() and not browser.find_element(By.ID, "stop").is_displayed()
+    assert len(request(url, "GET", f"/api/sessions/{sid}").json()["turns"]) == 2
+    assert _leftovers(media_dir, sid) == []
+    browser.save_screenshot(str(shots / "ui-stopped-desktop.png"))
+    monkeypatch.undo()
+    browser.find_element(By.ID, "send").click()
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".bubble.turn")) == 4
+               and not d.find_elements(By.CSS_SELECTOR, ".bubble.pending"))
+    assert browser.find_elements(By.CSS_SELECTOR, ".bubble.turn.user")[1].find_element(By.TAG_NAME, "img")
+
+
+@pytest.mark.browser
+def test_browser_new_chat_and_reopening_a_saved_chat(browser, fresh, shots, sized):
+    from selenium.webdriver.common.by import By
+
+    url, _ = fresh
+    sized("desktop")
+    wait = _open(browser, url)
+    header = browser.find_element(By.TAG_NAME, "header").text
+    assert "tiny" in header and "takes text, image, audio, video" in header and "makes text, image, audio, video" in header
+    _send(browser, wait, "draw a cat", turns=2)
+    first = browser.execute_script("return sessionStorage.getItem('anymodal-session')")
+
+    browser.find_element(By.ID, "new-chat").click()
+    wait.until(lambda d: d.execute_script("return sessionStorage.getItem('anymodal-session')") != first)
+    assert not browser.find_elements(By.CSS_SELECTOR, ".bubble")
+    second = browser.execute_script("return sessionStorage.getItem('anymodal-session')")
+    browser.find_element(By.ID, "new-chat").click()  # an empty chat is not replaced by another empty one
+    assert browser.execute_script("return sessionStorage.getItem('anymodal-session')") == second
+    _send(browser, wait, "hello", turns=2)
+
+    browser.find_element(By.ID, "chats-button").click()
+    items = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#chat-list button") or None)
+    assert [(i.get_attribute("data-id"), i.text.split("\n")[0]) for i in items] == [(second, "hello"), (first, "draw a cat")]
+    assert "current" in items[0].get_attribute("class") and "1 exchange" in items[0].text
+    browser.save_screenshot(str(shots / "ui-chats-desktop.png"))
+    items[1].click()
+    wait.until(lambda d: d.execute_script("return sessionStorage.getItem('anymodal-session')") == first)
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".bubble.turn")) == 2)
+    assert browser.find_element(By.ID, "chats").get_attribute("hidden") is not None
+    assert "draw a cat" in browser.find_element(By.CSS_SELECTOR, ".bubble.turn.user").text
+    assert browser.find_element(By.CSS_SELECTOR, ".bubble.turn.assistant img")
+    _send(browser, wait, "draw a cat", turns=4)  # the reopened chat goes on
+    browser.refresh()  # and a reload shows it
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".bubble.turn")) == 4)
+
+
+@pytest.mark.browser
+@pytest.mark.parametrize("width", ["desktop", "phone"])
+def test_browser_layout_keeps_the_newest_reply_above_the_composer(browser, fresh, tmp_path, shots, sized, width):
+    from selenium.webdriver.common.by import By
+
+    url, _ = fresh
+    sized(width)
+    wait = _open(browser, url)
+    assert browser.execute_script("return window.innerWidth") == WIDTHS[width][0]
+    # the three upload controls: one row, of one height, and nothing wider than the window
+    chips = browser.execute_script(
+        "return [...document.querySelectorAll('label.file')].map(l => l.getBoundingClientRect().toJSON())")
+    assert len(chips) == 3 and len({round(c["top"]) for c in chips}) == 1 and len({round(c["height"]) for c in chips}) == 1
+    row = browser.execute_script("return document.querySelector('#composer .row').getBoundingClientRect().toJSON()")
+    assert row["height"] < 2 * chips[0]["height"] + 4 and chips[-1]["right"] <= row["right"]
+    assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
+    assert browser.execute_script("return fetch('/favicon.ico').then(r => r.status + ' ' + r.headers.get('content-type'))") \
+        == "200 image/x-icon"
+    (tmp_path / "up.png").write_bytes(png_bytes((48, 48)))
+    turns = [("show and play", {"image": tmp_path / "up.png"}), ("draw a cat", None), ("show and play", None),
+             ("play a tone", None)]
+    for n, (text, files) in enumerate(turns, 1):
+        _send(browser, wait, text, files, turns=2 * n)
+        newest = browser.find_elements(By.CSS_SELECTOR, ".bubble.turn.assistant")[-1]
+        wait.until(lambda d: d.execute_script(MEDIA_READY, newest))
+        wait.until(lambda d: d.execute_script(NEWEST_IN_VIEW, newest), message=f"{width}, turn {n}: the newest reply "
+                   "is not above the composer: " + str(browser.execute_script(
+                       "return [arguments[0].getBoundingClientRect().toJSON(), "
+                       "document.getElementById('composer').getBoundingClientRect().toJSON()]", newest)))
+        if n == 1:  # after a turn with an upload (the case of the issue)
+            browser.save_screenshot(str(shots / f"ui-upload-{width}.png"))
+    assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
+    browser.save_screenshot(str(shots / f"ui-{width}.png"))

@@ -2,10 +2,22 @@
 
 Routes:
     GET  /                          the page (its script and style: /static/page.js, /static/page.css)
+    GET  /favicon.ico               the page's icon
     POST /api/sessions              start a session -> {"id": ...}; the body is empty or ``{}``
+    GET  /api/sessions              the saved sessions, newest first -> {"listed": bool, "sessions":
+                                    [{"id", "title", "turns", "updated"}]} (listed only by a server that
+                                    answers to local host names alone: elsewhere an id is a session's key)
     GET  /api/sessions/{id}         its turns
     POST /api/sessions/{id}/send    multipart form: ``text``, ``image``, ``audio`` and ``video`` files (repeatable)
                                     -> {"user": turn, "reply": turn}
+    POST /api/sessions/{id}/stream  the same form; the reply as server-sent events (text/event-stream):
+                                    ``start`` (the model took the turn), ``text`` ({"append": s} or
+                                    {"text": s}: the reply so far), ``step`` ({"kind", "step", "total"}:
+                                    a medium's denoising step), then one of ``reply`` (what /send
+                                    returns), ``cancelled`` or ``error`` ({"error"}). An upload that is
+                                    refused gets the same JSON error as from /send, before any event.
+    POST /api/sessions/{id}/stop    stop the session's turns being generated -> {"stopped": n}; a stopped
+                                    turn is dropped whole (the session keeps its completed turns)
     GET  /media/{id}/{name}         an uploaded or generated file of that session
 
 A turn is ``{"role", "text", "media": [{"kind": "image"|"audio"|"video", "url"}]}``; ``text`` marks
@@ -33,6 +45,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import html
+import io
 import json
 import logging
 import re
@@ -44,12 +59,12 @@ import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, AsyncIterator, Iterator, Sequence
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ..media import MediaError, check_image_size, open_image_checked
@@ -66,6 +81,8 @@ MAX_FILES = 16  # files in one request
 MAX_TEXT_BYTES = 64 * 1024  # the message text
 MAX_MEDIA_SECONDS = 600.0  # an uploaded audio clip or video
 UPLOAD_IDLE_TIMEOUT_S = 60.0  # an upload that sends nothing for this long is dropped
+KEEPALIVE_S = 15.0  # an event stream with nothing to say sends a comment this often (proxies drop idle streams)
+MAX_LISTED = 200  # sessions GET /api/sessions lists
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 _UPLOAD_KINDS = {"image": Modality.IMAGE, "audio": Modality.AUDIO, "video": Modality.VIDEO}
@@ -167,6 +184,7 @@ class _WebSession:
     lock: threading.Lock = field(default_factory=threading.Lock)  # one send or save at a time
     users: int = 0  # requests using it now (guarded by the store's lock): never unloaded while > 0
     saved: bool = True  # its directory holds every turn: it may be unloaded
+    jobs: set["_Job"] = field(default_factory=set)  # its turns being generated (or waiting to be): Stop stops them
 
     def add_file(self, sid: str, path: Path, kind: str) -> dict[str, str]:
         self.files[path.name] = path
@@ -225,6 +243,50 @@ class SessionStore:
                 web.users -= 1
                 self._trim()
 
+    def start_job(self, web: _WebSession, job: "_Job") -> None:
+        """Register a streamed turn of ``web`` (so that Stop finds it) and keep ``web`` in memory
+        until :meth:`end_job`."""
+        with self._lock:
+            web.users += 1
+            web.jobs.add(job)
+
+    def end_job(self, web: _WebSession, job: "_Job") -> None:
+        with self._lock:
+            web.jobs.discard(job)
+            web.users -= 1
+            self._trim()
+
+    def stop_jobs(self, web: _WebSession) -> int:
+        """Stop every turn of ``web`` being generated or waiting to be; how many there were."""
+        with self._lock:
+            jobs = list(web.jobs)
+        for job in jobs:
+            job.stop.set()
+        return len(jobs)
+
+    def list_saved(self, limit: int = MAX_LISTED) -> list[dict[str, Any]]:
+        """The sessions in ``media_dir`` that hold at least one turn, most recently changed first."""
+        found = []
+        for directory in self.media_dir.iterdir():
+            web_file = directory / WEB_FILE
+            if not _SESSION_ID.fullmatch(directory.name):
+                continue
+            try:
+                updated = web_file.stat().st_mtime
+                if web_file.stat().st_size > 4 << 20:  # not one this server wrote
+                    continue
+                state = json.loads(web_file.read_text())
+                turns, title = state.get("turns", 0), state.get("title")
+                if title is None and isinstance(turns, int) and turns > 0:  # saved before titles were kept
+                    title = _title_from_saved_chat(directory / "session")
+            except (OSError, ValueError, AttributeError):
+                continue
+            if isinstance(turns, int) and turns > 0:
+                found.append({"id": directory.name, "title": title if isinstance(title, str) else "",
+                              "turns": turns, "updated": updated})
+        found.sort(key=lambda item: item["updated"], reverse=True)
+        return found[:limit]
+
     @contextlib.contextmanager
     def use(self, sid: str) -> Iterator[_WebSession | None]:
         """The session ``sid`` (from memory, else from its directory; ``None`` if it has none), kept in
@@ -267,8 +329,10 @@ class SessionStore:
 
     @staticmethod
     def _write_web(web: _WebSession) -> None:
+        title = _title(next((t.text for t in web.chat.turns if t.role == "user"), ""))
         atomic_write_text(web.directory / WEB_FILE, json.dumps(
-            {"turns": len(web.chat.turns), "turn_media": web.turn_media, "files": sorted(web.files)}, indent=1) + "\n")
+            {"turns": len(web.chat.turns), "title": title, "turn_media": web.turn_media, "files": sorted(web.files)},
+            indent=1) + "\n")
 
     def _load(self, sid: str) -> _WebSession:
         directory = self.media_dir / sid
@@ -287,6 +351,21 @@ class SessionStore:
         return _WebSession(chat, directory, files, turn_media)
 
 
+def _title(text: str) -> str:
+    """What the sessions list calls a chat: its first message, without media placeholders, on one
+    line, at most 80 characters."""
+    title = " ".join(re.sub(r"<[a-z][a-z0-9_]*>", " ", text).split())
+    return title[:79] + "…" if len(title) > 80 else title
+
+
+def _title_from_saved_chat(directory: Path) -> str:
+    path = directory / "session.json"
+    if not path.is_file() or path.stat().st_size > 16 << 20:
+        return ""
+    turns = json.loads(path.read_text()).get("turns") or []
+    return _title(next((t.get("text", "") for t in turns if isinstance(t, dict) and t.get("role") == "user"), ""))
+
+
 def _turn_json(turn: Turn, media: list[dict[str, str]]) -> dict[str, Any]:
     return {"role": turn.role, "text": turn.text, "media": media}
 
@@ -302,6 +381,62 @@ def _write_generated(web: _WebSession, sid: str, number: int, reply: Turn) -> li
             path = spec.save(item, web.directory / f"{number:03d}_reply_{m.value}_{k}{spec.suffix}")
             media.append(web.add_file(sid, path, m.value))
     return media
+
+
+# ==================================================================== streaming a turn
+class _Stopped(Exception):
+    """The sender pressed Stop: raised in the model's thread from a progress hook."""
+
+
+class _Job:
+    """One turn being generated, seen from both sides: the model's thread reports progress into it
+    (and is stopped through it), the event loop sends what it reports as server-sent events."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.events: asyncio.Queue[tuple[str, dict[str, Any]] | None] = asyncio.Queue()
+        self.stop = threading.Event()
+        self.text = ""
+
+    # ---- in the model's thread
+    def check(self) -> None:
+        if self.stop.is_set():
+            raise _Stopped
+
+    def emit(self, event: str | None, data: dict[str, Any] | None = None) -> None:
+        """Queue an event for the page (``None``: the end of the stream)."""
+        item = None if event is None else (event, data or {})
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+        except RuntimeError:  # the server has stopped: nobody is listening
+            pass
+
+    def on_text(self, text: str) -> None:
+        self.check()
+        if text == self.text:
+            return
+        if text.startswith(self.text):  # the usual case: send what is new
+            self.emit("text", {"append": text[len(self.text):]})
+        else:  # a stop string or a signal block rewrote the end
+            self.emit("text", {"text": text})
+        self.text = text
+
+    def on_step(self, modality: Modality, step: int, total: int) -> None:
+        self.check()
+        self.emit("step", {"kind": modality.value, "step": step, "total": total})
+
+    # ---- on the event loop
+    async def stream(self) -> AsyncIterator[bytes]:
+        while True:
+            try:
+                item = await asyncio.wait_for(self.events.get(), KEEPALIVE_S)
+            except asyncio.TimeoutError:
+                yield b": waiting\n\n"
+                continue
+            if item is None:
+                return
+            event, data = item
+            yield f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
 
 
 # ==================================================================== uploads
@@ -545,21 +680,30 @@ def _remove(paths: Sequence[Path]) -> None:
 # ==================================================================== the app
 def create_app(pipe, media_dir: str | Path | None = None, seed: int | None = 0,
                max_new_tokens: int | None = None, allowed_hosts: Sequence[str] = LOCAL_HOSTS,
-               limits: UploadLimits | None = None, max_sessions: int = 64) -> Starlette:
+               limits: UploadLimits | None = None, max_sessions: int = 64,
+               list_sessions: bool | None = None) -> Starlette:
     """The web app for ``pipe``. Uploads and generated media go under ``media_dir`` (default: a temp
-    dir). It answers only to ``allowed_hosts`` (``"*"``: any); ``limits`` caps uploads."""
+    dir). It answers only to ``allowed_hosts`` (``"*"``: any); ``limits`` caps uploads.
+    ``list_sessions``: whether ``GET /api/sessions`` lists the saved sessions (default: only when
+    every allowed host is a local name, so that on a network a session is found only by its id)."""
     media_root = Path(media_dir) if media_dir is not None else Path(tempfile.mkdtemp(prefix="anymodal-ui-"))
     media_root.mkdir(parents=True, exist_ok=True)
     store = SessionStore(pipe, media_root, seed=seed, max_new_tokens=max_new_tokens, max_sessions=max_sessions)
     limits = limits or UploadLimits()
-    h = _Handlers(pipe, store, limits, media_root)
+    if list_sessions is None:
+        list_sessions = all(h.strip("[]").lower() in LOCAL_HOSTS for h in allowed_hosts)
+    h = _Handlers(pipe, store, limits, media_root, list_sessions)
     routes = [
         Route("/", h.page),
+        Route("/favicon.ico", h.favicon),
         Route("/static/page.js", h.script),
         Route("/static/page.css", h.style),
         Route("/api/sessions", h.new_session, methods=["POST"]),
+        Route("/api/sessions", h.sessions, methods=["GET"]),
         Route("/api/sessions/{sid}", h.history),
         Route("/api/sessions/{sid}/send", h.send, methods=["POST"]),
+        Route("/api/sessions/{sid}/stream", h.stream, methods=["POST"]),
+        Route("/api/sessions/{sid}/stop", h.stop, methods=["POST"]),
         Route("/media/{sid}/{name}", h.media),
     ]
     app = Starlette(routes=routes, exception_handlers={404: _no_route, 405: _no_route})
@@ -579,15 +723,31 @@ async def _no_route(request: Request, exc: Exception) -> Response:
 class _Handlers:
     """The app's route handlers, over its session store, upload limits and media directory."""
 
-    def __init__(self, pipe: Any, store: SessionStore, limits: UploadLimits, media_root: Path) -> None:
+    def __init__(self, pipe: Any, store: SessionStore, limits: UploadLimits, media_root: Path,
+                 list_sessions: bool = True) -> None:
         self.pipe = pipe
         self.store = store
         self.limits = limits
         self.media_root = media_root
+        self.list_sessions = list_sessions
         self.accepts = sorted(m.value for m in pipe.config.input_projectors)
+        makes = [m.value for m in pipe.generators]
+        fields = {"__MODEL__": str(pipe.config.name), "__ACCEPTS__": ",".join(self.accepts),
+                  "__TAKES__": ", ".join(["text", *(m.value for m in pipe.config.input_projectors)]), "__MAKES__": ", ".join(["text", *makes])}
+        self.page_html = PAGE_HTML
+        for key, value in fields.items():  # a config's name is the user's text: escaped, as every value
+            self.page_html = self.page_html.replace(key, html.escape(value, quote=True))
 
     async def page(self, request: Request) -> Response:
-        return HTMLResponse(PAGE_HTML.replace("__ACCEPTS__", ",".join(self.accepts)))
+        return HTMLResponse(self.page_html)
+
+    async def favicon(self, request: Request) -> Response:
+        return Response(_favicon(), media_type="image/x-icon", headers={"Cache-Control": "public, max-age=86400"})
+
+    async def sessions(self, request: Request) -> Response:
+        if not self.list_sessions:
+            return JSONResponse({"listed": False, "sessions": []})
+        return JSONResponse({"listed": True, "sessions": await run_in_threadpool(self.store.list_saved)})
 
     async def script(self, request: Request) -> Response:
         return Response(PAGE_JS, media_type="text/javascript")
@@ -638,6 +798,61 @@ class _Handlers:
 
     async def _send(self, request: Request, sid: str, web: _WebSession, uploads: list[_Upload]) -> Response:
         """Read the form into ``uploads``, keep each upload under its decoded kind, and generate the reply."""
+        text, shown = await self._accept(request, web, uploads)
+        try:
+            return JSONResponse(await run_in_threadpool(self._reply, sid, web, text, uploads, shown))
+        except (ValueError, TypeError, OSError) as e:  # MediaError is a ValueError
+            raise HTTPRefusal(400, str(e)) from None
+
+    async def stream(self, request: Request) -> Response:
+        """``/send`` with the reply as server-sent events; the model's thread outlives the request
+        (a page that goes away finds the turn saved when it comes back)."""
+        sid = request.path_params["sid"]
+        with self.store.use(sid) as web:
+            if web is None:
+                return _error(404, "no such session (the server may have restarted)")
+            uploads: list[_Upload] = []
+            try:
+                text, shown = await self._accept(request, web, uploads)
+            except HTTPRefusal as e:
+                _remove([up.path for up in uploads])
+                return _error(e.status, _hide_paths(str(e), uploads, self.media_root))
+            except ClientDisconnect:
+                _remove([up.path for up in uploads])
+                return _error(400, "the client went away during the upload")
+            job = _Job(asyncio.get_running_loop())
+            self.store.start_job(web, job)  # before `use` lets go: the session stays in memory until the turn ends
+        asyncio.get_running_loop().run_in_executor(None, self._streamed_turn, sid, web, text, uploads, shown, job)
+        return StreamingResponse(job.stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+    def _streamed_turn(self, sid: str, web: _WebSession, text: str, uploads: list[_Upload], shown: list[str],
+                       job: _Job) -> None:
+        """The model's side of ``/stream`` (a worker thread): the turn, then its last event."""
+        try:
+            job.emit("reply", self._reply(sid, web, text, uploads, shown, job))
+        except _Stopped:
+            job.emit("cancelled")
+        except (ValueError, TypeError, OSError) as e:  # as /send answers them (400)
+            job.emit("error", {"error": _hide_paths(str(e), uploads, self.media_root)})
+        except Exception:
+            logger.exception("generating a reply in session %s failed", sid)
+            job.emit("error", {"error": "the model failed on this message (the server's log says why)"})
+        finally:
+            if not all(up.path.name in web.files for up in uploads):  # not kept by a turn: none of them
+                _remove([up.path for up in uploads])
+            self.store.end_job(web, job)
+            job.emit(None)
+
+    async def stop(self, request: Request) -> Response:
+        with self.store.use(request.path_params["sid"]) as web:
+            if web is None:
+                return _error(404, "no such session (the server may have restarted)")
+            return JSONResponse({"stopped": self.store.stop_jobs(web)})
+
+    async def _accept(self, request: Request, web: _WebSession, uploads: list[_Upload]) -> tuple[str, list[str]]:
+        """Read the form into ``uploads`` and keep each upload under its decoded kind: the text, and
+        the kind each upload is shown as."""
         batch = uuid.uuid4().hex[:8]  # concurrent sends to one session must not share file names
         text = await _read_form(request, web.directory, batch, self.limits, uploads)
         counts: dict[str, int] = {}
@@ -652,18 +867,21 @@ class _Handlers:
             up.path.rename(final)
             up.path = final
             shown.append(show)
-        try:
-            return JSONResponse(await run_in_threadpool(self._reply, sid, web, text, uploads, shown))
-        except (ValueError, TypeError, OSError) as e:  # MediaError is a ValueError
-            raise HTTPRefusal(400, str(e)) from None
+        return text, shown
 
-    def _reply(self, sid: str, web: _WebSession, text: str, uploads: list[_Upload], shown: list[str]
-               ) -> dict[str, Any]:
-        """One turn of the conversation (in a worker thread, one at a time), saved with its media."""
+    def _reply(self, sid: str, web: _WebSession, text: str, uploads: list[_Upload], shown: list[str],
+               job: _Job | None = None) -> dict[str, Any]:
+        """One turn of the conversation (in a worker thread, one at a time), saved with its media.
+        With a ``job``, progress goes to it, and its Stop raises :class:`_Stopped` (the session is
+        left as it was)."""
         paths = {m: [str(up.path) for up in uploads if up.kind == k] for k, m in _UPLOAD_KINDS.items()}
+        hooks = {} if job is None else {"on_text": job.on_text, "on_step": job.on_step}
         with self.store.pinned(web), web.lock, self.store.generate_lock:
+            if job is not None:
+                job.check()  # stopped while it waited for another turn
+                job.emit("start")
             reply = web.chat.send(text, images=paths[Modality.IMAGE] or None, audios=paths[Modality.AUDIO] or None,
-                                  videos=paths[Modality.VIDEO] or None)
+                                  videos=paths[Modality.VIDEO] or None, **hooks)
             user_media = [web.add_file(sid, up.path, show) for up, show in zip(uploads, shown)]
             reply_media = _write_generated(web, sid, len(web.chat.turns), reply)
             web.turn_media += [user_media, reply_media]
@@ -688,6 +906,21 @@ class _Handlers:
             # any other extension (a file kept under its sender's extension): a download, never rendered
             return FileResponse(path, media_type="application/octet-stream", headers=headers, filename=name,
                                 content_disposition_type="attachment")
+
+
+@functools.cache
+def _favicon() -> bytes:
+    """A 32-pixel icon drawn once: three dots (text, image, sound) on the header's dark square."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
+    draw = ImageDraw.Draw(img)
+    draw.rounded_rectangle((0, 0, 31, 31), radius=7, fill=(29, 29, 31, 255))
+    for x, colour in ((9, (96, 165, 250)), (16, (74, 222, 128)), (23, (251, 146, 60))):
+        draw.ellipse((x - 3, 13, x + 3, 19), fill=colour)
+    buf = io.BytesIO()
+    img.save(buf, format="ICO", sizes=[(32, 32)])
+    return buf.getvalue()
 
 
 def _hide_paths(message: str, uploads: Sequence[_Upload], media_root: Path) -> str:
