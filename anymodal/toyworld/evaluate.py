@@ -235,9 +235,6 @@ def format_table(results: dict[str, DirectionResult]) -> str:
     return "\n".join(lines)
 
 
-# The CLI's split names (the README's); the toy world calls the seen split "train".
-
-
 def eval_args(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     p.add_argument("--n", type=int, default=20, help="prompts per direction (default 20)")
