@@ -53,6 +53,7 @@ def toyworld_args(p: argparse.ArgumentParser) -> None:
     u.add_argument("--rephrased", type=float, default=0.35, help="share of dialogues asked in other words (default 0.35)")
     u.add_argument("--sessions", type=float, default=0.35, help="share drawn as 3-5 turn sessions (default 0.35)")
     u.add_argument("--copies", type=float, default=0.1, help="share of text-only copy tasks (default 0.1)")
+    u.add_argument("--lr", type=float, default=5e-4, help="learning rate (default 5e-4)")
     u.add_argument("--no-progress", action="store_true", help="no progress bars")
     s = sub.add_parser("ship", help="copy a finished run's pipeline (out/final) into the package's default model",
                        description="Save RUN_DIR/final with every component copied into DEST (default: the "
@@ -120,7 +121,7 @@ def _tune(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     cfg = replace(StagesPhase(), rephrased=args.rephrased, sessions=args.sessions, copies=args.copies)
     final = tune_dialogues(args.start or default_model_dir(), args.out, cfg, steps=args.steps,
-                           n_dialogues=args.dialogues, progress=not args.no_progress)
+                           n_dialogues=args.dialogues, progress=not args.no_progress, lr=args.lr)
     print(f"tuned pipeline saved to {final}")
     return 0
 
