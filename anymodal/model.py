@@ -80,15 +80,13 @@ def check_config_keys(model_type: str, options: dict[str, Any]) -> None:
 
 
 def load_tokenizer(cfg: LLMConfig):
-    from transformers import AutoTokenizer
-
-    from .tokenization import byte_level_tokenizer
+    from .tokenization import byte_level_tokenizer, load_tokenizer_from
 
     name = cfg.tokenizer or cfg.model
     if name == "bytes":
         return byte_level_tokenizer()
     kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file and cfg.tokenizer is None else {}
-    return AutoTokenizer.from_pretrained(name, **kwargs)
+    return load_tokenizer_from(name, cfg.tokenizer_backend, "llm.tokenizer", **kwargs)
 
 
 @dataclass(frozen=True)

@@ -223,21 +223,30 @@ def _check_base(plan: DeltaPlan, state: dict[str, torch.Tensor], llm_cfg: dict[s
 
 
 def _tokenizer(llm: Path, plan: DeltaPlan, state, llm_cfg) -> Any:
-    from transformers import AutoTokenizer
+    """Vicuna's tokenizer as NExT-GPT used it, with NExT-GPT's tokens added as NExT-GPT adds them.
 
-    tok = AutoTokenizer.from_pretrained(str(llm))
+    NExT-GPT loads ``LlamaTokenizer`` (the slow SentencePiece tokenizer) and calls ``add_tokens``:
+    the added tokens are ordinary, not special, so ``skip_special_tokens`` decoding keeps them.
+    A folder with ``tokenizer.model`` gets that slow tokenizer (the fast conversion drops a leading
+    space); a folder with only ``tokenizer.json`` gets its fast tokenizer.
+    """
+    from ..tokenization import load_tokenizer_from, tokenizer_files
+
+    backend = "sentencepiece" if "tokenizer.model" in tokenizer_files(llm) else "auto"
+    tok = load_tokenizer_from(llm, backend, what="--llm")
     base_vocab = len(tok)
     _check_base(plan, state, llm_cfg, llm, base_vocab)
     names = list(WRAP) + [name.format(i=i) for _, name, n in SIGNALS for i in range(n)]
-    present = [t for t in names if t in tok.get_vocab()]
+    vocab = tok.get_vocab()  # once: a slow tokenizer builds it token by token
+    present = [t for t in names if t in vocab]
     if present:
         raise ConversionError(f"the tokenizer in --llm {llm} already has {present[0]!r}; give the plain Vicuna v0 "
                               "tokenizer (NExT-GPT adds its tokens after the 32000 base tokens)")
-    tok.add_special_tokens({"additional_special_tokens": names}, replace_extra_special_tokens=False)
+    tok.add_tokens(names)
     ids = tok.convert_tokens_to_ids(names)
     if ids != list(range(base_vocab, base_vocab + len(names))):
         raise ConversionError(f"the tokenizer gave NExT-GPT's tokens ids {ids[:3]}..., not {base_vocab}.. in order")
-    return tok
+    return tok, backend
 
 
 def build_config(plan: DeltaPlan, state, llm: Path, imagebind: Path | None, imagebind_preset: str,
@@ -296,9 +305,10 @@ def convert_nextgpt(delta: str | Path, llm: str | Path, out: str | Path, imagebi
     state = load_delta(delta)
     plan = plan_delta(state, str(delta))
     llm_cfg = _read_llm_config(llm)
-    tok = _tokenizer(llm, plan, state, llm_cfg)
-    cfg = AnyModalConfig.from_dict(build_config(plan, state, llm, imagebind, imagebind_preset, gens, dtype,
-                                                num_heads, lora_alpha))
+    tok, backend = _tokenizer(llm, plan, state, llm_cfg)
+    raw_cfg = build_config(plan, state, llm, imagebind, imagebind_preset, gens, dtype, num_heads, lora_alpha)
+    raw_cfg["llm"]["tokenizer_backend"] = backend
+    cfg = AnyModalConfig.from_dict(raw_cfg)
     processor = _make_processor(cfg, tok)
     # anymodal's own placeholders (<image>, <audio>, <video>) come after NExT-GPT's tokens; their rows
     # are never read (features replace them) and never generated (generation suppresses them)
