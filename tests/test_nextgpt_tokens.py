@@ -20,52 +20,13 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from anymodal.convert.nextgpt import ConversionError, convert_nextgpt
 from anymodal.modality import Modality
 from anymodal.processor import AnyModalProcessor, Message
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from standins import Size, write_delta, write_vicuna  # noqa: E402
+from _nextgpt_standins import TINY, converted as _converted, processor, standins  # noqa: E402,F401
 
-TINY = Size(vocab=400, hidden=32, layers=2, heads=4, ffn=64, lora_r=4, imagebind_dim=32, d_model=16, proj_heads=4,
-            proj_layers=1, proj_ffn=32, outputs={"image": ("gen_text_hidden_fcs.0.", 4, 8),
-                                                 "video": ("gen_text_hidden_fcs_video.0.", 4, 8),
-                                                 "audio": ("gen_text_hidden_fcs_audio.0.", 1, 8)})
 FEATURE = -1  # where a medium's feature goes
-TAGS = {Modality.IMAGE: "Image", Modality.AUDIO: "Audio", Modality.VIDEO: "Video"}
-
-
-def _imagebind(tmp: Path) -> Path:
-    from safetensors.torch import save_file
-
-    from anymodal.encoders.imagebind import ImageBindEncoder
-
-    enc = ImageBindEncoder.from_config({"preset": "tiny"}, ["image", "audio", "video"])
-    path = tmp / "imagebind_tiny.safetensors"
-    save_file({k: v.contiguous() for k, v in enc.state_dict().items()}, str(path))
-    return path
-
-
-@pytest.fixture(scope="module")
-def standins(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("standins")
-    return write_vicuna(tmp / "vicuna", TINY), write_delta(tmp / "pytorch_model.pt", TINY), _imagebind(tmp)
-
-
-def _converted(tmp: Path, standins, vicuna: Path | None = None) -> Path:
-    base, delta, imagebind = standins
-    out = tmp / "out"
-    convert_nextgpt(delta, vicuna or base, out, imagebind=imagebind, imagebind_preset="tiny", dtype="float32",
-                    progress=False, log=lambda *_: None)
-    return out
-
-
-@pytest.fixture(scope="module")
-def processor(tmp_path_factory, standins) -> AnyModalProcessor:
-    return AnyModalProcessor.from_pretrained(_converted(tmp_path_factory.mktemp("conv"), standins) / "processor")
-
 
 def nextgpt_ids(encode, bos: int, wrap: tuple[int, int], prompt: str) -> list[int]:
     """NExT-GPT's prepare_generation_embedding, as token ids (a medium's feature is FEATURE)."""

@@ -249,6 +249,24 @@ def _tokenizer(llm: Path, plan: DeltaPlan, state, llm_cfg) -> Any:
     return tok, backend
 
 
+def _check_imagebind(path: Path, preset: str, width: int) -> None:
+    """The ImageBind file fits the preset (shapes only, nothing loaded) and its joint space is as wide
+    as llama_proj's input: a wrong --imagebind is refused now, not when the pipeline loads."""
+    from ..encoders.imagebind import ImageBindEncoder, ImageBindOptions
+
+    try:
+        opts = ImageBindOptions.from_dict({"preset": preset, "audio_logit_scale": False})
+    except ValueError as e:
+        raise ConversionError(f"--imagebind-preset: {e}") from None
+    if opts.out_embed_dim != width:
+        raise ConversionError(f"--imagebind-preset {preset} gives {opts.out_embed_dim}-d embeddings, but the "
+                              f"checkpoint's llama_proj takes {width}-d ImageBind features (NExT-GPT: huge, 1024)")
+    try:
+        ImageBindEncoder.check_checkpoint(opts, ["image", "audio", "video"], path)
+    except ValueError as e:
+        raise ConversionError(f"--imagebind {path}: {str(e).splitlines()[0]}") from None
+
+
 def build_config(plan: DeltaPlan, state, llm: Path, imagebind: Path | None, imagebind_preset: str,
                  generators: dict[Modality, str], dtype: str, num_heads: int, lora_alpha: int) -> dict[str, Any]:
     """The shipped ``nextgpt-7b`` config with paths filled in and every size read from the checkpoint."""
@@ -305,6 +323,8 @@ def convert_nextgpt(delta: str | Path, llm: str | Path, out: str | Path, imagebi
     state = load_delta(delta)
     plan = plan_delta(state, str(delta))
     llm_cfg = _read_llm_config(llm)
+    if imagebind is not None:
+        _check_imagebind(imagebind, imagebind_preset, state["llama_proj.weight"].shape[1])
     tok, backend = _tokenizer(llm, plan, state, llm_cfg)
     raw_cfg = build_config(plan, state, llm, imagebind, imagebind_preset, gens, dtype, num_heads, lora_alpha)
     raw_cfg["llm"]["tokenizer_backend"] = backend
@@ -446,6 +466,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="dtype the LLM runs in (default float16, as NExT-GPT)")
     p.add_argument("--output-heads", type=int, default=NHEAD,
                    help=f"attention heads of the output projectors (not stored in the file; NExT-GPT: {NHEAD})")
+    p.add_argument("--lora-alpha", type=int, default=32,
+                   help="LoRA alpha (not stored in the file; NExT-GPT: 32, its lora_alpha in the released config)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -453,5 +475,6 @@ def run(args: argparse.Namespace) -> int:
     convert_nextgpt(args.delta, args.llm, args.out, imagebind=args.imagebind, imagebind_preset=args.imagebind_preset,
                     generators={m: getattr(args, f"{m.value}_generator") for m in
                                 (Modality.IMAGE, Modality.AUDIO, Modality.VIDEO)},
-                    dtype=args.dtype, num_heads=args.output_heads, progress=not args.no_progress)
+                    dtype=args.dtype, num_heads=args.output_heads, lora_alpha=args.lora_alpha,
+                    progress=not args.no_progress)
     return 0
