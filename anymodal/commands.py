@@ -30,12 +30,14 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "only for files you trust (default: safetensors only)")
 
 
-def load_pipeline(model: str | None, config: str | None, device: str | None):
+def load_pipeline(model: str | None, config: str | None, device: str | None, **options):
+    """``options``: what :meth:`AnyModalPipeline.from_pretrained` takes besides the source and device
+    (``text_only``, ``torch_dtype``)."""
     from .pipeline import AnyModalPipeline
 
     if config is not None:
-        return AnyModalPipeline.from_pretrained(config, device=device)
-    return AnyModalPipeline.from_pretrained(model, device=device)
+        return AnyModalPipeline.from_pretrained(config, device=device, **options)
+    return AnyModalPipeline.from_pretrained(model, device=device, **options)
 
 
 def write_outputs(out, index: int, directory: Path, stem: str = "", video_format: str = "gif",
@@ -67,12 +69,16 @@ def generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="diffusion steps for every generated medium")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
     p.add_argument("--video-format", choices=["gif", "mp4"], default="gif")
+    p.add_argument("--text-only", action="store_true",
+                   help="load no generators: text out only (signal blocks stay placeholders in the text)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                   help="dtype of the LLM and generators (default: as the model is configured)")
 
 
 def generate_command(args: argparse.Namespace) -> int:
     from .modality import media_modalities
 
-    pipe = load_pipeline(args.model, args.config, args.device)
+    pipe = load_pipeline(args.model, args.config, args.device, text_only=args.text_only, torch_dtype=args.dtype)
     overrides = {}
     if args.steps is not None:
         overrides["num_inference_steps"] = args.steps

@@ -15,9 +15,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from standins import Size, write_delta, write_vicuna  # noqa: E402
 
 TINY = Size(vocab=400, hidden=32, layers=2, heads=4, ffn=64, lora_r=4, imagebind_dim=32, d_model=16, proj_heads=4,
-            proj_layers=1, proj_ffn=32, outputs={"image": ("gen_text_hidden_fcs.0.", 4, 8),
-                                                 "video": ("gen_text_hidden_fcs_video.0.", 4, 8),
-                                                 "audio": ("gen_text_hidden_fcs_audio.0.", 1, 8)})
+            proj_layers=1, proj_ffn=32, outputs={"image": ("gen_text_hidden_fcs.0.", 16, 32),  # tiny.yaml's
+                                                 "video": ("gen_text_hidden_fcs_video.0.", 16, 32),  # generators
+                                                 "audio": ("gen_text_hidden_fcs_audio.0.", 1, 32)})
 
 
 def imagebind_file(tmp: Path) -> Path:
@@ -51,3 +51,18 @@ def processor(tmp_path_factory, standins) -> AnyModalProcessor:
     return AnyModalProcessor.from_pretrained(converted(tmp_path_factory.mktemp("conv"), standins) / "processor")
 
 
+
+
+def tiny_generators(tmp: Path, dtype: str = "float32") -> dict[str, str]:
+    """tiny.yaml's SD / AudioLDM / text-to-video, saved as local folders (their shapes fit TINY's delta)."""
+    from anymodal.config import AnyModalConfig, GeneratorConfig
+    from anymodal.registry import GENERATORS
+
+    tiny = AnyModalConfig.from_yaml(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
+    out = {}
+    for m, g in tiny.generators.items():
+        d = tmp / f"gen-{m.value}"
+        GENERATORS.get(g.type).from_config(GeneratorConfig(type=g.type, components=g.components,
+                                                           dtype=dtype)).save_pretrained(d)
+        out[m.value] = str(d)
+    return out

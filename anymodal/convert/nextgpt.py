@@ -366,16 +366,18 @@ def convert_nextgpt(delta: str | Path, llm: str | Path, out: str | Path, imagebi
 
 
 def _write_token_rows(tmp: Path, state: dict[str, torch.Tensor], plan: Any, total: int, bar: Any, log) -> None:
-    """Every row of the delta's embed_tokens and lm_head, plus zero rows for anymodal's placeholders."""
-    from safetensors.torch import save_file
+    """Every row of the delta's embed_tokens and lm_head, plus zero rows for anymodal's placeholders,
+    streamed from the mapped delta in row blocks (never a whole [vocabulary, hidden] copy)."""
+    from ..lowmem import row_blocks, write_safetensors
 
     (tmp / "llm").mkdir()
     extra = total - plan.rows
-    rows = {"token_ids": torch.arange(total, dtype=torch.long)}
+    ids = torch.arange(total, dtype=torch.long)
+    entries = [("token_ids", torch.long, (total,), lambda: iter([ids]))]
     for name, key in (("input_rows", plan.embed), ("output_rows", plan.lm_head)):
         t = state[key]
-        rows[name] = torch.cat([t, t.new_zeros(extra, t.shape[1])])
-    save_file(rows, str(tmp / "llm" / "token_rows.safetensors"))
+        entries.append((name, t.dtype, (total, t.shape[1]), row_blocks(t, extra)))
+    write_safetensors(tmp / "llm" / "token_rows.safetensors", entries, metadata={"format": "pt"})
     bar.update(2)
     log(f"embeddings: embed_tokens and lm_head [{plan.rows}, {plan.hidden}] ({plan.rows - ADDED_TOKENS} base + "
         f"{ADDED_TOKENS} NExT-GPT tokens), all rows kept; {extra} placeholder rows added")
