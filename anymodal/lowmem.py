@@ -128,19 +128,26 @@ def cast_in_place(model: nn.Module, dtype: torch.dtype, order: Iterable[Iterable
     """Convert ``model``'s floating parameters to ``dtype`` one tensor at a time, in ``order`` (the
     checkpoint's shards: a shard's mapping is dropped once all its tensors are converted), each
     source's pages released as soon as it is converted. Never two full copies of the model."""
+    from tqdm.auto import tqdm
+
     params = dict(model.named_parameters(remove_duplicate=True))
     mappings = _file_mappings()
     done: set[str] = set()
     names = [n for group in order for n in group if n in params] + list(params)
-    with torch.no_grad():
+    todo = {n: p for n, p in params.items() if p.is_floating_point() and p.dtype != dtype}
+    size = sum(p.numel() * p.element_size() for p in todo.values())
+    # a bar only where it takes a while (a 7B model: a minute or more on a CPU)
+    with tqdm(total=size, unit="B", unit_scale=True, unit_divisor=1024, desc=f"to {str(dtype).split('.')[-1]}",
+              disable=size < 1 << 30) as bar, torch.no_grad():
         for name in names:
-            p = params[name]
-            if name in done or not p.is_floating_point() or p.dtype == dtype:
+            if name in done or name not in todo:
                 continue
             done.add(name)
+            p = todo[name]
             old = p.data
             p.data = old.to(dtype)
             release_file_pages(old, mappings)
+            bar.update(old.numel() * old.element_size())
             del old
 
 

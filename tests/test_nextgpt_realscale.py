@@ -278,3 +278,32 @@ def test_cpu_fp16_warning_is_shown_once(tmp_path, capfd):
     finally:
         dlog.set_verbosity(level)
     assert err.count("cannot run with `cpu` device") == 1
+
+
+def test_convert_progress_advances_through_the_embedding_rows(tmp_path, standins, monkeypatch):
+    """One bar, in bytes, that moves while the embedding rows (most of the file) are written, and ends full."""
+    import tqdm.auto
+
+    from anymodal import lowmem
+
+    bars = []
+
+    class Recording(tqdm.auto.tqdm):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.steps = []
+            bars.append(self)
+
+        def update(self, n=1):
+            self.steps.append(n)
+            return super().update(n)
+
+    original = lowmem.row_blocks
+    monkeypatch.setattr(tqdm.auto, "tqdm", Recording)
+    monkeypatch.setattr(lowmem, "row_blocks", lambda t, extra=0, rows=4096: original(t, extra, rows=64))
+    converted(tmp_path, standins, progress=True)
+    assert len(bars) == 1
+    bar = bars[0]
+    assert bar.n == bar.total
+    rows_bytes = 2 * (TINY.vocab + 38) * TINY.hidden * 2
+    assert sum(1 for n in bar.steps if n <= 64 * TINY.hidden * 2) >= rows_bytes // (64 * TINY.hidden * 2)

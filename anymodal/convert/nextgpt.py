@@ -339,7 +339,10 @@ def convert_nextgpt(delta: str | Path, llm: str | Path, out: str | Path, imagebi
     if processor.signal_ids != want or total != plan.rows + len(processor.placeholder_ids):
         raise ConversionError(f"signal-token ids {processor.signal_ids} do not follow NExT-GPT's layout {want}")
 
-    bar = tqdm(total=len(state), unit="tensor", desc="converting", disable=not progress)
+    # in bytes: the embedding rows (most of the file) advance the bar block by block as they are written
+    extra = (total - plan.rows) * plan.hidden * state[plan.embed].element_size() * 2 + 8 * total  # zeros, ids
+    bar = tqdm(total=sum(_nbytes(t) for t in state.values()) + extra, unit="B", unit_scale=True,
+               unit_divisor=1024, desc="converting", disable=not progress)
 
     def write(tmp: Path) -> None:
         # Vicuna, ImageBind and the generators stay where they are: external entries (absolute path or hub id)
@@ -365,6 +368,10 @@ def convert_nextgpt(delta: str | Path, llm: str | Path, out: str | Path, imagebi
     return out
 
 
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
 def _write_token_rows(tmp: Path, state: dict[str, torch.Tensor], plan: Any, total: int, bar: Any, log) -> None:
     """Every row of the delta's embed_tokens and lm_head, plus zero rows for anymodal's placeholders,
     streamed from the mapped delta in row blocks (never a whole [vocabulary, hidden] copy)."""
@@ -377,8 +384,8 @@ def _write_token_rows(tmp: Path, state: dict[str, torch.Tensor], plan: Any, tota
     for name, key in (("input_rows", plan.embed), ("output_rows", plan.lm_head)):
         t = state[key]
         entries.append((name, t.dtype, (total, t.shape[1]), row_blocks(t, extra)))
-    write_safetensors(tmp / "llm" / "token_rows.safetensors", entries, metadata={"format": "pt"})
-    bar.update(2)
+    write_safetensors(tmp / "llm" / "token_rows.safetensors", entries, metadata={"format": "pt"},
+                      on_block=bar.update)
     log(f"embeddings: embed_tokens and lm_head [{plan.rows}, {plan.hidden}] ({plan.rows - ADDED_TOKENS} base + "
         f"{ADDED_TOKENS} NExT-GPT tokens), all rows kept; {extra} placeholder rows added")
 
@@ -393,7 +400,7 @@ def _write_lora(tmp: Path, state: dict[str, torch.Tensor], plan: Any, cfg: Any, 
                task_type="CAUSAL_LM", base_model_name_or_path=str(llm)).save_pretrained(str(tmp / "llm_adapter"))
     save_file({dst: state[src].contiguous() for src, dst in plan.lora.items()},
               str(tmp / "llm_adapter" / "adapter_model.safetensors"))
-    bar.update(len(plan.lora))
+    bar.update(sum(_nbytes(state[k]) for k in plan.lora))
     n_layers = len({LORA_KEY.fullmatch(k).group(1) for k in plan.lora})
     log(f"LoRA: {len(plan.lora)} tensors, {n_layers} layers x {'/'.join(lc.target_modules)}, r={lc.r}, "
         f"alpha={lc.alpha}")
@@ -417,7 +424,7 @@ def _write_input_projector(tmp: Path, state: dict[str, torch.Tensor], plan: Any,
             f"{', '.join(m.value for m in cfg.input_projectors)}; ImageBind from {imagebind}")
     else:
         log("input projector: llama_proj skipped (no --imagebind: the pipeline takes text input only)")
-    bar.update(len(plan.input))
+    bar.update(sum(_nbytes(state[k]) for k in plan.input))
 
 
 def _write_output_projectors(tmp: Path, state: dict[str, torch.Tensor], plan: Any, cfg: Any, delta: Path,
@@ -447,7 +454,7 @@ def _write_output_projectors(tmp: Path, state: dict[str, torch.Tensor], plan: An
                                   f"{absent[0]} ({len(absent)} tensors missing)")
         save_file(tensors, str(tmp / "output_projectors" / f"{m.value}.safetensors"))
         components["output_projectors"][m.value] = f"output_projectors/{m.value}.safetensors"
-        bar.update(len(keys))
+        bar.update(sum(_nbytes(state[k]) for k in keys))
         seq, dim = pcfg.targets["prompt_embeds"]
         log(f"output projector {m.value}: {plan.hidden} -> {pcfg.hidden_dim} ({pcfg.num_encoder_layers} encoder + "
             f"{pcfg.num_layers} decoder layers, {pcfg.num_heads} heads, FFN {pcfg.ffn_dim}) -> {seq} x {dim}; "
