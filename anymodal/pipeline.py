@@ -111,19 +111,20 @@ class AnyModalPipeline:
             # still sees the RNG state it would without them
             with torch.random.fork_rng(devices=[]):
                 for m, g in config.generators.items():
-                    if text_only and g.pretrained is not None:
+                    if text_only:
                         continue
                     with _note_source(f"generators.{m.value}.pretrained", g.pretrained):
                         g = dataclasses.replace(g, pretrained=_fetchable(m, g.pretrained, "config"))
                         generators[m] = _build_generator(m, g, "config")
-            config = _with_default_targets(config, generators)
+            if not text_only:  # text only: the output projectors go, so their targets are not needed
+                config = _with_default_targets(config, generators)
             with _note_source("llm.tokenizer", config.llm.tokenizer or config.llm.model):
                 processor = _make_processor(config, load_tokenizer(config.llm))
+            if text_only:  # the processor keeps the signal tokens; no output projectors or generators
+                config, generators = _text_only(config), {}
             with _note_source("llm.model or encoders", config.llm.model):
                 model = AnyModalModel.build(config, processor.token_ids())
             _apply_lora(model, config, processor)
-        if text_only:
-            generators = {}
         pipe = cls(config, processor, model, generators)
         pipe.text_only = text_only
         # where referenced components came from, resolved now: a later save records them by these
@@ -180,6 +181,8 @@ class AnyModalPipeline:
         ``external`` with an absolute path or a hub id."""
         saved = _SavedPipeline(path)
         saved.config = config = _with_dtype(saved.config, torch_dtype)
+        if text_only:  # no generators, so no output projectors to feed them (a 7B NExT-GPT's: 370 MB)
+            saved.config = config = _text_only(config)
         processor = saved.processor()
         model = AnyModalModel.build(config, processor.token_ids(), language_model=saved.language_model(processor),
                                     encoders=saved.encoders(), load_projector_weights=False)
@@ -567,6 +570,13 @@ def _with_dtype(config: AnyModalConfig, dtype: str | torch.dtype | None) -> AnyM
 
 class GeneratorUnavailable(OSError):
     """A generator's weights cannot be had: the message names the component, its source and the fix."""
+
+
+def _text_only(config: AnyModalConfig) -> AnyModalConfig:
+    """``config`` without its output projectors and generators (a copy)."""
+    config = copy.copy(config)
+    config.output_projectors, config.generators = {}, {}
+    return config
 
 
 def _hub_offline() -> bool:

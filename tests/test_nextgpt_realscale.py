@@ -215,7 +215,7 @@ def test_text_only_and_torch_dtype(with_generators, tmp_path):
     from anymodal.pipeline import AnyModalPipeline
 
     pipe = AnyModalPipeline.from_pretrained(with_generators, text_only=True, torch_dtype=torch.bfloat16)
-    assert pipe.generators == {} and pipe.text_only
+    assert pipe.generators == {} and pipe.text_only and len(pipe.model.output_projectors) == 0
     lm = pipe.model.language_model
     # peft keeps LoRA weights in float32 over a half-precision base (its autocast_adapter_dtype)
     assert {p.dtype for n, p in lm.named_parameters() if "lora_" not in n} == {torch.bfloat16}
@@ -226,6 +226,14 @@ def test_text_only_and_torch_dtype(with_generators, tmp_path):
     assert not (tmp_path / "again").exists()
     with pytest.raises(ValueError, match="torch_dtype|dtype"):
         AnyModalPipeline.from_pretrained(with_generators, text_only=True, torch_dtype="float8")
+
+
+def test_text_only_from_a_config():
+    from anymodal.pipeline import AnyModalPipeline
+
+    pipe = AnyModalPipeline.from_pretrained("tiny", text_only=True)
+    assert pipe.generators == {} and len(pipe.model.output_projectors) == 0 and pipe.processor.signal_ids
+    assert len(pipe("hello", max_new_tokens=3).token_ids[0]) <= 3
 
 
 def test_unfetchable_generator_is_one_line_and_nothing_contacts_the_hub(tmp_path, standins, monkeypatch, capsys):
