@@ -124,6 +124,13 @@ def release_file_pages(t: torch.Tensor, mappings: list[tuple[int, int]]) -> None
             pass
 
 
+def release_tensors(tensors: Iterable[torch.Tensor]) -> None:
+    """:func:`release_file_pages` for each tensor (those that are not views of a mapped file are left alone)."""
+    mappings = _file_mappings()
+    for t in tensors:
+        release_file_pages(t, mappings)
+
+
 def cast_in_place(model: nn.Module, dtype: torch.dtype, order: Iterable[Iterable[str]] = ()) -> None:
     """Convert ``model``'s floating parameters to ``dtype`` one tensor at a time, in ``order`` (the
     checkpoint's shards: a shard's mapping is dropped once all its tensors are converted), each

@@ -375,7 +375,7 @@ def _nbytes(t: torch.Tensor) -> int:
 def _write_token_rows(tmp: Path, state: dict[str, torch.Tensor], plan: Any, total: int, bar: Any, log) -> None:
     """Every row of the delta's embed_tokens and lm_head, plus zero rows for anymodal's placeholders,
     streamed from the mapped delta in row blocks (never a whole [vocabulary, hidden] copy)."""
-    from ..lowmem import row_blocks, write_safetensors
+    from ..lowmem import release_tensors, row_blocks, write_safetensors
 
     (tmp / "llm").mkdir()
     extra = total - plan.rows
@@ -386,6 +386,7 @@ def _write_token_rows(tmp: Path, state: dict[str, torch.Tensor], plan: Any, tota
         entries.append((name, t.dtype, (total, t.shape[1]), row_blocks(t, extra)))
     write_safetensors(tmp / "llm" / "token_rows.safetensors", entries, metadata={"format": "pt"},
                       on_block=bar.update)
+    release_tensors([state[plan.embed], state[plan.lm_head]])  # written: their mapped pages can go
     log(f"embeddings: embed_tokens and lm_head [{plan.rows}, {plan.hidden}] ({plan.rows - ADDED_TOKENS} base + "
         f"{ADDED_TOKENS} NExT-GPT tokens), all rows kept; {extra} placeholder rows added")
 
