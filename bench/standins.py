@@ -23,9 +23,12 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import torch
+
+if TYPE_CHECKING:
+    import numpy as np
 
 LLAMA_SPECIALS = ("<unk>", "<s>", "</s>")
 CORPUS = (
@@ -118,10 +121,24 @@ def base_shapes(size: Size) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _random(shape: tuple[int, ...], gen: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+# sign and mantissa bits kept from random bytes, exponent fixed: |x| in [2^-7, 2^-6) (about the spread
+# of a trained 7B's weights), drawn at memory speed (torch.randn in float32 took minutes for 7B here)
+_BITS = {torch.float16: (0x83FF, 0x2000), torch.bfloat16: (0x807F, 0x3C00)}
+
+
+def _random(shape: tuple[int, ...], gen: "np.random.Generator", dtype: torch.dtype) -> torch.Tensor:
+    import numpy as np
+
+    n = int(torch.Size(shape).numel())
     if len(shape) == 1:  # norms: around 1, as trained ones are
-        return (1.0 + 0.02 * torch.randn(shape, generator=gen)).to(dtype)
-    return (0.02 * torch.randn(shape, generator=gen)).to(dtype)
+        return (1.0 + 0.02 * torch.from_numpy(gen.standard_normal(n, dtype=np.float32))).to(dtype).reshape(shape)
+    if dtype not in _BITS:
+        return torch.from_numpy(gen.uniform(-0.0156, 0.0156, n).astype(np.float32)).to(dtype).reshape(shape)
+    keep, exponent = _BITS[dtype]
+    bits = np.frombuffer(gen.bytes(2 * n), dtype=np.uint16).copy()
+    bits &= keep
+    bits |= exponent
+    return torch.from_numpy(bits.view(np.int16)).view(dtype).reshape(shape)
 
 
 def write_vicuna(folder: str | os.PathLike, size: Size = NEXTGPT_7B, shard_bytes: int = 2 << 30, seed: int = 0,
@@ -144,7 +161,9 @@ def write_vicuna(folder: str | os.PathLike, size: Size = NEXTGPT_7B, shard_bytes
             used = 0
         groups[-1].append(name)
         used += n
-    gen = torch.Generator().manual_seed(seed)
+    import numpy as np
+
+    gen = np.random.default_rng(seed)
     weight_map = {}
     total = 0
     for k, names in enumerate(groups):
@@ -196,6 +215,8 @@ def write_delta(path: str | os.PathLike, size: Size = NEXTGPT_7B, seed: int = 1)
     """NExT-GPT's ``pytorch_model.pt`` layout (a plain dict of fp16 tensors, torch.save zip format)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    gen = torch.Generator().manual_seed(seed)
+    import numpy as np
+
+    gen = np.random.default_rng(seed)
     torch.save({k: _random(s, gen, torch.float16) for k, s in delta_shapes(size).items()}, path)
     return path
