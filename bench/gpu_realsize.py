@@ -27,17 +27,24 @@ sys.path.insert(0, str(HERE))
 PROMPT = "Tell me about the sea."
 
 
-def child(work: Path, who: str, dtype: str, new_tokens: int) -> dict:
+def child(work: Path, who: str, dtype: str, new_tokens: int, device: str = "cuda") -> dict:
     import torch
 
-    torch.cuda.reset_peak_memory_stats()
+    cuda = device.startswith("cuda")
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
     if who == "anymodal":
         from anymodal.pipeline import AnyModalPipeline
         from anymodal.processor import Message
 
-        pipe = AnyModalPipeline.from_pretrained(work / "out", device="cuda", text_only=True, torch_dtype=dtype)
-        torch.cuda.synchronize()
+        pipe = AnyModalPipeline.from_pretrained(work / "out", device=device, text_only=True, torch_dtype=dtype)
+        sync()
         loaded = time.perf_counter() - t
         proc = pipe.processor
         ids = proc([proc.format([Message("user", proc.place_media(PROMPT, {}))])])["input_ids"][0].tolist()
@@ -55,18 +62,19 @@ def child(work: Path, who: str, dtype: str, new_tokens: int) -> dict:
         with torch.no_grad():
             model.get_input_embeddings().weight.copy_(embed)
             model.get_output_embeddings().weight.copy_(state["llama_model.base_model.model.lm_head.weight"])
-        model = PeftModel.from_pretrained(model, str(work / "out" / "llm_adapter")).to("cuda").eval()
-        torch.cuda.synchronize()
+        model = PeftModel.from_pretrained(model, str(work / "out" / "llm_adapter")).to(device).eval()
+        sync()
         loaded = time.perf_counter() - t
-        ids = torch.tensor([json.loads((work / "prompt_ids.json").read_text())], device="cuda")
+        ids = torch.tensor([json.loads((work / "prompt_ids.json").read_text())], device=device)
         t = time.perf_counter()
         with torch.no_grad():
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                                  do_sample=False, pad_token_id=0)
         new = out[0, ids.shape[1]:].tolist()
-    torch.cuda.synchronize()
+    sync()
     return {"load_seconds": loaded, "generate_seconds": time.perf_counter() - t, "new_ids": new,
-            "peak_gpu_bytes": torch.cuda.max_memory_allocated(), "device": torch.cuda.get_device_name()}
+            "peak_gpu_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+            "device": torch.cuda.get_device_name() if cuda else device}
 
 
 def main() -> int:
@@ -75,11 +83,12 @@ def main() -> int:
     ap.add_argument("--dtypes", default="float16,bfloat16")
     ap.add_argument("--new-tokens", type=int, default=8)
     ap.add_argument("--out", default=str(HERE / "results" / "realsize-cuda.json"))
-    ap.add_argument("--child", nargs=4, metavar=("WORK", "WHO", "DTYPE", "N"), help=argparse.SUPPRESS)
+    ap.add_argument("--device", default="cuda", help="cuda (default); cpu only to try the script at --size mid")
+    ap.add_argument("--child", nargs=5, metavar=("WORK", "WHO", "DTYPE", "N", "DEVICE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        work, who, dtype, n = args.child
-        print(json.dumps(child(Path(work), who, dtype, int(n))))
+        work, who, dtype, n, device = args.child
+        print(json.dumps(child(Path(work), who, dtype, int(n), device)))
         return 0
 
     import torch
@@ -88,7 +97,7 @@ def main() -> int:
 
     size = NEXTGPT_7B if args.size == "7b" else Size(vocab=32000, hidden=2048, layers=8, heads=16, ffn=5504)
     work = Path(tempfile.mkdtemp(prefix="anymodal-gpu-realsize-"))
-    record: dict = {"size": args.size, "torch": torch.__version__, "device": torch.cuda.get_device_name(),
+    record: dict = {"size": args.size, "torch": torch.__version__, "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device,
                     "new_tokens": args.new_tokens, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     try:
         t = time.perf_counter()
@@ -105,7 +114,7 @@ def main() -> int:
             row = {}
             for who in ("anymodal", "baseline"):
                 proc = subprocess.run([sys.executable, __file__, "--child", str(work), who, dtype,
-                                       str(args.new_tokens)], capture_output=True, text=True,
+                                       str(args.new_tokens), args.device], capture_output=True, text=True,
                                       env=dict(os.environ, HF_HUB_OFFLINE="1"))
                 if proc.returncode:
                     row[who] = {"error": proc.stderr[-2000:]}
@@ -116,7 +125,8 @@ def main() -> int:
             if "error" not in a and "error" not in b:
                 row["same_ids"] = a["new_ids"] == b["new_ids"]
                 row["load_seconds_x_baseline"] = a["load_seconds"] / b["load_seconds"]
-                row["peak_gpu_x_baseline"] = a["peak_gpu_bytes"] / b["peak_gpu_bytes"]
+                if a["peak_gpu_bytes"]:
+                    row["peak_gpu_x_baseline"] = a["peak_gpu_bytes"] / b["peak_gpu_bytes"]
             record[dtype] = row
     finally:
         shutil.rmtree(work, ignore_errors=True)
