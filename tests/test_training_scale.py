@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from conftest import ROOT
+from test_training import data_dir  # noqa: F401  (the fixture: tiny captions and dialogues)
 
 TRAINING = ROOT / "configs" / "training"
 
@@ -109,3 +110,57 @@ def test_accelerate_turns_fsdp_on_cpu_into_ddp(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = [line for line in proc.stdout.splitlines() if line.startswith("DistributedType")]
     assert lines == ["DistributedType.MULTI_CPU DistributedDataParallel"] * 2
+
+
+# ---------------------------------------------------------------- two processes against one
+def _training_yaml(tmp: Path, accumulation: int) -> Path:
+    cfg = yaml.safe_load((TRAINING / "tiny.yaml").read_text())
+    cfg.update(gradient_accumulation_steps=accumulation, lora={**cfg["lora"], "dropout": 0.0})
+    path = tmp / f"training-acc{accumulation}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _image_in_and_out(data_dir: Path, tmp: Path) -> Path:
+    """Dialogues that each take an image and make one: every micro-batch uses every trained part."""
+    import json
+
+    rows = [{"messages": [{"role": "user", "content": ["draw this again ", {"image": f"img/{n}.png"}]},
+                          {"role": "assistant", "content": ["here: ", {"image": None, "caption": f"a {n} square"}]}]}
+            for n in ("red", "green", "blue", "white")]
+    path = data_dir / "image_in_and_out.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage,data", [(1, "images.jsonl"), (3, "image_in_and_out.jsonl")])
+def test_two_processes_give_the_single_process_losses(data_dir, tmp_path, stage, data):
+    """2 gloo processes (DDP: what accelerate runs on CPU), batch 2 each, against 1 process with batch 2
+    and 2 accumulation steps: the same micro-batches (rank r takes the sampler's batches r, r+2, ...),
+    the same averaged gradients, so the same losses step by step.
+
+    Two conditions make the layouts equal: LoRA dropout is off (its masks are seeded per process and
+    micro-batch, which differ between the layouts), and every micro-batch uses every trained part
+    (images in, images out): a part no micro-batch of a step uses gets no gradient in one process
+    but a zero gradient from DDP (find_unused_parameters), and AdamW moves it on its momentum."""
+    import json
+
+    from anymodal.training import train
+
+    _image_in_and_out(data_dir, tmp_path)
+    tiny = ROOT / "configs" / "tiny.yaml"
+    single = train(tiny, data_dir / data, tmp_path / "one", _training_yaml(tmp_path, 2), stage=stage, max_steps=3,
+                   batch_size=2, device="cpu", progress=False, save_every=0)
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "anymodal", "train",
+           "--stage", str(stage), "--config", str(tiny), "--data", str(data_dir / data), "--out", str(tmp_path / "two"),
+           "--training-config", str(_training_yaml(tmp_path, 1)), "--max-steps", "3", "--batch-size", "2",
+           "--save-every", "0", "--no-progress"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["samples"] for m in two] == [4, 8, 12]  # both processes, cumulative
+    assert len(single.losses) == 3
+    assert [m["loss"] for m in two] == pytest.approx(single.losses, rel=1e-5)
