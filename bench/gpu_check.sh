@@ -33,9 +33,9 @@ step() {  # step NAME SECONDS COMMAND...
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$LOG"
 step "pytest -m gpu" 90 "$PY" -m pytest -m gpu -q -p no:cacheprovider
-step "pipeline benchmark (bench-realsize)" 180 "$PY" bench/bench_pipeline.py --config configs/bench-realsize.yaml \
+step "pipeline benchmark (bench-realsize)" 150 "$PY" bench/bench_pipeline.py --config configs/bench-realsize.yaml \
     --device cuda --repeats 3 --batch 8 --steps 20 --out "$RESULTS/pipeline-cuda-realsize.json"
-step "real-size NExT-GPT chain, fp16 and bf16" 300 "$PY" bench/gpu_realsize.py --dtypes float16,bfloat16 \
+step "real-size NExT-GPT chain, fp16 and bf16" 330 "$PY" bench/gpu_realsize.py --dtypes float16,bfloat16 \
     --out "$RESULTS/realsize-cuda.json"
 tail -n 30 "$LOG"
 if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then

@@ -160,3 +160,16 @@ def test_dependencies_are_declared():
     deps = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]["dependencies"]
     names = {re.split(r"[<>=\[ ]", d)[0] for d in deps}
     assert {"sentencepiece", "protobuf"} <= names
+
+
+def test_config_chooses_the_slow_tokenizer(standins):
+    from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
+
+    from anymodal.config import LLMConfig
+    from anymodal.model import load_tokenizer
+
+    tok = load_tokenizer(LLMConfig(model=str(standins[0]), tokenizer_backend="sentencepiece"))
+    assert isinstance(tok, SentencePieceBackend) and tok.legacy
+    assert not isinstance(load_tokenizer(LLMConfig(model=str(standins[0]))), SentencePieceBackend)
+    with pytest.raises(ValueError, match="llm.tokenizer_backend"):
+        LLMConfig(model="x", tokenizer_backend="slow")
