@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 from anymodal.convert.nextgpt import convert_nextgpt
-from anymodal.modality import Modality
 from anymodal.processor import AnyModalProcessor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
