@@ -315,3 +315,53 @@ def test_convert_progress_advances_through_the_embedding_rows(tmp_path, standins
     assert bar.n == bar.total
     rows_bytes = 2 * (TINY.vocab + 38) * TINY.hidden * 2
     assert sum(1 for n in bar.steps if n <= 64 * TINY.hidden * 2) >= rows_bytes // (64 * TINY.hidden * 2)
+
+
+# ---------------------------------------------------------------- which hidden states NExT-GPT reads
+def test_nextgpt_reads_the_signal_tokens_own_states(tmp_path, standins):
+    """NExT-GPT (inference: generate_tokens_embeddings, generate_images) calls ``generate`` with
+    ``inputs_embeds`` alone under transformers 4.29.2, whose ``_maybe_initialize_input_ids_for_generation``
+    starts ``input_ids`` as one BOS placeholder per row, so ``outputs.sequences`` is that placeholder
+    followed by the new tokens. It concatenates ``outputs.hidden_states[1:]`` (the states of the tokens
+    fed back, one per step) and slices ``[gen_idx - 1 : gen_idx - 1 + 4]`` with ``gen_idx`` the index
+    of ``[IMG0]`` in ``sequences``. Driven that way here (the placeholder put back in front, as 4.29
+    returns it), the slice is the signal tokens' own states: the ones anymodal reads."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    from anymodal.generation import SignalSpanForcing, generate_text
+    from anymodal.modality import Modality
+    from anymodal.pipeline import AnyModalPipeline
+    from anymodal.processor import Message
+
+    pipe = AnyModalPipeline.from_pretrained(converted(tmp_path, standins, imagebind=None), text_only=True)
+    proc, model = pipe.processor, pipe.model
+    img = proc.signal_ids[Modality.IMAGE]
+
+    class SecondIsImg0(LogitsProcessor):  # one ordinary token, then [IMG0] (anymodal forces the rest)
+        def __call__(self, input_ids, scores):
+            if input_ids.shape[1] == 1:
+                scores = torch.full_like(scores, float("-inf"))
+                scores[:, img[0]] = 0.0
+            return scores
+
+    batch = proc([proc.format([Message("user", "draw a red square")])])
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    with torch.no_grad():
+        ours = generate_text(model, proc, ids, mask, {}, 8, logits_processor=[SecondIsImg0()])
+        assert ours.spans == [[(Modality.IMAGE, 1)]]
+        lm = model.language_model
+        out = lm.generate(inputs_embeds=model.embed(ids), attention_mask=mask, max_new_tokens=8, do_sample=False,
+                          output_hidden_states=True, return_dict_in_generate=True,
+                          pad_token_id=proc.tokenizer.pad_token_id, logits_processor=LogitsProcessorList(
+                              [SecondIsImg0(), SignalSpanForcing(proc.signal_ids, 8)]))
+    sequences = [proc.tokenizer.bos_token_id] + out.sequences[0].tolist()  # 4.29.2's layout
+    gen_idx = sequences.index(img[0])
+    embeddings = torch.cat([h[-1] for h in out.hidden_states[1:]], dim=1)  # text_emb_to_img_layers: [-1]
+    nextgpt = embeddings[:, gen_idx - 1: gen_idx - 1 + len(img)]
+    assert sequences[gen_idx: gen_idx + len(img)] == img
+    torch.testing.assert_close(nextgpt, ours.signal_hidden[Modality.IMAGE], rtol=1e-5, atol=1e-5)
+    # and they are the states *of* [IMG0..3]: a plain forward pass over prompt + generated tokens
+    full = torch.cat([model.embed(ids), lm.get_input_embeddings()(out.sequences)], dim=1)
+    states = lm(inputs_embeds=full, output_hidden_states=True).hidden_states[-1]
+    start = ids.shape[1] + 1
+    torch.testing.assert_close(states[:, start: start + len(img)], nextgpt, rtol=1e-4, atol=1e-4)
