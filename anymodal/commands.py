@@ -32,14 +32,16 @@ def add_model_args(p: argparse.ArgumentParser, device_note: str = "") -> None:
                         "only for files you trust (default: safetensors only)")
 
 
-def load_pipeline(model: str | None, config: str | None, device: str | None):
+def load_pipeline(model: str | None, config: str | None, device: str | None, **options):
+    """``options``: what :meth:`AnyModalPipeline.from_pretrained` takes besides the source and device
+    (``text_only``, ``torch_dtype``)."""
     from .pipeline import AnyModalPipeline
     from .utils import check_device
 
     device = check_device(device)  # a GPU that is not there: one line, before anything loads
     if config is not None:
-        return AnyModalPipeline.from_pretrained(config, device=device)
-    return AnyModalPipeline.from_pretrained(model, device=device)
+        return AnyModalPipeline.from_pretrained(config, device=device, **options)
+    return AnyModalPipeline.from_pretrained(model, device=device, **options)
 
 
 OUT_RULE = ("files are named text.txt, image_0.png, audio_0.wav, video_0.gif...; a name already taken in the "
@@ -86,6 +88,11 @@ def generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--video-format", choices=["gif", "mp4"], default="gif",
                    help="file type of generated videos (default gif; mp4 needs imageio-ffmpeg)")
 
+    p.add_argument("--text-only", action="store_true",
+                   help="load no generators: text out only (signal blocks stay placeholders in the text)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                   help="dtype of the LLM and generators (default: as the model is configured)")
+
 
 def check_out_dir(out: str | Path) -> Path:
     """``--out`` must be a directory or a path one can be made at: checked before the model loads, so
@@ -103,7 +110,7 @@ def generate_command(args: argparse.Namespace) -> int:
     from .modality import media_modalities
 
     out_dir = check_out_dir(args.out)
-    pipe = load_pipeline(args.model, args.config, args.device)
+    pipe = load_pipeline(args.model, args.config, args.device, text_only=args.text_only, torch_dtype=args.dtype)
     overrides = {}
     if args.steps is not None:
         overrides["num_inference_steps"] = args.steps

@@ -156,6 +156,9 @@ class LLMConfig:
     model: str | None = None  # hub id or local directory
     config: dict[str, Any] | None = None  # HF config dict (with model_type) for a randomly initialised model
     tokenizer: str | None = None  # defaults to ``model``; "bytes" builds a byte-level tokenizer in memory
+    # "auto": AutoTokenizer (fast); "sentencepiece": the slow tokenizer.model, as transformers 4.x's
+    # LlamaTokenizer (NExT-GPT's: a leading space stays a token)
+    tokenizer_backend: str = "auto"
     gguf_file: str | None = None
     dtype: str = "float32"
     signal_tokens: dict[Modality, int] = field(default_factory=default_signal_tokens)
@@ -176,6 +179,8 @@ class LLMConfig:
     def __post_init__(self) -> None:
         if self.prompt_format is not None and self.prompt.template is not None:
             raise ValueError("llm: give llm.prompt_format (a released system's layout) or llm.prompt.template, not both")
+        if self.tokenizer_backend not in ("auto", "sentencepiece"):
+            raise ValueError(f"llm.tokenizer_backend must be 'auto' or 'sentencepiece', got {self.tokenizer_backend!r}")
         if self.embedding_rows not in ("added", "all"):
             raise ValueError(f"llm.embedding_rows must be 'added' or 'all', got {self.embedding_rows!r}")
         if (self.model is None) == (self.config is None):

@@ -33,7 +33,13 @@ def load_language_model(cfg: LLMConfig, path: str | None = None) -> nn.Module:
         if model_type_of(source) in HF_SYSTEMS:  # LLaVA / BLIP-2 / InstructBLIP: the LM inside
             return load_composite_language_model(source, dtype)
     if source is not None:
-        kwargs: dict[str, Any] = {"dtype": dtype, "output_loading_info": True}
+        from .lowmem import cast_in_place, stored_dtype, weight_shards
+
+        # A dtype other than the stored one is converted here, tensor by tensor, from the mapped
+        # checkpoint: transformers' own conversion holds the source and the copy (2x the model).
+        stored = stored_dtype(source) if cfg.gguf_file is None else None
+        load_dtype = stored if stored is not None and stored != dtype else dtype
+        kwargs: dict[str, Any] = {"dtype": load_dtype, "output_loading_info": True}
         if cfg.gguf_file and path is None:
             kwargs["gguf_file"] = cfg.gguf_file  # GGUF holds plain tensors, no pickle
         else:
@@ -46,6 +52,8 @@ def load_language_model(cfg: LLMConfig, path: str | None = None) -> nn.Module:
             raise ValueError(f"cannot load the language model from {source}: a weights file is not a complete "
                              f"safetensors file ({e})") from None
         missing_keys_error(info, source, "the language model")
+        if load_dtype != dtype:
+            cast_in_place(model, dtype, weight_shards(source).values())
         return model
     options = dict(cfg.config)
     model_type = options.pop("model_type")
@@ -80,15 +88,13 @@ def check_config_keys(model_type: str, options: dict[str, Any]) -> None:
 
 
 def load_tokenizer(cfg: LLMConfig):
-    from transformers import AutoTokenizer
-
-    from .tokenization import byte_level_tokenizer
+    from .tokenization import byte_level_tokenizer, load_tokenizer_from
 
     name = cfg.tokenizer or cfg.model
     if name == "bytes":
         return byte_level_tokenizer()
     kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file and cfg.tokenizer is None else {}
-    return AutoTokenizer.from_pretrained(name, **kwargs)
+    return load_tokenizer_from(name, cfg.tokenizer_backend, "llm.tokenizer", **kwargs)
 
 
 @dataclass(frozen=True)

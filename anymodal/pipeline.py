@@ -23,12 +23,13 @@ import torch
 
 from .config import AnyModalConfig
 from .generation import generate_text
-from .loading import (check_external, confined, load_safetensors_into, pickle_allowed, read_safetensors,
+from .loading import (check_external, confined, load_safetensors_into, pickle_allowed,
                       refuse_pickle)
 from .inputs import check_max_new_tokens, check_prompts, check_sampling, check_seed
 from .media import MediaError, describe
 from .modality import MediaFields, Modality, media_by_plural, media_modalities
-from .model import AnyModalModel, add_token_rows, load_language_model, load_tokenizer
+from .lowmem import grow_token_rows
+from .model import AnyModalModel, load_language_model, load_tokenizer
 from .processor import AnyModalProcessor, Message
 from .registry import ENCODERS, GENERATORS
 from .utils import atomic_dir, atomic_write_text, peft_quietly, seeded
@@ -95,11 +96,13 @@ class AnyModalPipeline:
         # safetensors file (relative path) -> tensor -> storage dtype, for tensors loaded from files stored in
         # another dtype than float32 (the shipped default's float16): a save stores them as they came
         self._stored_dtypes: dict[str, dict[str, str]] = {}
+        self.text_only = False  # loaded without its generators (text_only=True)
 
     # ================================================================ loading
     @classmethod
     def from_config(cls, config: AnyModalConfig | str | os.PathLike, device: str | torch.device | None = None,
-                    *, allow_pickle: bool | None = None) -> "AnyModalPipeline":
+                    *, allow_pickle: bool | None = None, text_only: bool = False,
+                    torch_dtype: str | torch.dtype | None = None) -> "AnyModalPipeline":
         """Build every component from a config: pretrained ids/paths are loaded, the rest randomly initialised.
 
         ``allow_pickle=True`` lets components load pickle weights (``pytorch_model.bin`` and the like),
@@ -109,6 +112,7 @@ class AnyModalPipeline:
         """
         if not isinstance(config, AnyModalConfig):
             config = AnyModalConfig.from_yaml(config)
+        config = _with_dtype(config, torch_dtype)
         with _pickle_choice(allow_pickle):
             _check_types(config)
             generators = {}
@@ -116,15 +120,22 @@ class AnyModalPipeline:
             # still sees the RNG state it would without them
             with torch.random.fork_rng(devices=[]):
                 for m, g in config.generators.items():
+                    if text_only:
+                        continue
                     with _note_source(f"generators.{m.value}.pretrained", g.pretrained):
-                        generators[m] = GENERATORS.get(g.type).from_config(g)
-            config = _with_default_targets(config, generators)
+                        g = dataclasses.replace(g, pretrained=_fetchable(m, g.pretrained, "config"))
+                        generators[m] = _build_generator(m, g, "config")
+            if not text_only:  # text only: the output projectors go, so their targets are not needed
+                config = _with_default_targets(config, generators)
             with _note_source("llm.tokenizer", config.llm.tokenizer or config.llm.model):
                 processor = _make_processor(config, load_tokenizer(config.llm))
+            if text_only:  # the processor keeps the signal tokens; no output projectors or generators
+                config, generators = _text_only(config), {}
             with _note_source("llm.model or encoders", config.llm.model):
                 model = AnyModalModel.build(config, processor.token_ids())
             _apply_lora(model, config, processor)
         pipe = cls(config, processor, model, generators)
+        pipe.text_only = text_only
         # where referenced components came from, resolved now: a later save records them by these
         pipe._sources = {"llm": _resolve_source(config.llm.model)}
         pipe._sources.update({f"encoders/{n}": _resolve_source(e.pretrained) for n, e in config.encoders.items()})
@@ -134,50 +145,60 @@ class AnyModalPipeline:
 
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike | AnyModalConfig | None = None,
-                        device: str | torch.device | None = None, *,
-                        allow_pickle: bool | None = None) -> "AnyModalPipeline":
+                        device: str | torch.device | None = None, *, allow_pickle: bool | None = None,
+                        text_only: bool = False, torch_dtype: str | torch.dtype | None = None,
+                        lazy_generators: bool = True) -> "AnyModalPipeline":
         """Load a saved pipeline directory, a YAML config file, a shipped config by name (``"tiny"``),
         or build an :class:`AnyModalConfig` given as an object.
 
         With no ``source``, load the default model shipped inside the package. Only safetensors
         weights load unless ``allow_pickle=True`` (unsafe: pickle files can run code when loaded).
+        ``text_only=True`` leaves the generators out (the model still writes signal tokens, marked
+        by placeholders in the text, but no media are made); ``torch_dtype`` overrides the LLM's
+        and the generators' dtype. A saved pipeline's generators load when first needed unless
+        ``lazy_generators=False``.
         """
+        opts = {"allow_pickle": allow_pickle, "text_only": text_only, "torch_dtype": torch_dtype}
         if source is None:
             source = default_model_path()
         if isinstance(source, AnyModalConfig):
-            return cls.from_config(source, device, allow_pickle=allow_pickle)
+            return cls.from_config(source, device, **opts)
         path = Path(source)
         if path.is_dir():
             if not (path / INDEX_NAME).is_file():
                 from .hf_systems import HF_SYSTEMS, config_from_hf, hf_system_type
 
                 if hf_system_type(path) is not None:  # a released LLaVA / BLIP-2 / InstructBLIP folder, as it is
-                    return cls.from_config(config_from_hf(path), device, allow_pickle=allow_pickle)
+                    return cls.from_config(config_from_hf(path), device, **opts)
                 raise FileNotFoundError(f"{path} is not a saved anymodal pipeline (no {INDEX_NAME}) nor a Hugging "
                                         f"Face checkpoint anymodal runs unchanged (config.json model_type "
                                         f"{', '.join(HF_SYSTEMS)})")
             with _pickle_choice(allow_pickle):
-                return cls._load_saved(path, device)
+                return cls._load_saved(path, device, text_only, torch_dtype, lazy_generators)
         if path.suffix in (".yaml", ".yml"):
-            return cls.from_config(path, device, allow_pickle=allow_pickle)
+            return cls.from_config(path, device, **opts)
         named = shipped_config(str(source))
         if named is not None:
-            return cls.from_config(named, device, allow_pickle=allow_pickle)
+            return cls.from_config(named, device, **opts)
         raise FileNotFoundError(f"{source!r} is neither a saved pipeline directory, a YAML config, nor a shipped "
                                 f"config name ({', '.join(list_configs())})")
 
     @classmethod
-    def _load_saved(cls, path: Path, device) -> "AnyModalPipeline":
+    def _load_saved(cls, path: Path, device, text_only: bool = False, torch_dtype: str | torch.dtype | None = None,
+                    lazy_generators: bool = True) -> "AnyModalPipeline":
         """Every path in the index stays inside ``path``; components kept elsewhere are entries of kind
         ``external`` with an absolute path or a hub id."""
         saved = _SavedPipeline(path)
-        config = saved.config
+        saved.config = config = _with_dtype(saved.config, torch_dtype)
+        if text_only:  # no generators, so no output projectors to feed them (a 7B NExT-GPT's: 370 MB)
+            saved.config = config = _text_only(config)
         processor = saved.processor()
         model = AnyModalModel.build(config, processor.token_ids(), language_model=saved.language_model(processor),
                                     encoders=saved.encoders(), load_projector_weights=False)
         saved.load_projectors(model)
         saved.load_adapter(model)
-        pipe = cls(config, processor, model, saved.generators())
+        pipe = cls(config, processor, model, {} if text_only else saved.generators(lazy_generators))
+        pipe.text_only = text_only
         pipe._owned, pipe._sources = saved.owned, saved.sources
         pipe._stored_dtypes = stored_dtypes(path)
         return pipe.to(device if device is not None else "cpu")
@@ -206,6 +227,9 @@ class AnyModalPipeline:
         loaded otherwise are stored in the dtype they have in memory.
         """
         directory = Path(directory)
+        if self.text_only:
+            raise ValueError("this pipeline was loaded with text_only=True and has no generators to save; load it "
+                             "without text_only to save it")
         atomic_dir(directory, lambda tmp: self._write_into(tmp, save_frozen))
         return directory
 
@@ -576,8 +600,8 @@ class _SavedPipeline:
             base = check_external(entry.get("base", self.config.llm.model), "components.llm.base")
             self.sources["llm"] = base
             lm = load_language_model(dataclasses.replace(self.config.llm, model=base))
-            add_token_rows(lm, len(processor.tokenizer), mean_resizing=False)  # the saved rows are loaded next
-            _load_token_rows(lm, rows)
+            # the added tokens' rows straight from the file, in slices: no random init, no second read
+            grow_token_rows(lm, len(processor.tokenizer), rows / "token_rows.safetensors")
             return lm
         raise ValueError(f"{self.index_file}: components.llm.kind must be 'full' or 'token_rows', "
                          f"got {entry.get('kind')!r}")
@@ -617,7 +641,8 @@ class _SavedPipeline:
         with peft_quietly():
             model.language_model = PeftModel.from_pretrained(model.language_model, str(adapter))
 
-    def generators(self) -> dict[Modality, Any]:
+    def generators(self, lazy: bool = True) -> dict[Modality, Any]:
+        """Each generator, reading only its configs now when ``lazy`` (its weights load when first used)."""
         generators = {}
         for m, g in self.config.generators.items():
             entry = _entry(self.saved.get("generators"), m.value, "generators")
@@ -629,8 +654,85 @@ class _SavedPipeline:
             else:
                 g = dataclasses.replace(g, pretrained=_external_entry(entry, g.pretrained, where), components=None)
                 self.sources[f"generators/{m.value}"] = g.pretrained
-            generators[m] = GENERATORS.get(g.type).from_config(g)
+                g = dataclasses.replace(g, pretrained=_fetchable(m, g.pretrained, "saved"))
+            generators[m] = _build_generator(m, dataclasses.replace(g, lazy=g.lazy or lazy), "saved")
         return generators
+
+
+def _with_dtype(config: AnyModalConfig, dtype: str | torch.dtype | None) -> AnyModalConfig:
+    """``config`` with the LLM and every generator in ``dtype`` (a copy; None: as configured)."""
+    if dtype is None:
+        return config
+    if isinstance(dtype, torch.dtype):
+        names = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+        if dtype not in names:
+            raise ValueError(f"torch_dtype must be float32, float16 or bfloat16, got {dtype}")
+        dtype = names[dtype]
+    from .utils import torch_dtype as check
+
+    check(dtype)
+    config = copy.deepcopy(config)
+    config.llm.dtype = dtype
+    for g in config.generators.values():
+        g.dtype = dtype
+    return config
+
+
+class GeneratorUnavailable(OSError):
+    """A generator's weights cannot be had: the message names the component, its source and the fix."""
+
+
+def _text_only(config: AnyModalConfig) -> AnyModalConfig:
+    """``config`` without its output projectors and generators (a copy)."""
+    config = copy.copy(config)
+    config.output_projectors, config.generators = {}, {}
+    return config
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _generator_fix(m: Modality, origin: str) -> str:
+    if origin == "saved":
+        return (f"give a local diffusers folder (convert again with --{m.value}-generator DIR, or set "
+                f"components.generators.{m.value}.source in {INDEX_NAME}), or load text only (text_only=True, "
+                "CLI --text-only)")
+    return (f"set generators.{m.value}.pretrained to a local diffusers folder, or load text only "
+            "(text_only=True, CLI --text-only)")
+
+
+def _fetchable(m: Modality, source: str | None, origin: str) -> str | None:
+    """A generator's source as it can be loaded now: a local folder as it is; a hub id, when the hub
+    is off (HF_HUB_OFFLINE=1), as its folder in the local cache, or an error naming the component,
+    the id and the fix; nothing here contacts the hub."""
+    if source is None or os.path.isdir(source):
+        return source
+    if os.path.isabs(source) or not _hub_offline():
+        if os.path.isabs(source):
+            raise FileNotFoundError(f"generators.{m.value}: {source} does not exist; {_generator_fix(m, origin)}")
+        return source
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(source, "model_index.json")
+    if isinstance(found, str):
+        return str(Path(found).parent)  # the cached snapshot, read as a local folder
+    raise GeneratorUnavailable(f"generators.{m.value}: {source!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 "
+                  f"forbids fetching it; {_generator_fix(m, origin)}")
+
+
+def _build_generator(m: Modality, g, origin: str):
+    """``GENERATORS[g.type].from_config(g)``; a hub id that cannot be fetched is one line naming the fix."""
+    try:
+        return GENERATORS.get(g.type).from_config(g)
+    except OSError as e:
+        if g.pretrained is None or os.path.isdir(g.pretrained) or isinstance(e, FileNotFoundError):
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise GeneratorUnavailable(f"generators.{m.value}: cannot fetch {g.pretrained!r} ({first}); "
+                      f"{_generator_fix(m, origin)}") from None
 
 
 def _pickle_choice(allow: bool | None):
@@ -728,7 +830,7 @@ def _note_source(field_name: str, source: str | None) -> Iterator[None]:
     try:
         yield
     except OSError as error:
-        if not isinstance(error, FileNotFoundError):
+        if not isinstance(error, (FileNotFoundError, GeneratorUnavailable)):
             hint = (" Without network access, set it to a local directory holding the weights."
                     if os.environ.get("HF_HUB_OFFLINE") else "")
             error.add_note(f"cannot load {field_name} {source!r}.{hint}")
@@ -809,24 +911,6 @@ def _save_token_rows(lm, state: dict[str, torch.Tensor] | None, token_ids: list[
     if out_emb is not None and not tied:
         tensors["output_rows"] = state[_weight_key(lm, out_emb)][ids].detach().cpu().contiguous()
     save_file(tensors, str(directory / "token_rows.safetensors"))
-
-
-def _load_token_rows(lm, directory: Path) -> None:
-    t = read_safetensors(directory / "token_rows.safetensors", "the added token rows")
-    if "token_ids" not in t or "input_rows" not in t:
-        raise ValueError(f"{directory / 'token_rows.safetensors'}: missing keys "
-                         f"{', '.join(k for k in ('token_ids', 'input_rows') if k not in t)}")
-    rows = lm.get_input_embeddings().weight.shape
-    ids = t["token_ids"]
-    if ids.ndim != 1 or (len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= rows[0])) \
-            or tuple(t["input_rows"].shape) != (len(ids), rows[1]):
-        raise ValueError(f"{directory / 'token_rows.safetensors'} does not fit the language model "
-                         f"(embedding {tuple(rows)}, {len(ids)} token ids)")
-    with torch.no_grad():
-        lm.get_input_embeddings().weight[t["token_ids"]] = t["input_rows"].to(lm.get_input_embeddings().weight.dtype)
-        if "output_rows" in t:
-            w = lm.get_output_embeddings().weight
-            w[t["token_ids"]] = t["output_rows"].to(w.dtype)
 
 
 def list_configs() -> list[str]:

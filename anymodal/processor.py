@@ -127,7 +127,8 @@ class AnyModalProcessor:
             added += [t for t in pair if t not in added]
         for m in self.signal_tokens:
             added += self.signal_strings[m]
-        new = [t for t in added if t not in tokenizer.get_vocab()]
+        vocab = tokenizer.get_vocab()  # once: a slow tokenizer builds it token by token
+        new = [t for t in added if t not in vocab]
         if new:
             tokenizer.add_special_tokens({"additional_special_tokens": new}, replace_extra_special_tokens=False)
         if tokenizer.pad_token is None:
@@ -236,8 +237,12 @@ class AnyModalProcessor:
                                  f"were given; give one {m.value} per placeholder, or no placeholders at all")
         if not prefix:
             return text
-        # with bos_per_segment one space around a medium is dropped, as NExT-GPT's " <Image>...</Image> " split does
-        return f"{prefix} {text}" if self.prompt_options.bos_per_segment else f"{prefix}\n{text}"
+        if self.prompt_options.bos_per_segment:
+            # NExT-GPT's prompt builder (demo_app.py): each medium then a space, then " " + the text; its
+            # split on " <" and "> " takes one space either side of a medium (as _segment_ids does), so
+            # the text keeps one leading space
+            return "".join(p + " " for p in self._placeholders_in(prefix)) + " " + text
+        return f"{prefix}\n{text}"
 
     # ------------------------------------------------------------ tokenising
     def num_tokens(self, text: str) -> int:
@@ -334,6 +339,9 @@ class AnyModalProcessor:
         for p in self.placeholders.values():
             text = text.replace(p, "")
         return text.strip()
+
+    def _placeholders_in(self, text: str) -> list[str]:
+        return re.findall(self._placeholder_pattern(), text)
 
     def _placeholder_pattern(self) -> str:
         return "|".join(re.escape(p) for p in self.placeholders.values())

@@ -143,6 +143,9 @@ def main(argv=None) -> int:
 
     result = {
         "config": args.config, "device": str(device),
+        # one prompt with one image, end to end; batch throughput; the most GPU memory allocated at any point
+        "s_per_image": t_pipe, "batch_images_per_s": args.batch / t_batch,
+        "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch_threads": torch.get_num_threads(), "max_new_tokens": n_tok, "diffusion_steps": args.steps,
         "repeats": args.repeats,

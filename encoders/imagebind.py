@@ -559,13 +559,23 @@ class ImageBindEncoder(ModalityEncoder):
         return enc.eval()
 
     # ------------------------------------------------------------------ checkpoints
-    def _read_checkpoint(self, path: str | os.PathLike) -> dict[str, torch.Tensor]:
-        """The checkpoint's tensors for the built branches, as float32 CPU copies, checked against this model."""
+    @classmethod
+    def check_checkpoint(cls, options: dict[str, Any] | ImageBindOptions | None, modalities: Sequence[Modality | str],
+                         path: str | os.PathLike) -> None:
+        """Raise ``ValueError`` unless ``path`` fits these options, reading only the tensors' shapes (a
+        converter checks a multi-GB file this way without loading it)."""
+        opts = options if isinstance(options, ImageBindOptions) else ImageBindOptions.from_dict(options)
+        with torch.device("meta"):
+            enc = cls(opts, modalities)
+        enc._check_shapes(path, {k: tuple(v.shape) for k, v in enc._open_checkpoint(path).items()})
+
+    def _open_checkpoint(self, path: str | os.PathLike) -> dict[str, Any]:
+        """The checkpoint's entries for the built branches: tensors (memory-mapped where the format
+        allows) or, for safetensors, lazy slices that read nothing until asked."""
         path = Path(path)
         if not path.is_file():
             hint = " (a directory written by save_pretrained loads with from_pretrained)" if path.is_dir() else ""
             raise FileNotFoundError(f"ImageBind checkpoint not found: {path}{hint}")
-        own = {k: tuple(v.shape) for k, v in self.state_dict().items()}
 
         def wanted(key: str) -> bool:
             # Keys of branches we did not build are expected in the official file: skip them.
@@ -576,28 +586,35 @@ class ImageBindEncoder(ModalityEncoder):
             from safetensors import safe_open
 
             with safe_open(str(path), framework="pt", device="cpu") as f:
-                state = {k: f.get_tensor(k) for k in f.keys() if wanted(k)}
-        else:
-            try:
-                # mmap: only the built branches are read from a multi-GB file.
-                raw = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError:  # legacy (non-zip) files cannot be mmapped
-                raw = torch.load(str(path), map_location="cpu", weights_only=True)
-            if isinstance(raw, dict) and "model" in raw and isinstance(raw["model"], dict):
-                raw = raw["model"]
-            if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
-                raise ValueError(f"{path}: not a state dict (expected a mapping of parameter names to tensors)")
-            state = {k: v for k, v in raw.items() if wanted(k)}
+                return {k: _Lazy(path, k, tuple(f.get_slice(k).get_shape())) for k in f.keys() if wanted(k)}
+        try:
+            # mmap: only the built branches are read from a multi-GB file.
+            raw = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # legacy (non-zip) files cannot be mmapped
+            raw = torch.load(str(path), map_location="cpu", weights_only=True)
+        if isinstance(raw, dict) and "model" in raw and isinstance(raw["model"], dict):
+            raw = raw["model"]
+        if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
+            raise ValueError(f"{path}: not a state dict (expected a mapping of parameter names to tensors)")
+        return {k: v for k, v in raw.items() if wanted(k)}
 
-        missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
-        mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {own[k]}"
-                      for k in sorted(set(own) & set(state)) if tuple(state[k].shape) != own[k]]
+    def _check_shapes(self, path: str | os.PathLike, shapes: dict[str, tuple[int, ...]]) -> None:
+        own = {k: tuple(v.shape) for k, v in self.state_dict().items()}
+        missing = sorted(set(own) - set(shapes))
+        unexpected = sorted(set(shapes) - set(own))
+        mismatched = [f"{k}: checkpoint {shapes[k]} vs model {own[k]}"
+                      for k in sorted(set(own) & set(shapes)) if shapes[k] != own[k]]
         if missing or unexpected or mismatched:
             parts = [f"{len(keys)} {what}: {_preview(keys)}" for what, keys in
                      (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)) if keys]
             raise ValueError(f"checkpoint {path} does not match ImageBind branches {', '.join(self.branches)} "
                              f"with options {self.opts.to_dict()}: " + "; ".join(parts))
+
+    def _read_checkpoint(self, path: str | os.PathLike) -> dict[str, torch.Tensor]:
+        """The checkpoint's tensors for the built branches, as float32 CPU copies, checked against this model."""
+        entries = self._open_checkpoint(path)
+        self._check_shapes(path, {k: tuple(v.shape) for k, v in entries.items()})
+        state = {k: v.load() if isinstance(v, _Lazy) else v for k, v in entries.items()}
         return {k: v.to(torch.float32, copy=True) if v.is_floating_point() else v.clone() for k, v in state.items()}
 
     # ------------------------------------------------------------------ input checks
@@ -662,3 +679,16 @@ class ImageBindEncoder(ModalityEncoder):
 def _preview(keys: list[str], limit: int = 8) -> str:
     shown = ", ".join(keys[:limit])
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+class _Lazy:
+    """A safetensors entry whose shape is known and whose data is read only by :meth:`load`."""
+
+    def __init__(self, path: Path, key: str, shape: tuple[int, ...]):
+        self.path, self.key, self.shape = path, key, shape
+
+    def load(self) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(str(self.path), framework="pt", device="cpu") as f:
+            return f.get_tensor(self.key)

@@ -31,6 +31,37 @@ from .random_init import random_init_builder, seeded
 from .shapes import component_config, cross_attention_width, prompt_length, read_component_configs
 
 
+class _OncePerProcess:
+    """Let a repeated diffusers warning through once: moving an fp16 pipeline to the CPU warns once
+    per component (seven times for Stable Diffusion), which says nothing new after the first."""
+
+    ONCE = ("cannot run with `cpu` device",)
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+
+    def filter(self, record: Any) -> bool:
+        msg = record.getMessage()
+        key = next((k for k in self.ONCE if k in msg), None)
+        if key is None:
+            return True
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
+
+
+def _install_once_filter() -> None:
+    import logging
+
+    source = logging.getLogger("diffusers.pipelines.pipeline_utils")
+    if not any(isinstance(f, _OncePerProcess) for f in source.filters):
+        source.addFilter(_OncePerProcess())
+
+
+_install_once_filter()
+
+
 def _is_model_class(klass: type) -> bool:
     from diffusers import ModelMixin
     from transformers import PreTrainedModel

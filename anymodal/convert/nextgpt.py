@@ -223,21 +223,48 @@ def _check_base(plan: DeltaPlan, state: dict[str, torch.Tensor], llm_cfg: dict[s
 
 
 def _tokenizer(llm: Path, plan: DeltaPlan, state, llm_cfg) -> Any:
-    from transformers import AutoTokenizer
+    """Vicuna's tokenizer as NExT-GPT used it, with NExT-GPT's tokens added as NExT-GPT adds them.
 
-    tok = AutoTokenizer.from_pretrained(str(llm))
+    NExT-GPT loads ``LlamaTokenizer`` (the slow SentencePiece tokenizer) and calls ``add_tokens``:
+    the added tokens are ordinary, not special, so ``skip_special_tokens`` decoding keeps them.
+    A folder with ``tokenizer.model`` gets that slow tokenizer (the fast conversion drops a leading
+    space); a folder with only ``tokenizer.json`` gets its fast tokenizer.
+    """
+    from ..tokenization import load_tokenizer_from, tokenizer_files
+
+    backend = "sentencepiece" if "tokenizer.model" in tokenizer_files(llm) else "auto"
+    tok = load_tokenizer_from(llm, backend, what="--llm")
     base_vocab = len(tok)
     _check_base(plan, state, llm_cfg, llm, base_vocab)
     names = list(WRAP) + [name.format(i=i) for _, name, n in SIGNALS for i in range(n)]
-    present = [t for t in names if t in tok.get_vocab()]
+    vocab = tok.get_vocab()  # once: a slow tokenizer builds it token by token
+    present = [t for t in names if t in vocab]
     if present:
         raise ConversionError(f"the tokenizer in --llm {llm} already has {present[0]!r}; give the plain Vicuna v0 "
                               "tokenizer (NExT-GPT adds its tokens after the 32000 base tokens)")
-    tok.add_special_tokens({"additional_special_tokens": names}, replace_extra_special_tokens=False)
+    tok.add_tokens(names)
     ids = tok.convert_tokens_to_ids(names)
     if ids != list(range(base_vocab, base_vocab + len(names))):
         raise ConversionError(f"the tokenizer gave NExT-GPT's tokens ids {ids[:3]}..., not {base_vocab}.. in order")
-    return tok
+    return tok, backend
+
+
+def _check_imagebind(path: Path, preset: str, width: int) -> None:
+    """The ImageBind file fits the preset (shapes only, nothing loaded) and its joint space is as wide
+    as llama_proj's input: a wrong --imagebind is refused now, not when the pipeline loads."""
+    from ..encoders.imagebind import ImageBindEncoder, ImageBindOptions
+
+    try:
+        opts = ImageBindOptions.from_dict({"preset": preset, "audio_logit_scale": False})
+    except ValueError as e:
+        raise ConversionError(f"--imagebind-preset: {e}") from None
+    if opts.out_embed_dim != width:
+        raise ConversionError(f"--imagebind-preset {preset} gives {opts.out_embed_dim}-d embeddings, but the "
+                              f"checkpoint's llama_proj takes {width}-d ImageBind features (NExT-GPT: huge, 1024)")
+    try:
+        ImageBindEncoder.check_checkpoint(opts, ["image", "audio", "video"], path)
+    except ValueError as e:
+        raise ConversionError(f"--imagebind {path}: {str(e).splitlines()[0]}") from None
 
 
 def build_config(plan: DeltaPlan, state, llm: Path, imagebind: Path | None, imagebind_preset: str,
@@ -296,9 +323,12 @@ def convert_nextgpt(delta: str | Path, llm: str | Path, out: str | Path, imagebi
     state = load_delta(delta)
     plan = plan_delta(state, str(delta))
     llm_cfg = _read_llm_config(llm)
-    tok = _tokenizer(llm, plan, state, llm_cfg)
-    cfg = AnyModalConfig.from_dict(build_config(plan, state, llm, imagebind, imagebind_preset, gens, dtype,
-                                                num_heads, lora_alpha))
+    if imagebind is not None:
+        _check_imagebind(imagebind, imagebind_preset, state["llama_proj.weight"].shape[1])
+    tok, backend = _tokenizer(llm, plan, state, llm_cfg)
+    raw_cfg = build_config(plan, state, llm, imagebind, imagebind_preset, gens, dtype, num_heads, lora_alpha)
+    raw_cfg["llm"]["tokenizer_backend"] = backend
+    cfg = AnyModalConfig.from_dict(raw_cfg)
     processor = _make_processor(cfg, tok)
     # anymodal's own placeholders (<image>, <audio>, <video>) come after NExT-GPT's tokens; their rows
     # are never read (features replace them) and never generated (generation suppresses them)
@@ -309,7 +339,10 @@ def convert_nextgpt(delta: str | Path, llm: str | Path, out: str | Path, imagebi
     if processor.signal_ids != want or total != plan.rows + len(processor.placeholder_ids):
         raise ConversionError(f"signal-token ids {processor.signal_ids} do not follow NExT-GPT's layout {want}")
 
-    bar = tqdm(total=len(state), unit="tensor", desc="converting", disable=not progress)
+    # in bytes: the embedding rows (most of the file) advance the bar block by block as they are written
+    extra = (total - plan.rows) * plan.hidden * state[plan.embed].element_size() * 2 + 8 * total  # zeros, ids
+    bar = tqdm(total=sum(_nbytes(t) for t in state.values()) + extra, unit="B", unit_scale=True,
+               unit_divisor=1024, desc="converting", disable=not progress)
 
     def write(tmp: Path) -> None:
         # Vicuna, ImageBind and the generators stay where they are: external entries (absolute path or hub id)
@@ -335,18 +368,25 @@ def convert_nextgpt(delta: str | Path, llm: str | Path, out: str | Path, imagebi
     return out
 
 
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
 def _write_token_rows(tmp: Path, state: dict[str, torch.Tensor], plan: Any, total: int, bar: Any, log) -> None:
-    """Every row of the delta's embed_tokens and lm_head, plus zero rows for anymodal's placeholders."""
-    from safetensors.torch import save_file
+    """Every row of the delta's embed_tokens and lm_head, plus zero rows for anymodal's placeholders,
+    streamed from the mapped delta in row blocks (never a whole [vocabulary, hidden] copy)."""
+    from ..lowmem import release_tensors, row_blocks, write_safetensors
 
     (tmp / "llm").mkdir()
     extra = total - plan.rows
-    rows = {"token_ids": torch.arange(total, dtype=torch.long)}
+    ids = torch.arange(total, dtype=torch.long)
+    entries = [("token_ids", torch.long, (total,), lambda: iter([ids]))]
     for name, key in (("input_rows", plan.embed), ("output_rows", plan.lm_head)):
         t = state[key]
-        rows[name] = torch.cat([t, t.new_zeros(extra, t.shape[1])])
-    save_file(rows, str(tmp / "llm" / "token_rows.safetensors"))
-    bar.update(2)
+        entries.append((name, t.dtype, (total, t.shape[1]), row_blocks(t, extra)))
+    write_safetensors(tmp / "llm" / "token_rows.safetensors", entries, metadata={"format": "pt"},
+                      on_block=bar.update)
+    release_tensors([state[plan.embed], state[plan.lm_head]])  # written: their mapped pages can go
     log(f"embeddings: embed_tokens and lm_head [{plan.rows}, {plan.hidden}] ({plan.rows - ADDED_TOKENS} base + "
         f"{ADDED_TOKENS} NExT-GPT tokens), all rows kept; {extra} placeholder rows added")
 
@@ -361,7 +401,7 @@ def _write_lora(tmp: Path, state: dict[str, torch.Tensor], plan: Any, cfg: Any, 
                task_type="CAUSAL_LM", base_model_name_or_path=str(llm)).save_pretrained(str(tmp / "llm_adapter"))
     save_file({dst: state[src].contiguous() for src, dst in plan.lora.items()},
               str(tmp / "llm_adapter" / "adapter_model.safetensors"))
-    bar.update(len(plan.lora))
+    bar.update(sum(_nbytes(state[k]) for k in plan.lora))
     n_layers = len({LORA_KEY.fullmatch(k).group(1) for k in plan.lora})
     log(f"LoRA: {len(plan.lora)} tensors, {n_layers} layers x {'/'.join(lc.target_modules)}, r={lc.r}, "
         f"alpha={lc.alpha}")
@@ -385,7 +425,7 @@ def _write_input_projector(tmp: Path, state: dict[str, torch.Tensor], plan: Any,
             f"{', '.join(m.value for m in cfg.input_projectors)}; ImageBind from {imagebind}")
     else:
         log("input projector: llama_proj skipped (no --imagebind: the pipeline takes text input only)")
-    bar.update(len(plan.input))
+    bar.update(sum(_nbytes(state[k]) for k in plan.input))
 
 
 def _write_output_projectors(tmp: Path, state: dict[str, torch.Tensor], plan: Any, cfg: Any, delta: Path,
@@ -415,7 +455,7 @@ def _write_output_projectors(tmp: Path, state: dict[str, torch.Tensor], plan: An
                                   f"{absent[0]} ({len(absent)} tensors missing)")
         save_file(tensors, str(tmp / "output_projectors" / f"{m.value}.safetensors"))
         components["output_projectors"][m.value] = f"output_projectors/{m.value}.safetensors"
-        bar.update(len(keys))
+        bar.update(sum(_nbytes(state[k]) for k in keys))
         seq, dim = pcfg.targets["prompt_embeds"]
         log(f"output projector {m.value}: {plan.hidden} -> {pcfg.hidden_dim} ({pcfg.num_encoder_layers} encoder + "
             f"{pcfg.num_layers} decoder layers, {pcfg.num_heads} heads, FFN {pcfg.ffn_dim}) -> {seq} x {dim}; "
@@ -436,6 +476,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="dtype the LLM runs in (default float16, as NExT-GPT)")
     p.add_argument("--output-heads", type=int, default=NHEAD,
                    help=f"attention heads of the output projectors (not stored in the file; NExT-GPT: {NHEAD})")
+    p.add_argument("--lora-alpha", type=int, default=32,
+                   help="LoRA alpha (not stored in the file; NExT-GPT: 32, its lora_alpha in the released config)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -443,5 +485,6 @@ def run(args: argparse.Namespace) -> int:
     convert_nextgpt(args.delta, args.llm, args.out, imagebind=args.imagebind, imagebind_preset=args.imagebind_preset,
                     generators={m: getattr(args, f"{m.value}_generator") for m in
                                 (Modality.IMAGE, Modality.AUDIO, Modality.VIDEO)},
-                    dtype=args.dtype, num_heads=args.output_heads, progress=not args.no_progress)
+                    dtype=args.dtype, num_heads=args.output_heads, lora_alpha=args.lora_alpha,
+                    progress=not args.no_progress)
     return 0
