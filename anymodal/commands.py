@@ -87,7 +87,6 @@ def generate_args(p: argparse.ArgumentParser) -> None:
                    help="classifier-free guidance scale for every generated medium (default: each generator's settings)")
     p.add_argument("--video-format", choices=["gif", "mp4"], default="gif",
                    help="file type of generated videos (default gif; mp4 needs imageio-ffmpeg)")
-
     p.add_argument("--text-only", action="store_true",
                    help="load no generators: text out only (signal blocks stay placeholders in the text)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
