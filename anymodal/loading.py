@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import json
 import os
 import re
 from pathlib import Path
@@ -38,19 +39,73 @@ def allow_pickle() -> bool:
     return _ALLOW_PICKLE.get()
 
 
+# the safetensors file a loader (transformers, diffusers, peft) reads instead of each pickle weights file
+# it knows by name; the pickle is loaded only when that file is absent
+_SAFETENSORS_TWIN = {"pytorch_model.bin": ("model.safetensors", "model.safetensors.index.json"),
+                     "pytorch_model.bin.index.json": ("model.safetensors.index.json", "model.safetensors"),
+                     "diffusion_pytorch_model.bin": ("diffusion_pytorch_model.safetensors",
+                                                     "diffusion_pytorch_model.safetensors.index.json"),
+                     "adapter_model.bin": ("adapter_model.safetensors",)}
+_SHARD = re.compile(r"(pytorch_model|diffusion_pytorch_model)-\d+-of-\d+\.bin")
+
+
+def _pickle_used(p: Path) -> bool:
+    """Whether a loader would read the pickle file ``p``: a name it knows without its safetensors
+    twin beside it (a decoy ``x.safetensors`` does not count), or an unknown name with no
+    safetensors beside it at all."""
+    name = p.name
+    if _SHARD.fullmatch(name):
+        name = name.split("-", 1)[0] + ".bin"
+    twins = _SAFETENSORS_TWIN.get(name)
+    if twins is not None:
+        return not any((p.parent / t).is_file() for t in twins)
+    return not any(q.suffix == ".safetensors" for q in p.parent.iterdir())
+
+
 def refuse_pickle(source: str | os.PathLike | None, what: str) -> None:
-    """Raise if the local directory ``source`` holds pickle weights and no safetensors, unless allowed."""
-    if source is None or allow_pickle() or not os.path.isdir(source):
+    """Raise if a loader would read pickle weights from the local directory ``source``, unless
+    allowed; when allowed, each such file is first read with ``torch.load(weights_only=True)``, so
+    one that holds more than tensors fails with one line naming it instead of deep inside a loader."""
+    if source is None or not os.path.isdir(source):
         return
     files = [p for p in Path(source).rglob("*") if p.is_file()]
-    pickles = [p for p in files if p.suffix in PICKLE_SUFFIXES and not p.name.startswith("training_args")]
-    # a pickle with no safetensors beside it is what a loader would fall back to
-    bad = [p for p in pickles if not any(q.suffix == ".safetensors" for q in p.parent.iterdir())]
-    if bad:
-        names = ", ".join(str(p.relative_to(source)) for p in sorted(bad)[:3])
-        raise ValueError(f"cannot load {what} from {source}: its weights are pickle files ({names}), which can run "
-                         "code when loaded; convert them to safetensors, or pass allow_pickle=True (CLI: "
-                         "--allow-pickle) if you trust their source")
+    pickles = [p for p in files if (p.suffix in PICKLE_SUFFIXES or p.name.endswith(".bin.index.json"))
+               and not p.name.startswith("training_args")]
+    bad = sorted(p for p in pickles if _pickle_used(p))
+    if not bad:
+        return
+    if allow_pickle():
+        for p in bad:
+            if p.suffix in PICKLE_SUFFIXES:
+                torch_load_weights(p, what)
+        return
+    names = ", ".join(str(p.relative_to(source)) for p in bad[:3])
+    raise ValueError(f"cannot load {what} from {source}: its weights are pickle files ({names}), which can run "
+                     "code when loaded; convert them to safetensors, or pass allow_pickle=True (CLI: "
+                     "--allow-pickle) if you trust their source")
+
+
+def torch_load_weights(path: str | os.PathLike, what: str) -> Any:
+    """``torch.load(weights_only=True)`` (memory-mapped where the format allows): plain tensors and
+    containers only, never code. A file that holds anything else, or is not a torch file, is a
+    ``ValueError`` of one line naming it."""
+    path = Path(path)
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except Exception as e:  # a pickle with objects or code, a truncated file, not a torch file at all
+        if path.is_file() and path.stat().st_size == 0:
+            why = "the file is empty"
+        elif "weights_only" in str(e) or "Unsupported global" in str(e) or "GLOBAL" in str(e):
+            why = "it holds Python objects, not only tensors (it could run code, so it is not loaded)"
+        else:
+            why = f"{type(e).__name__}: {(str(e).strip().splitlines() or ['no details'])[0][:200]}"
+        raise ValueError(f"{what}: cannot read {path} as plain tensors (torch.load with weights_only=True): "
+                         f"{why}") from None
 
 
 def check_external(source: Any, where: str) -> str:
@@ -67,17 +122,54 @@ def check_external(source: Any, where: str) -> str:
     return source
 
 
-def confined(root: Path, rel: Any, where: str) -> Path:
-    """``root / rel``, refusing absolute paths and any path that leaves ``root`` (``..``, symlinks)."""
-    if not isinstance(rel, str) or not rel or os.path.isabs(rel) or "\\" in rel:
-        raise ValueError(f"{where}: {rel!r} must be a relative path inside the model directory")
+def confined(root: Path, rel: Any, where: str, kind: str = "model directory", *, resolve: bool = True) -> Path:
+    """``root / rel``, refusing absolute paths and any path that leaves ``root`` (``..``, and with
+    ``resolve`` symlinks). The one rule for every path that a file anymodal reads names: a saved
+    pipeline's index, a session's media, a released folder's weight index."""
+    if not isinstance(rel, str) or not rel or os.path.isabs(rel) or "\\" in rel or "\0" in rel:
+        raise ValueError(f"{where}: {rel!r} must be a relative path inside the {kind}")
     path = root / rel
+    if not resolve:  # by name only: a hub snapshot's files are links into its blob store
+        if ".." in Path(rel).parts:
+            raise ValueError(f"{where}: {rel!r} leaves the {kind} {root}")
+        return path
     base = root.resolve()
     resolved = path.resolve()
     if resolved != base and base not in resolved.parents:
-        raise ValueError(f"{where}: {rel!r} leaves the model directory {root}; paths in the index must stay inside "
-                         "it (a component kept elsewhere is recorded as {\"kind\": \"external\"})")
+        hint = (" (a component kept elsewhere is recorded as {\"kind\": \"external\"})" if kind == "model directory"
+                else "")
+        raise ValueError(f"{where}: {rel!r} leaves the {kind} {root}; paths in it must stay inside it{hint}")
     return path
+
+
+def check_links_inside(root: str | os.PathLike, kind: str = "model directory") -> None:
+    """Raise if any symbolic link under ``root`` leads outside it (or nowhere): every file a loader
+    then reads from ``root`` is one of its own, never a file elsewhere on the machine."""
+    root = Path(root)
+    base = root.resolve()
+    for d, dirs, files in os.walk(root, followlinks=False):
+        for name in dirs + files:
+            p = Path(d) / name
+            if not p.is_symlink():
+                continue
+            target = p.resolve()
+            if target != base and base not in target.parents:
+                raise ValueError(f"{p}: a symbolic link to {os.readlink(p)}, outside the {kind} {root}; anymodal "
+                                 f"reads only files inside it: copy the file in instead of linking it")
+
+
+def read_json(path: str | os.PathLike, what: str, expect: type = dict) -> Any:
+    """A JSON file that must hold ``expect`` (an object by default); any other content is a
+    ``ValueError`` naming the file."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{what}: {path} is not valid JSON ({str(e)[:200]})") from None
+    if not isinstance(value, expect):
+        raise ValueError(f"{what}: {path} must hold a JSON {'object' if expect is dict else expect.__name__}, "
+                         f"got {type(value).__name__}")
+    return value
 
 
 def read_safetensors(path: str | os.PathLike, what: str) -> dict[str, torch.Tensor]:

@@ -22,20 +22,23 @@ import torch
 
 from .config import AnyModalConfig
 from .generation import generate_text
-from .loading import (check_external, confined, load_safetensors_into, pickle_allowed, read_safetensors,
-                      refuse_pickle)
+from .loading import (check_external, check_links_inside, confined, load_safetensors_into, pickle_allowed,
+                      read_safetensors, refuse_pickle)
 from .inputs import check_max_new_tokens, check_prompts, check_sampling, check_seed
 from .media import MediaError, describe
 from .modality import MediaFields, Modality, media_by_plural, media_modalities
 from .model import AnyModalModel, add_token_rows, load_language_model, load_tokenizer
 from .processor import AnyModalProcessor, Message
 from .registry import ENCODERS, GENERATORS
-from .utils import atomic_dir, atomic_write_text, peft_quietly, seeded
+from .utils import atomic_dir, atomic_write_text, check_replaceable, peft_quietly, seeded
 
 logger = logging.getLogger(__name__)
 
 INDEX_NAME = "anymodal_index.json"
 FORMAT_VERSION = 1
+# the top-level entries a saved pipeline directory may hold (what save_pretrained and the converters write)
+SAVED_NAMES = (INDEX_NAME, "config.yaml", "processor", "llm", "llm_adapter", "encoders", "input_projectors",
+               "output_projectors", "generators")
 
 
 class AnyModalOutput(MediaFields):
@@ -181,7 +184,8 @@ class AnyModalPipeline:
                              f"{self.config.generators[modality].type} generator takes: {have}")
 
     # ================================================================ saving
-    def save_pretrained(self, directory: str | os.PathLike, save_frozen: bool = False) -> Path:
+    def save_pretrained(self, directory: str | os.PathLike, save_frozen: bool = False, *,
+                        overwrite: bool = False) -> Path:
         """Save every component in its own subfolder, plus ``anymodal_index.json`` (safetensors only).
 
         Frozen components loaded from a hub id or a path outside the installed package are recorded
@@ -190,8 +194,14 @@ class AnyModalPipeline:
         saved pipeline or lie inside the installed package are copied. The directory is written
         beside its destination and moved into place, so an interrupted save never leaves a
         half-written pipeline over an old one.
+
+        An earlier saved pipeline at ``directory`` is replaced; any other non-empty directory is
+        refused unless ``overwrite=True``, and a file, or a directory holding a component the saved
+        pipeline refers to, is always refused (:func:`anymodal.utils.check_replaceable`).
         """
         directory = Path(directory)
+        check_replaceable(directory, marker=INDEX_NAME, known=SAVED_NAMES, what="save_pretrained:",
+                          overwrite=overwrite, keep=[s for s in self._sources.values() if s and os.path.isabs(s)])
         atomic_dir(directory, lambda tmp: self._write_into(tmp, save_frozen))
         return directory
 
@@ -431,6 +441,7 @@ class _SavedPipeline:
     def __init__(self, path: Path):
         self.path = path
         self.index_file = path / INDEX_NAME
+        check_links_inside(path)  # every file a loader reads below is the directory's own
         try:
             index = json.loads(self.index_file.read_text(encoding="utf-8"))
             if not isinstance(index, dict):
@@ -445,6 +456,7 @@ class _SavedPipeline:
         except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
             raise ValueError(f"{self.index_file} is not a valid anymodal index: "
                              f"{e if not isinstance(e, KeyError) else f'missing {e}'}") from None
+        _check_types(self.config)
         self.owned: set[str] = set()
         self.sources: dict[str, str | None] = {}
 
@@ -626,19 +638,13 @@ def _note_source(field_name: str, source: str | None) -> Iterator[None]:
 
 
 def _check_types(config: AnyModalConfig) -> None:
-    """Resolve every component type now, so a typo fails before anything heavy loads."""
-    from .registry import INPUT_PROJECTORS, OUTPUT_PROJECTORS
+    """Resolve every component type now, so a typo, or a generator that does not make its
+    modality, fails before anything heavy loads."""
+    from .registry import check_component_types
 
-    for name, e in config.encoders.items():
-        ENCODERS.get(e.type)
-    for p in config.input_projectors.values():
-        INPUT_PROJECTORS.get(p.type)
-    for p in config.output_projectors.values():
-        OUTPUT_PROJECTORS.get(p.type)
-    for m, g in config.generators.items():
-        cls = GENERATORS.get(g.type)
-        if cls.modality is not m:
-            raise ValueError(f"generators[{m.value}]: {g.type!r} generates {cls.modality.value}, not {m.value}")
+    problems = check_component_types(config)
+    if problems:
+        raise ValueError(problems[0] + (f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""))
 
 
 def _apply_lora(model: AnyModalModel, config: AnyModalConfig, processor: AnyModalProcessor) -> None:

@@ -172,6 +172,8 @@ def check_component_types(config: Any) -> list[str]:
             problems.append(f"{where}: {registry.unknown_message(name)}")
     for m, g in config.generators.items():
         if g.type in GENERATORS and GENERATORS.get(g.type).modality is not m:
-            problems.append(f"generators.{m.value}.type: {g.type!r} generates "
-                            f"{GENERATORS.get(g.type).modality.value}, not {m.value}")
+            makes = [t for t in GENERATORS.names() if GENERATORS.get(t).modality is m]
+            problems.append(f"generators.{m.value}.type: the {g.type!r} generator makes "
+                            f"{GENERATORS.get(g.type).modality.value}, not {m.value}; {m.value} generator types: "
+                            f"{', '.join(makes) or 'none registered'}")
     return problems

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from .media import MediaError
 from .modality import MediaFields, Modality, media_by_plural
 from .processor import Message
-from .utils import atomic_dir, recover_swapped_dir
+from .utils import atomic_dir, check_replaceable, recover_swapped_dir
 
 if TYPE_CHECKING:
     from .pipeline import AnyModalPipeline
@@ -140,11 +140,14 @@ class ChatSession:
         return proc.num_tokens(proc.format(rendered))
 
     # ------------------------------------------------------------ persistence
-    def save(self, directory: str | os.PathLike) -> Path:
+    def save(self, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write ``session.json`` and every medium (lossless: PNG, float WAV, PNG frames; files sent as
         paths are copied byte for byte). The directory is built beside its destination and swapped in,
-        so an interrupted save leaves the previous one intact."""
+        so an interrupted save leaves the previous one intact. An earlier saved session is replaced;
+        any other non-empty directory only with ``overwrite=True``, and a file never."""
         directory = Path(directory)
+        check_replaceable(directory, marker=SESSION_FILE, known=(SESSION_FILE, "media"), what="session directory",
+                          overwrite=overwrite)
         atomic_dir(directory, self._write_into)
         return directory
 
@@ -221,12 +224,19 @@ def _save_medium(m: Modality, item: Any, stem: Path) -> dict[str, str]:
     return {"file": f"media/{m.spec.keep(item, stem).name}", "as": "data"}
 
 
-def _load_medium(m: Modality, entry: dict[str, str], directory: Path) -> Any:
-    path = directory / entry["file"]
-    if ".." in Path(entry["file"]).parts:
-        raise ValueError(f"session medium path {entry['file']!r} leaves the session directory")
+def _load_medium(m: Modality, entry: Any, directory: Path) -> Any:
+    """One medium of a saved session: a file inside the session directory (by name and after links:
+    an absolute path, ``..`` or a link elsewhere is refused), never a file the session names elsewhere."""
+    from .loading import confined
+
+    where = f"{directory / SESSION_FILE}: {m.value} medium"
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where}: expected {{\"file\": ..., \"as\": ...}}, got {type(entry).__name__}")
+    path = confined(directory, entry.get("file"), f"{where} file", "session directory")
     if not path.exists():
         raise FileNotFoundError(f"session medium missing: {path}")
+    if not path.is_file():
+        raise ValueError(f"{where} file {entry.get('file')!r} is not a regular file")
     if entry.get("as") == "path":  # a copied input file: decoded by the encoder exactly as the original was
         return str(path)
     if m.spec.restore is None:
