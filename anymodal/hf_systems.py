@@ -19,13 +19,14 @@ can point its components at the same folder or hub id.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -138,11 +139,22 @@ def auto_config(source: str | os.PathLike) -> Any:
     from transformers import AutoConfig
 
     read_config(source)
-    try:
+    with library_errors(f"{source}: config.json is not a configuration transformers can read"):
         return AutoConfig.from_pretrained(str(source))
-    except (TypeError, ValueError, KeyError, AttributeError) as e:
-        raise ValueError(f"{source}: config.json is not a configuration transformers can read: "
-                         f"{type(e).__name__}: {str(e)[:300]}") from None
+
+
+@contextlib.contextmanager
+def library_errors(what: str) -> Iterator[None]:
+    """Within the block, an error a library raises while it parses or builds from a file (its
+    TypeErrors, KeyErrors, validation errors) becomes one ValueError starting with ``what``. An
+    ``OSError`` (a file or hub id not found) and a ``MemoryError`` go on as they are."""
+    try:
+        yield
+    except (OSError, MemoryError):
+        raise
+    except Exception as e:
+        first = (str(e).strip().splitlines() or ["no details"])[-1 if "Validation error" in str(e) else 0]
+        raise ValueError(f"{what}: {type(e).__name__}: {first.strip()[:300]}") from None
 
 
 def read_weight_index(d: Path, name: str = "model.safetensors.index.json") -> dict[str, Path]:
@@ -194,8 +206,9 @@ class CheckpointReader:
         if str(source).endswith(".safetensors") and os.path.isfile(source):  # one file (an anymodal projector)
             from safetensors import safe_open
 
-            with safe_open(str(source), "pt") as f:
-                self._where = {k: Path(source) for k in f.keys()}
+            with library_errors(f"{source}: not a readable safetensors file"):
+                with safe_open(str(source), "pt") as f:
+                    self._where = {k: Path(source) for k in f.keys()}
             return
         d = local_dir(source)
         check_folder(d)  # JSON named when broken, index inside the folder, pickle refused unless allowed
@@ -205,8 +218,9 @@ class CheckpointReader:
         elif (d / "model.safetensors").is_file():
             from safetensors import safe_open
 
-            with safe_open(str(d / "model.safetensors"), "pt") as f:
-                self._where = {k: d / "model.safetensors" for k in f.keys()}
+            with library_errors(f"{d / 'model.safetensors'}: not a readable safetensors file"):
+                with safe_open(str(d / "model.safetensors"), "pt") as f:
+                    self._where = {k: d / "model.safetensors" for k in f.keys()}
         elif (d / "pytorch_model.bin").is_file():
             from .loading import torch_load_weights
 
@@ -304,7 +318,7 @@ def build_checked(factory: Callable[[], nn.Module], source: str | os.PathLike, p
     the module is built on the meta device (no memory) and every shape compared with the files'
     headers, so a config that asks for more than the checkpoint holds fails before it allocates."""
     prefixes = list(prefixes)
-    with torch.device("meta"):
+    with torch.device("meta"), library_errors(f"{what}: the config of {source} does not build a model"):
         meta = factory()
     load_strict(meta, source, prefixes, what, rename=rename, skip=skip)
     del meta
@@ -319,7 +333,8 @@ def _check_lm_against_weights(source: str | os.PathLike, text_config: Any, kind:
     ``num_hidden_layers``...) is an error before the model is allocated."""
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
+    with torch.device("meta"), library_errors(f"language model in {source}: config.json text_config does not "
+                                              "build a model"):
         meta = AutoModelForCausalLM.from_config(text_config)
     reader = CheckpointReader(source)
     have = {}

@@ -154,8 +154,8 @@ def check_links_inside(root: str | os.PathLike, kind: str = "model directory") -
                 continue
             target = p.resolve()
             if target != base and base not in target.parents:
-                raise ValueError(f"{p}: a symbolic link to {os.readlink(p)}, outside the {kind} {root}; anymodal "
-                                 f"reads only files inside it: copy the file in instead of linking it")
+                raise ValueError(f"{p}: a symbolic link to {os.readlink(p)}, which leaves the {kind} {root}; "
+                                 "anymodal reads only files inside it: copy the file in instead of linking it")
 
 
 def read_json(path: str | os.PathLike, what: str, expect: type = dict) -> Any:

@@ -224,7 +224,7 @@ def test_saved_pipeline_links_leading_outside_are_refused(saved, tmp_path, rel):
     outside = tmp_path / "elsewhere"
     shutil.move(str(d / rel), str(outside))
     (d / rel).symlink_to(outside)
-    refused(lambda: AnyModalPipeline.from_pretrained(d), "a symbolic link to .*outside the model directory")
+    refused(lambda: AnyModalPipeline.from_pretrained(d), "a symbolic link to .*which leaves the model directory")
 
 
 def test_saved_pipeline_links_inside_it_still_load(saved, tmp_path):
