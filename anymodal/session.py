@@ -89,6 +89,7 @@ class ChatSession:
         media = {m: items for m, v in given.items() if v is not None and (items := _as_list(m, v))}
         if not text.strip() and not media:
             raise ValueError("nothing to send: give some text or media")
+        self.pipe.processor.check_chars(text, self.pipe.context_length, "the message")
         for m in media:
             self.pipe.processor.check_takes(m)
         counts = {m: len(v) for m, v in media.items()}
