@@ -330,8 +330,11 @@ class AnyModalPipeline:
         progress = sys.stderr.isatty() if progress is None else progress
 
         # 2. lay out the inputs: checked, placeholders placed, formatted, tokenised, media preprocessed
-        inputs = self.processor.prepare(conversations)
         limit = self.context_length
+        for i, conv in enumerate(conversations):  # a bound on characters first: tokenising megabytes takes seconds
+            self.processor.check_chars("".join(m.content for m in conv), limit,
+                                       "the prompt" if len(conversations) == 1 else f"prompt[{i}]")
+        inputs = self.processor.prepare(conversations)
         longest = int(inputs.attention_mask.sum(-1).max())
         if limit is not None and longest + max_new_tokens > limit:
             raise ValueError(f"the prompt is {longest} tokens long (media positions included); with max_new_tokens="

@@ -234,6 +234,23 @@ class AnyModalProcessor:
         return f"{prefix} {text}" if self.prompt_options.bos_per_segment else f"{prefix}\n{text}"
 
     # ------------------------------------------------------------ tokenising
+    def max_chars(self, tokens: int) -> int:
+        """The most characters that ``tokens`` tokens can spell: a bound checked before tokenising,
+        so that a prompt of megabytes is refused at once instead of after seconds of tokenising.
+        No token spells more characters than its vocabulary entry (byte-level vocabularies spell one
+        byte per character, and a character is at least one byte); a word-piece unknown token may
+        stand for a whole word, so the factor is at least 128 characters per token."""
+        longest = self.__dict__.get("_longest_token")
+        if longest is None:
+            longest = self.__dict__["_longest_token"] = max(map(len, self.tokenizer.get_vocab()), default=1)
+        return tokens * max(longest, 128)
+
+    def check_chars(self, text: str, tokens: int | None, where: str = "the prompt") -> None:
+        """Refuse ``text`` when it has more characters than ``tokens`` tokens can spell (``None``: no limit)."""
+        if tokens is not None and len(text) > self.max_chars(tokens):
+            raise ValueError(f"{where} is too long: {len(text)} characters, and the model's context of {tokens} "
+                             f"tokens holds at most {self.max_chars(tokens)} characters; shorten it")
+
     def num_tokens(self, text: str) -> int:
         """Length of a formatted text in tokens, each placeholder counted as its medium's positions."""
         if self.prompt_options.bos_per_segment:
