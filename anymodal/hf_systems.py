@@ -169,6 +169,12 @@ def read_weight_index(d: Path, name: str = "model.safetensors.index.json") -> di
     if not isinstance(wm, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):
         raise ValueError(f"{d / name}: weight_map must be an object mapping tensor names to file names")
     files = {f: confined(d, f, f"{d / name}: weight_map", "checkpoint folder", resolve=False) for f in set(wm.values())}
+    for f, path in sorted(files.items()):
+        # a loader reads whatever the index names, with torch.load (pickle) unless it is safetensors
+        if not f.endswith(".safetensors"):
+            raise ValueError(f"{d / name}: weight_map names {f[:100]!r}, not a .safetensors file")
+        if not path.is_file():
+            raise ValueError(f"{d / name}: weight_map names {f[:100]!r}, which is not a file in {d}")
     return {k: files[f] for k, f in wm.items()}
 
 

@@ -128,13 +128,18 @@ def confined(root: Path, rel: Any, where: str, kind: str = "model directory", *,
     pipeline's index, a session's media, a released folder's weight index."""
     if not isinstance(rel, str) or not rel or os.path.isabs(rel) or "\\" in rel or "\0" in rel:
         raise ValueError(f"{where}: {rel!r} must be a relative path inside the {kind}")
+    if len(rel) > 1024 or any(len(part.encode("utf-8", "surrogatepass")) > 255 for part in rel.split("/")):
+        raise ValueError(f"{where}: {rel[:100]!r}... is too long for a path inside the {kind}")
     path = root / rel
     if not resolve:  # by name only: a hub snapshot's files are links into its blob store
         if ".." in Path(rel).parts:
             raise ValueError(f"{where}: {rel!r} leaves the {kind} {root}")
         return path
     base = root.resolve()
-    resolved = path.resolve()
+    try:
+        resolved = path.resolve()
+    except (OSError, RuntimeError) as e:  # a name too long, a loop of links
+        raise ValueError(f"{where}: {rel[:100]!r} is not a usable path inside the {kind} ({e.strerror or e})") from None
     if resolved != base and base not in resolved.parents:
         hint = (" (a component kept elsewhere is recorded as {\"kind\": \"external\"})" if kind == "model directory"
                 else "")

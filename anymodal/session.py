@@ -163,7 +163,7 @@ class ChatSession:
             raise FileNotFoundError(f"{directory} is not a saved chat session (no {SESSION_FILE})")
         try:
             state = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path}: not valid JSON: {e}") from None
         _check_state(state, path)
         try:
@@ -309,5 +309,5 @@ def _load_medium(m: Modality, entry: Any, directory: Path) -> Any:
         raise ValueError(f"cannot read session medium {path}: modality {m.value} has no restore")
     try:
         return m.spec.restore(path)
-    except ValueError as e:
+    except (ValueError, OSError) as e:  # PIL's UnidentifiedImageError, soundfile's errors
         raise ValueError(f"cannot read session medium {path}: not a file that ChatSession.save writes ({e})") from None

@@ -197,6 +197,10 @@ def output_projector_config(state: dict[str, torch.Tensor], prefix: str, num_hea
         ffn = state[prefix + "tfm.decoder.layers.0.linear1.weight"].shape[0]
     except KeyError as e:
         raise ConversionError(f"NExT-GPT output projector {prefix}*: tensor {e.args[0]!r} is missing") from None
+    for name, t in (("fc.weight", state[prefix + "fc.weight"]), ("model.weight", out),
+                    ("tfm.decoder.layers.0.linear1.weight", state[prefix + "tfm.decoder.layers.0.linear1.weight"])):
+        if t.ndim != 2:
+            raise ConversionError(f"{prefix}{name} must be a matrix [out, in], got shape {tuple(t.shape)}")
     if queries.ndim != 3 or queries.shape[0] != 1 or queries.shape[2] != d_model:
         raise ConversionError(f"{prefix}query_embs must be [1, queries, {d_model}], got {tuple(queries.shape)}")
     if d_model % num_heads:
