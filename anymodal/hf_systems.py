@@ -19,20 +19,21 @@ can point its components at the same folder or hub id.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import torch
 from torch import nn
 
 if TYPE_CHECKING:
     from .config import AnyModalConfig
+
+from .loading import library_errors
 
 logger = logging.getLogger(__name__)
 
@@ -141,20 +142,6 @@ def auto_config(source: str | os.PathLike) -> Any:
     read_config(source)
     with library_errors(f"{source}: config.json is not a configuration transformers can read"):
         return AutoConfig.from_pretrained(str(source))
-
-
-@contextlib.contextmanager
-def library_errors(what: str) -> Iterator[None]:
-    """Within the block, an error a library raises while it parses or builds from a file (its
-    TypeErrors, KeyErrors, validation errors) becomes one ValueError starting with ``what``. An
-    ``OSError`` (a file or hub id not found) and a ``MemoryError`` go on as they are."""
-    try:
-        yield
-    except (OSError, MemoryError):
-        raise
-    except Exception as e:
-        first = (str(e).strip().splitlines() or ["no details"])[-1 if "Validation error" in str(e) else 0]
-        raise ValueError(f"{what}: {type(e).__name__}: {first.strip()[:300]}") from None
 
 
 def read_weight_index(d: Path, name: str = "model.safetensors.index.json") -> dict[str, Path]:

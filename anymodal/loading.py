@@ -163,6 +163,54 @@ def check_links_inside(root: str | os.PathLike, kind: str = "model directory") -
                                  "anymodal reads only files inside it: copy the file in instead of linking it")
 
 
+_OWN_CODE: tuple[str, ...] | None = None
+
+
+def _raised_by_anymodal(error: BaseException) -> bool:
+    """Whether ``error`` was raised by anymodal's own code (its last traceback frame is ours)."""
+    global _OWN_CODE
+    if _OWN_CODE is None:
+        import anymodal
+        import anymodal.encoders
+        import anymodal.generators
+
+        _OWN_CODE = tuple(str(Path(m.__file__).parent) + os.sep for m in (anymodal, anymodal.encoders,
+                                                                          anymodal.generators))
+    tb = error.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb.tb_frame.f_code.co_filename.startswith(_OWN_CODE)
+
+
+@contextlib.contextmanager
+def library_errors(what: str, source: str | os.PathLike | None = None) -> Iterator[None]:
+    """Within the block, an error a library raises while it parses or builds from a file (its
+    TypeErrors, KeyErrors, validation errors, a UnicodeDecodeError) becomes one ``ValueError``
+    starting with ``what``. anymodal's own ``ValueError``s go on unchanged, and so do a
+    ``MemoryError`` and an ``OSError`` (a file or hub id not found), except that an ``OSError``
+    about a local directory ``source`` (diffusers' "not a valid JSON file") is wrapped too."""
+    try:
+        yield
+    except MemoryError:
+        raise
+    except OSError as e:
+        if source is None or not os.path.isdir(source) or _raised_by_anymodal(e):
+            raise
+        raise ValueError(f"{what}: {_first_line(e)}") from None
+    except Exception as e:
+        if isinstance(e, ValueError) and _raised_by_anymodal(e):
+            raise
+        raise ValueError(f"{what}: {type(e).__name__}: {_first_line(e)}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()] or ["no details"]
+    # huggingface_hub's validation errors put the useful line last
+    return (lines[-1] if "Validation error" in lines[0] and len(lines) > 1 else lines[0])[:300]
+
+
 def read_json(path: str | os.PathLike, what: str, expect: type = dict) -> Any:
     """A JSON file that must hold ``expect`` (an object by default); any other content is a
     ``ValueError`` naming the file."""

@@ -98,7 +98,7 @@ def load_tokenizer(cfg: LLMConfig):
         for f in ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "config.json"):
             if (Path(name) / f).is_file():  # else transformers says "Expecting value" without naming the file
                 read_json(Path(name) / f, "tokenizer")
-    from .hf_systems import library_errors
+    from .loading import library_errors
 
     with library_errors(f"cannot load the tokenizer from {name}"):
         return AutoTokenizer.from_pretrained(name, **kwargs)

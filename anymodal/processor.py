@@ -409,10 +409,17 @@ class AnyModalProcessor:
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike,
                         preprocessors: dict[Modality, Preprocessor] | None = None) -> "AnyModalProcessor":
-        from transformers import AutoTokenizer
+        from .loading import library_errors, read_json
 
         directory = Path(directory)
-        meta = json.loads((directory / PROCESSOR_CONFIG).read_text())
+        meta = read_json(directory / PROCESSOR_CONFIG, "processor")
+        with library_errors(f"cannot load the processor from {directory}", directory):
+            return cls._from_saved(directory, meta, preprocessors)
+
+    @classmethod
+    def _from_saved(cls, directory: Path, meta: dict[str, Any], preprocessors: Any) -> "AnyModalProcessor":
+        from transformers import AutoTokenizer
+
         tok = AutoTokenizer.from_pretrained(directory)
         inst = directory / INSTRUCTION_TOKENIZER
         return cls(tok, meta["signal_tokens"], meta["media_tokens"], meta.get("system_prompt"), meta.get("max_length"),

@@ -33,12 +33,12 @@ from anymodal.modality import Modality
 from anymodal.pipeline import INDEX_NAME, AnyModalPipeline
 from anymodal.session import ChatSession, Turn
 from test_fuzz import CLEAR, OWN_CODE, _mutate, time_bound
-from test_hf_systems import llava_dir  # noqa: F401  (a tiny released LLaVA folder)
+from test_hf_systems import blip2_dir, llava_dir  # noqa: F401  (tiny released folders)
 from test_nextgpt import FIX, _vicuna
 
 TIME_S = 60
 MEMORY_MB = 3072  # headroom over the process's current address space for one case
-FAST = {"delta": 60, "folder": 100, "session": 60}  # seeds per surface in CI (220 cases)
+FAST = {"delta": 60, "folder": 100, "blip2": 30, "saved": 70, "session": 60}  # seeds per surface in CI (320)
 SLOW = 300  # more seeds per surface under -m slow
 
 
@@ -264,7 +264,13 @@ def test_fuzz_released_folder_long(llava_dir, tmp_path, seed):  # noqa: F811
         shutil.rmtree(d)
 
 
-# ============================================================================ saved chat sessions
+@pytest.mark.parametrize("seed", range(FAST["blip2"]))
+def test_fuzz_released_blip2_folder(blip2_dir, tmp_path, seed):  # noqa: F811
+    """The same mutations on a BLIP-2 folder (a Q-Former projector and an OPT language model)."""
+    _folder_case(10_000 + seed, blip2_dir, tmp_path)
+
+
+# ============================================================================ saved anymodal pipelines
 @pytest.fixture(scope="module")
 def pipe() -> AnyModalPipeline:
     from anymodal.config import AnyModalConfig
@@ -274,6 +280,56 @@ def pipe() -> AnyModalPipeline:
     return AnyModalPipeline.from_config(AnyModalConfig.from_yaml(CONFIGS / "tiny.yaml"))
 
 
+@pytest.fixture(scope="module")
+def saved(pipe, tmp_path_factory) -> Path:
+    return pipe.save_pretrained(tmp_path_factory.mktemp("saved") / "pipe")
+
+
+def _saved_case(seed: int, saved: Path, tmp_path: Path) -> str:
+    rng = random.Random(f"saved-{seed}")
+    d = tmp_path / "pipe"
+    shutil.copytree(saved, d)
+    secret = tmp_path / "secret.json"
+    secret.write_text('{"secret": 1}')
+    jsons = sorted(p for p in d.rglob("*.json") if p.name != INDEX_NAME)
+    kind = seed % 7
+    if kind < 3:  # the index, parsed
+        (d / INDEX_NAME).write_text(dump(mutate_json(json.loads((d / INDEX_NAME).read_text()), rng)))
+    elif kind == 3:  # a component's JSON file, parsed
+        f = rng.choice(jsons)
+        f.write_text(dump(mutate_json(json.loads(f.read_text()), rng)))
+    elif kind == 4:  # a component's JSON file, bytes
+        f = rng.choice(jsons)
+        f.write_bytes(_mutate(f.read_bytes(), rng))
+    elif kind == 5:  # a safetensors header
+        f = rng.choice(sorted(d.rglob("*.safetensors")))
+        f.write_bytes(_safetensors_header_mutation(f.read_bytes(), rng))
+    else:  # a file replaced by a link out of the folder, or a stray pickle
+        f = rng.choice(jsons + sorted(d.rglob("*.safetensors")))
+        if rng.random() < 0.5:
+            f.unlink()
+            f.symlink_to(secret)
+        else:
+            torch.save({"w": torch.zeros(1)}, f.with_name(rng.choice(["pytorch_model.bin", "model.pt"])))
+    return outcome(lambda: AnyModalPipeline.from_pretrained(d))
+
+
+@pytest.mark.parametrize("seed", range(FAST["saved"]))
+def test_fuzz_saved_pipeline(saved, tmp_path, seed):
+    _saved_case(seed, saved, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(FAST["saved"], FAST["saved"] + SLOW, 50))
+def test_fuzz_saved_pipeline_long(saved, tmp_path, seed):
+    for s in range(seed, seed + 50):
+        d = tmp_path / str(s)
+        d.mkdir()
+        _saved_case(s, saved, d)
+        shutil.rmtree(d)
+
+
+# ============================================================================ saved chat sessions
 @pytest.fixture(scope="module")
 def session_dir(pipe, tmp_path_factory) -> Path:
     """A session with a picture sent as a path, and a picture and a sound the model 'made'."""
@@ -343,13 +399,14 @@ def test_fuzz_saved_session_long(pipe, session_dir, tmp_path, seed):
         shutil.rmtree(d)
 
 
-def test_the_fuzz_cases_reach_both_outcomes(delta, vicuna, llava_dir, pipe, session_dir, tmp_path):  # noqa: F811
+def test_the_fuzz_cases_reach_both_outcomes(delta, vicuna, llava_dir, saved, pipe, session_dir,  # noqa: F811
+                                           tmp_path):
     """A fuzz suite whose mutations are all refused (or all pass) tests one path only: a few seeds
     of each surface must load and a few must be refused."""
-    seen = {"delta": set(), "folder": set(), "session": set()}
+    seen = {"delta": set(), "folder": set(), "saved": set(), "session": set()}
     for s in range(12):
         for name, case, args in (("delta", _delta_case, (delta, vicuna)), ("folder", _folder_case, (llava_dir,)),
-                                 ("session", _session_case, (pipe, session_dir))):
+                                 ("saved", _saved_case, (saved,)), ("session", _session_case, (pipe, session_dir))):
             d = tmp_path / f"{name}{s}"
             d.mkdir()
             seen[name].add(case(s, *args, d))
