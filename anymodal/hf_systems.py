@@ -33,6 +33,7 @@ from torch import nn
 if TYPE_CHECKING:
     from .config import AnyModalConfig
 
+from .checks import SIZE_LIMITS
 from .loading import library_errors
 
 logger = logging.getLogger(__name__)
@@ -69,17 +70,6 @@ def local_dir(source: str | os.PathLike) -> Path:
                                                                    "*.model", "qformer_tokenizer/*"]))
     except Exception as e:  # offline, unknown id, no permission: all mean "not here"
         raise OSError(f"cannot find checkpoint {str(source)!r}: not a local directory, and the hub says: {e}") from e
-
-
-# Sizes a config.json gives, with bounds far above any released model: a value past them is refused
-# before anything is built (a 1e6-layer or 2e9-token config would otherwise allocate for minutes
-# and then fail). What passes is then checked against the weights' shapes (check_against_weights).
-SIZE_LIMITS = {"num_hidden_layers": 1024, "num_layers": 1024, "num_attention_heads": 4096,
-               "num_key_value_heads": 4096, "hidden_size": 1 << 17, "intermediate_size": 1 << 20,
-               "vocab_size": 1 << 22, "image_size": 1 << 14, "patch_size": 1 << 12, "num_channels": 64,
-               "max_position_embeddings": 1 << 24, "num_query_tokens": 1 << 14, "projection_dim": 1 << 17,
-               "encoder_hidden_size": 1 << 17, "cross_attention_frequency": 1024, "head_dim": 1 << 14,
-               "ffn_dim": 1 << 20, "word_embed_proj_dim": 1 << 17}
 
 
 def check_config_sizes(cfg: dict[str, Any], path: str | os.PathLike, where: str = "") -> None:

@@ -140,11 +140,20 @@ def confined(root: Path, rel: Any, where: str, kind: str = "model directory", *,
         resolved = path.resolve()
     except (OSError, RuntimeError) as e:  # a name too long, a loop of links
         raise ValueError(f"{where}: {rel[:100]!r} is not a usable path inside the {kind} ({e.strerror or e})") from None
-    if resolved != base and base not in resolved.parents:
+    if not _stays_inside(base, resolved):
         hint = (" (a component kept elsewhere is recorded as {\"kind\": \"external\"})" if kind == "model directory"
                 else "")
         raise ValueError(f"{where}: {rel!r} leaves the {kind} {root}; paths in it must stay inside it{hint}")
     return path
+
+
+def _stays_inside(base: Path, target: Path) -> bool:
+    """``target`` (resolved) is ``base`` (resolved) or inside it. A Hugging Face cache snapshot
+    (``<repo>/snapshots/<revision>/``) keeps its files as links into ``<repo>/blobs/``: those count
+    as its own."""
+    if target == base or base in target.parents:
+        return True
+    return base.parent.name == "snapshots" and target.parent == base.parent.parent / "blobs"
 
 
 def check_links_inside(root: str | os.PathLike, kind: str = "model directory") -> None:
@@ -155,10 +164,7 @@ def check_links_inside(root: str | os.PathLike, kind: str = "model directory") -
     for d, dirs, files in os.walk(root, followlinks=False):
         for name in dirs + files:
             p = Path(d) / name
-            if not p.is_symlink():
-                continue
-            target = p.resolve()
-            if target != base and base not in target.parents:
+            if p.is_symlink() and not _stays_inside(base, p.resolve()):
                 raise ValueError(f"{p}: a symbolic link to {os.readlink(p)}, which leaves the {kind} {root}; "
                                  "anymodal reads only files inside it: copy the file in instead of linking it")
 
@@ -258,6 +264,31 @@ def load_safetensors_into(module: nn.Module, path: str | os.PathLike, what: str)
         parts = [f"{name}: {', '.join(sorted(keys)[:5])}{' ...' if len(keys) > 5 else ''}" for name, keys in
                  (("missing keys", list(missing)), ("unexpected keys", list(unexpected))) if keys]
         raise ValueError(f"{what}: {path} does not fit the model: " + "; ".join(parts))
+
+
+def check_file_fits(module: nn.Module, path: str | os.PathLike, what: str) -> None:
+    """Compare a module built on the meta device (no memory) with a safetensors file's header,
+    before the real module is allocated: a shape that differs, or a whole submodule (a layer) the
+    file does not have, is an error naming the key. The sizes a config gives are then those of the
+    weights, whatever the config asks for. (Single missing tensors are left to the load, which
+    knows tensors that are saved once and shared.)"""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what}: weights file not found: {path}")
+    with library_errors(f"{what}: cannot read {path}: not a complete safetensors file"):
+        with safe_open(str(path), "pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    present = {k.rsplit(".", 1)[0] for k in shapes}
+    for k, t in module.state_dict().items():
+        if k in shapes and shapes[k] != tuple(t.shape):
+            raise ValueError(f"{what}: {path} does not fit the config: {k!r} is {shapes[k]} in the file, the config "
+                             f"asks for {tuple(t.shape)}")
+        parent = k.rsplit(".", 1)[0] if "." in k else ""
+        if k not in shapes and parent and parent not in present:
+            raise ValueError(f"{what}: {path} does not fit the config: it has no {parent!r}, which the config asks "
+                             "for (more layers or parts than the weights hold)")
 
 
 def missing_keys_error(info: dict[str, Any], source: Any, what: str) -> None:

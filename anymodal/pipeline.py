@@ -22,8 +22,8 @@ import torch
 
 from .config import AnyModalConfig
 from .generation import generate_text
-from .loading import (check_external, check_links_inside, confined, load_safetensors_into, pickle_allowed,
-                      read_safetensors, refuse_pickle)
+from .loading import (check_external, check_file_fits, check_links_inside, confined, load_safetensors_into,
+                      pickle_allowed, read_safetensors, refuse_pickle)
 from .inputs import check_max_new_tokens, check_prompts, check_sampling, check_seed
 from .media import MediaError, describe
 from .modality import MediaFields, Modality, media_by_plural, media_modalities
@@ -167,8 +167,11 @@ class AnyModalPipeline:
         saved = _SavedPipeline(path)
         config = saved.config
         processor = saved.processor()
-        model = AnyModalModel.build(config, processor.token_ids(), language_model=saved.language_model(processor),
-                                    encoders=saved.encoders(), load_projector_weights=False)
+        lm, encoders = saved.language_model(processor), saved.encoders()
+        with torch.device("meta"):  # the projectors the config asks for, without memory, against their files
+            saved.check_projectors(AnyModalModel(config, lm, encoders, processor.token_ids()))
+        model = AnyModalModel.build(config, processor.token_ids(), language_model=lm, encoders=encoders,
+                                    load_projector_weights=False)
         saved.load_projectors(model)
         saved.load_adapter(model)
         pipe = cls(config, processor, model, saved.generators())
@@ -502,7 +505,7 @@ class _SavedPipeline:
                 encoders[name] = cls_.from_config(e.options, e.modalities, src)
         return encoders
 
-    def load_projectors(self, model: AnyModalModel) -> None:
+    def _projector_files(self, model: AnyModalModel) -> Iterator[tuple[str, str, torch.nn.Module, Path]]:
         for group in ("input_projectors", "output_projectors"):
             files = self.saved.get(group)
             files = files if isinstance(files, dict) else {}
@@ -510,7 +513,16 @@ class _SavedPipeline:
                 if m not in files:
                     raise ValueError(f"{self.index_file}: components.{group} has no weights for {m!r}; the config "
                                      "builds that projector and it would stay randomly initialised")
-                load_safetensors_into(proj, confined(self.path, files[m], f"components.{group}.{m}"), f"{group}[{m}]")
+                yield group, m, proj, confined(self.path, files[m], f"components.{group}.{m}")
+
+    def check_projectors(self, meta_model: AnyModalModel) -> None:
+        """The projectors of a model built on the meta device against their files' headers."""
+        for group, m, proj, path in self._projector_files(meta_model):
+            check_file_fits(proj, path, f"{group}[{m}]")
+
+    def load_projectors(self, model: AnyModalModel) -> None:
+        for group, m, proj, path in self._projector_files(model):
+            load_safetensors_into(proj, path, f"{group}[{m}]")
 
     def load_adapter(self, model: AnyModalModel) -> None:
         if not self.saved.get("adapter"):

@@ -412,3 +412,8 @@ def test_the_fuzz_cases_reach_both_outcomes(delta, vicuna, llava_dir, saved, pip
             seen[name].add(case(s, *args, d))
             shutil.rmtree(d)
     assert all(v == {"ok", "refused"} for v in seen.values()), seen
+
+
+def test_the_fast_suite_draws_enough_cases():
+    assert sum(FAST.values()) >= 300 and set(FAST) == {"delta", "folder", "blip2", "saved", "session"}
+    assert SLOW * 4 >= 1000  # -m slow: 300 more seeds of each surface but BLIP-2

@@ -29,7 +29,8 @@ from anymodal.pipeline import INDEX_NAME, AnyModalPipeline
 from anymodal.session import ChatSession, Turn
 from conftest import CONFIGS
 from test_fuzz import refused, time_bound
-from test_hf_systems import llava_dir  # noqa: F401  (a tiny released LLaVA folder, built once per module)
+from test_fuzz_loading import memory_bound
+from test_hf_systems import blip2_dir, llava_dir  # noqa: F401  (tiny released folders, built once per module)
 from test_nextgpt import FIX, _vicuna
 
 DELTA = FIX / "pytorch_model.pt"
@@ -235,6 +236,25 @@ def test_saved_pipeline_links_inside_it_still_load(saved, tmp_path):
     assert isinstance(AnyModalPipeline.from_pretrained(d), AnyModalPipeline)
 
 
+def test_a_hub_cache_snapshot_of_a_saved_pipeline_loads(saved, tmp_path):
+    """huggingface_hub keeps <repo>/snapshots/<rev>/<file> as links into <repo>/blobs/: those are the
+    snapshot's own files."""
+    repo = tmp_path / "models--me--tiny"
+    snap = repo / "snapshots" / "abc123"
+    (repo / "blobs").mkdir(parents=True)
+    for k, f in enumerate(sorted(p for p in saved.rglob("*") if p.is_file())):
+        blob = repo / "blobs" / f"blob{k}"
+        shutil.copy(f, blob)
+        link = snap / f.relative_to(saved)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    assert isinstance(AnyModalPipeline.from_pretrained(snap), AnyModalPipeline)
+    (repo / "secret.json").write_text("{}")
+    (snap / "processor" / "tokenizer_config.json").unlink()
+    (snap / "processor" / "tokenizer_config.json").symlink_to(repo / "secret.json")
+    refused(lambda: AnyModalPipeline.from_pretrained(snap), "which leaves the model directory")
+
+
 # ============================================================================ 4, 5, 15, 16. released folders
 def _shard(folder: Path, rel: str) -> None:
     """Move model.safetensors to ``rel`` (relative to the folder) and write an index pointing at it."""
@@ -269,6 +289,38 @@ def test_a_weight_index_leading_outside_is_refused(llava_dir, tmp_path, rel, mat
     from anymodal.encoders import HFVisionEncoder
 
     refused(lambda: HFVisionEncoder.from_config({}, ["image"], pretrained=str(d)), match)
+
+
+def test_a_yaml_config_cannot_read_a_tower_from_outside_its_folder(llava_dir, tmp_path):  # noqa: F811
+    """Issue 24 item 4 as reported: a YAML config whose hf-vision ``pretrained`` folder has an index
+    mapping to ``../outside/model.safetensors``."""
+    import yaml
+
+    from anymodal.hf_systems import config_from_hf
+
+    tower = tmp_path / "tower"
+    shutil.copytree(llava_dir, tower)
+    _shard(tower, "../outside/model.safetensors")
+    cfg = config_from_hf(llava_dir).to_dict()
+    cfg["encoders"]["vision"]["pretrained"] = str(tower)
+    (tmp_path / "model.yaml").write_text(yaml.safe_dump(cfg))
+    refused(lambda: AnyModalPipeline.from_pretrained(tmp_path / "model.yaml"),
+            r"weight_map: '\.\./outside/model\.safetensors' leaves the checkpoint folder")
+
+
+def test_a_weight_index_may_name_only_safetensors_files_in_the_folder(llava_dir, tmp_path):  # noqa: F811
+    """transformers torch.loads whatever an index names: a .bin listed there would be a pickle read past
+    the refusal."""
+    d = tmp_path / "llava"
+    shutil.copytree(llava_dir, d)
+    _shard(d, "model-00001-of-00001.safetensors")
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    for name, match in (("weights.bin", "not a .safetensors file"), ("gone.safetensors", "not a file in")):
+        index["weight_map"] = {k: name for k in index["weight_map"]}
+        (d / "model.safetensors.index.json").write_text(json.dumps(index))
+        if name.endswith(".bin"):
+            torch.save({}, d / name)
+        refused(lambda: AnyModalPipeline.from_pretrained(d, allow_pickle=True), match)
 
 
 def test_a_decoy_safetensors_does_not_let_a_pickle_load(llava_dir, tmp_path):
@@ -364,16 +416,26 @@ def test_a_broken_json_file_is_named(llava_dir, tmp_path, name, content, match):
 ], ids=["image-size-4e6", "vocab-2e9", "text-layers-1e6", "vision-layers-1e6", "image-size-4096", "vocab-1e6",
         "text-layers-1000", "vision-layers-1000"])
 def test_config_sizes_are_bounded_and_checked_against_the_weights(llava_dir, tmp_path, change, match):
-    import resource
-
     d = tmp_path / "llava"
     shutil.copytree(llava_dir, d)
     _edit_config(d, change)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    with time_bound(60):
+    with time_bound(60), memory_bound(1024):  # an allocation of the asked-for size would fail, not pass
         refused(lambda: AnyModalPipeline.from_pretrained(d), match)
-    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
-    assert grown_mb < 500, f"the peak memory grew by {grown_mb:.0f} MB before the refusal"
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda c: c["qformer_config"].update(num_hidden_layers=1_000_000), r"qformer_config\.num_hidden_layers must be"),
+    (lambda c: c["qformer_config"].update(num_hidden_layers=1000), r"input_projectors\.image.*lacks \d+ of the"),
+    (lambda c: c["qformer_config"].update(hidden_size=8192, num_attention_heads=2),
+     r"input_projectors\.image: weight .* has shape \(.*16\).*8192"),
+    (lambda c: c.update(num_query_tokens=10_000), r"query_tokens.*has shape \(1, \d+, 16\).*\(1, 10000, 16\)"),
+], ids=["qformer-layers-1e6", "qformer-layers-1000", "qformer-hidden-8192", "query-tokens-10000"])
+def test_qformer_sizes_are_checked_before_allocating(blip2_dir, tmp_path, change, match):  # noqa: F811
+    d = tmp_path / "blip2"
+    shutil.copytree(blip2_dir, d)
+    _edit_config(d, change)
+    with time_bound(60), memory_bound(1024):
+        refused(lambda: AnyModalPipeline.from_pretrained(d), match)
 
 
 def test_a_huge_layer_index_in_a_nextgpt_delta_is_refused_at_once(tmp_path, vicuna):
@@ -395,6 +457,25 @@ def test_a_gap_in_layer_indices_is_refused(tmp_path, vicuna):
     torch.save(state, tmp_path / "gap.pt")
     with pytest.raises(ConversionError, match=r"tfm\.encoder: layer indices .*not 0\.\."):
         _convert(tmp_path / "out", vicuna, delta=tmp_path / "gap.pt")
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda p: p.update(ffn_dim=2**63), r"output_projector\.ffn_dim must be at most"),
+    (lambda p: p.update(num_layers=1_000_000), r"output_projector\.num_layers must be at most 1024"),
+    (lambda p: p.update(num_layers=1000), r"output_projectors\[image\]: .* has no 'decoders\.prompt_embeds\.layers"
+                                          r"\.\d+\..*more layers or parts than the weights hold"),
+    (lambda p: p.update(ffn_dim=1 << 20), r"output_projectors\[image\]: .* the config asks for \(1048576, "),
+], ids=["ffn-2e63", "layers-1e6", "layers-1000", "ffn-1M"])
+def test_saved_projector_sizes_are_checked_before_allocating(saved, tmp_path, change, match):
+    """A saved pipeline's index config gives the projectors' sizes: bounded, then compared with the
+    projector files' headers on the meta device, before the real modules are built."""
+    d = tmp_path / "copy"
+    shutil.copytree(saved, d)
+    index = json.loads((d / INDEX_NAME).read_text())
+    change(index["config"]["output_projectors"]["image"])
+    (d / INDEX_NAME).write_text(json.dumps(index))
+    with time_bound(60), memory_bound(1024):
+        refused(lambda: AnyModalPipeline.from_pretrained(d), match)
 
 
 # ============================================================================ 12, 13, 15, 20. convert's inputs
