@@ -473,8 +473,11 @@ def config_from_hf(path: str | os.PathLike) -> "AnyModalConfig":
         projector = {"type": "qformer", "num_tokens": hf.num_query_tokens, "pretrained": path,
                      "options": {"instruction": True} if kind == "instructblip" else {}}
     name = Path(path).name or kind
-    return AnyModalConfig.from_dict({"name": name, "llm": llm, "encoders": {"vision": encoder},
-                                     "input_projectors": {"image": projector}})
+    try:
+        return AnyModalConfig.from_dict({"name": name, "llm": llm, "encoders": {"vision": encoder},
+                                         "input_projectors": {"image": projector}})
+    except ValueError as e:  # a size derived from config.json (image tokens from image_size) out of bounds
+        raise ValueError(f"{path}: config.json gives {e}") from None
 
 
 # ============================================================================ projectors

@@ -45,13 +45,13 @@ def load_language_model(cfg: LLMConfig, path: str | None = None) -> nn.Module:
             kwargs["use_safetensors"] = None if allow_pickle() else True  # None: safetensors first, else pickle
         from .loading import library_errors
 
-        try:
-            with quiet_loading(show_bars=not small_local_dir(source)), \
-                    library_errors(f"cannot load the language model from {source}", source):
-                model, info = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-        except SafetensorError as e:
-            raise ValueError(f"cannot load the language model from {source}: a weights file is not a complete "
-                             f"safetensors file ({e})") from None
+        with library_errors(f"cannot load the language model from {source}", source):
+            try:
+                with quiet_loading(show_bars=not small_local_dir(source)):
+                    model, info = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+            except SafetensorError as e:
+                raise ValueError(f"cannot load the language model from {source}: a weights file is not a complete "
+                                 f"safetensors file ({e})") from None
         missing_keys_error(info, source, "the language model")
         return model
     options = dict(cfg.config)

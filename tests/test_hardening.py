@@ -409,11 +409,14 @@ def test_a_broken_json_file_is_named(llava_dir, tmp_path, name, content, match):
     (lambda c: c["text_config"].update(num_hidden_layers=1_000_000), r"text_config\.num_hidden_layers must be"),
     (lambda c: c["vision_config"].update(num_hidden_layers=1_000_000), r"vision_config\.num_hidden_layers must be"),
     # within the bounds, but more than the weights hold: caught on the meta device, before allocation
-    (lambda c: c["vision_config"].update(image_size=4096), r"position_embedding.*has shape \(17, 16\).*\(1048577, 16\)"),
+    (lambda c: c["vision_config"].update(image_size=1024), r"position_embedding.*has shape \(17, 16\).*\(65537, 16\)"),
+    (lambda c: c["vision_config"].update(image_size=4096), r"config\.json gives input_projector\.num_tokens must be at "
+                                                           r"most 65536, got 1048576"),
     (lambda c: c["text_config"].update(vocab_size=1_000_000), r"embed_tokens.weight.*\(1000000, 32\).*\(400, 32\)"),
     (lambda c: c["text_config"].update(num_hidden_layers=1000), r"lacks \d+ weight\(s\) its config\.json asks for"),
     (lambda c: c["vision_config"].update(num_hidden_layers=1000), r"lacks \d+ of the \d+ weights"),
-], ids=["image-size-4e6", "vocab-2e9", "text-layers-1e6", "vision-layers-1e6", "image-size-4096", "vocab-1e6",
+], ids=["image-size-4e6", "vocab-2e9", "text-layers-1e6", "vision-layers-1e6", "image-size-1024", "image-size-4096",
+         "vocab-1e6",
         "text-layers-1000", "vision-layers-1000"])
 def test_config_sizes_are_bounded_and_checked_against_the_weights(llava_dir, tmp_path, change, match):
     d = tmp_path / "llava"
