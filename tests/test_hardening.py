@@ -128,15 +128,25 @@ def test_save_pretrained_refuses_a_foreign_folder_or_a_file(pipe, tmp_path):
     pipe.save_pretrained(empty)
 
 
-def test_save_pretrained_never_replaces_a_component_it_refers_to(pipe, saved, tmp_path):
-    """A pipeline whose LLM is external (token rows on a base): saving over that base is refused."""
-    base = tmp_path / "base"
-    pipe.model.language_model.save_pretrained(base)
-    other = AnyModalPipeline.from_pretrained(saved)
-    other._sources["llm"] = str(base.resolve())
-    with pytest.raises(ValueError, match="which the output uses"):
-        other.save_pretrained(base, overwrite=True)
-    assert (base / "config.json").is_file()
+def test_save_pretrained_never_replaces_a_component_it_refers_to(tmp_path):
+    """A pipeline whose frozen LLM is loaded from a local folder is saved with a reference to it
+    (token rows on a base): saving over that folder, or a folder holding it, is refused."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = AnyModalConfig.from_yaml(CONFIGS / "tiny.yaml").to_dict()
+    base = tmp_path / "models" / "base"
+    AutoModelForCausalLM.from_config(LlamaConfig(**{k: v for k, v in cfg["llm"]["config"].items()
+                                                    if k != "model_type"})).save_pretrained(base)
+    cfg["llm"].pop("config")
+    cfg["llm"]["model"] = str(base)
+    pipe = AnyModalPipeline.from_config(AnyModalConfig.from_dict(cfg))
+    before = sorted(p.name for p in base.iterdir())
+    for target in (base, base.parent):
+        with pytest.raises(ValueError, match="which the output uses"):
+            pipe.save_pretrained(target, overwrite=True)
+    assert sorted(p.name for p in base.iterdir()) == before
+    saved = pipe.save_pretrained(tmp_path / "mine")
+    assert json.loads((saved / INDEX_NAME).read_text())["components"]["llm"]["base"] == str(base.resolve())
 
 
 def test_a_symlinked_target_is_not_replaced(pipe, tmp_path):
