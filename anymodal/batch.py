@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from .commands import add_model_args, load_pipeline
-from .inputs import check_medium, check_seed, check_text
+from .inputs import check_medium, check_seed, check_text, short_int
 from .media import MediaError
 from .modality import Modality, media_modalities
 from .processor import Message
@@ -218,10 +218,19 @@ def read_rows(path: str | os.PathLike) -> Iterator[dict[str, Any] | InvalidLine]
             except RecursionError:
                 yield InvalidLine(n, f"line {n}: the JSON is nested too deeply")
                 continue
+            except ValueError as e:  # an integer of over 4300 digits: Python refuses to convert it
+                yield InvalidLine(n, f"line {n}: {_json_value_error(e)}")
+                continue
             if not isinstance(data, dict):
                 yield InvalidLine(n, f"line {n}: a row must be a JSON object, got {type(data).__name__}")
                 continue
             yield data
+
+
+def _json_value_error(e: ValueError) -> str:
+    if "integer string conversion" in str(e):
+        return "a number in the JSON has too many digits (integers are at most 4300 digits; seeds at most 2**63 - 1)"
+    return f"not valid JSON: {e}"
 
 
 def _validate(pipe: AnyModalPipeline, data: dict[str, Any], key: str, index: int, stem: str,
@@ -281,7 +290,8 @@ def _validate(pipe: AnyModalPipeline, data: dict[str, Any], key: str, index: int
         raise RowError(f"bad settings: {e}") from None
     max_new = data.get("max_new_tokens")
     if max_new is not None and (isinstance(max_new, bool) or not isinstance(max_new, int) or max_new < 1):
-        raise RowError(f"'max_new_tokens' must be a positive integer, got {max_new!r}")
+        raise RowError("'max_new_tokens' must be a positive integer, got "
+                       f"{short_int(max_new) if isinstance(max_new, int) and not isinstance(max_new, bool) else repr(max_new)}")
     max_new = max_new or default_max_new_tokens
     try:
         seed = check_seed(data.get("seed"))
@@ -294,6 +304,7 @@ def _validate(pipe: AnyModalPipeline, data: dict[str, Any], key: str, index: int
 def _check_length(pipe: AnyModalPipeline, prompt: str, counts: dict[Modality, int], max_new_tokens: int) -> None:
     proc = pipe.processor
     try:
+        proc.check_chars(prompt, pipe.context_length, "'prompt'")  # before tokenising megabytes
         text = proc.format([Message("user", proc.place_media(prompt, counts))])
     except ValueError as e:
         raise RowError(str(e)) from None

@@ -74,7 +74,10 @@ def chat_command(args: argparse.Namespace) -> int:
                 if not arg:
                     print("error: /save needs a directory", file=sys.stderr)
                     continue
-                print(f"saved: {session.save(Path(arg).expanduser())}")
+                try:  # a refused directory must not end the conversation: the user picks another
+                    print(f"saved: {session.save(Path(arg).expanduser())}")
+                except (ValueError, OSError) as e:
+                    print(f"error: {e}", file=sys.stderr)
             else:
                 print(f"error: unknown command {cmd}; /help lists them", file=sys.stderr)
             continue

@@ -13,6 +13,7 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
@@ -61,6 +62,9 @@ COMMANDS: dict[str, Subcommand] = {
 }
 
 
+DEBUG_HELP = "on an error, print the full traceback instead of one line"
+
+
 def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentParser:
     """The parser of every subcommand; only those in ``commands`` (default: all) get their arguments,
     which imports their modules."""
@@ -70,9 +74,12 @@ def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentPars
     parser = argparse.ArgumentParser(prog="anymodal", description="Any-to-any multimodal generation.")
     parser.add_argument("--version", action="version", version=f"anymodal {__version__}",
                         help="print the version and exit")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, cmd in COMMANDS.items():
         p = sub.add_parser(name, help=cmd.help, description=cmd.help)
+        # also after the subcommand; SUPPRESS keeps a top-level --debug from being reset to False
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
         if name in wanted:
             add_args, run = cmd.functions()
             add_args(p)
@@ -91,24 +98,69 @@ def _quiet_loading() -> None:
     diffusers.utils.logging.set_verbosity_error()
 
 
+def _chosen_command(argv: Sequence[str]) -> str | None:
+    """The subcommand: the first argument that is not a top-level option (only --debug and --help are)."""
+    for arg in argv:
+        if arg not in ("--debug", "-h", "--help", "--version"):
+            return arg if arg in COMMANDS else None
+    return None
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"anymodal: warning: {message}\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one subcommand. Every error it raises becomes one line on stderr (plus the notes added on
+    the way up, which say what was being loaded) and exit status 2; ``--debug`` re-raises it instead,
+    with its traceback."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = sys.argv[1:] if argv is None else list(argv)
-    # The subcommand is the first argument (the top level has no options but --help and --version); a
-    # name that is not in the table gets argparse's "invalid choice" error, listing the table.
-    chosen = argv[:1] if argv and argv[0] in COMMANDS else []
-    args = build_parser(chosen).parse_args(argv)
-    _quiet_loading()  # after parsing: --help, --version and usage errors import no torch
-    from .loading import pickle_allowed
-
+    debug = "--debug" in argv[:argv.index("--")] if "--" in argv else "--debug" in argv
+    chosen = _chosen_command(argv)
+    formatwarning = warnings.formatwarning
+    if not debug:
+        warnings.formatwarning = _one_line_warning  # a warning is a line too, not a source listing
     try:
+        # the chosen subcommand's module is imported here, and may load plugins: inside the try too
+        args = build_parser([chosen] if chosen else []).parse_args(argv)
+        _quiet_loading()  # after parsing: --help, --version and usage errors import no torch
+        from .loading import pickle_allowed
+
         with pickle_allowed(getattr(args, "allow_pickle", False)):
             return int(args._fn(args) or 0)
-    except (ValueError, OSError) as e:  # bad input, or weights that cannot be found or loaded
-        print(f"anymodal {args.command}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"anymodal {chosen}: interrupted" if chosen else "anymodal: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if debug:
+            raise
+        print(error_line(chosen, e), file=sys.stderr)
         for note in getattr(e, "__notes__", ()):  # what was being loaded, added on the way up
             print(f"  {note}", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = formatwarning
+
+
+# Bad input, missing or unreadable files, and refused sizes: their message is the whole story.
+# (A KeyError, IndexError or AttributeError is a check anymodal is missing: it is named as such.)
+_INPUT_ERRORS = (ValueError, OSError, TypeError, MemoryError, RuntimeError)
+
+
+def error_line(command: str | None, e: BaseException) -> str:
+    """``anymodal CMD: error: MESSAGE``; an error of an unexpected type (a bug) also names its type
+    and points to ``--debug``."""
+    where = f"anymodal {command}" if command else "anymodal"
+    message = " ".join(str(e).split("\n")[:1]) if isinstance(e, RecursionError) else str(e)
+    if not message:
+        message = type(e).__name__
+    if isinstance(e, _INPUT_ERRORS) and not isinstance(e, (NotImplementedError, RecursionError)):
+        return f"{where}: error: {message}"
+    return (f"{where}: error: {type(e).__name__}: {message} (an internal error: rerun with --debug for the "
+            "traceback, and report it)")
 
 
 if __name__ == "__main__":

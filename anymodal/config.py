@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from .checks import positive_int
+from .checks import SIZE_LIMITS, positive_int
 from .modality import Modality, media_modalities
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -79,11 +79,11 @@ class InputProjectorConfig:
     def __post_init__(self) -> None:
         if self.share is not None:
             self.share = _media_modality("input_projector.share", self.share)
-        positive_int("input_projector.num_tokens", self.num_tokens)
-        positive_int("input_projector.num_layers", self.num_layers)
-        positive_int("input_projector.num_heads", self.num_heads)
+        positive_int("input_projector.num_tokens", self.num_tokens, limit=SIZE_LIMITS["num_tokens"])
+        positive_int("input_projector.num_layers", self.num_layers, limit=SIZE_LIMITS["num_layers"])
+        positive_int("input_projector.num_heads", self.num_heads, limit=SIZE_LIMITS["num_heads"])
         if self.hidden_dim is not None:
-            positive_int("input_projector.hidden_dim", self.hidden_dim)
+            positive_int("input_projector.hidden_dim", self.hidden_dim, limit=SIZE_LIMITS["hidden_dim"])
 
 
 @dataclass
@@ -226,18 +226,20 @@ class OutputProjectorConfig:
                                  "({name: [sequence_length, dim]}), or be left out to take the generator's")
             for name, shape in self.targets.items():
                 if not (isinstance(shape, (list, tuple)) and len(shape) == 2
-                        and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)):
-                    raise ValueError(f"output_projector.targets[{name}] must be [sequence_length, dim], got {shape!r}")
+                        and all(isinstance(s, int) and not isinstance(s, bool) and 0 < s <= lim
+                                for s, lim in zip(shape, (SIZE_LIMITS["sequence_length"], SIZE_LIMITS["hidden_dim"])))):
+                    raise ValueError(f"output_projector.targets[{name}] must be [sequence_length, dim] (at most "
+                                     f"{SIZE_LIMITS['sequence_length']} and {SIZE_LIMITS['hidden_dim']}), got {shape!r}")
             self.targets = {k: [int(s) for s in v] for k, v in self.targets.items()}
-        positive_int("output_projector.hidden_dim", self.hidden_dim)
-        positive_int("output_projector.num_layers", self.num_layers)
-        positive_int("output_projector.num_heads", self.num_heads)
+        positive_int("output_projector.hidden_dim", self.hidden_dim, limit=SIZE_LIMITS["hidden_dim"])
+        positive_int("output_projector.num_layers", self.num_layers, limit=SIZE_LIMITS["num_layers"])
+        positive_int("output_projector.num_heads", self.num_heads, limit=SIZE_LIMITS["num_heads"])
         if not isinstance(self.num_encoder_layers, int) or isinstance(self.num_encoder_layers, bool) \
-                or self.num_encoder_layers < 0:
-            raise ValueError(f"output_projector.num_encoder_layers must be a non-negative integer, "
-                             f"got {self.num_encoder_layers!r}")
+                or not 0 <= self.num_encoder_layers <= SIZE_LIMITS["num_encoder_layers"]:
+            raise ValueError(f"output_projector.num_encoder_layers must be an integer from 0 to "
+                             f"{SIZE_LIMITS['num_encoder_layers']}, got {self.num_encoder_layers!r}")
         if self.ffn_dim is not None:
-            positive_int("output_projector.ffn_dim", self.ffn_dim)
+            positive_int("output_projector.ffn_dim", self.ffn_dim, limit=SIZE_LIMITS["ffn_dim"])
         if self.hidden_dim % self.num_heads:
             raise ValueError(f"output_projector.hidden_dim ({self.hidden_dim}) must be divisible by num_heads ({self.num_heads})")
 

@@ -33,6 +33,9 @@ from torch import nn
 if TYPE_CHECKING:
     from .config import AnyModalConfig
 
+from .checks import SIZE_LIMITS
+from .loading import library_errors
+
 logger = logging.getLogger(__name__)
 
 # config.json model_type of each composite checkpoint anymodal loads unchanged
@@ -69,8 +72,25 @@ def local_dir(source: str | os.PathLike) -> Path:
         raise OSError(f"cannot find checkpoint {str(source)!r}: not a local directory, and the hub says: {e}") from e
 
 
+def check_config_sizes(cfg: dict[str, Any], path: str | os.PathLike, where: str = "") -> None:
+    """Every size field of a config.json (and of its nested configs) is a whole number in its
+    bounds (:data:`SIZE_LIMITS`), or null; a ValueError naming the file and the field otherwise."""
+    for key, value in cfg.items():
+        field = f"{where}{key}"
+        if isinstance(value, dict):
+            check_config_sizes(value, path, f"{field}.")
+        elif key in SIZE_LIMITS and value is not None:
+            for v in (value if isinstance(value, list) and key == "image_size" else [value]):
+                if isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= SIZE_LIMITS[key]:
+                    raise ValueError(f"{path}: {field} must be a whole number from 1 to {SIZE_LIMITS[key]}, got "
+                                     f"{str(json.dumps(value))[:60]}")
+
+
 def read_config(source: str | os.PathLike) -> dict[str, Any]:
-    """``config.json`` of a checkpoint directory or hub id (only that file is fetched)."""
+    """``config.json`` of a checkpoint directory or hub id (only that file is fetched), checked: a
+    JSON object whose sizes are whole numbers in bounds (:func:`check_config_sizes`)."""
+    from .loading import read_json
+
     if os.path.isdir(source):
         path = Path(source) / "config.json"
         if not path.is_file():
@@ -82,27 +102,77 @@ def read_config(source: str | os.PathLike) -> dict[str, Any]:
             path = Path(hf_hub_download(str(source), "config.json"))
         except Exception as e:
             raise OSError(f"cannot find checkpoint {str(source)!r}: not a local directory, and the hub says: {e}") from e
-    return json.loads(path.read_text())
+    cfg = read_json(path, "checkpoint config")
+    check_config_sizes(cfg, path)
+    return cfg
 
 
 def model_type_of(source: str | os.PathLike) -> str | None:
-    """``model_type`` in a checkpoint's config.json, or None when there is none to read."""
+    """``model_type`` in a checkpoint's config.json, or None when there is none to read (a config
+    that is there but broken is an error naming it)."""
     try:
         return read_config(source).get("model_type")
-    except (OSError, ValueError, AttributeError):
+    except OSError:
         return None
 
 
 def hf_system_type(path: str | os.PathLike) -> str | None:
     """``model_type`` of a local composite checkpoint anymodal runs unchanged, else None."""
-    cfg = Path(path) / "config.json"
-    if not cfg.is_file():
+    if not (Path(path) / "config.json").is_file():
         return None
-    try:
-        model_type = json.loads(cfg.read_text()).get("model_type")
-    except (ValueError, AttributeError):
-        return None
+    model_type = read_config(path).get("model_type")
     return model_type if model_type in HF_SYSTEMS else None
+
+
+def auto_config(source: str | os.PathLike) -> Any:
+    """transformers' config object of a checkpoint, from a checked config.json (:func:`read_config`);
+    a value transformers cannot take is a ValueError naming the file, not a traceback from inside it."""
+    from transformers import AutoConfig
+
+    read_config(source)
+    with library_errors(f"{source}: config.json is not a configuration transformers can read"):
+        return AutoConfig.from_pretrained(str(source))
+
+
+def read_weight_index(d: Path, name: str = "model.safetensors.index.json") -> dict[str, Path]:
+    """``weight_map`` of a sharded checkpoint: each key's file, a name inside ``d`` (``..`` and
+    absolute paths are refused: the index never reads a file elsewhere)."""
+    from .loading import confined, read_json
+
+    index = read_json(d / name, "checkpoint index")
+    if not isinstance(index.get("metadata"), dict):  # transformers reads it unchecked
+        raise ValueError(f"{d / name}: needs a \"metadata\" object (as {{\"total_size\": ...}})")
+    wm = index.get("weight_map")
+    if not isinstance(wm, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):
+        raise ValueError(f"{d / name}: weight_map must be an object mapping tensor names to file names")
+    files = {f: confined(d, f, f"{d / name}: weight_map", "checkpoint folder", resolve=False) for f in set(wm.values())}
+    for f, path in sorted(files.items()):
+        # a loader reads whatever the index names, with torch.load (pickle) unless it is safetensors
+        if not f.endswith(".safetensors"):
+            raise ValueError(f"{d / name}: weight_map names {f[:100]!r}, not a .safetensors file")
+        if not path.is_file():
+            raise ValueError(f"{d / name}: weight_map names {f[:100]!r}, which is not a file in {d}")
+    return {k: files[f] for k, f in wm.items()}
+
+
+def check_folder(d: str | os.PathLike) -> None:
+    """What a loader will read from a local checkpoint folder, checked before it does: its
+    JSON files are JSON objects (an error names the file), its weight index stays inside it, and
+    pickle weights are refused unless allowed."""
+    from .loading import read_json, refuse_pickle
+
+    if not os.path.isdir(d):
+        return
+    d = Path(d)
+    for name in ("config.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                 "preprocessor_config.json", "processor_config.json", "tokenizer.json"):
+        if (d / name).is_file():
+            read_json(d / name, "checkpoint folder")
+    if (d / "config.json").is_file():
+        read_config(d)
+    if (d / "model.safetensors.index.json").is_file():
+        read_weight_index(d)
+    refuse_pickle(d, "the checkpoint")
 
 
 class CheckpointReader:
@@ -119,24 +189,29 @@ class CheckpointReader:
         if str(source).endswith(".safetensors") and os.path.isfile(source):  # one file (an anymodal projector)
             from safetensors import safe_open
 
-            with safe_open(str(source), "pt") as f:
-                self._where = {k: Path(source) for k in f.keys()}
+            with library_errors(f"{source}: not a readable safetensors file"):
+                with safe_open(str(source), "pt") as f:
+                    self._where = {k: Path(source) for k in f.keys()}
             return
         d = local_dir(source)
+        check_folder(d)  # JSON named when broken, index inside the folder, pickle refused unless allowed
         index = d / "model.safetensors.index.json"
         if index.is_file():
-            for k, f in json.loads(index.read_text())["weight_map"].items():
-                self._where[k] = d / f
+            self._where = read_weight_index(d)
         elif (d / "model.safetensors").is_file():
             from safetensors import safe_open
 
-            with safe_open(str(d / "model.safetensors"), "pt") as f:
-                self._where = {k: d / "model.safetensors" for k in f.keys()}
+            with library_errors(f"{d / 'model.safetensors'}: not a readable safetensors file"):
+                with safe_open(str(d / "model.safetensors"), "pt") as f:
+                    self._where = {k: d / "model.safetensors" for k in f.keys()}
         elif (d / "pytorch_model.bin").is_file():
-            from .loading import refuse_pickle
+            from .loading import torch_load_weights
 
-            refuse_pickle(d, "the checkpoint")  # unless allow_pickle=True; even then read weights-only
-            self._bin = torch.load(d / "pytorch_model.bin", map_location="cpu", weights_only=True, mmap=True)
+            state = torch_load_weights(d / "pytorch_model.bin", "the checkpoint")  # weights only, never code
+            if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                      for k, v in state.items()):
+                raise ValueError(f"{d / 'pytorch_model.bin'}: expected a dict of named tensors")
+            self._bin = state
             self._where = {k: d / "pytorch_model.bin" for k in self._bin}
         else:
             raise FileNotFoundError(f"{source}: no model.safetensors, model.safetensors.index.json or "
@@ -153,8 +228,25 @@ class CheckpointReader:
             return self._bin[key]
         from safetensors import safe_open
 
-        with safe_open(str(self._where[key]), "pt") as f:
+        with self._open(key) as f:
             return f.get_tensor(key)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """A tensor's shape from the file's header, without reading the tensor."""
+        if self._bin is not None:
+            return tuple(self._bin[key].shape)
+        with self._open(key) as f:
+            return tuple(f.get_slice(key).get_shape())
+
+    def _open(self, key: str):
+        from safetensors import SafetensorError, safe_open
+
+        path = self._where[key]
+        try:
+            return safe_open(str(path), "pt")
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{self.source}: cannot read {path.name} for {key!r}: not a complete safetensors "
+                             f"file ({str(e)[:200]})") from None
 
 
 def load_strict(module: nn.Module, source: str | os.PathLike, prefixes: Iterable[str], what: str,
@@ -187,20 +279,68 @@ def load_strict(module: nn.Module, source: str | os.PathLike, prefixes: Iterable
         raise ValueError(f"{what}: {source} lacks {len(missing)} of the {len(expected)} weights it needs "
                          f"(looked under {', '.join(repr(p) for p in prefixes) or 'the top level'}): {shown}")
     own = module.state_dict()
-    state = {}
-    for k, ck in found.items():
-        t = reader.get(ck)
-        if tuple(t.shape) != tuple(own[k].shape):
-            raise ValueError(f"{what}: weight {ck!r} in {source} has shape {tuple(t.shape)}, the component needs "
+    for k, ck in found.items():  # from the files' headers: nothing is read until every shape fits
+        shape = reader.shape(ck)
+        if shape != tuple(own[k].shape):
+            raise ValueError(f"{what}: weight {ck!r} in {source} has shape {shape}, the component needs "
                              f"{tuple(own[k].shape)} for {k!r}; the config does not describe this checkpoint")
-        state[k] = t
-    module.load_state_dict(state, strict=not skip)
+    if any(t.is_meta for t in own.values()):  # a shapes-only check, before the real module is built
+        return
+    module.load_state_dict({k: reader.get(ck) for k, ck in found.items()}, strict=not skip)
     scope = {prefix + c.split(".")[0] for k in expected for c in rename(k)}
     used = set(found.values()) | {prefix + c for k in module.state_dict() if k.startswith(skip) for c in rename(k)}
     unused = sorted(k for k in reader.keys() if k not in used and any(k == s or k.startswith(s + ".") for s in scope))
     if unused:
         logger.warning("%s: %d weight(s) in %s are not used: %s", what, len(unused), source,
                        ", ".join(unused[:8]) + (" ..." if len(unused) > 8 else ""))
+
+
+def build_checked(factory: Callable[[], nn.Module], source: str | os.PathLike, prefixes: Iterable[str], what: str,
+                  rename: Callable[[str], Iterable[str]] | None = None, skip: tuple[str, ...] = ()) -> nn.Module:
+    """``factory()`` loaded strictly from ``source``, its sizes checked against the weights first:
+    the module is built on the meta device (no memory) and every shape compared with the files'
+    headers, so a config that asks for more than the checkpoint holds fails before it allocates."""
+    prefixes = list(prefixes)
+    with torch.device("meta"), library_errors(f"{what}: the config of {source} does not build a model"):
+        meta = factory()
+    load_strict(meta, source, prefixes, what, rename=rename, skip=skip)
+    del meta
+    module = factory()
+    load_strict(module, source, prefixes, what, rename=rename, skip=skip)
+    return module
+
+
+def _check_lm_against_weights(source: str | os.PathLike, text_config: Any, kind: str) -> None:
+    """The composite's language model, built on the meta device from ``text_config``, against the
+    checkpoint's shapes: a weight it needs that is absent or shaped otherwise (``vocab_size``,
+    ``num_hidden_layers``...) is an error before the model is allocated."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"), library_errors(f"language model in {source}: config.json text_config does not "
+                                              "build a model"):
+        meta = AutoModelForCausalLM.from_config(text_config)
+    reader = CheckpointReader(source)
+    have = {}
+    for ck in reader.keys():
+        for pattern, repl in _LM_KEY_MAPPING[kind].items():
+            if re.match(pattern, ck):
+                have[re.sub(pattern, repl, ck)] = ck
+                break
+    tied = getattr(text_config, "tie_word_embeddings", False)
+    missing = []
+    for k, t in meta.state_dict().items():
+        ck = have.get(k)
+        if ck is None:
+            if not (tied and k.startswith("lm_head.")):
+                missing.append(k)
+        elif reader.shape(ck) != tuple(t.shape):
+            raise ValueError(f"language model in {source}: config.json asks for {k!r} of shape {tuple(t.shape)}, "
+                             f"but the checkpoint's {ck!r} is {reader.shape(ck)}; the config does not describe "
+                             "these weights")
+    if missing:
+        raise ValueError(f"language model in {source} lacks {len(missing)} weight(s) its config.json asks for "
+                         f"(named as in the language model): {', '.join(missing[:8])}"
+                         f"{' ...' if len(missing) > 8 else ''}")
 
 
 # ============================================================================ language model
@@ -216,16 +356,15 @@ def load_composite_language_model(source: str | os.PathLike, dtype: torch.dtype)
     from .utils import quiet_loading, small_local_dir
 
     kind = read_config(source).get("model_type")
-    config = AutoConfig.from_pretrained(str(source))
     if kind not in HF_SYSTEMS:
         raise ValueError(f"{source}: model_type {kind!r} is not a composite anymodal can take a language model "
                          f"from; expected one of {', '.join(HF_SYSTEMS)}")
+    config = auto_config(source)
     if not getattr(config, "use_decoder_only_language_model", True):
         raise ValueError(f"{source}: its language model ({config.text_config.model_type}) is an encoder-decoder; "
                          "anymodal's LLM is a decoder-only causal LM")
-    from .loading import refuse_pickle
-
-    refuse_pickle(source, "the language model")  # transformers would unpickle pytorch_model.bin
+    check_folder(source)  # JSON, weight index and pickle, before transformers reads any of them
+    _check_lm_against_weights(source, config.text_config, kind)
     verbosity = tlog.get_verbosity()
     tlog.set_verbosity_error()  # the other components' weights are 'unexpected' to the LM by design
     try:
@@ -308,7 +447,7 @@ def config_from_hf(path: str | os.PathLike) -> "AnyModalConfig":
     if kind not in HF_SYSTEMS:
         raise ValueError(f"{path}: not a checkpoint anymodal runs unchanged (model_type must be one of "
                          f"{', '.join(HF_SYSTEMS)})")
-    hf = AutoConfig.from_pretrained(path)
+    hf = auto_config(path)
     dtype = str(getattr(hf, "dtype", None) or getattr(hf.text_config, "dtype", None) or "float32")
     dtype = dtype.removeprefix("torch.")
     llm = {"model": path, "prompt_format": _SYSTEM_PROMPT_FORMAT[kind],
@@ -334,8 +473,11 @@ def config_from_hf(path: str | os.PathLike) -> "AnyModalConfig":
         projector = {"type": "qformer", "num_tokens": hf.num_query_tokens, "pretrained": path,
                      "options": {"instruction": True} if kind == "instructblip" else {}}
     name = Path(path).name or kind
-    return AnyModalConfig.from_dict({"name": name, "llm": llm, "encoders": {"vision": encoder},
-                                     "input_projectors": {"image": projector}})
+    try:
+        return AnyModalConfig.from_dict({"name": name, "llm": llm, "encoders": {"vision": encoder},
+                                         "input_projectors": {"image": projector}})
+    except ValueError as e:  # a size derived from config.json (image tokens from image_size) out of bounds
+        raise ValueError(f"{path}: config.json gives {e}") from None
 
 
 # ============================================================================ projectors
@@ -347,7 +489,7 @@ def qformer_geometry(source: str | os.PathLike) -> tuple[dict[str, Any], int, st
     if kind not in ("blip-2", "instructblip"):
         raise ValueError(f"qformer projector: pretrained {str(source)!r} is a {kind!r} checkpoint; a Q-Former "
                          "comes from a blip-2 or instructblip checkpoint (or set options.config)")
-    hf = AutoConfig.from_pretrained(str(source))
+    hf = auto_config(source)
     q = hf.qformer_config.to_dict()
     keep = {k: v for k, v in q.items() if k in _QFORMER_FIELDS}
     return keep, hf.num_query_tokens, kind

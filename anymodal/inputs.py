@@ -58,8 +58,16 @@ def check_seed(seed: Any) -> int | None:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise TypeError(f"seed must be an integer in [0, 2**63 - 1], got {seed!r} ({type(seed).__name__})")
     if not 0 <= int(seed) <= MAX_SEED:
-        raise ValueError(f"seed must be an integer in [0, 2**63 - 1], got {seed!r}")
+        raise ValueError(f"seed must be an integer in [0, 2**63 - 1], got {short_int(int(seed))}")
     return int(seed)
+
+
+def short_int(n: int) -> str:
+    """An integer as text, its digits elided past 20 (so that a 4000-digit value is not echoed)."""
+    if -10**20 < n < 10**20:
+        return str(n)
+    digits = n.bit_length() * 30103 // 100000 + 1  # about log10(2) per bit; no str() of a huge int
+    return f"{'-' if n < 0 else ''}an integer of about {digits} digits"
 
 
 def check_max_new_tokens(n: Any) -> int | None:
@@ -67,7 +75,8 @@ def check_max_new_tokens(n: Any) -> int | None:
     if n is None:
         return None
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise ValueError(f"max_new_tokens must be a positive integer (or None for the model's default), got {n!r}")
+        raise ValueError("max_new_tokens must be a positive integer (or None for the model's default), got "
+                         f"{short_int(int(n)) if isinstance(n, (int, np.integer)) and not isinstance(n, bool) else repr(n)}")
     return int(n)
 
 

@@ -4,14 +4,16 @@ features into the LLM's input embeddings and signal-token states out to conditio
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from .config import AnyModalConfig, LLMConfig
-from .loading import allow_pickle, missing_keys_error, refuse_pickle
+from .loading import allow_pickle, missing_keys_error
 from .modality import Modality
 from .projectors import build_input_projector, build_output_projector
 from .registry import ENCODERS
@@ -43,14 +45,19 @@ def load_language_model(cfg: LLMConfig, path: str | None = None) -> nn.Module:
         if cfg.gguf_file and path is None:
             kwargs["gguf_file"] = cfg.gguf_file  # GGUF holds plain tensors, no pickle
         else:
-            refuse_pickle(source, "the language model")
+            from .hf_systems import check_folder
+
+            check_folder(source)  # JSON named when broken, weight index inside, pickle refused unless allowed
             kwargs["use_safetensors"] = None if allow_pickle() else True  # None: safetensors first, else pickle
-        try:
-            with quiet_loading(show_bars=not small_local_dir(source)):
-                model, info = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-        except SafetensorError as e:
-            raise ValueError(f"cannot load the language model from {source}: a weights file is not a complete "
-                             f"safetensors file ({e})") from None
+        from .loading import library_errors
+
+        with library_errors(f"cannot load the language model from {source}", source):
+            try:
+                with quiet_loading(show_bars=not small_local_dir(source)):
+                    model, info = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+            except SafetensorError as e:
+                raise ValueError(f"cannot load the language model from {source}: a weights file is not a complete "
+                                 f"safetensors file ({e})") from None
         missing_keys_error(info, source, "the language model")
         if load_dtype != dtype:
             cast_in_place(model, dtype, weight_shards(source).values())
@@ -94,7 +101,32 @@ def load_tokenizer(cfg: LLMConfig):
     if name == "bytes":
         return byte_level_tokenizer()
     kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file and cfg.tokenizer is None else {}
-    return load_tokenizer_from(name, cfg.tokenizer_backend, "llm.tokenizer", **kwargs)
+    if name is not None and os.path.isdir(name):
+        from .loading import read_json
+
+        for f in ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "config.json"):
+            if (Path(name) / f).is_file():  # else transformers says "Expecting value" without naming the file
+                read_json(Path(name) / f, "tokenizer")
+    from .loading import library_errors
+
+    with library_errors(f"cannot load the tokenizer from {name}"):
+        return load_tokenizer_from(name, cfg.tokenizer_backend, "llm.tokenizer", **kwargs)
+
+
+def _check_projector_sizes(config: AnyModalConfig, language_model: nn.Module, encoders: dict[str, nn.Module]) -> None:
+    """Each input projector with ``pretrained`` weights, built on the meta device (no memory) and its
+    shapes compared with the checkpoint's headers, before the real one is allocated: a Q-Former
+    config that asks for more than the checkpoint holds fails here, not after minutes of allocation."""
+    from .hf_systems import load_projector_weights
+
+    hidden = language_model.config.get_text_config().hidden_size
+    for m, pcfg in config.input_projectors.items():
+        if pcfg.pretrained is None or pcfg.share is not None:
+            continue
+        tokens, dim = encoders[config.encoder_for(m)].feature_shape(m)
+        with torch.device("meta"):
+            meta = build_input_projector(pcfg, tokens, dim, hidden)
+        load_projector_weights(meta, pcfg.type, pcfg.pretrained, f"input_projectors.{m.value}")
 
 
 @dataclass(frozen=True)
@@ -152,6 +184,8 @@ class AnyModalModel(nn.Module):
         if encoders is None:
             encoders = {name: ENCODERS.get(e.type).from_config(e.options, e.modalities, e.pretrained)
                         for name, e in config.encoders.items()}
+        if load_projector_weights:
+            _check_projector_sizes(config, language_model, encoders)
         model = cls(config, language_model, encoders, token_ids)
         if load_projector_weights:
             from .hf_systems import load_projector_weights as load_weights

@@ -23,8 +23,8 @@ import torch
 
 from .config import AnyModalConfig
 from .generation import generate_text
-from .loading import (check_external, confined, load_safetensors_into, pickle_allowed,
-                      refuse_pickle)
+from .loading import (check_external, check_file_fits, check_links_inside, confined, load_safetensors_into,
+                      pickle_allowed, read_safetensors, refuse_pickle)
 from .inputs import check_max_new_tokens, check_prompts, check_sampling, check_seed
 from .media import MediaError, describe
 from .modality import MediaFields, Modality, media_by_plural, media_modalities
@@ -32,12 +32,15 @@ from .lowmem import grow_token_rows
 from .model import AnyModalModel, load_language_model, load_tokenizer
 from .processor import AnyModalProcessor, Message
 from .registry import ENCODERS, GENERATORS
-from .utils import atomic_dir, atomic_write_text, peft_quietly, seeded
+from .utils import atomic_dir, atomic_write_text, check_replaceable, peft_quietly, seeded
 
 logger = logging.getLogger(__name__)
 
 INDEX_NAME = "anymodal_index.json"
 FORMAT_VERSION = 1
+# the top-level entries a saved pipeline directory may hold (what save_pretrained and the converters write)
+SAVED_NAMES = (INDEX_NAME, "config.yaml", "processor", "llm", "llm_adapter", "encoders", "input_projectors",
+               "output_projectors", "generators")
 
 
 class AnyModalOutput(MediaFields):
@@ -193,8 +196,11 @@ class AnyModalPipeline:
         if text_only:  # no generators, so no output projectors to feed them (a 7B NExT-GPT's: 370 MB)
             saved.config = config = _text_only(config)
         processor = saved.processor()
-        model = AnyModalModel.build(config, processor.token_ids(), language_model=saved.language_model(processor),
-                                    encoders=saved.encoders(), load_projector_weights=False)
+        lm, encoders = saved.language_model(processor), saved.encoders()
+        with torch.device("meta"):  # the projectors the config asks for, without memory, against their files
+            saved.check_projectors(AnyModalModel(config, lm, encoders, processor.token_ids()))
+        model = AnyModalModel.build(config, processor.token_ids(), language_model=lm, encoders=encoders,
+                                    load_projector_weights=False)
         saved.load_projectors(model)
         saved.load_adapter(model)
         pipe = cls(config, processor, model, {} if text_only else saved.generators(lazy_generators))
@@ -212,7 +218,8 @@ class AnyModalPipeline:
                              f"{self.config.generators[modality].type} generator takes: {have}")
 
     # ================================================================ saving
-    def save_pretrained(self, directory: str | os.PathLike, save_frozen: bool = False) -> Path:
+    def save_pretrained(self, directory: str | os.PathLike, save_frozen: bool = False, *,
+                        overwrite: bool = False) -> Path:
         """Save every component in its own subfolder, plus ``anymodal_index.json`` (safetensors only).
 
         Frozen components loaded from a hub id or a path outside the installed package are recorded
@@ -225,11 +232,17 @@ class AnyModalPipeline:
         Each weight loaded from a saved pipeline is stored in the dtype it was stored in there (the
         shipped default's float16 stays float16, whatever dtype it ran in); weights built or
         loaded otherwise are stored in the dtype they have in memory.
+
+        An earlier saved pipeline at ``directory`` is replaced; any other non-empty directory is
+        refused unless ``overwrite=True``, and a file, or a directory holding a component the saved
+        pipeline refers to, is always refused (:func:`anymodal.utils.check_replaceable`).
         """
         directory = Path(directory)
         if self.text_only:
             raise ValueError("this pipeline was loaded with text_only=True and has no generators to save; load it "
                              "without text_only to save it")
+        check_replaceable(directory, marker=INDEX_NAME, known=SAVED_NAMES, what="save_pretrained:",
+                          overwrite=overwrite, keep=[s for s in self._sources.values() if s and os.path.isabs(s)])
         atomic_dir(directory, lambda tmp: self._write_into(tmp, save_frozen))
         return directory
 
@@ -367,8 +380,11 @@ class AnyModalPipeline:
         progress = sys.stderr.isatty() if progress is None else progress
 
         # 2. lay out the inputs: checked, placeholders placed, formatted, tokenised, media preprocessed
-        inputs = self.processor.prepare(conversations)
         limit = self.context_length
+        for i, conv in enumerate(conversations):  # a bound on characters first: tokenising megabytes takes seconds
+            self.processor.check_chars("".join(m.content for m in conv), limit,
+                                       "the prompt" if len(conversations) == 1 else f"prompt[{i}]")
+        inputs = self.processor.prepare(conversations)
         longest = int(inputs.attention_mask.sum(-1).max())
         if limit is not None and longest + max_new_tokens > limit:
             raise ValueError(f"the prompt is {longest} tokens long (media positions included); with max_new_tokens="
@@ -565,6 +581,7 @@ class _SavedPipeline:
     def __init__(self, path: Path):
         self.path = path
         self.index_file = path / INDEX_NAME
+        check_links_inside(path)  # every file a loader reads below is the directory's own
         try:
             index = json.loads(self.index_file.read_text(encoding="utf-8"))
             if not isinstance(index, dict):
@@ -579,6 +596,7 @@ class _SavedPipeline:
         except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
             raise ValueError(f"{self.index_file} is not a valid anymodal index: "
                              f"{e if not isinstance(e, KeyError) else f'missing {e}'}") from None
+        _check_types(self.config)
         self.owned: set[str] = set()
         self.sources: dict[str, str | None] = {}
 
@@ -621,7 +639,7 @@ class _SavedPipeline:
                 encoders[name] = cls_.from_config(e.options, e.modalities, src)
         return encoders
 
-    def load_projectors(self, model: AnyModalModel) -> None:
+    def _projector_files(self, model: AnyModalModel) -> Iterator[tuple[str, str, torch.nn.Module, Path]]:
         for group in ("input_projectors", "output_projectors"):
             files = self.saved.get(group)
             files = files if isinstance(files, dict) else {}
@@ -629,7 +647,16 @@ class _SavedPipeline:
                 if m not in files:
                     raise ValueError(f"{self.index_file}: components.{group} has no weights for {m!r}; the config "
                                      "builds that projector and it would stay randomly initialised")
-                load_safetensors_into(proj, confined(self.path, files[m], f"components.{group}.{m}"), f"{group}[{m}]")
+                yield group, m, proj, confined(self.path, files[m], f"components.{group}.{m}")
+
+    def check_projectors(self, meta_model: AnyModalModel) -> None:
+        """The projectors of a model built on the meta device against their files' headers."""
+        for group, m, proj, path in self._projector_files(meta_model):
+            check_file_fits(proj, path, f"{group}[{m}]")
+
+    def load_projectors(self, model: AnyModalModel) -> None:
+        for group, m, proj, path in self._projector_files(model):
+            load_safetensors_into(proj, path, f"{group}[{m}]")
 
     def load_adapter(self, model: AnyModalModel) -> None:
         if not self.saved.get("adapter"):
@@ -838,19 +865,13 @@ def _note_source(field_name: str, source: str | None) -> Iterator[None]:
 
 
 def _check_types(config: AnyModalConfig) -> None:
-    """Resolve every component type now, so a typo fails before anything heavy loads."""
-    from .registry import INPUT_PROJECTORS, OUTPUT_PROJECTORS
+    """Resolve every component type now, so a typo, or a generator that does not make its
+    modality, fails before anything heavy loads."""
+    from .registry import check_component_types
 
-    for name, e in config.encoders.items():
-        ENCODERS.get(e.type)
-    for p in config.input_projectors.values():
-        INPUT_PROJECTORS.get(p.type)
-    for p in config.output_projectors.values():
-        OUTPUT_PROJECTORS.get(p.type)
-    for m, g in config.generators.items():
-        cls = GENERATORS.get(g.type)
-        if cls.modality is not m:
-            raise ValueError(f"generators[{m.value}]: {g.type!r} generates {cls.modality.value}, not {m.value}")
+    problems = check_component_types(config)
+    if problems:
+        raise ValueError(problems[0] + (f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""))
 
 
 def _apply_lora(model: AnyModalModel, config: AnyModalConfig, processor: AnyModalProcessor) -> None:

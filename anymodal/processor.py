@@ -245,6 +245,23 @@ class AnyModalProcessor:
         return f"{prefix}\n{text}"
 
     # ------------------------------------------------------------ tokenising
+    def max_chars(self, tokens: int) -> int:
+        """The most characters that ``tokens`` tokens can spell: a bound checked before tokenising,
+        so that a prompt of megabytes is refused at once instead of after seconds of tokenising.
+        No token spells more characters than its vocabulary entry (byte-level vocabularies spell one
+        byte per character, and a character is at least one byte); a word-piece unknown token may
+        stand for a whole word, so the factor is at least 128 characters per token."""
+        longest = self.__dict__.get("_longest_token")
+        if longest is None:
+            longest = self.__dict__["_longest_token"] = max(map(len, self.tokenizer.get_vocab()), default=1)
+        return tokens * max(longest, 128)
+
+    def check_chars(self, text: str, tokens: int | None, where: str = "the prompt") -> None:
+        """Refuse ``text`` when it has more characters than ``tokens`` tokens can spell (``None``: no limit)."""
+        if tokens is not None and len(text) > self.max_chars(tokens):
+            raise ValueError(f"{where} is too long: {len(text)} characters, and the model's context of {tokens} "
+                             f"tokens holds at most {self.max_chars(tokens)} characters; shorten it")
+
     def num_tokens(self, text: str) -> int:
         """Length of a formatted text in tokens, each placeholder counted as its medium's positions."""
         if self.prompt_options.bos_per_segment:
@@ -409,10 +426,17 @@ class AnyModalProcessor:
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike,
                         preprocessors: dict[Modality, Preprocessor] | None = None) -> "AnyModalProcessor":
-        from transformers import AutoTokenizer
+        from .loading import library_errors, read_json
 
         directory = Path(directory)
-        meta = json.loads((directory / PROCESSOR_CONFIG).read_text())
+        meta = read_json(directory / PROCESSOR_CONFIG, "processor")
+        with library_errors(f"cannot load the processor from {directory}", directory):
+            return cls._from_saved(directory, meta, preprocessors)
+
+    @classmethod
+    def _from_saved(cls, directory: Path, meta: dict[str, Any], preprocessors: Any) -> "AnyModalProcessor":
+        from transformers import AutoTokenizer
+
         tok = AutoTokenizer.from_pretrained(directory)
         inst = directory / INSTRUCTION_TOKENIZER
         return cls(tok, meta["signal_tokens"], meta["media_tokens"], meta.get("system_prompt"), meta.get("max_length"),

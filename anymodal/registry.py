@@ -131,8 +131,9 @@ def load_plugins(force: bool = False) -> list[str]:
     An entry point's value is either a module (``mypkg.components``), whose import registers its
     types with the ``register_*`` decorators, or a callable (``mypkg.components:register``), which
     is called with no arguments and registers them. A plugin that fails to load is reported with
-    a warning and named in later unknown-type errors; the others still load. Returns the names of
-    the entry points loaded.
+    a warning (on stderr) and named in later unknown-type errors, so that a command that needs its
+    types says why they are missing; the others still load. Whatever a plugin's import raises is
+    caught, ``SystemExit`` included. Returns the names of the entry points loaded.
 
     A distribution declares one in ``pyproject.toml``::
 
@@ -155,9 +156,14 @@ def load_plugins(force: bool = False) -> list[str]:
                 if not callable(obj):
                     raise TypeError(f"{ep.value!r} is neither a module nor a callable")
                 obj()
-        except Exception as e:  # a broken plugin must not take the built-in types down with it
-            _PLUGIN_ERRORS[ep.name] = f"{ep.value!r} raised {type(e).__name__}: {e}"
-            warnings.warn(f"anymodal plugin {ep.name!r} ({ep.value}) failed to load: {type(e).__name__}: {e}",
+        except KeyboardInterrupt:
+            raise
+        except BaseException as e:  # noqa: BLE001 - a broken plugin must not take anymodal down with it:
+            # not even one that calls sys.exit() on import (SystemExit), which would end every command,
+            # --help included, silently
+            what = f"{type(e).__name__}: {e}" if not isinstance(e, SystemExit) else f"sys.exit({e.code!r})"
+            _PLUGIN_ERRORS[ep.name] = f"{ep.value!r} raised {what}"
+            warnings.warn(f"anymodal plugin {ep.name!r} ({ep.value}) failed to load and is skipped: {what}",
                           stacklevel=2)
             continue
         _PLUGIN_ERRORS.pop(ep.name, None)
@@ -182,6 +188,8 @@ def check_component_types(config: Any) -> list[str]:
             problems.append(f"{where}: {registry.unknown_message(name)}")
     for m, g in config.generators.items():
         if g.type in GENERATORS and GENERATORS.get(g.type).modality is not m:
-            problems.append(f"generators.{m.value}.type: {g.type!r} generates "
-                            f"{GENERATORS.get(g.type).modality.value}, not {m.value}")
+            makes = [t for t in GENERATORS.names() if GENERATORS.get(t).modality is m]
+            problems.append(f"generators.{m.value}.type: the {g.type!r} generator makes "
+                            f"{GENERATORS.get(g.type).modality.value}, not {m.value}; {m.value} generator types: "
+                            f"{', '.join(makes) or 'none registered'}")
     return problems

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 from .media import MediaError
 from .modality import MediaFields, Modality, media_by_plural
 from .processor import Message
-from .utils import atomic_dir, recover_swapped_dir
+from .utils import atomic_dir, check_replaceable, recover_swapped_dir
 
 if TYPE_CHECKING:
     from .pipeline import AnyModalPipeline
@@ -106,6 +106,7 @@ class ChatSession:
         media = {m: items for m, v in given.items() if v is not None and (items := _as_list(m, v))}
         if not text.strip() and not media:
             raise ValueError("nothing to send: give some text or media")
+        self.pipe.processor.check_chars(text, self.pipe.context_length, "the message")
         for m in media:
             self.pipe.processor.check_takes(m)
         counts = {m: len(v) for m, v in media.items()}
@@ -180,11 +181,14 @@ class ChatSession:
         return proc.num_tokens(proc.format(rendered))
 
     # ------------------------------------------------------------ persistence
-    def save(self, directory: str | os.PathLike) -> Path:
+    def save(self, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write ``session.json`` and every medium (lossless: PNG, float WAV, PNG frames; files sent as
         paths are copied byte for byte). The directory is built beside its destination and swapped in,
-        so an interrupted save leaves the previous one intact."""
+        so an interrupted save leaves the previous one intact. An earlier saved session is replaced;
+        any other non-empty directory only with ``overwrite=True``, and a file never."""
         directory = Path(directory)
+        check_replaceable(directory, marker=SESSION_FILE, known=(SESSION_FILE, "media"), what="session directory",
+                          overwrite=overwrite)
         atomic_dir(directory, self._write_into)
         return directory
 
@@ -199,13 +203,18 @@ class ChatSession:
             raise FileNotFoundError(f"{directory} is not a saved chat session (no {SESSION_FILE})")
         try:
             state = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path}: not valid JSON: {e}") from None
-        if state.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{path}: unsupported session format version {state.get('format_version')!r}")
-        session = cls(pipe, system_prompt=state.get("system_prompt"), seed=state.get("seed"),
-                      max_new_tokens=state.get("max_new_tokens"), settings=state.get("settings"),
-                      history_media=state.get("history_media", "input"))  # sessions saved before it was recorded fed media back
+        _check_state(state, path)
+        history = state.get("history_media", "input")  # sessions saved before it was recorded fed media back
+        if history not in HISTORY_MEDIA:
+            raise ValueError(f"{path}: 'history_media' must be one of {', '.join(HISTORY_MEDIA)}, got {history!r}")
+        try:
+            session = cls(pipe, system_prompt=state.get("system_prompt"), seed=state.get("seed"),
+                          max_new_tokens=state.get("max_new_tokens"), settings=state.get("settings"),
+                          history_media=history)
+        except (TypeError, ValueError) as e:  # the settings: an unknown modality or field, a bad value
+            raise ValueError(f"{path}: 'settings' is invalid: {e}") from None
         session.last_context_start = state.get("last_context_start", 0)
         for t in state["turns"]:
             media = {Modality.parse(m): [_load_medium(Modality.parse(m), e, directory) for e in entries]
@@ -236,6 +245,69 @@ class ChatSession:
 
 
 # ==================================================================== helpers
+def _check_state(state: Any, path: Path) -> None:
+    """Refuse a ``session.json`` that :meth:`ChatSession.save` could not have written, naming the
+    first bad field, before anything is built from it (so that a bad seed fails here, not on the
+    next send)."""
+    from .inputs import check_max_new_tokens, check_seed
+
+    def bad(where: str, what: str) -> ValueError:
+        return ValueError(f"{path}: {where} {what}")
+
+    def check(where: str, fn, value: Any) -> None:
+        try:
+            fn(value)
+        except (TypeError, ValueError) as e:
+            raise bad(where, f"is invalid: {e}") from None
+
+    if not isinstance(state, dict):
+        raise bad("the file", f"must hold a JSON object, got {type(state).__name__}")
+    if state.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: unsupported session format version {state.get('format_version')!r}")
+    if not isinstance(state.get("system_prompt") or "", str):
+        raise bad("'system_prompt'", "must be a string or null")
+    check("'seed'", check_seed, state.get("seed"))
+    check("'max_new_tokens'", check_max_new_tokens, state.get("max_new_tokens"))
+    if not isinstance(state.get("settings") or {}, dict):
+        raise bad("'settings'", "must be an object keyed by modality")
+    turns = state.get("turns")
+    if not isinstance(turns, list):
+        raise bad("'turns'", "is missing" if turns is None else "must be a list of turns")
+    start = state.get("last_context_start", 0)
+    if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start <= len(turns):
+        raise bad("'last_context_start'", f"must be an integer in [0, {len(turns)}], got {start!r}")
+    for n, t in enumerate(turns):
+        where = f"turns[{n}]"
+        if not isinstance(t, dict):
+            raise bad(where, f"must be an object, got {type(t).__name__}")
+        for key in ("role", "text"):
+            if key not in t:
+                raise bad(where, f"has no {key!r}")
+        if t["role"] not in ("user", "assistant"):
+            raise bad(f"{where}.role", f"must be 'user' or 'assistant', got {t['role']!r}")
+        if not isinstance(t["text"], str):
+            raise bad(f"{where}.text", f"must be a string, got {type(t['text']).__name__}")
+        check(f"{where}.seed", check_seed, t.get("seed"))
+        ids = t.get("token_ids", [])
+        if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                                for i in ids):
+            raise bad(f"{where}.token_ids", "must be a list of non-negative integers")
+        media = t.get("media", {})
+        if not isinstance(media, dict):
+            raise bad(f"{where}.media", "must be an object keyed by modality")
+        for m, entries in media.items():
+            try:
+                Modality.parse(m)
+            except ValueError as e:
+                raise bad(f"{where}.media", f"has an {e}") from None
+            if not isinstance(entries, list):
+                raise bad(f"{where}.media.{m}", "must be a list of files")
+            for k, e in enumerate(entries):
+                if not isinstance(e, dict) or not isinstance(e.get("file"), str) or e.get("as", "data") not in (
+                        "path", "data"):
+                    raise bad(f"{where}.media.{m}[{k}]", 'must be {"file": "media/...", "as": "path" or "data"}')
+
+
 def _as_list(m: Modality, value: Any) -> list[Any]:
     """One medium of modality ``m`` (by its spec: an ``(array, rate)`` pair, a list of video frames)
     as a one-item list; a list or tuple of media as a list."""
@@ -262,17 +334,24 @@ def _save_medium(m: Modality, item: Any, stem: Path) -> dict[str, str]:
     return {"file": f"media/{m.spec.keep(item, stem).name}", "as": "data"}
 
 
-def _load_medium(m: Modality, entry: dict[str, str], directory: Path) -> Any:
-    path = directory / entry["file"]
-    if ".." in Path(entry["file"]).parts:
-        raise ValueError(f"session medium path {entry['file']!r} leaves the session directory")
+def _load_medium(m: Modality, entry: Any, directory: Path) -> Any:
+    """One medium of a saved session: a file inside the session directory (by name and after links:
+    an absolute path, ``..`` or a link elsewhere is refused), never a file the session names elsewhere."""
+    from .loading import confined
+
+    where = f"{directory / SESSION_FILE}: {m.value} medium"
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where}: expected {{\"file\": ..., \"as\": ...}}, got {type(entry).__name__}")
+    path = confined(directory, entry.get("file"), f"{where} file", "session directory")
     if not path.exists():
         raise FileNotFoundError(f"session medium missing: {path}")
+    if not path.is_file():
+        raise ValueError(f"{where} file {entry.get('file')!r} is not a regular file")
     if entry.get("as") == "path":  # a copied input file: decoded by the encoder exactly as the original was
         return str(path)
     if m.spec.restore is None:
         raise ValueError(f"cannot read session medium {path}: modality {m.value} has no restore")
     try:
         return m.spec.restore(path)
-    except ValueError as e:
+    except (ValueError, OSError) as e:  # PIL's UnidentifiedImageError, soundfile's errors
         raise ValueError(f"cannot read session medium {path}: not a file that ChatSession.save writes ({e})") from None

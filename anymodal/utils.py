@@ -9,7 +9,7 @@ import tempfile
 import threading
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
 
@@ -160,6 +160,10 @@ def atomic_dir(directory: str | os.PathLike, write: Callable[[Path], T], *, dura
     disk before the swap and the parent directory after it, so a power cut cannot undo it either.
     """
     directory = Path(directory)
+    if directory.is_symlink() or (directory.exists() and not directory.is_dir()):
+        raise FileExistsError(f"{directory} is {'a symbolic link' if directory.is_symlink() else 'a file'}, not a "
+                              "directory; anymodal never replaces it with a directory: remove it or choose another "
+                              "path")
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
     try:
@@ -176,6 +180,49 @@ def atomic_dir(directory: str | os.PathLike, write: Callable[[Path], T], *, dura
     if durable:
         fsync_dir(directory.parent)
     return result
+
+
+def check_replaceable(target: str | os.PathLike, *, marker: str, known: Iterable[str], what: str,
+                      overwrite: bool = False, flag: str = "overwrite=True",
+                      keep: Iterable[str | os.PathLike | None] = ()) -> None:
+    """Raise unless writing a directory at ``target`` loses nothing the user had.
+
+    The one rule every command that writes a directory (``convert --out``, ``save_pretrained``,
+    ``ChatSession.save``, ``merge-lora --out``) follows:
+
+    - a missing path or an empty directory is written;
+    - a directory anymodal wrote itself (it holds ``marker`` and nothing but the names in ``known``)
+      is replaced, as a save over an earlier save;
+    - any other directory is refused unless ``overwrite`` (the message names ``flag``);
+    - a file or a symbolic link is never replaced by a directory, ``overwrite`` or not;
+    - a directory that is, or holds, a path in ``keep`` (the inputs the output refers to, such as
+      ``--llm``) is never replaced, ``overwrite`` or not: the result would point at what it deleted.
+    """
+    target = Path(target)
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
+        kind = "a symbolic link" if target.is_symlink() else "a file"
+        raise FileExistsError(f"{what} {target} is {kind}, not a directory; anymodal writes a directory there and "
+                              "never replaces a file or a link: remove it or choose another path")
+    if not target.exists():
+        return
+    resolved = target.resolve()
+    for p in keep:
+        if p is None or not os.path.exists(p):
+            continue
+        p = Path(p).resolve()
+        if p == resolved or resolved in p.parents:
+            raise ValueError(f"{what} {target} {'is' if p == resolved else 'holds'} {p}, which the output uses; "
+                             "replacing it would delete it: choose another path")
+    entries = sorted(e.name for e in target.iterdir())
+    if not entries or overwrite:
+        return
+    foreign = [e for e in entries if e not in set(known)]
+    if marker in entries and not foreign:
+        return
+    why = (f"holds files anymodal did not write ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''})"
+           if marker in entries else f"exists and is not one anymodal wrote (no {marker})")
+    raise FileExistsError(f"{what} {target} {why}; it was left as it is. Choose another path, or pass {flag} to "
+                          "replace it and everything in it")
 
 
 def fsync_dir(path: str | os.PathLike) -> None:

@@ -22,10 +22,11 @@ from scratch). ``transformers`` is imported only when an encoder is built.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import os
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -146,8 +147,8 @@ class ClipEncoder(ModalityEncoder):
                 raise ValueError(f"clip: {pretrained} holds a {vc.get('model_type')!r} vision tower, not CLIP's; "
                                  "use the 'hf-vision' encoder for it")
             vc = {k: v for k, v in vc.items() if k not in ("model_type", "transformers_version")}
-            model = CLIPVisionModelWithProjection(CLIPVisionConfig(**vc))
-            load_vision_tower(model, pretrained, prefixes, "clip encoder")
+            model = load_vision_tower(lambda: CLIPVisionModelWithProjection(CLIPVisionConfig(**vc)), pretrained,
+                                      prefixes, "clip encoder")
         else:
             model = CLIPVisionModelWithProjection(CLIPVisionConfig.from_dict(opts.config))
         return cls(model, opts, modalities).eval()
@@ -326,10 +327,10 @@ def _vision_source(pretrained: str | os.PathLike) -> tuple[dict[str, Any], list[
     if kind in VISION_TOWERS:
         return cfg, [""]
     if kind in _VISION_SOURCES:
-        from transformers import AutoConfig
+        from anymodal.hf_systems import auto_config
 
         key, prefixes = _VISION_SOURCES[kind]
-        vc = getattr(AutoConfig.from_pretrained(str(pretrained)), key).to_dict()
+        vc = getattr(auto_config(pretrained), key).to_dict()
         return vc, prefixes
     raise ValueError(f"hf-vision: {pretrained} is a {kind!r} checkpoint with no vision tower anymodal knows; "
                      f"expected a vision model ({', '.join(VISION_TOWERS)}) or a composite "
@@ -341,11 +342,12 @@ def _tower_key_spellings(key: str) -> list[str]:
     return [key, f"vision_model.{key}"] if not key.startswith("vision_model.") else [key, key[len("vision_model."):]]
 
 
-def load_vision_tower(model: Any, pretrained: str | os.PathLike, prefixes: list[str], what: str) -> None:
-    """Load a vision tower strictly (missing weights raise, unused ones are reported)."""
-    from anymodal.hf_systems import load_strict
+def load_vision_tower(build: Callable[[], Any], pretrained: str | os.PathLike, prefixes: list[str], what: str) -> Any:
+    """Build a vision tower and load it strictly (missing weights raise, unused ones are reported),
+    its sizes checked against the weights before it is allocated."""
+    from anymodal.hf_systems import build_checked
 
-    load_strict(model, pretrained, prefixes, what, rename=_tower_key_spellings)
+    return build_checked(build, pretrained, prefixes, what, rename=_tower_key_spellings)
 
 
 @register_encoder("hf-vision")
@@ -442,9 +444,11 @@ class HFVisionEncoder(ModalityEncoder):
                              f"{kind} has none: use 'pooled' or 'tokens'")
         class_name = "CLIPVisionModelWithProjection" if opts.output == "projected" else VISION_TOWERS[kind][0]
         config = transformers.AutoConfig.for_model(kind, **{k: v for k, v in vc.items() if k != "transformers_version"})
-        model = getattr(transformers, class_name)(config)
-        if pretrained is not None:
-            load_vision_tower(model, pretrained, prefixes, f"hf-vision encoder ({class_name})")
+        build = functools.partial(getattr(transformers, class_name), config)
+        if pretrained is None:
+            model = build()
+        else:  # sizes checked against the weights before the tower is allocated
+            model = load_vision_tower(build, pretrained, prefixes, f"hf-vision encoder ({class_name})")
         return cls(model, _image_processor(opts.image_processor, pretrained), opts, modalities).eval()
 
 

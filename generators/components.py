@@ -168,6 +168,14 @@ class DiffusersGenerator(ModalityGenerator):
         return cls.pipeline_class()
 
     def _load(self) -> Any:
+        from anymodal.loading import library_errors
+
+        # what diffusers and transformers raise on a hostile config or index is one line naming the folder
+        with library_errors(f"cannot load generator {self.type_name!r} from {self.config.pretrained}",
+                            self.config.pretrained):
+            return self._load_checked()
+
+    def _load_checked(self) -> Any:
         cls = self._load_pipeline_class()
         index = cls.load_config(self.config.pretrained)
         # Components saved as None (no feature extractor, no safety checker) are recorded as
@@ -250,8 +258,14 @@ class DiffusersGenerator(ModalityGenerator):
             if self._pipe is not None:
                 configs = {n: component_config(getattr(self._pipe, n, None)) for n in self.shape_components}
             else:
-                configs = read_component_configs(self._load_pipeline_class(), self.config.pretrained,
-                                                 self.shape_components)
+                from anymodal.loading import library_errors
+
+                with library_errors(f"generator {self.type_name!r}: cannot read the component configs of "
+                                    f"{self.config.pretrained}", self.config.pretrained):
+                    configs = read_component_configs(self._load_pipeline_class(), self.config.pretrained,
+                                                     self.shape_components)
+                    self._shapes = self.shapes_from(configs)
+                return dict(self._shapes)
             self._shapes = self.shapes_from(configs)
         return dict(self._shapes)
 

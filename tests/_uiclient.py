@@ -20,17 +20,21 @@ from PIL import Image
 
 
 def serving(pipe, media_dir: Path, **options) -> Iterator[str]:
-    """Serve ``create_app(pipe, media_dir, seed=0, **options)`` on 127.0.0.1; yields its base URL."""
+    """Serve ``create_app(pipe, media_dir, seed=0, **options)`` on 127.0.0.1 as ``anymodal serve`` does
+    (``deadlines=ConnectionDeadlines(...)`` among the options sets the connection deadlines); yields its base URL."""
     import pytest
     import uvicorn
 
     from anymodal.ui import create_app
+    from anymodal.ui.deadlines import server_config
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    deadlines = options.pop("deadlines", None)
     app = create_app(pipe, media_dir=media_dir, seed=0, **options)
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    # the same protocol and deadlines as `anymodal serve`
+    srv = uvicorn.Server(server_config(app, "127.0.0.1", port, deadlines, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     deadline = time.time() + 30

@@ -171,6 +171,48 @@ def test_hostile_rows_are_recorded_and_the_run_goes_on(saved, tmp_path):
         assert all(r["files"]["image"] for r in recs if r["status"] == "done")
 
 
+def test_a_huge_seed_or_prompt_fails_its_row_alone_and_is_refused_before_tokenising(pipe, tmp_path, monkeypatch):
+    """A 5000-digit seed once aborted the whole run with Python's int-limit message and no line number;
+    a 30 MB prompt was tokenised in full (34 s) before it was refused."""
+    huge = "draw a cat " * 200_000  # 2.2 MB
+    lines = [json.dumps({"id": "a", "prompt": "draw a cat"}),
+             '{"id": "big-seed", "prompt": "draw a cat", "seed": ' + "7" * 5000 + "}",
+             json.dumps({"id": "long-seed", "prompt": "draw a cat", "seed": int("7" * 4000)}),
+             json.dumps({"id": "huge", "prompt": huge}),
+             json.dumps({"id": "b", "prompt": "draw a cat"})]
+    inp = tmp_path / "rows.jsonl"
+    inp.write_text("\n".join(lines) + "\n")
+    tokenised = []
+    real = type(pipe.processor.tokenizer).__call__
+
+    def spy(self, text, *a, **k):
+        tokenised.append(len(text) if isinstance(text, str) else max(map(len, text)))
+        return real(self, text, *a, **k)
+
+    monkeypatch.setattr(type(pipe.processor.tokenizer), "__call__", spy)
+    results = list(run_batch(pipe, read_rows(inp), tmp_path / "out", batch_size=4, progress=False))
+    by_index = {r.index: r for r in results}
+    assert [by_index[i].status for i in range(5)] == ["done", "error", "error", "error", "done"]
+    assert by_index[1].error.startswith("line 2: a number in the JSON has too many digits")
+    assert by_index[2].error == "'seed' must be an integer in [0, 2**63 - 1], got an integer of about 4001 digits"
+    limit = pipe.context_length
+    assert by_index[3].error == (f"'prompt' is too long: {len(huge)} characters, and the model's context of {limit} "
+                                 f"tokens holds at most {pipe.processor.max_chars(limit)} characters; shorten it")
+    assert tokenised and max(tokenised) < 10_000  # the huge prompt never reached the tokenizer
+    assert by_index[0].text == by_index[4].text == "a cat <image>"
+    # the pipeline and a chat session check the same bound first
+    from anymodal.session import ChatSession
+
+    tokenised.clear()
+    with pytest.raises(ValueError, match=f"the prompt is too long: {len(huge)} characters"):
+        pipe(huge)
+    with pytest.raises(ValueError, match=r"prompt\[1\] is too long"):
+        pipe(["draw a cat", huge])
+    with pytest.raises(ValueError, match="the message is too long"):
+        ChatSession(pipe).send(huge)
+    assert not tokenised
+
+
 def _png_declaring(width: int, height: int) -> bytes:
     import struct
     import zlib

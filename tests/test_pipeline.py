@@ -328,7 +328,7 @@ def test_output_projector_shape_mismatch_raises_at_load():
 def test_generator_type_must_fit_its_modality():
     cfg = AnyModalConfig.from_yaml(CONFIGS / "tiny.yaml").to_dict()
     cfg["generators"]["image"]["type"] = "audioldm"
-    with pytest.raises(ValueError, match=r"generators\[image\]: 'audioldm' generates audio, not image"):
+    with pytest.raises(ValueError, match=r"generators\.image\.type: the .audioldm. generator makes audio, not image"):
         AnyModalPipeline.from_config(AnyModalConfig.from_dict(cfg))
 
 

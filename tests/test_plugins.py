@@ -232,3 +232,27 @@ def test_a_broken_plugin_is_named_and_the_rest_still_load(plugin, tmp_path):
     assert "unknown generator type 'test-solidd'" in res.stderr and "test-solid," in res.stderr
     assert "plugins that failed to load: broken: 'anymodal_testplugin.no_such_module' raised " \
            "ModuleNotFoundError" in res.stderr
+
+
+def test_a_plugin_whose_import_exits_is_named_and_skipped(plugin, tmp_path):
+    """A plugin calling sys.exit(3) on import once made every command, --help included, exit 3 silently."""
+    site, config = plugin
+    body, said = "import sys\nsys.exit(3)\n", "sys.exit(3)"
+    (site / "anymodal_testplugin" / "exits.py").write_text(body)
+    ep = site / "anymodal_testplugin-0.1.dist-info" / "entry_points.txt"
+    ep.write_text(ep.read_text() + "exits = anymodal_testplugin.exits\n")
+    named = f"anymodal plugin 'exits' (anymodal_testplugin.exits) failed to load and is skipped: {said}"
+    top = _run(_cli("--help"), site, tmp_path)
+    assert top.returncode == 0 and "generate" in top.stdout, top.stderr
+    sub = _run(_cli("generate", "--help"), site, tmp_path)  # loads the plugins (their modalities get options)
+    assert sub.returncode == 0 and "--image FILE" in sub.stdout, sub.stderr
+    assert named in sub.stderr and "Traceback" not in sub.stderr
+    # a command that does not need it runs, and says it was skipped (one line, no source listing)
+    ok = _run(_cli("info", str(config)), site, tmp_path)
+    assert ok.returncode == 0 and json.loads(ok.stdout)["generators"]["image"]["type"] == "test-solid", ok.stderr
+    assert f"anymodal: warning: {named}" in ok.stderr.splitlines()
+    # a command that needs a type the skipped plugin may have registered says so
+    (tmp_path / "needs.yaml").write_text(config.read_text().replace("type: test-solid", "type: test-exits"))
+    bad = _run(_cli("info", str(tmp_path / "needs.yaml")), site, tmp_path)
+    assert bad.returncode == 2 and "unknown generator type 'test-exits'" in bad.stderr
+    assert f"plugins that failed to load: exits: 'anymodal_testplugin.exits' raised {said}" in bad.stderr

@@ -293,3 +293,37 @@ def test_chat_repl_streams_to_a_terminal_and_ctrl_c_stops_a_reply(pipe, tmp_path
     assert f"\r  image: step {n} of {n}\n" in err and "audio: step 1 of" in err
     assert all("on_text" in kw and "on_step" in kw for kw in calls)
     assert [t.text for t in ChatSession.load(tmp_path / "saved", pipe).turns] == ["show and play", "both <image> and <audio>"]
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda s: s["turns"][0].pop("role"), r"turns\[0\] has no 'role'"),
+    (lambda s: s["turns"][1].update(role="robot"), r"turns\[1\]\.role must be 'user' or 'assistant'"),
+    (lambda s: s.update(seed="zero"), r"'seed' is invalid: seed must be an integer"),
+    (lambda s: s["turns"][1].update(seed=[1]), r"turns\[1\]\.seed is invalid"),
+    (lambda s: s["turns"][0].update(text=None), r"turns\[0\]\.text must be a string"),
+    (lambda s: s["turns"][1].update(token_ids=["a"]), r"turns\[1\]\.token_ids must be a list"),
+    (lambda s: s["turns"][1].update(media={"image": "x.png"}), r"turns\[1\]\.media\.image must be a list"),
+    (lambda s: s["turns"][1].update(media={"smell": []}), r"turns\[1\]\.media has an unknown modality 'smell'"),
+    (lambda s: s.update(turns={}), r"'turns' must be a list"),
+    (lambda s: s.update(max_new_tokens=0), r"'max_new_tokens' is invalid"),
+    (lambda s: s.update(last_context_start=9), r"'last_context_start' must be an integer in \[0, 2\]"),
+    (lambda s: s.update(settings={"image": {"height": "tall"}}), r"'settings' is invalid"),
+])
+def test_a_bad_session_file_is_refused_at_load_naming_the_field(pipe, tmp_path, edit, field):
+    session = ChatSession(pipe, seed=0)
+    session.send("draw a cat")
+    saved = session.save(tmp_path / "s")
+    state = json.loads((saved / "session.json").read_text())
+    edit(state)
+    (saved / "session.json").write_text(json.dumps(state))
+    with pytest.raises(ValueError, match=field) as e:
+        ChatSession.load(saved, pipe)
+    assert str(saved / "session.json") in str(e.value)  # names the file too
+    assert len(str(e.value).splitlines()) == 1
+
+
+def test_a_session_file_that_is_not_an_object_is_refused(pipe, tmp_path):
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "session.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="must hold a JSON object, got list"):
+        ChatSession.load(tmp_path / "s", pipe)

@@ -7,7 +7,9 @@ they are missing.
 
 from __future__ import annotations
 
+import http.client
 import io
+import json
 import os
 import shutil
 import socket
@@ -490,6 +492,96 @@ def test_errors_name_the_senders_file_never_the_servers_path(fresh):
     r = request(url, "POST", f"/api/sessions/{sid}/send", body, headers)
     assert r.status == 400 and r.error == "cannot read audio 'my voice.wav': the waveform holds NaN or infinite values", r
     assert _leftovers(media_dir, sid) == []
+
+
+def test_a_long_multipart_boundary_is_a_400_not_a_500(fresh):
+    url, media_dir = fresh
+    sid = new_session(url)
+    for length, status in ((70, 200), (71, 400), (300, 400)):
+        body, headers = multipart([("text", None, b"draw a cat")], boundary="b" * length)
+        r = request(url, "POST", f"/api/sessions/{sid}/send", body, headers)
+        assert r.status == status, r
+        if status == 400:
+            assert r.error == f"the multipart boundary is {length} characters long; at most 70 are allowed (RFC 2046)"
+
+
+def _silent_after(url: str, head: bytes, trickle: bytes = b"", every_s: float = 0.0, wait_s: float = 30.0):
+    """Send ``head``, then ``trickle`` one byte every ``every_s`` seconds; return (what the server answered,
+    seconds until it closed the connection)."""
+    port = int(url.rsplit(":", 1)[1])
+    start = time.monotonic()
+    answer = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=wait_s) as conn:
+        conn.sendall(head)
+        conn.settimeout(every_s or wait_s)
+        k = 0
+        while time.monotonic() - start < wait_s:
+            try:
+                chunk = conn.recv(65536)
+            except socket.timeout:
+                if k < len(trickle):
+                    try:
+                        conn.sendall(trickle[k:k + 1])
+                    except OSError:
+                        break
+                    k += 1
+                continue
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            answer += chunk
+    return answer.decode(errors="replace"), time.monotonic() - start
+
+
+def test_every_connection_has_a_header_and_a_request_deadline(pipe, tmp_path):
+    """Unfinished request heads, or one byte every 20 s, once held a connection for over 100 s."""
+    from anymodal.ui.deadlines import ConnectionDeadlines
+
+    gen = serving(pipe, tmp_path / "media", deadlines=ConnectionDeadlines(header_s=1.0, request_s=2.5,
+                                                                           keep_alive_s=1.0))
+    url = next(gen)
+    try:
+        host = url[7:].encode()
+        # an unfinished head, then silence: 408 and closed after the header deadline
+        answer, took = _silent_after(url, b"GET / HTTP/1.1\r\nHost: " + host + b"\r\nX-Slow: ")
+        assert answer.startswith("HTTP/1.1 408") and "request head (request line and headers) did not arrive " \
+            "within 1 s" in answer, answer
+        assert took < 10
+        # slowloris: one header byte every 0.3 s never completes the head
+        answer, took = _silent_after(url, b"GET / HTTP/1.1\r\n", trickle=b"X-a: " + b"b" * 100, every_s=0.3)
+        assert answer.startswith("HTTP/1.1 408") and took < 10, (answer, took)
+        # a body trickling a byte every 0.3 s (never silent long enough for the upload idle timeout):
+        # closed at the request deadline
+        sid = new_session(url)
+        body, headers = multipart([("text", None, b"draw a cat")])
+        head = (f"POST /api/sessions/{sid}/send HTTP/1.1\r\nHost: {url[7:]}\r\nContent-Type: "
+                f"{headers['Content-Type']}\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+        answer, took = _silent_after(url, head, trickle=body, every_s=0.3)
+        assert "did not arrive within 2.5 s" in answer and 2 < took < 15, (answer, took)
+        time.sleep(0.5)  # the app sees the client gone and removes its part files
+        assert _leftovers(tmp_path / "media", sid) == []
+        # a request that arrives in time is answered, however long the reply takes, and keep-alive works
+        r = request(url, "POST", f"/api/sessions/{sid}/send", body, headers)
+        assert r.status == 200 and r.json()["reply"]["text"] == "a cat <image>", r
+        conn = http.client.HTTPConnection("127.0.0.1", int(url.rsplit(":", 1)[1]), timeout=10)
+        for _ in range(2):  # two requests on one connection, each with fresh deadlines
+            time.sleep(0.7)
+            conn.request("GET", f"/api/sessions/{sid}")
+            reply = conn.getresponse()
+            assert reply.status == 200 and len(json.loads(reply.read())["turns"]) == 2
+        conn.close()
+    finally:
+        next(gen, None)
+
+
+def test_connection_deadlines_are_checked():
+    from anymodal.ui.deadlines import ConnectionDeadlines
+
+    with pytest.raises(ValueError, match="header_s must be a positive number of seconds, got 0"):
+        ConnectionDeadlines(header_s=0)
+    with pytest.raises(ValueError, match="request_s .* must be at least header_s"):
+        ConnectionDeadlines(header_s=10, request_s=5)
 
 
 def test_serve_binds_to_loopback_by_default():

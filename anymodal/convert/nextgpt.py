@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,13 +98,18 @@ def load_delta(path: str | Path) -> dict[str, torch.Tensor]:
                 raise
             state = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except Exception as e:  # truncated zip, a pickle with objects, not a torch file at all
+        first = (str(e).strip().splitlines() or ["no details"])[0][:300]
+        why = "the file is empty" if path.stat().st_size == 0 else f"{type(e).__name__}: {first}"
         raise ConversionError(f"{path}: cannot be read as a plain tensor checkpoint (torch.load with "
-                              f"weights_only=True): {type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
+                              f"weights_only=True): {why}") from None
     if not isinstance(state, dict) or not state:
         raise ConversionError(f"{path}: expected a dict of tensors (NExT-GPT's pytorch_model.pt), "
                               f"got {type(state).__name__}{' (empty)' if isinstance(state, dict) else ''}")
     for k, v in state.items():
-        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
+        if not isinstance(k, str):
+            raise ConversionError(f"{path}: key {k!r} is a {type(k).__name__}, not a string; NExT-GPT's keys are "
+                                  "parameter names")
+        if not isinstance(v, torch.Tensor):
             raise ConversionError(f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor")
     return state
 
@@ -174,8 +180,15 @@ def plan_delta(state: dict[str, torch.Tensor], source: str = "checkpoint") -> De
 def output_projector_config(state: dict[str, torch.Tensor], prefix: str, num_heads: int = NHEAD) -> dict[str, Any]:
     """An ``OutputProjectorConfig`` dict with every size read from the tensors (heads excepted)."""
     def layers(stack: str) -> int:
-        idx = {int(m.group(1)) for k in state if (m := re.match(re.escape(prefix + f"tfm.{stack}.layers.") + r"(\d+)\.", k))}
-        return max(idx) + 1 if idx else 0
+        # the count comes from the keys present, never from the largest index: one key naming layer
+        # 3000000 must not make a 3000001-layer module
+        idx = sorted({int(m.group(1)) for k in state
+                      if (m := re.match(re.escape(prefix + f"tfm.{stack}.layers.") + r"(\d+)\.", k))})
+        if idx != list(range(len(idx))):
+            shown = ", ".join(map(str, idx[:4])) + (f", ..., {idx[-1]}" if len(idx) > 4 else "")
+            raise ConversionError(f"{prefix}tfm.{stack}: layer indices {shown} are not 0..{len(idx) - 1}, one per "
+                                  "layer; the checkpoint is damaged or not NExT-GPT's")
+        return len(idx)
 
     try:
         d_model = state[prefix + "fc.weight"].shape[0]
@@ -184,6 +197,10 @@ def output_projector_config(state: dict[str, torch.Tensor], prefix: str, num_hea
         ffn = state[prefix + "tfm.decoder.layers.0.linear1.weight"].shape[0]
     except KeyError as e:
         raise ConversionError(f"NExT-GPT output projector {prefix}*: tensor {e.args[0]!r} is missing") from None
+    for name, t in (("fc.weight", state[prefix + "fc.weight"]), ("model.weight", out),
+                    ("tfm.decoder.layers.0.linear1.weight", state[prefix + "tfm.decoder.layers.0.linear1.weight"])):
+        if t.ndim != 2:
+            raise ConversionError(f"{prefix}{name} must be a matrix [out, in], got shape {tuple(t.shape)}")
     if queries.ndim != 3 or queries.shape[0] != 1 or queries.shape[2] != d_model:
         raise ConversionError(f"{prefix}query_embs must be [1, queries, {d_model}], got {tuple(queries.shape)}")
     if d_model % num_heads:
@@ -198,7 +215,9 @@ def _read_llm_config(llm: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"--llm {llm}: no config.json; give the directory of Vicuna-7B v0 in Hugging Face "
                                 "format (LLaMA-7B with lmsys/vicuna-7b-delta-v0 applied)")
-    return json.loads(path.read_text())
+    from ..loading import read_json
+
+    return read_json(path, f"--llm {llm}")
 
 
 def _check_base(plan: DeltaPlan, state: dict[str, torch.Tensor], llm_cfg: dict[str, Any], llm: Path,
@@ -297,28 +316,28 @@ def build_config(plan: DeltaPlan, state, llm: Path, imagebind: Path | None, imag
 def convert_nextgpt(delta: str | Path, llm: str | Path, out: str | Path, imagebind: str | Path | None = None,
                     imagebind_preset: str = "huge", generators: dict[Modality | str, str] | None = None,
                     dtype: str = "float16", num_heads: int = NHEAD, lora_alpha: int = 32,
-                    progress: bool = True, log=print) -> Path:
+                    progress: bool = True, log=print, overwrite: bool = False) -> Path:
     """Write an anymodal pipeline directory for NExT-GPT's delta checkpoint on top of ``llm`` (Vicuna v0).
 
     ``imagebind`` is ``imagebind_huge.pth`` (without it the pipeline takes text input only);
     ``generators`` overrides the image/audio/video generator ids or directories (defaults: NExT-GPT's).
     The directory loads with ``AnyModalPipeline.from_pretrained(out)``; Vicuna, ImageBind and the
-    generators are referenced by path or id, not copied.
+    generators are referenced by path or id, not copied. An existing ``out`` that anymodal did not
+    write is refused unless ``overwrite``; one that is or holds an input (``llm``...) always is.
     """
     from tqdm.auto import tqdm
 
     from ..config import AnyModalConfig
-    from ..pipeline import FORMAT_VERSION, INDEX_NAME, _make_processor
-    from ..utils import atomic_dir, atomic_write_text
+    from ..pipeline import FORMAT_VERSION, INDEX_NAME, SAVED_NAMES, _make_processor
+    from ..utils import atomic_dir, atomic_write_text, check_replaceable
 
     delta, llm, out = Path(delta), Path(llm).resolve(), Path(out)
     imagebind = None if imagebind is None else Path(imagebind).resolve()
     if imagebind is not None and not imagebind.is_file():
         raise FileNotFoundError(f"--imagebind {imagebind}: no such file (imagebind_huge.pth)")
-    gens = dict(DEFAULT_GENERATORS)
-    for k, v in (generators or {}).items():
-        if v is not None:
-            gens[Modality.parse(k)] = str(Path(v).resolve()) if Path(v).exists() else v
+    gens = check_options(imagebind_preset, generators, num_heads)
+    check_replaceable(out, marker=INDEX_NAME, known=SAVED_NAMES, what="--out", overwrite=overwrite,
+                      flag="--overwrite (overwrite=True)", keep=[delta, llm, imagebind, *gens.values()])
 
     state = load_delta(delta)
     plan = plan_delta(state, str(delta))
@@ -370,6 +389,39 @@ def convert_nextgpt(delta: str | Path, llm: str | Path, out: str | Path, imagebi
 
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
+
+
+def check_options(imagebind_preset: str, generators: dict[Modality | str, str | None] | None,
+                  num_heads: Any) -> dict[Modality, str]:
+    """Check the options that the checkpoint cannot tell, before anything is read; returns the
+    generator of each modality (a local directory made absolute, or a hub id)."""
+    from ..encoders.imagebind import list_presets
+    from ..loading import check_external
+
+    if imagebind_preset not in list_presets():
+        raise ConversionError(f"--imagebind-preset {imagebind_preset!r} is not an ImageBind preset; available: "
+                              f"{', '.join(list_presets())}")
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or not 1 <= num_heads <= 1024:
+        raise ConversionError(f"--output-heads must be a whole number from 1 to 1024, got {num_heads!r}")
+    gens = dict(DEFAULT_GENERATORS)
+    for k, v in (generators or {}).items():
+        if v is None:
+            continue
+        m, where = Modality.parse(k), f"--{Modality.parse(k).value}-generator"
+        if os.path.exists(v):
+            if not os.path.isdir(v):
+                raise ConversionError(f"{where} {v}: a file; give a diffusers pipeline directory or a hub id")
+            if not os.path.isfile(os.path.join(v, "model_index.json")):
+                raise ConversionError(f"{where} {v}: not a diffusers pipeline directory (no model_index.json)")
+            gens[m] = str(Path(v).resolve())
+        else:
+            try:
+                if os.path.isabs(v):
+                    raise ValueError(v)
+                gens[m] = check_external(str(v), where)
+            except ValueError:
+                raise ConversionError(f"{where} {v!r}: no such directory, and not a hub id (owner/name)") from None
+    return gens
 
 
 def _write_token_rows(tmp: Path, state: dict[str, torch.Tensor], plan: Any, total: int, bar: Any, log) -> None:
@@ -479,6 +531,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-alpha", type=int, default=32,
                    help="LoRA alpha (not stored in the file; NExT-GPT: 32, its lora_alpha in the released config)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out even if it is a directory anymodal did not write (never --llm or another input)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -486,5 +540,5 @@ def run(args: argparse.Namespace) -> int:
                     generators={m: getattr(args, f"{m.value}_generator") for m in
                                 (Modality.IMAGE, Modality.AUDIO, Modality.VIDEO)},
                     dtype=args.dtype, num_heads=args.output_heads, lora_alpha=args.lora_alpha,
-                    progress=not args.no_progress)
+                    progress=not args.no_progress, overwrite=args.overwrite)
     return 0

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..utils import atomic_write_text
+from ..utils import atomic_write_text, check_replaceable
 from .loop import atomic_dir, directory_size
 
 
@@ -34,7 +34,7 @@ def ship(out: str | os.PathLike, dest: str | os.PathLike | None = None, limit_by
     Paths of the run directory are not recorded: the index's config names the components' places
     inside ``dest``.
     """
-    from ..pipeline import INDEX_NAME, AnyModalPipeline, default_model_dir
+    from ..pipeline import INDEX_NAME, SAVED_NAMES, AnyModalPipeline, default_model_dir
 
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"dtype must be torch.float16, torch.bfloat16 or torch.float32, got {dtype!r}")
@@ -43,6 +43,7 @@ def ship(out: str | os.PathLike, dest: str | os.PathLike | None = None, limit_by
         raise FileNotFoundError(f"{final} is not a saved pipeline; run the 'stages' phase first "
                                 f"(anymodal toyworld train --out {out} --phase stages)")
     dest = Path(dest) if dest is not None else default_model_dir()
+    check_replaceable(dest, marker=INDEX_NAME, known=SAVED_NAMES, what="ship --to", keep=[out])  # before the load
     pipe = AnyModalPipeline.from_pretrained(final)
     c = pipe.config
     c.llm.model, c.llm.tokenizer = "llm", "processor"

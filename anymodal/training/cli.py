@@ -61,11 +61,13 @@ def _is_main() -> bool:
 def merge_lora_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="a saved pipeline directory with a LoRA adapter (a stage-3 final/)")
     p.add_argument("--out", required=True, help="where to save the merged pipeline")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out even if it is a non-empty directory that anymodal did not write")
 
 
 def merge_lora_command(args: argparse.Namespace) -> int:
     from .merge import merge_lora
 
-    out = merge_lora(args.source, args.out)
+    out = merge_lora(args.source, args.out, overwrite=args.overwrite)
     print(f"merged pipeline saved to {out}")
     return 0

@@ -151,6 +151,10 @@ def _parse_row(line: str, line_no: int, root: Path, req: ManifestRequirements) -
         row = json.loads(line)
     except json.JSONDecodeError as e:
         raise _Bad(f"not valid JSON ({e.msg})") from None
+    except RecursionError:
+        raise _Bad("the JSON is nested too deeply") from None
+    except ValueError:  # an integer of over 4300 digits, which Python refuses to convert
+        raise _Bad("a number in the JSON has too many digits") from None
     if not isinstance(row, dict):
         raise _Bad(f"a row must be a JSON object, got {type(row).__name__}")
     if "messages" in row:

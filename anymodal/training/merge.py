@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 
-def merge_lora(source: str | os.PathLike, out: str | os.PathLike) -> Path:
+def merge_lora(source: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Load the saved pipeline ``source``, merge its adapter into the base LLM, save to ``out``.
 
     The result loads with ``AnyModalPipeline.from_pretrained(out)`` and has no adapter; its
@@ -14,13 +14,16 @@ def merge_lora(source: str | os.PathLike, out: str | os.PathLike) -> Path:
     """
     from peft import PeftModel
 
-    from anymodal.pipeline import INDEX_NAME, AnyModalPipeline
+    from anymodal.pipeline import INDEX_NAME, SAVED_NAMES, AnyModalPipeline
+    from anymodal.utils import check_replaceable
 
     source, out = Path(source), Path(out)
     if not (source / INDEX_NAME).is_file():
         raise FileNotFoundError(f"{source} is not a saved anymodal pipeline (no {INDEX_NAME})")
     if source.resolve() == out.resolve():
         raise ValueError("merge-lora: --out must differ from the source directory")
+    check_replaceable(out, marker=INDEX_NAME, known=SAVED_NAMES, what="merge-lora --out", overwrite=overwrite,
+                      flag="--overwrite", keep=[source])  # before the slow load
     pipe = AnyModalPipeline.from_pretrained(source)
     lm = pipe.model.language_model
     if not isinstance(lm, PeftModel):
@@ -28,5 +31,5 @@ def merge_lora(source: str | os.PathLike, out: str | os.PathLike) -> Path:
     pipe.model.language_model = lm.merge_and_unload()
     pipe.config.llm.lora = None
     # A merged LLM differs from any base it came from, so it is saved in full.
-    pipe.save_pretrained(out, save_frozen=pipe.config.llm.model is not None)
+    pipe.save_pretrained(out, save_frozen=pipe.config.llm.model is not None, overwrite=overwrite)
     return out

@@ -34,7 +34,8 @@ What the server guarantees (see docs/batch-and-sessions.md):
 * **Hosts.** It answers only to the names in ``allowed_hosts`` (the Host header; DNS rebinding), and
   refuses a state-changing request whose ``Origin`` is not the server itself (cross-site posts).
 * **Limits.** An upload is streamed to disk with a hard per-file and per-request cap; nothing over a
-  cap is held in memory, and a failed request leaves no file behind.
+  cap is held in memory, and a failed request leaves no file behind. Served by :func:`serve`, every
+  connection has a header deadline and a total request deadline (:mod:`anymodal.ui.deadlines`).
 * **Content.** An upload is decoded before it is kept (PIL, libsndfile, ffmpeg) and stored under a
   name the server chooses, with the extension of what it decoded as. Images are refused by pixel
   count and aspect ratio before they are decoded. Media are served only with an allow-listed content
@@ -80,6 +81,7 @@ MAX_REQUEST_BYTES = 100 * 1024 * 1024  # one request body, all files together
 MAX_FILES = 16  # files in one request
 MAX_TEXT_BYTES = 64 * 1024  # the message text
 MAX_MEDIA_SECONDS = 600.0  # an uploaded audio clip or video
+MAX_BOUNDARY = 70  # characters of a multipart boundary (RFC 2046)
 UPLOAD_IDLE_TIMEOUT_S = 60.0  # an upload that sends nothing for this long is dropped
 KEEPALIVE_S = 15.0  # an event stream with nothing to say sends a comment this often (proxies drop idle streams)
 MAX_LISTED = 200  # sessions GET /api/sessions lists
@@ -475,6 +477,9 @@ async def _read_form(request: Request, directory: Path, batch: str, limits: Uplo
     ctype, params = parse_options_header(request.headers.get("content-type", ""))
     if ctype != b"multipart/form-data" or not params.get(b"boundary"):
         raise HTTPRefusal(415, "send the message as multipart/form-data (fields: text, image, audio, video)")
+    if len(params[b"boundary"]) > MAX_BOUNDARY:  # RFC 2046; python-multipart would raise past 256
+        raise HTTPRefusal(400, f"the multipart boundary is {len(params[b'boundary'])} characters long; at most "
+                               f"{MAX_BOUNDARY} are allowed (RFC 2046)")
     length = request.headers.get("content-length")
     if length is not None:
         if not length.isdigit():
@@ -952,8 +957,11 @@ def allowed_hosts_for(host: str, extra: Sequence[str] = ()) -> list[str]:
 
 def serve(pipe, host: str = "127.0.0.1", port: int = 7860, seed: int | None = 0, media_dir: str | Path | None = None,
           max_new_tokens: int | None = None, allowed_hosts: Sequence[str] = ()) -> None:
-    """Run the UI with uvicorn until interrupted."""
+    """Run the UI with uvicorn until interrupted; every connection keeps the deadlines of
+    :mod:`anymodal.ui.deadlines` (a request head within 10 s, a whole request within 300 s)."""
     import uvicorn
+
+    from .deadlines import server_config
 
     hosts = allowed_hosts_for(host, allowed_hosts)
     app = create_app(pipe, media_dir=media_dir, seed=seed, max_new_tokens=max_new_tokens, allowed_hosts=hosts)
@@ -961,4 +969,4 @@ def serve(pipe, host: str = "127.0.0.1", port: int = 7860, seed: int | None = 0,
         logger.warning("serving on %s: anyone who can reach this address can use the model", host)
     print(f"anymodal UI on http://{'[' + host + ']' if ':' in host else host}:{port}/ (Ctrl-C to stop); "
           f"it answers to the host names {', '.join(hosts)}")
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    uvicorn.Server(server_config(app, host, port, log_level="warning")).run()
