@@ -353,6 +353,27 @@ def test_stage1_trains_every_input_modality_present(data_dir, tmp_path):
         assert any(not torch.equal(before[k], after[k]) for k in keys), m
 
 
+@pytest.mark.parametrize("group, trained, untouched", [
+    ("input_projectors.image", "input_projectors.image.", "input_projectors.audio."),
+    ("input_projectors.audio", "input_projectors.audio.", "input_projectors.image."),
+])
+def test_a_stage_naming_one_modality_trains_that_projector_alone(data_dir, tmp_path, group, trained, untouched):
+    """``trainable: [input_projectors.image]`` on data with images and audio: the audio projector gets
+    gradients from the loss too, and must still not move (nor be trainable)."""
+    from anymodal.training.stages import setup_stage, trainable_names
+
+    tcfg = TrainingConfig.from_yaml(TRAINING / "tiny.yaml", stage=1, trainable=[group], save_every=0, progress=False)
+    names = trainable_names(setup_stage(_fresh(), tcfg).model)
+    assert names and all(n.startswith(trained) for n in names), names
+    before = _fresh().model.state_dict()
+    result = train(TINY, data_dir / "captions.jsonl", tmp_path / "run", TRAINING / "tiny.yaml", stage=1,
+                   max_steps=2, batch_size=7, trainable=[group], **FAST)
+    after = result.pipeline.model.state_dict()
+    _assert_frozen_equal(before, after, (trained,))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith(trained))
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(untouched))
+
+
 def test_stage2_trains_output_projectors_and_signal_rows(data_dir, tmp_path):
     before = _fresh().model.state_dict()
     out = tmp_path / "s2"
