@@ -111,9 +111,11 @@ def test_settings_are_resolved_once(pipe, monkeypatch):
 # ---------------------------------------------------------------- X -> text
 def test_image_to_text(pipe, media_files):
     path = media_files / "a.png"
-    for image in (str(path), Image.open(path), np.asarray(Image.open(path))):
-        out = pipe("what is in <image>?", images=[image], seed=0)
-        assert isinstance(out.text[0], str)
+    outs = [pipe("what is in <image>?", images=[image], seed=0)
+            for image in (str(path), Image.open(path), np.asarray(Image.open(path)))]
+    # a file, a PIL image and an array of the same picture are the same input: the same reply
+    assert outs[0].token_ids[0] and all(o.token_ids == outs[0].token_ids and o.text == outs[0].text for o in outs)
+    assert outs[0].text[0] == pipe.processor.split_output(outs[0].token_ids[0])[0]
     # the image really enters the sequence: different images, different first-step logits
     a = _first_logits(pipe, "what?", images=[str(path)])
     b = _first_logits(pipe, "what?", images=[np.zeros((32, 32, 3), np.uint8)])
@@ -121,13 +123,21 @@ def test_image_to_text(pipe, media_files):
 
 
 def test_audio_and_video_to_text(pipe, media_files):
-    out = pipe("what sound?", audios=[str(media_files / "tone.wav")], seed=0)
-    assert isinstance(out.text[0], str)
-    out = pipe("what sound?", audios=[(np.zeros(8000, np.float32), 8000)], seed=0)
-    assert isinstance(out.text[0], str)
+    tone = media_files / "tone.wav"
+    wave, rate = sf.read(tone, dtype="float32")
+    from_file = pipe("what sound?", audios=[str(tone)], seed=0)
+    from_array = pipe("what sound?", audios=[(wave, rate)], seed=0)
+    assert from_file.token_ids[0] and from_file.token_ids == from_array.token_ids  # the same clip, either way
+    a = _first_logits(pipe, "what sound?", audios=[str(tone)])
+    b = _first_logits(pipe, "what sound?", audios=[(np.zeros(8000, np.float32), 8000)])
+    assert not torch.allclose(a, b)  # the sound enters the sequence
     frames = [Image.new("RGB", (32, 32), (i * 30, 0, 0)) for i in range(4)]
-    out = pipe("what moves in <video>?", videos=[frames], seed=0)
-    assert isinstance(out.text[0], str)
+    as_list = pipe("what moves in <video>?", videos=[frames], seed=0)
+    as_array = pipe("what moves in <video>?", videos=[np.stack([np.asarray(f) for f in frames])], seed=0)
+    assert as_list.token_ids[0] and as_list.token_ids == as_array.token_ids
+    still = [Image.new("RGB", (32, 32), (0, 90, 0))] * 4
+    assert not torch.allclose(_first_logits(pipe, "what moves?", videos=[frames]),
+                              _first_logits(pipe, "what moves?", videos=[still]))
 
 
 def _first_logits(pipe, prompt, **media):
