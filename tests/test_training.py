@@ -282,6 +282,27 @@ def test_dialogue_loss_mask_covers_assistant_turns_only():
     assert text.startswith("sys\n### Human: hi <image>\n")
 
 
+def test_dialogue_samples_learn_only_the_assistants_tokens():
+    """The labels of a built sample (what the loss sees), not only the spans: everything the user or
+    the system wrote is ignored, and every token an assistant turn adds, up to its EOS, is learned."""
+    from anymodal.processor import AnyModalProcessor
+    from anymodal.tokenization import byte_level_tokenizer
+    from anymodal.training.data import IGNORE_INDEX, DialogueRecord, SampleBuilder, Turn
+
+    proc = AnyModalProcessor(byte_level_tokenizer(), {Modality.IMAGE: 2}, {Modality.IMAGE: 1}, system_prompt="sys")
+    builder = SampleBuilder(3, proc, {}, "Describe this {modality}.", "{caption}", "{signal}")
+    record = DialogueRecord(7, [Turn("user", ["hi there"]), Turn("assistant", ["yo"]), Turn("user", ["more please"]),
+                                Turn("assistant", ["sure"])])
+    sample = builder(record)
+    learned = [i for i, label in zip(sample.input_ids, sample.labels) if label != IGNORE_INDEX]
+    assert all(label in (IGNORE_INDEX, i) for i, label in zip(sample.input_ids, sample.labels))
+    eos = proc.tokenizer.eos_token
+    assert proc.tokenizer.decode(learned) == f" yo{eos} sure{eos}"
+    # nothing of the user's turns is learned, whatever the tokenizer merges
+    ignored = proc.tokenizer.decode([i for i, label in zip(sample.input_ids, sample.labels) if label == IGNORE_INDEX])
+    assert "hi there" in ignored and "more please" in ignored and "sys" in ignored
+
+
 def test_dialogue_loss_mask_with_a_chat_template():
     from anymodal.processor import AnyModalProcessor, Message
     from anymodal.tokenization import byte_level_tokenizer
