@@ -391,8 +391,11 @@ def test_cli_generate_writes_files(pipe, tmp_path, capsys):
     assert "image: " in printed and "audio: " in printed
     assert (out_dir / "image_0.png").read_bytes() == b"the user's own file"  # never clobbered
     assert Image.open(out_dir / "image_0-1.png").size == (16, 16)
-    data, sr = sf.read(out_dir / "audio_0.wav")
-    assert sr == 16000 and len(data) > 0
+    data, sr = sf.read(out_dir / "audio_0.wav", dtype="float32")
+    expected = pipe("both", seed=0).audios[0][0]  # the CLI's default seed
+    assert sr == expected.sample_rate == 16000 and data.shape == expected.array.shape
+    # the samples themselves, within one 16-bit PCM step (test_what_users_see checks a loud clip)
+    np.testing.assert_allclose(data, expected.array, atol=1 / 32767 + 1e-7, rtol=0)
     assert (out_dir / "text.txt").read_text().strip() == "a <image> b <audio>"
 
 
