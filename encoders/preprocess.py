@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -373,6 +374,26 @@ def _file_fps(meta: dict[str, Any]) -> float | None:
     return None
 
 
+def _decode_error(item: Any, e: Exception) -> MediaError:
+    """One line for a video imageio could not read. imageio-ffmpeg's errors carry ffmpeg's whole
+    stderr (3,000 characters of banner and build flags); keep what ffmpeg said about the file."""
+    message = str(e)
+    head, _, stderr = message.partition("=== stderr ===")
+    if not stderr:
+        return MediaError(f"cannot read video '{item}': not a video imageio can decode "
+                          f"({type(e).__name__}: {' '.join(message.split())[:300]})")
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    streams = [re.sub(r"^Stream #\S+:\s*", "", line).split(":")[0].lower()
+               for line in lines if line.startswith("Stream #")]
+    if any(line.startswith("Input #") for line in lines) and streams and "video" not in streams:
+        return MediaError(f"cannot read video '{item}': it has no video stream (its streams: "
+                          f"{', '.join(dict.fromkeys(streams))}); send a file with moving pictures")
+    said = [re.sub(r"^\[[^\]]*\]\s*", "", line).rstrip(").") for line in lines
+            if "rror" in line or "nvalid" in line or "not" in line.lower()]
+    reason = said[0] if said else head.strip().splitlines()[0] if head.strip() else type(e).__name__
+    return MediaError(f"cannot read video '{item}': not a video imageio can decode (ffmpeg: {reason[:200]})")
+
+
 def _read_video_file(item: str | os.PathLike, pick: Callable[[int, float | None], list[int]]) -> list[np.ndarray]:
     path = _check_file("video", item)
     try:
@@ -388,7 +409,7 @@ def _read_video_file(item: str | os.PathLike, pick: Callable[[int, float | None]
             n = sum(1 for _ in iio.imiter(path))
         fps = _file_fps(iio.immeta(path))
     except Exception as e:  # imageio raises OSError, RuntimeError or plugin-specific errors
-        raise MediaError(f"cannot read video '{item}': not a video imageio can decode ({type(e).__name__}: {e})") from None
+        raise _decode_error(item, e) from None
     if int(n) < 1:
         raise MediaError(f"cannot read video '{item}': it has no frames")
     wanted = pick(int(n), fps)
@@ -401,7 +422,7 @@ def _read_video_file(item: str | os.PathLike, pick: Callable[[int, float | None]
             if i >= last_wanted:
                 break
     except Exception as e:  # imageio raises OSError, RuntimeError or plugin-specific errors
-        raise MediaError(f"cannot read video '{item}': not a video imageio can decode ({type(e).__name__}: {e})") from None
+        raise _decode_error(item, e) from None
     if not frames:
         raise MediaError(f"cannot read video '{item}': it has no frames")
     last = frames[max(frames)]  # a container that over-reports its length: repeat the last decoded frame

@@ -12,7 +12,7 @@ from anymodal.modality import Modality
 from anymodal.registry import register_generator
 
 from .components import DiffusersGenerator
-from .settings import AudioSettings
+from .settings import MAX_AUDIO_S, AudioSettings
 from .shapes import prompt_length
 
 
@@ -27,6 +27,20 @@ class _AudioLDMFamily(DiffusersGenerator):
     @property
     def sample_rate(self) -> int:
         return int(self.pipeline.vocoder.config.sampling_rate)
+
+    def min_audio_length_s(self) -> float | None:
+        """The shortest clip the pipeline makes: one latent frame, ``vocoder hop / rate * VAE factor``
+        (diffusers' own bound); None while a lazy pipeline is not loaded."""
+        if self._pipe is None:
+            return None
+        vocoder, pipe = self._pipe.vocoder, self._pipe
+        return float(np.prod(vocoder.config.upsample_rates)) / vocoder.config.sampling_rate * pipe.vae_scale_factor
+
+    def check_settings(self, settings: AudioSettings) -> None:
+        low = self.min_audio_length_s()
+        if low is not None and settings.audio_length_s < low:
+            raise ValueError(f"audio.audio_length_s must be between {low:g} and {MAX_AUDIO_S:g} s for generator "
+                             f"{self.type_name!r}, got {settings.audio_length_s:g}")
 
     def _audios(self, waveforms: np.ndarray) -> list[Audio]:
         rate = self.sample_rate

@@ -90,6 +90,7 @@ class ModalityGenerator(ABC):
         if settings is None:
             pass
         elif isinstance(settings, self.settings_class):
+            self.check_settings(settings)
             return settings
         elif isinstance(settings, dict):
             base.update(settings)
@@ -97,9 +98,16 @@ class ModalityGenerator(ABC):
             raise TypeError(f"settings for {self.modality.value} must be {self.settings_class.__name__} or a dict, "
                             f"got {type(settings).__name__}")
         try:
-            return self.settings_class(**base)
+            made = self.settings_class(**base)
         except TypeError as e:
             from dataclasses import fields
 
             allowed = ", ".join(f.name for f in fields(self.settings_class))
             raise ValueError(f"bad {self.modality.value} settings {base!r}: {e}; allowed fields: {allowed}") from None
+        self.check_settings(made)
+        return made
+
+    def check_settings(self, settings: Any) -> None:
+        """Refuse settings that the settings class allows but this generator cannot run (an image
+        height its model cannot make), with anymodal's own message naming the setting, before any
+        work is done. Nothing by default."""

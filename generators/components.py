@@ -297,6 +297,7 @@ class DiffusersGenerator(ModalityGenerator):
         if not isinstance(settings, self.settings_class):
             settings = self.make_settings(settings)
         pipe = self.pipeline
+        self.check_settings(settings)  # again, now that a lazy pipeline is loaded (its checks need its configs)
         cond = self._check_conditioning(conditioning)
         pipe.set_progress_bar_config(disable=not progress)
         self._on_step = on_step
@@ -419,6 +420,15 @@ class CLIPConditionedGenerator(DiffusersGenerator):
     """
 
     shape_components = ("tokenizer", "text_encoder", "unet")
+    # diffusers' Stable Diffusion, AnimateDiff and text-to-video pipelines refuse other sizes
+    size_multiple: ClassVar[int] = 8
+
+    def check_settings(self, settings: Any) -> None:
+        for side in ("height", "width"):
+            value = getattr(settings, side, None)
+            if value is not None and value % self.size_multiple:
+                raise ValueError(f"{self.modality.value}.{side} must be a multiple of {self.size_multiple} for "
+                                 f"generator {self.type_name!r}, got {value}")
 
     @classmethod
     def shapes_from(cls, configs: dict[str, Any]) -> dict[str, tuple[int, int]]:

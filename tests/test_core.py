@@ -260,6 +260,34 @@ def test_referenced_llm_saves_only_what_changed(pretrained_llm_dir, tmp_path, lo
     assert AnyModalPipeline.from_pretrained(full)(prompts, seed=0).token_ids == before.token_ids
 
 
+def test_untied_head_rows_of_added_tokens_round_trip(pretrained_llm_dir, tmp_path):
+    """With an untied LM head, the head rows of the added tokens (what makes the model emit a signal
+    token) are saved beside the input rows; a reload must give them back, and the same logits."""
+    from anymodal.pipeline import AnyModalPipeline
+
+    cfg = C.AnyModalConfig.from_dict({"name": "ref", "llm": {"model": str(pretrained_llm_dir), "max_new_tokens": 8,
+                                                             "signal_tokens": {"image": 2}}})
+    pipe = AnyModalPipeline.from_config(cfg)
+    lm = pipe.model.language_model
+    assert not lm.config.tie_word_embeddings and lm.get_output_embeddings().weight is not lm.get_input_embeddings().weight
+    ids = pipe.processor.new_token_ids
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        lm.get_input_embeddings().weight[ids] = torch.randn(len(ids), 32, generator=g)
+        lm.get_output_embeddings().weight[ids] = torch.randn(len(ids), 32, generator=g) * 3
+    batch = pipe.processor(["hello <img_0>"])
+    with torch.no_grad():
+        before = lm(**batch).logits
+    pipe.save_pretrained(tmp_path / "p")
+    again = AnyModalPipeline.from_pretrained(tmp_path / "p").model.language_model
+    torch.testing.assert_close(again.get_output_embeddings().weight[ids], lm.get_output_embeddings().weight[ids],
+                               rtol=0, atol=0)
+    torch.testing.assert_close(again.get_input_embeddings().weight[ids], lm.get_input_embeddings().weight[ids],
+                               rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(again(**batch).logits, before)
+
+
 def test_llm_config_typos_are_refused():
     from anymodal.pipeline import AnyModalPipeline
 

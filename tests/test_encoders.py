@@ -296,6 +296,23 @@ def test_unreadable_video_file_raises_media_error(tmp_path, enc):
     bad.write_bytes(b"definitely not a video" * 50)
     with pytest.raises(MediaError, match=r"cannot read video '.*movie\.mp4'"):
         enc.preprocess(VIDEO, [bad])
+    with pytest.raises(MediaError) as e:
+        enc.preprocess(VIDEO, [bad])
+    assert "\n" not in str(e.value) and "ffmpeg version" not in str(e.value) and len(str(e.value)) < 400
+
+
+def test_a_video_file_without_a_video_stream_is_one_line(tmp_path, enc):
+    """An audio-only MP4 once gave 3,119 characters of ffmpeg banner."""
+    imageio_ffmpeg = pytest.importorskip("imageio_ffmpeg")
+    import subprocess
+
+    path = tmp_path / "sound.mp4"
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "lavfi", "-i",
+                    "sine=frequency=440:duration=0.2", "-c:a", "aac", str(path)], check=True, timeout=60)
+    with pytest.raises(MediaError) as e:
+        enc.preprocess(VIDEO, [path])
+    assert str(e.value) == (f"cannot read video '{path}': it has no video stream (its streams: audio); "
+                            "send a file with moving pictures")
 
 
 # ----------------------------------------------------------------------------- checkpoint compatibility

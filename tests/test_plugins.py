@@ -158,6 +158,8 @@ def _write_plugin(site: Path) -> None:
 def _run(args: list[str], site: Path | None, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     paths = [str(ROOT / "tests")] + ([str(site)] if site is not None else [])
+    # the caller's own entries last (bench/mutations.py puts its copy of anymodal there)
+    paths += [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     env.update(PYTHONPATH=os.pathsep.join(paths), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false")
     return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)

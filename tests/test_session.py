@@ -63,7 +63,8 @@ def test_multi_turn_with_media_in_and_out(pipe, picture, monkeypatch):
     roles = [(role, counts) for role, _, counts in seen[1]]
     assert roles == [("user", {}), ("assistant", {I: 1}), ("user", {I: 1, A: 1})]
     assert seen[1][1][1] == "a cat <image>"
-    assert isinstance(second.text, str) and second.role == "assistant"
+    assert second is session.turns[3] and second.role == "assistant" and second.token_ids
+    assert second.text == pipe.processor.split_output(second.token_ids)[0]
     assert first.seed == 0 and second.seed == 1  # reply n uses seed + n
 
 

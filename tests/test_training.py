@@ -282,6 +282,27 @@ def test_dialogue_loss_mask_covers_assistant_turns_only():
     assert text.startswith("sys\n### Human: hi <image>\n")
 
 
+def test_dialogue_samples_learn_only_the_assistants_tokens():
+    """The labels of a built sample (what the loss sees), not only the spans: everything the user or
+    the system wrote is ignored, and every token an assistant turn adds, up to its EOS, is learned."""
+    from anymodal.processor import AnyModalProcessor
+    from anymodal.tokenization import byte_level_tokenizer
+    from anymodal.training.data import IGNORE_INDEX, DialogueRecord, SampleBuilder, Turn
+
+    proc = AnyModalProcessor(byte_level_tokenizer(), {Modality.IMAGE: 2}, {Modality.IMAGE: 1}, system_prompt="sys")
+    builder = SampleBuilder(3, proc, {}, "Describe this {modality}.", "{caption}", "{signal}")
+    record = DialogueRecord(7, [Turn("user", ["hi there"]), Turn("assistant", ["yo"]), Turn("user", ["more please"]),
+                                Turn("assistant", ["sure"])])
+    sample = builder(record)
+    learned = [i for i, label in zip(sample.input_ids, sample.labels) if label != IGNORE_INDEX]
+    assert all(label in (IGNORE_INDEX, i) for i, label in zip(sample.input_ids, sample.labels))
+    eos = proc.tokenizer.eos_token
+    assert proc.tokenizer.decode(learned) == f" yo{eos} sure{eos}"
+    # nothing of the user's turns is learned, whatever the tokenizer merges
+    ignored = proc.tokenizer.decode([i for i, label in zip(sample.input_ids, sample.labels) if label == IGNORE_INDEX])
+    assert "hi there" in ignored and "more please" in ignored and "sys" in ignored
+
+
 def test_dialogue_loss_mask_with_a_chat_template():
     from anymodal.processor import AnyModalProcessor, Message
     from anymodal.tokenization import byte_level_tokenizer
@@ -351,6 +372,27 @@ def test_stage1_trains_every_input_modality_present(data_dir, tmp_path):
     for m in ("image", "audio", "video"):
         keys = [k for k in before if k.startswith(f"input_projectors.{m}.")]
         assert any(not torch.equal(before[k], after[k]) for k in keys), m
+
+
+@pytest.mark.parametrize("group, trained, untouched", [
+    ("input_projectors.image", "input_projectors.image.", "input_projectors.audio."),
+    ("input_projectors.audio", "input_projectors.audio.", "input_projectors.image."),
+])
+def test_a_stage_naming_one_modality_trains_that_projector_alone(data_dir, tmp_path, group, trained, untouched):
+    """``trainable: [input_projectors.image]`` on data with images and audio: the audio projector gets
+    gradients from the loss too, and must still not move (nor be trainable)."""
+    from anymodal.training.stages import setup_stage, trainable_names
+
+    tcfg = TrainingConfig.from_yaml(TRAINING / "tiny.yaml", stage=1, trainable=[group], save_every=0, progress=False)
+    names = trainable_names(setup_stage(_fresh(), tcfg).model)
+    assert names and all(n.startswith(trained) for n in names), names
+    before = _fresh().model.state_dict()
+    result = train(TINY, data_dir / "captions.jsonl", tmp_path / "run", TRAINING / "tiny.yaml", stage=1,
+                   max_steps=2, batch_size=7, trainable=[group], **FAST)
+    after = result.pipeline.model.state_dict()
+    _assert_frozen_equal(before, after, (trained,))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith(trained))
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(untouched))
 
 
 def test_stage2_trains_output_projectors_and_signal_rows(data_dir, tmp_path):
