@@ -55,8 +55,8 @@ class Mutation:
 MUTATIONS: list[Mutation] = [
     # ---------------------------------------------------------------- the 7 survivors of issue 24
     Mutation("audio-save-int16", "anymodal/media.py",
-             "np.asarray(self.array, dtype=np.float32), self.sample_rate",
-             "np.asarray(self.array, dtype=np.int16), self.sample_rate",
+             "data = np.asarray(self.array, dtype=np.float32)",
+             "data = np.asarray(self.array, dtype=np.int16)",
              (f"{WHAT}::test_a_saved_wav_holds_the_waveform",
               f"{WHAT}::test_generated_audio_written_by_the_cli_is_the_generated_waveform"),
              "every saved WAV is silent"),

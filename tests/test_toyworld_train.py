@@ -238,6 +238,13 @@ def test_griffin_lim_vocoder_keeps_pitch_and_round_trips(tmp_path: Path):
     waves = voc(features)
     assert waves.shape == (2, world.CLIP_SAMPLES)
     assert all(checkers.score_audio(w.numpy(), world.SAMPLE_RATE, s)["ok"] for w, s in zip(waves, specs))
+    # the world's level, not sum(window) = 512 times it (every saved WAV used to be a clipped square wave)
+    peak = float(real.abs().max())
+    assert 0.5 * peak < float(waves.abs().max()) < 2.0 * peak
+    # the pitch between FFT bins: C4 (261.6 Hz) came back on the 250 Hz bin, which reads as B3
+    c4 = checkers.read_audio(waves[0].numpy())
+    assert abs(1200 * np.log2(c4.f0 / specs[0].frequency)) < 35 and c4.note == "C4"
+    assert GriffinLimVocoder(sub_bins=1)(features[:1]).abs().max() < 2.0 * peak  # plain NNLS: scaled too
     voc.save_pretrained(str(tmp_path / "voc"))
     again = GriffinLimVocoder.from_pretrained(str(tmp_path / "voc"))
     assert torch.equal(again(features[:1]), waves[:1])  # deterministic phase initialisation
