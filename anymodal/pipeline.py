@@ -678,6 +678,9 @@ class _SavedPipeline:
                 g = dataclasses.replace(g, pretrained=str(confined(self.path, entry.get("path"), where)),
                                         components=None)
                 self.owned.add(f"generators/{m.value}")
+                # a lazy generator reads its weights on first use; pickle weights are refused now, at load,
+                # as an eager one's are (a directory scan, no weights read)
+                refuse_pickle(g.pretrained, f"the {m.value} generator ({where})")
             else:
                 g = dataclasses.replace(g, pretrained=_external_entry(entry, g.pretrained, where), components=None)
                 self.sources[f"generators/{m.value}"] = g.pretrained

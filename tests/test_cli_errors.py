@@ -28,7 +28,7 @@ def _cases(tmp) -> dict[str, tuple[list[str], str]]:
     return {
         "generate": (["generate", "hi", "--config", bad_yaml, "--out", str(tmp / "o")], mapping),
         "configs": (["configs"], "KeyError: 'boom' (an internal error: rerun with --debug"),  # see _break_configs
-        "info": (["info", str(tmp / "missing.yaml")], "no config file or shipped config named"),
+        "info": (["info", str(tmp / "missing.yaml")], "is neither a saved pipeline directory, a YAML config file, nor a shipped config name"),
         "train": (["train", "--stage", "1", "--config", "tiny", "--data", str(tmp / "data.jsonl"), "--out",
                    str(tmp / "run")], "line 1: a number in the JSON has too many digits"),
         "merge-lora": (["merge-lora", str(tmp / "nothing"), "--out", str(tmp / "m")],

@@ -251,7 +251,7 @@ def test_a_plugin_whose_import_exits_is_named_and_skipped(plugin, tmp_path):
     assert named in sub.stderr and "Traceback" not in sub.stderr
     # a command that does not need it runs, and says it was skipped (one line, no source listing)
     ok = _run(_cli("info", str(config)), site, tmp_path)
-    assert ok.returncode == 0 and json.loads(ok.stdout)["generators"]["image"]["type"] == "test-solid", ok.stderr
+    assert ok.returncode == 0 and yaml.safe_load(ok.stdout)["generators"]["image"]["type"] == "test-solid", ok.stderr
     assert f"anymodal: warning: {named}" in ok.stderr.splitlines()
     # a command that needs a type the skipped plugin may have registered says so
     (tmp_path / "needs.yaml").write_text(config.read_text().replace("type: test-solid", "type: test-exits"))

@@ -314,6 +314,6 @@ def test_train_writes_results_beside_the_run_not_into_the_repository(tmp_path, m
     monkeypatch.chdir(tmp_path)
     (tmp_path / "bench" / "results").mkdir(parents=True)
     assert main(["toyworld", "train", "--out", str(tmp_path / "run"), "--preset", "smoke", "--phase", "tokenizer",
-                 "--phase", "image-vae", "--no-progress"]) == 0
+                 "--phase", "image-vae", "--phase", "image-generator", "--no-progress"]) == 0
     assert not any((tmp_path / "bench" / "results").iterdir())
-    assert (tmp_path / "run" / "results" / "toyworld-image-vae.json").is_file()
+    assert (tmp_path / "run" / "results" / "toyworld-image-generator.json").is_file()

@@ -27,7 +27,7 @@ def eval_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N items of the fixed sample order")
     g.add_argument("--prompt", default=None, help="the prompt template ({caption} / {question}; <image> etc. mark the "
                                                   "given medium); default: the task's")
-    g.add_argument("--max-new-tokens", type=int, default=None)
+    g.add_argument("--max-new-tokens", type=int, default=None, help="most tokens the LLM may generate per item (default: the model's llm.max_new_tokens)")
     g.add_argument("--fid-weights", default=None, metavar="FILE",
                    help="t2i: torch-fidelity's Inception weights pt_inception-2015-12-05-6726825d.pth")
     g.add_argument("--fid-features", choices=["inception", "clip"], default="inception",

@@ -34,6 +34,7 @@ from ..modality import Modality
 from . import checkers, world
 
 SPLIT_ALIASES = {"seen": "train"}  # the docs call the training combinations "seen"
+SPLITS = {"heldout": "heldout", "seen": "train", "train": "train"}  # the CLI's split names -> the world's
 
 DIRECTIONS = ("t2i", "t2a", "t2v", "i2t", "a2t", "v2t")
 # The fields each generation direction is judged on (those its prompt leaves unsaid are skipped).
