@@ -472,13 +472,14 @@ def requested_media(text: str) -> list[Modality]:
 
 def missing_media_warnings(conversation: Sequence[Message], out: AnyModalOutput, row: int,
                            generated: set[Modality]) -> list[str]:
-    """Warnings for prompt ``row``: each medium the last user message asks for (a request word, and no
-    medium of that kind attached to it, which would make it a question about that medium) that the
-    model can generate but the reply does not hold. Replies are never dropped; this says that one
+    """Warnings for prompt ``row`` when its reply holds no medium at all: each medium the last user
+    message asks for (a request word, and no medium of that kind attached to it, which would make it
+    a question about that medium) that the model can generate. ("show me" asks for an image or a
+    video: a reply with a video is not warned about.) Replies are never dropped; this says that one
     stopped short ("a green" with no image), so a batch record or a log does not pass it as done."""
     last = next((m for m in reversed(conversation) if m.role == "user"), None)
-    if last is None:
-        return []
+    if last is None or any(out.media[m][row] for m in out.media):
+        return []  # a reply with a medium answered the request (a wrong kind is a quality error, not this)
     found = []
     for m in requested_media(last.content):
         if m in generated and not last.media.get(m) and m.spec.placeholder not in last.content and not out.media[m][row]:

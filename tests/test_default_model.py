@@ -20,9 +20,13 @@ from anymodal.toyworld.evaluate import DIRECTIONS, evaluate
 torch.set_num_threads(1)
 
 N = 20  # prompts per direction: about a minute on one CPU core
-# Floors on held-out prompts, well below what the shipped weights score with these seeds (n=20:
-# t2i 25%, t2a 40%, t2v 85%, i2t 60%, a2t 85%, v2t 50%) and above what an untrained model reaches.
-FLOORS = {"t2i": 0.10, "t2a": 0.20, "t2v": 0.50, "i2t": 0.35, "a2t": 0.60, "v2t": 0.30}
+# Floors on held-out prompts, below what the shipped weights score with these seeds (n=20, build of
+# 2026-12-06: t2i 30%, t2a 60%, t2v 100%, i2t 60%, a2t 75%, v2t 60%) by about the spread a rerun or
+# another CPU's rounding gives at n=20 (one prompt is 5 points; AVX2 vs AVX-512 flipped one of 100
+# before), and above what an untrained model reaches.
+FLOORS = {"t2i": 0.15, "t2a": 0.35, "t2v": 0.75, "i2t": 0.40, "a2t": 0.55, "v2t": 0.40}
+# The same, asked in the held-out wordings (`anymodal eval --style paraphrase`; n=20: t2a 60%, t2v 90%)
+PARAPHRASE_FLOORS = {"t2a": 0.35, "t2v": 0.65}
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +53,13 @@ def test_quick_eval_clears_the_floors(pipe: AnyModalPipeline):
     scores = {d: r.accuracy for d, r in results.items()}
     assert set(scores) == set(DIRECTIONS)
     assert all(scores[d] >= floor for d, floor in FLOORS.items()), scores
+
+
+def test_quick_eval_of_reworded_requests_clears_its_floors(pipe: AnyModalPipeline):
+    results = evaluate(pipe, n=N, split="heldout", directions=list(PARAPHRASE_FLOORS), style="paraphrase",
+                       progress=False)
+    scores = {d: r.accuracy for d, r in results.items()}
+    assert all(scores[d] >= floor for d, floor in PARAPHRASE_FLOORS.items()), scores
 
 
 def test_random_weights_fail_the_floors():

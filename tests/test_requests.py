@@ -33,6 +33,9 @@ def test_missing_media_warnings_only_for_requests_without_the_medium():
     assert missing_media_warnings(question, out, 2, {I}) == []
     # a model that cannot make images is not warned about them
     assert missing_media_warnings(asked, out, 0, {A}) == []
+    # "show me" reads as a request for an image, but a reply that made a video answered it
+    video = AnyModalOutput(["a red cross moving up <video>"], media={V: [["frames"]]})
+    assert missing_media_warnings([Message("user", "show me a red cross moving up")], video, 0, {I, V}) == []
 
 
 @pytest.fixture(scope="module")

@@ -252,18 +252,25 @@ def test_griffin_lim_vocoder_keeps_pitch_and_round_trips(tmp_path: Path):
         voc(torch.zeros(2, 64, 32))
 
 
-def test_the_audio_adapter_imports_the_vocoder_it_loads():
+@pytest.mark.parametrize("module", ["anymodal.generators.vocoders", "anymodal.toyworld.vocoder"])
+def test_the_audio_adapter_imports_the_vocoder_it_loads(tmp_path: Path, module: str):
     """diffusers loads a component of another library only once its module is imported: the audioldm
-    adapter does that itself, in a fresh interpreter too, for the vocoder's current module and for the
-    name that pipelines saved before it moved (the shipped default) record."""
+    adapter does that itself, in a fresh interpreter too, for the vocoder's current module (the
+    shipped default's) and for the name that pipelines saved before it moved record."""
+    import shutil
     import subprocess
     import sys
 
     from anymodal.pipeline import default_model_path
 
-    audio = Path(default_model_path()) / "generators" / "audio"
-    assert json.loads((audio / "model_index.json").read_text())["vocoder"] == [
-        "anymodal.toyworld.vocoder", "GriffinLimVocoder"]
+    shipped = Path(default_model_path()) / "generators" / "audio"
+    assert json.loads((shipped / "model_index.json").read_text())["vocoder"] == [
+        "anymodal.generators.vocoders", "GriffinLimVocoder"]
+    audio = tmp_path / "audio"
+    shutil.copytree(shipped, audio)
+    index = json.loads((audio / "model_index.json").read_text())
+    index["vocoder"] = [module, "GriffinLimVocoder"]
+    (audio / "model_index.json").write_text(json.dumps(index))
     script = ("import sys; from anymodal.config import GeneratorConfig; from anymodal.registry import GENERATORS; "
               "import anymodal.generators; "
               "assert 'anymodal.generators.vocoders' not in sys.modules; "
