@@ -38,9 +38,17 @@ class Registry(Generic[T]):
         self._modules[name] = module
 
     def register(self, name: str, obj: T | None = None) -> Callable[[T], T] | T:
+        if not isinstance(name, str) or not name.strip() or name != name.strip():
+            # a None or empty name once made every later listing of this registry fail (found by fuzzing plugins)
+            raise ValueError(f"a {self.kind} name must be a non-empty string without surrounding spaces, got {name!r}")
+
         def add(o: T) -> T:
             if name in self._entries and self._entries[name] is not o:
                 raise ValueError(f"{self.kind} {name!r} is already registered")
+            builtin = self._modules.get(name)
+            if builtin is not None and name not in self._entries and getattr(o, "__module__", None) != builtin:
+                # a built-in not imported yet: taking its name would shadow it, and break it once imported
+                raise ValueError(f"{self.kind} {name!r} is a built-in type (registered by {builtin}); choose another name")
             self._entries[name] = o
             return o
 

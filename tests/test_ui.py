@@ -1174,3 +1174,68 @@ def test_browser_layout_keeps_the_newest_reply_above_the_composer(browser, fresh
             browser.save_screenshot(str(shots / f"ui-upload-{width}.png"))
     assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
     browser.save_screenshot(str(shots / f"ui-{width}.png"))
+
+
+# ---------------------------------------------------------------- the header phase, fuzzed (issue 24)
+def _mutated_heads(seed: int, n: int, host: bytes, sid: str) -> list[bytes]:
+    """Seeded mutations of valid request heads: cut, spliced, repeated, overlong and malformed parts."""
+    import random
+
+    rnd = random.Random(seed)
+    valid = [b"GET /api/sessions/" + sid.encode() + b" HTTP/1.1\r\nHost: " + host + b"\r\n\r\n",
+             b"POST /api/sessions/" + sid.encode() + b"/send HTTP/1.1\r\nHost: " + host
+             + b"\r\nContent-Type: multipart/form-data; boundary=xyz\r\nContent-Length: 5\r\n\r\nhello",
+             b"GET / HTTP/1.1\r\nHost: " + host + b"\r\nAccept: */*\r\nConnection: keep-alive\r\n\r\n"]
+    junk = [b"\x00", b"\r", b"\n", b":", b" ", b"\xff\xfe", b"%00", b"../", b"\r\n\r\n", b"\t", b"\x7f",
+            b"Content-Length: -1\r\n", b"Content-Length: 99999999999999999999\r\n", b"Transfer-Encoding: chunked\r\n",
+            b"Host: evil.example\r\n", b"X: " + b"a" * 70000 + b"\r\n", b"".join(b"H%d: v\r\n" % i for i in range(400))]
+    heads = []
+    for _ in range(n):
+        head = bytearray(rnd.choice(valid))
+        for _ in range(rnd.randint(1, 3)):
+            op, at = rnd.randrange(5), rnd.randrange(len(head) + 1)
+            if op == 0:
+                del head[at:at + rnd.randint(1, 12)]
+            elif op == 1:
+                head[at:at] = rnd.choice(junk)
+            elif op == 2:
+                head[at:at] = bytes(rnd.randrange(256) for _ in range(rnd.randint(1, 8)))
+            elif op == 3:
+                line = head.find(b"\r\n", at)
+                if line > 0:
+                    head[line:line] = head[max(0, at - 20):line]
+            else:
+                head[at:at] = rnd.choice([b"GET", b"HTTP/9.9", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", b"?" * 3000])
+        heads.append(bytes(head) + (b"\r\n\r\n" if rnd.random() < 0.7 else b""))
+    return heads
+
+
+def _fuzz_header_phase(pipe, tmp_path, seed: int, n: int) -> None:
+    """Every mutated head is answered or closed within its deadline (never a 500, never held open),
+    and the server still answers a valid request afterwards."""
+    from anymodal.ui.deadlines import ConnectionDeadlines
+
+    gen = serving(pipe, tmp_path / "media", deadlines=ConnectionDeadlines(header_s=0.4, request_s=1.0,
+                                                                           keep_alive_s=0.4))
+    url = next(gen)
+    try:
+        sid = new_session(url)
+        for k, head in enumerate(_mutated_heads(seed, n, url[7:].encode(), sid)):
+            answer, took = _silent_after(url, head, wait_s=8.0)
+            assert took < 5.0, (k, head[:200], took)  # a deadline closed it, at the latest
+            status = answer[:12]
+            assert not answer or status.startswith("HTTP/1.1 "), (k, head[:200], answer[:200])
+            assert "HTTP/1.1 5" not in status, (k, head[:200], answer[:300])
+        r = request(url, "GET", f"/api/sessions/{sid}")
+        assert r.status == 200
+    finally:
+        next(gen, None)
+
+
+def test_fuzz_header_phase_fast(pipe, tmp_path):
+    _fuzz_header_phase(pipe, tmp_path, seed=0, n=60)
+
+
+@pytest.mark.slow
+def test_fuzz_header_phase_long(pipe, tmp_path):
+    _fuzz_header_phase(pipe, tmp_path, seed=1, n=600)
