@@ -547,5 +547,10 @@ def load_instruction_tokenizer(config: "AnyModalConfig") -> Any | None:
                 raise ValueError(f"input_projectors.{m.value}: an instruction-aware Q-Former needs its tokenizer: "
                                  "set options.tokenizer (a directory, or 'bytes') or pretrained")
             name = str(local_dir(p.pretrained) / "qformer_tokenizer")
+            if not os.path.isdir(name):  # else transformers says "Repo id must be in the form..."
+                raise FileNotFoundError(
+                    f"input_projectors.{m.value}: the instruction-aware Q-Former's tokenizer is missing: "
+                    f"{name} does not exist (InstructBLIP folders ship it beside the weights); restore it, or set "
+                    "options.tokenizer to a tokenizer directory")
         return AutoTokenizer.from_pretrained(name)
     return None

@@ -500,3 +500,32 @@ def test_info_prints_the_config_of_a_released_folder(llava_dir, capsys):
     assert main(["info", str(llava_dir)]) == 0
     data = yaml.safe_load(capsys.readouterr().out)
     assert {e["type"] for e in data["encoders"].values()} == {"hf-vision"} and "image" in data["input_projectors"]
+
+
+def test_composite_checkpoint_errors_name_what_is_wrong(blip2_dir, instructblip_dir, tmp_path):
+    """Issue 23, item 8: a BLIP-2 language-model tensor of the wrong shape once gave "look at the above
+    report!" with the report silenced, and a missing qformer_tokenizer/ "Repo id must be in the form..."."""
+    import json as _json
+
+    from safetensors.torch import load_file, save_file
+
+    from anymodal import AnyModalPipeline
+    from anymodal.cli import main
+
+    bad = _copy_without(blip2_dir, tmp_path / "blip2-bad")
+    weights = bad / "model.safetensors"
+    state = load_file(str(weights))
+    key = next(k for k in state if "language_model" in k and k.endswith("fc1.weight"))
+    state[key] = torch.zeros(state[key].shape[0] + 3, state[key].shape[1])
+    save_file(state, str(weights), metadata={"format": "pt"})
+    with pytest.raises((ValueError, RuntimeError)) as err:
+        AnyModalPipeline.from_pretrained(bad)
+    assert "fc1" in str(err.value) or "language_model" in str(err.value), err.value
+    assert main(["generate", "hi", "--model", str(bad), "--out", str(tmp_path / "o"), "--text-only"]) == 2
+
+    nq = _copy_without(instructblip_dir, tmp_path / "iblip-no-qtok")
+    import shutil
+
+    shutil.rmtree(nq / "qformer_tokenizer")
+    with pytest.raises(FileNotFoundError, match="qformer_tokenizer does not exist .*options.tokenizer"):
+        AnyModalPipeline.from_pretrained(nq)
