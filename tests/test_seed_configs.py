@@ -101,9 +101,7 @@ def test_tiny_twin_has_the_real_layout(name):
 
 # --------------------------------------------------------------------------- the tiny twins run
 def _signal_id(pipe: AnyModalPipeline, modality: Modality) -> int:
-    from anymodal.processor import signal_token_strings
-
-    return pipe.processor.tokenizer.convert_tokens_to_ids(signal_token_strings(modality, 1)[0])
+    return pipe.processor.signal_ids[modality][0]  # the first signal token, by whatever name the system gives it
 
 
 def _generate(pipe: AnyModalPipeline, modality: Modality, **media):
@@ -263,3 +261,26 @@ def test_minigpt5_geometry_is_blip2_flan_t5_xxl(tmp_path):
     vc, _ = _vision_source(tmp_path)
     assert (vc["model_type"], vc["hidden_size"], (vc["image_size"] // vc["patch_size"]) ** 2 + 1) == \
         ("blip_2_vision_model", 1408, 257)
+
+
+def test_minigpt5_prompt_is_minigpt5s_format():
+    """Issue 23, item 9: MiniGPT-5 used anymodal's default template. Its own (dataloader.py at 915ab17):
+    the system prompt, then "###Human: <text> <Img><ImageHere></Img>" and "###Assistant:" joined by
+    spaces; its vokens are [IMG0]..[IMG7]."""
+    from anymodal import AnyModalConfig
+    from anymodal.modality import Modality
+    from anymodal.processor import Message
+
+    config = AnyModalConfig.from_yaml(CONFIGS / "tiny-minigpt5.yaml")
+    real = AnyModalConfig.from_yaml(CONFIGS / "minigpt5.yaml")
+    assert config.llm.prompt == real.llm.prompt and config.llm.system_prompt == real.llm.system_prompt
+    from anymodal import AnyModalPipeline
+
+    torch.manual_seed(0)
+    proc = AnyModalPipeline.from_config(config).processor
+    system = ("Give the following images in <Img>ImageContent</Img> format. You will be able to see the images "
+              "once I provide it to you. Please generate conversations with appropriate images.")
+    text = proc.format([Message("user", proc.place_media("what happens next? <image>", {Modality.IMAGE: 1}))])
+    image = "<Img>" + "<image>" * proc.media_tokens[Modality.IMAGE] + "</Img>"  # MiniGPT-5's <Img><ImageHere></Img>
+    assert proc.expand(text) == f"{system} ###Human: what happens next? {image} ###Assistant:"
+    assert proc.signal_strings[Modality.IMAGE] == [f"[IMG{i}]" for i in range(8)]
