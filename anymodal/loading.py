@@ -98,14 +98,29 @@ def torch_load_weights(path: str | os.PathLike, what: str) -> Any:
                 raise
             return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except Exception as e:  # a pickle with objects or code, a truncated file, not a torch file at all
-        if path.is_file() and path.stat().st_size == 0:
-            why = "the file is empty"
-        elif "weights_only" in str(e) or "Unsupported global" in str(e) or "GLOBAL" in str(e):
-            why = "it holds Python objects, not only tensors (it could run code, so it is not loaded)"
-        else:
-            why = f"{type(e).__name__}: {(str(e).strip().splitlines() or ['no details'])[0][:200]}"
+        why = _unreadable_why(path, e)
         raise ValueError(f"{what}: cannot read {path} as plain tensors (torch.load with weights_only=True): "
                          f"{why}") from None
+
+
+def _unreadable_why(path: Path, e: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` refused ``path``, in anymodal's words: never torch's advice
+    to retry with ``weights_only=False`` (which runs whatever the file holds)."""
+    text = str(e)
+    if path.is_file() and path.stat().st_size == 0:
+        return "the file is empty"
+    with open(path, "rb") as f:
+        head = f.read(2)
+    pickled = head[:1] == b"\x80" or head == b"PK"  # a pickle (protocol 2+) or torch's zip of one
+    if "Unsupported global" in text or "GLOBAL" in text or (pickled and "WeightsUnpickler" in text):
+        return "it holds Python objects, not only tensors (it could run code, so it is not loaded)"
+    if "WeightsUnpickler error" in text or "invalid load key" in text or "Unsupported operand" in text:
+        detail = text.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
+        return ("it is not a torch checkpoint (its bytes are not a tensor pickle"
+                + (f": {detail[0][:80]}" if detail and "WeightsUnpickler" in text else "") + ")")
+    if "weights_only" in text:
+        return "it is not a plain tensor checkpoint"
+    return f"{type(e).__name__}: {(text.strip().splitlines() or ['no details'])[0][:200]}"
 
 
 def check_external(source: Any, where: str) -> str:

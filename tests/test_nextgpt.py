@@ -239,8 +239,19 @@ def test_not_nextgpt_is_refused(tmp_path):
 def test_truncated_file_is_refused(tmp_path):
     data = (FIX / "pytorch_model.pt").read_bytes()
     (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
-    with pytest.raises(ConversionError, match="cannot be read as a plain tensor checkpoint"):
+    with pytest.raises(ConversionError, match="cannot read .*cut.pt as plain tensors"):
         _convert(tmp_path, tmp_path / "cut.pt")
+
+
+def test_random_bytes_are_named_without_torchs_advice(tmp_path):
+    """Random bytes given as a delta once quoted torch's advice to retry with weights_only=False (which
+    runs whatever a file holds), cut mid-sentence."""
+    (tmp_path / "noise.pt").write_bytes(bytes(range(256)) * 8)
+    with pytest.raises(ConversionError) as err:
+        _convert(tmp_path, tmp_path / "noise.pt")
+    message = str(err.value)
+    assert "noise.pt" in message and "not a torch checkpoint" in message and "\n" not in message
+    assert "weights_only=False" not in message and "`weights_only` set to `False`" not in message
 
 
 def test_pickled_objects_are_not_run(tmp_path):

@@ -90,18 +90,12 @@ def load_delta(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"NExT-GPT checkpoint not found: {path}")
+    from ..loading import torch_load_weights
+
     try:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            state = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
-    except Exception as e:  # truncated zip, a pickle with objects, not a torch file at all
-        first = (str(e).strip().splitlines() or ["no details"])[0][:300]
-        why = "the file is empty" if path.stat().st_size == 0 else f"{type(e).__name__}: {first}"
-        raise ConversionError(f"{path}: cannot be read as a plain tensor checkpoint (torch.load with "
-                              f"weights_only=True): {why}") from None
+        state = torch_load_weights(path, "NExT-GPT delta")  # memory-mapped, tensors only, one-line errors
+    except ValueError as e:
+        raise ConversionError(str(e)) from None
     if not isinstance(state, dict) or not state:
         raise ConversionError(f"{path}: expected a dict of tensors (NExT-GPT's pytorch_model.pt), "
                               f"got {type(state).__name__}{' (empty)' if isinstance(state, dict) else ''}")
