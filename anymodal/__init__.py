@@ -9,12 +9,12 @@ Importing the package registers the built-in modalities and declares the built-i
 are imported on first use (PEP 562), so ``anymodal --help`` starts at once.
 """
 
-import importlib
 from typing import TYPE_CHECKING
 
 from . import builtin  # noqa: F401  registers the built-in modalities, declares the built-in component types
 from .config import AnyModalConfig
 from .modality import Modality
+from .utils import lazy_exports
 from .registry import (list_encoders, list_generators, list_input_projectors, list_output_projectors,
                        register_encoder, register_generator, register_input_projector, register_output_projector)
 from anymodal.generators.settings import AudioSettings, ImageSettings, VideoSettings
@@ -37,13 +37,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, __all__)

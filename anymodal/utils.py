@@ -29,6 +29,27 @@ def torch_dtype(name: str) -> "torch.dtype":
     return getattr(torch, name)
 
 
+def lazy_exports(package: str, exports: dict[str, str], listed: Iterable[str] = ()
+                 ) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
+    """A package's PEP 562 ``__getattr__`` and ``__dir__`` for names imported on first use: ``exports``
+    maps each name to the (relative) module that defines it; the value is cached on the package.
+    ``listed``: further names ``__dir__`` shows (the package's ``__all__``)."""
+    import importlib
+    import sys
+
+    def __getattr__(name: str) -> Any:
+        if name not in exports:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(exports[name], package), name)
+        setattr(sys.modules[package], name, value)
+        return value
+
+    def __dir__() -> list[str]:
+        return sorted({*vars(sys.modules[package]), *exports, *listed})
+
+    return __getattr__, __dir__
+
+
 DEVICE_HELP = ("where the model runs: cpu (default), cuda, cuda:N, mps, or auto (a CUDA GPU when torch sees one, "
                "else cpu)")
 

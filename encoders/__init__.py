@@ -6,8 +6,9 @@ its module is imported; :mod:`anymodal.builtin` declares them to the registry, w
 on the first lookup of its type. The names below are imported on first use (PEP 562).
 """
 
-import importlib
 from typing import TYPE_CHECKING
+
+from anymodal.utils import lazy_exports
 
 _EXPORTS = {
     "ModalityEncoder": ".base",
@@ -22,13 +23,4 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and editors
     from .imagebind import ImageBindEncoder, ImageBindOptions, TrunkOptions
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, __all__)

@@ -8,8 +8,9 @@ module on the first lookup of its type. The names below are imported on first us
 that ``anymodal.generators.settings`` can be imported without torch or diffusers.
 """
 
-import importlib
 from typing import TYPE_CHECKING
+
+from anymodal.utils import lazy_exports
 
 _EXPORTS = {
     "ModalityGenerator": ".base",
@@ -34,13 +35,4 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and editors
     from .video import AnimateDiffGenerator, TextToVideoGenerator
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, __all__)

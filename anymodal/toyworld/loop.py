@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..utils import atomic_dir as utils_atomic_dir, atomic_path, atomic_write_text
+from ..utils import atomic_dir as utils_atomic_dir, atomic_path, atomic_write_text, check_device
 
 
 class JsonlLog:
@@ -176,23 +176,16 @@ DEVICES = "cpu, cuda, cuda:N or auto"
 
 def resolve_device(device: str | torch.device | None) -> str:
     """The device the phases run on: ``"auto"`` (or ``None``) is ``"cuda"`` when torch sees a GPU and
-    ``"cpu"`` otherwise; a named device must exist on this machine (``ValueError`` naming it if not)."""
-    if device is None or str(device) == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+    ``"cpu"`` otherwise; a named device must exist on this machine (``ValueError`` naming it if not,
+    from :func:`anymodal.utils.check_device`, the CLI's one check)."""
+    device = "auto" if device is None else device
     try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
+        kind = "auto" if str(device) == "auto" else torch.device(device).type
+    except (RuntimeError, TypeError, ValueError) as e:
         raise ValueError(f"unknown device {device!r}; expected {DEVICES}") from e
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r}: torch sees no CUDA GPU on this machine "
-                             "(torch.cuda.is_available() is False); use cpu or auto")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
-                             f"numbered from 0")
-    elif dev.type != "cpu":  # mps: the stages' loss bookkeeping is float64, which MPS lacks
+    if kind not in ("auto", "cpu", "cuda"):  # mps: the stages' loss bookkeeping is float64, which MPS lacks
         raise ValueError(f"device {device!r} is not supported here; expected {DEVICES}")
-    return str(dev)
+    return check_device(device)
 
 
 def device_of(module: torch.nn.Module) -> torch.device:
