@@ -29,7 +29,7 @@ from anymodal.pipeline import INDEX_NAME, AnyModalPipeline
 from anymodal.session import ChatSession, Turn
 from conftest import CONFIGS
 from test_fuzz import refused, time_bound
-from test_fuzz_loading import memory_bound
+from test_fuzz_loading import memory_bound, pipe, saved  # noqa: F401  (the tiny pipeline and its saved copy)
 from test_hf_systems import blip2_dir, llava_dir  # noqa: F401  (tiny released folders, built once per module)
 from test_nextgpt import FIX, _vicuna
 
@@ -38,17 +38,6 @@ DELTA = FIX / "pytorch_model.pt"
 
 def _siblings(path: Path) -> list[str]:
     return sorted(p.name for p in path.parent.iterdir())
-
-
-@pytest.fixture(scope="module")
-def pipe() -> AnyModalPipeline:
-    torch.manual_seed(0)
-    return AnyModalPipeline.from_config(AnyModalConfig.from_yaml(CONFIGS / "tiny.yaml"))
-
-
-@pytest.fixture(scope="module")
-def saved(pipe, tmp_path_factory) -> Path:
-    return pipe.save_pretrained(tmp_path_factory.mktemp("saved") / "pipe")
 
 
 @pytest.fixture(scope="module")
