@@ -186,6 +186,15 @@ def _delta_case(seed: int, delta, vicuna: Path, tmp_path: Path) -> str:
     return result
 
 
+def _fifty(first: int, tmp_path: Path, case: Callable[..., Any], *args: Any) -> None:
+    """The slow variants: cases ``first`` .. ``first + 49``, each in a folder of its own, removed after."""
+    for s in range(first, first + 50):
+        d = tmp_path / str(s)
+        d.mkdir()
+        case(s, *args, d)
+        shutil.rmtree(d)
+
+
 @pytest.mark.parametrize("seed", range(FAST["delta"]))
 def test_fuzz_convert_delta(delta, vicuna, tmp_path, seed):
     _delta_case(seed, delta, vicuna, tmp_path)
@@ -194,11 +203,7 @@ def test_fuzz_convert_delta(delta, vicuna, tmp_path, seed):
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", range(FAST["delta"], FAST["delta"] + SLOW, 50))
 def test_fuzz_convert_delta_long(delta, vicuna, tmp_path, seed):
-    for s in range(seed, seed + 50):
-        d = tmp_path / str(s)
-        d.mkdir()
-        _delta_case(s, delta, vicuna, d)
-        shutil.rmtree(d)
+    _fifty(seed, tmp_path, _delta_case, delta, vicuna)
 
 
 # ============================================================================ released Hugging Face folders
@@ -257,11 +262,7 @@ def test_fuzz_released_folder(llava_dir, tmp_path, seed):  # noqa: F811
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", range(FAST["folder"], FAST["folder"] + SLOW, 50))
 def test_fuzz_released_folder_long(llava_dir, tmp_path, seed):  # noqa: F811
-    for s in range(seed, seed + 50):
-        d = tmp_path / str(s)
-        d.mkdir()
-        _folder_case(s, llava_dir, d)
-        shutil.rmtree(d)
+    _fifty(seed, tmp_path, _folder_case, llava_dir)
 
 
 @pytest.mark.parametrize("seed", range(FAST["blip2"]))
@@ -322,11 +323,7 @@ def test_fuzz_saved_pipeline(saved, tmp_path, seed):
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", range(FAST["saved"], FAST["saved"] + SLOW, 50))
 def test_fuzz_saved_pipeline_long(saved, tmp_path, seed):
-    for s in range(seed, seed + 50):
-        d = tmp_path / str(s)
-        d.mkdir()
-        _saved_case(s, saved, d)
-        shutil.rmtree(d)
+    _fifty(seed, tmp_path, _saved_case, saved)
 
 
 # ============================================================================ saved chat sessions
@@ -392,11 +389,7 @@ def test_fuzz_saved_session(pipe, session_dir, tmp_path, seed):
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", range(FAST["session"], FAST["session"] + SLOW, 50))
 def test_fuzz_saved_session_long(pipe, session_dir, tmp_path, seed):
-    for s in range(seed, seed + 50):
-        d = tmp_path / str(s)
-        d.mkdir()
-        _session_case(s, pipe, session_dir, d)
-        shutil.rmtree(d)
+    _fifty(seed, tmp_path, _session_case, pipe, session_dir)
 
 
 def test_the_fuzz_cases_reach_both_outcomes(delta, vicuna, llava_dir, saved, pipe, session_dir,  # noqa: F811
