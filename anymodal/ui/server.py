@@ -75,6 +75,7 @@ from ..utils import atomic_write_text
 from .page import PAGE_CSS, PAGE_HTML, PAGE_JS
 
 logger = logging.getLogger(__name__)
+NO_SESSION = "no such session (the server may have restarted)"
 
 MAX_FILE_BYTES = 50 * 1024 * 1024  # one uploaded file
 MAX_REQUEST_BYTES = 100 * 1024 * 1024  # one request body, all files together
@@ -781,7 +782,7 @@ class _Handlers:
     async def history(self, request: Request) -> Response:
         with self.store.use(request.path_params["sid"]) as web:
             if web is None:
-                return _error(404, "no such session (the server may have restarted)")
+                return _error(404, NO_SESSION)
             # no web.lock here: a send holds it while the model runs, and this runs on the event loop
             return JSONResponse({"turns": [_turn_json(t, m) for t, m in zip(web.chat.turns, web.turn_media)]})
 
@@ -789,17 +790,21 @@ class _Handlers:
         sid = request.path_params["sid"]
         with self.store.use(sid) as web:
             if web is None:
-                return _error(404, "no such session (the server may have restarted)")
+                return _error(404, NO_SESSION)
             uploads: list[_Upload] = []
             try:
                 return await self._send(request, sid, web, uploads)
-            except HTTPRefusal as e:
-                return _error(e.status, _hide_paths(str(e), uploads, self.media_root))
-            except ClientDisconnect:
-                return _error(400, "the client went away during the upload")
+            except (HTTPRefusal, ClientDisconnect) as e:
+                return self._refusal(e, uploads)
             finally:
                 if not all(up.path.name in web.files for up in uploads):  # refused: keep none of them
                     _remove([up.path for up in uploads])
+
+    def _refusal(self, e: Exception, uploads: list[_Upload]) -> Response:
+        """The answer to a message refused before the model ran (/send and /stream alike)."""
+        if isinstance(e, ClientDisconnect):
+            return _error(400, "the client went away during the upload")
+        return _error(e.status, _hide_paths(str(e), uploads, self.media_root))
 
     async def _send(self, request: Request, sid: str, web: _WebSession, uploads: list[_Upload]) -> Response:
         """Read the form into ``uploads``, keep each upload under its decoded kind, and generate the reply."""
@@ -815,16 +820,13 @@ class _Handlers:
         sid = request.path_params["sid"]
         with self.store.use(sid) as web:
             if web is None:
-                return _error(404, "no such session (the server may have restarted)")
+                return _error(404, NO_SESSION)
             uploads: list[_Upload] = []
             try:
                 text, shown = await self._accept(request, web, uploads)
-            except HTTPRefusal as e:
+            except (HTTPRefusal, ClientDisconnect) as e:
                 _remove([up.path for up in uploads])
-                return _error(e.status, _hide_paths(str(e), uploads, self.media_root))
-            except ClientDisconnect:
-                _remove([up.path for up in uploads])
-                return _error(400, "the client went away during the upload")
+                return self._refusal(e, uploads)
             job = _Job(asyncio.get_running_loop())
             self.store.start_job(web, job)  # before `use` lets go: the session stays in memory until the turn ends
         asyncio.get_running_loop().run_in_executor(None, self._streamed_turn, sid, web, text, uploads, shown, job)
@@ -852,7 +854,7 @@ class _Handlers:
     async def stop(self, request: Request) -> Response:
         with self.store.use(request.path_params["sid"]) as web:
             if web is None:
-                return _error(404, "no such session (the server may have restarted)")
+                return _error(404, NO_SESSION)
             return JSONResponse({"stopped": self.store.stop_jobs(web)})
 
     async def _accept(self, request: Request, web: _WebSession, uploads: list[_Upload]) -> tuple[str, list[str]]:
