@@ -152,6 +152,13 @@ class AnyModalProcessor:
         return sorted(set(self.placeholder_ids.values()) | set(self._signal_lookup))
 
     # ------------------------------------------------------------ formatting
+    @property
+    def turn_end(self) -> str:
+        """What closes an assistant turn in training text: EOS, unless a chat template marks the end of
+        an answer itself (generation stops on EOS, so the model must learn to emit it)."""
+        tok = self.tokenizer
+        return "" if getattr(tok, "chat_template", None) else (tok.eos_token or "")
+
     def format(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
         """Render a conversation to text, with the tokenizer's chat template if it has one."""
         msgs = list(messages)

@@ -170,8 +170,7 @@ class ChatSession:
             for m in turn.media:
                 if m in proc.signal_strings:
                     text = text.replace(m.spec.placeholder, " " + "".join(proc.signal_strings[m]))
-            eos = "" if getattr(tok, "chat_template", None) else (tok.eos_token or "")
-            text = " ".join(text.split()) + eos
+            text = " ".join(text.split()) + proc.turn_end
         return Message("assistant", text, generated=True)
 
     def _length(self, messages: list[Message]) -> int:

@@ -33,8 +33,7 @@ from ..commands import add_model_args, load_pipeline
 from ..modality import Modality
 from . import checkers, world
 
-SPLIT_ALIASES = {"seen": "train"}  # the docs call the training combinations "seen"
-SPLITS = {"heldout": "heldout", "seen": "train", "train": "train"}  # the CLI's split names -> the world's
+SPLITS = {"heldout": "heldout", "seen": "train", "train": "train"}  # the CLI's split names (the docs': seen) -> the world's
 
 DIRECTIONS = ("t2i", "t2a", "t2v", "i2t", "a2t", "v2t")
 # The fields each generation direction is judged on (those its prompt leaves unsaid are skipped).
@@ -107,11 +106,6 @@ def _user_inputs(dialogue: world.Dialogue) -> tuple[str, dict[Modality, list]]:
     return text, media
 
 
-def _score(direction: str, dialogue: world.Dialogue, prompt: str, out, row: int) -> tuple[bool, dict[str, bool]]:
-    made = out.media[_MEDIA[direction]][row] if direction in HEADLINE_FIELDS else None
-    return score_reply(direction, dialogue.target, dialogue.question, prompt, out.text[row], made)
-
-
 def score_reply(direction: str, target: world.Spec, question: str | None, prompt: str | None, text: str,
                 made: list | None, asked: world.Spec | None = None) -> tuple[bool, dict[str, bool]]:
     """Score one reply: a generated medium (``made``, the reply's media of the direction's kind) on the
@@ -145,7 +139,7 @@ def evaluate(pipe, n: int = 20, split: str = "heldout", directions: Sequence[str
     "plain" (the training templates' wording) or "paraphrase" (held-out wordings)."""
     from tqdm.auto import tqdm
 
-    split = SPLIT_ALIASES.get(split, split)
+    split = SPLITS.get(split, split)
     for d in directions:
         if d not in DIRECTIONS:
             raise ValueError(f"unknown direction {d!r}; expected some of: {', '.join(DIRECTIONS)}")
@@ -174,10 +168,9 @@ def evaluate(pipe, n: int = 20, split: str = "heldout", directions: Sequence[str
                 kwargs[f"{m.value}s"] = [x.get(m) for x in media]
             out = pipe(list(prompts), seed=seed + 1000 * DIRECTIONS.index(d) + start, progress=False, **kwargs)
             for row, dialogue in enumerate(chunk):
-                # judge what was asked: a reworded prompt names the same fields as the canonical one
-                ok, fields = _score(d, dialogue, prompts[row], out, row) if style == "plain" else score_reply(
-                    d, dialogue.target, dialogue.question, None, out.text[row],
-                    out.media[m][row] if d in HEADLINE_FIELDS else None, asked=dialogue.asked)
+                # judge what was asked: a reworded request records it (dialogue.asked), a canonical one reads back
+                ok, fields = score_reply(d, dialogue.target, dialogue.question, prompts[row], out.text[row],
+                                         out.media[m][row] if d in HEADLINE_FIELDS else None, asked=dialogue.asked)
                 res.add(ok, fields)
                 if len(res.examples) < 5:
                     res.examples.append({"prompt": prompts[row], "target": dialogue.target.caption(),
@@ -197,7 +190,7 @@ def evaluate_sessions(pipe, n_sessions: int = 40, split: str = "heldout", seed: 
 
     from ..session import ChatSession
 
-    split = SPLIT_ALIASES.get(split, split)
+    split = SPLITS.get(split, split)
     rng = np.random.default_rng([seed, 99])
     sessions = [world.sample_session(rng, split, forms=forms) for _ in range(n_sessions)]
     results = {d: DirectionResult(d) for d in DIRECTIONS}
@@ -263,7 +256,7 @@ def eval_command(args: argparse.Namespace) -> int:
                            batch_size=args.batch_size, style=args.style)
     print(format_table(results))
     if args.out:
-        payload = {"split": SPLIT_ALIASES.get(args.split, args.split), "n": args.n, "seed": args.seed,
+        payload = {"split": SPLITS[args.split], "n": args.n, "seed": args.seed,
                    "style": args.style, "sessions": args.sessions,
                    "directions": {d: r.to_dict() for d, r in results.items()}}
         atomic_write_text(Path(args.out), json.dumps(payload, indent=2))

@@ -527,9 +527,7 @@ class SampleBuilder:
         self.targets = targets
         self.denoise = denoise or {}
         self.max_length = max_length
-        tok = processor.tokenizer
-        # Without a chat template nothing marks the end of an answer; EOS does (generation stops on it).
-        self.eos = "" if getattr(tok, "chat_template", None) else (tok.eos_token or "")
+        self.eos = processor.turn_end
         self.reserved = list(self.processor.placeholders.values())
         self.reserved += [s for m in processor.signal_tokens for s in processor.signal_strings[m]]
 
