@@ -270,3 +270,26 @@ def test_stage2_denoising_weight_reaches_stage2_only():
     assert (both.denoise_weight, both.denoise_modalities) == (0.5, ["image"])
     with pytest.raises(ValueError, match="image and/or video"):
         R.StagesPhase(denoise_modalities=("audio",))
+
+
+def test_tune_continues_stage_3_of_a_saved_pipeline(tmp_path):
+    """`anymodal toyworld tune` on the shipped default: reworded, session and copy rows in its manifest,
+    only the LoRA and the input projectors trained, and a merged pipeline that loads and answers."""
+    import json
+
+    from anymodal import AnyModalPipeline
+    from anymodal.cli import main
+
+    out = tmp_path / "tune"
+    assert main(["toyworld", "tune", "--out", str(out), "--steps", "2", "--dialogues", "40", "--no-progress"]) == 0
+    rows = [json.loads(line) for line in (out / "data" / "dialogues.jsonl").read_text().splitlines()]
+    tasks = {r["task"] for r in rows}
+    assert {"session", "copy"} <= tasks and any(len(r["messages"]) >= 6 for r in rows)
+    trained = (out / "stage3" / "training_config.yaml").read_text()
+    assert "lora" in trained and "input_projectors" in trained and "output_projectors" not in trained
+    tuned, shipped = AnyModalPipeline.from_pretrained(out / "final"), AnyModalPipeline.from_pretrained()
+    before = dict(shipped.model.output_projectors.state_dict())
+    assert all(torch.equal(v, before[k]) for k, v in tuned.model.output_projectors.state_dict().items())
+    llm = shipped.model.language_model.state_dict()
+    assert any(not torch.equal(v, llm[k]) for k, v in tuned.model.language_model.state_dict().items())  # LoRA merged
+    assert main(["toyworld", "tune", "--from", str(tmp_path), "--out", str(out / "x")]) == 2

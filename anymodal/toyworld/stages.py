@@ -122,7 +122,6 @@ def run_stages(out: Path, cfg: ModelPhasesConfig, log: JsonlLog, control: RunCon
     ``carry_input_projectors`` is off or the llm phase saved none). Stage 3's LoRA is merged into the
     LLM, and the merged pipeline is saved to ``out/final``.
     """
-    from ..training import merge_lora
     from ..training import train as train_stage
 
     out = Path(out)
@@ -159,13 +158,19 @@ def run_stages(out: Path, cfg: ModelPhasesConfig, log: JsonlLog, control: RunCon
                       last_loss=result.losses[-1] if result.losses else None, bad_rows=result.bad_rows,
                       samples_per_s=round(result.samples_per_s, 2), seconds=round(time.time() - t0, 1))
         source = str(final)
-    merged = out / "stages" / "stage3" / "merged"
-    if not (merged / "anymodal_index.json").is_file():
-        atomic_dir(merged, lambda d: (shutil.rmtree(d), merge_lora(out / "stages" / "stage3" / "final", d)))
-    from ..pipeline import AnyModalPipeline
+    return _merge_and_save(out / "stages" / "stage3", out / "final")
 
-    pipe = AnyModalPipeline.from_pretrained(merged)
-    return pipe.save_pretrained(out / "final")
+
+def _merge_and_save(stage3: Path, final: Path) -> Path:
+    """Fold stage 3's LoRA (``stage3/final``) into the LLM once (``stage3/merged``, kept for a rerun) and
+    save the merged pipeline to ``final``."""
+    from ..pipeline import AnyModalPipeline
+    from ..training import merge_lora
+
+    merged = stage3 / "merged"
+    if not (merged / "anymodal_index.json").is_file():
+        atomic_dir(merged, lambda d: (shutil.rmtree(d), merge_lora(stage3 / "final", d)))
+    return AnyModalPipeline.from_pretrained(merged).save_pretrained(final)
 
 
 # What `toyworld tune` trains: the LoRA and the input projectors. The output projectors and the signal
@@ -185,15 +190,17 @@ def tune_dialogues(start: str | os.PathLike, out: str | os.PathLike, cfg: Stages
     This is stage 3 again with only its data changed, for a build whose generators and encoder are
     already good: the full recipe (``toyworld train``) draws the same mix for its own stage 3
     (``StagesPhase.rephrased`` / ``sessions``). Resumable: rerun with the same arguments."""
-    from ..pipeline import AnyModalPipeline
-    from ..training import merge_lora
+    from ..pipeline import INDEX_NAME
     from ..training import train as train_stage
 
     out = Path(out)
     cfg = replace(cfg or StagesPhase(), stage3_steps=steps)
     if not 0 <= cfg.rephrased + cfg.sessions <= 1:
         raise ValueError(f"rephrased + sessions must be at most 1, got {cfg.rephrased} + {cfg.sessions}")
-    pipe_config = AnyModalPipeline.from_pretrained(start).config
+    if not (Path(start) / INDEX_NAME).is_file():
+        raise ValueError(f"toyworld tune: {start} is not a saved pipeline directory (no {INDEX_NAME})")
+    # what it reads and makes, from its config alone: training loads the weights once, below
+    pipe_config = AnyModalConfig.from_yaml(Path(start) / "config.yaml")
     inputs, outputs = list(pipe_config.input_projectors), list(pipe_config.generators)
     data = write_manifests(out, 1, n_dialogues, cfg.seed + 100, cfg.rephrased, cfg.sessions, cfg.copies)
     manifest = filter_manifest(data / "dialogues.jsonl", data / "tune-dialogues.jsonl", inputs, outputs)
@@ -201,7 +208,4 @@ def tune_dialogues(start: str | os.PathLike, out: str | os.PathLike, cfg: Stages
     if not (run_dir / "final" / "anymodal_index.json").is_file():
         tcfg = replace(stage_training_config(3, cfg, progress, outputs), trainable=list(trainable), learning_rate=lr)
         train_stage(str(start), manifest, run_dir, tcfg, resume=True, device="cpu")
-    merged = run_dir / "merged"
-    if not (merged / "anymodal_index.json").is_file():
-        atomic_dir(merged, lambda d: (shutil.rmtree(d), merge_lora(run_dir / "final", d)))
-    return AnyModalPipeline.from_pretrained(merged).save_pretrained(out / "final")
+    return _merge_and_save(run_dir, out / "final")
