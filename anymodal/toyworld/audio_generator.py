@@ -75,6 +75,38 @@ def _assemble_audio_pipeline(models: dict[str, torch.nn.Module], tokenizer: Any,
     return pipe
 
 
+def augmented_audio_bank(n: int, seed: int) -> tuple[np.ndarray, list[str], torch.Tensor]:
+    """``n`` train-split tones played off the world in one field, captioned without it: half keep
+    their note and take an off-world timbre ("a low tone of e4 lasting one second"), half keep their
+    waveform and go off the note grid ("a sawtooth tone lasting one second", with "low"/"high" when the
+    pitch lies inside that register's range). Returns the clips, the captions and aux-loss labels
+    (note, waveform, duration; ``-100`` for the field left unsaid). No held-out note x waveform pair
+    is played: an off-grid pitch is at least 0.75 semitone from every world note."""
+    from .encoder import off_grid_frequency, off_world_harmonics
+
+    g = np.random.default_rng(seed)
+    specs = world.sample_specs(Modality.AUDIO, n, g, "train")
+    waves = np.zeros((n, world.CLIP_SAMPLES), dtype=np.float32)
+    captions: list[str] = []
+    labels = torch.full((n, 3), -100, dtype=torch.long)
+    notes, lows = tuple(world.NOTES), world.REGISTERS["low"]
+    top_low, bottom_high = max(world.NOTES[x] for x in lows), min(world.NOTES[x] for x in world.REGISTERS["high"])
+    for i, s in enumerate(specs):
+        labels[i, 2] = tuple(world.DURATIONS).index(s.duration)
+        phrase = f"lasting {world.DURATION_PHRASES[s.duration]}"
+        if i % 2 == 0:  # the note, another timbre
+            waves[i] = world.render_audio(s, g, harmonics=off_world_harmonics(g))
+            captions.append(f"a {s.register} tone of {s.note} {phrase}")
+            labels[i, 0] = notes.index(s.note)
+        else:  # the waveform, another pitch
+            f0 = off_grid_frequency(g)
+            waves[i] = world.render_audio(s, g, frequency=f0)
+            register = "low " if f0 < top_low else "high " if f0 > bottom_high else ""
+            captions.append(f"a {register}{s.waveform} tone {phrase}")
+            labels[i, 1] = world.WAVEFORMS.index(s.waveform)
+    return waves, captions, labels
+
+
 def audio_eval_specs(n: int, seed: int) -> dict[str, list[world.AudioSpec]]:
     """``n`` seen (train split) and ``n`` held-out (note x waveform pairs) audio specs."""
     return {name: world.sample_specs(Modality.AUDIO, n, seed + k, split)  # type: ignore[misc]
@@ -138,9 +170,15 @@ def train_audio_generator(out: Path, cfg: AudioGeneratorPhase, log: JsonlLog, co
     vae, unet, text_encoder, vocoder = (models[k] for k in ("vae", "unet", "text_encoder", "vocoder"))
 
     bank = world.make_bank(Modality.AUDIO, cfg.bank_size, "train", seed=cfg.seed)
+    captions, extra_labels = list(bank.captions), None
     waves = torch.from_numpy(bank.data)
+    n_aug = int(round(cfg.augment_fraction * cfg.bank_size))
+    if n_aug:  # appended after the world clips, so bank.specs still label the first rows
+        aug_waves, aug_captions, extra_labels = augmented_audio_bank(n_aug, cfg.seed + 7000)
+        waves = torch.cat([waves, torch.from_numpy(aug_waves)])
+        captions += aug_captions
     features = log_mel_features(waves)  # (N, frames, bands)
-    log.write(stage="data", event="bank", n=len(bank), split="train", seed=cfg.seed,
+    log.write(stage="data", event="bank", n=len(bank), augmented=n_aug, split="train", seed=cfg.seed,
               params={k: sum(p.numel() for p in m.parameters()) for k, m in models.items()})
 
     # ---------------------------------------------------------------- 1. the vocoder, on real log-mels
@@ -169,7 +207,7 @@ def train_audio_generator(out: Path, cfg: AudioGeneratorPhase, log: JsonlLog, co
     latents = encode_latents(vae, mels, state_dir / "latents.pt", log, cfg.vae_steps, reconstruction)
 
     # ---------------------------------------------------------------- 3. UNet + CLAP text encoder
-    ids = token_ids(tokenizer, bank.captions, cfg.prompt_length)
+    ids = token_ids(tokenizer, captions, cfg.prompt_length)
     empty = token_ids(tokenizer, [""], cfg.prompt_length)
     pad = tokenizer.pad_token_id
 
@@ -187,7 +225,8 @@ def train_audio_generator(out: Path, cfg: AudioGeneratorPhase, log: JsonlLog, co
         return embeds * embeds.shape[-1] ** 0.5
 
     fields_ = (("note", tuple(world.NOTES)), ("waveform", world.WAVEFORMS), ("duration", tuple(world.DURATIONS)))
-    aux_head, aux_loss = caption_aux_loss(bank.specs, fields_, text_encoder.config.projection_dim, cfg, pooled)
+    aux_head, aux_loss = caption_aux_loss(bank.specs, fields_, text_encoder.config.projection_dim, cfg, pooled,
+                                          extra_labels)
 
     ema = train_denoiser(unet, text_encoder, condition, latents, ids, empty, cfg, state_dir / "unet.ckpt", log,
                           control, evaluate, aux_head, aux_loss)

@@ -182,14 +182,18 @@ def eval_with_ema(models: dict[str, torch.nn.Module], ema: EMA, assemble: Callab
 
 
 def caption_aux_loss(specs: Sequence[world.Spec], fields_: Sequence[tuple[str, Sequence[str]]], dim: int, cfg: Any,
-                     features: Callable[[torch.Tensor], torch.Tensor]
+                     features: Callable[[torch.Tensor], torch.Tensor], extra_labels: torch.Tensor | None = None
                      ) -> tuple[torch.nn.Module | None, Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None]:
     """The auxiliary text loss of the generator phases (``cfg.text_aux_weight``; ``(None, None)`` at 0):
     a training-only linear head on ``features(tokens)`` (``dim`` wide) predicts each caption's
-    ``fields_`` (name, values), so that a from-scratch text encoder keeps them apart."""
+    ``fields_`` (name, values), so that a from-scratch text encoder keeps them apart.
+    ``extra_labels`` (rows after ``specs``', one column per field, ``-100`` where the caption does not
+    name that field) labels captions that are not a spec's (augmented data)."""
     if cfg.text_aux_weight <= 0:
         return None, None
     labels = torch.tensor([[values.index(getattr(sp, name)) for name, values in fields_] for sp in specs])
+    if extra_labels is not None:
+        labels = torch.cat([labels, extra_labels.to(labels.dtype)])
     sizes = [len(values) for _, values in fields_]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed + 4)
@@ -197,6 +201,11 @@ def caption_aux_loss(specs: Sequence[world.Spec], fields_: Sequence[tuple[str, S
 
     def loss(tokens: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         logits = torch.split(head(features(tokens)), sizes, dim=-1)
-        return cfg.text_aux_weight * sum(F.cross_entropy(z, labels[idx, k].to(z.device)) for k, z in enumerate(logits))
+        total = torch.zeros((), device=logits[0].device)
+        for k, z in enumerate(logits):
+            target = labels[idx, k].to(z.device)
+            if bool((target != -100).any()):  # a batch whose captions never name this field adds nothing
+                total = total + F.cross_entropy(z, target, ignore_index=-100)
+        return cfg.text_aux_weight * total
 
     return head, loss

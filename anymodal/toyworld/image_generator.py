@@ -64,6 +64,40 @@ def _image_bank(cfg: ImageGeneratorPhase) -> tuple[world.Bank, torch.Tensor]:
     return bank, images_to_tensor(bank.data)
 
 
+def augmented_image_bank(n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
+    """``n`` train-split images painted off the palette (:func:`~.encoder.off_palette_rgb`, at least 110
+    from the background, 60 from every palette colour and 120 from the colours the shape is held out
+    with, in RGB) and captioned without their colour: "a small triangle on the left on a white background". Returns the
+    pixels (as :func:`images_to_tensor`) and the captions."""
+    from .encoder import off_palette_rgb
+
+    g = np.random.default_rng(seed)
+    specs = world.sample_specs(Modality.IMAGE, n, g, "train")
+
+    palette = np.array(list(world.COLOURS.values()), dtype=float)
+
+    partners = {shape: [world.COLOURS[c] for c, sh in world.HELD_OUT.image if sh == shape] for shape in world.SHAPES}
+
+    def visible(s: world.ImageSpec) -> tuple[float, float, float]:
+        # >= 110 in RGB from its background (the palette is >= 130), so the shape shows; >= 60 from every
+        # palette colour, so it reads as none of them; >= 120 from the colours this shape is held out
+        # with, so not even a near miss of a held-out pair (a lime circle, a violet triangle) is drawn
+        while True:
+            rgb = np.asarray(off_palette_rgb(g))
+            if (min(np.linalg.norm(rgb - c) for c in world.BACKGROUNDS[s.background]) >= 110
+                    and np.linalg.norm(palette - rgb, axis=1).min() >= 60
+                    and all(np.linalg.norm(rgb - c) >= 120 for c in partners[s.shape])):
+                return tuple(float(v) for v in rgb)
+
+    data = np.stack([world.render_image(s, g, rgb=visible(s)) for s in specs])
+    captions = []
+    for s in specs:  # the world's caption with the colour word left out
+        words = ([s.size] if s.size != "medium" else []) + [s.shape]
+        rest = s.caption().split(f"{s.colour} {s.shape}", 1)[1]
+        captions.append(f"{'an' if words[0][0] in 'aeiou' else 'a'} {' '.join(words)}{rest}")
+    return images_to_tensor(data), captions
+
+
 def eval_specs(n: int, seed: int) -> dict[str, list[world.ImageSpec]]:
     """``n`` seen (train split) and ``n`` held-out image specs, fixed by ``seed``."""
     return {split_name: world.sample_specs(Modality.IMAGE, n, seed + k, split)  # type: ignore[misc]
@@ -157,12 +191,17 @@ def train_image_generator(out: Path, cfg: ImageGeneratorPhase, log: JsonlLog, co
     vae.eval().requires_grad_(False)
 
     bank, pixels = _image_bank(cfg)
-    log.write(stage="data", event="bank", n=len(bank), split="train", seed=cfg.seed,
+    captions = list(bank.captions)
+    n_aug = int(round(cfg.augment_fraction * cfg.bank_size))
+    if n_aug:  # appended after the world images
+        aug_pixels, aug_captions = augmented_image_bank(n_aug, cfg.seed + 7000)
+        pixels, captions = torch.cat([pixels, aug_pixels]), captions + aug_captions
+    log.write(stage="data", event="bank", n=len(bank), augmented=n_aug, split="train", seed=cfg.seed,
               params={k: sum(p.numel() for p in m.parameters()) for k, m in models.items()})
 
     latents = encode_latents(vae, pixels, state_dir / "latents.pt", log, cfg.vae_steps,
                        lambda: _vae_reconstruction_scores(vae, bank))
-    ids = token_ids(tokenizer, bank.captions, cfg.prompt_length)
+    ids = token_ids(tokenizer, captions, cfg.prompt_length)
     empty = token_ids(tokenizer, [""], cfg.prompt_length)
 
     def condition(tokens: torch.Tensor) -> dict[str, Any]:

@@ -104,12 +104,20 @@ class ImageGeneratorPhase(DiffusionRecipe):
     bank_size: int = 8192
     vae_steps: int = 1500
     steps: int = 6000  # shape and position need far more steps than colour (2,000: shape at chance)
+    # Extra images, as a fraction of bank_size, painted off the palette and captioned without a
+    # colour ("a triangle at the top on a blue background"; image_generator.augmented_image_bank), so
+    # that the shape word draws its shape whatever the colour, which held-out colour x shape pairs
+    # need. No held-out pair is ever drawn (the colours are >= 15 degrees of hue from every palette
+    # colour). 0 turns it off.
+    augment_fraction: float = 0.0
     vae: dict[str, Any] = field(default_factory=_default_vae)
     unet: dict[str, Any] = field(default_factory=_default_unet)
     text_encoder: dict[str, Any] = field(default_factory=_default_text_encoder)
 
     def __post_init__(self) -> None:
         _check_recipe("image_generator", self)
+        if not 0.0 <= self.augment_fraction <= 2.0:
+            raise ValueError(f"image_generator.augment_fraction must be in [0, 2], got {self.augment_fraction!r}")
         positions = self.text_encoder.get("max_position_embeddings", 77)
         if self.prompt_length > positions:
             raise ValueError(f"image_generator.prompt_length ({self.prompt_length}) exceeds "
@@ -166,12 +174,21 @@ class AudioGeneratorPhase(DiffusionRecipe):
     # apart embeddings the UNet can hear (without it they collapse onto one; docs/toyworld.md). It
     # stands in for real CLAP's contrastive text-audio pre-training; 0 turns it off.
     text_aux_weight: float = 0.1
+    # Extra clips, as a fraction of bank_size, played off the world in one field and captioned
+    # without it (see audio_generator.augmented_audio_bank): a world note with an off-world timbre
+    # ("a low tone of e4 lasting one second") or a world waveform off the note grid ("a sawtooth tone
+    # lasting one second"), so that the UNet learns pitch from the note word apart from the
+    # waveform word, which held-out note x waveform pairs need. No held-out pair is ever played.
+    # 0 turns it off.
+    augment_fraction: float = 0.0
     vae: dict[str, Any] = field(default_factory=_default_audio_vae)
     unet: dict[str, Any] = field(default_factory=_default_audio_unet)
     text_encoder: dict[str, Any] = field(default_factory=_default_clap_text)
 
     def __post_init__(self) -> None:
         _check_recipe("audio_generator", self)
+        if not 0.0 <= self.augment_fraction <= 2.0:
+            raise ValueError(f"audio_generator.augment_fraction must be in [0, 2], got {self.augment_fraction!r}")
         if self.text_encoder.get("max_position_embeddings", 514) < self.prompt_length + 2:
             raise ValueError(f"audio_generator.text_encoder.max_position_embeddings must be at least prompt_length + 2 "
                              f"({self.prompt_length + 2}) for a RoBERTa-style text encoder")
@@ -509,7 +526,7 @@ def _check_recipe(where: str, cfg: Any) -> None:
         value = getattr(cfg, f.name)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and f.name not in (
                 "seed", "kl_weight", "weight_decay", "caption_dropout", "eval_every", "warmup_steps",
-                "text_aux_weight"):
+                "text_aux_weight", "augment_fraction"):
             _check_positive(f"{where}.{f.name}", value)
     if not 0.0 <= cfg.caption_dropout < 1.0:
         raise ValueError(f"{where}.caption_dropout must be in [0, 1), got {cfg.caption_dropout!r}")
