@@ -109,7 +109,7 @@ class ImageGeneratorPhase(DiffusionRecipe):
     # that the shape word draws its shape whatever the colour, which held-out colour x shape pairs
     # need. No held-out pair is ever drawn (the colours are >= 15 degrees of hue from every palette
     # colour). 0 turns it off.
-    augment_fraction: float = 0.0
+    augment_fraction: float = 0.25
     vae: dict[str, Any] = field(default_factory=_default_vae)
     unet: dict[str, Any] = field(default_factory=_default_unet)
     text_encoder: dict[str, Any] = field(default_factory=_default_text_encoder)
@@ -180,7 +180,7 @@ class AudioGeneratorPhase(DiffusionRecipe):
     # lasting one second"), so that the UNet learns pitch from the note word apart from the
     # waveform word, which held-out note x waveform pairs need. No held-out pair is ever played.
     # 0 turns it off.
-    augment_fraction: float = 0.0
+    augment_fraction: float = 0.5
     vae: dict[str, Any] = field(default_factory=_default_audio_vae)
     unet: dict[str, Any] = field(default_factory=_default_audio_unet)
     text_encoder: dict[str, Any] = field(default_factory=_default_clap_text)
@@ -298,7 +298,9 @@ class EncoderPhase:
     seed: int = 0
     options: dict[str, Any] = field(default_factory=_default_encoder_options)
     bank_size: int = 2048  # renders per modality (train split, jittered), preprocessed once
-    steps: int = 1600
+    # 3,200 against 1,600: seen image shape 70% -> 89%, position 73% -> 97%; held-out video colour 77%
+    # -> 85%, shape 73% -> 88%, audio note 90% -> 100% (docs/toyworld.md, "2026-12-07")
+    steps: int = 3200
     batch_size: int = 32  # per modality and step
     lr: float = 2e-3
     warmup_steps: int = 100
