@@ -117,6 +117,10 @@ def test_a_clip_shorter_than_one_example_has_no_embedding(ref):
     short, edge = net.embed([(_wave(ref, "short_0_5s"), 16000), (_wave(ref, "edge_0_975s"), 16000)])
     assert short.shape == (0, 128) and edge.shape == (1, 128)
     assert net.embed([]) == []
+    # however short, at any rate: no example, no error (resampy itself refuses fewer than one output)
+    assert [len(e) for e in net.embed([(np.zeros(1), 44100), (np.zeros(42000), 44100), (np.zeros(15599), 16000)])] == [0, 0, 0]
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        V.waveform_to_examples(np.full(16000, np.nan), 16000)
 
 
 def test_stereo_is_the_channel_mean(ref):

@@ -170,6 +170,10 @@ def waveform_to_examples(wave: np.ndarray | torch.Tensor, sample_rate: int) -> t
     ``(samples, channels)``; another sample rate is resampled to 16 kHz first (:func:`resample`,
     as the reference)."""
     x = to_mono(wave)
+    if not np.isfinite(x).all():
+        raise ValueError("the waveform holds NaN or infinite values")
+    if int(len(x) * float(SAMPLE_RATE) / float(sample_rate)) < MIN_SAMPLES:  # no whole example once at 16 kHz
+        return torch.zeros(0, 1, EXAMPLE_FRAMES, NUM_BANDS, dtype=torch.float64)
     if sample_rate != SAMPLE_RATE:
         x = resample(x, int(sample_rate), SAMPLE_RATE)
     mel = log_mel(x)
