@@ -9,7 +9,8 @@ layer: no final ReLU and no PCA / 8-bit quantisation (the AudioSet release post-
 ``vggish/embedding`` in the TensorFlow model the FAD reference runs, and as the PyTorch FAD code
 gets it by dropping torchvggish's last ReLU and turning its post-processor off.
 
-The front end is VGGish's own (``vggish_input.waveform_to_examples``): mono, 16 kHz, magnitude STFT
+The front end is VGGish's own (``vggish_input.waveform_to_examples``): mono, 16 kHz (other rates
+resampled with resampy's ``kaiser_best`` filter, rebuilt here from its parameters), magnitude STFT
 with a 25 ms periodic Hann window every 10 ms zero-padded to a 512-point FFT, 64 HTK-mel bands over
 125–7500 Hz, ``log(mel + 0.01)``, cut into non-overlapping examples of 96 frames. It is computed
 in float64, as the NumPy reference does. Weights load from a local file in the layout of
