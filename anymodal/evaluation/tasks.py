@@ -366,8 +366,9 @@ def score(task: Task, items: list[Item], out: str | Path, features: Features, *,
             out = {}
             if vgg is not None:  # whole clips at their own rate: VGGish's front end resamples
                 out["vggish"] = (_load_native(p), _load_native(it.media))
-            if clap is not None:
-                out["clap"] = (_load_audio(p, clap.sample_rate)[:length], _load_audio(it.media, clap.sample_rate)[:length])
+            if clap is not None:  # the reference clip too only where FAD is over CLAP
+                out["clap"] = (_load_audio(p, clap.sample_rate)[:length],
+                               None if vgg is not None else _load_audio(it.media, clap.sample_rate)[:length])
             return out
 
         real, fake = [], []
