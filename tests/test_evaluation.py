@@ -237,6 +237,10 @@ def test_missing_feature_networks_name_their_flag(tmp_path):
         Features.load(TASKS["t2a"], FeatureOptions())
     with pytest.raises(FileNotFoundError, match=r"--clip-model .*not a model folder"):
         Features.load(TASKS["t2v"], FeatureOptions(clip_model=str(tmp_path)))
+    with pytest.raises(ValueError, match=r"t2a FAD over VGGish needs --vggish-weights FILE: .*vggish-10086976.pth"):
+        Features.load(TASKS["t2a"], FeatureOptions(fad_model="vggish"))
+    with pytest.raises(ValueError, match=r"--vggish-weights is for --fad-model vggish"):
+        Features.load(TASKS["t2a"], FeatureOptions(fad_model="clap", vggish_weights="vggish.pth"))
 
 
 class _Evil:
@@ -394,6 +398,51 @@ def test_cli_runs_a_benchmark_task_and_keeps_the_toyworld_default(pipe, data, tm
     assert "--clip-model DIR" in err and not (tmp_path / "v").exists()
     assert main(["eval", "--task", "i2t", "--out", str(tmp_path / "x")]) == 2
     assert "needs --data DIR" in capsys.readouterr().err
+
+
+def _tiny_vggish(path):
+    """A VGGish weights file in torchvggish's key layout, at tiny widths, random weights."""
+    from anymodal.evaluation.vggish import VGGish
+
+    torch.manual_seed(0)
+    torch.save(VGGish(channels=(2, 4, 4, 4, 8, 8), hidden=16, embedding_size=8).state_dict(), path)
+    return path
+
+
+def test_t2a_fad_over_vggish_through_the_command(pipe, data, tmp_path, monkeypatch, capsys):
+    import anymodal.commands as commands
+    from anymodal.cli import main
+
+    monkeypatch.setattr(commands, "load_pipeline", lambda *a: pipe)
+    weights = _tiny_vggish(tmp_path / "vggish-10086976.pth")
+    base = ["eval", "--task", "t2a", "--data", str(data["audiocaps"]), "--limit", "3", "--prompt", "play {caption}",
+            "--no-progress", "--bootstrap", "20"]
+    assert main([*base, "--out", str(tmp_path / "a"), "--vggish-weights", str(weights)]) == 0
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    fad = summary["metrics"]["FAD"]
+    assert np.isfinite(fad["value"]) and fad["value"] > 0 and fad["n"] == 3
+    assert fad["features"].startswith("VGGish") and fad["embeddings"]["reference"] == 3  # one 0.96 s example per 1 s clip
+    assert fad["embeddings"]["generated"] >= 3
+    assert "CLAP score" not in summary["metrics"] and any("CLAP score skipped" in n for n in summary["notes"])
+    assert summary["options"]["vggish_weights"] == str(weights)
+    assert "- FAD over VGGish" in (tmp_path / "a" / "summary.md").read_text()
+    # with a CLAP folder too: CLAP score beside FAD over VGGish; the same generated clips, the same FAD
+    assert main([*base, "--out", str(tmp_path / "a"), "--vggish-weights", str(weights), "--clap-model",
+                 str(data["clap"])]) == 0
+    both = json.loads((tmp_path / "a" / "summary.json").read_text())["metrics"]
+    assert both["FAD"]["value"] == pytest.approx(fad["value"], rel=1e-12) and np.isfinite(both["CLAP score"]["value"])
+    # FAD over CLAP is still there, and named as such
+    assert main([*base, "--out", str(tmp_path / "a"), "--fad-model", "clap", "--clap-model", str(data["clap"])]) == 0
+    assert json.loads((tmp_path / "a" / "summary.json").read_text())["metrics"]["FAD"]["features"].startswith("CLAP")
+    capsys.readouterr()
+    # missing weights: one line naming the flag and where the weights come from, exit 2, nothing written
+    assert main([*base, "--out", str(tmp_path / "b"), "--fad-model", "vggish"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--vggish-weights FILE" in err and "vggish-10086976.pth" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "b").exists()
+    (tmp_path / "bad.pth").write_bytes(b"no")
+    assert main([*base, "--out", str(tmp_path / "b"), "--vggish-weights", str(tmp_path / "bad.pth")]) == 2
+    assert "--vggish-weights" in capsys.readouterr().err and not (tmp_path / "b").exists()
 
 
 @pytest.mark.slow

@@ -34,7 +34,14 @@ def eval_args(p: argparse.ArgumentParser) -> None:
                    help="t2i: features of FID and KID (clip: the --clip-model's image embeddings; not comparable "
                         "with papers)")
     g.add_argument("--clip-model", default=None, metavar="DIR", help="t2i, t2v: a local CLIP folder (CLIPScore, CLIPSIM)")
-    g.add_argument("--clap-model", default=None, metavar="DIR", help="t2a: a local CLAP folder (FAD, CLAP score)")
+    g.add_argument("--clap-model", default=None, metavar="DIR",
+                   help="t2a: a local CLAP folder (CLAP score; FAD too with --fad-model clap)")
+    g.add_argument("--vggish-weights", default=None, metavar="FILE",
+                   help="t2a: VGGish weights, torchvggish's vggish-10086976.pth (or a .safetensors): FAD over VGGish, "
+                        "as papers report it")
+    g.add_argument("--fad-model", choices=["vggish", "clap"], default=None,
+                   help="t2a: the embedding of FAD (default: vggish when --vggish-weights is given, else clap; "
+                        "FAD over CLAP is not comparable with papers)")
     g.add_argument("--meteor", choices=["auto", "on", "off"], default="auto",
                    help="captioning: METEOR (needs Java; auto: where Java is present)")
     g.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="bootstrap resamples of the 95%% intervals (default 1000)")
@@ -67,7 +74,8 @@ def benchmark_command(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: exists and is not a folder")
     options = FeatureOptions(fid_weights=args.fid_weights, fid_features=args.fid_features, clip_model=args.clip_model,
-                             clap_model=args.clap_model, meteor=args.meteor, device=args.device)
+                             clap_model=args.clap_model, fad_model=args.fad_model, vggish_weights=args.vggish_weights,
+                             meteor=args.meteor, device=args.device)
     if args.prompt is not None:
         check_template(task, args.prompt)
     ds, items = select(task, args.data, args.data_split, args.limit)

@@ -79,7 +79,7 @@ def _one_file(data: Path, patterns: list[str], what: str, split: str | None) -> 
         raise FileNotFoundError(f"no {what} under {data} (looked for {' or '.join(patterns)})")
     if len(found) > 1:
         raise ValueError(f"several {what} files under {data}: {', '.join(str(p.relative_to(data)) for p in found)}; "
-                         "choose one with --split (a part of its name, e.g. val2014)")
+                         "choose one with --data-split (a part of its name, e.g. val2014)")
     return found[0]
 
 

@@ -3,7 +3,9 @@
 * FID and KID: torchmetrics' ``FrechetInceptionDistance`` / ``KernelInceptionDistance`` over the
   Inception-v3 features of torch-fidelity (the features of the original TF FID), or over any
   feature module (a CLIP image tower, or the tiny networks of the tests).
-* FAD: the same Fréchet distance (torchmetrics' FID class) over CLAP audio embeddings.
+* FAD: the same Fréchet distance (torchmetrics' FID class) over VGGish embeddings of 0.96 s
+  examples (Kilgour et al.; :mod:`.vggish`), or over CLAP audio embeddings when no VGGish weights
+  are given.
 * CLIPScore: torchmetrics' computation, max(mean of 100 * cos(image, text), 0); CLAP score is the
   same formula over CLAP's audio and text embeddings; CLIPSIM the mean over frames of cos(frame, text).
 * CIDEr-D, BLEU-4, METEOR: pycocoevalcap's scorers on PTB-tokenised captions (Java's Stanford
@@ -160,7 +162,7 @@ class ClipImageFeatures(nn.Module):
 
 
 class Embeddings(nn.Module):
-    """Features computed beforehand (CLAP audio embeddings for FAD), as a torchmetrics feature module."""
+    """Features computed beforehand (VGGish or CLAP audio embeddings for FAD), as a torchmetrics feature module."""
 
     def __init__(self, num_features: int):
         super().__init__()

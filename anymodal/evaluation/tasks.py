@@ -23,6 +23,7 @@ from .metrics import (Clap, Clip, ClipImageFeatures, Embeddings, VQANormalizer, 
                       clip_scores, clipsim, cosine, frechet_distance, images_to_uint8, inception_features,
                       java_available, kernel_distance, tokenize, vqa_accuracy)
 from .data import READERS, Dataset, Item
+from .vggish import VGGish, describe as describe_vggish
 
 GENERATION_DIR = "generation"
 
@@ -61,6 +62,8 @@ class FeatureOptions:
     fid_features: str = "inception"  # or "clip": FID over the CLIP image embeddings
     clip_model: str | None = None
     clap_model: str | None = None
+    fad_model: str | None = None  # "vggish" or "clap"; None: vggish when vggish_weights is given, else clap
+    vggish_weights: str | None = None
     meteor: str = "auto"  # "auto": where Java is present; "on"; "off"
     device: str | None = None
     image_size: int = 299  # images are resized to this before the FID feature network
@@ -73,8 +76,9 @@ class Features:
 
     clip: Clip | None = None
     clap: Clap | None = None
+    vggish: VGGish | None = None  # FAD's features when set; else FAD is over CLAP's audio embeddings
     fid: Any = None  # a torchmetrics feature module
-    fid_name: str = ""
+    fid_name: str = ""  # the features of the Fréchet distance (FID, or FAD), named in the summary
     meteor: bool = False
     java: bool = False
     image_size: int = 299
@@ -94,8 +98,21 @@ class Features:
             else:
                 raise ValueError(f"--fid-features must be inception or clip, got {opts.fid_features!r}")
         elif task.name == "t2a":
-            f.clap = Clap.from_dir(opts.clap_model, "t2a (FAD and CLAP score)", opts.device)
-            f.fid_name = "CLAP audio embeddings"
+            fad = opts.fad_model or ("vggish" if opts.vggish_weights is not None else "clap")
+            if fad == "vggish":
+                f.vggish = VGGish.from_file(opts.vggish_weights).to(f.device)
+                f.fid_name = describe_vggish(f.vggish)
+                if opts.clap_model is not None:  # CLAP score is optional next to FAD over VGGish
+                    f.clap = Clap.from_dir(opts.clap_model, "t2a (CLAP score)", opts.device)
+            elif fad == "clap":
+                if opts.vggish_weights is not None:
+                    raise ValueError("--vggish-weights is for --fad-model vggish; with --fad-model clap, FAD is over "
+                                     "the --clap-model's audio embeddings: drop one of the two")
+                f.clap = Clap.from_dir(opts.clap_model, "t2a (CLAP score, and FAD unless --vggish-weights FILE is "
+                                                        "given)", opts.device)
+                f.fid_name = "CLAP audio embeddings (not comparable with papers' FAD, which is over VGGish)"
+            else:
+                raise ValueError(f"--fad-model must be vggish or clap, got {fad!r}")
         elif task.name == "t2v":
             f.clip = Clip.from_dir(opts.clip_model, "t2v (CLIPSIM)", opts.device)
         if task.kind == "caption":
@@ -219,6 +236,14 @@ def _load_audio(path: Path, rate: int) -> np.ndarray:
     return resample(wave, sr, rate).numpy()
 
 
+def _load_native(path: Path) -> tuple[np.ndarray, int]:
+    """A mono waveform at its own sample rate."""
+    from ..encoders.preprocess import load_audio
+
+    wave, sr = load_audio(str(path))
+    return wave.numpy(), sr
+
+
 def _chunks(items: list, progress: bool | None, desc: str, size: int = 32):
     """``items`` in chunks, with a progress bar (ETA) over the items."""
     import sys
@@ -333,27 +358,54 @@ def score(task: Task, items: list[Item], out: str | Path, features: Features, *,
             except ValueError as e:
                 notes.append(f"FID and KID not computed: {e}")
     elif task.name == "t2a":
-        clap = features.clap
+        clap, vgg = features.clap, features.vggish
         # CLAP's processor crops longer clips at a random offset: crop them here, the same way every run
-        length = int(clap.sample_rate * getattr(clap.processor.feature_extractor, "max_length_s", 10))
+        length = int(clap.sample_rate * getattr(clap.processor.feature_extractor, "max_length_s", 10)) if clap else 0
+
+        def load(it, p):
+            out = {}
+            if vgg is not None:  # whole clips at their own rate: VGGish's front end resamples
+                out["vggish"] = (_load_native(p), _load_native(it.media))
+            if clap is not None:  # the reference clip too only where FAD is over CLAP
+                out["clap"] = (_load_audio(p, clap.sample_rate)[:length],
+                               None if vgg is not None else _load_audio(it.media, clap.sample_rate)[:length])
+            return out
+
         real, fake = [], []
+        no_example = {"generated": 0, "reference": 0}
         for chunk in _chunks(usable, progress, "scoring t2a"):
-            chunk, pairs = _loaded(chunk, lambda it, p: (_load_audio(p, clap.sample_rate)[:length],
-                                                         _load_audio(it.media, clap.sample_rate)[:length]))
+            chunk, loaded = _loaded(chunk, load)
             if not chunk:
                 continue
-            gen = clap.audio_features([g for g, _ in pairs])
-            real.append(clap.audio_features([r for _, r in pairs]))
-            fake.append(gen)
-            text = clap.text_features([it.captions[0] for it, _, _ in chunk])
-            for (_, row, _), s in zip(chunk, (100 * cosine(gen, text)).tolist()):
-                row["CLAP score"] = float(s)
-        mean_metric("CLAP score", _values(usable, "CLAP score"), clamp=True)
+            if vgg is not None:  # FAD over every 0.96 s example's embedding, as the FAD reference
+                gen = vgg.embed([x["vggish"][0] for x in loaded])
+                ref = vgg.embed([x["vggish"][1] for x in loaded])
+                no_example["generated"] += sum(1 for e in gen if len(e) == 0)
+                no_example["reference"] += sum(1 for e in ref if len(e) == 0)
+                fake += gen
+                real += ref
+            if clap is not None:
+                gen_c = clap.audio_features([x["clap"][0] for x in loaded])
+                if vgg is None:
+                    real.append(clap.audio_features([x["clap"][1] for x in loaded]))
+                    fake.append(gen_c)
+                text = clap.text_features([it.captions[0] for it, _, _ in chunk])
+                for (_, row, _), s in zip(chunk, (100 * cosine(gen_c, text)).tolist()):
+                    row["CLAP score"] = float(s)
+        if clap is not None:
+            mean_metric("CLAP score", _values(usable, "CLAP score"), clamp=True)
+        else:
+            notes.append("CLAP score skipped: no --clap-model given")
+        if any(no_example.values()):
+            notes.append(f"{no_example['generated']} generated and {no_example['reference']} reference clips are "
+                         "shorter than 0.975 s: they have no VGGish example and add nothing to FAD")
         if real:
             real_f, fake_f = torch.cat(real).double(), torch.cat(fake).double()
+            n_clips = sum(1 for _, row, _ in usable if "error" not in row)
             try:
                 result["FAD"] = {"value": frechet_distance(Embeddings(real_f.shape[1]), real_f, fake_f), "ci95": None,
-                                 "n": len(real_f), "features": features.fid_name}
+                                 "n": n_clips, "features": features.fid_name,
+                                 "embeddings": {"reference": len(real_f), "generated": len(fake_f)}}
             except ValueError as e:
                 notes.append(f"FAD not computed: {e}")
     elif task.name == "t2v":
@@ -424,6 +476,9 @@ def markdown(summary: dict[str, Any]) -> str:
     for name, m in summary["metrics"].items():
         ci = f"[{_fmt(m['ci95'][0])}, {_fmt(m['ci95'][1])}]" if m.get("ci95") else "—"
         lines.append(f"| {summary['task']} | {summary['model']} | {name} | {_fmt(m['value'])} | {ci} | {m['n']} |")
+    named = [f"- {name} over {m['features']}" for name, m in summary["metrics"].items() if m.get("features")]
+    if named:
+        lines += ["", *named]
     if summary["notes"]:
         lines += ["", "Notes:", *(f"- {n}" for n in summary["notes"])]
     return "\n".join(lines) + "\n"
