@@ -248,3 +248,56 @@ def test_parallel_jobs_match_a_sequential_run(run: Path, tmp_path: Path):
     assert threads_of(shared, "tokenizer") == threads_of(shared, "audio-generator") == 2
     with pytest.raises(ValueError, match="jobs must be an int >= 1"):
         _train(tmp_path, phases, jobs=0)
+
+
+def test_a_worker_whose_scheduler_is_gone_stops_after_a_checkpoint(tmp_path: Path):
+    """RunControl.parent: a worker of a parallel run checks that its scheduler still lives; once it is
+    re-parented (the scheduler was killed) it stops at its next step, with a checkpoint to resume from."""
+    assert not L.RunControl(parent=os.getppid()).should_stop(1)
+    control = L.RunControl(parent=os.getppid() + 1 if os.getppid() != 1 else 2)
+    assert control.orphaned() and control.should_stop(1)
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def step(_: int) -> float:
+        loss = model(torch.ones(1, 2)).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return float(loss)
+
+    with pytest.raises(L.Stop, match="stopped at step 1/5"):
+        L.train_loop(stage="unet", total=5, ckpt=tmp_path / "c.ckpt", modules={"m": model}, optimizer=opt,
+                     gen=torch.Generator().manual_seed(0), ema=None, step_fn=step, lr_fn=lambda s: 0.1,
+                     log=L.JsonlLog(tmp_path / "log.jsonl"), checkpoint_every=10, log_every=10, control=control)
+    assert (tmp_path / "c.ckpt").exists()
+
+
+@pytest.mark.skipif(os.name != "posix", reason="signals")
+def test_killing_a_parallel_run_leaves_no_worker_training(tmp_path: Path):
+    """`toyworld train --jobs 2` killed with SIGTERM ends its worker processes with it (before, they
+    trained on, orphaned, and raced the next --resume for the run directory); --resume then finishes."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cmd = [sys.executable, "-m", "anymodal", "toyworld", "train", "--out", str(tmp_path / "run"), "--preset", "smoke",
+           "--phase", "tokenizer", "--phase", "encoder", "--jobs", "2", "--threads", "1", "--no-progress",
+           "--set", "encoder.steps=100000", "--set", "encoder.checkpoint_every=20"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    ckpt = tmp_path / "run" / "state" / "encoder" / "encoder.ckpt"
+    deadline = time.time() + 240
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    assert ckpt.exists(), proc.stderr.read().decode()[-2000:] if proc.poll() is not None else "no checkpoint in time"
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    time.sleep(2)
+    alive = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert alive == [], f"worker processes still running: {alive}"
+    log = tmp_path / "run" / "logs" / "encoder.jsonl"
+    size = log.stat().st_size
+    time.sleep(2)
+    assert log.stat().st_size == size  # nothing trains on in the run directory

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,16 +120,26 @@ class Stop(Exception):
 
 @dataclass
 class RunControl:
-    """When to stop this invocation: a wall-clock deadline and, for tests, a step to stop at."""
+    """When to stop this invocation: a wall-clock deadline, for tests a step to stop at, and in a
+    worker of a parallel run the scheduler's process id (``parent``): a worker whose scheduler is
+    gone (killed) stops at its next step, after a checkpoint, instead of training on unattended
+    (and racing a rerun for the same run directory)."""
 
     deadline: float | None = None
     stop_at_step: int | None = None
     progress: bool = True
     device: str = "cpu"  # where the phases train and evaluate (resolve_device's answer)
     threads: "ThreadShare | None" = None  # set in a worker of a parallel run that shares idle cores
+    parent: int | None = None  # set in a worker of a parallel run: the scheduler's pid
+
+    def orphaned(self) -> bool:
+        """True in a worker whose scheduler process has ended (the worker was re-parented)."""
+        return self.parent is not None and os.getppid() != self.parent
 
     def should_stop(self, step: int) -> bool:
         if self.stop_at_step is not None and step >= self.stop_at_step:
+            return True
+        if self.orphaned():
             return True
         return self.deadline is not None and time.time() >= self.deadline
 

@@ -9,13 +9,16 @@ file; :func:`train` runs phases in order, or up to ``jobs`` at once in worker pr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -303,12 +306,36 @@ def _phase_worker(threads: int | None, share: Path | None, phase: str, out: Path
                   control: RunControl, *args: Any) -> PhaseResult:
     """One phase in a worker process (spawned: a fresh interpreter, its own torch threads), following
     the scheduler's thread shares when ``share`` names its file."""
+    if control.orphaned():  # the scheduler ended before this phase could start
+        raise RuntimeError(f"{phase}: the scheduler process {control.parent} has ended; not starting")
     if threads is not None:
         torch.set_num_threads(threads)
     if share is not None:
         control = replace(control, threads=ThreadShare(share, phase, current=threads))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     return run_phase(phase, out, cfg, control, *args)
+
+
+@contextlib.contextmanager
+def _workers_end_with(pool: Any) -> Iterator[None]:
+    """While the scheduler runs, a SIGTERM to it ends it like Ctrl-C; either ends the worker processes
+    too (from the last checkpoint each wrote, ``--resume`` goes on) instead of waiting for their phases
+    to finish. A worker whose scheduler was killed outright stops by itself (``RunControl.parent``)."""
+    def to_interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, to_interrupt) if threading.current_thread() is threading.main_thread() else None
+    try:
+        yield
+    except KeyboardInterrupt:
+        for proc in list(getattr(pool, "_processes", {}).values()):  # the executor keeps no public handle on them
+            if proc.is_alive():
+                proc.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _train_parallel(order: list[str], out: Path, cfg: ToyworldTrainConfig, control: RunControl,
@@ -330,7 +357,8 @@ def _train_parallel(order: list[str], out: Path, cfg: ToyworldTrainConfig, contr
     stopped = False
     share = out / "state" / "threads.json" if share_idle_cores and threads is not None else None
     written: dict[str, int] | None = None
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool, \
+            _workers_end_with(pool):
         while True:
             starting: list[str] = []
             if error is None and not stopped:
@@ -346,8 +374,9 @@ def _train_parallel(order: list[str], out: Path, cfg: ToyworldTrainConfig, contr
                     share.parent.mkdir(parents=True, exist_ok=True)
                     atomic_write_text(share, json.dumps(shares) + "\n")
                     written = shares
-            for p in starting:
-                running[pool.submit(_phase_worker, shares[p], share, p, out, cfg, control, results_dir, resume)] = p
+            for p in starting:  # a worker stops (after a checkpoint) if this process dies: control.parent
+                running[pool.submit(_phase_worker, shares[p], share, p, out, cfg, replace(control, parent=os.getpid()),
+                                    results_dir, resume)] = p
             if not running:
                 break
             done, _ = wait(running, return_when=FIRST_COMPLETED)
