@@ -73,9 +73,7 @@ def augmented_image_bank(n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
 
     g = np.random.default_rng(seed)
     specs = world.sample_specs(Modality.IMAGE, n, g, "train")
-
     palette = np.array(list(world.COLOURS.values()), dtype=float)
-
     partners = {shape: [world.COLOURS[c] for c, sh in world.HELD_OUT.image if sh == shape] for shape in world.SHAPES}
 
     def visible(s: world.ImageSpec) -> tuple[float, float, float]:
@@ -94,7 +92,7 @@ def augmented_image_bank(n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
     for s in specs:  # the world's caption with the colour word left out
         words = ([s.size] if s.size != "medium" else []) + [s.shape]
         rest = s.caption().split(f"{s.colour} {s.shape}", 1)[1]
-        captions.append(f"{'an' if words[0][0] in 'aeiou' else 'a'} {' '.join(words)}{rest}")
+        captions.append(f"{world._article(words[0])} {' '.join(words)}{rest}")
     return images_to_tensor(data), captions
 
 

@@ -107,8 +107,8 @@ class ImageGeneratorPhase(DiffusionRecipe):
     # Extra images, as a fraction of bank_size, painted off the palette and captioned without a
     # colour ("a triangle at the top on a blue background"; image_generator.augmented_image_bank), so
     # that the shape word draws its shape whatever the colour, which held-out colour x shape pairs
-    # need. No held-out pair is ever drawn (the colours are >= 15 degrees of hue from every palette
-    # colour). 0 turns it off.
+    # need. No held-out pair is ever drawn, not even a near miss (the colours are >= 60 in RGB from
+    # every palette colour and >= 120 from the colours the shape is held out with). 0 turns it off.
     augment_fraction: float = 0.25
     vae: dict[str, Any] = field(default_factory=_default_vae)
     unet: dict[str, Any] = field(default_factory=_default_unet)
@@ -116,8 +116,6 @@ class ImageGeneratorPhase(DiffusionRecipe):
 
     def __post_init__(self) -> None:
         _check_recipe("image_generator", self)
-        if not 0.0 <= self.augment_fraction <= 2.0:
-            raise ValueError(f"image_generator.augment_fraction must be in [0, 2], got {self.augment_fraction!r}")
         positions = self.text_encoder.get("max_position_embeddings", 77)
         if self.prompt_length > positions:
             raise ValueError(f"image_generator.prompt_length ({self.prompt_length}) exceeds "
@@ -188,8 +186,6 @@ class AudioGeneratorPhase(DiffusionRecipe):
 
     def __post_init__(self) -> None:
         _check_recipe("audio_generator", self)
-        if not 0.0 <= self.augment_fraction <= 2.0:
-            raise ValueError(f"audio_generator.augment_fraction must be in [0, 2], got {self.augment_fraction!r}")
         if self.text_encoder.get("max_position_embeddings", 514) < self.prompt_length + 2:
             raise ValueError(f"audio_generator.text_encoder.max_position_embeddings must be at least prompt_length + 2 "
                              f"({self.prompt_length + 2}) for a RoBERTa-style text encoder")
@@ -533,6 +529,9 @@ def _check_recipe(where: str, cfg: Any) -> None:
             _check_positive(f"{where}.{f.name}", value)
     if not 0.0 <= cfg.caption_dropout < 1.0:
         raise ValueError(f"{where}.caption_dropout must be in [0, 1), got {cfg.caption_dropout!r}")
+    augment = getattr(cfg, "augment_fraction", 0.0)  # the image and audio generators' augmentation
+    if not 0.0 <= augment <= 2.0:
+        raise ValueError(f"{where}.augment_fraction must be in [0, 2], got {augment!r}")
     if not 0.0 < cfg.ema_decay < 1.0:
         raise ValueError(f"{where}.ema_decay must be in (0, 1), got {cfg.ema_decay!r}")
 
