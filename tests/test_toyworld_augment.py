@@ -80,3 +80,19 @@ def test_image_augmentation_never_draws_a_near_miss_of_a_held_out_pair():
         for colour, shape in world.HELD_OUT.image:
             if reading.shape == shape:
                 assert np.linalg.norm(np.asarray(reading.rgb, float) - world.COLOURS[colour]) > 100, caption
+
+
+def test_image_scores_break_shape_down_by_size():
+    from anymodal.toyworld.image_generator import score_images
+
+    specs = [world.ImageSpec("red", shape, size, "center", "black")
+             for shape in ("circle", "square") for size in world.SIZES]
+    images = [world.to_pil(world.render_image(s, rng=0)) for s in specs]
+    perfect = score_images(images, specs)
+    assert perfect["shape_ok"] == 1.0 and all(perfect[f"shape_ok_{z}"] == 1.0 for z in world.SIZES)
+    # the small squares drawn as circles: only the small figure (and the overall one) falls
+    wrong = [world.to_pil(world.render_image(world.ImageSpec("red", "circle", s.size, "center", "black"), rng=0))
+             if s.size == "small" else img for s, img in zip(specs, images)]
+    rates = score_images(wrong, specs)
+    assert rates["shape_ok_small"] == 0.5 and rates["shape_ok_medium"] == rates["shape_ok_large"] == 1.0
+    assert rates["shape_ok"] == round(5 / 6, 4)

@@ -103,10 +103,17 @@ def eval_specs(n: int, seed: int) -> dict[str, list[world.ImageSpec]]:
 
 
 def score_images(images: Sequence[Any], specs: Sequence[world.ImageSpec]) -> dict[str, float]:
-    """Fraction of images whose checker reading matches each field of the spec, plus ``ok`` (all)."""
+    """Fraction of images whose checker reading matches each field of the spec, plus ``ok`` (all),
+    and ``shape_ok_<size>``: shape accuracy among the specs of each size (the generator's shape
+    misses are mostly its small shapes, docs/toyworld.md)."""
     scores = [checkers.score_image(img, spec) for img, spec in zip(images, specs)]
     keys = sorted({k for s in scores for k in s})
-    return {k: round(float(np.mean([s.get(k, False) for s in scores])), 4) for k in keys}
+    out = {k: round(float(np.mean([s.get(k, False) for s in scores])), 4) for k in keys}
+    for size in world.SIZES:
+        of_size = [s.get("shape_ok", False) for s, spec in zip(scores, specs) if spec.size == size]
+        if of_size:
+            out[f"shape_ok_{size}"] = round(float(np.mean(of_size)), 4)
+    return out
 
 
 def evaluate_image_pipeline(pipe: Any, n: int, seed: int, steps: int, guidance: float) -> dict[str, Any]:
