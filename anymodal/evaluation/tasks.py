@@ -229,19 +229,22 @@ def _records(out: Path) -> dict[str, dict[str, Any]]:
     return recs
 
 
-def _load_audio(path: Path, rate: int) -> np.ndarray:
-    from ..encoders.preprocess import load_audio, resample
-
-    wave, sr = load_audio(str(path))
-    return resample(wave, sr, rate).numpy()
-
-
 def _load_native(path: Path) -> tuple[np.ndarray, int]:
     """A mono waveform at its own sample rate."""
     from ..encoders.preprocess import load_audio
 
     wave, sr = load_audio(str(path))
     return wave.numpy(), sr
+
+
+def _load_audio(path: Path, rate: int) -> np.ndarray:
+    """A mono waveform resampled to ``rate``."""
+    import torch
+
+    from ..encoders.preprocess import resample
+
+    wave, sr = _load_native(path)
+    return resample(torch.from_numpy(wave), sr, rate).numpy()
 
 
 def _chunks(items: list, progress: bool | None, desc: str, size: int = 32):
