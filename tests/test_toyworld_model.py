@@ -195,6 +195,26 @@ def test_llm_resumes_bit_identically_and_saves_with_its_tokenizer(base: Path, tr
         assert torch.equal(counts, torch.bincount(rows, minlength=len(counts)) * LLM.MEDIA_TOKENS)
 
 
+def test_llm_can_pretrain_on_sessions_and_reworded_asks(base: Path, trained: Path, tmp_path: Path):
+    from dataclasses import replace
+
+    with pytest.raises(ValueError, match="fractions summing to at most 1"):
+        replace(SMOKE.llm, rephrased=0.6, sessions=0.6)
+    cfg = replace(SMOKE.llm, rephrased=0.3, sessions=0.5, max_length=224)
+    out = _copy_base(base, tmp_path / "sessions", "tokenizer")
+    shutil.copytree(trained / "encoder", out / "encoder")
+    LLM.train_llm(out, cfg, _log(out, "llm"), _control())
+    data = torch.load(out / "state" / "llm" / "data.pt", weights_only=True)
+    tok, proc = LLM.llm_tokenizer(out)
+    turns = (data["ids"] == tok.eos_token_id).sum(1)  # EOS closes every assistant turn
+    assert int((turns >= 3).sum()) >= 10  # sessions of 3-5 turns are in the data, not cut away
+    assert data["dropped"] <= len(data["ids"]) // 20
+    for m, rows in data["rows"].items():  # every medium's positions are still in its row
+        counts = (data["ids"] == proc.placeholder_ids[Modality.parse(m)]).sum(1)
+        assert torch.equal(counts, torch.bincount(rows, minlength=len(counts)) * LLM.MEDIA_TOKENS)
+    assert json.loads((out / "state" / "llm" / "config.json").read_text())["sessions"] == 0.5
+
+
 def test_build_toy_config_reads_the_generators_and_skips_a_missing_one(trained: Path, tmp_path: Path):
     from anymodal.pipeline import AnyModalPipeline
 

@@ -20,7 +20,7 @@ import torch
 
 from ..config import AnyModalConfig, EncoderConfig, InputProjectorConfig, LLMConfig
 from ..modality import Modality
-from .manifests import MEDIA_TOKENS, TOY_MODALITIES
+from .manifests import MEDIA_TOKENS, TOY_MODALITIES, draw_dialogue
 from ..utils import atomic_write_text
 from . import checkers, world
 from .loop import (JsonlLog, RunControl, atomic_dir, atomic_save, check_same_config, cosine_lr, count_params, device_of,
@@ -163,7 +163,10 @@ def _llm_data(cfg: LLMPhase, proc: Any, path: Path, enc: Any) -> dict[str, Any]:
         if d.get("encoder") == digest:
             return d
     g = np.random.default_rng(cfg.seed)
-    dialogues = [world.sample_dialogue(g, "train", render_media=False) for _ in range(cfg.dialogues)]
+    if cfg.rephrased or cfg.sessions:  # as the stages' manifests draw them
+        dialogues = [draw_dialogue(g, "train", cfg.rephrased, cfg.sessions) for _ in range(cfg.dialogues)]
+    else:
+        dialogues = [world.sample_dialogue(g, "train", render_media=False) for _ in range(cfg.dialogues)]
     dialogues += [world.sample_dialogue(g, "train", tasks=MEDIA_TASKS, render_media=False)
                   for _ in range(cfg.media_dialogues)]
     convs = [_world_messages(d, proc) for d in dialogues]

@@ -342,6 +342,11 @@ class LLMPhase:
     seed: int = 0
     model: dict[str, Any] = field(default_factory=_default_llm)
     dialogues: int = 12000  # train-split dialogues of every task
+    # of those dialogues: the share asked in other wordings and the share drawn as 3-5 turn sessions,
+    # drawn as the stages' manifests draw them (manifests.draw_dialogue; sessions need max_length ~224).
+    # 0 and 0 (the default) draw exactly the single-task template dialogues of earlier builds.
+    rephrased: float = 0.0
+    sessions: float = 0.0
     media_dialogues: int = 6000  # more of the tasks that read a medium (i2t, a2t, v2t, i2i)
     caption_turns: int = 3000  # stage-1 and stage-2 style turns each
     projector_hidden: int = 128  # the MLP input projectors' width (MEDIA_TOKENS positions per medium)
@@ -354,6 +359,11 @@ class LLMPhase:
     checkpoint_every: int = 200
     log_every: int = 10
     eval_dialogues: int = 40  # dialogues per text-determined task and per understanding direction at the end
+
+    def __post_init__(self) -> None:
+        if not (0.0 <= self.rephrased and 0.0 <= self.sessions and self.rephrased + self.sessions <= 1.0):
+            raise ValueError(f"llm.rephrased and llm.sessions are fractions summing to at most 1, got "
+                             f"{self.rephrased!r} and {self.sessions!r}")
 
 
 @dataclass
