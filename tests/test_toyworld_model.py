@@ -200,6 +200,8 @@ def test_llm_can_pretrain_on_sessions_and_reworded_asks(base: Path, trained: Pat
 
     with pytest.raises(ValueError, match="fractions summing to at most 1"):
         replace(SMOKE.llm, rephrased=0.6, sessions=0.6)
+    with pytest.raises(ValueError, match=r"stages\.rephrased and stages\.sessions are fractions"):  # before any phase runs
+        T.ToyworldTrainConfig.preset("default").with_overrides(["stages.sessions=0.9"])
     cfg = replace(SMOKE.llm, rephrased=0.3, sessions=0.5, max_length=224)
     out = _copy_base(base, tmp_path / "sessions", "tokenizer")
     shutil.copytree(trained / "encoder", out / "encoder")

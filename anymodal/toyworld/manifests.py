@@ -22,6 +22,7 @@ MEDIA_TOKENS = 4  # LLM positions of one input medium (input projectors' num_tok
 from ..utils import atomic_write_text
 from . import world
 from .loop import atomic_dir
+from .recipe import check_dialogue_mix
 
 
 def _media_writer(root: Path):
@@ -118,9 +119,7 @@ def write_manifests(out: str | os.PathLike, n_captions: int, n_dialogues: int, s
     out = Path(out)
     settings = {"n_captions": int(n_captions), "n_dialogues": int(n_dialogues), "seed": int(seed), "version": 1}
     if rephrased or sessions or copies:
-        if not (0 <= rephrased and 0 <= sessions and rephrased + sessions <= 1 and 0 <= copies <= 1):
-            raise ValueError(f"rephrased and sessions are fractions summing to at most 1 and copies a fraction, got "
-                             f"{rephrased}, {sessions}, {copies}")
+        check_dialogue_mix(rephrased, sessions, copies)
         settings.update(rephrased=float(rephrased), sessions=float(sessions), version=2)
         if copies:
             settings["copies"] = float(copies)

@@ -361,9 +361,7 @@ class LLMPhase:
     eval_dialogues: int = 40  # dialogues per text-determined task and per understanding direction at the end
 
     def __post_init__(self) -> None:
-        if not (0.0 <= self.rephrased and 0.0 <= self.sessions and self.rephrased + self.sessions <= 1.0):
-            raise ValueError(f"llm.rephrased and llm.sessions are fractions summing to at most 1, got "
-                             f"{self.rephrased!r} and {self.sessions!r}")
+        check_dialogue_mix(self.rephrased, self.sessions, where="llm.")
 
 
 @dataclass
@@ -410,6 +408,7 @@ class StagesPhase:
         "height": world.VIDEO_SIZE, "width": world.VIDEO_SIZE})
 
     def __post_init__(self) -> None:
+        check_dialogue_mix(self.rephrased, self.sessions, self.copies, where="stages.")
         if self.stage2_denoise_weight < 0:
             raise ValueError(f"stages.stage2_denoise_weight must be >= 0, got {self.stage2_denoise_weight}")
         from ..training.config import DENOISE_MODALITIES
@@ -544,6 +543,19 @@ def _check_recipe(where: str, cfg: Any) -> None:
         raise ValueError(f"{where}.augment_fraction must be in [0, 2], got {augment!r}")
     if not 0.0 < cfg.ema_decay < 1.0:
         raise ValueError(f"{where}.ema_decay must be in (0, 1), got {cfg.ema_decay!r}")
+
+
+def check_dialogue_mix(rephrased: float, sessions: float, copies: float | None = None, where: str = "") -> None:
+    """The shares of a dialogue draw (``manifests.draw_dialogue``): ``rephrased`` and ``sessions`` are
+    fractions summing to at most 1, ``copies`` (None: the draw has no such share) a fraction; ``where``
+    prefixes the names in the error."""
+    if 0 <= rephrased and 0 <= sessions and rephrased + sessions <= 1 and (copies is None or 0 <= copies <= 1):
+        return
+    if copies is None:
+        raise ValueError(f"{where}rephrased and {where}sessions are fractions summing to at most 1, got "
+                         f"{rephrased!r} and {sessions!r}")
+    raise ValueError(f"{where}rephrased and {where}sessions are fractions summing to at most 1 and {where}copies a "
+                     f"fraction, got {rephrased}, {sessions}, {copies}")
 
 
 def _as_float(value: Any) -> Any:
