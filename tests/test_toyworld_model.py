@@ -12,6 +12,7 @@ from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+import numpy as np
 import pytest
 import torch
 
@@ -315,3 +316,20 @@ def test_tune_continues_stage_3_of_a_saved_pipeline(tmp_path):
     llm = shipped.model.language_model.state_dict()
     assert any(not torch.equal(v, llm[k]) for k, v in tuned.model.language_model.state_dict().items())  # LoRA merged
     assert main(["toyworld", "tune", "--from", str(tmp_path), "--out", str(out / "x")]) == 2
+
+
+def test_no_progress_silences_the_data_bars(tmp_path: Path, capfd):
+    """``toyworld train --no-progress`` reaches the manifests' and the LLM phase's media bars."""
+    from anymodal.encoders import ImageBindEncoder
+
+    MF.write_manifests(tmp_path / "a", 2, 4, seed=3, progress=False)
+    enc = ImageBindEncoder.from_config(SMOKE.encoder.options, [Modality.IMAGE])
+    g = np.random.default_rng(0)
+    feats = LLM._encode_specs(enc, world.sample_specs(Modality.IMAGE, 3, g, "train"), g, progress=False)
+    assert feats[Modality.IMAGE].shape[0] == 3
+    err = capfd.readouterr().err
+    assert "manifests" not in err and "llm media" not in err, err
+    MF.write_manifests(tmp_path / "b", 2, 4, seed=3)  # on by default, so the check above can fail
+    LLM._encode_specs(enc, world.sample_specs(Modality.IMAGE, 3, g, "train"), g)
+    err = capfd.readouterr().err
+    assert "manifests" in err and "llm media" in err

@@ -129,8 +129,8 @@ def _media_item(spec: world.Spec, g: np.random.Generator) -> Any:
     return (data, world.SAMPLE_RATE) if spec.modality is Modality.AUDIO else data
 
 
-def _encode_specs(enc: Any, specs: Sequence[world.Spec], g: np.random.Generator, chunk: int = 256
-                  ) -> dict[Modality, torch.Tensor]:
+def _encode_specs(enc: Any, specs: Sequence[world.Spec], g: np.random.Generator, chunk: int = 256,
+                  progress: bool = True) -> dict[Modality, torch.Tensor]:
     """Render and encode ``specs`` with the frozen encoder (its own ``preprocess``, the pipeline's path):
     features ``(n_m, tokens, dim)`` per modality, in the order of ``specs``, on the CPU."""
     from tqdm.auto import tqdm
@@ -140,7 +140,8 @@ def _encode_specs(enc: Any, specs: Sequence[world.Spec], g: np.random.Generator,
     for spec in specs:
         by_modality.setdefault(spec.modality, []).append(spec)
     enc.eval()
-    with tqdm(total=len(specs), desc="llm media", unit="item", dynamic_ncols=True, mininterval=2.0) as bar:
+    with tqdm(total=len(specs), desc="llm media", unit="item", dynamic_ncols=True, mininterval=2.0,
+              disable=not progress) as bar:
         for m, group in by_modality.items():
             for i in range(0, len(group), chunk):
                 items = [_media_item(spec, g) for spec in group[i:i + chunk]]
@@ -150,7 +151,7 @@ def _encode_specs(enc: Any, specs: Sequence[world.Spec], g: np.random.Generator,
     return {m: torch.cat(v) for m, v in out.items()}
 
 
-def _llm_data(cfg: LLMPhase, proc: Any, path: Path, enc: Any) -> dict[str, Any]:
+def _llm_data(cfg: LLMPhase, proc: Any, path: Path, enc: Any, progress: bool = True) -> dict[str, Any]:
     """The pretraining rows: token ids and labels ``(n, max_length)`` (rows that do not fit are left
     out), and per modality the encoder features of every user medium (``feats``) with the row each
     belongs to (``rows``, ascending; within a row in reading order). Cached in ``path``, with the
@@ -181,7 +182,7 @@ def _llm_data(cfg: LLMPhase, proc: Any, path: Path, enc: Any) -> dict[str, Any]:
     keep = [i for i, n in enumerate(lengths) if n <= cfg.max_length]  # a cut row could split a medium's positions
     specs = [spec for i in keep for spec in media[i]]
     owners = [k for k, i in enumerate(keep) for _ in media[i]]
-    feats = _encode_specs(enc, specs, np.random.default_rng(cfg.seed + 1))
+    feats = _encode_specs(enc, specs, np.random.default_rng(cfg.seed + 1), progress=progress)
     rows = {m: torch.tensor([o for o, spec in zip(owners, specs) if spec.modality is m], dtype=torch.long)
             for m in feats}
     d = {"ids": ids[keep], "labels": labels[keep], "feats": {m.value: f for m, f in feats.items()},
@@ -355,7 +356,7 @@ def train_llm(out: Path, cfg: LLMPhase, log: JsonlLog, control: RunControl) -> P
     lm = _build_llm(cfg, tok)
     model = _media_model(out, cfg, lm, proc).to(control.device)
     t0 = time.time()
-    data = _llm_data(cfg, proc, state_dir / "data.pt", model.encoders["imagebind"])
+    data = _llm_data(cfg, proc, state_dir / "data.pt", model.encoders["imagebind"], control.progress)
     ids, labels = data["ids"], data["labels"]
     starts = {m: torch.searchsorted(r, torch.arange(len(ids) + 1)) for m, r in data["rows"].items()}
     projectors = model.input_projectors

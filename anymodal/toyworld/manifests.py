@@ -107,7 +107,7 @@ def draw_dialogue(g: np.random.Generator, split: str, rephrased: float = 0.0, se
 
 
 def write_manifests(out: str | os.PathLike, n_captions: int, n_dialogues: int, seed: int = 0,
-                    rephrased: float = 0.0, sessions: float = 0.0, copies: float = 0.0) -> Path:
+                    rephrased: float = 0.0, sessions: float = 0.0, copies: float = 0.0, progress: bool = True) -> Path:
     """Render world samples to ``out/data`` and write the manifests anymodal.training reads.
 
     ``captions.jsonl``: ``n_captions`` caption pairs per modality (image PNG, audio 16-bit WAV, video
@@ -138,7 +138,8 @@ def write_manifests(out: str | os.PathLike, n_captions: int, n_dialogues: int, s
         jobs = [("captions.jsonl", "train", n_captions, 0), ("dialogues.jsonl", "train", 0, n_dialogues),
                 ("heldout-captions.jsonl", "heldout", n_held_c, 0), ("heldout-dialogues.jsonl", "heldout", 0, n_held_d)]
         total = sum(3 * c + d for _, _, c, d in jobs)
-        with tqdm(total=total, desc="manifests", unit="row", dynamic_ncols=True, mininterval=2.0) as bar:
+        with tqdm(total=total, desc="manifests", unit="row", dynamic_ncols=True, mininterval=2.0,
+                  disable=not progress) as bar:
             for name, split, n_cap, n_dia in jobs:
                 rows = []
                 for m in (Modality.IMAGE, Modality.AUDIO, Modality.VIDEO):

@@ -127,7 +127,8 @@ def _run_model_phase(phase: str, out: Path, cfg: ToyworldTrainConfig, log: Jsonl
     """The manifests, encoder, llm or stages phase; returns its result's path and its figures."""
     st = cfg.stages
     if phase == "manifests":
-        return write_manifests(out, st.n_captions, st.n_dialogues, st.seed, st.rephrased, st.sessions, st.copies), None
+        return write_manifests(out, st.n_captions, st.n_dialogues, st.seed, st.rephrased, st.sessions, st.copies,
+                               progress=control.progress), None
     if phase == "encoder":
         path = train_encoder(out, cfg.encoder, log, control)
     elif phase == "llm":

@@ -127,7 +127,8 @@ def run_stages(out: Path, cfg: ModelPhasesConfig, log: JsonlLog, control: RunCon
     out = Path(out)
     st = cfg.stages
     config = build_toy_config(out, cfg)
-    data = write_manifests(out, st.n_captions, st.n_dialogues, st.seed, st.rephrased, st.sessions, st.copies)
+    data = write_manifests(out, st.n_captions, st.n_dialogues, st.seed, st.rephrased, st.sessions, st.copies,
+                           progress=control.progress)
     inputs, outputs = list(config.input_projectors), list(config.generators)
     if not outputs:
         raise ValueError(f"no generator in {out} (image-generator, audio-generator): run a generator phase first")
@@ -202,7 +203,8 @@ def tune_dialogues(start: str | os.PathLike, out: str | os.PathLike, cfg: Stages
     # what it reads and makes, from its config alone: training loads the weights once, below
     pipe_config = AnyModalConfig.from_yaml(Path(start) / "config.yaml")
     inputs, outputs = list(pipe_config.input_projectors), list(pipe_config.generators)
-    data = write_manifests(out, 1, n_dialogues, cfg.seed + 100, cfg.rephrased, cfg.sessions, cfg.copies)
+    data = write_manifests(out, 1, n_dialogues, cfg.seed + 100, cfg.rephrased, cfg.sessions, cfg.copies,
+                           progress=progress)
     manifest = filter_manifest(data / "dialogues.jsonl", data / "tune-dialogues.jsonl", inputs, outputs)
     run_dir = out / "stage3"
     if not (run_dir / "final" / "anymodal_index.json").is_file():
