@@ -3,7 +3,8 @@
 Each direction draws dialogues of one task from the world (held-out combinations by default),
 runs the model on the user turn, and scores the reply:
 
-    t2i  the generated image's dominant foreground colour and shape (pixel statistics)
+    t2i  the generated image's foreground colour, shape, size and position and its background, each
+         where the request names it (pixel statistics)
     t2a  the generated audio's fundamental frequency (FFT) and duration
     t2v  the generated video's direction of motion
     i2t, a2t, v2t  the text answer to a question about the given medium
@@ -37,7 +38,10 @@ SPLITS = {"heldout": "heldout", "seen": "train", "train": "train"}  # the CLI's 
 
 DIRECTIONS = ("t2i", "t2a", "t2v", "i2t", "a2t", "v2t")
 # The fields each generation direction is judged on (those its prompt leaves unsaid are skipped).
-HEADLINE_FIELDS = {"t2i": ("colour", "shape"), "t2a": ("note", "duration"), "t2v": ("direction",)}
+# Every image field a request can name: scoring colour and shape alone passed an image generator that
+# drew "on the left" at the top (docs/toyworld.md, "Twice the UNet steps").
+HEADLINE_FIELDS = {"t2i": ("colour", "shape", "size", "position", "background"), "t2a": ("note", "duration"),
+                   "t2v": ("direction",)}
 _MEDIA = {"t2i": Modality.IMAGE, "t2a": Modality.AUDIO, "t2v": Modality.VIDEO,
           "i2t": Modality.IMAGE, "a2t": Modality.AUDIO, "v2t": Modality.VIDEO}
 
