@@ -72,7 +72,7 @@ def test_oracle_scores_full_marks():
         assert r.accuracy == 1.0, (d, r.examples)
 
 
-def test_random_tiny_model_scores_below_the_floor(tmp_path, capsys):
+def test_random_tiny_model_scores_below_the_floor(tmp_path, capfd):
     from anymodal.cli import main
 
     out = tmp_path / "eval.json"
@@ -81,7 +81,11 @@ def test_random_tiny_model_scores_below_the_floor(tmp_path, capsys):
     assert set(data["directions"]) == set(DIRECTIONS)
     for d, r in data["directions"].items():
         assert r["n"] == 3 and r["accuracy"] <= 0.34, d
-    assert "direction" in capsys.readouterr().out
+    captured = capfd.readouterr()
+    assert "direction" in captured.out and "eval:" in captured.err  # the progress bar, by default
+    assert main(["eval", "--config", str(CONFIGS / "tiny.yaml"), "--n", "1", "--directions", "i2t",
+                 "--no-progress"]) == 0
+    assert "eval:" not in capfd.readouterr().err
 
 
 def test_bad_arguments():

@@ -253,11 +253,12 @@ def eval_command(args: argparse.Namespace) -> int:
     from ..utils import atomic_write_text
 
     pipe = load_pipeline(args.model, args.config, args.device)
+    progress = not getattr(args, "no_progress", False)
     if args.sessions:
-        results = evaluate_sessions(pipe, args.sessions, split=args.split, seed=args.seed)
+        results = evaluate_sessions(pipe, args.sessions, split=args.split, seed=args.seed, progress=progress)
     else:
         results = evaluate(pipe, n=args.n, split=args.split, directions=args.directions, seed=args.seed,
-                           batch_size=args.batch_size, style=args.style)
+                           batch_size=args.batch_size, style=args.style, progress=progress)
     print(format_table(results))
     if args.out:
         payload = {"split": SPLITS[args.split], "n": args.n, "seed": args.seed,
