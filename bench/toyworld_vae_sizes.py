@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from anymodal.toyworld import checkers, world
-from anymodal.toyworld.diffusion import images_to_tensor
+from anymodal.toyworld.diffusion import images_to_tensor, tensor_to_images
 from anymodal.toyworld.image_generator import eval_specs, score_images
 
 if len(sys.argv) < 2:
@@ -36,7 +36,7 @@ for split, specs in eval_specs(n, 0).items():
     with torch.no_grad():
         x = images_to_tensor(originals)
         y = torch.cat([vae.decode(vae.encode(b).latent_dist.mean).sample for b in x.split(64)])
-    decoded = list(((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
+    decoded = list(tensor_to_images(y))
     for name, images in (("reconstructed", decoded), ("original", list(originals))):
         scores = score_images(images, specs)
         report[f"{split} {name}"] = {k: scores[k] for k in keys if k in scores}

@@ -45,7 +45,6 @@ def eval_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--meteor", choices=["auto", "on", "off"], default="auto",
                    help="captioning: METEOR (needs Java; auto: where Java is present)")
     g.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="bootstrap resamples of the 95%% intervals (default 1000)")
-    g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def eval_command(args: argparse.Namespace) -> int:

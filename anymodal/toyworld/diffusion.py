@@ -25,6 +25,11 @@ def images_to_tensor(data: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(data).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
+def tensor_to_images(x: torch.Tensor) -> np.ndarray:
+    """The inverse of :func:`images_to_tensor`: (N, 3, H, W) in [-1, 1] (clamped) -> (N, H, W, 3) uint8."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
 def token_ids(tokenizer: Any, texts: list[str], length: int) -> torch.Tensor:
     return tokenizer(texts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")["input_ids"]
 

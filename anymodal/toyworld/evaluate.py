@@ -247,13 +247,14 @@ def eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the prompts and the generators (default 0)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per pipeline call (default 8)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def eval_command(args: argparse.Namespace) -> int:
     from ..utils import atomic_write_text
 
     pipe = load_pipeline(args.model, args.config, args.device)
-    progress = not getattr(args, "no_progress", False)
+    progress = not args.no_progress
     if args.sessions:
         results = evaluate_sessions(pipe, args.sessions, split=args.split, seed=args.seed, progress=progress)
     else:

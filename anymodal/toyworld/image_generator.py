@@ -20,8 +20,8 @@ import torch
 from ..modality import Modality
 from ..utils import quiet_loading
 from . import checkers, world
-from .diffusion import (encode_latents, eval_with_ema, images_to_tensor, new_vae, noise_scheduler, text_config_kwargs,
-                        to_device, token_ids, train_denoiser, train_vae)
+from .diffusion import (encode_latents, eval_with_ema, images_to_tensor, new_vae, noise_scheduler, tensor_to_images,
+                        text_config_kwargs, to_device, token_ids, train_denoiser, train_vae)
 from .loop import EMA, JsonlLog, RunControl, atomic_dir, device_of
 from .recipe import ImageGeneratorPhase
 from .tokenizer import load_tokenizer
@@ -229,5 +229,5 @@ def _vae_reconstruction_scores(vae: Any, bank: world.Bank, n: int = 200) -> dict
     with torch.no_grad():
         x = images_to_tensor(bank.data[:n]).to(device_of(vae))
         recon = vae.decode(vae.encode(x).latent_dist.mean).sample
-    images = ((recon.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    images = tensor_to_images(recon)
     return score_images(list(images), bank.specs[:n])

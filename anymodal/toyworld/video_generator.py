@@ -41,7 +41,7 @@ from ..modality import Modality
 from ..utils import quiet_loading
 from . import checkers, world
 from .diffusion import (caption_aux_loss, encode_latents, eval_with_ema, images_to_tensor, new_vae, noise_scheduler,
-                        text_config_kwargs, to_device, token_ids, train_denoiser, train_vae)
+                        tensor_to_images, text_config_kwargs, to_device, token_ids, train_denoiser, train_vae)
 from .loop import EMA, JsonlLog, RunControl, atomic_dir, device_of
 from .recipe import VideoGeneratorPhase
 from .tokenizer import load_tokenizer
@@ -162,7 +162,7 @@ def _vae_reconstruction_scores(vae: Any, bank: world.Bank, n: int = 100) -> dict
     n = min(n, len(bank))
     with torch.no_grad():
         recon = vae.decode(vae.encode(_frames(bank.data[:n]).to(device_of(vae))).latent_dist.mean).sample
-    frames = ((recon.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    frames = tensor_to_images(recon)
     return score_videos(list(frames.reshape(n, -1, *frames.shape[1:])), bank.specs[:n])
 
 
