@@ -10,7 +10,7 @@ import torch
 from anymodal.toyworld import checkers, recipe as R, world
 from anymodal.toyworld.audio_generator import augmented_audio_bank
 from anymodal.toyworld.diffusion import caption_aux_loss
-from anymodal.toyworld.image_generator import augmented_image_bank
+from anymodal.toyworld.image_generator import AUX_FIELDS, _aux_labels, augmented_image_bank
 
 
 def test_audio_augmentation_names_only_what_it_plays():
@@ -34,7 +34,7 @@ def test_audio_augmentation_names_only_what_it_plays():
 
 
 def test_image_augmentation_leaves_the_colour_unsaid_and_off_the_palette():
-    pixels, captions = augmented_image_bank(16, seed=5)
+    pixels, captions, _ = augmented_image_bank(16, seed=5)
     assert pixels.shape == (16, 3, world.IMAGE_SIZE, world.IMAGE_SIZE)
     images = ((pixels.permute(0, 2, 3, 1).numpy() + 1) * 127.5).round().astype(np.uint8)
     for image, caption in zip(images, captions):
@@ -72,8 +72,26 @@ def test_aux_loss_ignores_unnamed_fields():
     assert torch.allclose(no_note, expected)
 
 
+def test_image_aux_labels_are_what_the_caption_says():
+    # the image phase's aux labels (text_aux_weight) for world captions and for the colourless augmented ones
+    _, captions, specs = augmented_image_bank(12, seed=2)
+    bank = world.make_bank("image", 12, "train", seed=4)
+    for caption, labels, colour_said in ([*zip(bank.captions, _aux_labels(bank.specs).tolist(), [True] * 12)]
+                                         + [*zip(captions, _aux_labels(specs).tolist(), [False] * 12)]):
+        said = world.parse_caption(caption).with_defaults()  # unsaid size / background read as the defaults
+        for (name, values), label in zip(AUX_FIELDS, labels):
+            if name != "colour" or colour_said:
+                assert values[label] == getattr(said, name), (caption, name)
+
+
+def test_image_aux_weight_is_checked():
+    with pytest.raises(ValueError, match="image_generator.text_aux_weight must be >= 0"):
+        R.ImageGeneratorPhase(text_aux_weight=-1.0)
+    assert R.ImageGeneratorPhase().text_aux_weight == 0.0  # the shipped recipe trains without it
+
+
 def test_image_augmentation_never_draws_a_near_miss_of_a_held_out_pair():
-    pixels, captions = augmented_image_bank(64, seed=11)
+    pixels, captions, _ = augmented_image_bank(64, seed=11)
     images = ((pixels.permute(0, 2, 3, 1).numpy() + 1) * 127.5).round().astype(np.uint8)
     for image, caption in zip(images, captions):
         reading = checkers.read_image(image)

@@ -20,8 +20,8 @@ import torch
 from ..modality import Modality
 from ..utils import quiet_loading
 from . import checkers, world
-from .diffusion import (encode_latents, eval_with_ema, images_to_tensor, new_vae, noise_scheduler, tensor_to_images,
-                        text_config_kwargs, to_device, token_ids, train_denoiser, train_vae)
+from .diffusion import (caption_aux_loss, encode_latents, eval_with_ema, images_to_tensor, new_vae, noise_scheduler,
+                        tensor_to_images, text_config_kwargs, to_device, token_ids, train_denoiser, train_vae)
 from .loop import EMA, JsonlLog, RunControl, atomic_dir, device_of
 from .recipe import ImageGeneratorPhase
 from .tokenizer import load_tokenizer
@@ -59,16 +59,28 @@ def _assemble_pipeline(models: dict[str, torch.nn.Module], tokenizer: Any, cfg: 
     return pipe
 
 
+# The fields the auxiliary text loss (``text_aux_weight``) predicts from a caption.
+AUX_FIELDS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("colour", tuple(world.COLOURS)), ("shape", tuple(world.SHAPES)), ("size", tuple(world.SIZES)),
+    ("position", tuple(world.POSITIONS)), ("background", tuple(world.BACKGROUNDS)))
+
+
+def _aux_labels(specs: Sequence[world.ImageSpec]) -> torch.Tensor:
+    """One row of :data:`AUX_FIELDS` indices per spec (the rows ``caption_aux_loss``'s ``extra_labels`` take)."""
+    return torch.tensor([[values.index(getattr(sp, name)) for name, values in AUX_FIELDS] for sp in specs])
+
+
 def _image_bank(cfg: ImageGeneratorPhase) -> tuple[world.Bank, torch.Tensor]:
     bank = world.make_bank(Modality.IMAGE, cfg.bank_size, "train", seed=cfg.seed)
     return bank, images_to_tensor(bank.data)
 
 
-def augmented_image_bank(n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
+def augmented_image_bank(n: int, seed: int) -> tuple[torch.Tensor, list[str], list[world.ImageSpec]]:
     """``n`` train-split images painted off the palette (:func:`~.encoder.off_palette_rgb`, at least 110
     from the background, 60 from every palette colour and 120 from the colours the shape is held out
     with, in RGB) and captioned without their colour: "a small triangle on the left on a white background". Returns the
-    pixels (as :func:`images_to_tensor`) and the captions."""
+    pixels (as :func:`images_to_tensor`), the captions and the specs drawn (their colour is a palette
+    colour's, which the picture does not show)."""
     from .encoder import off_palette_rgb
 
     g = np.random.default_rng(seed)
@@ -93,7 +105,7 @@ def augmented_image_bank(n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
         words = ([s.size] if s.size != "medium" else []) + [s.shape]
         rest = s.caption().split(f"{s.colour} {s.shape}", 1)[1]
         captions.append(f"{world._article(words[0])} {' '.join(words)}{rest}")
-    return images_to_tensor(data), captions
+    return images_to_tensor(data), captions, specs
 
 
 def eval_specs(n: int, seed: int) -> dict[str, list[world.ImageSpec]]:
@@ -196,11 +208,13 @@ def train_image_generator(out: Path, cfg: ImageGeneratorPhase, log: JsonlLog, co
     vae.eval().requires_grad_(False)
 
     bank, pixels = _image_bank(cfg)
-    captions = list(bank.captions)
+    captions, extra_labels = list(bank.captions), None
     n_aug = int(round(cfg.augment_fraction * cfg.bank_size))
-    if n_aug:  # appended after the world images
-        aug_pixels, aug_captions = augmented_image_bank(n_aug, cfg.seed + 7000)
+    if n_aug:  # appended after the world images, so bank.specs still label the first rows
+        aug_pixels, aug_captions, aug_specs = augmented_image_bank(n_aug, cfg.seed + 7000)
         pixels, captions = torch.cat([pixels, aug_pixels]), captions + aug_captions
+        extra_labels = _aux_labels(aug_specs)
+        extra_labels[:, 0] = -100  # the colour is left unsaid (and unpainted)
     log.write(stage="data", event="bank", n=len(bank), augmented=n_aug, split="train", seed=cfg.seed,
               params={k: sum(p.numel() for p in m.parameters()) for k, m in models.items()})
 
@@ -216,8 +230,17 @@ def train_image_generator(out: Path, cfg: ImageGeneratorPhase, log: JsonlLog, co
         return eval_with_ema(models, ema, lambda m: _assemble_pipeline(m, tokenizer, cfg), evaluate_image_pipeline,
                              cfg, n)
 
+    pad = tokenizer.pad_token_id
+
+    def pooled(tokens: torch.Tensor) -> torch.Tensor:  # mean of the states the UNet attends to, padding left out
+        hidden = condition(tokens)["encoder_hidden_states"]
+        mask = (tokens != pad).unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1)
+
+    aux_head, aux_loss = caption_aux_loss(bank.specs, AUX_FIELDS, text_encoder.config.hidden_size, cfg, pooled,
+                                          extra_labels)
     ema = train_denoiser(unet, text_encoder, condition, latents, ids, empty, cfg, state_dir / "unet.ckpt", log,
-                          control, evaluate)
+                          control, evaluate, aux_head, aux_loss)
     ema.copy_to([unet, text_encoder])  # save the EMA weights
     pipe = _assemble_pipeline(models, tokenizer, cfg)
     return atomic_dir(out / "image-generator", lambda d: pipe.save_pretrained(str(d), safe_serialization=True))

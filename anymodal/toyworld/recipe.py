@@ -110,12 +110,19 @@ class ImageGeneratorPhase(DiffusionRecipe):
     # need. No held-out pair is ever drawn, not even a near miss (the colours are >= 60 in RGB from
     # every palette colour and >= 120 from the colours the shape is held out with). 0 turns it off.
     augment_fraction: float = 0.25
+    # Weight of an auxiliary loss: a linear head on the text encoder's mean-pooled hidden states
+    # (what the UNet attends to) predicts the caption's colour, shape, size, position and
+    # background (image_generator.AUX_FIELDS), as video_generator.text_aux_weight does for its
+    # fields. 0 (the default) turns it off.
+    text_aux_weight: float = 0.0
     vae: dict[str, Any] = field(default_factory=_default_vae)
     unet: dict[str, Any] = field(default_factory=_default_unet)
     text_encoder: dict[str, Any] = field(default_factory=_default_text_encoder)
 
     def __post_init__(self) -> None:
         _check_recipe("image_generator", self)
+        if self.text_aux_weight < 0:
+            raise ValueError(f"image_generator.text_aux_weight must be >= 0, got {self.text_aux_weight!r}")
         positions = self.text_encoder.get("max_position_embeddings", 77)
         if self.prompt_length > positions:
             raise ValueError(f"image_generator.prompt_length ({self.prompt_length}) exceeds "
