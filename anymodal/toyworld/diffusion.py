@@ -186,6 +186,17 @@ def eval_with_ema(models: dict[str, torch.nn.Module], ema: EMA, assemble: Callab
     return evaluate_pipeline(assemble(copies), n, cfg.seed + 1000, cfg.sample_steps, cfg.guidance_scale)
 
 
+def masked_mean_states(condition: Callable[[torch.Tensor], dict[str, Any]], pad: int
+                       ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The features of a generator's caption aux loss: the mean of the states the UNet attends to
+    (``condition(tokens)["encoder_hidden_states"]``), padding left out."""
+    def pooled(tokens: torch.Tensor) -> torch.Tensor:
+        hidden = condition(tokens)["encoder_hidden_states"]
+        mask = (tokens != pad).unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1)
+    return pooled
+
+
 def caption_aux_loss(specs: Sequence[world.Spec], fields_: Sequence[tuple[str, Sequence[str]]], dim: int, cfg: Any,
                      features: Callable[[torch.Tensor], torch.Tensor], extra_labels: torch.Tensor | None = None
                      ) -> tuple[torch.nn.Module | None, Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None]:

@@ -20,8 +20,9 @@ import torch
 from ..modality import Modality
 from ..utils import quiet_loading
 from . import checkers, world
-from .diffusion import (caption_aux_loss, encode_latents, eval_with_ema, images_to_tensor, new_vae, noise_scheduler,
-                        tensor_to_images, text_config_kwargs, to_device, token_ids, train_denoiser, train_vae)
+from .diffusion import (caption_aux_loss, encode_latents, eval_with_ema, images_to_tensor, masked_mean_states, new_vae,
+                        noise_scheduler, tensor_to_images, text_config_kwargs, to_device, token_ids, train_denoiser,
+                        train_vae)
 from .loop import EMA, JsonlLog, RunControl, atomic_dir, device_of
 from .recipe import ImageGeneratorPhase
 from .tokenizer import load_tokenizer
@@ -230,13 +231,7 @@ def train_image_generator(out: Path, cfg: ImageGeneratorPhase, log: JsonlLog, co
         return eval_with_ema(models, ema, lambda m: _assemble_pipeline(m, tokenizer, cfg), evaluate_image_pipeline,
                              cfg, n)
 
-    pad = tokenizer.pad_token_id
-
-    def pooled(tokens: torch.Tensor) -> torch.Tensor:  # mean of the states the UNet attends to, padding left out
-        hidden = condition(tokens)["encoder_hidden_states"]
-        mask = (tokens != pad).unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(1) / mask.sum(1)
-
+    pooled = masked_mean_states(condition, tokenizer.pad_token_id)
     aux_head, aux_loss = caption_aux_loss(bank.specs, AUX_FIELDS, text_encoder.config.hidden_size, cfg, pooled,
                                           extra_labels)
     ema = train_denoiser(unet, text_encoder, condition, latents, ids, empty, cfg, state_dir / "unet.ckpt", log,

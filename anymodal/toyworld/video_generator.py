@@ -40,8 +40,9 @@ import torch
 from ..modality import Modality
 from ..utils import quiet_loading
 from . import checkers, world
-from .diffusion import (caption_aux_loss, encode_latents, eval_with_ema, images_to_tensor, new_vae, noise_scheduler,
-                        tensor_to_images, text_config_kwargs, to_device, token_ids, train_denoiser, train_vae)
+from .diffusion import (caption_aux_loss, encode_latents, eval_with_ema, images_to_tensor, masked_mean_states, new_vae,
+                        noise_scheduler, tensor_to_images, text_config_kwargs, to_device, token_ids, train_denoiser,
+                        train_vae)
 from .loop import EMA, JsonlLog, RunControl, atomic_dir, device_of
 from .recipe import VideoGeneratorPhase
 from .tokenizer import load_tokenizer
@@ -216,13 +217,7 @@ def train_video_generator(out: Path, cfg: VideoGeneratorPhase, log: JsonlLog, co
         return eval_with_ema(models, ema, lambda m: _assemble_video_pipeline(m, tokenizer, cfg),
                              evaluate_video_pipeline, cfg, n_prompts)
 
-    pad = tokenizer.pad_token_id
-
-    def pooled(tokens: torch.Tensor) -> torch.Tensor:  # mean of the states the UNet attends to, padding left out
-        hidden = condition(tokens)["encoder_hidden_states"]
-        mask = (tokens != pad).unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(1) / mask.sum(1)
-
+    pooled = masked_mean_states(condition, tokenizer.pad_token_id)
     names = (("colour", tuple(world.COLOURS)), ("shape", world.SHAPES), ("direction", tuple(world.DIRECTIONS)))
     aux_head, aux_loss = caption_aux_loss(bank.specs, names, text_encoder.config.hidden_size, cfg, pooled)
 
