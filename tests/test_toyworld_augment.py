@@ -9,8 +9,8 @@ import torch
 
 from anymodal.toyworld import checkers, recipe as R, world
 from anymodal.toyworld.audio_generator import augmented_audio_bank
-from anymodal.toyworld.diffusion import caption_aux_loss
-from anymodal.toyworld.image_generator import AUX_FIELDS, _aux_labels, augmented_image_bank
+from anymodal.toyworld.diffusion import caption_aux_loss, field_labels
+from anymodal.toyworld.image_generator import AUX_FIELDS, augmented_image_bank
 
 
 def test_audio_augmentation_names_only_what_it_plays():
@@ -76,8 +76,9 @@ def test_image_aux_labels_are_what_the_caption_says():
     # the image phase's aux labels (text_aux_weight) for world captions and for the colourless augmented ones
     _, captions, specs = augmented_image_bank(12, seed=2)
     bank = world.make_bank("image", 12, "train", seed=4)
-    for caption, labels, colour_said in ([*zip(bank.captions, _aux_labels(bank.specs).tolist(), [True] * 12)]
-                                         + [*zip(captions, _aux_labels(specs).tolist(), [False] * 12)]):
+    rows = ([*zip(bank.captions, field_labels(bank.specs, AUX_FIELDS).tolist(), [True] * 12)]
+            + [*zip(captions, field_labels(specs, AUX_FIELDS).tolist(), [False] * 12)])
+    for caption, labels, colour_said in rows:
         said = world.parse_caption(caption).with_defaults()  # unsaid size / background read as the defaults
         for (name, values), label in zip(AUX_FIELDS, labels):
             if name != "colour" or colour_said:
@@ -87,6 +88,8 @@ def test_image_aux_labels_are_what_the_caption_says():
 def test_image_aux_weight_is_checked():
     with pytest.raises(ValueError, match="image_generator.text_aux_weight must be >= 0"):
         R.ImageGeneratorPhase(text_aux_weight=-1.0)
+    with pytest.raises(ValueError, match="audio_generator.text_aux_weight must be >= 0"):
+        R.AudioGeneratorPhase(text_aux_weight=-1.0)
     assert R.ImageGeneratorPhase().text_aux_weight == 0.0  # the shipped recipe trains without it
 
 

@@ -197,6 +197,11 @@ def masked_mean_states(condition: Callable[[torch.Tensor], dict[str, Any]], pad:
     return pooled
 
 
+def field_labels(specs: Sequence[world.Spec], fields_: Sequence[tuple[str, Sequence[str]]]) -> torch.Tensor:
+    """``(len(specs), len(fields_))`` indices: each spec's value of each field (name, values) among its values."""
+    return torch.tensor([[values.index(getattr(sp, name)) for name, values in fields_] for sp in specs])
+
+
 def caption_aux_loss(specs: Sequence[world.Spec], fields_: Sequence[tuple[str, Sequence[str]]], dim: int, cfg: Any,
                      features: Callable[[torch.Tensor], torch.Tensor], extra_labels: torch.Tensor | None = None
                      ) -> tuple[torch.nn.Module | None, Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None]:
@@ -207,7 +212,7 @@ def caption_aux_loss(specs: Sequence[world.Spec], fields_: Sequence[tuple[str, S
     name that field) labels captions that are not a spec's (augmented data)."""
     if cfg.text_aux_weight <= 0:
         return None, None
-    labels = torch.tensor([[values.index(getattr(sp, name)) for name, values in fields_] for sp in specs])
+    labels = field_labels(specs, fields_)
     if extra_labels is not None:
         labels = torch.cat([labels, extra_labels.to(labels.dtype)])
     sizes = [len(values) for _, values in fields_]

@@ -20,9 +20,9 @@ import torch
 from ..modality import Modality
 from ..utils import quiet_loading
 from . import checkers, world
-from .diffusion import (caption_aux_loss, encode_latents, eval_with_ema, images_to_tensor, masked_mean_states, new_vae,
-                        noise_scheduler, tensor_to_images, text_config_kwargs, to_device, token_ids, train_denoiser,
-                        train_vae)
+from .diffusion import (caption_aux_loss, encode_latents, eval_with_ema, field_labels, images_to_tensor,
+                        masked_mean_states, new_vae, noise_scheduler, tensor_to_images, text_config_kwargs, to_device,
+                        token_ids, train_denoiser, train_vae)
 from .loop import EMA, JsonlLog, RunControl, atomic_dir, device_of
 from .recipe import ImageGeneratorPhase
 from .tokenizer import load_tokenizer
@@ -64,11 +64,6 @@ def _assemble_pipeline(models: dict[str, torch.nn.Module], tokenizer: Any, cfg: 
 AUX_FIELDS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("colour", tuple(world.COLOURS)), ("shape", tuple(world.SHAPES)), ("size", tuple(world.SIZES)),
     ("position", tuple(world.POSITIONS)), ("background", tuple(world.BACKGROUNDS)))
-
-
-def _aux_labels(specs: Sequence[world.ImageSpec]) -> torch.Tensor:
-    """One row of :data:`AUX_FIELDS` indices per spec (the rows ``caption_aux_loss``'s ``extra_labels`` take)."""
-    return torch.tensor([[values.index(getattr(sp, name)) for name, values in AUX_FIELDS] for sp in specs])
 
 
 def _image_bank(cfg: ImageGeneratorPhase) -> tuple[world.Bank, torch.Tensor]:
@@ -214,7 +209,7 @@ def train_image_generator(out: Path, cfg: ImageGeneratorPhase, log: JsonlLog, co
     if n_aug:  # appended after the world images, so bank.specs still label the first rows
         aug_pixels, aug_captions, aug_specs = augmented_image_bank(n_aug, cfg.seed + 7000)
         pixels, captions = torch.cat([pixels, aug_pixels]), captions + aug_captions
-        extra_labels = _aux_labels(aug_specs)
+        extra_labels = field_labels(aug_specs, AUX_FIELDS)
         extra_labels[:, 0] = -100  # the colour is left unsaid (and unpainted)
     log.write(stage="data", event="bank", n=len(bank), augmented=n_aug, split="train", seed=cfg.seed,
               params={k: sum(p.numel() for p in m.parameters()) for k, m in models.items()})

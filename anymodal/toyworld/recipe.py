@@ -121,8 +121,6 @@ class ImageGeneratorPhase(DiffusionRecipe):
 
     def __post_init__(self) -> None:
         _check_recipe("image_generator", self)
-        if self.text_aux_weight < 0:
-            raise ValueError(f"image_generator.text_aux_weight must be >= 0, got {self.text_aux_weight!r}")
         positions = self.text_encoder.get("max_position_embeddings", 77)
         if self.prompt_length > positions:
             raise ValueError(f"image_generator.prompt_length ({self.prompt_length}) exceeds "
@@ -246,8 +244,6 @@ class VideoGeneratorPhase(DiffusionRecipe):
 
     def __post_init__(self) -> None:
         _check_recipe("video_generator", self)
-        if self.text_aux_weight < 0:
-            raise ValueError(f"video_generator.text_aux_weight must be >= 0, got {self.text_aux_weight!r}")
         if self.vae_from not in VAE_SOURCES:
             raise ValueError(f"video_generator.vae_from must be one of: {', '.join(VAE_SOURCES)}; "
                              f"got {self.vae_from!r}")
@@ -550,6 +546,9 @@ def _check_recipe(where: str, cfg: Any) -> None:
     augment = getattr(cfg, "augment_fraction", 0.0)  # the image and audio generators' augmentation
     if not 0.0 <= augment <= 2.0:
         raise ValueError(f"{where}.augment_fraction must be in [0, 2], got {augment!r}")
+    aux = getattr(cfg, "text_aux_weight", 0.0)  # the generators' caption loss; 0 turns it off
+    if aux < 0:
+        raise ValueError(f"{where}.text_aux_weight must be >= 0, got {aux!r}")
     if not 0.0 < cfg.ema_decay < 1.0:
         raise ValueError(f"{where}.ema_decay must be in (0, 1), got {cfg.ema_decay!r}")
 
