@@ -64,7 +64,13 @@ def nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 class GriffinLimVocoder(ModelMixin, ConfigMixin):
     """``forward(spectrogram)``: ``(batch, frames, model_in_dim)`` (or ``(frames, model_in_dim)``)
     features ``(log(max(mel, mel_floor)) + mel_shift) / mel_scale`` -> ``(batch, frames * hop)``
-    waveforms. Deterministic: the initial phase comes from ``seed``."""
+    waveforms. Deterministic: the initial phase comes from ``seed``.
+
+    ``peak_limit`` bounds the output, as the ``tanh`` at the end of a HiFi-GAN does, but with a gain
+    rather than saturation, so the waveform's shape (and a sine's purity) is kept: a clip whose peak
+    is above it is scaled down to it. A diffusion model's mels can be louder than any it was trained
+    on (the toy world's A4 sine came out at a peak of 2-2.8, its world level is 0.4-0.6), and
+    16-bit PCM holds [-1, 1]. ``None`` leaves the scale alone."""
 
     config_name = "config.json"
 
@@ -72,7 +78,7 @@ class GriffinLimVocoder(ModelMixin, ConfigMixin):
     def __init__(self, model_in_dim: int = 64, sampling_rate: int = 16000, n_fft: int = 1024,
                  upsample_rates: tuple[int, ...] | list[int] = (256,), mel_shift: float = 3.0,
                  mel_scale: float = 6.0, mel_floor: float = 1e-5, n_iter: int = 32, seed: int = 0,
-                 sub_bins: int = 8):
+                 sub_bins: int = 8, peak_limit: float | None = 0.99):
         super().__init__()
         hop = int(np.prod(upsample_rates))
         if not 0 < hop <= n_fft:
@@ -80,6 +86,8 @@ class GriffinLimVocoder(ModelMixin, ConfigMixin):
         if n_iter < 0 or model_in_dim < 1 or sub_bins < 1:
             raise ValueError(f"n_iter must be >= 0, model_in_dim and sub_bins >= 1, got {n_iter}, {model_in_dim} "
                              f"and {sub_bins}")
+        if peak_limit is not None and not 0.0 < peak_limit <= 1.0:
+            raise ValueError(f"peak_limit must be in (0, 1] (or None for no limit), got {peak_limit}")
         self.hop = hop
         basis = torch.tensor(mel_filterbank(model_in_dim, n_fft, sampling_rate), dtype=torch.float32)
         self.register_buffer("mel_basis", basis)  # (bands, n_fft // 2 + 1); gives the module a dtype and device
@@ -156,6 +164,9 @@ class GriffinLimVocoder(ModelMixin, ConfigMixin):
             x = np.pad(x, (0, max(0, n - len(x))))
             if i < c.n_iter:
                 phase = np.exp(1j * np.angle(signal.stft(x, **kw)[2][:, : mag.shape[1]]))
+        peak = float(np.abs(x).max()) if x.size else 0.0
+        if c.peak_limit is not None and peak > c.peak_limit:
+            x = x * (c.peak_limit / peak)
         return x.astype(np.float32)
 
     @torch.no_grad()

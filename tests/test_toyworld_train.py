@@ -252,6 +252,28 @@ def test_griffin_lim_vocoder_keeps_pitch_and_round_trips(tmp_path: Path):
         voc(torch.zeros(2, 64, 32))
 
 
+def test_vocoder_bounds_a_too_loud_mel_by_a_gain_not_by_clipping():
+    """A generated mel louder than the world's (the shipped A4 sine peaked at 2-2.8) comes out at the
+    vocoder's peak_limit, the same waveform scaled: no clipped or saturated samples."""
+    from anymodal.generators.vocoders import GriffinLimVocoder
+    from anymodal.toyworld import checkers
+
+    spec = world.AudioSpec("A4", "sine", "long")
+    real = torch.from_numpy(world.render(spec, np.random.default_rng(0)))[None]
+    loud = AG.log_mel_features(real * 6.0)  # six times the world's level: a peak near 3
+    unlimited = GriffinLimVocoder(peak_limit=None)(loud)[0].numpy()
+    assert np.abs(unlimited).max() > 2.0
+    limited = GriffinLimVocoder()(loud)[0].numpy()
+    assert np.abs(limited).max() == pytest.approx(0.99, abs=1e-6)
+    assert np.allclose(limited, unlimited * (0.99 / np.abs(unlimited).max()), atol=1e-6)
+    assert checkers.score_audio(limited, world.SAMPLE_RATE, spec)["ok"]
+    quiet = AG.log_mel_features(real)
+    assert torch.equal(GriffinLimVocoder()(quiet), GriffinLimVocoder(peak_limit=None)(quiet))  # under it: untouched
+    for bad in (0.0, 1.5, -1.0):
+        with pytest.raises(ValueError, match="peak_limit must be in"):
+            GriffinLimVocoder(peak_limit=bad)
+
+
 def test_vocoder_nnls_recomputes_a_wrong_scipy_answer(monkeypatch):
     """scipy 1.17's nnls once gave 2.3e7 on three bins for a real C6 sine's frame (the clip peaked at 8e5).
     Whatever nnls returns, the vocoder's solution must fit at least as well as zero, and be non-negative."""
