@@ -54,7 +54,7 @@ register_modality(ModalitySpec(
     settings_class=VideoSettings, accepts="a file path, a list of frames or a TxHxWxC array",
     is_medium=_media("is_video"), check=_inputs("check_video"), save=_media("save_video"), save_options=("fps",),
     keep=_media("keep_video"), restore=_media("restore_video"), default_signal_tokens=24,
-    request_words=("video", "animate", "clip", "movie")))
+    request_words=("video", "animate", "clip", "movie", "show me")))
 
 # Each built-in component type, by the module that defines (and registers) it: the registry imports
 # that module on the first lookup of the type, so listing types or printing help imports no torch.

@@ -472,20 +472,26 @@ def requested_media(text: str) -> list[Modality]:
 
 def missing_media_warnings(conversation: Sequence[Message], out: AnyModalOutput, row: int,
                            generated: set[Modality]) -> list[str]:
-    """Warnings for prompt ``row`` when its reply holds no medium at all: each medium the last user
-    message asks for (a request word, and no medium of that kind attached to it, which would make it
-    a question about that medium) that the model can generate. ("show me" asks for an image or a
-    video: a reply with a video is not warned about.) Replies are never dropped; this says that one
-    stopped short ("a green" with no image), so a batch record or a log does not pass it as done."""
+    """Warnings for prompt ``row`` when its reply holds none of the media its request asked for: the
+    media the last user message asks for (a request word, and no medium of that kind attached to it,
+    which would make it a question about that medium) that the model can generate. One warning per
+    request, saying whether the reply made no medium ("a green", with no image) or only another kind
+    ("play a triangle tone" answered with an image). A reply with any medium it asked for is not
+    warned about: "show me" asks for an image or a video, and either answers it. Replies
+    are never dropped; this says that one fell short, so a batch record or a log does not pass it as
+    done. (A medium of the right kind that is wrong in content is a quality error, not this.)"""
     last = next((m for m in reversed(conversation) if m.role == "user"), None)
-    if last is None or any(out.media[m][row] for m in out.media):
-        return []  # a reply with a medium answered the request (a wrong kind is a quality error, not this)
-    found = []
-    for m in requested_media(last.content):
-        if m in generated and not last.media.get(m) and m.spec.placeholder not in last.content and not out.media[m][row]:
-            found.append(f"the request asked for {m.value} ({last.content[:80]!r}) but the reply "
-                         f"{out.text[row][:80]!r} has no {m.value}")
-    return found
+    if last is None:
+        return []
+    wanted = [m for m in requested_media(last.content)
+              if m in generated and not last.media.get(m) and m.spec.placeholder not in last.content]
+    if not wanted or any(out.media[m][row] for m in wanted if m in out.media):
+        return []
+    made = [m.value for m in out.media if out.media[m][row]]
+    instead = f"has only {' and '.join(made)}, no" if made else "has no"
+    asked = " or ".join(m.value for m in wanted)
+    return [f"the request asked for {asked} ({last.content[:80]!r}) but the reply {out.text[row][:80]!r} "
+            f"{instead} {asked}"]
 
 
 def _step_hook(gen: Any, m: Modality, on_step: StepHook | None) -> dict[str, Any]:

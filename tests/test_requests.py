@@ -36,6 +36,18 @@ def test_missing_media_warnings_only_for_requests_without_the_medium():
     # "show me" reads as a request for an image, but a reply that made a video answered it
     video = AnyModalOutput(["a red cross moving up <video>"], media={V: [["frames"]]})
     assert missing_media_warnings([Message("user", "show me a red cross moving up")], video, 0, {I, V}) == []
+    # a request answered only with another kind of medium says so ("triangle" is a shape and not a waveform)
+    wrong = AnyModalOutput(["a low triangle at the top<image>"], media={I: [["img"]], A: [[]]})
+    assert missing_media_warnings([Message("user", "play a triangle tone of G5")], wrong, 0, {I, A, V}) == [
+        "the request asked for audio ('play a triangle tone of G5') but the reply 'a low triangle at the top<image>' "
+        "has only image, no audio"]
+    # "play a video of ..." reads as both; the video answers it
+    both = AnyModalOutput(["a red cross moving up <video>"], media={V: [["frames"]], A: [[]]})
+    assert missing_media_warnings([Message("user", "play a video of a red cross")], both, 0, {A, V}) == []
+    # "show me" with nothing made: one warning naming both
+    none = AnyModalOutput(["a red"], media={I: [[]], V: [[]]})
+    assert missing_media_warnings([Message("user", "show me a red cross")], none, 0, {I, V}) == [
+        "the request asked for image or video ('show me a red cross') but the reply 'a red' has no image or video"]
 
 
 @pytest.fixture(scope="module")
