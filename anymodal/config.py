@@ -218,6 +218,10 @@ class OutputProjectorConfig:
     ffn_dim: int | None = None  # feed-forward width of every layer; default 4 * hidden_dim
     # Add each signal token's input embedding to its hidden state before projecting (NExT-GPT).
     add_token_embeddings: bool = False
+    # Which of the LLM's hidden states the projector reads, indexed as transformers' ``hidden_states``
+    # (1 = after the first decoder layer, -1 = the last, after the final norm; 0, the input embeddings, is
+    # not allowed): NExT-GPT's ``text_emb_to_<modality>_layers`` with one entry, [-1] in its release.
+    hidden_layer: int = -1
 
     def __post_init__(self) -> None:
         if self.targets is not None:
@@ -242,6 +246,9 @@ class OutputProjectorConfig:
             positive_int("output_projector.ffn_dim", self.ffn_dim, limit=SIZE_LIMITS["ffn_dim"])
         if self.hidden_dim % self.num_heads:
             raise ValueError(f"output_projector.hidden_dim ({self.hidden_dim}) must be divisible by num_heads ({self.num_heads})")
+        if not isinstance(self.hidden_layer, int) or isinstance(self.hidden_layer, bool) or self.hidden_layer == 0:
+            raise ValueError(f"output_projector.hidden_layer must be a non-zero integer (1 = after the LLM's first "
+                             f"decoder layer, -1 = its last), got {self.hidden_layer!r}")
 
 
 @dataclass

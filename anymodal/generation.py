@@ -123,17 +123,30 @@ def generate_text(model, processor, input_ids: torch.Tensor, attention_mask: tor
         gen_kwargs.update(temperature=temperature, top_p=top_p)
     else:  # silence model-default sampling settings (e.g. a generation_config with temperature)
         gen_kwargs.update(temperature=None, top_p=None, top_k=None)
-    steps: list[torch.Tensor] = []
+    # The states each output projector reads: the last layer's (the LM head's input) by default, or a
+    # decoder layer's output (OutputProjectorConfig.hidden_layer), caught by a hook on that layer.
+    last = model.llm_config.num_hidden_layers
+    layers = {model.signal_layer(m) for m in getattr(model, "signal_layers", {})} | {last}
+    steps: dict[int, list[torch.Tensor]] = {k: [] for k in layers}
 
     def capture(_module, args):
-        steps.append(args[0][:, -1])
+        steps[last].append(args[0][:, -1])
 
-    handle = lm.get_output_embeddings().register_forward_pre_hook(capture)
+    def capture_layer(k: int):
+        def hook(_module, _args, output):
+            steps[k].append((output[0] if isinstance(output, tuple) else output)[:, -1])
+        return hook
+
+    handles = [lm.get_output_embeddings().register_forward_pre_hook(capture)]
+    if layers - {last}:
+        decoder = model.decoder_layers()
+        handles += [decoder[k - 1].register_forward_hook(capture_layer(k)) for k in sorted(layers - {last})]
     try:
         streamer = ReplyStreamer(processor, on_text) if on_text is not None else None
         out = lm.generate(inputs_embeds=embeds, attention_mask=attention_mask, streamer=streamer, **gen_kwargs)
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
 
     sequences: list[list[int]] = []
     for row in out.tolist():
@@ -147,27 +160,29 @@ def generate_text(model, processor, input_ids: torch.Tensor, attention_mask: tor
     spans = [processor.split_output(seq)[1] for seq in sequences]
     signal_hidden: dict[Modality, torch.Tensor] = {}
     if any(spans):
-        n_known = len(steps) - 1  # states of generated tokens 0 .. n_known-1
+        n_known = len(steps[last]) - 1  # states of generated tokens 0 .. n_known-1
         ends = [start + processor.signal_tokens[m] for row in spans for m, start in row]
         if max(ends) <= n_known:
-            states = torch.stack(steps[1:], dim=1)  # (batch, generated, hidden)
+            states = {k: torch.stack(v[1:], dim=1) for k, v in steps.items()}  # (batch, generated, hidden)
         else:
-            states = _signal_states(model, embeds, attention_mask, sequences, processor)
-        signal_hidden = _gather(states, spans, processor)
+            states = _signal_states(model, embeds, attention_mask, sequences, processor, sorted(layers))
+        signal_hidden = _gather(states, spans, processor, lambda m: getattr(model, "signal_layers", {}).get(m, last))
     return TextGeneration(sequences, spans, signal_hidden)
 
 
-def _gather(states: torch.Tensor, spans: list[list[tuple[Modality, int]]], processor) -> dict[Modality, torch.Tensor]:
+def _gather(states: dict[int, torch.Tensor], spans: list[list[tuple[Modality, int]]], processor,
+            layer: Callable[[Modality], int]) -> dict[Modality, torch.Tensor]:
     grouped: dict[Modality, list[torch.Tensor]] = {}
     for row, row_spans in enumerate(spans):
         for m, start in row_spans:
-            grouped.setdefault(m, []).append(states[row, start: start + processor.signal_tokens[m]])
+            grouped.setdefault(m, []).append(states[layer(m)][row, start: start + processor.signal_tokens[m]])
     return {m: torch.stack(v) for m, v in grouped.items()}
 
 
 def _signal_states(model, prompt_embeds: torch.Tensor, prompt_mask: torch.Tensor, sequences: list[list[int]],
-                   processor) -> torch.Tensor:
-    """Last-layer states ``(batch, generated, hidden)`` of the generated tokens, by one forward pass."""
+                   processor, layers: list[int]) -> dict[int, torch.Tensor]:
+    """The states ``(batch, generated, hidden)`` of the generated tokens at each of ``layers`` (indices
+    into transformers' ``hidden_states``), by one forward pass."""
     device = prompt_embeds.device
     width = max(len(s) for s in sequences)
     pad = processor.tokenizer.pad_token_id
@@ -182,4 +197,4 @@ def _signal_states(model, prompt_embeds: torch.Tensor, prompt_mask: torch.Tensor
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     out = model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
                                output_hidden_states=True, use_cache=False)
-    return out.hidden_states[-1][:, prompt_embeds.shape[1]:]
+    return {k: out.hidden_states[k][:, prompt_embeds.shape[1]:] for k in layers}

@@ -168,6 +168,14 @@ class AnyModalModel(nn.Module):
                 self.input_projectors[m.value] = self.input_projectors[pcfg.share.value]
         self.output_projectors = nn.ModuleDict({
             m.value: build_output_projector(pcfg, hidden) for m, pcfg in config.output_projectors.items()})
+        n_layers = self.llm_config.num_hidden_layers
+        self.signal_layers: dict[Modality, int] = {}  # index into transformers' hidden_states, 1 .. n_layers
+        for m, pcfg in config.output_projectors.items():
+            k = pcfg.hidden_layer
+            if not (1 <= k <= n_layers or -n_layers <= k <= -1):
+                raise ValueError(f"output_projectors[{m.value}].hidden_layer is {k}, but the LLM has {n_layers} "
+                                 f"decoder layers: use 1 to {n_layers}, or -1 to -{n_layers} counting from the last")
+            self.signal_layers[m] = k if k > 0 else n_layers + 1 + k
 
     # ------------------------------------------------------------ construction
     @classmethod
@@ -207,6 +215,26 @@ class AnyModalModel(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.language_model.parameters()).device
+
+    def signal_layer(self, modality: Modality) -> int:
+        """The index into transformers' ``hidden_states`` (1 .. num_hidden_layers) whose states the
+        output projector of ``modality`` reads (``OutputProjectorConfig.hidden_layer``)."""
+        return self.signal_layers[modality]
+
+    def decoder_layers(self) -> nn.ModuleList:
+        """The LLM's decoder layers in order (``hidden_states[k]`` is layer ``k - 1``'s output for
+        ``k`` below ``num_hidden_layers``; the last entry is the final norm's output)."""
+        lm = self.language_model
+        n = self.llm_config.num_hidden_layers
+        decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else None
+        layers = getattr(decoder, "layers", None)
+        if isinstance(layers, nn.ModuleList) and len(layers) == n:
+            return layers
+        for mod in lm.modules():  # models that name their stack otherwise (h, blocks, ...)
+            if isinstance(mod, nn.ModuleList) and len(mod) == n:
+                return mod
+        raise ValueError(f"cannot find the {n} decoder layers of {type(lm).__name__} to read a hidden layer from; "
+                         f"use output_projectors.<modality>.hidden_layer: -1")
 
     def encoder_for(self, modality: Modality) -> nn.Module:
         return self.encoders[self.config.encoder_for(modality)]

@@ -416,8 +416,9 @@ def test_signal_states_caught_during_generation_match_a_full_pass(pipe):
     with torch.no_grad():
         result = generate_text(pipe.model, proc, batch["input_ids"], batch["attention_mask"], {}, 40)
         embeds = pipe.model.embed(batch["input_ids"])
-        full = _gather(_signal_states(pipe.model, embeds, batch["attention_mask"], result.sequences, proc),
-                       result.spans, proc)
+        last = pipe.model.llm_config.num_hidden_layers
+        full = _gather(_signal_states(pipe.model, embeds, batch["attention_mask"], result.sequences, proc, [last]),
+                       result.spans, proc, lambda m: last)
     assert set(result.signal_hidden) == {I, A}
     for m in full:
         assert torch.allclose(result.signal_hidden[m], full[m], atol=1e-4)
@@ -425,3 +426,36 @@ def test_signal_states_caught_during_generation_match_a_full_pass(pipe):
     with torch.no_grad():
         short = generate_text(pipe.model, proc, batch["input_ids"][1:2], batch["attention_mask"][1:2], {}, 7)
     assert short.sequences[0][-4:] == proc.signal_ids[I] and short.signal_hidden[I].shape[:2] == (1, 4)
+
+
+def test_an_output_projector_reads_the_hidden_layer_it_is_configured_for(pipe, monkeypatch):
+    """hidden_layer (NExT-GPT's text_emb_to_<m>_layers): the image block's states come from
+    transformers' hidden_states[1], the audio block's from the last layer, both while generating
+    (a hook on the decoder layer) and in the fallback full pass, as a plain forward pass gives them."""
+    from anymodal.generation import generate_text
+    from anymodal.processor import Message
+
+    monkeypatch.setitem(pipe.model.signal_layers, I, 1)
+    proc, lm = pipe.processor, pipe.model.language_model
+    batch = proc([proc.format([Message("user", "both")])])
+    for budget in (40, 17):  # 17: the audio block ends the budget, so the states come from one full pass
+        with torch.no_grad():
+            result = generate_text(pipe.model, proc, batch["input_ids"], batch["attention_mask"], {}, budget)
+            seq = torch.tensor([result.sequences[0]])
+            ids = torch.cat([batch["input_ids"], seq], 1)
+            ref = lm(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True).hidden_states
+        n = batch["input_ids"].shape[1]
+        (m1, s1), (m2, s2) = result.spans[0]
+        assert (m1, m2) == (I, A)
+        assert torch.allclose(result.signal_hidden[I][0], ref[1][0, n + s1: n + s1 + 4], atol=1e-4)
+        assert not torch.allclose(result.signal_hidden[I][0], ref[-1][0, n + s1: n + s1 + 4], atol=1e-2)
+        assert torch.allclose(result.signal_hidden[A][0], ref[-1][0, n + s2: n + s2 + 8], atol=1e-4)
+
+
+def test_hidden_layer_is_checked_against_the_llm():
+    cfg = AnyModalConfig.from_yaml(CONFIGS / "tiny.yaml")
+    with pytest.raises(ValueError, match="hidden_layer must be a non-zero integer"):
+        type(cfg.output_projectors[I])(hidden_layer=0)
+    cfg.output_projectors[I].hidden_layer = 99
+    with pytest.raises(ValueError, match=r"hidden_layer is 99, but the LLM has \d+ decoder layers"):
+        AnyModalPipeline.from_config(cfg)

@@ -104,7 +104,8 @@ class StageModule(nn.Module):
             losses["ce"] = out.loss
             total = total + cfg.ce_weight * out.loss
         for m in sorted(outputs, key=lambda x: x.value):
-            hidden = signal_hidden_states(out.hidden_states[-1], batch.input_ids, model.signal_ids[m])
+            hidden = signal_hidden_states(out.hidden_states[model.signal_layer(m)], batch.input_ids,
+                                          model.signal_ids[m])
             cond = model.project_signal(m, hidden)
             align = modality_losses(cond, batch.targets.get(m), batch.target_mask.get(m))
             if align is not None and cfg.align_weight > 0:
