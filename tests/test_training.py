@@ -431,6 +431,41 @@ def test_stage2_trains_output_projectors_and_signal_rows(data_dir, tmp_path):
     assert tc.fill(Modality.IMAGE, ["a red square"], lambda c: pytest.fail("recomputed a cached target")) == 0
 
 
+def test_stage_alignment_reads_the_hidden_layer_each_projector_is_configured_for(data_dir, tmp_path, monkeypatch):
+    """output_projectors.image.hidden_layer: 1 -> stage 2 aligns the image block's states from
+    transformers' hidden_states[1] of the same forward pass, the audio block's from the last."""
+    import anymodal.training.stages as st
+    from anymodal.config import AnyModalConfig
+    from anymodal.model import AnyModalModel
+
+    cfg = AnyModalConfig.from_yaml(TINY)
+    cfg.output_projectors[Modality.IMAGE].hidden_layer = 1
+    cfg.to_yaml(tmp_path / "layer1.yaml")
+    read, outs = [], []
+    real_read, real_forward = st.signal_hidden_states, AnyModalModel.forward
+
+    def spy_read(hidden, input_ids, block_ids):
+        read.append((hidden, block_ids))
+        return real_read(hidden, input_ids, block_ids)
+
+    def spy_forward(self, *args, **kwargs):
+        outs.append(real_forward(self, *args, **kwargs))
+        return outs[-1]
+
+    monkeypatch.setattr(st, "signal_hidden_states", spy_read)
+    monkeypatch.setattr(AnyModalModel, "forward", spy_forward)
+    result = train(tmp_path / "layer1.yaml", data_dir / "captions.jsonl", tmp_path / "s2", TRAINING / "tiny.yaml",
+                   stage=2, max_steps=1, batch_size=7, **FAST)
+    ids = result.pipeline.processor.signal_ids
+    states = outs[-1].hidden_states
+    by_block = {tuple(block): hidden for hidden, block in read}
+    assert by_block[tuple(ids[Modality.IMAGE])] is states[1]
+    assert by_block[tuple(ids[Modality.AUDIO])] is states[-1]
+    assert result.pipeline.model.signal_layer(Modality.IMAGE) == 1
+    assert AnyModalConfig.from_yaml(tmp_path / "s2" / "final" / "config.yaml").output_projectors[
+        Modality.IMAGE].hidden_layer == 1  # the saved pipeline keeps the layer
+
+
 CODI2 = CONFIGS / "tiny-codi2.yaml"
 
 

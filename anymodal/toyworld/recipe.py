@@ -397,10 +397,12 @@ class StagesPhase:
     # start stage 1 from the input projectors the llm phase trained with the LLM (out/llm/input_projectors)
     carry_input_projectors: bool = True
     output_layers: int = 1  # each further layer of width 128 adds about 2 MB per projector against the ship limit
-    # The LLM hidden state the output projectors read (OutputProjectorConfig.hidden_layer): the second of
-    # four layers. The last layer's signal states compose held-out colour x shape pairs in some LLM-phase
-    # runs and not in others; the middle layer's do in both (docs/toyworld.md, "Which layer").
-    output_hidden_layer: int = 2
+    # The LLM hidden state each output projector reads (OutputProjectorConfig.hidden_layer; -1, the last,
+    # where a modality is not named). Images read the second of four layers: the last layer's signal
+    # states compose held-out colour x shape pairs in some LLM-phase runs and not in others, the second's
+    # in both. Audio keeps the last: read at layer 2 it lost 10 points of held-out t2a in both runs
+    # (docs/toyworld.md, "Which LLM layer the output projectors read").
+    output_hidden_layers: dict[str, int] = field(default_factory=lambda: {"image": 2})
     # > 0: stage 2 adds the frozen generators' denoising loss for these outputs (training.denoise_*).
     # Video only: it lifts held-out t2v and costs stage 2 about three times its time; on images it buys
     # nothing for more time again (docs/toyworld.md, "Stage-2 denoising loss").
@@ -418,10 +420,11 @@ class StagesPhase:
 
     def __post_init__(self) -> None:
         check_dialogue_mix(self.rephrased, self.sessions, self.copies, where="stages.")
-        if not isinstance(self.output_hidden_layer, int) or isinstance(self.output_hidden_layer, bool) \
-                or self.output_hidden_layer == 0:
-            raise ValueError(f"stages.output_hidden_layer must be a non-zero integer (1 = after the LLM's first "
-                             f"layer, -1 = its last), got {self.output_hidden_layer!r}")
+        layers = self.output_hidden_layers
+        if not isinstance(layers, dict) or any(k not in ("image", "audio", "video") for k in layers) or any(
+                not isinstance(v, int) or isinstance(v, bool) or v == 0 for v in layers.values()):
+            raise ValueError(f"stages.output_hidden_layers must map image / audio / video to a non-zero integer "
+                             f"(1 = after the LLM's first layer, -1 = its last), got {layers!r}")
         if self.stage2_denoise_weight < 0:
             raise ValueError(f"stages.stage2_denoise_weight must be >= 0, got {self.stage2_denoise_weight}")
         from ..training.config import DENOISE_MODALITIES
@@ -440,9 +443,10 @@ class ModelPhasesConfig:
 
     def __post_init__(self) -> None:
         layers = int(self.llm.model.get("num_hidden_layers", 1))
-        if abs(self.stages.output_hidden_layer) > layers:
-            raise ValueError(f"stages.output_hidden_layer is {self.stages.output_hidden_layer}, but the LLM "
-                             f"(llm.model) has {layers} layers: use 1 to {layers}, or -1 to -{layers}")
+        for m, k in self.stages.output_hidden_layers.items():
+            if abs(k) > layers:
+                raise ValueError(f"stages.output_hidden_layers[{m}] is {k}, but the LLM (llm.model) has {layers} "
+                                 f"layers: use 1 to {layers}, or -1 to -{layers}")
 
     @classmethod
     def preset(cls, name: str) -> "ModelPhasesConfig":
@@ -462,7 +466,7 @@ class ModelPhasesConfig:
                                 eval_dialogues=2),
                        StagesPhase(n_captions=8, n_dialogues=16, stage1_steps=2, stage2_steps=2, stage3_steps=2,
                                    batch_size=4, warmup_steps=0, save_every=1, projector_hidden=16, output_layers=1,
-                                   max_new_tokens=24, eval_prompts=1, output_hidden_layer=-1,
+                                   max_new_tokens=24, eval_prompts=1, output_hidden_layers={},
                                    image_settings={"num_inference_steps": 2, "guidance_scale": 3.0},
                                    audio_settings={"num_inference_steps": 2, "guidance_scale": 3.0,
                                                    "audio_length_s": world.CLIP_SAMPLES / world.SAMPLE_RATE},

@@ -67,7 +67,7 @@ def build_toy_config(out: str | os.PathLike, cfg: ModelPhasesConfig | None = Non
         outputs[m] = OutputProjectorConfig(type="transformer", targets={k: list(v) for k, v in shapes.items()},
                                            hidden_dim=st.projector_hidden, num_layers=st.output_layers,
                                            num_heads=4 if st.projector_hidden % 4 == 0 else 1,
-                                           hidden_layer=st.output_hidden_layer)
+                                           hidden_layer=st.output_hidden_layers.get(m.value, -1))
     llm = LLMConfig(model=str(out / "llm"), tokenizer=str(out / "llm"), max_new_tokens=st.max_new_tokens)
     return AnyModalConfig(llm=llm, name="toyworld", encoders={"imagebind": encoder}, input_projectors=inputs,
                           output_projectors=outputs, generators=generators)
