@@ -126,7 +126,7 @@ def generate_text(model, processor, input_ids: torch.Tensor, attention_mask: tor
     # The states each output projector reads: the last layer's (the LM head's input) by default, or a
     # decoder layer's output (OutputProjectorConfig.hidden_layer), caught by a hook on that layer.
     last = model.llm_config.num_hidden_layers
-    layers = {model.signal_layer(m) for m in getattr(model, "signal_layers", {})} | {last}
+    layers = set(model.signal_layers.values()) | {last}
     steps: dict[int, list[torch.Tensor]] = {k: [] for k in layers}
 
     def capture(_module, args):
@@ -166,7 +166,8 @@ def generate_text(model, processor, input_ids: torch.Tensor, attention_mask: tor
             states = {k: torch.stack(v[1:], dim=1) for k, v in steps.items()}  # (batch, generated, hidden)
         else:
             states = _signal_states(model, embeds, attention_mask, sequences, processor, sorted(layers))
-        signal_hidden = _gather(states, spans, processor, lambda m: getattr(model, "signal_layers", {}).get(m, last))
+        # a signal block with no output projector (no generator for it) is gathered from the last layer
+        signal_hidden = _gather(states, spans, processor, lambda m: model.signal_layers.get(m, last))
     return TextGeneration(sequences, spans, signal_hidden)
 
 
