@@ -49,6 +49,13 @@ def test_default_reads_and_makes_every_modality(pipe: AnyModalPipeline):
     assert all(p.dtype == torch.float32 for p in pipe.model.parameters())  # stored in float16, run in float32
 
 
+def test_default_tokenizer_allows_the_llms_whole_context(pipe: AnyModalPipeline, caplog):
+    assert pipe.processor.tokenizer.model_max_length == pipe.context_length
+    with caplog.at_level("WARNING"):  # a long chat's prompt is within the context: no "indexing errors"
+        ids = pipe.processor.tokenizer(" ".join(["draw a red circle"] * 50))["input_ids"]
+    assert pipe.context_length >= len(ids) > 128 and "indexing errors" not in caplog.text
+
+
 def test_quick_eval_clears_the_floors(pipe: AnyModalPipeline):
     results = evaluate(pipe, n=N, split="heldout", progress=False)
     scores = {d: r.accuracy for d, r in results.items()}

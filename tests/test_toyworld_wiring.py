@@ -175,6 +175,19 @@ def test_ship_stores_float16_and_loads_float32(run: Path, tmp_path: Path):
         assert (la - lb).abs().max() < 1e-2 * lb.abs().max()
 
 
+def test_the_tokenizer_knows_the_llms_context(run: Path, tmp_path: Path):
+    """The llm phase and ship give the tokenizer the LLM's position limit as its model_max_length (the
+    tokenizer phase's guess, smaller, made transformers warn of "indexing errors" on long chats)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from anymodal.pipeline import AnyModalPipeline
+
+    positions = AutoConfig.from_pretrained(run / "llm").max_position_embeddings
+    assert AutoTokenizer.from_pretrained(run / "llm").model_max_length == positions
+    shipped = AnyModalPipeline.from_pretrained(SH.ship(run, tmp_path / "shipped"))
+    assert shipped.processor.tokenizer.model_max_length == shipped.context_length == positions
+
+
 def test_ship_cli(run: Path, tmp_path: Path, capsys, monkeypatch):
     import anymodal.pipeline
     from anymodal.cli import main

@@ -388,6 +388,9 @@ def train_llm(out: Path, cfg: LLMPhase, log: JsonlLog, control: RunControl) -> P
     log.write(stage="llm", step=cfg.steps, event="eval", **figures)
     atomic_write_text(state_dir / "figures.json", json.dumps(figures, indent=2) + "\n")
     lm.generation_config.pad_token_id = pad
+    # the tokenizer phase's limit is a guess made before the LLM existed; the LLM's positions are the
+    # real one, and a smaller value makes transformers warn of "indexing errors" on every long chat
+    tok.model_max_length = lm.config.max_position_embeddings
 
     def save(d: Path) -> None:
         lm.save_pretrained(str(d), safe_serialization=True)

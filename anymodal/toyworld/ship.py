@@ -47,6 +47,7 @@ def ship(out: str | os.PathLike, dest: str | os.PathLike | None = None, limit_by
     pipe = AnyModalPipeline.from_pretrained(final)
     c = pipe.config
     c.llm.model, c.llm.tokenizer = "llm", "processor"
+    _tokenizer_fits_llm(pipe)
     for name, e in c.encoders.items():
         e.pretrained = f"encoders/{name}/model.safetensors"
     for m, g in c.generators.items():
@@ -65,6 +66,15 @@ def ship(out: str | os.PathLike, dest: str | os.PathLike | None = None, limit_by
                              f"{limit_bytes / 1e6:.2f} MB; nothing was written to {dest}")
 
     return atomic_dir(dest, write)
+
+
+def _tokenizer_fits_llm(pipe) -> None:
+    """Give the tokenizer the LLM's context length as its ``model_max_length`` (runs made before the
+    ``llm`` phase did this kept the tokenizer phase's 128 against the LLM's 256 positions, so
+    transformers warned of "indexing errors" on every chat turn past 128 tokens that was fine)."""
+    tok, limit = pipe.processor.tokenizer, pipe.context_length
+    if limit is not None and (tok.model_max_length or 0) < limit:
+        tok.model_max_length = limit
 
 
 def _forget_source_paths(directory: Path) -> None:
