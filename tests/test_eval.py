@@ -149,3 +149,30 @@ def test_paraphrase_style_asks_in_held_out_wordings_and_sessions_score_per_turn(
     turns = sum(r.n for r in results.values())
     assert 3 <= turns <= 5
     assert all(ex["turn"] >= 1 for r in results.values() for ex in r.examples)
+    # each later request or question is also sent alone: the same turns, scored both ways
+    session = world.sample_session(__import__("numpy").random.default_rng([3, 99]), "heldout", forms=None)
+    for d, r in results.items():
+        later = [c for c in session.checks if c["direction"] == d and c["kind"] != "edit" and c["turn"] > 0]
+        assert r.later.n == r.alone.n == len(later)
+        assert r.later.correct <= r.n and r.correct == r.later.correct + sum(
+            ex["ok"] for ex in r.examples if ex["turn"] == 1 or ex["kind"] == "edit")
+    table = format_table(results)
+    assert "the same turns alone" in table and "ratio" in table
+
+
+def test_session_ratio_is_the_same_turns_in_session_over_alone():
+    from anymodal.toyworld.evaluate import DirectionResult
+
+    r = DirectionResult("t2i")
+    r.later, r.alone = DirectionResult("t2i"), DirectionResult("t2i")
+    assert r.session_ratio is None  # no later turns yet
+    for in_session, by_itself in [(True, True), (False, True), (True, True), (True, False)]:
+        r.later.add(in_session, {})
+        r.alone.add(by_itself, {})
+    assert r.session_ratio == pytest.approx(0.75 / 0.75)
+    r.later.add(False, {}), r.alone.add(True, {})
+    assert r.session_ratio == pytest.approx((3 / 5) / (4 / 5))
+    d = r.to_dict()
+    assert d["later_turns_in_session"]["n"] == d["same_turns_alone"]["n"] == 5
+    assert d["session_ratio"] == pytest.approx(0.75)
+    assert "session_ratio" not in DirectionResult("t2i").to_dict()

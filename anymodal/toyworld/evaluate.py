@@ -13,7 +13,9 @@ A reply with no medium of the asked kind counts as wrong.
 
 ``style="paraphrase"`` asks each request and question in the world's held-out wordings
 (``world.ask_for`` / ``ask_about`` with ``forms="heldout"``: forms training never uses).
-:func:`evaluate_sessions` scores multi-turn sessions turn by turn through a ``ChatSession``.
+:func:`evaluate_sessions` scores multi-turn sessions turn by turn through a ``ChatSession``, and
+sends each later request and question again alone (a fresh session, the same seed): the issue's
+measure of dialogue is the ratio of the two on the same turns, not a comparison with other prompts.
 Each direction draws its prompts and seeds its generators from ``(seed, direction)`` alone, so a
 direction scores the same whether it runs alone or with others. Figures carry Wilson 95%
 intervals.
@@ -68,8 +70,29 @@ class DirectionResult:
 
     def to_dict(self) -> dict[str, Any]:
         lo, hi = self.interval()
-        return {"direction": self.direction, "n": self.n, "correct": self.correct, "accuracy": self.accuracy,
-                "ci95": [round(lo, 4), round(hi, 4)], "field_accuracy": self.field_accuracy(), "examples": self.examples}
+        d = {"direction": self.direction, "n": self.n, "correct": self.correct, "accuracy": self.accuracy,
+             "ci95": [round(lo, 4), round(hi, 4)], "field_accuracy": self.field_accuracy(), "examples": self.examples}
+        if self.later is not None and self.alone is not None:
+            d["later_turns_in_session"], d["same_turns_alone"] = self.later.summary(), self.alone.summary()
+            d["session_ratio"] = self.session_ratio
+        return d
+
+    @property
+    def session_ratio(self) -> float | None:
+        """In-session accuracy of the later turns over the same turns' accuracy alone (None without
+        such turns, or when none was right alone)."""
+        if self.later is None or self.alone is None or not self.alone.correct:
+            return None
+        return self.later.accuracy / self.alone.accuracy
+
+    # sessions only: this direction's requests and questions after the first turn, as scored in their
+    # session (``later``) and sent again alone in a fresh session with the same seed (``alone``)
+    later: "DirectionResult | None" = None
+    alone: "DirectionResult | None" = None
+
+    def summary(self) -> dict[str, Any]:
+        lo, hi = self.interval()
+        return {"n": self.n, "correct": self.correct, "accuracy": self.accuracy, "ci95": [round(lo, 4), round(hi, 4)]}
 
     def add(self, ok: bool, fields: dict[str, bool]) -> None:
         self.n += 1
@@ -185,11 +208,16 @@ def evaluate(pipe, n: int = 20, split: str = "heldout", directions: Sequence[str
 
 
 def evaluate_sessions(pipe, n_sessions: int = 40, split: str = "heldout", seed: int = 0, progress: bool = True,
-                      forms: str | None = None) -> dict[str, DirectionResult]:
+                      forms: str | None = None, alone: bool = True) -> dict[str, DirectionResult]:
     """Score ``n_sessions`` multi-turn sessions (3-5 mixed turns: requests, edits of the last medium,
     questions about an attached medium; ``world.sample_session``) turn by turn through a
     :class:`~anymodal.session.ChatSession`, per direction (an edit counts as its medium's generation
-    direction, judged on every headline field of the edited spec)."""
+    direction, judged on every headline field of the edited spec).
+
+    With ``alone`` (default), every request and question after a session's first turn is also sent
+    on its own, in a fresh session seeded as that turn was, and each direction's ``later`` and
+    ``alone`` hold the two scores of those same turns (edits have no single-turn counterpart: they
+    refer to the turn before)."""
     from tqdm.auto import tqdm
 
     from ..session import ChatSession
@@ -198,7 +226,12 @@ def evaluate_sessions(pipe, n_sessions: int = 40, split: str = "heldout", seed: 
     rng = np.random.default_rng([seed, 99])
     sessions = [world.sample_session(rng, split, forms=forms) for _ in range(n_sessions)]
     results = {d: DirectionResult(d) for d in DIRECTIONS}
-    bar = tqdm(total=sum(len(s.checks) for s in sessions), desc="eval sessions", unit="turn", disable=not progress)
+    if alone:
+        for r in results.values():
+            r.later, r.alone = DirectionResult(r.direction), DirectionResult(r.direction)
+    paired = sum(c["kind"] != "edit" and c["turn"] > 0 for s in sessions for c in s.checks) if alone else 0
+    bar = tqdm(total=sum(len(s.checks) for s in sessions) + paired, desc="eval sessions", unit="turn",
+               disable=not progress)
     for k, sess in enumerate(sessions):
         chat = ChatSession(pipe, seed=seed + 7919 * k)
         for check in sess.checks:
@@ -210,16 +243,24 @@ def evaluate_sessions(pipe, n_sessions: int = 40, split: str = "heldout", seed: 
                     media.setdefault("audios", []).append((p["audio"], p["sample_rate"]))
                 elif p["type"] != "text":
                     media.setdefault(p["type"] + "s", []).append(p[p["type"]])
+            d, target = check["direction"], check["target"]
+
+            def score(reply) -> tuple[bool, dict[str, bool]]:
+                made = reply.media.get(_MEDIA[d], []) if d in HEADLINE_FIELDS else None
+                return score_reply(d, target, check["question"], None, reply.text, made,
+                                   asked=check.get("asked") or target)
+
             reply = chat.send(text, **media)
-            d = check["direction"]
-            target = check["target"]
-            made = reply.media.get(_MEDIA[d], []) if d in HEADLINE_FIELDS else None
-            ok, fields = score_reply(d, target, check["question"], None, reply.text, made, asked=check.get("asked") or target)
+            ok, fields = score(reply)
             results[d].add(ok, fields)
             if len(results[d].examples) < 5:
                 results[d].examples.append({"turn": check["turn"] // 2 + 1, "kind": check["kind"], "prompt": text,
                                             "target": target.caption(), "reply": reply.text, "ok": bool(ok)})
             bar.update(1)
+            if alone and check["kind"] != "edit" and check["turn"] > 0:
+                results[d].later.add(ok, fields)
+                results[d].alone.add(*score(ChatSession(pipe, seed=reply.seed).send(text, **media)))
+                bar.update(1)
     bar.close()
     return results
 
@@ -230,6 +271,13 @@ def format_table(results: dict[str, DirectionResult]) -> str:
         fields = ", ".join(f"{k} {v:.0%}" for k, v in r.field_accuracy().items())
         lo, hi = r.interval()
         lines.append(f"{d:<10} {r.n:>4} {r.accuracy:>9.1%}  {f'{lo:.0%}-{hi:.0%}':<13}  {fields}")
+    paired = {d: r for d, r in results.items() if r.later is not None and r.alone is not None}
+    if paired:
+        lines += ["", "requests and questions after the first turn: in their session / the same turns alone",
+                  f"{'direction':<10} {'n':>4} {'in session':>11} {'alone':>7} {'ratio':>7}"]
+        for d, r in paired.items():
+            ratio = "-" if r.session_ratio is None else f"{r.session_ratio:.0%}"
+            lines.append(f"{d:<10} {r.later.n:>4} {r.later.accuracy:>11.1%} {r.alone.accuracy:>7.1%} {ratio:>7}")
     return "\n".join(lines)
 
 
@@ -242,6 +290,9 @@ def eval_args(p: argparse.ArgumentParser) -> None:
                    help="plain: the training templates' wording (default); paraphrase: held-out wordings")
     p.add_argument("--sessions", type=int, default=0, metavar="N",
                    help="instead, score N multi-turn sessions (3-5 mixed turns each) turn by turn")
+    p.add_argument("--no-alone", action="store_true",
+                   help="with --sessions: skip sending each later request and question again alone (the "
+                        "default compares the two on the same turns)")
     p.add_argument("--directions", nargs="+", default=list(DIRECTIONS), choices=DIRECTIONS,
                    help="directions to score (default: all six)")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompts and the generators (default 0)")
@@ -256,7 +307,8 @@ def eval_command(args: argparse.Namespace) -> int:
     pipe = load_pipeline(args.model, args.config, args.device)
     progress = not args.no_progress
     if args.sessions:
-        results = evaluate_sessions(pipe, args.sessions, split=args.split, seed=args.seed, progress=progress)
+        results = evaluate_sessions(pipe, args.sessions, split=args.split, seed=args.seed, progress=progress,
+                                    alone=not args.no_alone)
     else:
         results = evaluate(pipe, n=args.n, split=args.split, directions=args.directions, seed=args.seed,
                            batch_size=args.batch_size, style=args.style, progress=progress)
