@@ -86,6 +86,14 @@ def test_random_tiny_model_scores_below_the_floor(tmp_path, capfd):
     assert main(["eval", "--config", str(CONFIGS / "tiny.yaml"), "--n", "1", "--directions", "i2t",
                  "--no-progress"]) == 0
     assert "eval:" not in capfd.readouterr().err
+    # sessions: the same later turns alone by default, skipped with --no-alone
+    for extra, paired in (([], True), (["--no-alone"], False)):
+        out = tmp_path / f"sessions{len(extra)}.json"
+        assert main(["eval", "--config", str(CONFIGS / "tiny.yaml"), "--sessions", "2", "--no-progress",
+                     "--out", str(out), *extra]) == 0
+        data = json.loads(out.read_text())["directions"]
+        assert ("the same turns alone" in capfd.readouterr().out) == paired
+        assert all(("same_turns_alone" in r) == paired for r in data.values())
 
 
 def test_bad_arguments():
