@@ -1,5 +1,5 @@
 """Does a UNet that attends to the caption's token states compose held-out note x waveform pairs?
-python bench/toyworld_audio_xattn.py RUN_DIR OUT_DIR [steps] [eval_n]
+python bench/toyworld_audio_xattn.py RUN_DIR OUT_DIR [steps] [eval_n] [augment_fraction]
 
 The toy audio generator is AudioLDM v1's layout: the UNet hears the caption only as one pooled CLAP
 vector (a class embedding), and it plays held-out note x waveform pairs (E4 sawtooth, G5 square) with
@@ -16,6 +16,10 @@ Both generators are sampled the same way (DPM-Solver++ 20 steps, guidance 3, the
 the negative, the Griffin-Lim vocoder), on the phase's own evaluation prompts
 (``audio_eval_specs(eval_n, seed + 1000)``), and scored by ``checkers.score_audio``. Training
 checkpoints into OUT_DIR and resumes. Figures go to OUT_DIR/figures.json.
+
+``augment_fraction`` (default 0) adds the recipe's off-world clips to the cross-attention UNet's data
+(``audio_generator.augmented_audio_bank``: a world note in another timbre, or a world waveform off
+the note grid, captioned without the field played off the world), encoded with the run's VAE.
 """
 import json
 import sys
@@ -28,7 +32,7 @@ import torch
 
 from anymodal.modality import Modality
 from anymodal.toyworld import world
-from anymodal.toyworld.audio_generator import audio_eval_specs, score_audios
+from anymodal.toyworld.audio_generator import augmented_audio_bank, audio_eval_specs, log_mel_features, score_audios
 from anymodal.toyworld.diffusion import (caption_aux_loss, masked_mean_states, noise_scheduler, text_config_kwargs,
                                          token_ids, train_denoiser)
 from anymodal.toyworld.loop import JsonlLog, RunControl
@@ -41,6 +45,7 @@ torch.set_num_threads(1)
 run, out = Path(sys.argv[1]), Path(sys.argv[2])
 steps = int(sys.argv[3]) if len(sys.argv) > 3 else 1600
 eval_n = int(sys.argv[4]) if len(sys.argv) > 4 else 40
+augment = float(sys.argv[5]) if len(sys.argv) > 5 else 0.0
 out.mkdir(parents=True, exist_ok=True)
 cfg = ToyworldTrainConfig.preset("default").audio_generator
 cfg = replace(cfg, steps=steps, eval_every=0)
@@ -79,10 +84,20 @@ def condition(tokens: torch.Tensor) -> dict:
     return {"encoder_hidden_states": states, "encoder_attention_mask": mask}
 
 
-ids = token_ids(tokenizer, list(bank.captions), cfg.prompt_length)
+captions, extra_labels = list(bank.captions), None
+n_aug = int(round(augment * cfg.bank_size))
+if n_aug:  # as train_audio_generator: appended after the world clips, encoded as its latents were
+    aug_waves, aug_captions, extra_labels = augmented_audio_bank(n_aug, cfg.seed + 7000)
+    mels = log_mel_features(torch.from_numpy(aug_waves))[:, None]
+    with torch.no_grad():
+        means = torch.cat([vae.encode(mels[i:i + 256]).latent_dist.mean for i in range(0, len(mels), 256)])
+    latents = torch.cat([latents, means * float(cached["scaling_factor"])])
+    captions += aug_captions
+ids = token_ids(tokenizer, captions, cfg.prompt_length)
 empty = token_ids(tokenizer, [""], cfg.prompt_length)
 fields_ = (("note", tuple(world.NOTES)), ("waveform", world.WAVEFORMS), ("duration", tuple(world.DURATIONS)))
-aux_head, aux_loss = caption_aux_loss(bank.specs, fields_, width, cfg, masked_mean_states(condition, pad))
+aux_head, aux_loss = caption_aux_loss(bank.specs, fields_, width, cfg, masked_mean_states(condition, pad),
+                                      extra_labels)
 log = JsonlLog(out / "log.jsonl")
 t0 = time.time()
 ema = train_denoiser(unet, text_encoder, condition, latents, ids, empty, cfg, out / "unet.ckpt", log,
@@ -114,6 +129,7 @@ def sample(cond_fn, captions: list[str], seed: int, n_steps: int = 20, guidance:
 
 
 figures = {"steps": steps, "train_s": round(train_s, 1), "unet_params": params, "eval_n": eval_n,
+           "augment_fraction": augment, "augmented_clips": n_aug,
            "sampling": "DPM-Solver++ 20 steps, guidance 3, negative = empty caption"}
 specs = audio_eval_specs(eval_n, cfg.seed + 1000)
 unet_ref = [unet]
