@@ -217,7 +217,8 @@ def evaluate_sessions(pipe, n_sessions: int = 40, split: str = "heldout", seed: 
     With ``alone`` (default), every request and question after a session's first turn is also sent
     on its own, in a fresh session seeded as that turn was, and each direction's ``later`` and
     ``alone`` hold the two scores of those same turns (edits have no single-turn counterpart: they
-    refer to the turn before)."""
+    refer to the turn before). Each direction's ``examples`` records every turn (session, turn,
+    kind, prompt, target, reply, ok; ``alone_reply`` and ``alone_ok`` where it was sent alone)."""
     from tqdm.auto import tqdm
 
     from ..session import ChatSession
@@ -253,13 +254,16 @@ def evaluate_sessions(pipe, n_sessions: int = 40, split: str = "heldout", seed: 
             reply = chat.send(text, **media)
             ok, fields = score(reply)
             results[d].add(ok, fields)
-            if len(results[d].examples) < 5:
-                results[d].examples.append({"turn": check["turn"] // 2 + 1, "kind": check["kind"], "prompt": text,
-                                            "target": target.caption(), "reply": reply.text, "ok": bool(ok)})
+            record = {"session": k, "turn": check["turn"] // 2 + 1, "kind": check["kind"], "prompt": text,
+                      "target": target.caption(), "reply": reply.text, "ok": bool(ok)}
+            results[d].examples.append(record)  # every turn: sessions are few, and failures need reading
             bar.update(1)
             if alone and check["kind"] != "edit" and check["turn"] > 0:
+                by_itself = ChatSession(pipe, seed=reply.seed).send(text, **media)
+                ok_alone, fields_alone = score(by_itself)
                 results[d].later.add(ok, fields)
-                results[d].alone.add(*score(ChatSession(pipe, seed=reply.seed).send(text, **media)))
+                results[d].alone.add(ok_alone, fields_alone)
+                record.update(alone_reply=by_itself.text, alone_ok=bool(ok_alone))
                 bar.update(1)
     bar.close()
     return results
