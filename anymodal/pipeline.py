@@ -430,7 +430,10 @@ class AnyModalPipeline:
                         for row, conv in enumerate(conversations)]
         for row, found in enumerate(out.warnings):
             for w in found:
-                logger.warning("prompt %d: %s", row, w)
+                if len(conversations) > 1:
+                    logger.warning("prompt %d: %s", row, w)
+                else:  # one prompt (a chat turn, most calls) needs no number
+                    logger.warning("%s", w)
         return out
 
     def resolve_settings(self, settings: Any) -> dict[Modality, Any]:

@@ -65,6 +65,10 @@ def test_api_logs_and_returns_the_warning(pipe, caplog):
     assert out.warnings[0] == [] and out.warnings[2] == []
     assert out.warnings[1] == ["the request asked for image ('draw a green circle') but the reply 'a green' has no image"]
     assert "prompt 1: the request asked for image" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="anymodal.pipeline"):
+        pipe("draw a green circle", seed=0)  # one prompt, as a chat turn: no "prompt 0"
+    assert caplog.messages == ["the request asked for image ('draw a green circle') but the reply 'a green' has no image"]
 
 
 def test_batch_record_carries_the_warning(pipe, tmp_path):
