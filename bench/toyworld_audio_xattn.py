@@ -48,7 +48,10 @@ eval_n = int(sys.argv[4]) if len(sys.argv) > 4 else 40
 augment = float(sys.argv[5]) if len(sys.argv) > 5 else 0.0
 out.mkdir(parents=True, exist_ok=True)
 cfg = ToyworldTrainConfig.preset("default").audio_generator
-cfg = replace(cfg, steps=steps, eval_every=0)
+recorded = json.loads((run / "state/audio-generator/config.json").read_text())  # the run's own phase settings
+if (recorded["bank_size"], recorded["prompt_length"]) != (cfg.bank_size, cfg.prompt_length):
+    raise SystemExit(f"{run}: its audio phase used another bank or prompt length than today's recipe")
+cfg = replace(cfg, steps=steps, eval_every=0, seed=recorded["seed"])  # the seed draws the bank its latents are of
 if cfg.augment_fraction:
     raise SystemExit("the probe reads the bank without augmentation, as the recipe's default")
 
