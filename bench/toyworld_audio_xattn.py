@@ -112,20 +112,21 @@ params = sum(p.numel() for p in unet.parameters())
 
 
 @torch.no_grad()
-def sample(cond_fn, captions: list[str], seed: int, n_steps: int = 20, guidance: float = 3.0) -> list[np.ndarray]:
+def sample(denoiser, cond_fn, captions: list[str], seed: int, n_steps: int = 20,
+           guidance: float = 3.0) -> list[np.ndarray]:
     """What AudioLDMPipeline does (scaled initial noise, classifier-free guidance, VAE decode, vocoder),
-    with the conditioning keyword arguments from ``cond_fn(tokens)``."""
+    with ``denoiser`` given the conditioning keyword arguments from ``cond_fn(tokens)``."""
     sched = DPMSolverMultistepScheduler.from_config(noise_scheduler().config, steps_offset=1)
     sched.set_timesteps(n_steps)
     tok = token_ids(tokenizer, captions, cfg.prompt_length)
     cond, uncond = cond_fn(tok), cond_fn(empty.expand(len(captions), -1))
     both = {k: torch.cat([uncond[k], cond[k]]) if torch.is_tensor(cond[k]) else None for k in cond}
     g = torch.Generator().manual_seed(seed)
-    shape = (len(captions), unet_ref[0].config.in_channels, latents.shape[2], latents.shape[3])
+    shape = (len(captions), denoiser.config.in_channels, latents.shape[2], latents.shape[3])
     x = torch.randn(shape, generator=g) * sched.init_noise_sigma
     for t in sched.timesteps:
         inp = sched.scale_model_input(torch.cat([x, x]), t)
-        u, c = unet_ref[0](inp, t, **both).sample.chunk(2)
+        u, c = denoiser(inp, t, **both).sample.chunk(2)
         x = sched.step(u + guidance * (c - u), t, x).prev_sample
     mel = vae.decode(x / vae.config.scaling_factor).sample[:, 0]
     return list(vocoder(mel).numpy()[:, : world.CLIP_SAMPLES])
@@ -135,14 +136,19 @@ figures = {"steps": steps, "train_s": round(train_s, 1), "unet_params": params, 
            "augment_fraction": augment, "augmented_clips": n_aug,
            "sampling": "DPM-Solver++ 20 steps, guidance 3, negative = empty caption"}
 specs = audio_eval_specs(eval_n, cfg.seed + 1000)
-unet_ref = [unet]
-figures["cross_attention"] = {split: score_audios(sample(condition, [s.caption() for s in ss], cfg.seed + 1000), ss)
-                              for split, ss in specs.items()}
+
+
+def scores(denoiser, cond_fn) -> dict:
+    return {split: score_audios(sample(denoiser, cond_fn, [s.caption() for s in ss], cfg.seed + 1000), ss)
+            for split, ss in specs.items()}
+
+
+figures["cross_attention"] = scores(unet, condition)
 print("cross-attention:", json.dumps(figures["cross_attention"]), flush=True)
 
 # the run's own generator (pooled CLAP vector as a class embedding), sampled by the same loop
 base = run / "audio-generator"
-unet_ref = [UNet2DConditionModel.from_pretrained(base / "unet").eval()]
+base_unet = UNet2DConditionModel.from_pretrained(base / "unet").eval()
 base_text = ClapTextModelWithProjection.from_pretrained(base / "text_encoder").eval()
 
 
@@ -151,8 +157,6 @@ def pooled_condition(tokens: torch.Tensor) -> dict:
     return {"encoder_hidden_states": None, "class_labels": torch.nn.functional.normalize(embeds, dim=-1)}
 
 
-figures["pooled_class_embedding"] = {split: score_audios(sample(pooled_condition, [s.caption() for s in ss],
-                                                                cfg.seed + 1000), ss)
-                                     for split, ss in specs.items()}
+figures["pooled_class_embedding"] = scores(base_unet, pooled_condition)
 print("pooled (the run's generator):", json.dumps(figures["pooled_class_embedding"]), flush=True)
 (out / "figures.json").write_text(json.dumps(figures, indent=2) + "\n")

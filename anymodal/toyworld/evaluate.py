@@ -69,9 +69,8 @@ class DirectionResult:
         return wilson_interval(self.correct, self.n)
 
     def to_dict(self) -> dict[str, Any]:
-        lo, hi = self.interval()
-        d = {"direction": self.direction, "n": self.n, "correct": self.correct, "accuracy": self.accuracy,
-             "ci95": [round(lo, 4), round(hi, 4)], "field_accuracy": self.field_accuracy(), "examples": self.examples}
+        d = {"direction": self.direction, **self.summary(), "field_accuracy": self.field_accuracy(),
+             "examples": self.examples}
         if self.later is not None and self.alone is not None:
             d["later_turns_in_session"], d["same_turns_alone"] = self.later.summary(), self.alone.summary()
             d["session_ratio"] = self.session_ratio
@@ -230,7 +229,10 @@ def evaluate_sessions(pipe, n_sessions: int = 40, split: str = "heldout", seed: 
     if alone:
         for r in results.values():
             r.later, r.alone = DirectionResult(r.direction), DirectionResult(r.direction)
-    paired = sum(c["kind"] != "edit" and c["turn"] > 0 for s in sessions for c in s.checks) if alone else 0
+    def sent_alone(check: dict[str, Any]) -> bool:  # a later request or question (an edit refers to the turn before)
+        return alone and check["kind"] != "edit" and check["turn"] > 0
+
+    paired = sum(sent_alone(c) for s in sessions for c in s.checks)
     bar = tqdm(total=sum(len(s.checks) for s in sessions) + paired, desc="eval sessions", unit="turn",
                disable=not progress)
     for k, sess in enumerate(sessions):
@@ -258,7 +260,7 @@ def evaluate_sessions(pipe, n_sessions: int = 40, split: str = "heldout", seed: 
                       "target": target.caption(), "reply": reply.text, "ok": bool(ok)}
             results[d].examples.append(record)  # every turn: sessions are few, and failures need reading
             bar.update(1)
-            if alone and check["kind"] != "edit" and check["turn"] > 0:
+            if sent_alone(check):
                 by_itself = ChatSession(pipe, seed=reply.seed).send(text, **media)
                 ok_alone, fields_alone = score(by_itself)
                 results[d].later.add(ok, fields)
