@@ -118,8 +118,8 @@ def direction_rng(seed: int, direction: str) -> np.random.Generator:
     return np.random.default_rng([seed, DIRECTIONS.index(direction)])
 
 
-def _user_inputs(dialogue: world.Dialogue) -> tuple[str, dict[Modality, list]]:
-    turn = dialogue.turns[0]
+def _turn_inputs(turn: dict[str, Any]) -> tuple[str, dict[Modality, list]]:
+    """A user turn's text and its media by modality (audio as ``(waveform, sample_rate)``)."""
     text = " ".join(p["text"] for p in turn["content"] if p["type"] == "text")
     media: dict[Modality, list] = {}
     for p in turn["content"]:
@@ -183,7 +183,7 @@ def evaluate(pipe, n: int = 20, split: str = "heldout", directions: Sequence[str
             dialogues = [world.rephrase(x, rng, "heldout") for x in dialogues]
         for start in range(0, n, batch_size):
             chunk = dialogues[start:start + batch_size]
-            prompts, media = zip(*[_user_inputs(x) for x in chunk])
+            prompts, media = zip(*[_turn_inputs(x.turns[0]) for x in chunk])
             m = _MEDIA[d]
             kwargs = {}
             if d in ("i2t", "a2t", "v2t"):
@@ -238,14 +238,8 @@ def evaluate_sessions(pipe, n_sessions: int = 40, split: str = "heldout", seed: 
     for k, sess in enumerate(sessions):
         chat = ChatSession(pipe, seed=seed + 7919 * k)
         for check in sess.checks:
-            turn = sess.turns[check["turn"]]
-            text = " ".join(p["text"] for p in turn["content"] if p["type"] == "text")
-            media: dict[str, list] = {}
-            for p in turn["content"]:
-                if p["type"] == "audio":
-                    media.setdefault("audios", []).append((p["audio"], p["sample_rate"]))
-                elif p["type"] != "text":
-                    media.setdefault(p["type"] + "s", []).append(p[p["type"]])
+            text, by_modality = _turn_inputs(sess.turns[check["turn"]])
+            media = {f"{m.value}s": items for m, items in by_modality.items()}
             d, target = check["direction"], check["target"]
 
             def score(reply) -> tuple[bool, dict[str, bool]]:
