@@ -166,8 +166,14 @@ def test_paraphrase_style_asks_in_held_out_wordings_and_sessions_score_per_turn(
         paired = [ex for ex in r.examples if "alone_ok" in ex]
         assert len(paired) == len(later) and r.alone.correct == sum(ex["alone_ok"] for ex in paired)
         assert r.later.correct == sum(ex["ok"] for ex in paired)
+        # the turns by kind: the first, later requests and questions, edits; together every turn
+        kinds = {"first": [c for c in session.checks if c["direction"] == d and c["turn"] == 0], "later": later,
+                 "edit": [c for c in session.checks if c["direction"] == d and c["kind"] == "edit"]}
+        assert {k: x.n for k, x in r.by_kind.items()} == {k: len(v) for k, v in kinds.items()}
+        assert sum(x.correct for x in r.by_kind.values()) == r.correct
+        assert r.to_dict()["by_kind"]["edit"]["n"] == len(kinds["edit"])
     table = format_table(results)
-    assert "the same turns alone" in table and "ratio" in table
+    assert "the same turns alone" in table and "ratio" in table and "session turns by kind" in table
 
 
 def test_session_ratio_is_the_same_turns_in_session_over_alone():

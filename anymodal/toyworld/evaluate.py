@@ -44,6 +44,8 @@ DIRECTIONS = ("t2i", "t2a", "t2v", "i2t", "a2t", "v2t")
 # drew "on the left" at the top (docs/toyworld.md, "Twice the UNet steps").
 HEADLINE_FIELDS = {"t2i": ("colour", "shape", "size", "position", "background"), "t2a": ("note", "duration"),
                    "t2v": ("direction",)}
+# the kinds of session turn `anymodal eval --sessions` reports apart
+TURN_KINDS = ("first", "later", "edit")
 _MEDIA = {"t2i": Modality.IMAGE, "t2a": Modality.AUDIO, "t2v": Modality.VIDEO,
           "i2t": Modality.IMAGE, "a2t": Modality.AUDIO, "v2t": Modality.VIDEO}
 
@@ -74,6 +76,8 @@ class DirectionResult:
         if self.later is not None and self.alone is not None:
             d["later_turns_in_session"], d["same_turns_alone"] = self.later.summary(), self.alone.summary()
             d["session_ratio"] = self.session_ratio
+        if self.by_kind is not None:
+            d["by_kind"] = {k: r.summary() for k, r in self.by_kind.items()}
         return d
 
     @property
@@ -88,6 +92,9 @@ class DirectionResult:
     # session (``later``) and sent again alone in a fresh session with the same seed (``alone``)
     later: "DirectionResult | None" = None
     alone: "DirectionResult | None" = None
+    # sessions only: the same turns split by kind (``TURN_KINDS``: a session's first turn, a later
+    # request or question, an edit of the medium before)
+    by_kind: "dict[str, DirectionResult] | None" = None
 
     def summary(self) -> dict[str, Any]:
         lo, hi = self.interval()
@@ -226,6 +233,8 @@ def evaluate_sessions(pipe, n_sessions: int = 40, split: str = "heldout", seed: 
     rng = np.random.default_rng([seed, 99])
     sessions = [world.sample_session(rng, split, forms=forms) for _ in range(n_sessions)]
     results = {d: DirectionResult(d) for d in DIRECTIONS}
+    for r in results.values():
+        r.by_kind = {k: DirectionResult(r.direction) for k in TURN_KINDS}
     if alone:
         for r in results.values():
             r.later, r.alone = DirectionResult(r.direction), DirectionResult(r.direction)
@@ -250,6 +259,8 @@ def evaluate_sessions(pipe, n_sessions: int = 40, split: str = "heldout", seed: 
             reply = chat.send(text, **media)
             ok, fields = score(reply)
             results[d].add(ok, fields)
+            kind = "edit" if check["kind"] == "edit" else "later" if check["turn"] > 0 else "first"
+            results[d].by_kind[kind].add(ok, fields)
             record = {"session": k, "turn": check["turn"] // 2 + 1, "kind": check["kind"], "prompt": text,
                       "target": target.caption(), "reply": reply.text, "ok": bool(ok)}
             results[d].examples.append(record)  # every turn: sessions are few, and failures need reading
@@ -271,6 +282,13 @@ def format_table(results: dict[str, DirectionResult]) -> str:
         fields = ", ".join(f"{k} {v:.0%}" for k, v in r.field_accuracy().items())
         lo, hi = r.interval()
         lines.append(f"{d:<10} {r.n:>4} {r.accuracy:>9.1%}  {f'{lo:.0%}-{hi:.0%}':<13}  {fields}")
+    kinds = {d: r.by_kind for d, r in results.items() if r.by_kind is not None}
+    if kinds:
+        lines += ["", "session turns by kind, right / turns",
+                  f"{'direction':<10} {'first turns':>12} {'later requests/questions':>25} {'edits':>8}"]
+        for d, by in kinds.items():
+            cells = [f"{by[k].correct}/{by[k].n}" if by[k].n else "-" for k in TURN_KINDS]
+            lines.append(f"{d:<10} {cells[0]:>12} {cells[1]:>25} {cells[2]:>8}")
     paired = {d: r for d, r in results.items() if r.later is not None and r.alone is not None}
     if paired:
         lines += ["", "requests and questions after the first turn: in their session / the same turns alone",
