@@ -354,6 +354,10 @@ def train_llm(out: Path, cfg: LLMPhase, log: JsonlLog, control: RunControl) -> P
     check_same_config(state_dir / "config.json", asdict(cfg), "llm")
     tok, proc = llm_tokenizer(out)
     lm = _build_llm(cfg, tok)
+    # the tokenizer phase's limit is a guess made before the LLM existed; the LLM's positions are the
+    # real one. A smaller value makes transformers warn of "indexing errors" on every long session
+    # while the data is tokenised here, and on every long chat once saved.
+    tok.model_max_length = lm.config.max_position_embeddings
     model = _media_model(out, cfg, lm, proc).to(control.device)
     t0 = time.time()
     data = _llm_data(cfg, proc, state_dir / "data.pt", model.encoders["imagebind"], control.progress)
@@ -388,9 +392,6 @@ def train_llm(out: Path, cfg: LLMPhase, log: JsonlLog, control: RunControl) -> P
     log.write(stage="llm", step=cfg.steps, event="eval", **figures)
     atomic_write_text(state_dir / "figures.json", json.dumps(figures, indent=2) + "\n")
     lm.generation_config.pad_token_id = pad
-    # the tokenizer phase's limit is a guess made before the LLM existed; the LLM's positions are the
-    # real one, and a smaller value makes transformers warn of "indexing errors" on every long chat
-    tok.model_max_length = lm.config.max_position_embeddings
 
     def save(d: Path) -> None:
         lm.save_pretrained(str(d), safe_serialization=True)
