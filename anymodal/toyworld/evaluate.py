@@ -238,8 +238,11 @@ def evaluate_sessions(pipe, n_sessions: int = 40, split: str = "heldout", seed: 
     if alone:
         for r in results.values():
             r.later, r.alone = DirectionResult(r.direction), DirectionResult(r.direction)
+    def turn_kind(check: dict[str, Any]) -> str:  # one of TURN_KINDS
+        return "edit" if check["kind"] == "edit" else "later" if check["turn"] > 0 else "first"
+
     def sent_alone(check: dict[str, Any]) -> bool:  # a later request or question (an edit refers to the turn before)
-        return alone and check["kind"] != "edit" and check["turn"] > 0
+        return alone and turn_kind(check) == "later"
 
     paired = sum(sent_alone(c) for s in sessions for c in s.checks)
     bar = tqdm(total=sum(len(s.checks) for s in sessions) + paired, desc="eval sessions", unit="turn",
@@ -259,8 +262,7 @@ def evaluate_sessions(pipe, n_sessions: int = 40, split: str = "heldout", seed: 
             reply = chat.send(text, **media)
             ok, fields = score(reply)
             results[d].add(ok, fields)
-            kind = "edit" if check["kind"] == "edit" else "later" if check["turn"] > 0 else "first"
-            results[d].by_kind[kind].add(ok, fields)
+            results[d].by_kind[turn_kind(check)].add(ok, fields)
             record = {"session": k, "turn": check["turn"] // 2 + 1, "kind": check["kind"], "prompt": text,
                       "target": target.caption(), "reply": reply.text, "ok": bool(ok)}
             results[d].examples.append(record)  # every turn: sessions are few, and failures need reading
