@@ -90,7 +90,7 @@ def test_image_aux_weight_is_checked():
         R.ImageGeneratorPhase(text_aux_weight=-1.0)
     with pytest.raises(ValueError, match="audio_generator.text_aux_weight must be >= 0"):
         R.AudioGeneratorPhase(text_aux_weight=-1.0)
-    assert R.ImageGeneratorPhase().text_aux_weight == 0.0  # the shipped recipe trains without it
+    assert R.ImageGeneratorPhase().text_aux_weight == 0.1  # the recipe trains with it (docs/toyworld.md)
 
 
 def test_image_augmentation_never_draws_a_near_miss_of_a_held_out_pair():
