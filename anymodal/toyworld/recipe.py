@@ -114,7 +114,7 @@ class ImageGeneratorPhase(DiffusionRecipe):
     # (what the UNet attends to) predicts the caption's colour, shape, size, position and
     # background (image_generator.AUX_FIELDS), as video_generator.text_aux_weight does for its
     # fields. 0 turns it off. At 0.1 position is learnt by step 1,000 instead of 3,500-5,500 (or
-    # never), and the phase's held-out images are right 70-80% of the time against 37-55%, at two
+    # never), and the phase's held-out images are right 70-95% of the time against 37.5-55%, at two
     # seeds; with the image projector reading LLM layer 2, the pipeline composes it (held-out t2i
     # 83 / 93% against 33%; docs/toyworld.md, "Ninth session").
     text_aux_weight: float = 0.1
